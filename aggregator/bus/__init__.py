@@ -1,0 +1,1 @@
+"""Victron BusItem protocol on asyncio D-Bus: publish services, watch other services, localsettings."""

@@ -1,0 +1,89 @@
+"""Calls to other services' BusItems, each bounded by a timeout so a hung service never blocks the loop."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .lib import Message, MessageBus, MessageType
+from .service import BUSITEM
+from .values import unwrap, wrap
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class CallError(Exception):
+    """A call failed: the service answered with an error, vanished, or did not answer in time."""
+
+    def __init__(self, service: str, path: str, member: str, reason: str, error_name: str = "") -> None:
+        super().__init__(f"{member} {path} on {service}: {reason}")
+        self.service = service
+        self.path = path
+        self.member = member
+        self.error_name = error_name
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error_name == "timeout"
+
+
+async def call(
+    bus: MessageBus,
+    service: str,
+    path: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+    *,
+    interface: str | None = BUSITEM,
+    timeout: float = DEFAULT_TIMEOUT,
+    serial: int = 0,
+) -> Message:
+    """Send one method call and return the reply; CallError on an error reply or after `timeout` seconds."""
+    msg = Message(
+        destination=service, path=path, interface=interface, member=member,
+        signature=signature, body=body or [], serial=serial,
+    )
+    try:
+        reply = await asyncio.wait_for(bus.call(msg), timeout)
+    except asyncio.TimeoutError:
+        raise CallError(service, path, member, f"no answer within {timeout:g} s", "timeout") from None
+    except Exception as exc:  # the connection failed under us
+        raise CallError(service, path, member, str(exc), "connection") from exc
+    if reply is None or reply.message_type is MessageType.ERROR:
+        text = reply.body[0] if reply is not None and reply.body else "error"
+        raise CallError(service, path, member, str(text), reply.error_name if reply is not None else "")
+    return reply
+
+
+async def get_value(bus: MessageBus, service: str, path: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """The value at `path` (None when invalid)."""
+    reply = await call(bus, service, path, "GetValue", timeout=timeout)
+    return unwrap(reply.body[0])
+
+
+async def get_text(bus: MessageBus, service: str, path: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    reply = await call(bus, service, path, "GetText", timeout=timeout)
+    return unwrap(reply.body[0])
+
+
+async def set_value(bus: MessageBus, service: str, path: str, value: Any, timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Write a value (None writes invalid); returns the service's code: 0 ok, 1 not writeable, 2 rejected."""
+    reply = await call(bus, service, path, "SetValue", "v", [wrap(value)], timeout=timeout)
+    return int(reply.body[0])
+
+
+async def get_items(bus: MessageBus, service: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """Every leaf of a service: {absolute path: value}."""
+    reply = await call(bus, service, "/", "GetItems", timeout=timeout)
+    return parse_items(reply.body[0])
+
+
+def parse_items(items: Any) -> dict[str, Any]:
+    """The body of GetItems/ItemsChanged -> {path: value}; entries without a Value are skipped."""
+    out: dict[str, Any] = {}
+    if not isinstance(items, dict):
+        return out
+    for path, entry in items.items():
+        if isinstance(entry, dict) and "Value" in entry:
+            out[path] = unwrap(entry["Value"])
+    return out

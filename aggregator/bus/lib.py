@@ -1,0 +1,43 @@
+"""The D-Bus library the bus layer runs on.
+
+dbus-next is the default. Victron's own asyncio services moved to its maintained fork dbus-fast, which keeps
+the same API; setting BATTERY_AGGREGATOR_DBUS=dbus-fast selects it. Only names both libraries share are used
+by the rest of the package, and only through this module.
+"""
+from __future__ import annotations
+
+import os
+
+_choice = os.environ.get("BATTERY_AGGREGATOR_DBUS", "dbus-next")
+
+if _choice == "dbus-fast":
+    from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant  # type: ignore[import-not-found]
+    from dbus_fast.aio import MessageBus  # type: ignore[import-not-found]
+    from dbus_fast.constants import NameFlag, RequestNameReply  # type: ignore[import-not-found]
+    from dbus_fast.errors import DBusError  # type: ignore[import-not-found]
+
+    LIBRARY = "dbus-fast"
+else:
+    from dbus_next import BusType, Message, MessageFlag, MessageType, Variant
+    from dbus_next.aio import MessageBus
+    from dbus_next.constants import NameFlag, RequestNameReply
+    from dbus_next.errors import DBusError
+
+    LIBRARY = "dbus-next"
+
+__all__ = [
+    "LIBRARY", "BusType", "DBusError", "Message", "MessageFlag", "MessageBus", "MessageType", "NameFlag", "RequestNameReply",
+    "Variant", "bus_type_from_env", "connect",
+]
+
+
+def bus_type_from_env() -> BusType:
+    """Victron's rule: the session bus when DBUS_SESSION_BUS_ADDRESS is set (a PC, our tests), else system."""
+    return BusType.SESSION if os.environ.get("DBUS_SESSION_BUS_ADDRESS") else BusType.SYSTEM
+
+
+async def connect(bus_address: str | None = None) -> MessageBus:
+    """Open one connection. Each published service needs its own (monitors map a sender to one service)."""
+    if bus_address:
+        return await MessageBus(bus_address=bus_address).connect()
+    return await MessageBus(bus_type=bus_type_from_env()).connect()

@@ -1,0 +1,132 @@
+"""Test harness: a private dbus-daemon per test session, helpers for independent clients and subprocesses.
+
+Async tests are plain `async def` functions; the hook below runs each in a fresh event loop with a timeout,
+so no plugin is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from aggregator.privatebus import PrivateBus
+
+from .helpers import eventually  # noqa: F401  (re-exported for tests)
+
+REPO = Path(__file__).resolve().parents[2]
+ASYNC_TIMEOUT = 60.0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), ASYNC_TIMEOUT))
+    return True
+
+
+@pytest.fixture(scope="session")
+def private_bus() -> Iterator[PrivateBus]:
+    """One dbus-daemon for the session; DBUS_SESSION_BUS_ADDRESS points to it (as Victron's tools expect)."""
+    old = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    with PrivateBus() as bus:
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
+        try:
+            yield bus
+        finally:
+            if old is None:
+                os.environ.pop("DBUS_SESSION_BUS_ADDRESS", None)
+            else:
+                os.environ["DBUS_SESSION_BUS_ADDRESS"] = old
+
+
+@pytest.fixture
+def bus_address(private_bus: PrivateBus) -> str:
+    return private_bus.address
+
+
+class Busctl:
+    """busctl, an independent D-Bus client (systemd's), pointed at the private bus."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["busctl", f"--address={self.address}", *args], capture_output=True, text=True,
+                                timeout=20)
+        if check and result.returncode != 0:
+            raise AssertionError(f"busctl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def call_json(self, service: str, path: str, member: str, *sig_and_args: str,
+                  interface: str = "com.victronenergy.BusItem") -> Any:
+        """The reply as busctl's JSON: {"type": signature, "data": [values]}."""
+        out = self.run("--json=short", "call", service, path, interface, member, *sig_and_args).stdout
+        return json.loads(out)
+
+    async def acall_json(self, *args: str, **kwargs: str) -> Any:
+        """The same, off the event loop (our service must keep answering while busctl waits)."""
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.call_json(*args, **kwargs))
+
+    async def arun(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.run(*args, check=check))
+
+
+@pytest.fixture
+def busctl(bus_address: str) -> Busctl:
+    return Busctl(bus_address)
+
+
+class Processes:
+    """Subprocesses of `python -m aggregator ...` on the private bus, stopped at teardown."""
+
+    def __init__(self, address: str, tmp: Path) -> None:
+        self.address = address
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        full_env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.address, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        log = open(self.tmp / f"proc{len(self.procs)}.log", "w+")
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator", *args], cwd=REPO, env=full_env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.log = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def output(proc: subprocess.Popen[str]) -> str:
+        log = proc.log  # type: ignore[attr-defined]
+        log.flush()
+        log.seek(0)
+        return log.read()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            proc.log.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def processes(bus_address: str, tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(bus_address, tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
