@@ -1,0 +1,1 @@
+"""Simulated LiFePO4 battery packs (pure physics + scenario files)."""
