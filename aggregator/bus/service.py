@@ -7,6 +7,7 @@ below the node.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ class VeService:
         self._batch_depth = 0
         self._registered = False
         self._methods: dict[tuple[str, str], Callable[[Message], Message]] = {}
+        # Seconds to hold back every reply: the simulator's "answers slowly" fault. 0 in real services.
+        self.reply_delay = 0.0
         bus.add_message_handler(self._handle)
 
     def add_method(self, interface: str, member: str, handler: Callable[[Message], Message]) -> None:
@@ -283,6 +286,9 @@ class VeService:
         reply = self._answer(msg)
         if reply is not None and msg.flags & _NO_REPLY_EXPECTED:
             return True  # handled, and the caller asked for no reply
+        if reply is not None and self.reply_delay > 0:
+            asyncio.get_running_loop().call_later(self.reply_delay, self._send, reply)
+            return True
         return reply
 
     def _answer(self, msg: Message) -> Message | None:

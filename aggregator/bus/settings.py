@@ -40,7 +40,7 @@ class Setting:
     silent: bool = False
 
     def entry(self) -> dict[str, Any]:
-        out = {"path": self.path, "default": wrap(self.default)}
+        out = {"path": wrap(self.path), "default": wrap(self.default)}
         if self.min is not None:
             out["min"] = wrap(self.min)
         if self.max is not None:

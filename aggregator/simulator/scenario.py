@@ -7,12 +7,12 @@ any other argument is treated as a path. Every problem is reported as a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..validation import JsonFileError, format_validation_error, read_json
 from .physics import Bank, Pack, PackParams, make_profile
 
 __all__ = [
@@ -98,7 +98,7 @@ ProfileModel = Annotated[Union[ConstantProfile, StepsProfile, DailyProfile], Fie
 
 
 class FaultModel(_Strict):
-    at: float = Field(ge=0, description="simulated seconds after start")
+    at: float = Field(ge=0, description="wall-clock seconds after the simulator started")
     pack: str = Field(description="service suffix of the pack")
     kind: FaultKind
     duration: float | None = Field(default=None, gt=0, description="seconds; null = until the end")
@@ -120,7 +120,7 @@ class Scenario(_Strict):
     rate_hz: float = Field(default=1.0, ge=0.1, le=50)
     time_scale: float = Field(default=1.0, ge=1, le=100000)
     seed: int = 0
-    packs: list[PackModel] = Field(min_length=1, max_length=32)
+    packs: list[PackModel] = Field(min_length=1, max_length=256)
     profile: ProfileModel
     faults: list[FaultModel] = Field(default_factory=list)
 
@@ -162,50 +162,12 @@ class Scenario(_Strict):
         return self.time_scale / self.rate_hz
 
 
-def _loc_to_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    prev: Any = None
-    for part in loc:
-        if prev == "profile" and part in ("constant", "steps", "daily"):
-            prev = None  # drop the discriminator tag pydantic inserts for the union
-            continue
-        prev = part
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def format_validation_error(err: ValidationError, source: str = "scenario") -> str:
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = tuple(e.get("loc", ()))
-        msg = str(e.get("msg", "invalid"))
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown key (extra keys are not allowed)"
-        path = _loc_to_path(loc)
-        if path:
-            lines.append(f"{path}: {msg} (got {_short(e.get('input'))})")
-        else:
-            lines.append(msg)
-    head = f"invalid {source}: " if len(lines) == 1 else f"invalid {source} ({len(lines)} errors):\n  "
-    return head + "\n  ".join(lines)
-
-
 def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
     """Validate already-decoded JSON data."""
     try:
         return Scenario.model_validate(data)
     except ValidationError as err:
-        raise ScenarioError(format_validation_error(err, source)) from None
+        raise ScenarioError(format_validation_error(err, source, union_tags={"constant", "steps", "daily"})) from None
 
 
 def available_scenarios() -> list[str]:
@@ -229,11 +191,25 @@ def load_scenario(path_or_name: str | Path) -> Scenario:
     """Load a scenario by bare name (``default``) or path to a JSON file."""
     path = _resolve(path_or_name)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ScenarioError(f"cannot read scenario {path}: {err}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ScenarioError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        data = read_json(path)
+    except JsonFileError as err:
+        raise ScenarioError(str(err)) from None
     return parse_scenario(data, source=f"scenario {path.name}")
+
+
+def with_pack_count(scenario: Scenario, count: int) -> Scenario:
+    """The scenario with `count` packs: its packs repeated in turn, each copy with its own service and serial.
+
+    Used by the benchmarks to publish many members with realistic values.
+    """
+    if count == len(scenario.packs):
+        return scenario
+    packs = []
+    for i in range(count):
+        base = scenario.packs[i % len(scenario.packs)]
+        packs.append(base.model_copy(update={
+            "name": f"{base.name} #{i + 1}", "service": f"{base.service}_{i + 1}",
+            "serial": f"{base.serial or base.service}-{i + 1}",
+        }))
+    return parse_scenario({**scenario.model_dump(), "packs": [p.model_dump() for p in packs], "faults": []},
+                          f"{scenario.name} x{count}")

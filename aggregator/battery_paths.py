@@ -1,0 +1,50 @@
+"""The battery paths of Victron's D-Bus contract with the text format of each (units matter in dbus-spy)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .bus.values import TextFormat
+
+
+def time_to_go_text(seconds: Any) -> str:
+    """Seconds -> '3h 20m', as people read a remaining time."""
+    minutes = int(seconds) // 60
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+_VOLT = "{:.2f}V".format
+_CELL_VOLT = "{:.3f}V".format
+_AMP = "{:.1f}A".format
+_WATT = "{:.0f}W".format
+_DEGC = "{:.1f}°C".format
+_PCT = "{:.1f}%".format
+_AH = "{:.1f}Ah".format
+_KWH = "{:.2f}kWh".format
+
+TEXT_FORMATS: dict[str, TextFormat] = {
+    "/Dc/0/Voltage": _VOLT,
+    "/Dc/0/Current": _AMP,
+    "/Dc/0/Power": _WATT,
+    "/Dc/0/Temperature": _DEGC,
+    "/Soc": _PCT,
+    "/Soh": _PCT,
+    "/TimeToGo": time_to_go_text,
+    "/Capacity": _AH,
+    "/InstalledCapacity": _AH,
+    "/ConsumedAmphours": _AH,
+    "/Info/MaxChargeCurrent": _AMP,
+    "/Info/MaxDischargeCurrent": _AMP,
+    "/Info/MaxChargeVoltage": _VOLT,
+    "/Info/BatteryLowVoltage": _VOLT,
+    "/System/MinCellVoltage": _CELL_VOLT,
+    "/System/MaxCellVoltage": _CELL_VOLT,
+    "/System/MinCellTemperature": _DEGC,
+    "/System/MaxCellTemperature": _DEGC,
+    "/History/ChargedEnergy": _KWH,
+    "/History/DischargedEnergy": _KWH,
+    "/History/TotalAhDrawn": _AH,
+}
+
+
+def text_format(path: str) -> TextFormat | None:
+    return TEXT_FORMATS.get(path)

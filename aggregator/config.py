@@ -1,0 +1,78 @@
+"""The configuration: every key of the BatteryAggregator config.json users already have, plus ours.
+
+The pydantic model is the one source of truth (issue #5 generates config.schema.json from it). Key names
+are the users' camelCase names, so existing files load unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .validation import JsonFileError, format_validation_error, read_json
+
+DEFAULT_CONFIG_PATH = "/data/setupOptions/BatteryAggregator/config.json"
+DEFAULT_SERVICE_NAME = "com.victronenergy.battery.aggregator"
+
+# A list of services, or service -> list of paths (an empty list means all paths).
+ServiceList = Union[list[str], dict[str, list[str]]]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key, the value and what is allowed."""
+
+
+class IrOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    maxPercentageError: float = Field(0.1, gt=0, le=1, description="largest relative error of an IR estimate "
+                                      "that is still used (0.1 = 10%)")
+    minVoltageChange: float = Field(0.02, ge=0, le=5, description="smallest voltage change (V) between samples "
+                                    "for an IR fit")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    serviceName: str = Field(DEFAULT_SERVICE_NAME, pattern=r"^com\.victronenergy\.battery\.[A-Za-z0-9_]+$",
+                             description="D-Bus name of the aggregated battery")
+    excludedServices: list[str] = Field(default_factory=list, description="services never aggregated (e.g. a shunt)")
+    primaryServices: ServiceList = Field(default_factory=list, description="after merging, these paths come "
+                                         "from the first such service with a valid value")
+    auxiliaryServices: ServiceList = Field(default_factory=list, description="used for a path only when no "
+                                           "member has a value for it")
+    capacity: float | None = Field(None, gt=0, description="installed capacity in Ah when members do not publish it")
+    virtualBatteries: dict[str, ServiceList] = Field(default_factory=dict, description="new service name -> its "
+                                                     "members (or member -> paths)")
+    classes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="configuration of hook classes")
+    currentRatioMethod: Literal["ir", "capacity", "count", "share"] = Field(
+        "ir", description="how the bank current is assumed to split between members")
+    ir: IrOptions = Field(default_factory=IrOptions)
+    cclMode: Literal["battery+dvcc", "battery", "dvcc"] = "battery+dvcc"
+    cvlMode: Literal["max_when_balancing", "min_when_balancing", "max_always", "max_when_floating", "dvcc"] = (
+        "max_when_balancing")
+    logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    reconnectTimeout: float = Field(60.0, ge=0, le=86400, description="seconds a vanished member is kept")
+    startupBatteryWait: float = Field(30.0, ge=0, le=3600, description="seconds to wait at start for a member "
+                                      "with a voltage")
+    expectedBatteries: int | None = Field(None, ge=1, le=256, description="how many members should be online")
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a config file; a missing file at the default path means all defaults."""
+    if path is None:
+        path = DEFAULT_CONFIG_PATH
+        if not Path(path).exists():
+            return Config()
+    try:
+        data = read_json(path)
+    except JsonFileError as err:
+        raise ConfigError(str(err)) from None
+    return parse_config(data, f"config {path}")

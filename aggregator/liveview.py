@@ -1,0 +1,65 @@
+"""A live table of the battery services on the bus, for the demo (and later `status --watch`)."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from .bus.monitor import WatchedService
+
+AGGREGATE_PRODUCT = "Battery Aggregator"
+STALE_AFTER = 5.0  # seconds without an update before a row is marked stale
+
+_COLUMNS = (
+    ("Service", 30), ("Name", 16), ("SoC", 7), ("Voltage", 8), ("Current", 8), ("Power", 7),
+    ("Temp", 6), ("CCL", 7), ("DCL", 7), ("Mode", 10), ("State", 7),
+)
+
+
+def _num(value: Any, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "---" if value is None else str(value)[:7]
+    return fmt.format(value)
+
+
+def member_row(service: WatchedService, age: float) -> list[str]:
+    v = service.values
+    state = "stale" if age > STALE_AFTER else "online"
+    return [
+        service.name.removeprefix("com.victronenergy."),
+        str(v.get("/CustomName") or v.get("/ProductName") or "")[:16],
+        _num(v.get("/Soc"), "{:.1f}%"),
+        _num(v.get("/Dc/0/Voltage"), "{:.2f}V"),
+        _num(v.get("/Dc/0/Current"), "{:+.1f}A"),
+        _num(v.get("/Dc/0/Power"), "{:+.0f}W"),
+        _num(v.get("/Dc/0/Temperature"), "{:.0f}C"),
+        _num(v.get("/Info/MaxChargeCurrent"), "{:.0f}A"),
+        _num(v.get("/Info/MaxDischargeCurrent"), "{:.0f}A"),
+        str(v.get("/Info/ChargeMode") or "---")[:10],
+        state,
+    ]
+
+
+def render(services: Iterable[WatchedService], last_update: dict[str, float], bank: dict[str, Any] | None,
+           title: str, now: float | None = None) -> str:
+    """The whole screen as text: members first, then aggregates (our services), then the simulator's truth."""
+    now = time.monotonic() if now is None else now
+    header = "  ".join(name.ljust(width) for name, width in _COLUMNS)
+    lines = [title, "", header, "-" * len(header)]
+    services = sorted(services, key=lambda s: (s.values.get("/ProductName") == AGGREGATE_PRODUCT, s.name))
+    if not services:
+        lines.append("(no battery services on the bus yet)")
+    separator_done = False
+    for service in services:
+        if service.values.get("/ProductName") == AGGREGATE_PRODUCT and not separator_done:
+            lines.append("-" * len(header))
+            separator_done = True
+        row = member_row(service, now - last_update.get(service.name, now))
+        lines.append("  ".join(cell.ljust(width)[:max(width, len(cell))] for cell, (_, width) in zip(row, _COLUMNS)))
+    if bank:
+        lines += ["", "Simulator (the physical truth): bus {} at {}, requested {}, simulated time {}".format(
+            _num(bank.get("/Bank/Voltage"), "{:.2f}V"), _num(bank.get("/Bank/Current"), "{:+.1f}A"),
+            _num(bank.get("/Bank/RequestedCurrent"), "{:+.1f}A"), _num(bank.get("/SimTime"), "{:.0f}s"))]
+        faults = [f"{p.split('/')[2]}: {v}" for p, v in sorted(bank.items()) if p.endswith("/Fault") and v]
+        if faults:
+            lines.append("Faults: " + ", ".join(faults))
+    return "\n".join(lines)
