@@ -7,6 +7,7 @@ by the rest of the package, and only through this module.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 _choice = os.environ.get("BATTERY_AGGREGATOR_DBUS", "dbus-next")
 
@@ -36,8 +37,39 @@ def bus_type_from_env() -> BusType:
     return BusType.SESSION if os.environ.get("DBUS_SESSION_BUS_ADDRESS") else BusType.SYSTEM
 
 
+class _FullBufferTolerantSocket:
+    """dbus-next 0.2.3 treats a full socket send buffer (EAGAIN) as a fatal error and drops the connection,
+    so a burst of signals could take a service off the bus. Reporting "0 bytes sent" instead makes its
+    writer wait until the socket is writable again, which is what it does for a partial write."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def send(self, data: Any) -> int:
+        try:
+            return self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def sendmsg(self, buffers: Any, ancdata: Any = ()) -> int:
+        try:
+            return self._sock.sendmsg(buffers, ancdata)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 async def connect(bus_address: str | None = None) -> MessageBus:
     """Open one connection. Each published service needs its own (monitors map a sender to one service)."""
     if bus_address:
-        return await MessageBus(bus_address=bus_address).connect()
-    return await MessageBus(bus_type=bus_type_from_env()).connect()
+        bus = await MessageBus(bus_address=bus_address).connect()
+    else:
+        bus = await MessageBus(bus_type=bus_type_from_env()).connect()
+    writer = getattr(bus, "_writer", None)
+    if LIBRARY == "dbus-next" and writer is not None and not isinstance(writer.sock, _FullBufferTolerantSocket):
+        writer.sock = _FullBufferTolerantSocket(writer.sock)
+    return bus

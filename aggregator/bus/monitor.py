@@ -94,7 +94,9 @@ class ServiceMonitor:
         """Subscribe, list the services already there and read them (each read bounded by the timeout)."""
         self.bus.add_message_handler(self._on_message)
         self._started = True
-        for namespace in sorted({p.rstrip(".") for p in self.prefixes}):
+        # arg0namespace matches whole dot-separated components: a prefix that ends inside a component
+        # ('...battery.sim') is matched through its parent namespace and filtered by wanted().
+        for namespace in sorted({p[:-1] if p.endswith(".") else p.rpartition(".")[0] or p for p in self.prefixes}):
             rule = (
                 f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged',"
                 f"arg0namespace='{namespace}'"
