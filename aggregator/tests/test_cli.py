@@ -1,0 +1,78 @@
+"""The command line: help, the run command's config handling and watcher, and the demo end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO, Processes
+from .helpers import eventually
+
+
+def _cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aggregator", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def test_help_explains_each_command() -> None:
+    out = _cli("--help").stdout
+    for command in ("run", "simulate", "demo", "fault"):
+        assert command in out
+    assert "private dbus-daemon" in _cli("demo", "--help").stdout
+    assert "SCENARIO" in _cli("simulate", "--help").stdout
+
+
+def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"currentRatioMethod": "magic", "reconnectTimeout": 30}))
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "currentRatioMethod" in result.stderr and "'magic'" in result.stderr
+    assert "'ir'" in result.stderr  # what is allowed
+    config.write_text('{"logLevel": "INFO", "logLevel": "DEBUG"}')
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 1 and "duplicate key 'logLevel'" in result.stderr
+    config.write_text('{"logLevel": "INFO",\n "capacity": }')
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 1 and "line 2" in result.stderr
+
+
+async def test_run_watches_members_but_not_itself_or_excluded(processes: Processes, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.aggregator",
+                                  "excludedServices": ["com.victronenergy.battery.sim_b"]}))
+    sim = processes.start("simulate", "default", "--rate", "2")
+    daemon = processes.start("run", "--config", str(config), "--log-level", "INFO")
+
+    def seen() -> bool:
+        log = processes.output(daemon)
+        return "member candidate com.victronenergy.battery.sim_a" in log and "sim_c" in log
+
+    await eventually(seen, timeout=20, interval=0.2)
+    assert "member candidate com.victronenergy.battery.sim_b" not in processes.output(daemon)
+    # Members misbehaving never stop it: kill the simulator outright.
+    sim.kill()
+    await eventually(lambda: "sim_a left" in processes.output(daemon), timeout=10, interval=0.2)
+    assert daemon.poll() is None
+    daemon.terminate()
+    assert daemon.wait(timeout=10) == 0
+
+
+def test_demo_shows_the_bank_live_and_cleans_up(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)  # the demo makes its own bus
+    result = _cli("demo", "--duration", "5", "--refresh", "0.5", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    frames = result.stdout.split("battery-aggregator demo")
+    last = frames[-1]
+    for pack in ("battery.sim_a", "battery.sim_b", "battery.sim_c"):
+        assert pack in last, last
+    assert "Simulator (the physical truth)" in last
+    assert "STOPPED" not in result.stdout  # no child died
+    # Every process it started is gone: none still has the demo's bus socket directory open.
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], leftovers
+    logs = next(tmp_path.glob("battagg-demo-*"))
+    assert "member candidate com.victronenergy.battery.sim_a" in (logs / "aggregator.log").read_text()
