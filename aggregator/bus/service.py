@@ -178,9 +178,7 @@ class VeService:
             raise KeyError(path)
         if self._registered and item.value is not None:
             item.assign(None)
-            self._changed(item)
-        if self._batch is not None:
-            self._batch.pop(path, None)
+            self._changed(item)  # inside a batch, the invalid goes out with the batch's ItemsChanged
         del self._items[path]
         for node in _nodes_above(path):
             below = self._nodes[node]
@@ -297,10 +295,12 @@ class VeService:
             extra = self._methods.get((interface or "", msg.member))
             if extra is not None:
                 try:
-                    return extra(msg)
+                    reply = extra(msg)
                 except Exception:
                     _LOG.exception("%s: %s failed", self.name, msg.member)
                     return Message.new_error(msg, "org.freedesktop.DBus.Error.Failed", f"{msg.member} failed")
+                if reply is not None:
+                    return reply  # None: the handler declined (a node, say), the BusItem rules answer
         if interface is not None and interface != BUSITEM:
             if interface == _INTROSPECTABLE and msg.member == "Introspect":
                 return self._introspect(msg)
@@ -364,10 +364,10 @@ class VeService:
         if value is not None and item.value_types is not None:
             if type(value) is bool and bool not in item.value_types:
                 return SET_NOT_WRITEABLE
-            if not isinstance(value, item.value_types):
-                return SET_NOT_WRITEABLE
             if float in item.value_types and type(value) is int and int not in item.value_types:
                 value = float(value)  # an int written to a float path is the same quantity
+            if not isinstance(value, item.value_types):
+                return SET_NOT_WRITEABLE
         if same_value(item.value, value):
             return SET_OK
         if item.on_change is not None:

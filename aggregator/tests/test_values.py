@@ -1,0 +1,185 @@
+"""Pure tests of the value encoding (aggregator/bus/values.py): no bus, but real D-Bus marshalling."""
+from __future__ import annotations
+
+import enum
+import io
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.bus.lib import Message, Variant
+from aggregator.bus.values import INVALID, INVALID_TEXT, fmt, product_id_text, same_value, text_of, unwrap, wrap
+
+# dbus-next's own unmarshaller: what a peer would read from the wire.
+from dbus_next._private.unmarshaller import Unmarshaller  # noqa: E402
+
+
+def over_the_wire(variant: Variant) -> Variant:
+    """Marshal a variant into a signal and read it back, as another process would."""
+    data = Message.new_signal("/x", "com.example.T", "S", "v", [variant])._marshall()
+    unmarshaller = Unmarshaller(io.BytesIO(data))
+    assert unmarshaller.unmarshall()
+    return unmarshaller.message.body[0]
+
+
+def deep_same(a: Any, b: Any) -> bool:
+    """same_value, recursively through lists and dicts (tuples come back as lists)."""
+    if isinstance(a, tuple):
+        a = list(a)
+    if isinstance(a, list):
+        return type(b) is list and len(a) == len(b) and all(deep_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(deep_same(a[k], b[k]) for k in a)
+    return same_value(a, b)
+
+
+_text = st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20)
+_leaves = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+           | st.floats(allow_nan=True, allow_infinity=True) | _text)
+_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+                       max_leaves=20)
+
+
+# ---- wrap / unwrap ---------------------------------------------------------------------------------------
+
+def test_invalid_is_an_empty_int32_array() -> None:
+    assert wrap(None) == Variant("ai", [])
+    assert INVALID == Variant("ai", [])
+    assert unwrap(Variant("ai", [])) is None
+    assert unwrap(over_the_wire(wrap(None))) is None
+    assert over_the_wire(wrap(None)).signature == "ai"
+
+
+@pytest.mark.parametrize("value, signature", [
+    (0, "i"), (2**31 - 1, "i"), (-(2**31), "i"), (2**31, "x"), (-(2**31) - 1, "x"),
+    (2**63 - 1, "x"), (-(2**63), "x"), (2**63, "t"), (2**64 - 1, "t"),
+    (1.5, "d"), (True, "b"), (False, "b"), ("", "s"), ("53.2V", "s"),
+    ([], "au"), ([1, "a"], "av"), ((1, 2), "av"), ({"a": 1}, "a{sv}"), ({}, "a{sv}"),
+])
+def test_signatures(value: Any, signature: str) -> None:
+    variant = wrap(value)
+    assert variant.signature == signature
+    back = unwrap(over_the_wire(variant))
+    assert deep_same(value, back), (value, back)
+
+
+def test_ints_beyond_64_bits_become_doubles() -> None:
+    assert wrap(2**64) == Variant("d", float(2**64))
+    assert wrap(-(2**63) - 1) == Variant("d", float(-(2**63) - 1))
+    assert wrap(10**30).signature == "d"
+
+
+def test_special_floats() -> None:
+    for value in (math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308):
+        assert unwrap(over_the_wire(wrap(value))) == value
+    back = unwrap(over_the_wire(wrap(math.nan)))
+    assert type(back) is float and math.isnan(back)
+
+
+def test_subclasses_and_variants() -> None:
+    class Level(enum.IntEnum):
+        ALARM = 2
+
+    assert wrap(Level.ALARM) == Variant("i", 2)
+    assert type(wrap(Level.ALARM).value) is int
+    assert wrap(Variant("u", 5)) == Variant("u", 5)  # a ready variant passes through
+    assert unwrap(Variant("ay", b"ab")) == b"ab"
+    assert unwrap(Variant("au", [])) == []  # valid empty list, not invalid
+    assert unwrap(Variant("ai", [1, 2])) == [1, 2]  # a non-empty ai is a value
+    assert unwrap(42) == 42  # plain values from a body pass through
+    with pytest.raises(TypeError):
+        wrap(object())
+    with pytest.raises(TypeError):
+        wrap({1, 2})
+
+
+def test_nested_structures() -> None:
+    value = {"a": [1, 2.5, None, "x", [True, {}]], "b": {"c": None, "d": 2**40}}
+    variant = wrap(value)
+    assert variant.signature == "a{sv}"
+    assert variant.value["a"].value[2] == INVALID
+    assert variant.value["b"].value["d"] == Variant("x", 2**40)
+    assert deep_same(value, unwrap(over_the_wire(variant)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values)
+def test_round_trip_property(value: Any) -> None:
+    variant = wrap(value)
+    assert deep_same(value, unwrap(variant))
+    assert deep_same(value, unwrap(over_the_wire(variant)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=-(2**63), max_value=2**64 - 1))
+def test_int_signature_property(value: int) -> None:
+    signature = wrap(value).signature
+    if -(2**31) <= value < 2**31:
+        assert signature == "i"
+    elif value < 2**63:
+        assert signature == "x"
+    else:
+        assert signature == "t"
+    assert unwrap(over_the_wire(wrap(value))) == value
+
+
+# ---- same_value --------------------------------------------------------------------------------------------
+
+def test_same_value_is_type_aware() -> None:
+    assert same_value(1, 1)
+    assert not same_value(1, 1.0)
+    assert not same_value(1, True)
+    assert not same_value(1.0, True)
+    assert not same_value(0, False)
+    assert not same_value(0, None)
+    assert not same_value(None, 0.0)
+    assert same_value(None, None)
+    assert same_value(math.nan, math.nan)
+    assert same_value(float("nan"), float("nan"))
+    assert not same_value(math.nan, 1.0)
+    assert same_value("a", "a") and not same_value("a", "b")
+    assert same_value([1, "a"], [1, "a"]) and not same_value([1], [2])
+    assert not same_value(-0.0, 1e-300)
+
+
+@given(_leaves, _leaves)
+def test_same_value_property(a: Any, b: Any) -> None:
+    assert same_value(a, a)
+    assert same_value(a, b) == same_value(b, a)
+    if same_value(a, b):
+        assert wrap(a).signature == wrap(b).signature
+
+
+# ---- text ---------------------------------------------------------------------------------------------------
+
+def test_text_of() -> None:
+    volts = fmt("{:.2f}V")
+    assert text_of(53.2, volts) == "53.20V"
+    assert text_of(53, volts) == "53.00V"
+    assert text_of(None, volts) == INVALID_TEXT == "---"
+    assert text_of(None) == "---"
+    assert text_of("n/a", volts) == "n/a"  # the formatter fails on a string: the value's own text
+    assert text_of([1, 2], volts) == "[1, 2]"
+    assert text_of(7) == "7"
+    assert text_of(True) == "True"
+    assert text_of(62, lambda v: f"{v:.0f}%") == "62%"
+    assert text_of(0, fmt("{:.1f}A")) == "0.0A"  # zero is a value, not invalid
+
+
+def test_product_id_text() -> None:
+    assert product_id_text(0xB0FF) == "0xB0FF"
+    assert product_id_text(0xA3E3) == "0xA3E3"
+    assert product_id_text("custom") == "custom"
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**6), 10**6) | _text)
+def test_text_of_never_fails_for_a_unit_formatter(value: Any) -> None:
+    text = text_of(value, fmt("{:.2f}V"))
+    assert isinstance(text, str)
+    if isinstance(value, str):
+        assert text == value
+    else:
+        assert text.endswith("V")
