@@ -38,7 +38,7 @@ def bus_type_from_env() -> BusType:
 
 
 class _FullBufferTolerantSocket:
-    """dbus-next 0.2.3 treats a full socket send buffer (EAGAIN) as a fatal error and drops the connection,
+    """dbus-next 0.2.3 (and dbus-fast 5.2) treat a full socket send buffer (EAGAIN) as fatal and drop the connection,
     so a burst of signals could take a service off the bus. Reporting "0 bytes sent" instead makes its
     writer wait until the socket is writable again, which is what it does for a partial write."""
 
@@ -70,6 +70,9 @@ async def connect(bus_address: str | None = None) -> MessageBus:
     else:
         bus = await MessageBus(bus_type=bus_type_from_env()).connect()
     writer = getattr(bus, "_writer", None)
-    if LIBRARY == "dbus-next" and writer is not None and not isinstance(writer.sock, _FullBufferTolerantSocket):
-        writer.sock = _FullBufferTolerantSocket(writer.sock)
+    if writer is not None and not isinstance(writer.sock, _FullBufferTolerantSocket):
+        try:
+            writer.sock = _FullBufferTolerantSocket(writer.sock)
+        except (AttributeError, TypeError):  # a compiled writer that does not take it: nothing to guard
+            pass
     return bus
