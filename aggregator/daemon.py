@@ -10,7 +10,7 @@ import logging
 import signal
 from typing import Any
 
-from .bus.lib import connect
+from .bus.lib import LIBRARY, connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .config import Config
 
@@ -50,6 +50,7 @@ async def run(config: Config, bus_address: str | None = None) -> int:
     except Exception as exc:
         _LOG.error("cannot connect to D-Bus: %s", exc)
         return 1
+    _LOG.info("connected to D-Bus as %s (%s)", bus.unique_name, LIBRARY)
     watcher = Watcher(config)
     await watcher.start(bus)
     stop = asyncio.Event()

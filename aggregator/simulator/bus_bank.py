@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..battery_paths import text_format
-from ..bus.lib import MessageBus, connect
+from ..bus.lib import LIBRARY, MessageBus, connect
 from ..bus.service import VeService
 from ..bus.settings import LocalSettings
 from .physics import Pack
@@ -266,8 +266,8 @@ class SimulatedBank:
 async def simulate(scenario: Scenario, stop: asyncio.Event, bus_address: str | None = None) -> None:
     bank = SimulatedBank(scenario, bus_address)
     await bank.start()
-    _LOG.info("simulating %d packs (%s) at %g Hz, %gx time", len(bank.members), scenario.name,
-              scenario.rate_hz, scenario.time_scale)
+    _LOG.info("simulating %d packs (%s) at %g Hz, %gx time, on %s", len(bank.members), scenario.name,
+              scenario.rate_hz, scenario.time_scale, LIBRARY)
     try:
         await bank.run(stop)
     finally:
