@@ -58,11 +58,71 @@ class Config(BaseModel):
     expectedBatteries: int | None = Field(None, ge=1, le=256, description="how many members should be online")
 
 
+REFERENCE_FORMS = "a full service name (com.victronenergy.battery.<name>), name:<CustomName> or serial:<Serial>"
+
+
+def _is_reference(ref: str) -> bool:
+    return (ref.startswith("com.victronenergy.battery.") and len(ref) > 26) or \
+        (ref.startswith(("name:", "serial:")) and ref.split(":", 1)[1] != "")
+
+
+def _refs(spec: Any) -> list[str]:
+    return list(spec) if isinstance(spec, (list, dict)) else []
+
+
+def semantic_errors(config: Config) -> list[str]:
+    """Mistakes the types alone cannot catch: a service in two roles, malformed references, bad hooks."""
+    from .hooks import HookConfigError, build_hook
+
+    errors: list[str] = []
+    claimed: dict[str, str] = {}
+
+    def claim(ref: str, where: str) -> None:
+        if ref in claimed and claimed[ref] != where:
+            errors.append(f"{where}: {ref!r} is also listed in {claimed[ref]}; a service has one role "
+                          "(excluded, primary, auxiliary or member of one virtual battery)")
+        claimed.setdefault(ref, where)
+
+    for key in ("excludedServices", "primaryServices", "auxiliaryServices"):
+        for i, ref in enumerate(_refs(getattr(config, key))):
+            where = f"{key}[{i}]" if isinstance(getattr(config, key), list) else f'{key}."{ref}"'
+            if not _is_reference(ref):
+                errors.append(f"{where}: {ref!r} is not {REFERENCE_FORMS}")
+            claim(ref, key)
+    for name, spec in config.virtualBatteries.items():
+        vb = f'virtualBatteries."{name}"'
+        if not name.startswith("com.victronenergy.battery.") or len(name) <= 26:
+            errors.append(f"{vb}: the name {name!r} must be com.victronenergy.battery.<name>")
+        if name == config.serviceName:
+            errors.append(f"{vb}: {name!r} is the aggregate's own serviceName")
+        for i, ref in enumerate(_refs(spec)):
+            where = f"{vb}[{i}]" if isinstance(spec, list) else f'{vb}."{ref}"'
+            if ref.startswith("class:"):
+                try:
+                    build_hook(ref[len("class:"):], config.classes)
+                except HookConfigError as exc:
+                    errors.append(f"{where}: {exc}")
+                continue
+            if not _is_reference(ref):
+                errors.append(f"{where}: {ref!r} is not {REFERENCE_FORMS} or class:<hooks.Class>[#suffix]")
+            if ref == name or ref in config.virtualBatteries:
+                errors.append(f"{where}: a virtual battery cannot contain {'itself' if ref == name else 'another virtual battery'} ({ref!r})")
+            if ref == config.serviceName:
+                errors.append(f"{where}: {ref!r} is the aggregate itself")
+            claim(ref, vb)
+    return errors
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    errors = semantic_errors(config)
+    if errors:
+        head = f"invalid {source}: " if len(errors) == 1 else f"invalid {source} ({len(errors)} errors):\n  "
+        raise ConfigError(head + "\n  ".join(errors))
+    return config
 
 
 def load_config(path: str | Path | None) -> Config:

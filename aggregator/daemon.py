@@ -1,58 +1,32 @@
 """`battery-aggregator run`: the service process.
 
-For now it loads the config and follows the member batteries on the bus (aggregation comes with issue #3).
-A misbehaving member never stops it; losing the bus does (non-zero exit, so the supervisor restarts it).
+It publishes the aggregated battery and the virtual batteries of the config. A misbehaving member never
+stops it; losing the bus does (exit status 2, so the supervisor restarts it with a fresh connection).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from typing import Any
 
-from .bus.lib import LIBRARY, connect
-from .bus.monitor import ServiceMonitor, WatchedService
+from .aggregate import Aggregator
+from .bus.lib import LIBRARY
 from .config import Config
 
 _LOG = logging.getLogger("aggregator")
-BATTERY_PREFIX = "com.victronenergy.battery."
-
-
-class Watcher:
-    """Follows the member candidates: every battery service except our own and the excluded ones."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.monitor: ServiceMonitor | None = None
-
-    async def start(self, bus: Any) -> None:
-        exclude = {self.config.serviceName, *self.config.excludedServices, *self.config.virtualBatteries}
-        self.monitor = ServiceMonitor(bus, [BATTERY_PREFIX], exclude=exclude, on_added=self._added,
-                                      on_removed=self._removed, on_changed=self._changed)
-        await self.monitor.start()
-        _LOG.info("watching %d battery services", len(self.monitor.services))
-
-    def _added(self, service: WatchedService) -> None:
-        _LOG.info("member candidate %s: %s, SoC %s", service.name, service.get("/ProductName", "?"),
-                  service.get("/Soc", "---"))
-
-    def _removed(self, service: WatchedService) -> None:
-        _LOG.info("member candidate %s left", service.name)
-
-    def _changed(self, service: WatchedService, changes: dict[str, Any]) -> None:
-        if _LOG.isEnabledFor(logging.DEBUG):
-            _LOG.debug("%s: %d values changed", service.name, len(changes))
 
 
 async def run(config: Config, bus_address: str | None = None) -> int:
+    aggregator = Aggregator(config, bus_address)
     try:
-        bus = await connect(bus_address)
-    except Exception as exc:
-        _LOG.error("cannot connect to D-Bus: %s", exc)
+        await aggregator.start()
+    except Exception as exc:  # no bus, or the name is taken by another process
+        _LOG.error("cannot start: %s", exc)
+        await aggregator.stop()
         return 1
-    _LOG.info("connected to D-Bus as %s (%s)", bus.unique_name, LIBRARY)
-    watcher = Watcher(config)
-    await watcher.start(bus)
+    assert aggregator.monitor is not None
+    bus = aggregator.monitor.bus
+    _LOG.info("running on D-Bus as %s (%s)", bus.unique_name, LIBRARY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -65,8 +39,6 @@ async def run(config: Config, bus_address: str | None = None) -> int:
         stopped.cancel()
         return 2
     disconnected.cancel()
-    assert watcher.monitor is not None
-    await watcher.monitor.stop()
-    bus.disconnect()
+    await aggregator.stop()
     _LOG.info("stopped")
     return 0

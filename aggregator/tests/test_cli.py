@@ -39,7 +39,7 @@ def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
     assert result.returncode == 1 and "line 2" in result.stderr
 
 
-async def test_run_watches_members_but_not_itself_or_excluded(processes: Processes, tmp_path: Path) -> None:
+async def test_run_aggregates_members_but_not_excluded_ones(processes: Processes, tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.aggregator",
                                   "excludedServices": ["com.victronenergy.battery.sim_b"]}))
@@ -48,13 +48,15 @@ async def test_run_watches_members_but_not_itself_or_excluded(processes: Process
 
     def seen() -> bool:
         log = processes.output(daemon)
-        return "member candidate com.victronenergy.battery.sim_a" in log and "sim_c" in log
+        return "member com.victronenergy.battery.sim_a (" in log and "member com.victronenergy.battery.sim_c (" in log
 
     await eventually(seen, timeout=20, interval=0.2)
-    assert "member candidate com.victronenergy.battery.sim_b" not in processes.output(daemon)
+    assert "member com.victronenergy.battery.sim_b" not in processes.output(daemon)
+    assert "com.victronenergy.battery.sim_b is excluded" in processes.output(daemon)
     # Members misbehaving never stop it: kill the simulator outright.
     sim.kill()
-    await eventually(lambda: "sim_a left" in processes.output(daemon), timeout=10, interval=0.2)
+    await eventually(lambda: "member com.victronenergy.battery.sim_a left the bus" in processes.output(daemon),
+                     timeout=10, interval=0.2)
     assert daemon.poll() is None
     daemon.terminate()
     assert daemon.wait(timeout=10) == 0
@@ -75,4 +77,4 @@ def test_demo_shows_the_bank_live_and_cleans_up(tmp_path: Path) -> None:
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], leftovers
     logs = next(tmp_path.glob("battagg-demo-*"))
-    assert "member candidate com.victronenergy.battery.sim_a" in (logs / "aggregator.log").read_text()
+    assert "member com.victronenergy.battery.sim_a (" in (logs / "aggregator.log").read_text()

@@ -35,7 +35,7 @@ async def test_simulator_and_watcher_run_on_dbus_fast(processes: Processes, busc
     # Signals from the dbus-fast publisher reach the dbus-next monitor: force a current and see it.
     assert (await busctl.acall_json(CONTROL_SERVICE, "/BankCurrent", "SetValue", "v", "d", "--", "-75"))["data"] == [0]
     await eventually(lambda: abs(sum(s.values["/Dc/0/Current"] for s in monitor.services.values()) + 75) < 0.5)
-    await eventually(lambda: "member candidate com.victronenergy.battery.sim_c" in processes.output(daemon),
+    await eventually(lambda: "member com.victronenergy.battery.sim_c (" in processes.output(daemon),
                      timeout=20, interval=0.2)
     assert "on dbus-fast" in processes.output(sim)
     assert "(dbus-fast)" in processes.output(daemon)

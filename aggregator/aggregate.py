@@ -1,0 +1,577 @@
+"""The aggregated battery and the virtual batteries on D-Bus: the thin layer around membership and merge.
+
+Members' signals only record changes and mark paths dirty; one flush per burst (scheduled with call_soon)
+computes the dirty aggregate paths and publishes them with one ItemsChanged per published service.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import __version__
+from .battery_paths import text_format
+from .bus.lib import connect
+from .bus.monitor import ServiceMonitor, WatchedService
+from .bus.service import VeService
+from .bus.settings import LocalSettings, Setting
+from .config import Config
+from .hooks import Hook, build_hook
+from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
+                         assign_roles, resolve)
+from .merge import Merge, MergeOptions, first_valid
+from .sanitize import check_values
+
+_LOG = logging.getLogger("aggregator")
+
+BATTERY_PREFIX = "com.victronenergy.battery."
+AGGREGATE_PRODUCT_ID = 0xBA01  # ours; outside the ids DVCC applies vendor quirks to
+VIRTUAL_PRODUCT_ID = 0xBA02
+AGGREGATE_PRODUCT_NAME = "Battery Aggregator"
+VIRTUAL_PRODUCT_NAME = "Virtual Battery"
+PREFERRED_INSTANCE = 200
+STALE_AFTER = 60.0  # seconds without any update before an online member is shown stale
+BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Paths of a service itself, never copied from a member into a virtual battery.
+_OWN_PATHS = frozenset({"/Mgmt/ProcessName", "/Mgmt/ProcessVersion", "/Mgmt/Connection", "/DeviceInstance",
+                        "/ProductId", "/ProductName", "/FirmwareVersion", "/HardwareVersion", "/Connected",
+                        "/CustomName", CHAIN_PATH})
+
+# /Batteries/<n>/<key>: the member path each column shows (None: filled by the aggregator).
+BREAKDOWN: dict[str, str | None] = {
+    "Service": None, "Name": None, "State": None, "Serial": "/Serial", "Soc": "/Soc", "Voltage": "/Dc/0/Voltage",
+    "Current": "/Dc/0/Current", "Power": "/Dc/0/Power", "Capacity": "/Capacity",
+    "MaxChargeCurrent": "/Info/MaxChargeCurrent", "MaxDischargeCurrent": "/Info/MaxDischargeCurrent",
+}
+_BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/Current", "Power": "/Dc/0/Power",
+                   "Capacity": "/Capacity", "MaxChargeCurrent": "/Info/MaxChargeCurrent",
+                   "MaxDischargeCurrent": "/Info/MaxDischargeCurrent"}
+ONLINE, STALE, LOST = "online", "stale", "lost"
+
+
+def unique_id(service_name: str) -> str:
+    """Stable id for localsettings (device instance, CustomName): from the service name, never a tty."""
+    return "batteryaggregator_" + service_name.rsplit(".", 1)[-1]
+
+
+async def publish_battery(settings: LocalSettings, name: str, product_name: str, product_id: int,
+                          connection: str, bus_address: str | None) -> VeService:
+    """A new battery service of ours on its own connection, with the mandatory paths, a reserved device
+    instance and a persisted /CustomName. Paths are added by the caller; register() is the caller's too."""
+    service = VeService(await connect(bus_address), name)
+    instance = await settings.reserve_device_instance(unique_id(name), "battery", PREFERRED_INSTANCE)
+    service.add_mandatory_paths(process_name="battery-aggregator", process_version=__version__,
+                                connection=connection, device_instance=instance, product_id=product_id,
+                                product_name=product_name, firmware_version=__version__, hardware_version=None)
+    custom_name = f"/Settings/BatteryAggregator/{unique_id(name)}/CustomName"
+    await settings.add(Setting(custom_name, ""))
+    settings.bind(service, "/CustomName", custom_name)
+    return service
+
+
+@dataclass(slots=True)
+class MemberState:
+    slot: int
+    state: str = ONLINE
+    last_update: float = 0.0
+    drop: asyncio.TimerHandle | None = None
+
+
+class VirtualBattery:
+    """One `virtualBatteries` entry: per path, the first listed source with a valid value wins, where the
+    sources are its members and hooks in config order (FixedValueHook before all)."""
+
+    def __init__(self, name: str, entries: list[VirtualEntry]) -> None:
+        self.name = name
+        self.refs = [(i, e.ref, e.paths) for i, e in enumerate(entries) if e.hook is None]
+        self.hooks = [(-1 if e.hook.always_wins else i, e.hook) for i, e in enumerate(entries) if e.hook is not None]
+        self.members: dict[str, tuple[int, dict[str, Any], frozenset[str] | None]] = {}
+        self.service: VeService | None = None
+        self.dirty: set[str] = set()
+        self.registered = False
+        self._hook_paths: set[str] = set()
+
+    def ref_index(self, service: ServiceInfo, services: list[ServiceInfo]) -> tuple[int, frozenset[str] | None]:
+        for index, ref, wanted in self.refs:
+            if service.name in resolve(ref, services):
+                return index, wanted
+        return len(self.refs) + len(self.hooks), None
+
+    def set_member(self, name: str, index: int, values: dict[str, Any], wanted: frozenset[str] | None) -> None:
+        self.members[name] = (index, dict(values), wanted)
+        self.dirty.update(p for p in values if p not in _OWN_PATHS)
+
+    def update_member(self, name: str, changes: dict[str, Any]) -> None:
+        entry = self.members.get(name)
+        if entry is not None:
+            entry[1].update(changes)
+            self.dirty.update(p for p in changes if p not in _OWN_PATHS)
+
+    def remove_member(self, name: str) -> None:
+        entry = self.members.pop(name, None)
+        if entry is not None:
+            self.dirty.update(p for p in entry[1] if p not in _OWN_PATHS)
+
+    def compute(self) -> dict[str, Any]:
+        dirty, self.dirty = self.dirty, set()
+        members = [(i, values, wanted) for i, values, wanted in self.members.values()]
+        sources = sorted(members, key=lambda e: e[0])
+        if self.hooks:
+            # Hooks read the members' merge (the first member with a value), then stand in the list too.
+            merged = {p: first_valid([(v, w) for _, v, w in sources], p) for _, v, _ in sources for p in v}
+            hook_sources = [(i, hook.outputs(merged), None) for i, hook in self.hooks]
+            produced = {p for _, out, _ in hook_sources for p in out}
+            dirty |= produced | self._hook_paths  # a path a hook stopped setting falls back to the members
+            self._hook_paths = produced
+            sources = sorted(members + hook_sources, key=lambda e: e[0])
+        ordered = [(values, wanted) for _, values, wanted in sources]
+        return {path: first_valid(ordered, path) for path in dirty if path not in _OWN_PATHS}
+
+    def has_voltage(self) -> bool:
+        return any(values.get("/Dc/0/Voltage") is not None for _, values, _ in self.members.values())
+
+
+class Aggregator:
+    def __init__(self, config: Config, bus_address: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.bus_address = bus_address
+        self.clock = clock
+        self.name = config.serviceName
+        self.merge = Merge(MergeOptions(capacity=config.capacity))
+        self.role_config = role_config(config)
+        self.roles = Roles({}, {}, [], [], [])
+        self.members: dict[str, MemberState] = {}
+        self.virtuals = {name: VirtualBattery(name, entries) for name, entries in virtual_battery_specs(config).items()}
+        self.monitor: ServiceMonitor | None = None
+        self.settings: LocalSettings | None = None
+        self.service: VeService | None = None
+        self.registered = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._dirty_rows: set[str] = set()
+        self._membership_changed = True
+        self._bad_value_logged: dict[tuple[str, str], float] = {}
+        self._warned_refs: set[str] = set()
+        self._have_voltage = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._status = ""
+
+    # ---- life cycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        bus = await connect(self.bus_address)
+        self.settings = LocalSettings(bus)
+        await self.settings.start()
+        self.service = await publish_battery(self.settings, self.name, AGGREGATE_PRODUCT_NAME, AGGREGATE_PRODUCT_ID,
+                                             "Aggregate of 0 batteries", self.bus_address)
+        self._add_aggregate_paths(self.service)
+        for vb in self.virtuals.values():
+            vb.service = await publish_battery(self.settings, vb.name, VIRTUAL_PRODUCT_NAME, VIRTUAL_PRODUCT_ID,
+                                               f"Virtual battery of {len(vb.refs)} services", self.bus_address)
+        self.monitor = ServiceMonitor(bus, [BATTERY_PREFIX], exclude={self.name, *self.virtuals},
+                                      on_added=self._on_added, on_removed=self._on_removed,
+                                      on_changed=self._on_changed)
+        await self.monitor.start()
+        # Our own virtual batteries are members like any battery (they stand for their members); they are
+        # fed to the merge directly rather than through the bus, so they are not watched.
+        self._reclassify()
+        self._flush()
+        self._spawn(self._register_when_ready())
+        self._spawn(self._watch_staleness())
+
+    async def _register_when_ready(self) -> None:
+        """Register once a member has a voltage (so no 0 V is ever published), or after startupBatteryWait
+        with invalid values rather than not at all."""
+        wait = self.config.startupBatteryWait
+        try:
+            await asyncio.wait_for(self._have_voltage.wait(), wait)
+        except asyncio.TimeoutError:
+            _LOG.warning("no battery with a voltage after %g s: publishing %s with invalid values", wait, self.name)
+        for vb in self.virtuals.values():
+            if vb.service is not None and not vb.registered:
+                await vb.service.register()
+                vb.registered = True
+        assert self.service is not None
+        self._flush()
+        await self.service.register()
+        self.registered = True
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for state in self.members.values():
+            if state.drop is not None:
+                state.drop.cancel()
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.settings is not None:
+            await self.settings.stop()
+        for service in [self.service] + [vb.service for vb in self.virtuals.values()]:
+            if service is not None:
+                service.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- the published paths -------------------------------------------------------------------------
+
+    def _add_aggregate_paths(self, service: VeService) -> None:
+        for path in self.merge.paths:
+            service.add_path(path, None, text=text_format(path))
+        service.add_path("/System/NrOfBatteries", 0)
+        service.add_path("/System/BatteriesParallel", 0)
+        service.add_path("/Alarms/MissingBatteries", 0 if self.config.expectedBatteries else None)
+        service.add_path("/Aggregator/Status", "starting")
+        service.add_path("/Aggregator/Unresolved", [])
+        service.add_path(CHAIN_PATH, [self.name])
+        service.add_path("/LogLevel", self.config.logLevel, writeable=True, value_types=(str,),
+                         on_change=self._on_log_level, description="one of " + ", ".join(LOG_LEVELS))
+
+    def _on_log_level(self, _path: str, value: Any) -> bool:
+        if value not in LOG_LEVELS:
+            return False
+        logging.getLogger().setLevel(value)
+        _LOG.warning("log level set to %s over D-Bus", value)
+        return True
+
+    # ---- monitor events ------------------------------------------------------------------------------
+
+    def _on_added(self, service: WatchedService) -> None:
+        state = self.members.get(service.name)
+        if state is not None and state.drop is not None:  # back within reconnectTimeout
+            state.drop.cancel()
+            state.drop = None
+            _LOG.info("member %s is back", service.name)
+            self.roles.roles.pop(service.name, None)  # re-enter through classification with fresh values
+            self.merge.remove_member(service.name)
+        self._reclassify()
+
+    def _on_removed(self, service: WatchedService) -> None:
+        role = self.roles.roles.get(service.name)
+        if role == MEMBER and service.name in self.members:
+            state = self.members[service.name]
+            state.state = STALE
+            self._dirty_rows.add(service.name)
+            timeout = self.config.reconnectTimeout
+            _LOG.warning("member %s left the bus; keeping its last values for %g s", service.name, timeout)
+            state.drop = asyncio.get_running_loop().call_later(timeout, self._drop, service.name)
+            self._membership_changed = True
+            self._schedule_flush()
+            return
+        self._reclassify()
+
+    def _drop(self, name: str) -> None:
+        state = self.members.get(name)
+        if state is None:
+            return
+        _LOG.warning("member %s did not come back: dropped from the aggregate", name)
+        state.drop = None
+        state.state = LOST
+        self.merge.remove_member(name)
+        self.roles.roles.pop(name, None)
+        self._dirty_rows.add(name)
+        self._membership_changed = True
+        self._schedule_flush()
+
+    def _on_changed(self, service: WatchedService, changes: dict[str, Any]) -> None:
+        name = service.name
+        role = self.roles.roles.get(name)
+        if role == MEMBER:
+            clean, refused = check_values(changes)
+            if refused:
+                self._log_refused(name, refused)
+            self.merge.update_member(name, clean)
+            state = self.members.get(name)
+            if state is not None:
+                state.last_update = self.clock()
+                if state.state != ONLINE:
+                    state.state = ONLINE
+                    self._membership_changed = True
+                self._dirty_rows.add(name)
+        elif role in (PRIMARY, AUXILIARY):
+            self.merge.update_source(name, check_values(changes)[0])
+        elif role == VIRTUAL_MEMBER:
+            vb = self.virtuals.get(self.roles.virtual_of.get(name, ""))
+            if vb is not None:
+                vb.update_member(name, check_values(changes)[0])
+        if "/CustomName" in changes or "/Serial" in changes or CHAIN_PATH in changes:
+            self._reclassify()
+        self._schedule_flush()
+
+    def _log_refused(self, name: str, refused: dict[str, str]) -> None:
+        now = self.clock()
+        for path, reason in refused.items():
+            key = (name, path)
+            if now - self._bad_value_logged.get(key, -BAD_VALUE_LOG_INTERVAL) >= BAD_VALUE_LOG_INTERVAL:
+                self._bad_value_logged[key] = now
+                _LOG.warning("ignoring %s of %s: %s", path, name, reason)
+
+    # ---- roles -----------------------------------------------------------------------------------------
+
+    def _reclassify(self) -> None:
+        assert self.monitor is not None
+        infos = [ServiceInfo.of(s.name, s.values) for s in self.monitor.services.values()]
+        new = assign_roles(self.role_config, infos)
+        old = self.roles
+        for name in set(old.roles) | set(new.roles):
+            before, after = old.roles.get(name), new.roles.get(name)
+            vb_before, vb_after = old.virtual_of.get(name), new.virtual_of.get(name)
+            if before == after and vb_before == vb_after:
+                continue
+            if name not in new.roles and before == MEMBER and name in self.members \
+                    and self.members[name].drop is not None:
+                new.roles[name] = MEMBER  # vanished but within reconnectTimeout: still a (stale) member
+                continue
+            self._leave(name, before, vb_before)
+            self._enter(name, after, vb_after, infos)
+        self.roles = new
+        self._report_references(new)
+        for role, refs in ((PRIMARY, self.role_config.primary), (AUXILIARY, self.role_config.auxiliary)):
+            self.merge.order_sources(role, [n for ref in refs for n in resolve(ref, infos)])
+        self._membership_changed = True
+        self._schedule_flush()
+
+    def _leave(self, name: str, role: str | None, virtual: str | None) -> None:
+        if role == MEMBER:
+            self.merge.remove_member(name)
+            state = self.members.pop(name, None)
+            if state is not None and state.drop is not None:
+                state.drop.cancel()
+            self._dirty_rows.add(name)
+        elif role in (PRIMARY, AUXILIARY):
+            self.merge.set_source(role, name, None, None)
+        elif role == VIRTUAL_MEMBER and virtual in self.virtuals:
+            self.virtuals[virtual].remove_member(name)
+
+    def _enter(self, name: str, role: str | None, virtual: str | None, infos: list[ServiceInfo]) -> None:
+        assert self.monitor is not None
+        watched = self.monitor.services.get(name)
+        if role is None or watched is None:
+            return
+        clean, refused = check_values(watched.values)
+        if role == MEMBER:
+            if refused:
+                self._log_refused(name, refused)
+            self.merge.set_member(name, member_label(watched), clean)
+            state = self.members.get(name)
+            if state is None:
+                state = MemberState(self._free_slot())
+                self.members[name] = state
+            state.state, state.last_update, state.drop = ONLINE, self.clock(), None
+            self._dirty_rows.add(name)
+            _LOG.info("member %s (%s) joined", name, member_label(watched))
+        elif role in (PRIMARY, AUXILIARY):
+            self.merge.set_source(role, name, self._source_paths(role, name, infos), clean)
+            _LOG.info("%s is a %s service", name, role)
+        elif role == VIRTUAL_MEMBER and virtual in self.virtuals:
+            vb = self.virtuals[virtual]
+            info = next(i for i in infos if i.name == name)
+            index, wanted = vb.ref_index(info, infos)
+            vb.set_member(name, index, clean, wanted)
+            _LOG.info("%s is a member of the virtual battery %s", name, virtual)
+        else:
+            _LOG.info("%s is %s", name, role)
+
+    def _source_paths(self, role: str, name: str, infos: list[ServiceInfo]) -> list[str] | None:
+        spec = self.config.primaryServices if role == PRIMARY else self.config.auxiliaryServices
+        if isinstance(spec, dict):
+            for ref, paths in spec.items():
+                if name in resolve(ref, infos):
+                    return list(paths) or None
+        return None
+
+    def _free_slot(self) -> int:
+        used = {s.slot for s in self.members.values()}
+        slot = 0
+        while slot in used:
+            slot += 1
+        return slot
+
+    def _report_references(self, roles: Roles) -> None:
+        for ref in roles.unresolved:
+            if ref not in self._warned_refs:
+                self._warned_refs.add(ref)
+                _LOG.warning("the config refers to %s, which matches no battery service on the bus (yet)", ref)
+        self._warned_refs &= set(roles.unresolved)
+        for ref in roles.ambiguous:
+            _LOG.warning("%s matches more than one battery service; all of them are used", ref)
+        for name in roles.conflicts:
+            _LOG.warning("%s is claimed by two roles in the config; the first in precedence applies", name)
+
+    # ---- publishing ----------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        service = self.service
+        if service is None:
+            return
+        for vb in self.virtuals.values():
+            self._flush_virtual(vb)
+        values = self.merge.compute()
+        if values.get("/Dc/0/Voltage") is not None:
+            self._have_voltage.set()
+        for name in self._dirty_rows:
+            self._breakdown_row(service, name, values)
+        self._dirty_rows.clear()
+        if self._membership_changed:
+            self._membership_changed = False
+            self._membership_paths(service, values)
+        with service.batch():
+            for path, value in values.items():
+                if path not in service:
+                    service.add_path(path, value, text=text_format(path))
+                else:
+                    service.set_value(path, value)
+
+    def _flush_virtual(self, vb: VirtualBattery) -> None:
+        if vb.service is None or not vb.dirty:
+            return
+        values = vb.compute()
+        with vb.service.batch():
+            for path, value in values.items():
+                if path in vb.service:
+                    vb.service.set_value(path, value)
+                elif value is not None:
+                    vb.service.add_path(path, value, text=text_format(path))
+        # Our virtual battery is a member of the aggregate, standing for its members.
+        if vb.name in self.members or vb.has_voltage() or vb.members:
+            if vb.name not in self.members:
+                self.members[vb.name] = MemberState(self._free_slot(), last_update=self.clock())
+                self.merge.set_member(vb.name, vb.name.rsplit(".", 1)[-1],
+                                      {p: vb.service[p] for p in vb.service.paths()})
+                self._membership_changed = True
+            else:
+                self.merge.update_member(vb.name, check_values(values)[0])
+                self.members[vb.name].last_update = self.clock()
+            self._dirty_rows.add(vb.name)
+
+    def _breakdown_row(self, service: VeService, name: str, merged: dict[str, Any]) -> None:
+        state = self.members.get(name)
+        prefix = f"/Batteries/{state.slot}/" if state is not None else None
+        if state is None:
+            return
+        member = self.merge.members.get(name)
+        values = member.values if member is not None else {}
+        watched = self.monitor.services.get(name) if self.monitor is not None else None
+        row: dict[str, Any] = {
+            "Service": name,
+            "Name": member.label if member is not None else (member_label(watched) if watched else name),
+            "State": state.state,
+        }
+        for key, source in BREAKDOWN.items():
+            if source is not None:
+                row[key] = values.get(source) if state.state != LOST else None
+        with service.batch():
+            for key, value in row.items():
+                path = prefix + key
+                if path in service:
+                    service.set_value(path, value)
+                else:
+                    service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")))
+
+    def _membership_paths(self, service: VeService, merged: dict[str, Any]) -> None:
+        present = [n for n, s in self.members.items() if s.state != LOST]
+        online = [n for n, s in self.members.items() if s.state == ONLINE]
+        expected = self.config.expectedBatteries
+        missing = max(0, expected - len(online)) if expected else 0
+        offline = self.merge.compute_path("/System/NrOfModulesOffline")
+        merged["/System/NrOfModulesOffline"] = (offline or 0) + missing if (offline is not None or missing) \
+            else None
+        merged["/System/NrOfBatteries"] = len(present)
+        merged["/System/BatteriesParallel"] = len(present)
+        merged["/Alarms/MissingBatteries"] = (1 if missing else 0) if expected else None
+        merged["/Mgmt/Connection"] = f"Aggregate of {len(present)} batteries"
+        chain = [self.name]
+        for name in present:
+            watched = self.monitor.services.get(name) if self.monitor is not None else None
+            member_chain = watched.values.get(CHAIN_PATH) if watched is not None else None
+            if isinstance(member_chain, list):
+                chain += [c for c in member_chain if isinstance(c, str) and c not in chain]
+        merged[CHAIN_PATH] = chain
+        reasons = []
+        if missing:
+            reasons.append(f"{missing} of {expected} expected batteries missing")
+        stale = sorted(n for n, s in self.members.items() if s.state == STALE)
+        if stale:
+            reasons.append("stale: " + ", ".join(stale))
+        lost = sorted(n for n, s in self.members.items() if s.state == LOST)
+        if lost:
+            reasons.append("lost: " + ", ".join(lost))
+        if self.roles.unresolved:
+            reasons.append("unresolved: " + ", ".join(self.roles.unresolved))
+        if not present:
+            reasons.append("no member batteries")
+        status = "; ".join(reasons) or "ok"
+        if status != self._status:
+            (_LOG.warning if reasons else _LOG.info)("status: %s", status)
+            self._status = status
+        merged["/Aggregator/Status"] = status
+        merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)
+
+    async def _watch_staleness(self) -> None:
+        """Members that stay on the bus but stop updating are shown stale (limits use this in issue #4)."""
+        while True:
+            await asyncio.sleep(min(5.0, STALE_AFTER / 4))
+            now = self.clock()
+            for name, state in self.members.items():
+                if state.state == ONLINE and state.drop is None and now - state.last_update > STALE_AFTER:
+                    state.state = STALE
+                    self._dirty_rows.add(name)
+                    self._membership_changed = True
+                    _LOG.warning("member %s has not updated for %.0f s", name, now - state.last_update)
+            if self._membership_changed:
+                self._schedule_flush()
+
+
+def member_label(service: WatchedService) -> str:
+    """A short name for people: the CustomName, else the product name, else the service suffix."""
+    for path in ("/CustomName", "/ProductName"):
+        value = service.values.get(path)
+        if isinstance(value, str) and value:
+            return value
+    return service.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualEntry:
+    """One entry of a virtual battery's list: a member reference (with its paths, None = all) or a hook."""
+
+    ref: str
+    paths: frozenset[str] | None = None
+    hook: Hook | None = None
+
+
+def role_config(config: Config) -> RoleConfig:
+    def refs(spec: Any) -> tuple[str, ...]:
+        return tuple(spec) if isinstance(spec, (list, dict)) else ()
+
+    virtual = {name: tuple(e.ref for e in entries if e.hook is None)
+               for name, entries in virtual_battery_specs(config).items()}
+    return RoleConfig(own_names=frozenset({config.serviceName}), excluded=tuple(config.excludedServices),
+                      primary=refs(config.primaryServices), auxiliary=refs(config.auxiliaryServices),
+                      virtual_members=virtual)
+
+
+def virtual_battery_specs(config: Config) -> dict[str, list[VirtualEntry]]:
+    """name -> its entries in config order, from either form (list, or member -> paths)."""
+    specs = {}
+    for name, spec in config.virtualBatteries.items():
+        items = spec.items() if isinstance(spec, dict) else ((ref, []) for ref in spec)
+        entries = []
+        for ref, paths in items:
+            if ref.startswith("class:"):
+                entries.append(VirtualEntry(ref, None, build_hook(ref[len("class:"):], config.classes)))
+            else:
+                entries.append(VirtualEntry(ref, frozenset(paths) if paths else None))
+        specs[name] = entries
+    return specs

@@ -1,0 +1,395 @@
+"""Merging member batteries into one: the table of aggregate paths and how each is computed.
+
+Pure: members' (already checked) values in, aggregate values out. Each rule declares the member paths it
+reads, so a change of one member path recomputes only the aggregate paths that depend on it. A path no
+member has a value for is None (published invalid), never 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+# The charge limits are always computed from the members: a primary or auxiliary service never sets them.
+LIMIT_PATHS = frozenset({"/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage"})
+# Below this bank current (A) the bank is idle: no time-to-go.
+IDLE_CURRENT = 0.5
+CHARGE_MODE_ORDER = ("Bulk", "Absorption", "Float")
+TRANSITION = "Transition"
+
+
+@dataclass(slots=True)
+class MemberView:
+    """What the merge knows of one member: its (checked) values and a short label for cell ids."""
+
+    name: str
+    label: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeOptions:
+    capacity: float | None = None  # `capacity` of the config: installed Ah when members do not publish it
+
+
+Compute = Callable[[Sequence[MemberView], MergeOptions], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    inputs: tuple[str, ...]
+    compute: Compute
+    description: str
+
+
+def _numbers(members: Iterable[MemberView], path: str) -> list[float]:
+    out = []
+    for m in members:
+        v = m.values.get(path)
+        if v is not None and not isinstance(v, (bool, str)):
+            out.append(v)
+    return out
+
+
+def _sum(path: str) -> Rule:
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        values = _numbers(members, path)
+        return sum(values) if values else None
+    return Rule((path,), compute, "sum of members")
+
+
+def _mean(path: str) -> Rule:
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        values = _numbers(members, path)
+        return sum(values) / len(values) if values else None
+    return Rule((path,), compute, "mean of members with a value")
+
+
+def _max(path: str) -> Rule:
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        values = _numbers(members, path)
+        return max(values) if values else None
+    return Rule((path,), compute, "highest member value")
+
+
+def _min(path: str) -> Rule:
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        values = _numbers(members, path)
+        return min(values) if values else None
+    return Rule((path,), compute, "lowest member value")
+
+
+def _any(path: str) -> Rule:
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        values = _numbers(members, path)
+        return int(any(values)) if values else None
+    return Rule((path,), compute, "1 when any member has 1")
+
+
+def _extreme_cell(value_path: str, id_path: str, pick: Callable[..., Any]) -> tuple[Rule, Rule]:
+    """The extreme cell of the bank and its id with the member's label ('Pack B C7')."""
+    def winner(members: Sequence[MemberView]) -> MemberView | None:
+        candidates = [m for m in members if isinstance(m.values.get(value_path), (int, float))]
+        return pick(candidates, key=lambda m: m.values[value_path]) if candidates else None
+
+    def value(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        m = winner(members)
+        return None if m is None else m.values[value_path]
+
+    def ident(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        m = winner(members)
+        if m is None:
+            return None
+        cell = m.values.get(id_path)
+        return f"{m.label} {cell}" if cell not in (None, "") else m.label
+
+    return (Rule((value_path,), value, f"{pick.__name__} over members"),
+            Rule((value_path, id_path), ident, "member label and its cell id"))
+
+
+def _weighted_by_capacity(path: str) -> Rule:
+    """Capacity-weighted mean: members with both the value and an installed capacity; equal weights only
+    when no member publishes a capacity."""
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        total = weight = 0.0
+        plain: list[float] = []
+        for m in members:
+            v = m.values.get(path)
+            if v is None or isinstance(v, (bool, str)):
+                continue
+            cap = m.values.get("/InstalledCapacity")
+            if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+                total += v * cap
+                weight += cap
+            else:
+                plain.append(v)
+        if weight > 0:
+            return total / weight
+        return sum(plain) / len(plain) if plain else None
+    return Rule((path, "/InstalledCapacity"), compute, "weighted by installed capacity")
+
+
+def _installed_capacity(members: Sequence[MemberView], options: MergeOptions) -> Any:
+    if options.capacity is not None:
+        return options.capacity
+    values = _numbers(members, "/InstalledCapacity")
+    return sum(values) if values else None
+
+
+def _remaining_ah(members: Sequence[MemberView]) -> float | None:
+    """Remaining Ah of the bank: /Capacity, else SoC x installed capacity."""
+    total = 0.0
+    known = False
+    for m in members:
+        remaining = m.values.get("/Capacity")
+        if remaining is None:
+            soc, cap = m.values.get("/Soc"), m.values.get("/InstalledCapacity")
+            if soc is not None and cap is not None:
+                remaining = soc / 100.0 * cap
+        if remaining is not None:
+            total += remaining
+            known = True
+    return total if known else None
+
+
+def _time_to_go(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+    """Seconds until empty at the present discharge current; invalid when charging or idle."""
+    currents = _numbers(members, "/Dc/0/Current")
+    if not currents:
+        return None
+    current = sum(currents)
+    if current > -IDLE_CURRENT:
+        return None
+    remaining = _remaining_ah(members)
+    if remaining is None:
+        return None
+    return round(remaining / -current * 3600.0)
+
+
+def _allowed(flag: str) -> Rule:
+    """1 when any member allows (one BMS opening its FETs does not stop the bank), 0 when none does."""
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        values = _numbers(members, flag)
+        return int(any(values)) if values else None
+    return Rule((flag,), compute, "1 when any member allows")
+
+
+def _limit(limit_path: str, flag: str) -> Rule:
+    """The lowest limit among members allowed to (dis)charge: whatever the split, no member gets more than
+    the bank current, so none exceeds its own limit. 0 when none is allowed; invalid without data.
+    (Issue #4 replaces this with share-aware limits.)"""
+    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        limits = []
+        any_flag = False
+        for m in members:
+            allowed = m.values.get(flag)
+            limit = m.values.get(limit_path)
+            if allowed is not None:
+                any_flag = True
+            if allowed == 0:
+                continue
+            if limit is not None:
+                limits.append(limit)
+        if limits:
+            return min(limits)
+        return 0.0 if any_flag and all(m.values.get(flag) == 0 for m in members
+                                       if m.values.get(flag) is not None) else None
+    return Rule((limit_path, flag), compute, "lowest limit of the members allowed to")
+
+
+def _charge_mode(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+    """'Float' when every member floats, 'Float Transition' when some do; the same for Absorption, then Bulk;
+    'Charging' for other modes (as BatteryAggregator users know it; modes match case-insensitively)."""
+    modes = [m.values["/Info/ChargeMode"].lower() for m in members
+             if isinstance(m.values.get("/Info/ChargeMode"), str) and m.values["/Info/ChargeMode"]]
+    if not modes:
+        return None
+    for stage in ("Float", "Absorption", "Bulk"):
+        count = sum(stage.lower() in mode for mode in modes)
+        if count == len(modes):
+            return stage
+        if count:
+            return f"{stage} {TRANSITION}"
+    return "Charging"
+
+
+def _cvl(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+    values = _numbers(members, "/Info/MaxChargeVoltage")
+    return min(values) if values else None
+
+
+def _build_rules() -> dict[str, Rule]:
+    rules: dict[str, Rule] = {}
+    for path in ("/Dc/0/Current", "/Dc/0/Power", "/Capacity", "/ConsumedAmphours", "/History/ChargedEnergy",
+                 "/History/DischargedEnergy", "/History/TotalAhDrawn", "/System/NrOfModulesOnline",
+                 "/System/NrOfModulesOffline", "/System/NrOfModulesBlockingCharge",
+                 "/System/NrOfModulesBlockingDischarge"):
+        rules[path] = _sum(path)
+    rules["/InstalledCapacity"] = Rule(("/InstalledCapacity",), _installed_capacity, "sum, or `capacity`")
+    rules["/Dc/0/Voltage"] = _mean("/Dc/0/Voltage")
+    rules["/Dc/0/Temperature"] = _max("/Dc/0/Temperature")
+    rules["/Info/BatteryLowVoltage"] = _max("/Info/BatteryLowVoltage")
+    rules["/System/NrOfCellsPerBattery"] = _max("/System/NrOfCellsPerBattery")
+    rules["/Soc"] = _weighted_by_capacity("/Soc")
+    rules["/Soh"] = _weighted_by_capacity("/Soh")
+    rules["/TimeToGo"] = Rule(("/Dc/0/Current", "/Capacity", "/Soc", "/InstalledCapacity"), _time_to_go,
+                              "remaining Ah / discharge current")
+    rules["/System/MinCellVoltage"], rules["/System/MinVoltageCellId"] = _extreme_cell(
+        "/System/MinCellVoltage", "/System/MinVoltageCellId", min)
+    rules["/System/MaxCellVoltage"], rules["/System/MaxVoltageCellId"] = _extreme_cell(
+        "/System/MaxCellVoltage", "/System/MaxVoltageCellId", max)
+    rules["/System/MinCellTemperature"], rules["/System/MinTemperatureCellId"] = _extreme_cell(
+        "/System/MinCellTemperature", "/System/MinTemperatureCellId", min)
+    rules["/System/MaxCellTemperature"], rules["/System/MaxTemperatureCellId"] = _extreme_cell(
+        "/System/MaxCellTemperature", "/System/MaxTemperatureCellId", max)
+    rules["/Io/AllowToCharge"] = _allowed("/Io/AllowToCharge")
+    rules["/Io/AllowToDischarge"] = _allowed("/Io/AllowToDischarge")
+    rules["/Io/AllowToBalance"] = _any("/Io/AllowToBalance")
+    rules["/Balancing"] = _any("/Balancing")
+    rules["/Info/MaxChargeCurrent"] = _limit("/Info/MaxChargeCurrent", "/Io/AllowToCharge")
+    rules["/Info/MaxDischargeCurrent"] = _limit("/Info/MaxDischargeCurrent", "/Io/AllowToDischarge")
+    rules["/Info/MaxChargeVoltage"] = Rule(("/Info/MaxChargeVoltage",), _cvl, "lowest member CVL")
+    rules["/Info/ChargeMode"] = Rule(("/Info/ChargeMode",), _charge_mode, "common mode, else Transition")
+    for alarm in ("LowVoltage", "HighVoltage", "LowSoc", "HighChargeCurrent", "HighDischargeCurrent",
+                  "CellImbalance", "LowCellVoltage", "HighCellVoltage", "LowTemperature", "HighTemperature",
+                  "LowChargeTemperature", "HighChargeTemperature", "InternalFailure", "BmsCable", "FuseBlown"):
+        rules[f"/Alarms/{alarm}"] = _max(f"/Alarms/{alarm}")
+    return rules
+
+
+RULES: dict[str, Rule] = _build_rules()
+
+
+class Merge:
+    """The merge state of one aggregate: members, auxiliary and primary sources, and what is dirty.
+
+    `update_*` record changes and mark the aggregate paths they affect; `compute()` returns the new value
+    of every dirty path (so a burst of changes is computed once, when the caller flushes).
+    """
+
+    def __init__(self, options: MergeOptions = MergeOptions(), rules: dict[str, Rule] = RULES) -> None:
+        self.options = options
+        self.rules = rules
+        self.members: dict[str, MemberView] = {}
+        self._members_list: list[MemberView] = []
+        self.dependents: dict[str, list[str]] = {}
+        for path, rule in rules.items():
+            for source in rule.inputs:
+                self.dependents.setdefault(source, []).append(path)
+        # Auxiliary: used for a path when no member has a value. Primary: wins over the merge.
+        self.auxiliary: list[tuple[str, frozenset[str] | None, dict[str, Any]]] = []
+        self.primary: list[tuple[str, frozenset[str] | None, dict[str, Any]]] = []
+        self.dirty: set[str] = set(rules)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every aggregate path: the table plus whatever auxiliary and primary sources contribute."""
+        extra = {p for _, paths, values in self.auxiliary + self.primary for p in (paths or values)}
+        return list(self.rules) + sorted(extra - set(self.rules))
+
+    # ---- members ---------------------------------------------------------------------------------------
+
+    def set_member(self, name: str, label: str, values: dict[str, Any]) -> None:
+        self.members[name] = MemberView(name, label, dict(values))
+        self._members_list = list(self.members.values())
+        self.dirty.update(self.rules)
+
+    def update_member(self, name: str, changes: dict[str, Any]) -> None:
+        member = self.members.get(name)
+        if member is None:
+            return
+        member.values.update(changes)
+        dependents = self.dependents
+        dirty = self.dirty
+        for path in changes:
+            affected = dependents.get(path)
+            if affected:
+                dirty.update(affected)
+            elif self._sourced(path):
+                dirty.add(path)
+
+    def remove_member(self, name: str) -> None:
+        if self.members.pop(name, None) is not None:
+            self._members_list = list(self.members.values())
+            self.dirty.update(self.rules)
+
+    # ---- auxiliary and primary sources ------------------------------------------------------------------
+
+    def set_source(self, role: str, name: str, paths: Iterable[str] | None, values: dict[str, Any] | None) -> None:
+        """Declare (values not None) or forget (None) an auxiliary or primary source. `paths` None = all."""
+        table = self.auxiliary if role == "auxiliary" else self.primary
+        for i, (source, wanted, current) in enumerate(table):
+            if source == name:
+                self.dirty.update(wanted or current)
+                if values is None:
+                    del table[i]
+                else:
+                    table[i] = (source, wanted, dict(values))
+                    self.dirty.update(wanted or values)
+                return
+        if values is not None:
+            table.append((name, frozenset(paths) if paths else None, dict(values)))
+            self.dirty.update(frozenset(paths) if paths else values)
+
+    def order_sources(self, role: str, names: Sequence[str]) -> None:
+        """Sources are consulted in config order, whatever order they appeared on the bus in."""
+        table = self.auxiliary if role == "auxiliary" else self.primary
+        rank = {n: i for i, n in enumerate(names)}
+        table.sort(key=lambda entry: rank.get(entry[0], len(rank)))
+
+    def update_source(self, name: str, changes: dict[str, Any]) -> None:
+        for table in (self.auxiliary, self.primary):
+            for source, wanted, values in table:
+                if source == name:
+                    values.update(changes)
+                    self.dirty.update(p for p in changes if wanted is None or p in wanted)
+
+    def _sourced(self, path: str) -> bool:
+        return any(wanted is None or path in wanted for _, wanted, _ in self.auxiliary + self.primary)
+
+    # ---- computing ----------------------------------------------------------------------------------
+
+    def compute(self) -> dict[str, Any]:
+        """New values of every dirty path; clears the dirty set."""
+        dirty, self.dirty = self.dirty, set()
+        members = self._members_list
+        out: dict[str, Any] = {}
+        for path in dirty:
+            out[path] = self.compute_path(path, members)
+        return out
+
+    def compute_path(self, path: str, members: Sequence[MemberView] | None = None) -> Any:
+        """One aggregate path now: the rule, else an auxiliary value; a primary value wins over both."""
+        rule = self.rules.get(path)
+        value = rule.compute(self._members_list if members is None else members, self.options) \
+            if rule is not None else None
+        if path in LIMIT_PATHS:
+            return value
+        if value is None:
+            value = _first_from(self.auxiliary, path)
+        primary = _first_from(self.primary, path)
+        return value if primary is None else primary
+
+    def compute_all(self) -> dict[str, Any]:
+        self.dirty.update(self.paths)
+        return self.compute()
+
+
+def _first_from(sources: list[tuple[str, frozenset[str] | None, dict[str, Any]]], path: str) -> Any:
+    for _, wanted, values in sources:
+        if wanted is not None and path not in wanted:
+            continue
+        value = values.get(path)
+        if value is not None:
+            return value
+    return None
+
+
+def first_valid(members: Sequence[tuple[dict[str, Any], frozenset[str] | None]], path: str) -> Any:
+    """Virtual batteries: the first listed member (that provides this path) with a valid value wins."""
+    for values, wanted in members:
+        if wanted is not None and path not in wanted:
+            continue
+        value = values.get(path)
+        if value is not None:
+            return value
+    return None
