@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,6 +54,12 @@ _BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/
 ONLINE, STALE, LOST = "online", "stale", "lost"
 
 
+def preferred_instance(service_name: str) -> int:
+    """Spread over 200..263 by name, so two of our services rarely ask for the same instance even while
+    localsettings (which resolves collisions) is absent."""
+    return PREFERRED_INSTANCE + zlib.crc32(unique_id(service_name).encode()) % 64
+
+
 def unique_id(service_name: str) -> str:
     """Stable id for localsettings (device instance, CustomName): from the service name, never a tty."""
     return "batteryaggregator_" + service_name.rsplit(".", 1)[-1]
@@ -63,7 +70,7 @@ async def publish_battery(settings: LocalSettings, name: str, product_name: str,
     """A new battery service of ours on its own connection, with the mandatory paths, a reserved device
     instance and a persisted /CustomName. Paths are added by the caller; register() is the caller's too."""
     service = VeService(await connect(bus_address), name)
-    instance = await settings.reserve_device_instance(unique_id(name), "battery", PREFERRED_INSTANCE)
+    instance = await settings.reserve_device_instance(unique_id(name), "battery", preferred_instance(name))
     service.add_mandatory_paths(process_name="battery-aggregator", process_version=__version__,
                                 connection=connection, device_instance=instance, product_id=product_id,
                                 product_name=product_name, firmware_version=__version__, hardware_version=None)
@@ -420,13 +427,13 @@ class Aggregator:
         values = self.merge.compute()
         if values.get("/Dc/0/Voltage") is not None:
             self._have_voltage.set()
-        for name in self._dirty_rows:
-            self._breakdown_row(service, name, values)
-        self._dirty_rows.clear()
         if self._membership_changed:
             self._membership_changed = False
             self._membership_paths(service, values)
-        with service.batch():
+        with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
+            for name in self._dirty_rows:
+                self._breakdown_row(service, name, values)
+            self._dirty_rows.clear()
             for path, value in values.items():
                 if path not in service:
                     service.add_path(path, value, text=text_format(path))
