@@ -404,7 +404,7 @@ class Aggregator:
         for ref in roles.unresolved:
             if ref not in self._warned_refs:
                 self._warned_refs.add(ref)
-                _LOG.warning("the config refers to %s, which matches no battery service on the bus (yet)", ref)
+                (_LOG.warning if self.registered else _LOG.info)("the config refers to %s, which matches no battery service on the bus (yet)", ref)
         self._warned_refs &= set(roles.unresolved)
         for ref in roles.ambiguous:
             _LOG.warning("%s matches more than one battery service; all of them are used", ref)
@@ -520,7 +520,8 @@ class Aggregator:
             reasons.append("no member batteries")
         status = "; ".join(reasons) or "ok"
         if status != self._status:
-            (_LOG.warning if reasons else _LOG.info)("status: %s", status)
+            # While members are still appearing at start-up, status changes are expected: INFO until then.
+            (_LOG.warning if reasons and self.registered else _LOG.info)("status: %s", status)
             self._status = status
         merged["/Aggregator/Status"] = status
         merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)

@@ -22,8 +22,18 @@ from .liveview import render
 from .privatebus import PrivateBus
 from .simulator.bus_bank import BATTERY_PREFIX, CONTROL_SERVICE
 
-DEMO_CONFIG = {"serviceName": "com.victronenergy.battery.aggregator", "reconnectTimeout": 30,
-               "startupBatteryWait": 10}
+# The aggregate of the bank, and Pack C behind a virtual battery whose hook caps its charge current by
+# voltage (how users tame a BMS that asks for too much near full).
+DEMO_CONFIG = {
+    "serviceName": "com.victronenergy.battery.aggregator",
+    "reconnectTimeout": 30,
+    "startupBatteryWait": 10,
+    "expectedBatteries": 3,
+    "virtualBatteries": {
+        "com.victronenergy.battery.virtual_c": ["class:hooks.CustomChargingHook#c", "com.victronenergy.battery.sim_c"],
+    },
+    "classes": {"hooks.CustomChargingHook#c": {"ccls": {"0": 40, "54.4": 20, "55.2": 5}}},
+}
 
 
 class _Children:

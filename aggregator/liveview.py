@@ -7,6 +7,7 @@ from typing import Any, Iterable
 from .bus.monitor import WatchedService
 
 AGGREGATE_PRODUCT = "Battery Aggregator"
+VIRTUAL_PRODUCT = "Virtual Battery"
 STALE_AFTER = 5.0  # seconds without an update before a row is marked stale
 
 _COLUMNS = (
@@ -41,18 +42,23 @@ def member_row(service: WatchedService, age: float) -> list[str]:
 
 def render(services: Iterable[WatchedService], last_update: dict[str, float], bank: dict[str, Any] | None,
            title: str, now: float | None = None) -> str:
-    """The whole screen as text: members first, then aggregates (our services), then the simulator's truth."""
+    """The whole screen as text: batteries on the bus, then virtual batteries, then the aggregate, then the
+    simulator's truth. A member of a virtual battery is marked, as the aggregate counts the virtual one."""
     now = time.monotonic() if now is None else now
     header = "  ".join(name.ljust(width) for name, width in _COLUMNS)
     lines = [title, "", header, "-" * len(header)]
-    services = sorted(services, key=lambda s: (s.values.get("/ProductName") == AGGREGATE_PRODUCT, s.name))
+    def rank(s: WatchedService) -> tuple[int, str]:
+        product = s.values.get("/ProductName")
+        return (2 if product == AGGREGATE_PRODUCT else 1 if product == VIRTUAL_PRODUCT else 0, s.name)
+
+    services = sorted(services, key=rank)
     if not services:
         lines.append("(no battery services on the bus yet)")
-    separator_done = False
+    previous_rank = 0
     for service in services:
-        if service.values.get("/ProductName") == AGGREGATE_PRODUCT and not separator_done:
+        if rank(service)[0] != previous_rank:
             lines.append("-" * len(header))
-            separator_done = True
+            previous_rank = rank(service)[0]
         row = member_row(service, now - last_update.get(service.name, now))
         lines.append("  ".join(cell.ljust(width)[:max(width, len(cell))] for cell, (_, width) in zip(row, _COLUMNS)))
     if bank:
