@@ -51,7 +51,8 @@ class Config(BaseModel):
     cclMode: Literal["battery+dvcc", "battery", "dvcc"] = "battery+dvcc"
     cvlMode: Literal["max_when_balancing", "min_when_balancing", "max_always", "max_when_floating", "dvcc"] = (
         "max_when_balancing")
-    logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # NOTSET is in the old tool's schema: users' files may have it
+    logLevel: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     reconnectTimeout: float = Field(60.0, ge=0, le=86400, description="seconds a vanished member is kept")
     startupBatteryWait: float = Field(30.0, ge=0, le=3600, description="seconds to wait at start for a member "
                                       "with a voltage")
@@ -77,18 +78,18 @@ def semantic_errors(config: Config) -> list[str]:
     errors: list[str] = []
     claimed: dict[str, str] = {}
 
-    def claim(ref: str, where: str) -> None:
-        if ref in claimed and claimed[ref] != where:
+    def claim(ref: str, role: str, where: str) -> None:
+        if ref in claimed and claimed[ref] != role:
             errors.append(f"{where}: {ref!r} is also listed in {claimed[ref]}; a service has one role "
                           "(excluded, primary, auxiliary or member of one virtual battery)")
-        claimed.setdefault(ref, where)
+        claimed.setdefault(ref, role)
 
     for key in ("excludedServices", "primaryServices", "auxiliaryServices"):
         for i, ref in enumerate(_refs(getattr(config, key))):
             where = f"{key}[{i}]" if isinstance(getattr(config, key), list) else f'{key}."{ref}"'
             if not _is_reference(ref):
                 errors.append(f"{where}: {ref!r} is not {REFERENCE_FORMS}")
-            claim(ref, key)
+            claim(ref, key, where)
     for name, spec in config.virtualBatteries.items():
         vb = f'virtualBatteries."{name}"'
         if not name.startswith("com.victronenergy.battery.") or len(name) <= 26:
@@ -109,7 +110,7 @@ def semantic_errors(config: Config) -> list[str]:
                 errors.append(f"{where}: a virtual battery cannot contain {'itself' if ref == name else 'another virtual battery'} ({ref!r})")
             if ref == config.serviceName:
                 errors.append(f"{where}: {ref!r} is the aggregate itself")
-            claim(ref, vb)
+            claim(ref, vb, where)
     return errors
 
 

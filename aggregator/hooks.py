@@ -60,7 +60,9 @@ def parse_table(entry: str, key: str, table: Any) -> list[tuple[float, float]]:
         try:
             t = float(threshold)
         except (TypeError, ValueError):
-            raise HookConfigError(f"classes.{entry}.{key}: threshold {threshold!r} is not a number") from None
+            t = math.nan
+        if not math.isfinite(t):  # "nan" and "inf" parse as floats but no value ever reaches them
+            raise HookConfigError(f"classes.{entry}.{key}: threshold {threshold!r} is not a number")
         if isinstance(amps, bool) or not isinstance(amps, (int, float)) or not math.isfinite(amps) or amps < 0:
             raise HookConfigError(f"classes.{entry}.{key}.{threshold}: {amps!r} is not a current >= 0 A")
         rows.append((t, float(amps)))

@@ -112,6 +112,7 @@ def _weighted_by_capacity(path: str) -> Rule:
     def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
         total = weight = 0.0
         plain: list[float] = []
+        weighted: list[float] = []
         for m in members:
             v = m.values.get(path)
             if v is None or isinstance(v, (bool, str)):
@@ -120,11 +121,12 @@ def _weighted_by_capacity(path: str) -> Rule:
             if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
                 total += v * cap
                 weight += cap
+                weighted.append(v)
             else:
                 plain.append(v)
-        if weight > 0:
-            return total / weight
-        return sum(plain) / len(plain) if plain else None
+        # rounding must not leave the members' range (100.00000000000001 % is refused upstream)
+        used, mean = (weighted, total / weight) if weight > 0 else (plain, sum(plain) / len(plain) if plain else 0)
+        return min(max(mean, min(used)), max(used)) if used else None
     return Rule((path, "/InstalledCapacity"), compute, "weighted by installed capacity")
 
 
@@ -151,7 +153,7 @@ def _remaining_ah(members: Sequence[MemberView]) -> float | None:
     return total if known else None
 
 
-def _time_to_go(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+def _time_to_go(members: Sequence[MemberView], options: MergeOptions) -> Any:
     """Seconds until empty at the present discharge current; invalid when charging or idle."""
     currents = _numbers(members, "/Dc/0/Current")
     if not currents:
@@ -160,6 +162,10 @@ def _time_to_go(members: Sequence[MemberView], _o: MergeOptions) -> Any:
     if current > -IDLE_CURRENT:
         return None
     remaining = _remaining_ah(members)
+    if remaining is None and options.capacity is not None:
+        # Members publish only SoC and the config gives the bank's capacity.
+        soc = _weighted_by_capacity("/Soc").compute(members, options)
+        remaining = None if soc is None else soc / 100.0 * options.capacity
     if remaining is None:
         return None
     return round(remaining / -current * 3600.0)

@@ -40,8 +40,8 @@ def key_path(loc: Iterable[Any], union_tags: set[str] = frozenset()) -> str:  # 
     """pydantic's error location -> 'packs[1].soc' (string keys with dots are quoted)."""
     out = ""
     for part in loc:
-        if isinstance(part, str) and part in union_tags:
-            continue  # the tag pydantic inserts for a discriminated union
+        if isinstance(part, str) and (part in union_tags or (part.endswith("]") and "[" in part)):
+            continue  # the tag pydantic inserts for a union member ('list[str]', a discriminator)
         if isinstance(part, int):
             out += f"[{part}]"
         else:

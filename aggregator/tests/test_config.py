@@ -1,0 +1,180 @@
+"""Pure tests of the configuration (aggregator/config.py): users' files load, mistakes are explained."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.config import (DEFAULT_SERVICE_NAME, Config, ConfigError, load_config, parse_config,
+                               semantic_errors)
+
+B = "com.victronenergy.battery."
+
+USER_CONFIG: dict[str, Any] = {
+    "serviceName": B + "bank",
+    "excludedServices": [B + "ttyS1"],
+    "primaryServices": {B + "ttyS5": ["/Soc"], B + "leastPrecedence": ["/Dc/0/Current"]},
+    "auxiliaryServices": [B + "defaultMetadata", "name:Metadata"],
+    "capacity": 200,
+    "virtualBatteries": {
+        B + "virtual1": [B + "ttyS6", B + "ttyUSB0", "class:hooks.CustomChargingHook#b1",
+                         "class:hooks.FixedValueHook"],
+        B + "virtual2": {B + "ttyS7": ["/Soc"], "serial:1234": [], "class:hooks.TemperatureChargingHook": [],
+                         "class:hooks.CustomNameHook": []},
+    },
+    "classes": {
+        "hooks.CustomChargingHook#b1": {"ccls": {"46": 128, "51": 64, "52": 32, "52.5": 0},
+                                        "dcls": {"44": 0, "46": 200}},
+        "hooks.TemperatureChargingHook": {"ccls": {"0": 10, "5": 100, "45": 0}},
+        "hooks.FixedValueHook": {"path": "/Info/Location", "value": "shed"},
+        "hooks.CustomNameHook": {"customName": "Left rack"},
+    },
+    "currentRatioMethod": "capacity",
+    "ir": {"maxPercentageError": 0.2, "minVoltageChange": 0.05},
+    "cclMode": "battery",
+    "cvlMode": "max_when_floating",
+    "logLevel": "DEBUG",
+    "reconnectTimeout": 120,
+    "startupBatteryWait": 10,
+    "expectedBatteries": 3,
+}
+
+
+def test_a_full_user_config_loads():
+    config = parse_config(json.loads(json.dumps(USER_CONFIG)))
+    assert config.serviceName == B + "bank"
+    assert config.primaryServices == {B + "ttyS5": ["/Soc"], B + "leastPrecedence": ["/Dc/0/Current"]}
+    assert config.auxiliaryServices == [B + "defaultMetadata", "name:Metadata"]
+    assert config.capacity == 200
+    assert isinstance(config.virtualBatteries[B + "virtual1"], list)
+    assert config.virtualBatteries[B + "virtual2"][B + "ttyS7"] == ["/Soc"]
+    assert config.ir.maxPercentageError == 0.2 and config.ir.minVoltageChange == 0.05
+    assert (config.cclMode, config.cvlMode, config.logLevel) == ("battery", "max_when_floating", "DEBUG")
+    assert (config.reconnectTimeout, config.startupBatteryWait, config.expectedBatteries) == (120, 10, 3)
+    assert config.model_dump(exclude_unset=True).keys() == USER_CONFIG.keys()
+
+
+@pytest.mark.parametrize("extra", [
+    {"logLevel": "NOTSET"}, {"cvlMode": "dvcc"}, {"cvlMode": "min_when_balancing"}, {"cvlMode": "max_always"},
+    {"currentRatioMethod": "count"}, {"currentRatioMethod": "ir"}, {"cclMode": "dvcc"},
+    {"cclMode": "battery+dvcc"}, {"primaryServices": [B + "a"]}, {"auxiliaryServices": {B + "a": []}},
+    {"excludedServices": ["name:Shunt", "serial:XYZ"]}, {"capacity": 280.5},
+])
+def test_each_value_users_have_loads(extra):
+    config = parse_config(extra)
+    for key, value in extra.items():
+        assert getattr(config, key) == value
+
+
+def test_defaults():
+    for config in (parse_config({}), Config()):
+        assert config.serviceName == DEFAULT_SERVICE_NAME == "com.victronenergy.battery.aggregator"
+        assert config.excludedServices == [] and config.primaryServices == [] and config.auxiliaryServices == []
+        assert config.capacity is None and config.virtualBatteries == {} and config.classes == {}
+        assert config.currentRatioMethod == "ir"
+        assert config.ir.maxPercentageError == 0.1 and config.ir.minVoltageChange == 0.02
+        assert config.cclMode == "battery+dvcc" and config.cvlMode == "max_when_balancing"
+        assert config.logLevel == "INFO" and config.reconnectTimeout == 60 and config.startupBatteryWait == 30
+        assert config.expectedBatteries is None
+
+
+def error_of(data: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("data,words", [
+    ({"cclMode": "bms"}, ["cclMode", "'bms'", "'battery+dvcc'", "'battery'", "'dvcc'"]),
+    ({"cvlMode": "max"}, ["cvlMode", "'max'", "max_when_balancing"]),
+    ({"currentRatioMethod": "IR"}, ["currentRatioMethod", "'IR'", "'capacity'"]),
+    ({"logLevel": "verbose"}, ["logLevel", "'verbose'", "'DEBUG'"]),
+    ({"capacity": -5}, ["capacity", "-5", "greater than 0"]),
+    ({"capacity": "lots"}, ["capacity", "'lots'"]),
+    ({"ir": {"maxPercentageError": 2}}, ["ir.maxPercentageError", "2", "less than or equal to 1"]),
+    ({"ir": {"minVoltage": 1}}, ["ir.minVoltage", "unknown key"]),
+    ({"reconnectTimeout": -1}, ["reconnectTimeout", "-1"]),
+    ({"startupBatteryWait": 1e9}, ["startupBatteryWait"]),
+    ({"expectedBatteries": 0}, ["expectedBatteries", "0"]),
+    ({"serviceName": "com.victronenergy.solarcharger.x"}, ["serviceName", "com.victronenergy.solarcharger.x",
+                                                          "pattern"]),
+    ({"excludedServices": "com.victronenergy.battery.x"}, ["excludedServices", "valid list"]),
+    ({"primaryServices": 5}, ["primaryServices", "list", "dictionary", "5"]),
+    ({"virtualBatteries": {B + "v": {B + "a": "/Soc"}}}, ['virtualBatteries."com.victronenergy.battery.v"',
+                                                         "'/Soc'"]),
+    ({"exludedServices": []}, ["exludedServices", "unknown key"]),
+])
+def test_type_errors_name_key_value_and_what_is_allowed(data, words):
+    message = error_of(data)
+    assert message.startswith("invalid config")
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize("data,words", [
+    ({"excludedServices": [B + "x"], "primaryServices": [B + "x"]},
+     ["primaryServices[0]", B + "x", "also listed in excludedServices", "one role"]),
+    ({"auxiliaryServices": {B + "x": []}, "virtualBatteries": {B + "v": [B + "x"]}},
+     ['virtualBatteries."com.victronenergy.battery.v"[0]', "auxiliaryServices"]),
+    ({"virtualBatteries": {B + "v1": [B + "x"], B + "v2": [B + "x"]}}, ["v2", "also listed", "v1"]),
+    ({"virtualBatteries": {B + "v": [B + "v"]}}, ["cannot contain itself"]),
+    ({"virtualBatteries": {B + "v": [B + "w"], B + "w": [B + "a"]}}, ["cannot contain another virtual battery",
+                                                                      B + "w"]),
+    ({"virtualBatteries": {B + "v": [DEFAULT_SERVICE_NAME]}}, ["is the aggregate itself"]),
+    ({"virtualBatteries": {DEFAULT_SERVICE_NAME: [B + "a"]}}, ["own serviceName"]),
+    ({"virtualBatteries": {"virtual1": [B + "a"]}}, ["'virtual1'", "must be com.victronenergy.battery.<name>"]),
+    ({"excludedServices": ["ttyS1"]}, ["excludedServices[0]", "'ttyS1'", "name:<CustomName>", "serial:<Serial>"]),
+    ({"primaryServices": {"name:": ["/Soc"]}}, ['primaryServices."name:"', "is not"]),
+    ({"auxiliaryServices": [B]}, ["auxiliaryServices[0]", "is not"]),
+    ({"virtualBatteries": {B + "v": ["serial:"]}}, ["'serial:'", "class:<hooks.Class>"]),
+    ({"virtualBatteries": {B + "v": ["class:hooks.Nope"]}}, ["[0]", "unknown hook class", "hooks.Nope"]),
+    ({"virtualBatteries": {B + "v": ["class:hooks.CustomChargingHook#b9"]}}, ["no entry", "#b9"]),
+    ({"virtualBatteries": {B + "v": ["class:hooks.CustomChargingHook"]},
+      "classes": {"hooks.CustomChargingHook": {"ccls": {"fifty": 10}}}},
+     ["classes.hooks.CustomChargingHook.ccls", "'fifty'", "not a number"]),
+])
+def test_semantic_errors(data, words):
+    message = error_of(data)
+    for word in words:
+        assert word in message, message
+    assert semantic_errors(Config.model_validate(data))
+
+
+def test_several_errors_are_all_reported():
+    message = error_of({"excludedServices": ["a", "b"], "primaryServices": ["c"]})
+    assert "(3 errors)" in message
+    assert all(f"'{ref}'" in message for ref in "abc")
+
+
+def test_load_config_file(tmp_path: Path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(USER_CONFIG), encoding="utf-8")
+    assert load_config(path).serviceName == B + "bank"
+    assert load_config(str(path)).capacity == 200
+
+
+def test_duplicate_json_keys_are_an_error(tmp_path: Path):
+    path = tmp_path / "config.json"
+    path.write_text('{"capacity": 100,\n "excludedServices": [],\n "capacity": 200}', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "duplicate key 'capacity'" in str(info.value) and str(path) in str(info.value)
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"ir": {"minVoltageChange": 0.1, "minVoltageChange": 0.2}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="duplicate key 'minVoltageChange'"):
+        load_config(nested)
+
+
+def test_bad_json_and_missing_file(tmp_path: Path):
+    path = tmp_path / "config.json"
+    path.write_text('{"capacity": 100,\n}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cclMode": "x"}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"invalid config {bad}: cclMode"):
+        load_config(bad)
