@@ -178,3 +178,16 @@ def test_bad_json_and_missing_file(tmp_path: Path):
     bad.write_text('{"cclMode": "x"}', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"invalid config {bad}: cclMode"):
         load_config(bad)
+
+
+def test_readme_documents_every_aggregate_path_and_config_key() -> None:
+    from pathlib import Path
+
+    from aggregator.config import Config
+    from aggregator.merge import RULES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing_paths = [p for p in RULES if f"`{p}`" not in readme and f"{p}`" not in readme]
+    assert not missing_paths, missing_paths
+    missing_keys = [k for k in Config.model_fields if f"`{k}`" not in readme]
+    assert not missing_keys, missing_keys
