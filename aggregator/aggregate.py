@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from .battery_paths import text_format
 from .bus.lib import connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
-from .bus.settings import LocalSettings, Setting
+from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
+from .bus.watch import PathWatcher
+from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput
 from .config import Config
+from .limits import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
                          assign_roles, resolve)
@@ -33,7 +37,12 @@ VIRTUAL_PRODUCT_ID = 0xBA02
 AGGREGATE_PRODUCT_NAME = "Battery Aggregator"
 VIRTUAL_PRODUCT_NAME = "Virtual Battery"
 PREFERRED_INSTANCE = 200
-STALE_AFTER = 60.0  # seconds without any update before an online member is shown stale
+SYSTEM_SERVICE = "com.victronenergy.system"
+DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
+              (SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeVoltage"),
+              (SYSTEM_SERVICE, "/Control/Dvcc"))
+LIMIT_PATHS = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage")
+STATE_SAVE_INTERVAL = 60.0
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -47,10 +56,14 @@ BREAKDOWN: dict[str, str | None] = {
     "Service": None, "Name": None, "State": None, "Serial": "/Serial", "Soc": "/Soc", "Voltage": "/Dc/0/Voltage",
     "Current": "/Dc/0/Current", "Power": "/Dc/0/Power", "Capacity": "/Capacity",
     "MaxChargeCurrent": "/Info/MaxChargeCurrent", "MaxDischargeCurrent": "/Info/MaxDischargeCurrent",
+    # Filled from the charge-limit controller:
+    "Share": None, "InternalResistance": None, "OpenCircuitVoltage": None, "ChargeLimit": None,
+    "DischargeLimit": None,
 }
 _BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/Current", "Power": "/Dc/0/Power",
                    "Capacity": "/Capacity", "MaxChargeCurrent": "/Info/MaxChargeCurrent",
-                   "MaxDischargeCurrent": "/Info/MaxDischargeCurrent"}
+                   "MaxDischargeCurrent": "/Info/MaxDischargeCurrent", "ChargeLimit": "/Info/MaxChargeCurrent",
+                   "DischargeLimit": "/Info/MaxDischargeCurrent", "OpenCircuitVoltage": "/Dc/0/Voltage"}
 ONLINE, STALE, LOST = "online", "stale", "lost"
 
 
@@ -166,6 +179,12 @@ class Aggregator:
         self._have_voltage = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status = ""
+        self.control = ChargeControl(config)
+        self.dvcc = DvccLimits()
+        self.watcher: PathWatcher | None = None
+        self._limits_dirty = True
+        self._limit_rows: dict[str, dict[str, Any]] = {}
+        self._store: Any = None
 
     # ---- life cycle ----------------------------------------------------------------------------------
 
@@ -173,6 +192,11 @@ class Aggregator:
         bus = await connect(self.bus_address)
         self.settings = LocalSettings(bus)
         await self.settings.start()
+        self._load_state()
+        self.watcher = PathWatcher(bus, self._on_dvcc_change)
+        for service, path in DVCC_PATHS:
+            self.watcher.watch(service, path)
+        await self.watcher.start()
         self.service = await publish_battery(self.settings, self.name, AGGREGATE_PRODUCT_NAME, AGGREGATE_PRODUCT_ID,
                                              "Aggregate of 0 batteries", self.bus_address)
         self._add_aggregate_paths(self.service)
@@ -210,6 +234,9 @@ class Aggregator:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self._save_state()
+        if self.watcher is not None:
+            await self.watcher.stop()
         for state in self.members.values():
             if state.drop is not None:
                 state.drop.cancel()
@@ -231,6 +258,9 @@ class Aggregator:
     def _add_aggregate_paths(self, service: VeService) -> None:
         for path in self.merge.paths:
             service.add_path(path, None, text=text_format(path))
+        for path in LIMIT_PATHS:
+            service.add_path(path, None, text=text_format(path))
+        service.add_path("/Info/ChargeLimitation", None)
         service.add_path("/System/NrOfBatteries", 0)
         service.add_path("/System/BatteriesParallel", 0)
         service.add_path("/Alarms/MissingBatteries", 0 if self.config.expectedBatteries else None)
@@ -294,6 +324,8 @@ class Aggregator:
             if refused:
                 self._log_refused(name, refused)
             self.merge.update_member(name, clean)
+            if not self._limits_dirty and not LIMIT_INPUTS.isdisjoint(clean):
+                self._limits_dirty = True
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
@@ -429,7 +461,11 @@ class Aggregator:
             self._have_voltage.set()
         if self._membership_changed:
             self._membership_changed = False
+            self._limits_dirty = True
             self._membership_paths(service, values)
+        if self._limits_dirty:
+            self._limits_dirty = False
+            self._update_limits(values)
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
             for name in self._dirty_rows:
                 self._breakdown_row(service, name, values)
@@ -462,6 +498,48 @@ class Aggregator:
                 self.members[vb.name].last_update = self.clock()
             self._dirty_rows.add(vb.name)
 
+    def _update_limits(self, values: dict[str, Any]) -> None:
+        now = self.clock()
+        inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE)
+                  for name, m in self.merge.members.items() if name in self.members]
+        self.control.observe(inputs, now)
+        out = self.control.update(inputs, self.dvcc, now)
+        values["/Info/MaxChargeCurrent"] = out.ccl
+        values["/Info/MaxDischargeCurrent"] = out.dcl
+        values["/Info/MaxChargeVoltage"] = out.cvl
+        values["/Info/ChargeLimitation"] = out.charge_limitation
+        for name, row in out.members.items():
+            if self._limit_rows.get(name) != row:
+                self._limit_rows[name] = row
+                self._dirty_rows.add(name)
+
+    def _on_dvcc_change(self, service: str, path: str, value: Any) -> None:
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if path == "/Control/Dvcc":
+            self.dvcc = DvccLimits(bool(number), self.dvcc.max_charge_current, self.dvcc.max_charge_voltage)
+        elif path.endswith("MaxChargeCurrent"):
+            self.dvcc = DvccLimits(self.dvcc.enabled, number, self.dvcc.max_charge_voltage)
+        else:
+            self.dvcc = DvccLimits(self.dvcc.enabled, self.dvcc.max_charge_current, number)
+        _LOG.info("DVCC %s, user limits %s A, %s V", "on" if self.dvcc.enabled else "off",
+                  self.dvcc.max_charge_current, self.dvcc.max_charge_voltage)
+        self._limits_dirty = True
+        self._schedule_flush()
+
+    def _load_state(self) -> None:
+        from .state import StateStore
+
+        path = os.path.join(self.config.stateDir, unique_id(self.name) + ".json")
+        self._store = StateStore(path)
+        state = self._store.load()
+        if state:
+            self.control.load_state(state)
+            _LOG.info("learned shares and IR estimates loaded from %s", path)
+
+    def _save_state(self) -> None:
+        if self._store is not None:
+            self._store.save(self.control.to_state())
+
     def _breakdown_row(self, service: VeService, name: str, merged: dict[str, Any]) -> None:
         state = self.members.get(name)
         prefix = f"/Batteries/{state.slot}/" if state is not None else None
@@ -475,9 +553,12 @@ class Aggregator:
             "Name": member.label if member is not None else (member_label(watched) if watched else name),
             "State": state.state,
         }
+        limit_row = self._limit_rows.get(name, {})
         for key, source in BREAKDOWN.items():
             if source is not None:
                 row[key] = values.get(source) if state.state != LOST else None
+            elif key not in row:
+                row[key] = limit_row.get(key) if state.state != LOST else None
         with service.batch():
             for key, value in row.items():
                 path = prefix + key
@@ -527,12 +608,21 @@ class Aggregator:
         merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)
 
     async def _watch_staleness(self) -> None:
-        """Members that stay on the bus but stop updating are shown stale (limits use this in issue #4)."""
+        """Every second: members that stay on the bus but stop updating become stale (the limits count them
+        as carrying nothing); rising limits continue their ramp; learned state is saved now and then."""
+        stale_after = self.config.limits.staleAfter
+        saved_at = self.clock()
         while True:
-            await asyncio.sleep(min(5.0, STALE_AFTER / 4))
+            await asyncio.sleep(1.0)
             now = self.clock()
+            if self.control.ramping:
+                self._limits_dirty = True
+                self._schedule_flush()
+            if now - saved_at >= STATE_SAVE_INTERVAL:
+                saved_at = now
+                self._save_state()
             for name, state in self.members.items():
-                if state.state == ONLINE and state.drop is None and now - state.last_update > STALE_AFTER:
+                if state.state == ONLINE and state.drop is None and now - state.last_update > stale_after:
                     state.state = STALE
                     self._dirty_rows.add(name)
                     self._membership_changed = True

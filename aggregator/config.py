@@ -31,6 +31,22 @@ class IrOptions(BaseModel):
                                     "for an IR fit")
 
 
+class LimitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rampUpRate: float = Field(2.0, gt=0, le=1000, description="A/s a current limit may rise by (drops are "
+                              "immediate), so DVCC does not hunt")
+    hysteresis: float = Field(1.0, ge=0, le=100, description="A: a current limit rises only by at least this")
+    voltageRampUpRate: float = Field(0.05, gt=0, le=10, description="V/s the charge voltage limit may rise by")
+    voltageHysteresis: float = Field(0.02, ge=0, le=5, description="V: the charge voltage limit rises only by "
+                                     "at least this")
+    overCurrentTolerance: float = Field(0.02, ge=0, le=0.5, description="a member above its own limit by more "
+                                        "than this fraction has its share corrected at once")
+    shareTimeConstant: float = Field(600.0, gt=0, le=2592000, description="seconds over which learned shares "
+                                     "and over-current corrections fade")
+    staleAfter: float = Field(60.0, gt=0, le=3600, description="seconds without an update before a member is "
+                              "stale (counted as carrying nothing in the limits)")
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,8 +61,9 @@ class Config(BaseModel):
     virtualBatteries: dict[str, ServiceList] = Field(default_factory=dict, description="new service name -> its "
                                                      "members (or member -> paths)")
     classes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="configuration of hook classes")
-    currentRatioMethod: Literal["ir", "capacity", "count", "share"] = Field(
-        "ir", description="how the bank current is assumed to split between members")
+    currentRatioMethod: Literal["share", "ir", "capacity", "count"] = Field(
+        "share", description="how the bank current is assumed to split between members: learned from their "
+        "measured currents (share), by internal resistance (ir), by capacity, or equally (count)")
     ir: IrOptions = Field(default_factory=IrOptions)
     cclMode: Literal["battery+dvcc", "battery", "dvcc"] = "battery+dvcc"
     cvlMode: Literal["max_when_balancing", "min_when_balancing", "max_always", "max_when_floating", "dvcc"] = (
@@ -57,6 +74,9 @@ class Config(BaseModel):
     startupBatteryWait: float = Field(30.0, ge=0, le=3600, description="seconds to wait at start for a member "
                                       "with a voltage")
     expectedBatteries: int | None = Field(None, ge=1, le=256, description="how many members should be online")
+    limits: LimitOptions = Field(default_factory=LimitOptions)
+    stateDir: str = Field("/data/battery-aggregator", min_length=1, description="where learned shares and IR "
+                          "estimates are kept across restarts")
 
 
 REFERENCE_FORMS = "a full service name (com.victronenergy.battery.<name>), name:<CustomName> or serial:<Serial>"

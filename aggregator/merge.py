@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-# The charge limits are always computed from the members: a primary or auxiliary service never sets them.
+# The charge limits are computed by the limits module from the members alone: not here, and a primary or
+# auxiliary service never sets them.
 LIMIT_PATHS = frozenset({"/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage"})
 # Below this bank current (A) the bank is idle: no time-to-go.
 IDLE_CURRENT = 0.5
@@ -179,29 +180,6 @@ def _allowed(flag: str) -> Rule:
     return Rule((flag,), compute, "1 when any member allows")
 
 
-def _limit(limit_path: str, flag: str) -> Rule:
-    """The lowest limit among members allowed to (dis)charge: whatever the split, no member gets more than
-    the bank current, so none exceeds its own limit. 0 when none is allowed; invalid without data.
-    (Issue #4 replaces this with share-aware limits.)"""
-    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        limits = []
-        any_flag = False
-        for m in members:
-            allowed = m.values.get(flag)
-            limit = m.values.get(limit_path)
-            if allowed is not None:
-                any_flag = True
-            if allowed == 0:
-                continue
-            if limit is not None:
-                limits.append(limit)
-        if limits:
-            return min(limits)
-        return 0.0 if any_flag and all(m.values.get(flag) == 0 for m in members
-                                       if m.values.get(flag) is not None) else None
-    return Rule((limit_path, flag), compute, "lowest limit of the members allowed to")
-
-
 def _charge_mode(members: Sequence[MemberView], _o: MergeOptions) -> Any:
     """'Float' when every member floats, 'Float Transition' when some do; the same for Absorption, then Bulk;
     'Charging' for other modes (as BatteryAggregator users know it; modes match case-insensitively)."""
@@ -216,11 +194,6 @@ def _charge_mode(members: Sequence[MemberView], _o: MergeOptions) -> Any:
         if count:
             return f"{stage} {TRANSITION}"
     return "Charging"
-
-
-def _cvl(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-    values = _numbers(members, "/Info/MaxChargeVoltage")
-    return min(values) if values else None
 
 
 def _build_rules() -> dict[str, Rule]:
@@ -251,9 +224,6 @@ def _build_rules() -> dict[str, Rule]:
     rules["/Io/AllowToDischarge"] = _allowed("/Io/AllowToDischarge")
     rules["/Io/AllowToBalance"] = _any("/Io/AllowToBalance")
     rules["/Balancing"] = _any("/Balancing")
-    rules["/Info/MaxChargeCurrent"] = _limit("/Info/MaxChargeCurrent", "/Io/AllowToCharge")
-    rules["/Info/MaxDischargeCurrent"] = _limit("/Info/MaxDischargeCurrent", "/Io/AllowToDischarge")
-    rules["/Info/MaxChargeVoltage"] = Rule(("/Info/MaxChargeVoltage",), _cvl, "lowest member CVL")
     rules["/Info/ChargeMode"] = Rule(("/Info/ChargeMode",), _charge_mode, "common mode, else Transition")
     for alarm in ("LowVoltage", "HighVoltage", "LowSoc", "HighChargeCurrent", "HighDischargeCurrent",
                   "CellImbalance", "LowCellVoltage", "HighCellVoltage", "LowTemperature", "HighTemperature",

@@ -11,15 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from aggregator.privatebus import PrivateBus
 
-from .helpers import eventually  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 ASYNC_TIMEOUT = 60.0

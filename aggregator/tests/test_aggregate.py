@@ -209,7 +209,7 @@ async def test_virtual_battery_merges_first_valid_and_applies_hooks(processes: P
     vb = bank.name("vb")
     agg, _ = start_aggregator(
         processes, tmp_path, bank,
-        virtualBatteries={vb: ["class:hooks.CustomChargingHook#t", bank.name("bms"), f"name:Pack shunt"]},
+        virtualBatteries={vb: ["class:hooks.CustomChargingHook#t", bank.name("bms"), "name:Pack shunt"]},
         classes={"hooks.CustomChargingHook#t": {"ccls": {"46": 128, "51": 64, "52": 32}, "dcls": {"0": 150}}})
     # Per path, the first listed member with a valid value: voltage from the BMS, SoC/current from the shunt.
     await bank.value_is(vb, "/Soc", 80.0)
@@ -288,8 +288,10 @@ async def test_one_member_opening_its_fets_does_not_zero_the_bank(processes: Pro
     await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
     b = await bank.add("b", Info__MaxChargeCurrent=80.0, Io__AllowToCharge=1)
     agg, _ = start_aggregator(processes, tmp_path, bank)
-    await bank.value_is(agg, "/Info/MaxChargeCurrent", 80.0)
+    # Equal capacities, no learned shares yet: 50% each, and b's 80 A binds: 160 A for the bank.
+    await bank.value_is(agg, "/Info/MaxChargeCurrent", 160.0)
     b.set_value("/Io/AllowToCharge", 0)
+    # b's FETs are open: a takes everything, and only a's own limit counts (a drop goes out at once).
     await bank.value_is(agg, "/Info/MaxChargeCurrent", 100.0)
     assert await bank.read(agg, "/Io/AllowToCharge") == 1
     bank.members["a"].set_value("/Io/AllowToCharge", 0)

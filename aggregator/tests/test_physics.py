@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from pathlib import Path
+
 
 import pytest
 from hypothesis import given, settings

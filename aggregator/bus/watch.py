@@ -1,0 +1,126 @@
+"""Follow a few single paths of other services (DVCC settings, the system service's /Control/Dvcc).
+
+For services too large to read whole (localsettings has hundreds of paths and no GetItems): each watched
+path is read with GetValue when its service appears, then followed through PropertiesChanged on that path
+and ItemsChanged on '/'. While the service is absent the value is None.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from . import client
+from .client import CallError
+from .lib import Message, MessageBus, MessageType
+from .service import BUSITEM
+from .values import unwrap
+
+_LOG = logging.getLogger(__name__)
+_DBUS = "org.freedesktop.DBus"
+_DBUS_PATH = "/org/freedesktop/DBus"
+
+Callback = Callable[[str, str, Any], None]
+
+
+class PathWatcher:
+    """`watch(service, path)` then `start()`; `on_change(service, path, value)` on every change."""
+
+    def __init__(self, bus: MessageBus, on_change: Callback, timeout: float = client.DEFAULT_TIMEOUT) -> None:
+        self.bus = bus
+        self.on_change = on_change
+        self.timeout = timeout
+        self.values: dict[tuple[str, str], Any] = {}
+        self._paths: dict[str, set[str]] = {}
+        self._owners: dict[str, str] = {}  # service -> unique name
+        self._rules: list[str] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def watch(self, service: str, path: str) -> None:
+        self._paths.setdefault(service, set()).add(path)
+        self.values.setdefault((service, path), None)
+
+    def get(self, service: str, path: str) -> Any:
+        return self.values.get((service, path))
+
+    async def start(self) -> None:
+        self.bus.add_message_handler(self._on_message)
+        for service in self._paths:
+            for rule in (f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged',"
+                         f"arg0='{service}'",
+                         f"type='signal',sender='{service}',interface='{BUSITEM}'"):
+                await client.call(self.bus, _DBUS, _DBUS_PATH, "AddMatch", "s", [rule], interface=_DBUS,
+                                  timeout=self.timeout)
+                self._rules.append(rule)
+            try:
+                reply = await client.call(self.bus, _DBUS, _DBUS_PATH, "GetNameOwner", "s", [service],
+                                          interface=_DBUS, timeout=self.timeout)
+            except CallError:
+                continue
+            self._owners[service] = str(reply.body[0])
+            await self._read(service)
+
+    async def stop(self) -> None:
+        self.bus.remove_message_handler(self._on_message)
+        for task in self._tasks:
+            task.cancel()
+        for rule in self._rules:
+            if self.bus.connected:
+                try:
+                    await client.call(self.bus, _DBUS, _DBUS_PATH, "RemoveMatch", "s", [rule], interface=_DBUS,
+                                      timeout=self.timeout)
+                except CallError:
+                    pass
+        self._rules.clear()
+
+    async def _read(self, service: str) -> None:
+        for path in sorted(self._paths.get(service, ())):
+            try:
+                value = await client.get_value(self.bus, service, path, self.timeout)
+            except CallError as exc:
+                _LOG.debug("cannot read %s %s: %s", service, path, exc)
+                value = None
+            self._set(service, path, value)
+
+    def _set(self, service: str, path: str, value: Any) -> None:
+        key = (service, path)
+        if self.values.get(key) != value or type(self.values.get(key)) is not type(value):
+            self.values[key] = value
+            try:
+                self.on_change(service, path, value)
+            except Exception:
+                _LOG.exception("watcher callback for %s %s failed", service, path)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.SIGNAL:
+            return None
+        if msg.member == "NameOwnerChanged" and msg.sender == _DBUS:
+            service, _old, new = msg.body
+            if service in self._paths:
+                if new:
+                    self._owners[service] = new
+                    task = asyncio.get_running_loop().create_task(self._read(service))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    self._owners.pop(service, None)
+                    for path in self._paths[service]:
+                        self._set(service, path, None)
+            return None
+        if msg.interface != BUSITEM:
+            return None
+        for service, owner in self._owners.items():
+            if owner != msg.sender:
+                continue
+            paths = self._paths[service]
+            try:
+                if msg.member == "PropertiesChanged" and msg.path in paths and msg.signature == "a{sv}":
+                    if "Value" in msg.body[0]:
+                        self._set(service, msg.path, unwrap(msg.body[0]["Value"]))
+                elif msg.member == "ItemsChanged" and msg.path == "/" and msg.signature == "a{sa{sv}}":
+                    for path, value in client.parse_items(msg.body[0]).items():
+                        if path in paths:
+                            self._set(service, path, value)
+            except Exception:
+                _LOG.debug("dropped a malformed signal from %s", service, exc_info=True)
+        return None

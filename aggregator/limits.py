@@ -1,0 +1,379 @@
+"""Charge limits of the bank: CCL/DCL from the members' limits and their shares of the bank current, CVL by
+mode, DVCC user limits, and a smoother that lets limits drop at once but rise slowly.
+
+Pure: values in, values out. Members in parallel share the bank current; member k carries a share s_k of it.
+The bank current may rise until the first member reaches its own limit:
+
+    limit_bank = min over members able to take current of  limit_k / s_k
+
+where the shares are renormalised over those members. A member whose BMS forbids the direction (its FETs
+are open) carries nothing and leaves the sum; one whose data is stale, or that publishes no limit, is
+counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
+zeroing it. Nobody allowed -> 0; no data at all -> None (invalid).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, Sequence
+
+Direction = Literal["charge", "discharge"]
+CHARGE: Direction = "charge"
+DISCHARGE: Direction = "discharge"
+METHODS = ("share", "ir", "capacity", "count")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLimits:
+    """What the limits need of one member (already checked values; None = unknown)."""
+
+    name: str
+    label: str
+    ccl: float | None = None
+    dcl: float | None = None
+    cvl: float | None = None
+    allow_charge: int | None = None
+    allow_discharge: int | None = None
+    charge_mode: str | None = None
+    balancing: int | None = None
+    capacity: float | None = None  # installed Ah
+    resistance: float | None = None  # usable IR estimate (ohm), None when not usable
+    learned_share: Mapping[str, float] = field(default_factory=dict)  # direction -> learned share
+    fresh: bool = True  # online and updating
+    current: float | None = None  # the member's present current (A, + charging), the operating point
+
+    def limit(self, direction: Direction) -> float | None:
+        return self.ccl if direction == CHARGE else self.dcl
+
+    def allowed(self, direction: Direction) -> int | None:
+        return self.allow_charge if direction == CHARGE else self.allow_discharge
+
+
+@dataclass(frozen=True, slots=True)
+class BankLimit:
+    value: float | None
+    limiting: str | None  # the member whose limit binds, if any
+    reason: str  # for /Info/ChargeLimitation and the log
+    shares: dict[str, float]  # the shares used, by member (renormalised over the members that take current)
+    method: str  # the method the shares came from (after fallbacks)
+
+
+def share_weights(members: Sequence[MemberLimits], method: str, direction: Direction) -> tuple[dict[str, float], str]:
+    """Unnormalised share weights by `method`, falling back ir/share -> capacity -> count when any member lacks
+    what the method needs (mixing methods across members would make the shares meaningless)."""
+    order = {"share": ("share", "capacity", "count"), "ir": ("ir", "capacity", "count"),
+             "capacity": ("capacity", "count"), "count": ("count",)}[method]
+    for candidate in order:
+        weights: dict[str, float] = {}
+        for m in members:
+            if candidate == "share":
+                w = m.learned_share.get(direction)
+            elif candidate == "ir":
+                w = 1.0 / m.resistance if m.resistance else None
+            elif candidate == "capacity":
+                w = m.capacity
+            else:
+                w = 1.0
+            if w is None or not math.isfinite(w) or w <= 0:
+                break
+            weights[m.name] = w
+        else:
+            return weights, candidate
+    return {m.name: 1.0 for m in members}, "count"
+
+
+def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, method: str,
+                       share_floor: Mapping[str, float] | None = None) -> BankLimit:
+    """The bank's CCL (direction 'charge') or DCL ('discharge'). `share_floor`: per member, the least share
+    to assume (the over-current guard raises it when a member was seen carrying more than its limit).
+
+    With every member's present current known, the limit is extrapolated from that operating point with the
+    marginal shares a_k (how a change of bank current splits): limit = I_now + min_k (limit_k - I_k) / a_k.
+    This is exact for packs in parallel even when they sit at different states of charge (one far behind
+    takes circulating current from the others, an offset that a plain ratio I_k / I_bank cannot follow).
+    Without an operating point it is min_k limit_k / s_k."""
+    word = "charging" if direction == CHARGE else "discharging"
+    known = [m for m in members if m.limit(direction) is not None or m.allowed(direction) is not None]
+    if not known:
+        return BankLimit(None, None, f"no member publishes a {word} limit", {}, method)
+    if all(m.allowed(direction) == 0 for m in known):  # an unknown flag with a limit counts as allowed
+        return BankLimit(0.0, None, f"no member allows {word}", {}, method)
+    takers = [m for m in members if m.allowed(direction) != 0 and m.fresh and m.limit(direction) is not None]
+    if not takers:
+        return BankLimit(0.0, None, f"no member with a fresh {word} limit", {}, method)
+    weights, used = share_weights(takers, method, direction)
+    total = sum(weights.values())
+    shares = {name: w / total for name, w in weights.items()}
+    if share_floor:
+        # Conservative: a raised share is not taken away from the others.
+        shares = {name: max(s, share_floor.get(name, 0.0)) for name, s in shares.items()}
+    sign = 1.0 if direction == CHARGE else -1.0
+    # The operating point, in the direction's own sign (discharge currents as positive amounts).
+    operating = all(m.current is not None for m in members)
+    bank_now = sign * sum(m.current for m in members) if operating else 0.0  # type: ignore[misc]
+    best: tuple[float, MemberLimits] | None = None
+    for m in takers:
+        limit = m.limit(direction)
+        assert limit is not None
+        bank = limit / shares[m.name]
+        if operating:
+            # The lower of the two: each covers the other's blind spot (wrong marginal shares far from the
+            # operating point; circulating currents for the plain ratio).
+            now = sign * m.current  # type: ignore[operator]
+            bank = min(bank, bank_now + (limit - now) / shares[m.name])
+        if best is None or bank < best[0]:
+            best = (bank, m)
+    assert best is not None
+    value, member = best
+    value = max(0.0, value)
+    left_out = [m.label for m in members if m not in takers and m.allowed(direction) != 0]
+    reason = (f"{member.label}: {member.limit(direction):g} A at a {100 * shares[member.name]:.0f}% share "
+              f"({used})")
+    if left_out:
+        reason += "; counted as carrying nothing: " + ", ".join(left_out)
+    return BankLimit(value, member.name, reason, shares, used)
+
+
+def charge_voltage_limit(members: Sequence[MemberLimits], mode: str) -> tuple[float | None, str]:
+    """The bank's CVL by `cvlMode` (before any DVCC cap). Members in float are left out while others still
+    charge."""
+    with_cvl = [m for m in members if m.cvl is not None]
+    if not with_cvl:
+        return None, "no member publishes a charge voltage"
+    floating = [m for m in with_cvl if m.charge_mode and "float" in m.charge_mode.lower()]
+    charging = [m for m in with_cvl if m not in floating]
+    pool = charging or with_cvl
+    low = min(m.cvl for m in pool)  # type: ignore[type-var]
+    high = max(m.cvl for m in pool)  # type: ignore[type-var]
+    note = f" (floating left out: {', '.join(m.label for m in floating)})" if charging and floating else ""
+    if mode == "max_always":
+        return high, "highest member CVL" + note
+    if mode == "max_when_balancing":
+        if any(m.balancing for m in members):
+            return high, "highest member CVL while balancing" + note
+        return low, "lowest member CVL" + note
+    if mode == "max_when_floating":
+        if with_cvl and not charging:
+            return high, "highest member CVL: all members float"
+        return low, "lowest member CVL" + note
+    return low, "lowest member CVL" + note  # min_when_balancing, and dvcc before its override
+
+
+@dataclass(frozen=True, slots=True)
+class DvccLimits:
+    """The GX's user limits: /Settings/SystemSetup/MaxChargeCurrent (-1 = none) and MaxChargeVoltage
+    (0 = none) of localsettings, and whether DVCC is on (com.victronenergy.system /Control/Dvcc)."""
+
+    enabled: bool = False
+    max_charge_current: float | None = None
+    max_charge_voltage: float | None = None
+
+    @property
+    def current(self) -> float | None:
+        c = self.max_charge_current
+        return c if self.enabled and c is not None and c >= 0 else None
+
+    @property
+    def voltage(self) -> float | None:
+        v = self.max_charge_voltage
+        return v if self.enabled and v is not None and v > 0 else None
+
+
+def apply_ccl_mode(battery: BankLimit, mode: str, dvcc: DvccLimits) -> tuple[float | None, str]:
+    """`cclMode`: battery (the batteries' limit), battery+dvcc (also capped by the DVCC user limit), dvcc
+    (the user limit alone; the batteries' limit while there is none)."""
+    user = dvcc.current
+    if mode == "battery" or user is None:
+        if mode == "dvcc":
+            return battery.value, battery.reason + "; no DVCC user limit is set, so the batteries' limit applies"
+        return battery.value, battery.reason
+    if mode == "dvcc":
+        return user, f"DVCC user limit {user:g} A"
+    if battery.value is None or user < battery.value:
+        return user, f"DVCC user limit {user:g} A"
+    return battery.value, battery.reason
+
+
+def apply_cvl_mode(value: float | None, reason: str, mode: str, dvcc: DvccLimits) -> tuple[float | None, str]:
+    """`cvlMode` dvcc tracks the user's voltage; in every mode the DVCC user voltage caps the result."""
+    user = dvcc.voltage
+    if user is None:
+        return value, reason
+    if mode == "dvcc" or value is None or user < value:
+        return user, f"DVCC user voltage {user:g} V"
+    return value, reason
+
+
+class LimitSmoother:
+    """Publish a limit that drops at once but rises at most `rise_rate` A/s, and ignores rises smaller than
+    `hysteresis` A, so DVCC does not hunt. Drops are never held back: that would be unsafe."""
+
+    def __init__(self, rise_rate: float, hysteresis: float) -> None:
+        self.rise_rate = rise_rate
+        self.hysteresis = hysteresis
+        self.value: float | None = None
+        self._at = 0.0
+
+    def update(self, target: float | None, now: float) -> float | None:
+        if target is None:
+            self.value = None
+        elif self.value is None or target <= self.value:
+            self.value = target
+        elif target - self.value >= self.hysteresis or target == 0.0:
+            self.value = min(target, self.value + self.rise_rate * max(0.0, now - self._at))
+        else:
+            return self.value  # a small rise: keep the published value, and keep the ramp's start time
+        self._at = now
+        return self.value
+
+
+class ShareLearner:
+    """Learns how the bank current splits between members from their measured currents (the `share` method).
+
+    Marginal shares: a_k = (exponentially weighted sum of dI_k * sign(dI_bank)) / (the same of |dI_bank|)
+    over changes between complete samples, so the larger changes weigh most. Until enough change has been
+    seen, the plain ratio s_k = I_k / I_bank (current-weighted the same way) stands in. Both are kept per
+    direction of the bank current and fade with time constant `tau` seconds, so a pack that ages, warms up or
+    tapers is followed. The prediction error (RMS of the miss of each member's current) is reported.
+    """
+
+    def __init__(self, tau: float = 600.0, min_bank_current: float = 2.0, min_change: float = 1.0,
+                 enough_change: float = 50.0) -> None:
+        self.tau = tau
+        self.min_bank_current = min_bank_current
+        self.min_change = min_change
+        self.enough_change = enough_change  # A of weighted |dI_bank| before marginal shares are trusted
+        self._ratio = _WeightedShares()
+        self._marginal = _WeightedShares()
+        self._err: dict[tuple[str, str], float] = {}
+        self._last: dict[str, float] | None = None
+        self._last_at = 0.0
+
+    def update(self, currents: Mapping[str, float], now: float) -> None:
+        """One complete, simultaneous sample of every member's current (A, + charging)."""
+        bank = sum(currents.values())
+        direction = CHARGE if bank >= 0 else DISCHARGE
+        decay = math.exp(-max(0.0, now - self._last_at) / self.tau) if self._last is not None else 1.0
+        last = self._last
+        if last is not None and set(last) == set(currents):
+            d_bank = bank - sum(last.values())
+            for name, current in currents.items():
+                predicted = self.share(name, direction)
+                if predicted is not None and abs(d_bank) >= self.min_change:
+                    miss = (current - last[name]) - predicted * d_bank
+                    key = (name, direction)
+                    prev = self._err.get(key)
+                    self._err[key] = miss * miss if prev is None else prev * decay + (1 - decay) * miss * miss
+            if abs(d_bank) >= self.min_change:
+                self._marginal.add(direction, {n: currents[n] - last[n] for n in currents}, d_bank, decay)
+        if abs(bank) >= self.min_bank_current:
+            self._ratio.add(direction, currents, bank, decay)
+        self._last = dict(currents)
+        self._last_at = now
+
+    def share(self, name: str, direction: Direction) -> float | None:
+        if self._marginal.weight(direction) >= self.enough_change:
+            return self._marginal.share(name, direction)
+        return self._ratio.share(name, direction)
+
+    def shares(self, direction: Direction) -> dict[str, float]:
+        names = self._marginal.names(direction) | self._ratio.names(direction)
+        return {n: s for n in names if (s := self.share(n, direction)) is not None}
+
+    def prediction_error(self, name: str, direction: Direction) -> float | None:
+        """RMS (A) of the miss between a member's change of current and the learned share's prediction."""
+        err = self._err.get((name, direction))
+        return None if err is None else math.sqrt(err)
+
+    def predict(self, bank_current: float) -> dict[str, float]:
+        direction = CHARGE if bank_current >= 0 else DISCHARGE
+        return {name: s * bank_current for name, s in self.shares(direction).items()}
+
+    def forget(self, name: str) -> None:
+        self._ratio.forget(name)
+        self._marginal.forget(name)
+        for key in [k for k in self._err if k[0] == name]:
+            del self._err[key]
+        if self._last is not None:
+            self._last = None  # the next sample has another member set: no difference from it
+
+    def raise_share(self, name: str, direction: Direction, share: float) -> None:
+        """The over-current guard: the member carried `share` of the bank current; learn it at once."""
+        self._ratio.raise_share(name, direction, share)
+        self._marginal.raise_share(name, direction, share)
+
+    def to_state(self) -> dict[str, object]:
+        return {"ratio": self._ratio.to_state(), "marginal": self._marginal.to_state()}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        for key, target in (("ratio", self._ratio), ("marginal", self._marginal)):
+            part = state.get(key)
+            if isinstance(part, dict):
+                target.load_state(part)
+
+
+class _WeightedShares:
+    """share_k = sum(w x_k sign(X)) / sum(w |X|) per direction, with exponential fading."""
+
+    def __init__(self) -> None:
+        self.num: dict[tuple[str, str], float] = {}
+        self.den: dict[str, float] = {}
+
+    def add(self, direction: str, parts: Mapping[str, float], whole: float, decay: float) -> None:
+        sign = 1.0 if whole > 0 else -1.0
+        self.den[direction] = self.den.get(direction, 0.0) * decay + abs(whole)
+        for name, part in parts.items():
+            key = (name, direction)
+            self.num[key] = self.num.get(key, 0.0) * decay + part * sign
+
+    def weight(self, direction: str) -> float:
+        return self.den.get(direction, 0.0)
+
+    def share(self, name: str, direction: str) -> float | None:
+        den = self.den.get(direction)
+        num = self.num.get((name, direction))
+        if not den or num is None:
+            return None
+        return max(0.0, num / den)
+
+    def names(self, direction: str) -> set[str]:
+        return {n for (n, d) in self.num if d == direction}
+
+    def forget(self, name: str) -> None:
+        for key in [k for k in self.num if k[0] == name]:
+            del self.num[key]
+
+    def raise_share(self, name: str, direction: str, share: float) -> None:
+        den = self.den.get(direction)
+        if den:
+            key = (name, direction)
+            self.num[key] = max(self.num.get(key, 0.0), share * den)
+
+    def to_state(self) -> dict[str, object]:
+        return {"num": [[n, d, v] for (n, d), v in self.num.items()], "den": dict(self.den)}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        try:
+            num = {(str(n), str(d)): float(v) for n, d, v in state.get("num", [])}  # type: ignore[union-attr]
+            den = {str(d): float(v) for d, v in dict(state.get("den", {})).items()}  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        if all(math.isfinite(v) and v >= 0 for v in den.values()) and all(math.isfinite(v) for v in num.values()):
+            self.num, self.den = num, den
+
+
+def over_current(members: Iterable[tuple[str, float | None, float | None, float | None]], bank_current: float,
+                 tolerance: float) -> list[tuple[str, Direction, float]]:
+    """(member, direction, observed share) of members carrying more than their own limit (+tolerance):
+    their share was underestimated. Input rows: (name, current, ccl, dcl)."""
+    found: list[tuple[str, Direction, float]] = []
+    if abs(bank_current) < 1e-6:
+        return found
+    for name, current, ccl, dcl in members:
+        if current is None:
+            continue
+        if current > 0 and ccl is not None and current > ccl * (1 + tolerance) + 0.1:
+            found.append((name, CHARGE, current / bank_current if bank_current > 0 else 1.0))
+        elif current < 0 and dcl is not None and -current > dcl * (1 + tolerance) + 0.1:
+            found.append((name, DISCHARGE, current / bank_current if bank_current < 0 else 1.0))
+    return found

@@ -1,0 +1,221 @@
+"""Charge limits (pure): ratio methods, safety rules, CVL/CCL modes, smoothing, the share learner, the guard."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.charge_control import ChargeControl, MemberInput
+from aggregator.config import parse_config
+from aggregator.limits import (CHARGE, DISCHARGE, DvccLimits, LimitSmoother, MemberLimits, ShareLearner,
+                               apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit)
+
+
+def m(name: str, **kw: object) -> MemberLimits:
+    kw.setdefault("allow_charge", 1)
+    kw.setdefault("allow_discharge", 1)
+    return MemberLimits(name, name.upper(), **kw)  # type: ignore[arg-type]
+
+
+# ---- ratio methods -------------------------------------------------------------------------------------
+
+def test_count_capacity_and_ir_shares() -> None:
+    bank = [m("a", ccl=140.0, capacity=280.0, resistance=0.006), m("b", ccl=100.0, capacity=200.0,
+                                                                   resistance=0.009)]
+    # count: equal shares, b binds: 100 / 0.5
+    assert bank_current_limit(bank, CHARGE, "count").value == pytest.approx(200.0)
+    # capacity: a has 280/480 -> 140 / 0.5833 = 240; b 100 / 0.4167 = 240
+    assert bank_current_limit(bank, CHARGE, "capacity").value == pytest.approx(240.0)
+    # ir: shares 1/R: a 0.6, b 0.4 -> a: 233.3, b: 250
+    result = bank_current_limit(bank, CHARGE, "ir")
+    assert result.value == pytest.approx(140 / 0.6)
+    assert result.limiting == "a" and result.method == "ir"
+    assert "A: 140 A at a 60% share (ir)" in result.reason
+
+
+def test_methods_fall_back_when_a_member_lacks_data() -> None:
+    bank = [m("a", ccl=100.0, capacity=100.0, resistance=0.01), m("b", ccl=100.0, capacity=300.0)]
+    assert bank_current_limit(bank, CHARGE, "ir").method == "capacity"  # b has no usable IR
+    assert bank_current_limit(bank, CHARGE, "share").method == "capacity"
+    no_capacity = [m("a", ccl=100.0), m("b", ccl=50.0, capacity=10.0)]
+    assert bank_current_limit(no_capacity, CHARGE, "capacity").method == "count"
+
+
+def test_a_member_with_open_fets_leaves_only_itself() -> None:
+    bank = [m("a", ccl=100.0, capacity=100.0), m("b", ccl=100.0, capacity=100.0, allow_charge=0),
+            m("c", ccl=100.0, capacity=100.0)]
+    result = bank_current_limit(bank, CHARGE, "capacity")
+    # a and c take all the current: 50% each -> 200 A, not 0 and not 300
+    assert result.value == pytest.approx(200.0)
+    assert set(result.shares) == {"a", "c"}
+
+
+def test_nobody_allowed_is_zero_and_no_data_is_invalid() -> None:
+    assert bank_current_limit([m("a", ccl=100.0, allow_charge=0)], CHARGE, "count").value == 0.0
+    assert bank_current_limit([MemberLimits("a", "A")], CHARGE, "count").value is None
+    assert bank_current_limit([], CHARGE, "count").value is None
+
+
+def test_stale_or_limitless_members_lower_the_limit_without_zeroing_it() -> None:
+    fresh = [m("a", ccl=100.0), m("b", ccl=100.0)]
+    assert bank_current_limit(fresh, CHARGE, "count").value == pytest.approx(200.0)
+    stale = [m("a", ccl=100.0), m("b", ccl=100.0, fresh=False)]
+    result = bank_current_limit(stale, CHARGE, "count")
+    assert result.value == pytest.approx(100.0)  # b's capacity is not counted
+    assert "counted as carrying nothing: B" in result.reason
+    no_limit = [m("a", ccl=100.0), m("b")]
+    assert bank_current_limit(no_limit, CHARGE, "count").value == pytest.approx(100.0)
+    all_stale = [m("a", ccl=100.0, fresh=False)]
+    assert bank_current_limit(all_stale, CHARGE, "count").value == 0.0  # never "no limit"
+
+
+def test_share_floor_from_the_guard_lowers_the_limit() -> None:
+    bank = [m("a", ccl=100.0), m("b", ccl=100.0)]
+    assert bank_current_limit(bank, CHARGE, "count", {"a": 0.8}).value == pytest.approx(125.0)
+
+
+# ---- properties ---------------------------------------------------------------------------------------
+
+bank_st = st.lists(
+    st.tuples(st.floats(0.001, 0.05), st.floats(5.0, 400.0), st.floats(10.0, 500.0), st.sampled_from([0, 1, 1, 1])),
+    min_size=2, max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bank_st, st.sampled_from(["share", "ir"]))
+def test_at_the_published_ccl_no_member_exceeds_its_own_once_converged(rows, method) -> None:
+    """The bank takes the published CCL and splits it by the true 1/R_k among the members allowed to charge:
+    nobody exceeds its own CCL by more than the tolerance (the estimators have converged)."""
+    members = []
+    conducting = {f"m{i}": 1.0 / r for i, (r, _, _, allow) in enumerate(rows) if allow}
+    total = sum(conducting.values())
+    learner = ShareLearner(tau=1e9)
+    if total:
+        for step in range(30):  # converged: samples of the true split
+            current = 20.0 + 7.0 * step
+            learner.update({name: current * g / total for name, g in conducting.items()}, float(step))
+    for i, (r, ccl, cap, allow) in enumerate(rows):
+        name = f"m{i}"
+        share = learner.share(name, CHARGE)
+        members.append(MemberLimits(name, name, ccl=ccl, capacity=cap, allow_charge=allow, resistance=r,
+                                    learned_share={CHARGE: share} if share else {}))
+    result = bank_current_limit(members, CHARGE, method)
+    if not conducting:
+        assert result.value == 0.0
+        return
+    assert result.value is not None and result.value >= 0
+    for name, g in conducting.items():
+        carried = result.value * g / total
+        own = next(x.ccl for x in members if x.name == name)
+        assert carried <= own * 1.001 + 1e-6, (name, carried, own)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bank_st, st.sampled_from(["share", "ir", "capacity", "count"]), st.sampled_from([CHARGE, DISCHARGE]))
+def test_limit_never_above_the_sum_of_member_limits_nor_negative(rows, method, direction) -> None:
+    members = [MemberLimits(f"m{i}", "x", ccl=ccl, dcl=ccl, capacity=cap, allow_charge=allow,
+                            allow_discharge=allow, resistance=r) for i, (r, ccl, cap, allow) in enumerate(rows)]
+    value = bank_current_limit(members, direction, method).value
+    assert value is not None and value >= 0
+    assert value <= sum(x.ccl for x in members if x.allowed(direction)) * (1 + 1e-9) + 1e-9
+
+
+# ---- CVL and DVCC --------------------------------------------------------------------------------------
+
+def cvl_bank(balancing: int = 0, modes: tuple[str, str] = ("Bulk", "Bulk")) -> list[MemberLimits]:
+    return [m("a", cvl=55.2, charge_mode=modes[0], balancing=balancing), m("b", cvl=56.0, charge_mode=modes[1])]
+
+
+@pytest.mark.parametrize("mode,bank,expected", [
+    ("min_when_balancing", cvl_bank(balancing=1), 55.2),
+    ("max_when_balancing", cvl_bank(), 55.2),
+    ("max_when_balancing", cvl_bank(balancing=1), 56.0),
+    ("max_always", cvl_bank(), 56.0),
+    ("max_when_floating", cvl_bank(modes=("Float", "Bulk")), 56.0),  # the floating one is left out
+    ("max_when_floating", cvl_bank(modes=("Float", "Float")), 56.0),
+    ("max_when_floating", cvl_bank(modes=("Bulk", "Absorption")), 55.2),
+    ("min_when_balancing", cvl_bank(modes=("Float", "Bulk")), 56.0),  # only b still charges
+])
+def test_cvl_modes(mode, bank, expected) -> None:
+    assert charge_voltage_limit(bank, mode)[0] == pytest.approx(expected)
+
+
+def test_dvcc_user_limits() -> None:
+    battery = bank_current_limit([m("a", ccl=100.0)], CHARGE, "count")
+    on = DvccLimits(True, 60.0, 54.0)
+    off = DvccLimits(False, 60.0, 54.0)
+    assert apply_ccl_mode(battery, "battery+dvcc", on)[0] == 60.0
+    assert apply_ccl_mode(battery, "battery+dvcc", off)[0] == 100.0
+    assert apply_ccl_mode(battery, "battery", on)[0] == 100.0
+    assert apply_ccl_mode(battery, "dvcc", on)[0] == 60.0
+    assert apply_ccl_mode(battery, "dvcc", DvccLimits(True, -1.0, 0.0))[0] == 100.0  # -1 = no user limit
+    assert apply_cvl_mode(55.2, "", "min_when_balancing", on)[0] == 54.0  # the user voltage caps every mode
+    assert apply_cvl_mode(53.0, "", "min_when_balancing", on)[0] == 53.0
+    assert apply_cvl_mode(53.0, "", "dvcc", on)[0] == 54.0  # dvcc mode tracks the user voltage
+    assert apply_cvl_mode(55.2, "", "dvcc", DvccLimits(True, -1, 0))[0] == 55.2  # 0 = none
+
+
+# ---- smoothing -----------------------------------------------------------------------------------------
+
+def test_limits_drop_at_once_and_rise_slowly_with_hysteresis() -> None:
+    smoother = LimitSmoother(rise_rate=2.0, hysteresis=1.0)
+    assert smoother.update(100.0, 0.0) == 100.0
+    assert smoother.update(40.0, 1.0) == 40.0  # at once
+    assert smoother.update(100.0, 2.0) == 42.0  # 2 A/s
+    assert smoother.update(100.0, 5.0) == 48.0
+    assert smoother.update(48.5, 6.0) == 48.0  # a drop to 48.5 from the target is no drop below published
+    assert smoother.update(48.4, 7.0) == 48.0
+    assert smoother.update(47.9, 8.0) == 47.9  # any drop below the published value goes out
+    assert smoother.update(None, 9.0) is None
+
+
+# ---- the learner and the guard -------------------------------------------------------------------------
+
+def test_share_learner_follows_a_change_and_reports_its_error() -> None:
+    learner = ShareLearner(tau=60.0)
+    for t in range(300):
+        current = 50.0 + (t % 7) * 10
+        learner.update({"a": 0.7 * current, "b": 0.3 * current}, float(t))
+    assert learner.share("a", CHARGE) == pytest.approx(0.7, abs=0.01)
+    for t in range(300, 900):  # b warms up and takes more
+        current = 50.0 + (t % 7) * 10
+        learner.update({"a": 0.5 * current, "b": 0.5 * current}, float(t))
+    assert learner.share("a", CHARGE) == pytest.approx(0.5, abs=0.02)
+    assert learner.prediction_error("a", CHARGE) is not None
+    assert learner.predict(100.0)["b"] == pytest.approx(50.0, abs=2)
+    assert learner.share("a", DISCHARGE) is None  # learned per direction
+
+
+def config(**kw: object):
+    return parse_config({"currentRatioMethod": "count", **kw})
+
+
+def test_guard_corrects_an_underestimated_share_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    control = ChargeControl(config())
+    members = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0, "/Dc/0/Current": 120.0}, True),
+               MemberInput("b", "B", {"/Info/MaxChargeCurrent": 100.0, "/Dc/0/Current": 40.0}, True)]
+    # Without an operating point the limit rests on the shares alone: the guard's correction shows there.
+    limits_only = [MemberInput(x.name, x.label, {"/Info/MaxChargeCurrent": 100.0}, True) for x in members]
+    assert control.bank_limit(limits_only, CHARGE).value == pytest.approx(200.0)  # count: 50% each
+    # With the operating point, a's excess is already taken back: 160 A - 20 A / 0.5.
+    assert control.bank_limit(members, CHARGE).value == pytest.approx(120.0)
+    control.observe(members, 1.0)
+    # a carries 75%: the next limit keeps it within its 100 A, whichever way it is computed.
+    assert control.bank_limit(limits_only, CHARGE).value == pytest.approx(100.0 / 0.75)
+    assert control.bank_limit(members, CHARGE).value * 0.75 <= 100.0 + 1e-6
+    control.observe(members, 2.0)
+    assert sum("more than its own limit" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_control_publishes_smoothed_limits_and_member_rows() -> None:
+    control = ChargeControl(config(cclMode="battery+dvcc"))
+    members = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0, "/Info/MaxDischargeCurrent": 150.0,
+                                      "/Info/MaxChargeVoltage": 55.2, "/Io/AllowToCharge": 1}, True),
+               MemberInput("b", "B", {"/Info/MaxChargeCurrent": 50.0, "/Info/MaxDischargeCurrent": 80.0,
+                                      "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0}, True)]
+    out = control.update(members, DvccLimits(True, 80.0, 0.0), 0.0)
+    assert out.ccl == 80.0 and "DVCC user limit" in out.charge_limitation
+    assert out.dcl == pytest.approx(160.0)  # count: 80 / 0.5
+    assert out.cvl == pytest.approx(55.2)
+    assert out.members["b"]["ChargeLimit"] == 0.0
+    assert out.members["a"]["Share"] == 1.0
