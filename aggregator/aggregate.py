@@ -184,6 +184,7 @@ class Aggregator:
         self.watcher: PathWatcher | None = None
         self._limits_dirty = True
         self._limit_rows: dict[str, dict[str, Any]] = {}
+        self._reported: set[str] = set()  # members whose current arrived since the last complete sample
         self._store: Any = None
 
     # ---- life cycle ----------------------------------------------------------------------------------
@@ -326,6 +327,8 @@ class Aggregator:
             self.merge.update_member(name, clean)
             if not self._limits_dirty and not LIMIT_INPUTS.isdisjoint(clean):
                 self._limits_dirty = True
+            if "/Dc/0/Current" in clean:
+                self._reported.add(name)
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
@@ -494,15 +497,24 @@ class Aggregator:
                                       {p: vb.service[p] for p in vb.service.paths()})
                 self._membership_changed = True
             else:
-                self.merge.update_member(vb.name, check_values(values)[0])
+                clean = check_values(values)[0]
+                self.merge.update_member(vb.name, clean)
                 self.members[vb.name].last_update = self.clock()
+                if "/Dc/0/Current" in clean:
+                    self._reported.add(vb.name)
+                if not LIMIT_INPUTS.isdisjoint(clean):
+                    self._limits_dirty = True
             self._dirty_rows.add(vb.name)
 
     def _update_limits(self, values: dict[str, Any]) -> None:
         now = self.clock()
-        inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE)
+        reported = self._reported
+        inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE, name in reported)
                   for name, m in self.merge.members.items() if name in self.members]
+        samples = self.control.samples
         self.control.observe(inputs, now)
+        if self.control.samples != samples or all(i.updated for i in inputs):
+            reported.clear()  # a complete sample was taken: wait for every member again
         out = self.control.update(inputs, self.dvcc, now)
         values["/Info/MaxChargeCurrent"] = out.ccl
         values["/Info/MaxDischargeCurrent"] = out.dcl

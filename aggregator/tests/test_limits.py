@@ -219,3 +219,18 @@ def test_control_publishes_smoothed_limits_and_member_rows() -> None:
     assert out.cvl == pytest.approx(55.2)
     assert out.members["b"]["ChargeLimit"] == 0.0
     assert out.members["a"]["Share"] == 1.0
+
+
+def test_learning_waits_for_complete_samples() -> None:
+    """Members report at their own pace: a sample where one member's current is old would teach a wrong split."""
+    control = ChargeControl(config(currentRatioMethod="share"))
+
+    def members(ia: float, ib: float, updated_b: bool) -> list[MemberInput]:
+        return [MemberInput("a", "A", {"/Dc/0/Current": ia, "/Info/MaxChargeCurrent": 100.0}, True, True),
+                MemberInput("b", "B", {"/Dc/0/Current": ib, "/Info/MaxChargeCurrent": 100.0}, True, updated_b)]
+
+    control.observe(members(30.0, 10.0, updated_b=False), 1.0)
+    assert control.samples == 0 and control.learner.share("a", CHARGE) is None
+    control.observe(members(30.0, 10.0, updated_b=True), 2.0)
+    assert control.samples == 1
+    assert control.learner.share("a", CHARGE) == pytest.approx(0.75)
