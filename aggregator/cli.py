@@ -82,6 +82,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return main(args.scenario, args.duration, args.refresh)
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import SCHEMA_FILE, schema_text
+
+    text = schema_text()
+    if args.check:
+        current = SCHEMA_FILE.read_text() if SCHEMA_FILE.exists() else ""
+        if current != text:
+            print(f"{SCHEMA_FILE} differs from the config model: run `battery-aggregator schema --write`",
+                  file=sys.stderr)
+            return 1
+        print("config.schema.json is up to date")
+        return 0
+    if args.write:
+        SCHEMA_FILE.write_text(text)
+        print(f"wrote {SCHEMA_FILE}")
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="battery-aggregator",
@@ -128,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     demo.add_argument("--refresh", type=float, default=1.0, help="seconds between screen updates")
     demo.set_defaults(func=_cmd_demo)
+    schema = sub.add_parser("schema", help="print, write or check config.schema.json",
+                            description="config.schema.json is generated from the config model in "
+                                        "aggregator/config.py. Without options it is printed.")
+    schema.add_argument("--write", action="store_true", help="write config.schema.json at the repo root")
+    schema.add_argument("--check", action="store_true", help="exit 1 when the committed file is out of date")
+    schema.set_defaults(func=_cmd_schema)
     return parser
 
 

@@ -64,17 +64,24 @@ class Config(BaseModel):
     currentRatioMethod: Literal["share", "ir", "capacity", "count"] = Field(
         "share", description="how the bank current is assumed to split between members: learned from their "
         "measured currents (share), by internal resistance (ir), by capacity, or equally (count)")
-    ir: IrOptions = Field(default_factory=IrOptions)
-    cclMode: Literal["battery+dvcc", "battery", "dvcc"] = "battery+dvcc"
-    cvlMode: Literal["max_when_balancing", "min_when_balancing", "max_always", "max_when_floating", "dvcc"] = (
-        "max_when_balancing")
+    ir: IrOptions = Field(default_factory=IrOptions, description="when an internal-resistance estimate is used "
+                          "(currentRatioMethod ir)")
+    cclMode: Literal["battery+dvcc", "battery", "dvcc"] = Field(
+        "battery+dvcc", description="charge current limit: the batteries' (battery), also capped by the DVCC user "
+        "limit while DVCC is on (battery+dvcc), or the DVCC user limit alone (dvcc)")
+    cvlMode: Literal["max_when_balancing", "min_when_balancing", "max_always", "max_when_floating", "dvcc"] = Field(
+        "max_when_balancing", description="charge voltage limit: lowest member CVL, highest while any balances "
+        "(max_when_balancing); always the lowest (min_when_balancing); always the highest (max_always); highest "
+        "when all float (max_when_floating); the DVCC user voltage (dvcc)")
     # NOTSET is in the old tool's schema: users' files may have it
-    logLevel: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    logLevel: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="logging level (per-change detail only at DEBUG); /LogLevel changes it at run time")
     reconnectTimeout: float = Field(60.0, ge=0, le=86400, description="seconds a vanished member is kept")
     startupBatteryWait: float = Field(30.0, ge=0, le=3600, description="seconds to wait at start for a member "
                                       "with a voltage")
     expectedBatteries: int | None = Field(None, ge=1, le=256, description="how many members should be online")
-    limits: LimitOptions = Field(default_factory=LimitOptions)
+    limits: LimitOptions = Field(default_factory=LimitOptions, description="stability and safety settings of "
+                                 "the charge limits")
     stateDir: str = Field("/data/battery-aggregator", min_length=1, description="where learned shares and IR "
                           "estimates are kept across restarts")
 

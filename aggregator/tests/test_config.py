@@ -191,3 +191,23 @@ def test_readme_documents_every_aggregate_path_and_config_key() -> None:
     assert not missing_paths, missing_paths
     missing_keys = [k for k in Config.model_fields if f"`{k}`" not in readme]
     assert not missing_keys, missing_keys
+
+
+def test_committed_schema_is_generated_from_the_model_and_valid() -> None:
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    from aggregator.schema import SCHEMA_FILE, config_schema, schema_text
+
+    assert SCHEMA_FILE.read_text() == schema_text(), "run `battery-aggregator schema --write`"
+    schema = json.loads(Path(SCHEMA_FILE).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(config_schema())
+    assert not list(validator.iter_errors({"currentRatioMethod": "ir", "virtualBatteries": {
+        "com.victronenergy.battery.v": ["com.victronenergy.battery.a", "class:hooks.FixedValueHook"]}}))
+    assert list(validator.iter_errors({"currentRatioMethod": "magic"}))
+    assert list(validator.iter_errors({"reconectTimeout": 5}))  # unknown key (a typo)
+    for key, spec in schema["properties"].items():
+        assert "description" in spec, f"{key} has no description"
