@@ -82,6 +82,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return main(args.scenario, args.duration, args.refresh)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_CONFIG_PATH, check_config_file
+
+    path = args.path or DEFAULT_CONFIG_PATH
+    result = check_config_file(path)
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if result.config is None:
+        for error in result.errors:
+            print(f"error: {error}")
+        print(f"{path}: {len(result.errors)} error(s)")
+        return 1
+    print("OK")
+    if args.live:
+        from .live import print_live_roles
+
+        return asyncio.run(print_live_roles(result.config))
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from .schema import SCHEMA_FILE, schema_text
 
@@ -148,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     demo.add_argument("--refresh", type=float, default=1.0, help="seconds between screen updates")
     demo.set_defaults(func=_cmd_demo)
+    check = sub.add_parser("check", help="check a config.json (what check_config.sh runs)",
+                           description="Validate a config.json against the schema and the semantic checks (a "
+                                       "service in two roles, path typos, bad hooks, ...). Prints OK or each error "
+                                       "with its key path, value, what is allowed and its line and column; exit "
+                                       "status 0 or 1.")
+    check.add_argument("path", nargs="?", help="default /data/setupOptions/BatteryAggregator/config.json")
+    check.add_argument("--live", action="store_true",
+                       help="also list the battery services on the bus and the role each would have")
+    check.set_defaults(func=_cmd_check)
+
     schema = sub.add_parser("schema", help="print, write or check config.schema.json",
                             description="config.schema.json is generated from the config model in "
                                         "aggregator/config.py. Without options it is printed.")

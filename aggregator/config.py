@@ -5,12 +5,15 @@ are the users' camelCase names, so existing files load unchanged.
 """
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .validation import JsonFileError, format_validation_error, read_json
+from .validation import (JsonFileError, at, format_messages, format_validation_error, json_positions, key_path,
+                         read_json, validation_messages)
 
 DEFAULT_CONFIG_PATH = "/data/setupOptions/BatteryAggregator/config.json"
 DEFAULT_SERVICE_NAME = "com.victronenergy.battery.aggregator"
@@ -98,59 +101,170 @@ def _refs(spec: Any) -> list[str]:
     return list(spec) if isinstance(spec, (list, dict)) else []
 
 
-def semantic_errors(config: Config) -> list[str]:
-    """Mistakes the types alone cannot catch: a service in two roles, malformed references, bad hooks."""
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """A mistake found in a config: where (key path), what, and whether it stops the config (error) or not."""
+
+    loc: tuple[Any, ...]
+    message: str
+    severity: str = "error"
+
+    def text(self, positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> str:
+        return f"{key_path(self.loc)}: {self.message}{at(positions, self.loc)}"
+
+
+def known_paths() -> frozenset[str]:
+    """Battery paths of Victron's contract and of our aggregate: what a path in a config should be."""
+    from .battery_paths import TEXT_FORMATS
+    from .merge import RULES
+    from .sanitize import NUMERIC_BOUNDS, TEXT_PATHS
+
+    extra = {"/Dc/1/Voltage", "/Dc/0/MidVoltage", "/Dc/0/MidVoltageDeviation", "/Info/ChargeRequest",
+             "/Info/ChargeLimitation", "/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent",
+             "/Info/MaxChargeVoltage", "/Capabilities/ChargeVoltageControl", "/Connected", "/DeviceInstance",
+             "/ProductId", "/ProductName", "/FirmwareVersion", "/HardwareVersion", "/Mgmt/Connection",
+             "/Mgmt/ProcessName", "/Mgmt/ProcessVersion", "/State", "/ErrorCode", "/Relay/0/State",
+             "/History/ChargeCycles", "/History/DeepestDischarge", "/History/LastDischarge",
+             "/History/AverageDischarge", "/History/FullDischarges", "/History/MinimumVoltage",
+             "/History/MaximumVoltage", "/History/TimeSinceLastFullCharge", "/History/AutomaticSyncs",
+             "/System/Temperature1", "/System/Temperature2", "/System/Temperature3", "/System/Temperature4"}
+    return frozenset(set(RULES) | set(TEXT_FORMATS) | set(NUMERIC_BOUNDS) | set(TEXT_PATHS) | extra)
+
+
+def path_issue(path: Any, loc: tuple[Any, ...], known: frozenset[str]) -> Issue | None:
+    """A path that is close to a known one (other case, a small typo in one word) is an error with a
+    suggestion; a path far from every known one only a warning (vendors publish their own paths)."""
+    if not isinstance(path, str) or not path.startswith("/") or path.endswith("/") or "//" in path:
+        return Issue(loc, f"{path!r} is not a D-Bus path (like /Soc or /Dc/0/Voltage)")
+    if path in known:
+        return None
+    lowered = {k.lower(): k for k in known}
+    if path.lower() in lowered:
+        return Issue(loc, f"{path!r} is not a battery path: did you mean {lowered[path.lower()]}? (paths are "
+                          "case-sensitive)")
+    parts = path.split("/")
+    for candidate in sorted(known):
+        other = candidate.split("/")
+        if len(other) != len(parts):
+            continue
+        differing = [(a, b) for a, b in zip(parts, other) if a != b]
+        if len(differing) == 1:
+            mine, theirs = differing[0]
+            if not mine.isdigit() and not theirs.isdigit() and \
+                    difflib.SequenceMatcher(None, mine.lower(), theirs.lower()).ratio() >= 0.7:
+                return Issue(loc, f"{path!r} is not a battery path: did you mean {candidate}?")
+    return Issue(loc, f"{path!r} is not a known battery path (fine if the service publishes it; check the "
+                      "spelling)", "warning")
+
+
+def semantic_issues(config: Config) -> list[Issue]:
+    """Mistakes the types alone cannot catch: a service in two roles, malformed references, bad hooks, paths
+    that are typos of battery paths."""
     from .hooks import HookConfigError, build_hook
 
-    errors: list[str] = []
+    issues: list[Issue] = []
     claimed: dict[str, str] = {}
+    known = known_paths()
 
-    def claim(ref: str, role: str, where: str) -> None:
+    def claim(ref: str, role: str, loc: tuple[Any, ...]) -> None:
         if ref in claimed and claimed[ref] != role:
-            errors.append(f"{where}: {ref!r} is also listed in {claimed[ref]}; a service has one role "
-                          "(excluded, primary, auxiliary or member of one virtual battery)")
+            issues.append(Issue(loc, f"{ref!r} is also listed in {claimed[ref]}; a service has one role "
+                                     "(excluded, primary, auxiliary or member of one virtual battery)"))
         claimed.setdefault(ref, role)
 
+    def paths_of(spec: Any, ref: str, loc: tuple[Any, ...]) -> None:
+        if isinstance(spec, dict):
+            for j, path in enumerate(spec.get(ref) or []):
+                issue = path_issue(path, loc + (j,), known)
+                if issue is not None:
+                    issues.append(issue)
+
     for key in ("excludedServices", "primaryServices", "auxiliaryServices"):
-        for i, ref in enumerate(_refs(getattr(config, key))):
-            where = f"{key}[{i}]" if isinstance(getattr(config, key), list) else f'{key}."{ref}"'
-            if not _is_reference(ref):
-                errors.append(f"{where}: {ref!r} is not {REFERENCE_FORMS}")
-            claim(ref, key, where)
-    for name, spec in config.virtualBatteries.items():
-        vb = f'virtualBatteries."{name}"'
-        if not name.startswith("com.victronenergy.battery.") or len(name) <= 26:
-            errors.append(f"{vb}: the name {name!r} must be com.victronenergy.battery.<name>")
-        if name == config.serviceName:
-            errors.append(f"{vb}: {name!r} is the aggregate's own serviceName")
+        spec = getattr(config, key)
         for i, ref in enumerate(_refs(spec)):
-            where = f"{vb}[{i}]" if isinstance(spec, list) else f'{vb}."{ref}"'
+            loc = (key, i) if isinstance(spec, list) else (key, ref)
+            if not _is_reference(ref):
+                issues.append(Issue(loc, f"{ref!r} is not {REFERENCE_FORMS}"))
+            claim(ref, key, loc)
+            paths_of(spec, ref, loc)
+    for name, spec in config.virtualBatteries.items():
+        vb = ("virtualBatteries", name)
+        if not name.startswith("com.victronenergy.battery.") or len(name) <= 26:
+            issues.append(Issue(vb, f"the name {name!r} must be com.victronenergy.battery.<name>"))
+        if name == config.serviceName:
+            issues.append(Issue(vb, f"{name!r} is the aggregate's own serviceName"))
+        for i, ref in enumerate(_refs(spec)):
+            loc = vb + ((i,) if isinstance(spec, list) else (ref,))
             if ref.startswith("class:"):
                 try:
-                    build_hook(ref[len("class:"):], config.classes)
+                    hook = build_hook(ref[len("class:"):], config.classes)
                 except HookConfigError as exc:
-                    errors.append(f"{where}: {exc}")
+                    issues.append(Issue(loc, str(exc)))
+                    continue
+                fixed_path = getattr(hook, "path", None)
+                if fixed_path is not None:
+                    issue = path_issue(fixed_path, ("classes", ref[len("class:"):], "path"), known)
+                    if issue is not None:
+                        issues.append(issue)
                 continue
             if not _is_reference(ref):
-                errors.append(f"{where}: {ref!r} is not {REFERENCE_FORMS} or class:<hooks.Class>[#suffix]")
+                issues.append(Issue(loc, f"{ref!r} is not {REFERENCE_FORMS} or class:<hooks.Class>[#suffix]"))
             if ref == name or ref in config.virtualBatteries:
-                errors.append(f"{where}: a virtual battery cannot contain {'itself' if ref == name else 'another virtual battery'} ({ref!r})")
+                what = "itself" if ref == name else "another virtual battery"
+                issues.append(Issue(loc, f"a virtual battery cannot contain {what} ({ref!r})"))
             if ref == config.serviceName:
-                errors.append(f"{where}: {ref!r} is the aggregate itself")
-            claim(ref, vb, where)
-    return errors
+                issues.append(Issue(loc, f"{ref!r} is the aggregate itself"))
+            claim(ref, f'virtualBatteries."{name}"', loc)
+            paths_of(spec, ref, loc)
+    used = {ref[len("class:"):] for spec in config.virtualBatteries.values() for ref in _refs(spec)
+            if ref.startswith("class:")}
+    for entry in config.classes:
+        if entry not in used:
+            issues.append(Issue(("classes", entry), "configures a hook that no virtual battery uses", "warning"))
+    return issues
 
 
-def parse_config(data: Any, source: str = "config") -> Config:
+def semantic_errors(config: Config) -> list[str]:
+    return [i.text() for i in semantic_issues(config) if i.severity == "error"]
+
+
+def parse_config(data: Any, source: str = "config",
+                 positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> Config:
+    """Validate decoded JSON; ConfigError lists every error with its key path (and line/column if known)."""
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
-    errors = semantic_errors(config)
+        raise ConfigError(format_validation_error(err, source, positions=positions)) from None
+    errors = [i.text(positions) for i in semantic_issues(config) if i.severity == "error"]
     if errors:
-        head = f"invalid {source}: " if len(errors) == 1 else f"invalid {source} ({len(errors)} errors):\n  "
-        raise ConfigError(head + "\n  ".join(errors))
+        raise ConfigError(format_messages(source, errors))
     return config
+
+
+@dataclass(slots=True)
+class CheckResult:
+    config: Config | None
+    errors: list[str]
+    warnings: list[str]
+
+
+def check_config_file(path: str | Path) -> CheckResult:
+    """Everything the checker and the daemon want to know of a config file, never raising."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = read_json(path)
+    except (OSError, JsonFileError) as exc:
+        message = str(exc) if isinstance(exc, JsonFileError) else f"cannot read {path}: {exc}"
+        return CheckResult(None, [message], [])
+    positions = json_positions(text)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        return CheckResult(None, validation_messages(err, positions=positions), [])
+    issues = semantic_issues(config)
+    errors = [i.text(positions) for i in issues if i.severity == "error"]
+    warnings = [i.text(positions) for i in issues if i.severity == "warning"]
+    return CheckResult(None if errors else config, errors, warnings)
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -159,8 +273,7 @@ def load_config(path: str | Path | None) -> Config:
         path = DEFAULT_CONFIG_PATH
         if not Path(path).exists():
             return Config()
-    try:
-        data = read_json(path)
-    except JsonFileError as err:
-        raise ConfigError(str(err)) from None
-    return parse_config(data, f"config {path}")
+    result = check_config_file(path)
+    if result.config is None:
+        raise ConfigError(format_messages(f"config {path}", result.errors))
+    return result.config

@@ -211,3 +211,32 @@ def test_committed_schema_is_generated_from_the_model_and_valid() -> None:
     assert list(validator.iter_errors({"reconectTimeout": 5}))  # unknown key (a typo)
     for key, spec in schema["properties"].items():
         assert "description" in spec, f"{key} has no description"
+
+
+def test_path_typos_are_errors_with_a_suggestion_and_unknown_paths_warnings(tmp_path) -> None:
+    from aggregator.config import check_config_file
+
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "primaryServices": {"com.victronenergy.battery.shunt":\n'
+                    '    ["/SOC", "/Dc/0/Volt", "/Dc/1/Voltage", "/Vendor/Thing", "Soc"]},\n'
+                    '  "auxiliaryServices": ["com.victronenergy.battery.shunt"]\n}\n')
+    result = check_config_file(path)
+    assert result.config is None
+    text = "\n".join(result.errors)
+    assert "'/SOC' is not a battery path: did you mean /Soc?" in text
+    assert "'/Dc/0/Volt' is not a battery path: did you mean /Dc/0/Voltage?" in text
+    assert "'Soc' is not a D-Bus path" in text
+    assert '[0]' in text and "(line 3, column 6)" in text  # where /SOC stands
+    assert "also listed in primaryServices" in text and "auxiliaryServices[0]" in text
+    assert "/Dc/1/Voltage" not in text  # a real second-input path, not a typo of /Dc/0/Voltage
+    assert len(result.warnings) == 1 and "'/Vendor/Thing' is not a known battery path" in result.warnings[0]
+
+
+def test_errors_carry_line_and_column(tmp_path) -> None:
+    from aggregator.config import ConfigError, load_config
+
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "serviceName": "com.victronenergy.battery.aggregator",\n  "cvlMode": "maximal"\n}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "cvlMode" in str(info.value) and "'maximal'" in str(info.value) and "line 3, column 14" in str(info.value)
