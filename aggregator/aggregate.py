@@ -215,6 +215,34 @@ class Aggregator:
         self._spawn(self._register_when_ready())
         self._spawn(self._watch_staleness())
 
+    def reconfigure(self, config: Config) -> bool:
+        """Apply a new config in place; False when it renames published services (the caller restarts)."""
+        if config.serviceName != self.name or set(config.virtualBatteries) != set(self.virtuals) \
+                or config.stateDir != self.config.stateDir:
+            return False
+        self.config = config
+        self.merge.options = MergeOptions(capacity=config.capacity)
+        self.merge.dirty.update(self.merge.paths)
+        self.role_config = role_config(config)
+        for name, entries in virtual_battery_specs(config).items():
+            vb = self.virtuals[name]
+            fresh = VirtualBattery(name, entries)
+            vb.refs, vb.hooks = fresh.refs, fresh.hooks
+            vb.dirty.update(p for _, values, _ in vb.members.values() for p in values)
+            for member in list(vb.members):  # re-enter with the new order and paths
+                vb.remove_member(member)
+                self.roles.roles.pop(member, None)
+        learned = self.control.to_state()
+        self.control = ChargeControl(config)
+        self.control.load_state(learned)
+        logging.getLogger().setLevel(config.logLevel)
+        if self.service is not None and "/LogLevel" in self.service:
+            self.service.set_value("/LogLevel", config.logLevel)
+        self._limits_dirty = True
+        self._reclassify()
+        _LOG.info("configuration reloaded")
+        return True
+
     async def _register_when_ready(self) -> None:
         """Register once a member has a voltage (so no 0 V is ever published), or after startupBatteryWait
         with invalid values rather than not at all."""

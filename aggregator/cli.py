@@ -13,16 +13,10 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
     from .daemon import run
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"battery-aggregator: {exc}", file=sys.stderr)
-        return 1
-    logging.basicConfig(level=args.log_level or config.logLevel, format=_LOG_FORMAT)
-    return asyncio.run(run(config))
+    logging.basicConfig(level=args.log_level or "INFO", format=_LOG_FORMAT)
+    return asyncio.run(run(args.config, exit_delay=args.exit_delay, log_level=args.log_level))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -131,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the service (on a GX: started by the service supervisor)",
-                         description="Run the service: load the config and follow the member batteries on D-Bus. "
-                                     "Uses the session bus when DBUS_SESSION_BUS_ADDRESS is set, else the system bus.")
+                         description="Run the service: publish the aggregated battery and the virtual batteries of "
+                                     "the config. Uses the session bus when DBUS_SESSION_BUS_ADDRESS is set, else "
+                                     "the system bus. SIGHUP (or a change of the file) reloads the config; a bad "
+                                     "config is logged and the last good one kept.")
     run.add_argument("--config", help="config.json (default /data/setupOptions/BatteryAggregator/config.json; "
                                       "all defaults when that file does not exist)")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides logLevel")
+    run.add_argument("--exit-delay", type=float, default=10.0,
+                     help="seconds to wait before exiting when no config is usable, so the supervisor does not "
+                          "restart us in a tight loop (default 10)")
     run.set_defaults(func=_cmd_run)
 
     sim = sub.add_parser("simulate", help="publish a simulated battery bank on D-Bus",

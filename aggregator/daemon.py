@@ -2,38 +2,124 @@
 
 It publishes the aggregated battery and the virtual batteries of the config. A misbehaving member never
 stops it; losing the bus does (exit status 2, so the supervisor restarts it with a fresh connection).
+
+Configuration: every config that loads is kept as `<config>.last-good`. At start-up a bad config is logged
+and the last good one is used; with none the process waits `exit_delay` seconds and exits with status 1 (the
+supervisor restarts it then, without spinning). SIGHUP, or a change of the file (checked every few seconds),
+reloads it: a good config is applied without leaving the bus (unless it renames our services), a bad one is
+logged and the running one kept.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 from .aggregate import Aggregator
 from .bus.lib import LIBRARY
-from .config import Config
+from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
+from .state import StateStore
 
 _LOG = logging.getLogger("aggregator")
+FILE_CHECK_INTERVAL = 5.0
 
 
-async def run(config: Config, bus_address: str | None = None) -> int:
+def last_good_path(path: str) -> str:
+    return path + ".last-good"
+
+
+def load(path: str | None) -> tuple[CheckResult, str]:
+    """The config to run with, and where it came from. A missing default file means all defaults."""
+    path = path or DEFAULT_CONFIG_PATH
+    if not os.path.exists(path) and path == DEFAULT_CONFIG_PATH:
+        return CheckResult(Config(), [], []), "defaults"
+    return check_config_file(path), path
+
+
+def remember_good(path: str, config: Config) -> None:
+    """Keep the good config next to the file, atomically (the next bad edit falls back to it)."""
+    StateStore(last_good_path(path)).save(config.model_dump(mode="json", exclude_unset=True))
+
+
+def _report(result: CheckResult, source: str) -> None:
+    for warning in result.warnings:
+        _LOG.warning("config %s: %s", source, warning)
+    for error in result.errors:
+        _LOG.error("config %s: %s", source, error)
+
+
+async def run(path: str | None, bus_address: str | None = None, exit_delay: float = 10.0,
+              log_level: str | None = None) -> int:
+    config_path = path or DEFAULT_CONFIG_PATH
+    result, source = load(path)
+    _report(result, source)
+    config = result.config
+    if config is None:
+        fallback = check_config_file(last_good_path(config_path))
+        if fallback.config is None:
+            _LOG.error("no usable config (and no last good one): exiting in %g s", exit_delay)
+            await asyncio.sleep(exit_delay)
+            return 1
+        _LOG.error("running on the last good config %s until %s is fixed", last_good_path(config_path), source)
+        config = fallback.config
+    elif source != "defaults":
+        remember_good(config_path, config)
+    logging.getLogger().setLevel(log_level or config.logLevel)
+
     aggregator = Aggregator(config, bus_address)
     try:
         await aggregator.start()
     except Exception as exc:  # no bus, or the name is taken by another process
         _LOG.error("cannot start: %s", exc)
         await aggregator.stop()
+        await asyncio.sleep(exit_delay)
         return 1
     assert aggregator.monitor is not None
     bus = aggregator.monitor.bus
     _LOG.info("running on D-Bus as %s (%s)", bus.unique_name, LIBRARY)
+
     stop = asyncio.Event()
+    reload = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+
+    async def watch_file() -> None:
+        last = _mtime(config_path)
+        while True:
+            await asyncio.sleep(FILE_CHECK_INTERVAL)
+            now = _mtime(config_path)
+            if now != last:
+                last = now
+                reload.set()
+
+    async def reloader() -> None:
+        nonlocal aggregator
+        while True:
+            await reload.wait()
+            reload.clear()
+            result, source = load(path)
+            _report(result, source)
+            if result.config is None:
+                _LOG.error("the new config is not applied: the running one is kept")
+                continue
+            if source != "defaults":
+                remember_good(config_path, result.config)
+            if not aggregator.reconfigure(result.config):
+                _LOG.warning("the new config renames our services: restarting them")
+                await aggregator.stop()
+                aggregator = Aggregator(result.config, bus_address)
+                await aggregator.start()
+
+    tasks = [loop.create_task(watch_file()), loop.create_task(reloader())]
     disconnected = loop.create_task(bus.wait_for_disconnect())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
     if disconnected.done():
         _LOG.error("lost the D-Bus connection; exiting so the supervisor restarts us")
         stopped.cancel()
@@ -42,3 +128,10 @@ async def run(config: Config, bus_address: str | None = None) -> int:
     await aggregator.stop()
     _LOG.info("stopped")
     return 0
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return None

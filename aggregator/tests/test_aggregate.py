@@ -377,3 +377,62 @@ async def test_a_burst_is_published_as_one_itemschanged(processes: Processes, tm
     assert out.count("member=ItemsChanged") == 1, out
     assert "member=PropertiesChanged" not in out
     bank.close()
+
+
+async def test_config_reload_in_place_last_good_and_bad_edits(processes: Processes, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    bank = Bank()
+    await bank.add("a", InstalledCapacity=100.0)
+    name = bank.name("agg")
+    path = tmp_path / "config.json"
+    base = {"serviceName": name, "startupBatteryWait": 5, "stateDir": str(tmp_path / "state")}
+    path.write_text(json.dumps({**base, "capacity": 300}))
+    proc = processes.start("run", "--config", str(path), "--exit-delay", "0")
+    await bank.value_is(name, "/InstalledCapacity", 300.0)
+    assert Path(str(path) + ".last-good").exists()
+    owner = await client.call(bank.reader, "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner", "s",
+                              [name], interface="org.freedesktop.DBus")
+    # SIGHUP with a good config: applied without leaving the bus.
+    path.write_text(json.dumps({**base, "capacity": 450}))
+    proc.send_signal(signal.SIGHUP)
+    await bank.value_is(name, "/InstalledCapacity", 450.0)
+    again = await client.call(bank.reader, "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner", "s",
+                              [name], interface="org.freedesktop.DBus")
+    assert again.body == owner.body
+    # A bad edit is refused, the running config kept.
+    path.write_text(json.dumps({**base, "capacity": -5}))
+    proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(1.0)
+    assert await bank.read(name, "/InstalledCapacity") == 450.0
+    assert "the new config is not applied" in processes.output(proc)
+    # A change of the file alone is noticed too.
+    time.sleep(0.01)
+    path.write_text(json.dumps({**base, "capacity": 500}))
+    await bank.value_is(name, "/InstalledCapacity", 500.0, timeout=15)
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+    # Restart with a broken file: runs on the last good config instead of stopping.
+    path.write_text('{"capacity": ')
+    proc = processes.start("run", "--config", str(path), "--exit-delay", "0")
+    await bank.value_is(name, "/InstalledCapacity", 500.0)
+    assert "running on the last good config" in processes.output(proc)
+    bank.close()
+
+
+def test_without_any_usable_config_it_waits_then_exits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    path = tmp_path / "config.json"
+    path.write_text('{"cvlMode": "nonsense"}')
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "aggregator", "run", "--config", str(path), "--exit-delay", "1.5"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1
+    assert time.monotonic() - started >= 1.5  # no tight restart loop under the supervisor
+    assert "cvlMode" in result.stderr and "'nonsense'" in result.stderr

@@ -27,15 +27,15 @@ def test_help_explains_each_command() -> None:
 def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"currentRatioMethod": "magic", "reconnectTimeout": 30}))
-    result = _cli("run", "--config", str(config))
+    result = _cli("run", "--config", str(config), "--exit-delay", "0")
     assert result.returncode == 1
     assert "currentRatioMethod" in result.stderr and "'magic'" in result.stderr
     assert "'ir'" in result.stderr  # what is allowed
     config.write_text('{"logLevel": "INFO", "logLevel": "DEBUG"}')
-    result = _cli("run", "--config", str(config))
+    result = _cli("run", "--config", str(config), "--exit-delay", "0")
     assert result.returncode == 1 and "duplicate key 'logLevel'" in result.stderr
     config.write_text('{"logLevel": "INFO",\n "capacity": }')
-    result = _cli("run", "--config", str(config))
+    result = _cli("run", "--config", str(config), "--exit-delay", "0")
     assert result.returncode == 1 and "line 2" in result.stderr
 
 
