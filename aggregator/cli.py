@@ -96,6 +96,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import status
+
+    try:
+        return asyncio.run(status(args.service, args.watch, args.interval))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .status import dump
+
+    return asyncio.run(dump(args.file))
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from .schema import SCHEMA_FILE, schema_text
 
@@ -176,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--live", action="store_true",
                        help="also list the battery services on the bus and the role each would have")
     check.set_defaults(func=_cmd_check)
+
+    status = sub.add_parser("status", help="the aggregate and a table of its members, from the bus",
+                            description="Print the aggregate's values and one line per member (service, name, "
+                                        "serial, state, SoC, V, I, share, CCL/DCL, IR) as read from the bus.")
+    status.add_argument("--service", help="the aggregate's D-Bus name (default: every aggregate on the bus)")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    status.set_defaults(func=_cmd_status)
+
+    dump = sub.add_parser("dump", help="write every battery service's values to a JSON file (bug reports)",
+                          description="Read every com.victronenergy.battery.* service on the bus and write its "
+                                      "paths and values to FILE (- for standard output).")
+    dump.add_argument("file", nargs="?", default="battery-dump.json")
+    dump.set_defaults(func=_cmd_dump)
 
     schema = sub.add_parser("schema", help="print, write or check config.schema.json",
                             description="config.schema.json is generated from the config model in "

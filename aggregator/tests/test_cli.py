@@ -78,3 +78,34 @@ def test_demo_shows_the_bank_live_and_cleans_up(tmp_path: Path) -> None:
     assert leftovers == [], leftovers
     logs = next(tmp_path.glob("battagg-demo-*"))
     assert "member com.victronenergy.battery.sim_a (" in (logs / "aggregator.log").read_text()
+
+
+async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path: Path) -> None:
+    import asyncio
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.statusagg",
+                                  "excludedServices": ["com.victronenergy.battery.aggregator"]}))
+    processes.start("simulate", "default", "--rate", "2")
+    processes.start("run", "--config", str(config))
+
+    def status_output() -> str:
+        result = _cli("status", "--service", "com.victronenergy.battery.statusagg", timeout=30)
+        return result.stdout if result.returncode == 0 and "battery.sim_c" in result.stdout else ""
+
+    loop = asyncio.get_running_loop()
+
+    async def ready() -> str:
+        return await loop.run_in_executor(None, status_output)
+
+    out = await eventually(ready, timeout=30, interval=0.5)
+    for pack in ("battery.sim_a", "battery.sim_b", "battery.sim_c"):
+        assert pack in out
+    assert "online" in out and "CCL" in out and "limited by:" in out
+    assert "Aggregate of 3 batteries" in out
+    dump_file = tmp_path / "dump.json"
+    result = await loop.run_in_executor(None, lambda: _cli("dump", str(dump_file), timeout=30))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(dump_file.read_text())
+    assert data["services"]["com.victronenergy.battery.sim_a"]["/ProductName"] == "Simulated LiFePO4"
+    assert "com.victronenergy.battery.statusagg" in data["services"]
