@@ -43,6 +43,8 @@ DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
               (SYSTEM_SERVICE, "/Control/Dvcc"))
 LIMIT_PATHS = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage")
 STATE_SAVE_INTERVAL = 60.0
+MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
+MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -185,6 +187,8 @@ class Aggregator:
         self._limits_dirty = True
         self._limit_rows: dict[str, dict[str, Any]] = {}
         self._reported: set[str] = set()  # members whose current arrived since the last complete sample
+        self._limits_at = -1e9  # when the limits were last computed
+        self._limits_due = False  # measurements changed since: the next tick recomputes
         self._store: Any = None
 
     # ---- life cycle ----------------------------------------------------------------------------------
@@ -353,8 +357,7 @@ class Aggregator:
             if refused:
                 self._log_refused(name, refused)
             self.merge.update_member(name, clean)
-            if not self._limits_dirty and not LIMIT_INPUTS.isdisjoint(clean):
-                self._limits_dirty = True
+            self._note_limit_inputs(clean)
             if "/Dc/0/Current" in clean:
                 self._reported.add(name)
             state = self.members.get(name)
@@ -530,12 +533,26 @@ class Aggregator:
                 self.members[vb.name].last_update = self.clock()
                 if "/Dc/0/Current" in clean:
                     self._reported.add(vb.name)
-                if not LIMIT_INPUTS.isdisjoint(clean):
-                    self._limits_dirty = True
+                self._note_limit_inputs(clean)
             self._dirty_rows.add(vb.name)
+
+    def _note_limit_inputs(self, clean: dict[str, Any]) -> None:
+        """A change of a limit, a flag or a mode recomputes the limits in this flush; a change of current or
+        voltage alone (every update of every member) at most every MEASUREMENT_LIMIT_INTERVAL: the limits
+        follow them within half a second, and the CPU of a small GX is spared a recompute per update."""
+        if self._limits_dirty or LIMIT_INPUTS.isdisjoint(clean):
+            return
+        if not MEASUREMENTS.issuperset(clean.keys() & LIMIT_INPUTS):
+            self._limits_dirty = True
+        elif self.clock() - self._limits_at >= MEASUREMENT_LIMIT_INTERVAL:
+            self._limits_dirty = True
+        else:
+            self._limits_due = True
 
     def _update_limits(self, values: dict[str, Any]) -> None:
         now = self.clock()
+        self._limits_at = now
+        self._limits_due = False
         reported = self._reported
         inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE, name in reported)
                   for name, m in self.merge.members.items() if name in self.members]
@@ -655,7 +672,7 @@ class Aggregator:
         while True:
             await asyncio.sleep(1.0)
             now = self.clock()
-            if self.control.ramping:
+            if self.control.ramping or self._limits_due:
                 self._limits_dirty = True
                 self._schedule_flush()
             if now - saved_at >= STATE_SAVE_INTERVAL:
