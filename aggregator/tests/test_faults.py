@@ -1,0 +1,165 @@
+"""Faults against the real daemon process: it stays registered and answering, values are invalid rather than
+wrong, nothing leaks, and losing the bus ends it promptly so the supervisor restarts it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from aggregator.bus import client
+from aggregator.bus.lib import connect
+from aggregator.bus.settings import SETTINGS_SERVICE
+
+from .conftest import Processes
+from .helpers import eventually
+from .test_aggregate import Bank, bus_address, start_aggregator, start_settings  # noqa: F401  (fixture)
+
+DBUS = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+
+
+async def match_rules_of(bus: Any, unique_names: list[str]) -> int:
+    """Match rules the bus daemon holds for these connections (its debug interface)."""
+    reply = await client.call(bus, DBUS, DBUS_PATH, "GetAllMatchRules", interface="org.freedesktop.DBus.Debug.Stats")
+    rules = reply.body[0]
+    return sum(len(rules.get(name, [])) for name in unique_names)
+
+
+async def connections_of(bus: Any, pid: int) -> list[str]:
+    reply = await client.call(bus, DBUS, DBUS_PATH, "ListNames", interface=DBUS)
+    names = []
+    for name in reply.body[0]:
+        if name.startswith(":"):
+            try:
+                owner_pid = await client.call(bus, DBUS, DBUS_PATH, "GetConnectionUnixProcessID", "s", [name],
+                                              interface=DBUS)
+            except client.CallError:
+                continue
+            if owner_pid.body[0] == pid:
+                names.append(name)
+    return names
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def test_losing_the_bus_ends_the_daemon_promptly_with_status_2(processes: Processes, tmp_path: Path) -> None:
+    from aggregator.privatebus import PrivateBus
+
+    with PrivateBus() as own_bus:
+        proc = processes.start("run", "--config", str(_config(tmp_path, "com.victronenergy.battery.lonely")),
+                               env={"DBUS_SESSION_BUS_ADDRESS": own_bus.address})
+        await asyncio.sleep(1.5)
+        assert proc.poll() is None
+        own_bus.stop()  # the bus daemon dies (as when the GX restarts it)
+        started = time.monotonic()
+        code = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(timeout=15))
+    assert code == 2
+    assert time.monotonic() - started < 5
+    assert "lost the D-Bus connection" in processes.output(proc)
+
+
+def _config(tmp_path: Path, name: str, **extra: Any) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"serviceName": name, "stateDir": str(tmp_path / "state"), "startupBatteryWait": 1,
+                                **extra}))
+    return path
+
+
+async def test_a_member_vanishing_and_returning_50_times_leaks_nothing(processes: Processes,
+                                                                       tmp_path: Path) -> None:
+    bank = Bank()
+    await bank.add("steady", Dc__0__Current=1.0)
+    agg, proc = start_aggregator(processes, tmp_path, bank, reconnectTimeout=0)
+    await bank.value_is(agg, "/Dc/0/Current", 1.0)
+    observer = await connect()
+    daemon_connections = await connections_of(observer, proc.pid)
+    assert daemon_connections
+
+    async def cycle(n: int) -> None:
+        for i in range(n):
+            flappy = await bank.add("flappy", Dc__0__Current=2.0)
+            await bank.value_is(agg, "/Dc/0/Current", 3.0)
+            flappy.close()
+            bank.members.pop("flappy")
+            await bank.value_is(agg, "/Dc/0/Current", 1.0)
+
+    await cycle(5)  # warm up: caches, first allocations
+    rules_before = await match_rules_of(observer, daemon_connections)
+    rss_before = rss_kib(proc.pid)
+    await cycle(50)
+    await asyncio.sleep(0.5)
+    rules_after = await match_rules_of(observer, daemon_connections)
+    rss_after = rss_kib(proc.pid)
+    assert rules_after == rules_before, (rules_before, rules_after)
+    assert rss_after - rss_before < 4096, (rss_before, rss_after)  # KiB: no growth per cycle worth the name
+    assert await bank.read(agg, "/System/NrOfBatteries") == 1
+    observer.disconnect()
+    bank.close()
+
+
+async def test_a_member_flooding_500_changes_per_second(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    await bank.add("calm", Dc__0__Current=1.0, Soc=50.0)
+    noisy = await bank.add("noisy", Dc__0__Current=0.0, Soc=50.0)
+    agg, proc = start_aggregator(processes, tmp_path, bank)
+    await bank.value_is(agg, "/Dc/0/Current", 1.0)
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            noisy.set_values({"/Dc/0/Current": float(i % 100), "/Soc": 40.0 + (i % 20)})
+            await asyncio.sleep(0.002)  # ~500 changes per second
+
+    task = asyncio.get_running_loop().create_task(flood())
+    await asyncio.sleep(3.0)
+    # Still answering promptly while flooded, and following the calm member.
+    bank.members["calm"].set_value("/Soc", 90.0)
+    started = time.monotonic()
+    count = await bank.read(agg, "/System/NrOfBatteries")
+    assert count == 2 and time.monotonic() - started < 1.0
+    stop.set()
+    await task
+    final = noisy["/Dc/0/Current"]
+    await bank.value_is(agg, "/Dc/0/Current", 1.0 + final)  # caught up with the last value
+    assert proc.poll() is None
+    bank.close()
+
+
+async def test_a_hung_member_does_not_stop_the_aggregate(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    hung = await bank.add("hung", Dc__0__Current=50.0)
+    hung.reply_delay = 3600.0  # never answers GetItems
+    await bank.add("fine", Dc__0__Current=4.0)
+    agg, proc = start_aggregator(processes, tmp_path, bank)
+    await bank.value_is(agg, "/Dc/0/Current", 4.0, timeout=15)
+    assert await bank.read(agg, "/System/NrOfBatteries") == 1
+    hung.reply_delay = 0.0  # it recovers: picked up by a retry
+    await bank.value_is(agg, "/Dc/0/Current", 54.0, timeout=30)
+    assert proc.poll() is None
+    bank.close()
+
+
+async def test_localsettings_absent_then_present_then_gone(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    await bank.add("a")
+    agg, proc = start_aggregator(processes, tmp_path, bank)
+    await bank.value_is(agg, "/Connected", 1)  # runs without localsettings, with defaults
+    settings = await start_settings(tmp_path / "settings.json")
+    # It appears: our settings get declared there (device instance, CustomName).
+    await eventually(lambda: (tmp_path / "settings.json").exists()
+                     and "batteryaggregator_" in (tmp_path / "settings.json").read_text(), timeout=15)
+    settings.service.close()
+    await asyncio.sleep(1.0)
+    assert await bank.read(agg, "/Connected") == 1
+    assert proc.poll() is None
+    assert SETTINGS_SERVICE in processes.output(proc)
+    bank.close()
