@@ -51,32 +51,28 @@ def _numbers(members: Iterable[MemberView], path: str) -> list[float]:
     return out
 
 
-def _sum(path: str) -> Rule:
+def _reduce(path: str, reduce: Callable[[list[float]], Any], description: str) -> Rule:
+    """A rule over one path: `reduce` of the members' values, None when no member has one."""
     def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
         values = _numbers(members, path)
-        return sum(values) if values else None
-    return Rule((path,), compute, "sum of members")
+        return reduce(values) if values else None
+    return Rule((path,), compute, description)
+
+
+def _sum(path: str) -> Rule:
+    return _reduce(path, sum, "sum of members")
 
 
 def _mean(path: str) -> Rule:
-    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        values = _numbers(members, path)
-        return sum(values) / len(values) if values else None
-    return Rule((path,), compute, "mean of members with a value")
+    return _reduce(path, lambda v: sum(v) / len(v), "mean of members with a value")
 
 
 def _max(path: str) -> Rule:
-    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        values = _numbers(members, path)
-        return max(values) if values else None
-    return Rule((path,), compute, "highest member value")
+    return _reduce(path, max, "highest member value")
 
 
 def _min(path: str) -> Rule:
-    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        values = _numbers(members, path)
-        return min(values) if values else None
-    return Rule((path,), compute, "lowest member value")
+    return _reduce(path, min, "lowest member value")
 
 
 def _any(path: str) -> Rule:

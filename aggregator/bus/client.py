@@ -87,3 +87,31 @@ def parse_items(items: Any) -> dict[str, Any]:
         if isinstance(entry, dict) and "Value" in entry:
             out[path] = unwrap(entry["Value"])
     return out
+
+
+_DBUS = "org.freedesktop.DBus"
+_DBUS_PATH = "/org/freedesktop/DBus"
+
+
+async def add_match(bus: MessageBus, rule: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Ask the bus daemon for the signals matching `rule` (CallError if it refuses)."""
+    await call(bus, _DBUS, _DBUS_PATH, "AddMatch", "s", [rule], interface=_DBUS, timeout=timeout)
+
+
+async def remove_match(bus: MessageBus, rule: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Drop a match rule; quietly nothing when the connection is gone or the daemon objects."""
+    if not bus.connected:
+        return
+    try:
+        await call(bus, _DBUS, _DBUS_PATH, "RemoveMatch", "s", [rule], interface=_DBUS, timeout=timeout)
+    except CallError:
+        pass
+
+
+async def name_owner(bus: MessageBus, name: str, timeout: float = DEFAULT_TIMEOUT) -> str | None:
+    """The unique name owning a well-known name, or None when nobody does."""
+    try:
+        reply = await call(bus, _DBUS, _DBUS_PATH, "GetNameOwner", "s", [name], interface=_DBUS, timeout=timeout)
+    except CallError:
+        return None
+    return str(reply.body[0])

@@ -106,7 +106,7 @@ class ServiceMonitor:
         reply = await client.call(self.bus, _DBUS, _DBUS_PATH, "ListNames", interface=_DBUS,
                                   timeout=self.call_timeout)
         names = [n for n in reply.body[0] if self.wanted(n)]
-        owners = await asyncio.gather(*(self._owner_of(n) for n in names))
+        owners = await asyncio.gather(*(client.name_owner(self.bus, n, self.call_timeout) for n in names))
         for name, owner in zip(names, owners):
             if owner and name not in self._owners:
                 self._appeared(name, owner)
@@ -151,14 +151,6 @@ class ServiceMonitor:
         return await client.set_value(self.bus, service, path, value, self.call_timeout)
 
     # ---- discovery -----------------------------------------------------------------------------------
-
-    async def _owner_of(self, name: str) -> str | None:
-        try:
-            reply = await client.call(self.bus, _DBUS, _DBUS_PATH, "GetNameOwner", "s", [name],
-                                      interface=_DBUS, timeout=self.call_timeout)
-        except CallError:
-            return None  # gone again
-        return str(reply.body[0])
 
     def _appeared(self, name: str, owner: str) -> None:
         self._owners[name] = owner
@@ -319,14 +311,7 @@ class ServiceMonitor:
     # ---- match rules -----------------------------------------------------------------------------------
 
     async def _add_match(self, rule: str) -> None:
-        await client.call(self.bus, _DBUS, _DBUS_PATH, "AddMatch", "s", [rule], interface=_DBUS,
-                          timeout=self.call_timeout)
+        await client.add_match(self.bus, rule, self.call_timeout)
 
     async def _remove_match(self, rule: str) -> None:
-        if not self.bus.connected:
-            return
-        try:
-            await client.call(self.bus, _DBUS, _DBUS_PATH, "RemoveMatch", "s", [rule], interface=_DBUS,
-                              timeout=self.call_timeout)
-        except CallError as exc:
-            _LOG.debug("RemoveMatch failed: %s", exc)
+        await client.remove_match(self.bus, rule, self.call_timeout)

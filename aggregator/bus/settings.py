@@ -24,7 +24,6 @@ _LOG = logging.getLogger(__name__)
 SETTINGS_SERVICE = "com.victronenergy.settings"
 SETTINGS_INTERFACE = "com.victronenergy.Settings"
 _DBUS = "org.freedesktop.DBus"
-_DBUS_PATH = "/org/freedesktop/DBus"
 
 Watcher = Callable[[str, Any], None]
 
@@ -89,14 +88,10 @@ class LocalSettings:
             f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged',arg0='{SETTINGS_SERVICE}'",
             f"type='signal',sender='{SETTINGS_SERVICE}',interface='{BUSITEM}',member='PropertiesChanged'",
         ):
-            await client.call(self.bus, _DBUS, _DBUS_PATH, "AddMatch", "s", [rule], interface=_DBUS,
-                              timeout=self.timeout)
+            await client.add_match(self.bus, rule, self.timeout)
             self._rules.append(rule)
-        try:
-            reply = await client.call(self.bus, _DBUS, _DBUS_PATH, "GetNameOwner", "s", [SETTINGS_SERVICE],
-                                      interface=_DBUS, timeout=self.timeout)
-            self._owner = str(reply.body[0])
-        except CallError:
+        self._owner = await client.name_owner(self.bus, SETTINGS_SERVICE, self.timeout)
+        if self._owner is None:
             _LOG.warning("%s is not on the bus: using defaults until it appears", SETTINGS_SERVICE)
 
     async def stop(self) -> None:
@@ -104,12 +99,7 @@ class LocalSettings:
         if self._sync is not None:
             self._sync.cancel()
         for rule in self._rules:
-            if self.bus.connected:
-                try:
-                    await client.call(self.bus, _DBUS, _DBUS_PATH, "RemoveMatch", "s", [rule], interface=_DBUS,
-                                      timeout=self.timeout)
-                except CallError:
-                    pass
+            await client.remove_match(self.bus, rule, self.timeout)
         self._rules.clear()
 
     # ---- declaring and using settings -----------------------------------------------------------------

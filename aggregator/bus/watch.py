@@ -18,7 +18,6 @@ from .values import unwrap
 
 _LOG = logging.getLogger(__name__)
 _DBUS = "org.freedesktop.DBus"
-_DBUS_PATH = "/org/freedesktop/DBus"
 
 Callback = Callable[[str, str, Any], None]
 
@@ -49,28 +48,19 @@ class PathWatcher:
             for rule in (f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged',"
                          f"arg0='{service}'",
                          f"type='signal',sender='{service}',interface='{BUSITEM}'"):
-                await client.call(self.bus, _DBUS, _DBUS_PATH, "AddMatch", "s", [rule], interface=_DBUS,
-                                  timeout=self.timeout)
+                await client.add_match(self.bus, rule, self.timeout)
                 self._rules.append(rule)
-            try:
-                reply = await client.call(self.bus, _DBUS, _DBUS_PATH, "GetNameOwner", "s", [service],
-                                          interface=_DBUS, timeout=self.timeout)
-            except CallError:
-                continue
-            self._owners[service] = str(reply.body[0])
-            await self._read(service)
+            owner = await client.name_owner(self.bus, service, self.timeout)
+            if owner is not None:
+                self._owners[service] = owner
+                await self._read(service)
 
     async def stop(self) -> None:
         self.bus.remove_message_handler(self._on_message)
         for task in self._tasks:
             task.cancel()
         for rule in self._rules:
-            if self.bus.connected:
-                try:
-                    await client.call(self.bus, _DBUS, _DBUS_PATH, "RemoveMatch", "s", [rule], interface=_DBUS,
-                                      timeout=self.timeout)
-                except CallError:
-                    pass
+            await client.remove_match(self.bus, rule, self.timeout)
         self._rules.clear()
 
     async def _read(self, service: str) -> None:
