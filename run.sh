@@ -14,6 +14,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v dbus-daemon >/dev/null || need_apt+=(dbus-daemon)
 command -v dbus-send >/dev/null || need_apt+=(dbus-bin)
 command -v busctl >/dev/null || need_apt+=(systemd)
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || need_apt+=(chromium chromium-driver)
 
 apt_install() {
     local sudo=""

@@ -1,0 +1,260 @@
+"""The browser config generator (config_generator/index.html) in a real headless Chromium.
+
+Needs the pip package `selenium` and Debian's `chromium` and `chromium-driver`; without them the browser tests
+are skipped (the test that index.html is up to date always runs).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from aggregator.config import parse_config
+
+from .test_config import USER_CONFIG
+
+REPO = Path(__file__).resolve().parents[2]
+GENERATOR = REPO / "config_generator"
+PAGE = GENERATOR / "index.html"
+B = "com.victronenergy.battery."
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+DRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+
+
+def load_build():
+    spec = importlib.util.spec_from_file_location("config_generator_build", GENERATOR / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_page_is_what_build_py_makes_from_the_schema() -> None:
+    assert PAGE.read_text(encoding="utf-8") == load_build().render(), \
+        "config_generator/index.html is out of date: run .venv/bin/python config_generator/build.py"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("the pip package selenium is not installed (pip install selenium)")
+    binary = next((p for p in CHROMIUM if Path(p).exists()), shutil.which("chromium"))
+    driver_path = next((p for p in DRIVER if Path(p).exists()), shutil.which("chromedriver"))
+    if binary is None or driver_path is None:
+        pytest.skip("no browser: install the Debian packages chromium and chromium-driver")
+    profile = tempfile.mkdtemp(prefix="cfg-gen-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    except Exception as exc:  # noqa: BLE001 (any failure to start means: no usable browser here)
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"chromium could not be started via {driver_path}: {str(exc).splitlines()[0]}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(browser: Any) -> Any:
+    browser.get(PAGE.as_uri())
+    browser.find_element("id", "export")  # loaded
+    return browser
+
+
+def by_loc(driver: Any, loc: list[Any]) -> Any:
+    return driver.find_element("css selector", f"[data-loc='{json.dumps(loc, separators=(',', ':'))}']")
+
+
+def click(driver: Any, text: str, nth: int = 0) -> None:
+    buttons = [b for b in driver.find_elements("css selector", "button") if b.text == text]
+    assert buttons, f"no button {text!r}"
+    buttons[nth].click()
+
+
+def type_into(element: Any, text: str) -> None:
+    element.clear()
+    element.send_keys(text)
+
+
+def exported(driver: Any) -> Any:
+    return json.loads(driver.find_element("id", "export").get_property("value"))
+
+
+def problems(driver: Any) -> str:
+    return driver.find_element("id", "problems").text
+
+
+def import_json(driver: Any, text: str) -> None:
+    area = driver.find_element("id", "import-text")
+    driver.execute_script("arguments[0].value = arguments[1];", area, text)
+    driver.find_element("id", "import-btn").click()
+    assert "imported" in driver.find_element("id", "import-status").text
+
+
+def js_errors(driver: Any) -> list[str]:
+    try:
+        logs = driver.get_log("browser")
+    except Exception:  # noqa: BLE001 (not every driver keeps a log)
+        return []
+    return [entry["message"] for entry in logs if entry.get("level") == "SEVERE"]
+
+
+def test_a_config_built_in_the_form_is_accepted_by_the_python_model(page: Any) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    assert exported(page) == {}
+    assert "OK" in page.find_element("id", "problems-summary").text
+    type_into(by_loc(page, ["serviceName"]), B + "bank")
+    click(page, "Add excluded service")
+    page.switch_to.active_element.send_keys("name:Shunt")
+    Select(by_loc(page, ["currentRatioMethod"])).select_by_value("capacity")
+    click(page, "Add virtual battery")
+    type_into(page.find_element("id", "vbname0"), B + "pack_a")
+    click(page, "Add member")
+    page.switch_to.active_element.send_keys("serial:A1")
+    click(page, "Add member")
+    page.switch_to.active_element.send_keys("name:BMS A")
+    hook_kind = page.find_element("css selector", ".vb select")
+    Select(hook_kind).select_by_value("CustomChargingHook")
+    page.find_element("css selector", ".vb input.short").send_keys("a")
+    click(page, "Add hook")
+    entry = "hooks.CustomChargingHook#a"
+    for threshold, amps in (("0", "40"), ("54.4", "20"), ("55.2", "5")):
+        click(page, "Add ccls row")
+        row = page.switch_to.active_element
+        type_into(row, threshold)
+        loc = json.dumps(["classes", entry, "ccls", threshold], separators=(",", ":"))
+        type_into(page.find_element("css selector", f"input[type=number][data-loc='{loc}']"), amps)
+    # the hook first: it overrides the members
+    page.find_element("css selector", "[aria-label='move member 3 up']").click()
+    page.find_element("css selector", "[aria-label='move member 2 up']").click()
+    expected = {
+        "serviceName": B + "bank",
+        "excludedServices": ["name:Shunt"],
+        "currentRatioMethod": "capacity",
+        "virtualBatteries": {B + "pack_a": ["class:" + entry, "serial:A1", "name:BMS A"]},
+        "classes": {entry: {"ccls": {"0": 40, "54.4": 20, "55.2": 5}}},
+    }
+    data = exported(page)
+    assert data == expected
+    assert list(data["classes"][entry]["ccls"]) == ["0", "54.4", "55.2"]  # table order kept
+    config = parse_config(data)
+    assert config.serviceName == B + "bank" and config.excludedServices == ["name:Shunt"]
+    assert config.currentRatioMethod == "capacity"
+    assert config.virtualBatteries == expected["virtualBatteries"] and config.classes == expected["classes"]
+    assert "OK" in page.find_element("id", "problems-summary").text, problems(page)
+    assert not js_errors(page)
+
+
+def readme_examples() -> list[dict[str, Any]]:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    out = []
+    for block in re.findall(r"```json\n(.*?)```", readme, re.S):
+        text = block.strip()
+        out.append(json.loads(text if text.startswith("{") else "{" + text + "}"))
+    assert out, "README.md has no json example"
+    return out
+
+
+ODD_BUT_KEPT = {  # what a user's file may hold: defaults spelled out, odd table order, unknown keys, bad values
+    "serviceName": "com.victronenergy.battery.aggregator", "ir": {"minVoltageChange": 0.02},
+    "limits": {"rampUpRate": 3, "staleAfter": 60}, "capacity": None, "primaryServices": [],
+    "classes": {"hooks.TemperatureChargingHook#t": {"ccls": {"45": 0, "5": 100, "0": 10}, "dcls": {}}},
+    "virtualBatteries": {B + "v": {"class:hooks.TemperatureChargingHook#t": [], "name:A": ["/Soc", "/Dc/0/Voltage"]}},
+    "someOldKey": {"x": [1, 2]}, "cvlMode": "maximal",
+}
+
+
+@pytest.mark.parametrize("config", readme_examples() + [USER_CONFIG, ODD_BUT_KEPT],
+                         ids=lambda c: ",".join(list(c)[:3]))
+def test_import_then_export_gives_the_same_json(page: Any, config: dict[str, Any]) -> None:
+    import_json(page, json.dumps(config, indent=2))
+    data = exported(page)
+    assert data == config
+    for key in ("classes",):  # the order of every table is kept (hooks read them in file order)
+        for name, options in config.get(key, {}).items():
+            for table in ("ccls", "dcls"):
+                if table in options:
+                    assert list(data[key][name][table]) == list(options[table])
+    if config is not ODD_BUT_KEPT:
+        assert "OK" in page.find_element("id", "problems-summary").text, problems(page)
+    assert not js_errors(page)
+
+
+def test_live_validation_names_key_value_and_what_is_allowed(page: Any) -> None:
+    import_json(page, json.dumps({"currentRatioMethod": "magic",
+                                  "primaryServices": {B + "x": ["/SOC"]},
+                                  "excludedServices": [B + "x"]}))
+    text = problems(page)
+    assert "currentRatioMethod" in text and "'magic'" in text and "'share'" in text
+    assert "did you mean /Soc" in text
+    assert f'primaryServices."{B}x": \'{B}x\' is also listed in excludedServices' in text
+    assert "error" in page.find_element("id", "problems-summary").text
+    # the select shows the bad value and is marked; choosing an allowed one clears the error
+    select = by_loc(page, ["currentRatioMethod"])
+    assert select.get_attribute("aria-invalid") == "true"
+    from selenium.webdriver.support.ui import Select
+    Select(select).select_by_value("count")
+    assert "magic" not in problems(page)
+    # more of the Python checker's semantic checks
+    import_json(page, json.dumps({
+        "virtualBatteries": {"virtual1": ["ttyS1", "class:hooks.Nope"],
+                             B + "v": ["class:hooks.CustomChargingHook#b", "name:B"]},
+        "classes": {"hooks.CustomChargingHook#b": {"ccls": {"fifty": 10}}, "hooks.FixedValueHook": {"path": "/Dc/0/Volt"}}}))
+    text = problems(page)
+    assert "'virtual1' must be com.victronenergy.battery.<name>" in text
+    assert 'virtualBatteries.virtual1[0]: \'ttyS1\' is not a full service name' in text
+    assert "unknown hook class 'hooks.Nope'; allowed: hooks.FixedValueHook" in text
+    assert "classes.hooks.CustomChargingHook#b.ccls: threshold 'fifty' is not a number" in text
+    assert "configures a hook that no virtual battery uses" in text
+    assert not js_errors(page)
+
+
+def test_screenshot_of_a_filled_config(page: Any) -> None:
+    import_json(page, json.dumps(USER_CONFIG))
+    page.set_window_size(1300, 4200)
+    path = Path(tempfile.gettempdir()) / "config_generator.png"
+    page.save_screenshot(str(path))
+    assert path.stat().st_size > 10000
+
+
+SEMANTIC_CASES = [
+    {"excludedServices": [B + "x"], "primaryServices": [B + "x"]},
+    {"auxiliaryServices": {B + "x": []}, "virtualBatteries": {B + "v": [B + "x"]}},
+    {"virtualBatteries": {B + "v1": [B + "x"], B + "v2": [B + "x"]}},
+    {"virtualBatteries": {B + "v": [B + "v"]}},
+    {"virtualBatteries": {B + "v": [B + "w"], B + "w": [B + "a"]}},
+    {"virtualBatteries": {B + "v": ["com.victronenergy.battery.aggregator"]}},
+    {"excludedServices": ["ttyS1"], "primaryServices": {"name:": ["/Soc"]}, "auxiliaryServices": [B]},
+    {"virtualBatteries": {B + "v": ["serial:", "class:hooks.Nope", "class:hooks.CustomChargingHook#b9"]}},
+    {"virtualBatteries": {B + "v": {"class:hooks.FixedValueHook": [], "name:A": ["/SOC", "/Dc/0/Volt", "/Vendor/X",
+                                                                                    "Soc", "/Dc/1/Current"]}},
+     "classes": {"hooks.FixedValueHook": {"path": "/info/maxchargecurrent"}, "hooks.CustomNameHook": {}}},
+]
+
+
+@pytest.mark.parametrize("data", SEMANTIC_CASES)
+def test_semantic_messages_are_the_python_checkers(page: Any, data: dict[str, Any]) -> None:
+    from aggregator.config import Config, semantic_issues
+
+    expected = [i.text() for i in semantic_issues(Config.model_validate(data))]
+    assert expected
+    import_json(page, json.dumps(data))
+    shown = [line.split(": ", 1)[1] for line in problems(page).splitlines()]
+    assert sorted(shown) == sorted(expected)
