@@ -170,9 +170,7 @@ class ChargeControl:
     @property
     def ramping(self) -> bool:
         """Whether a published limit is still rising toward its target (the caller ticks until it is not)."""
-        return any(s.value is not None and t is not None and s.value < t
-                   for s, t in ((self.ccl_smoother, self.ccl_target), (self.dcl_smoother, self.dcl_target),
-                                (self.cvl_smoother, self.cvl_target)))
+        return self.ccl_smoother.ramping or self.dcl_smoother.ramping or self.cvl_smoother.ramping
 
     def bank_limit(self, members: list[MemberInput], direction: str) -> BankLimit:
         return bank_current_limit([self.member_limits(m) for m in members], direction,  # type: ignore[arg-type]

@@ -206,24 +206,29 @@ def apply_cvl_mode(value: float | None, reason: str, mode: str, dvcc: DvccLimits
 
 class LimitSmoother:
     """Publish a limit that drops at once but rises at most `rise_rate` A/s, and ignores rises smaller than
-    `hysteresis` A, so DVCC does not hunt. Drops are never held back: that would be unsafe."""
+    `hysteresis` A, so DVCC does not hunt. Drops are never held back: that would be unsafe.
+
+    A ramp starts when a rise is first seen (however long the limit was quiet before) and, once started,
+    goes all the way to its target: the hysteresis only decides whether a rise starts. The caller keeps
+    calling (once a second) while `ramping`."""
 
     def __init__(self, rise_rate: float, hysteresis: float) -> None:
         self.rise_rate = rise_rate
         self.hysteresis = hysteresis
         self.value: float | None = None
+        self.ramping = False
         self._at = 0.0
 
     def update(self, target: float | None, now: float) -> float | None:
-        if target is None:
-            self.value = None
-        elif self.value is None or target <= self.value:
+        last, self._at = self._at, now
+        if target is None or self.value is None or target <= self.value:
             self.value = target
-        elif target - self.value >= self.hysteresis or target == 0.0:
-            self.value = min(target, self.value + self.rise_rate * max(0.0, now - self._at))
-        else:
-            return self.value  # a small rise: keep the published value, and keep the ramp's start time
-        self._at = now
+            self.ramping = False
+        elif self.ramping:
+            self.value = min(target, self.value + self.rise_rate * max(0.0, now - last))
+            self.ramping = self.value < target
+        elif target - self.value >= self.hysteresis:
+            self.ramping = True  # the ramp starts now: the first step comes with the next update
         return self.value
 
 

@@ -161,12 +161,21 @@ def test_limits_drop_at_once_and_rise_slowly_with_hysteresis() -> None:
     smoother = LimitSmoother(rise_rate=2.0, hysteresis=1.0)
     assert smoother.update(100.0, 0.0) == 100.0
     assert smoother.update(40.0, 1.0) == 40.0  # at once
-    assert smoother.update(100.0, 2.0) == 42.0  # 2 A/s
-    assert smoother.update(100.0, 5.0) == 48.0
-    assert smoother.update(48.5, 6.0) == 48.0  # a drop to 48.5 from the target is no drop below published
-    assert smoother.update(48.4, 7.0) == 48.0
-    assert smoother.update(47.9, 8.0) == 47.9  # any drop below the published value goes out
+    assert smoother.update(100.0, 2.0) == 40.0 and smoother.ramping  # the ramp starts here...
+    assert smoother.update(100.0, 3.0) == 42.0  # ...at 2 A/s
+    assert smoother.update(100.0, 6.0) == 48.0
+    assert smoother.update(47.9, 7.0) == 47.9 and not smoother.ramping  # any drop goes out at once
+    assert smoother.update(48.5, 8.0) == 47.9 and not smoother.ramping  # a rise below the hysteresis
     assert smoother.update(None, 9.0) is None
+
+
+def test_a_ramp_after_a_quiet_time_starts_then_and_reaches_its_target() -> None:
+    smoother = LimitSmoother(rise_rate=2.0, hysteresis=5.0)
+    smoother.update(50.0, 0.0)
+    assert smoother.update(60.0, 100.0) == 50.0  # quiet for 100 s: no jump to 60
+    values = [smoother.update(60.0, 100.0 + t) for t in range(1, 8)]
+    assert values[:4] == [52.0, 54.0, 56.0, 58.0]
+    assert values[-1] == 60.0 and not smoother.ramping  # the last 4 A are not held back by the hysteresis
 
 
 # ---- the learner and the guard -------------------------------------------------------------------------

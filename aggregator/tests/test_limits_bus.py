@@ -1,0 +1,482 @@
+"""Charge limits of the aggregated battery over a real bus: `battery-aggregator run` as its own process, member
+batteries (and localsettings / com.victronenergy.system stand-ins) built by the tests, the limits read by
+another client as the GX would."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.bus import client
+from aggregator.bus.lib import Variant, connect
+from aggregator.bus.service import VeService
+from aggregator.bus.settings import LocalSettings, Setting
+
+from .conftest import Busctl, Processes
+from .helpers import eventually
+from .test_aggregate import Bank, bus_address, start_aggregator, start_settings  # noqa: F401
+
+FAST = {"rampUpRate": 1000, "hysteresis": 0}
+CCL, DCL, CVL = "/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage"
+MAX_CURRENT = "/Settings/SystemSetup/MaxChargeCurrent"
+MAX_VOLTAGE = "/Settings/SystemSetup/MaxChargeVoltage"
+
+
+def run(processes: Processes, tmp_path: Path, bank: Bank, suffix: str = "agg", **config: Any) -> tuple[str, Any]:
+    config.setdefault("stateDir", str(tmp_path / "state"))
+    return start_aggregator(processes, tmp_path, bank, suffix, **config)
+
+
+async def rows(bank: Bank, agg: str, count: int) -> dict[str, int]:
+    """member suffix -> its /Batteries/<n> row, once the aggregate shows `count` members."""
+    await bank.value_is(agg, "/System/NrOfBatteries", count)
+    found: dict[str, int] = {}
+
+    async def all_rows() -> bool:
+        for n in range(count):
+            try:
+                service = await bank.read(agg, f"/Batteries/{n}/Service")
+            except client.CallError:
+                return False
+            for suffix in bank.members:
+                if service == bank.name(suffix):
+                    found[suffix] = n
+        return len(found) == count
+
+    await eventually(all_rows, timeout=10)
+    return found
+
+
+class Feeder:
+    """Members keep updating (as real BMSes do, about every second): the voltage wobbles by 10 mV. A member
+    taken out of `active` freezes: it stays on the bus but sends nothing."""
+
+    def __init__(self, bank: Bank, interval: float = 0.3) -> None:
+        self.bank = bank
+        self.active = set(bank.members)
+        self.interval = interval
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        tick = 0
+        while True:
+            tick += 1
+            for suffix in list(self.active):
+                member = self.bank.members[suffix]
+                base = member["/Dc/0/Voltage"]
+                member.set_value("/Dc/0/Voltage", round(base + (0.01 if tick % 2 else -0.01), 3))
+            await asyncio.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def sample(bank: Bank, agg: str, path: str, until: Any, timeout: float, interval: float = 0.25
+                 ) -> list[tuple[float, Any]]:
+    """(time, value) of `path` until it equals `until` (or the timeout passes)."""
+    out: list[tuple[float, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await bank.read(agg, path)
+        out.append((time.monotonic(), value))
+        if value == until:
+            break
+        await asyncio.sleep(interval)
+    return out
+
+
+# ---- 1. share-aware CCL --------------------------------------------------------------------------------------
+
+async def test_ccl_is_share_aware_by_capacity_and_by_count(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, InstalledCapacity=200.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1, InstalledCapacity=100.0)
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", limits=FAST)
+    # a carries 2/3 and may take 100 A, b 1/3 and 50 A: the bank may take 150 A (not 2 x 50, not 150 + 50).
+    await bank.value_is(agg, CCL, 150.0)
+    row = await rows(bank, agg, 2)
+    assert await bank.read(agg, f"/Batteries/{row['a']}/Share") == pytest.approx(0.6667, abs=1e-4)
+    assert await bank.read(agg, f"/Batteries/{row['b']}/Share") == pytest.approx(0.3333, abs=1e-4)
+    assert await bank.read(agg, f"/Batteries/{row['a']}/ChargeLimit") == 100.0
+    assert await bank.read(agg, f"/Batteries/{row['b']}/ChargeLimit") == 50.0
+    assert "(capacity)" in await bank.read(agg, "/Info/ChargeLimitation")
+    # b binds alone now: 40 A / (1/3) = 120 A, and the reason names it.
+    b.set_value("/Info/MaxChargeCurrent", 40.0)
+    await bank.value_is(agg, CCL, 120.0)
+    assert await bank.read(agg, "/Info/ChargeLimitation") == "Pack b: 40 A at a 33% share (capacity)"
+    assert await bank.read(agg, f"/Batteries/{row['b']}/ChargeLimit") == 40.0
+    b.set_value("/Info/MaxChargeCurrent", 50.0)
+    await bank.value_is(agg, CCL, 150.0)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+    # Equal shares: b's 50 A at half the bank current binds: 100 A.
+    agg, _ = run(processes, tmp_path, bank, suffix="count", currentRatioMethod="count", limits=FAST)
+    await bank.value_is(agg, CCL, 100.0)
+    row = await rows(bank, agg, 2)
+    assert await bank.read(agg, "/Info/ChargeLimitation") == "Pack b: 50 A at a 50% share (count)"
+    for suffix in ("a", "b"):
+        assert await bank.read(agg, f"/Batteries/{row[suffix]}/Share") == 0.5
+    assert await bank.read(agg, f"/Batteries/{row['a']}/ChargeLimit") == 100.0
+    bank.close()
+
+
+# ---- 2. AllowToCharge / AllowToDischarge -----------------------------------------------------------------------
+
+async def test_a_member_forbidding_a_direction_leaves_the_sum(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=100.0, Info__MaxDischargeCurrent=150.0, Io__AllowToCharge=1,
+                       Io__AllowToDischarge=1)
+    b = await bank.add("b", Info__MaxChargeCurrent=80.0, Info__MaxDischargeCurrent=120.0, Io__AllowToCharge=1,
+                       Io__AllowToDischarge=1)
+    agg, _ = run(processes, tmp_path, bank, limits=FAST)
+    await bank.value_is(agg, CCL, 160.0)  # equal capacities: b's 80 A at a 50% share
+    await bank.value_is(agg, DCL, 240.0)
+    row = await rows(bank, agg, 2)
+
+    b.set_value("/Io/AllowToCharge", 0)
+    await bank.value_is(agg, CCL, 100.0)  # a's own limit: not 0, not 180, not 160
+    assert await bank.read(agg, f"/Batteries/{row['b']}/ChargeLimit") == 0.0
+    assert await bank.read(agg, f"/Batteries/{row['a']}/ChargeLimit") == 100.0
+    assert await bank.read(agg, "/Io/AllowToCharge") == 1
+    assert await bank.read(agg, DCL) == 240.0  # discharging is untouched
+    a.set_value("/Io/AllowToCharge", 0)
+    await bank.value_is(agg, CCL, 0.0)
+    assert await bank.read(agg, "/Io/AllowToCharge") == 0
+    assert "no member allows charging" in await bank.read(agg, "/Info/ChargeLimitation")
+    a.set_value("/Io/AllowToCharge", 1)
+    b.set_value("/Io/AllowToCharge", 1)
+    await bank.value_is(agg, CCL, 160.0)
+
+    a.set_value("/Io/AllowToDischarge", 0)
+    await bank.value_is(agg, DCL, 120.0)  # b's own
+    assert await bank.read(agg, f"/Batteries/{row['a']}/DischargeLimit") == 0.0
+    assert await bank.read(agg, CCL) == 160.0
+    b.set_value("/Io/AllowToDischarge", 0)
+    await bank.value_is(agg, DCL, 0.0)
+    assert await bank.read(agg, "/Io/AllowToDischarge") == 0
+    bank.close()
+
+
+# ---- 3. a frozen member ------------------------------------------------------------------------------------------
+
+async def test_a_frozen_member_is_stale_and_carries_nothing_then_ramps_back(
+        processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
+    await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
+    feeder = Feeder(bank)
+    agg, _ = run(processes, tmp_path, bank, limits={"staleAfter": 2, "rampUpRate": 20, "hysteresis": 0})
+    await bank.value_is(agg, CCL, 200.0, timeout=20)
+    row = await rows(bank, agg, 2)
+    await asyncio.sleep(3.0)  # both keep updating: nobody goes stale
+    assert await bank.read(agg, f"/Batteries/{row['b']}/State") == "online"
+    assert await bank.read(agg, CCL) == 200.0
+
+    feeder.active.discard("b")
+    await bank.value_is(agg, f"/Batteries/{row['b']}/State", "stale", timeout=6)
+    # b counts as carrying nothing: a takes it all, so the bank limit is a's own 100 A (never "no limit").
+    await bank.value_is(agg, CCL, 100.0, timeout=3)
+    assert "counted as carrying nothing: Pack b" in await bank.read(agg, "/Info/ChargeLimitation")
+    assert "stale" in await bank.read(agg, "/Aggregator/Status")
+    assert await bank.read(agg, f"/Batteries/{row['a']}/State") == "online"
+
+    feeder.active.add("b")
+    await bank.value_is(agg, f"/Batteries/{row['b']}/State", "online", timeout=3)
+    seen = await sample(bank, agg, CCL, 200.0, timeout=15, interval=0.2)
+    values = [v for _, v in seen]
+    assert values[-1] == 200.0, seen
+    assert values[0] < 200.0, seen  # not at once: ramped at 20 A/s
+    assert any(100.0 < v < 200.0 for v in values), seen
+    assert values == sorted(values), seen
+    assert seen[-1][0] - seen[0][0] >= 3.0, seen  # 100 A at 20 A/s is about 5 s
+    feeder.stop()
+    bank.close()
+
+
+# ---- 4. ramp and hysteresis ----------------------------------------------------------------------------------------
+
+async def test_rises_are_ramped_and_hysteretic_drops_go_out_at_once(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
+    feeder = Feeder(bank)
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})  # hysteresis: the default 1 A
+    await bank.value_is(agg, CCL, 50.0)
+    await asyncio.sleep(1.0)
+
+    a.set_value("/Info/MaxChargeCurrent", 150.0)
+    seen = await sample(bank, agg, CCL, 150.0, timeout=30, interval=0.5)
+    assert seen[-1][1] == 150.0, seen  # all the way: the last step is not held back by the hysteresis
+    values = [v for _, v in seen]
+    assert values == sorted(values), seen
+    assert len(set(values)) >= 10, seen  # many intermediate steps, not a jump
+    for (t0, v0), (t1, v1) in zip(seen, seen[1:]):
+        assert v1 - v0 <= 5.0 * (t1 - t0) + 6.0, seen  # about 5 A/s (the service ticks once a second)
+    assert seen[-1][0] - seen[0][0] >= 100.0 / 5.0 - 4.0, seen
+
+    # A rise below the hysteresis is not published.
+    published = await bank.read(agg, CCL)
+    a.set_value("/Info/MaxChargeCurrent", published + 0.6)
+    await asyncio.sleep(2.0)
+    assert await bank.read(agg, CCL) == published
+    # A drop goes out at once.
+    a.set_value("/Info/MaxChargeCurrent", 30.0)
+    await bank.value_is(agg, CCL, 30.0, timeout=1.5)
+    feeder.stop()
+    bank.close()
+
+
+async def test_a_rise_is_ramped_even_when_members_were_quiet(processes: Processes, tmp_path: Path) -> None:
+    """Against HEAD's LimitSmoother (ramp timed from the last recompute) the rise went out as 50 -> 110.1 A."""
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})
+    await bank.value_is(agg, CCL, 50.0)
+    await asyncio.sleep(12.0)  # a steady BMS whose values do not change: nothing is recomputed
+    a.set_value("/Info/MaxChargeCurrent", 150.0)
+    await asyncio.sleep(0.5)
+    assert await bank.read(agg, CCL) <= 50.0 + 5.0 * 1.5  # at most ~5 A/s from the moment the target rose
+    bank.close()
+
+
+async def test_a_ramp_reaches_its_target(processes: Processes, tmp_path: Path) -> None:
+    """Against HEAD's LimitSmoother (hysteresis applied to the rest of a ramp) it stalled below 80 A for good."""
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
+    feeder = Feeder(bank)
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5, "hysteresis": 10})
+    await bank.value_is(agg, CCL, 50.0)
+    a.set_value("/Info/MaxChargeCurrent", 80.0)  # a rise of 30 A, well above the 10 A hysteresis
+    try:
+        await bank.value_is(agg, CCL, 80.0, timeout=15)  # 6 s at 5 A/s
+    finally:
+        feeder.stop()
+        bank.close()
+
+
+# ---- 5. DVCC -----------------------------------------------------------------------------------------------------
+
+async def test_dvcc_user_limits_are_followed_live(processes: Processes, tmp_path: Path) -> None:
+    stand_in = await start_settings()
+    ls = LocalSettings(await connect())
+    await ls.start()
+    await ls.add(Setting(MAX_CURRENT, -1), Setting(MAX_VOLTAGE, 0.0))
+    system = VeService(await connect(), "com.victronenergy.system")
+    system.add_path("/Control/Dvcc", 0)
+    await system.register()
+
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Info__MaxChargeVoltage=55.2, Balancing=0)
+    b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Info__MaxChargeVoltage=56.0,
+                       Balancing=0)
+    agg, proc = run(processes, tmp_path, bank, cclMode="battery+dvcc", cvlMode="max_when_balancing",
+                    limits={**FAST, "voltageRampUpRate": 10, "voltageHysteresis": 0})
+    await bank.value_is(agg, CCL, 200.0)
+    await bank.value_is(agg, CVL, 55.2)  # the lowest while nobody balances
+
+    # A user limit while DVCC is off changes nothing.
+    assert await ls.set(MAX_CURRENT, 40)
+    await asyncio.sleep(1.0)
+    assert await bank.read(agg, CCL) == 200.0
+    system.set_value("/Control/Dvcc", 1)
+    await bank.value_is(agg, CCL, 40.0)
+    assert await bank.read(agg, "/Info/ChargeLimitation") == "DVCC user limit 40 A"
+    assert await ls.set(MAX_CURRENT, 150)  # above the batteries' limit: theirs applies
+    await bank.value_is(agg, CCL, 150.0)
+    await asyncio.sleep(0.5)
+    assert await bank.read(agg, CCL) == 150.0
+    assert await ls.set(MAX_CURRENT, -1)
+    await bank.value_is(agg, CCL, 200.0)
+    assert await ls.set(MAX_CURRENT, 40)
+    await bank.value_is(agg, CCL, 40.0)
+    system.set_value("/Control/Dvcc", 0)
+    await bank.value_is(agg, CCL, 200.0)
+    system.set_value("/Control/Dvcc", 1)
+    await bank.value_is(agg, CCL, 40.0)
+    assert await ls.set(MAX_CURRENT, -1)
+    await bank.value_is(agg, CCL, 200.0)
+
+    # CVL: the highest while one balances, capped by the user voltage while DVCC is on.
+    b.set_value("/Balancing", 1)
+    await bank.value_is(agg, CVL, 56.0)
+    assert await bank.read(agg, "/Balancing") == 1
+    assert await ls.set(MAX_VOLTAGE, 53.0)
+    await bank.value_is(agg, CVL, 53.0)
+    system.set_value("/Control/Dvcc", 0)
+    await bank.value_is(agg, CVL, 56.0)
+    system.set_value("/Control/Dvcc", 1)
+    await bank.value_is(agg, CVL, 53.0)
+    assert await ls.set(MAX_VOLTAGE, 0.0)
+    await bank.value_is(agg, CVL, 56.0)
+    b.set_value("/Balancing", 0)
+    await bank.value_is(agg, CVL, 55.2)
+    assert proc.poll() is None
+    bank.close()
+    system.close()
+    await ls.stop()
+    ls.bus.disconnect()
+    stand_in.service.close()
+
+
+# ---- 6. over-current guard ---------------------------------------------------------------------------------------
+
+async def test_over_current_guard_raises_the_share_and_logs_once(processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1, Dc__0__Current=60.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=40.0)
+    feeder = Feeder(bank)
+    agg, proc = run(processes, tmp_path, bank, limits=FAST)
+    row = await rows(bank, agg, 2)
+
+    async def guarded() -> bool:
+        ccl = await bank.read(agg, CCL)
+        return ccl is not None and 0 < ccl and 0.6 * ccl <= 50.0 + 0.05
+
+    await eventually(guarded, timeout=10)
+    # a was seen carrying 60% of the bank current: its share is 0.6 now, so 50 A / 0.6.
+    assert await bank.read(agg, CCL) == pytest.approx(83.3, abs=0.05)
+    assert await bank.read(agg, f"/Batteries/{row['a']}/Share") >= 0.6 - 1e-4
+    await asyncio.sleep(3.0)  # many recomputes: the episode is logged once
+    assert await bank.read(agg, CCL) <= 83.4
+    marker = "its share is corrected"
+    log = processes.output(proc)
+    assert log.count(marker) == 1, log
+    line = next(li for li in log.splitlines() if marker in li)
+    assert bank.name("a") in line and "60%" in line and "charge" in line
+    # The episode clears, and a new one is logged again.
+    a.set_value("/Dc/0/Current", 45.0)
+    b.set_value("/Dc/0/Current", 55.0)
+    await asyncio.sleep(2.0)
+    assert processes.output(proc).count(marker) == 1
+    a.set_value("/Dc/0/Current", 60.0)
+    b.set_value("/Dc/0/Current", 40.0)
+    await eventually(lambda: processes.output(proc).count(marker) == 2, timeout=5)
+    assert await bank.read(agg, CCL) <= 83.4
+    feeder.stop()
+    bank.close()
+
+
+# ---- 7. learned shares survive a restart ------------------------------------------------------------------------
+
+def _expected_shares(state: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """The charge shares the service would use from a saved state: marginal once enough change was seen,
+    else the ratio, renormalised over the members."""
+    shares = state["shares"]
+    marginal = shares["marginal"]
+    part = marginal if marginal["den"].get("charge", 0.0) >= 50.0 else shares["ratio"]
+    den = part["den"]["charge"]
+    raw = {n: max(0.0, v / den) for n, d, v in part["num"] if d == "charge" and n in names}
+    total = sum(raw.values())
+    return {n: s / total for n, s in raw.items()}
+
+
+async def test_learned_shares_are_saved_and_used_at_once_after_a_restart(
+        processes: Processes, tmp_path: Path) -> None:
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=300.0, Io__AllowToCharge=1, Dc__0__Current=0.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=300.0, Io__AllowToCharge=1, Dc__0__Current=0.0)
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="share", limits=FAST)
+    row = await rows(bank, agg, 2)
+    assert await bank.read(agg, f"/Batteries/{row['a']}/Share") == 0.5  # nothing learned: capacity, equal
+    # a takes 70% of every change of the bank current, b 30%.
+    for step in range(20):
+        bank_current = 20.0 + 60.0 * (step % 5) / 4  # 20, 35, 50, 65, 80, 20, ...
+        a.set_values({"/Dc/0/Current": round(0.7 * bank_current, 2), "/Dc/0/Voltage": 53.0 + step / 1000})
+        b.set_values({"/Dc/0/Current": round(0.3 * bank_current, 2), "/Dc/0/Voltage": 53.0 + step / 1000})
+        await asyncio.sleep(0.6)
+    await asyncio.sleep(2.0)
+    learned_a = await bank.read(agg, f"/Batteries/{row['a']}/Share")
+    learned_b = await bank.read(agg, f"/Batteries/{row['b']}/Share")
+    assert learned_a == pytest.approx(0.7, abs=0.05) and learned_b == pytest.approx(0.3, abs=0.05)
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+
+    path = tmp_path / "state" / f"batteryaggregator_{agg.rsplit('.', 1)[-1]}.json"
+    assert path.exists(), list((tmp_path / "state").iterdir()) if (tmp_path / "state").exists() else None
+    state = json.loads(path.read_text())
+    assert isinstance(state, dict) and "shares" in state
+    expected = _expected_shares(state, [bank.name("a"), bank.name("b")])
+    assert expected[bank.name("a")] == pytest.approx(learned_a, abs=1e-3)
+    assert expected[bank.name("b")] == pytest.approx(learned_b, abs=1e-3)
+
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="share", limits=FAST)
+    row = await rows(bank, agg, 2)
+    first: dict[str, Any] = {}
+
+    async def shares_shown() -> bool:
+        for suffix in ("a", "b"):
+            first.setdefault(suffix, await bank.read(agg, f"/Batteries/{row[suffix]}/Share"))
+            if first[suffix] is None:
+                del first[suffix]
+        return len(first) == 2
+
+    await eventually(shares_shown, timeout=5)
+    # The first share published is the learned one, not the capacity fallback of 0.5.
+    assert first["a"] == pytest.approx(expected[bank.name("a")], abs=1e-4)
+    assert first["b"] == pytest.approx(expected[bank.name("b")], abs=1e-4)
+    assert "learned shares and IR estimates loaded" in processes.output(proc)
+    bank.close()
+
+
+# ---- 8. bad writes from other processes ---------------------------------------------------------------------------
+
+async def test_bad_setvalue_on_every_path_is_refused_and_the_service_keeps_answering(
+        processes: Processes, tmp_path: Path, busctl: Busctl) -> None:
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
+    agg, proc = run(processes, tmp_path, bank, limits=FAST)
+    await bank.value_is(agg, CCL, 100.0)
+    await rows(bank, agg, 1)
+    items = client.parse_items((await client.call(await connect(), agg, "/", "GetItems")).body[0])
+    before = await bank.read(agg, "/LogLevel")
+    name_before = await bank.read(agg, "/CustomName")
+
+    # busctl: another process, the way a GX tool writes.
+    async def code(path: str, *sig_and_args: str) -> int:
+        return (await busctl.acall_json(agg, path, "SetValue", "v", *sig_and_args))["data"][0]
+
+    assert await code("/CustomName", "i", "3") == 1
+    assert await code("/CustomName", "d", "1.5") == 1
+    assert await code("/CustomName", "as", "2", "x", "y") == 1
+    assert await code("/LogLevel", "s", "LOUD") == 2
+    assert await code("/LogLevel", "s", "debug") == 2
+    assert await code("/LogLevel", "s", "") == 2
+    assert await code("/LogLevel", "i", "10") == 1
+    assert await code("/Info/MaxChargeCurrent", "d", "500") == 1
+    assert await code("/Info/MaxChargeCurrent", "s", "lots") == 1
+    assert await code("/Batteries/0/Share", "d", "1") == 1
+    assert await code("/Aggregator/Status", "s", "ok") == 1
+    wrong = await busctl.arun("call", agg, "/LogLevel", "com.victronenergy.BusItem", "SetValue", "s", "INFO",
+                              check=False)
+    assert wrong.returncode != 0  # not a variant: an error reply, not a crash
+    missing = await busctl.arun("call", agg, "/No/Such/Path", "com.victronenergy.BusItem", "SetValue", "v", "i",
+                                "1", check=False)
+    assert missing.returncode != 0 and "no such path" in missing.stderr.lower()
+
+    # Every other path of the aggregate is read-only, whatever the value.
+    writer = await connect()
+    writeable = {"/CustomName", "/LogLevel"}
+    for path in items:
+        if path in writeable:
+            continue
+        for variant in (Variant("i", 7), Variant("s", "x"), Variant("d", math.nan)):
+            reply = await client.call(writer, agg, path, "SetValue", "v", [variant])
+            assert reply.body[0] == 1, (path, variant)
+    writer.disconnect()
+
+    assert await bank.read(agg, "/LogLevel") == before
+    assert await bank.read(agg, "/CustomName") == name_before
+    assert await bank.read(agg, CCL) == 100.0
+    assert await bank.read(agg, "/Connected") == 1
+    assert proc.poll() is None
+    # Good writes still work after all that.
+    assert await code("/LogLevel", "s", "INFO") == 0
+    await bank.value_is(agg, "/LogLevel", "INFO")
+    assert await code("/CustomName", "s", "Shed bank") == 0
+    await bank.value_is(agg, "/CustomName", "Shed bank")
+    bank.close()
