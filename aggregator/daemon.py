@@ -66,7 +66,9 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
         config = fallback.config
     elif source != "defaults":
         remember_good(config_path, config)
-    logging.getLogger().setLevel(log_level or config.logLevel)
+    if log_level:  # the command line wins, and /LogLevel must show what is in force
+        config = config.model_copy(update={"logLevel": log_level})
+    logging.getLogger().setLevel(config.logLevel)
 
     aggregator = Aggregator(config, bus_address)
     try:

@@ -109,3 +109,24 @@ async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path
     data = json.loads(dump_file.read_text())
     assert data["services"]["com.victronenergy.battery.sim_a"]["/ProductName"] == "Simulated LiFePO4"
     assert "com.victronenergy.battery.statusagg" in data["services"]
+
+
+async def test_log_level_path_shows_the_level_in_force(processes: Processes, tmp_path: Path) -> None:
+    from aggregator.bus import client
+    from aggregator.bus.lib import connect
+
+    config = tmp_path / "config.json"
+    name = "com.victronenergy.battery.loglevelagg"
+    config.write_text(json.dumps({"serviceName": name, "startupBatteryWait": 0, "logLevel": "INFO",
+                                  "stateDir": str(tmp_path)}))
+    processes.start("run", "--config", str(config), "--log-level", "DEBUG")
+    bus = await connect()
+
+    async def level() -> object:
+        try:
+            return await client.get_value(bus, name, "/LogLevel", 2.0)
+        except client.CallError:
+            return None
+
+    assert await eventually(level, timeout=15) == "DEBUG"
+    bus.disconnect()
