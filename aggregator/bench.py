@@ -130,7 +130,8 @@ def _start_role(role: str, args: argparse.Namespace, env: dict[str, str]) -> sub
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def _read_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
+def read_json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The next line a role process prints, as JSON (RuntimeError when it exited instead)."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -144,14 +145,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with PrivateBus() as bus:
         env = bus.env()
         publisher = _start_role("publisher", args, env)
-        _read_json(publisher)
+        read_json_line(publisher)
         watcher = _start_role("watcher", args, env)
-        ready = _read_json(watcher)
+        ready = read_json_line(watcher)
         assert publisher.stdin is not None
         publisher.stdin.write("go\n")
         publisher.stdin.flush()
-        pub = _read_json(publisher)
-        mon = _read_json(watcher)
+        pub = read_json_line(publisher)
+        mon = read_json_line(watcher)
         publisher.wait(timeout=30)
         watcher.wait(timeout=30)
     lat = sorted(mon["latencies"])

@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aggregator.bench import machine  # noqa: E402
+from aggregator.bench import machine, read_json_line  # noqa: E402
 from aggregator.privatebus import PrivateBus  # noqa: E402
 
 SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True)}
@@ -124,14 +124,6 @@ async def probe(members: int, duration: float) -> None:
 
 # ---- orchestration -----------------------------------------------------------------------------------------
 
-def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"a benchmark process exited early (code {proc.wait()})")
-    return json.loads(line)
-
-
 def _say(proc: subprocess.Popen[str]) -> None:
     assert proc.stdin is not None
     proc.stdin.write("go\n")
@@ -146,7 +138,7 @@ def run(scenario: str, duration: float, library: str = "dbus-next") -> dict[str,
         role = [sys.executable, str(Path(__file__).resolve()), "--scenario", scenario, "--duration", str(duration)]
         pub = subprocess.Popen(role + ["--role", "publisher"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, env=env)
-        _line(pub)
+        read_json_line(pub)
         config = Path(tmp, "config.json")
         config.write_text(json.dumps({"serviceName": AGGREGATE, "stateDir": tmp, "startupBatteryWait": 10}))
         started = time.monotonic()
@@ -157,15 +149,15 @@ def run(scenario: str, duration: float, library: str = "dbus-next") -> dict[str,
         startup = _wait_for_members(env, members, started)
         prb = subprocess.Popen(role + ["--role", "probe"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, env=env)
-        _line(prb)
+        read_json_line(prb)
         time.sleep(1.0)  # let start-up work settle before measuring
         cpu0 = process_cpu(daemon.pid)
         _say(pub)
-        result = _line(pub)
+        result = read_json_line(pub)
         cpu = process_cpu(daemon.pid) - cpu0
         rss = process_rss_mib(daemon.pid)
         _say(prb)
-        seen = _line(prb)["seen"]
+        seen = read_json_line(prb)["seen"]
         _say(pub)
         for proc in (pub, prb):
             proc.wait(timeout=20)
