@@ -6,6 +6,7 @@ computes the dirty aggregate paths and publishes them with one ItemsChanged per 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from .limits import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
                          assign_roles, resolve)
-from .merge import Merge, MergeOptions, first_valid
+from .merge import LIMIT_PATHS, Merge, MergeOptions, first_valid
 from .sanitize import check_values
 
 _LOG = logging.getLogger("aggregator")
@@ -41,7 +42,6 @@ SYSTEM_SERVICE = "com.victronenergy.system"
 DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
               (SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeVoltage"),
               (SYSTEM_SERVICE, "/Control/Dvcc"))
-LIMIT_PATHS = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage")
 STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
 MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
@@ -144,7 +144,8 @@ class VirtualBattery:
         sources = sorted(members, key=lambda e: e[0])
         if self.hooks:
             # Hooks read the members' merge (the first member with a value), then stand in the list too.
-            merged = {p: first_valid([(v, w) for _, v, w in sources], p) for _, v, _ in sources for p in v}
+            member_sources = [(v, w) for _, v, w in sources]
+            merged = {p: first_valid(member_sources, p) for v, _ in member_sources for p in v}
             hook_sources = [(i, hook.outputs(merged), None) for i, hook in self.hooks]
             produced = {p for _, out, _ in hook_sources for p in out}
             dirty |= produced | self._hook_paths  # a path a hook stopped setting falls back to the members
@@ -291,7 +292,7 @@ class Aggregator:
     def _add_aggregate_paths(self, service: VeService) -> None:
         for path in self.merge.paths:
             service.add_path(path, None, text=text_format(path))
-        for path in LIMIT_PATHS:
+        for path in sorted(LIMIT_PATHS):
             service.add_path(path, None, text=text_format(path))
         service.add_path("/Info/ChargeLimitation", None)
         service.add_path("/System/NrOfBatteries", 0)
@@ -502,7 +503,7 @@ class Aggregator:
             self._update_limits(values)
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
             for name in self._dirty_rows:
-                self._breakdown_row(service, name, values)
+                self._breakdown_row(service, name)
             self._dirty_rows.clear()
             for path, value in values.items():
                 if path not in service:
@@ -573,11 +574,11 @@ class Aggregator:
     def _on_dvcc_change(self, service: str, path: str, value: Any) -> None:
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if path == "/Control/Dvcc":
-            self.dvcc = DvccLimits(bool(number), self.dvcc.max_charge_current, self.dvcc.max_charge_voltage)
+            self.dvcc = dataclasses.replace(self.dvcc, enabled=bool(number))
         elif path.endswith("MaxChargeCurrent"):
-            self.dvcc = DvccLimits(self.dvcc.enabled, number, self.dvcc.max_charge_voltage)
+            self.dvcc = dataclasses.replace(self.dvcc, max_charge_current=number)
         else:
-            self.dvcc = DvccLimits(self.dvcc.enabled, self.dvcc.max_charge_current, number)
+            self.dvcc = dataclasses.replace(self.dvcc, max_charge_voltage=number)
         _LOG.info("DVCC %s, user limits %s A, %s V", "on" if self.dvcc.enabled else "off",
                   self.dvcc.max_charge_current, self.dvcc.max_charge_voltage)
         self._limits_dirty = True
@@ -597,11 +598,11 @@ class Aggregator:
         if self._store is not None:
             self._store.save(self.control.to_state())
 
-    def _breakdown_row(self, service: VeService, name: str, merged: dict[str, Any]) -> None:
+    def _breakdown_row(self, service: VeService, name: str) -> None:
         state = self.members.get(name)
-        prefix = f"/Batteries/{state.slot}/" if state is not None else None
         if state is None:
             return
+        prefix = f"/Batteries/{state.slot}/"
         member = self.merge.members.get(name)
         values = member.values if member is not None else {}
         watched = self.monitor.services.get(name) if self.monitor is not None else None

@@ -347,17 +347,12 @@ class Merge:
 
 
 def _first_from(sources: list[tuple[str, frozenset[str] | None, dict[str, Any]]], path: str) -> Any:
-    for _, wanted, values in sources:
-        if wanted is not None and path not in wanted:
-            continue
-        value = values.get(path)
-        if value is not None:
-            return value
-    return None
+    return first_valid(((values, wanted) for _, wanted, values in sources), path)
 
 
-def first_valid(members: Sequence[tuple[dict[str, Any], frozenset[str] | None]], path: str) -> Any:
-    """Virtual batteries: the first listed member (that provides this path) with a valid value wins."""
+def first_valid(members: Iterable[tuple[dict[str, Any], frozenset[str] | None]], path: str) -> Any:
+    """The first listed source (that provides this path) with a valid value wins: virtual battery members,
+    auxiliary and primary services."""
     for values, wanted in members:
         if wanted is not None and path not in wanted:
             continue
