@@ -16,7 +16,7 @@ command -v dbus-send >/dev/null || need_apt+=(dbus-bin)
 command -v busctl >/dev/null || need_apt+=(systemd)
 command -v chromium >/dev/null && command -v chromedriver >/dev/null || need_apt+=(chromium chromium-driver)
 # A real MQTT broker for the dispatcher's and the cooperative's tests; openssl makes their TLS test certificates.
-command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+{ command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null || need_apt+=(mosquitto)
 command -v mosquitto_passwd >/dev/null || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null || need_apt+=(openssl)
 
