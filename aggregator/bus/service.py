@@ -278,16 +278,21 @@ class VeService:
 
     # ---- answering calls ---------------------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> Message | bool | None:
+    def _handle(self, msg: Message) -> bool | None:
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
         reply = self._answer(msg)
-        if reply is not None and msg.flags & _NO_REPLY_EXPECTED:
+        if reply is None:
+            return None
+        if msg.flags & _NO_REPLY_EXPECTED:
             return True  # handled, and the caller asked for no reply
-        if reply is not None and self.reply_delay > 0:
+        if self.reply_delay > 0:
             asyncio.get_running_loop().call_later(self.reply_delay, self._send, reply)
-            return True
-        return reply
+        else:
+            # Sent here, not returned: dbus-next sends a returned reply only when it is exactly its own Message
+            # class, and ours is the lean-codec subclass.
+            self._send(reply)
+        return True
 
     def _answer(self, msg: Message) -> Message | None:
         interface = msg.interface

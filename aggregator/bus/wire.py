@@ -1,0 +1,494 @@
+"""A lean D-Bus wire codec for dbus-next, for the messages on the hot path.
+
+dbus-next 0.2.3 (pure Python) spends most of the service's CPU in its marshaller and unmarshaller: every
+element goes through several method calls, and every variant re-verifies its value against its signature.
+This codec compiles a signature once into a small tree and walks values with struct directly. It produces
+and accepts exactly the bytes of the D-Bus specification for little-endian messages; anything else (big-endian,
+unix fds) falls back to the library's own code. dbus-fast already has a
+compiled codec; this module is used only on dbus-next.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from codecs import decode
+from functools import lru_cache
+from typing import Any
+
+from dbus_next import Message, Variant
+from dbus_next._private.unmarshaller import Unmarshaller
+from dbus_next.constants import MessageFlag, MessageType
+from dbus_next.signature import SignatureTree
+
+# (struct format, alignment) of the fixed-size types; 'b' is a uint32 on the wire.
+_FIXED = {"y": ("B", 1), "b": ("I", 4), "n": ("h", 2), "q": ("H", 2), "i": ("i", 4), "u": ("I", 4),
+          "x": ("q", 8), "t": ("Q", 8), "d": ("d", 8), "h": ("I", 4)}
+_ALIGN = {**{k: a for k, (_f, a) in _FIXED.items()}, "s": 4, "o": 4, "g": 1, "v": 1, "a": 4, "(": 8, "{": 8}
+_LE = {k: struct.Struct("<" + f) for k, (f, _a) in _FIXED.items()}
+_U32_LE = struct.Struct("<I")
+_HEADER_LE = struct.Struct("<BBBBIII")
+
+Node = tuple[Any, ...]  # (code,) | ("a", child) | ("(", children) | ("{", key, value)
+
+
+class Unsupported(Exception):
+    """The codec does not handle this message; the library's own code must."""
+
+
+# ---- signatures -----------------------------------------------------------------------------------------
+
+def _parse_one(signature: str, i: int) -> tuple[Node, int]:
+    code = signature[i]
+    if code == "a":
+        child, j = _parse_one(signature, i + 1)
+        return ("a", child), j
+    if code == "(":
+        children = []
+        i += 1
+        while signature[i] != ")":
+            child, i = _parse_one(signature, i)
+            children.append(child)
+        return ("(", tuple(children)), i + 1
+    if code == "{":
+        key, j = _parse_one(signature, i + 1)
+        value, j = _parse_one(signature, j)
+        if signature[j] != "}":
+            raise Unsupported(f"bad dict entry in {signature!r}")
+        return ("{", key, value), j + 1
+    if code in _FIXED or code in "sogv":
+        return (code,), i + 1
+    raise Unsupported(f"unknown type code {code!r}")
+
+
+@lru_cache(maxsize=512)
+def compile_signature(signature: str) -> tuple[Node, ...]:
+    nodes = []
+    i = 0
+    while i < len(signature):
+        node, i = _parse_one(signature, i)
+        nodes.append(node)
+    return tuple(nodes)
+
+
+@lru_cache(maxsize=512)
+def _single(signature: str) -> Node:
+    nodes = compile_signature(signature)
+    if len(nodes) != 1:
+        raise Unsupported(f"a variant needs one complete type, not {signature!r}")
+    return nodes[0]
+
+
+# ---- encoding -------------------------------------------------------------------------------------------
+
+def _pad(buf: bytearray, alignment: int) -> None:
+    extra = -len(buf) & (alignment - 1)
+    if extra:
+        buf += bytes(extra)
+
+
+def _put_string(buf: bytearray, text: str) -> None:
+    raw = text.encode()
+    _pad(buf, 4)
+    buf += _U32_LE.pack(len(raw))
+    buf += raw
+    buf.append(0)
+
+
+def _put_signature(buf: bytearray, text: str) -> None:
+    raw = text.encode()
+    buf.append(len(raw))
+    buf += raw
+    buf.append(0)
+
+
+def _put(buf: bytearray, node: Node, value: Any) -> None:
+    code = node[0]
+    packer = _LE.get(code)
+    if packer is not None:
+        if code == "h":
+            raise Unsupported("unix fds")
+        _pad(buf, packer.size)
+        buf += packer.pack(value)
+    elif code == "s" or code == "o":
+        _put_string(buf, value)
+    elif code == "v":
+        signature = value.signature
+        _put_signature(buf, signature)
+        _put(buf, _single(signature), value.value)
+    elif code == "a":
+        _pad(buf, 4)
+        at = len(buf)
+        buf += b"\0\0\0\0"
+        child = node[1]
+        _pad(buf, _ALIGN[child[0]])  # the first element's padding is not part of the length
+        start = len(buf)
+        if child[0] == "{":
+            key_node, value_node = child[1], child[2]
+            for key, item in value.items():
+                _pad(buf, 8)
+                _put(buf, key_node, key)
+                _put(buf, value_node, item)
+        elif child[0] == "y" and isinstance(value, (bytes, bytearray)):
+            buf += value
+        else:
+            for item in value:
+                _put(buf, child, item)
+        _U32_LE.pack_into(buf, at, len(buf) - start)
+    elif code == "(":
+        _pad(buf, 8)
+        for child, item in zip(node[1], value, strict=True):
+            _put(buf, child, item)
+    elif code == "g":
+        _put_signature(buf, value)
+    else:
+        raise Unsupported(f"cannot encode {code!r}")
+
+
+_DOUBLE = struct.Struct("<d")
+_INT32 = struct.Struct("<i")
+
+
+def _put_dict_of_variants(buf: bytearray, entries: dict[str, Any]) -> None:
+    """`a{sv}` with the common variants (d, i, s) written inline: every BusItem signal is made of these."""
+    _pad(buf, 4)
+    at = len(buf)
+    buf += b"\0\0\0\0"
+    _pad(buf, 8)
+    start = len(buf)
+    for key, variant in entries.items():
+        _pad(buf, 8)
+        raw = key.encode()
+        buf += _U32_LE.pack(len(raw))
+        buf += raw
+        buf.append(0)
+        signature = variant.signature
+        if signature == "d":
+            buf += b"\x01d\0"
+            _pad(buf, 8)
+            buf += _DOUBLE.pack(variant.value)
+        elif signature == "s":
+            buf += b"\x01s\0"
+            _put_string(buf, variant.value)
+        elif signature == "i":
+            buf += b"\x01i\0"
+            _pad(buf, 4)
+            buf += _INT32.pack(variant.value)
+        else:
+            _put_signature(buf, signature)
+            _put(buf, _single(signature), variant.value)
+    _U32_LE.pack_into(buf, at, len(buf) - start)
+
+
+def _encode_items(items: dict[str, dict[str, Any]]) -> bytearray:
+    """`a{sa{sv}}`, the body of ItemsChanged and GetItems."""
+    buf = bytearray(8)  # array length, then padding to the first (8-aligned) dict entry
+    for path, entries in items.items():
+        _pad(buf, 8)
+        _put_string(buf, path)
+        _put_dict_of_variants(buf, entries)
+    _U32_LE.pack_into(buf, 0, len(buf) - 8)
+    return buf
+
+
+def encode_body(signature: str, body: list[Any]) -> bytearray:
+    if signature == "a{sa{sv}}":
+        return _encode_items(body[0])
+    if signature == "a{sv}":
+        buf = bytearray()
+        _put_dict_of_variants(buf, body[0])
+        return buf
+    buf = bytearray()
+    for node, value in zip(compile_signature(signature), body, strict=True):
+        _put(buf, node, value)
+    return buf
+
+
+# Header fields of the specification: code, value type.
+_FIELDS = (("path", 1, "o"), ("interface", 2, "s"), ("member", 3, "s"), ("error_name", 4, "s"),
+           ("reply_serial", 5, "u"), ("destination", 6, "s"), ("sender", 7, "s"), ("signature", 8, "g"))
+
+
+def encode_message(msg: Message) -> bytes:
+    if msg.unix_fds:
+        raise Unsupported("unix fds")
+    body = encode_body(msg.signature, msg.body) if msg.signature else bytearray()
+    fields = bytearray()
+    for attribute, code, kind in _FIELDS:
+        value = getattr(msg, attribute)
+        if not value:
+            continue
+        _pad(fields, 8)
+        fields.append(code)
+        _put_signature(fields, kind)
+        _put(fields, (kind,), value)
+    head = bytearray(_HEADER_LE.pack(ord("l"), msg.message_type.value, msg.flags.value, 1, len(body), msg.serial,
+                                     len(fields)))
+    head += fields
+    _pad(head, 8)
+    head += body
+    return bytes(head)
+
+
+class FastMessage(Message):
+    """A dbus-next Message that marshals itself with this codec (the library's writer calls _marshall).
+    The constructors return this class, so replies and signals built with them take the lean path too."""
+
+    @classmethod
+    def new_error(cls, msg: Message, error_name: str, error_text: str) -> FastMessage:
+        return cls(message_type=MessageType.ERROR, reply_serial=msg.serial, destination=msg.sender,
+                   error_name=error_name, signature="s", body=[error_text])
+
+    @classmethod
+    def new_method_return(cls, msg: Message, signature: str = "", body: list[Any] | None = None,
+                          unix_fds: list[int] | None = None) -> FastMessage:
+        return cls(message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial, destination=msg.sender,
+                   signature=signature, body=body or [], unix_fds=unix_fds or [])
+
+    @classmethod
+    def new_signal(cls, path: str, interface: str, member: str, signature: str = "", body: list[Any] | None = None,
+                   unix_fds: list[int] | None = None) -> FastMessage:
+        return cls(message_type=MessageType.SIGNAL, interface=interface, path=path, member=member,
+                   signature=signature, body=body or [], unix_fds=unix_fds or [])
+
+    def _marshall(self, negotiate_unix_fd: bool = False) -> bytes:
+        try:
+            return encode_message(self)
+        except Unsupported:
+            return super()._marshall(negotiate_unix_fd)
+
+
+# ---- decoding -------------------------------------------------------------------------------------------
+
+def _variant(signature: str, value: Any) -> Variant:
+    # The bytes were valid D-Bus, so skip the library's re-verification of the value.
+    variant = Variant.__new__(Variant)
+    variant.type = SignatureTree._get(signature).types[0]
+    variant.signature = signature
+    variant.value = value
+    return variant
+
+
+def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node, fixed: dict[str, struct.Struct],
+         u32: struct.Struct) -> tuple[Any, int]:
+    code = node[0]
+    unpacker = fixed.get(code)
+    if unpacker is not None:
+        offset += -offset & (unpacker.size - 1)
+        value = unpacker.unpack_from(buf, offset)[0]
+        return (bool(value) if code == "b" else value), offset + unpacker.size
+    if code == "s" or code == "o":
+        offset += -offset & 3
+        length = u32.unpack_from(buf, offset)[0]
+        start = offset + 4
+        return decode(buf[start:start + length]), start + length + 1
+    if code == "v":
+        length = buf[offset]
+        signature = decode(buf[offset + 1:offset + 1 + length])
+        value, offset = _get(buf, offset + 2 + length, _single(signature), fixed, u32)
+        return _variant(signature, value), offset
+    if code == "a":
+        offset += -offset & 3
+        length = u32.unpack_from(buf, offset)[0]
+        offset += 4
+        child = node[1]
+        offset += -offset & (_ALIGN[child[0]] - 1)
+        end = offset + length
+        if child[0] == "{":
+            key_node, value_node = child[1], child[2]
+            result: dict[Any, Any] = {}
+            while offset < end:
+                offset += -offset & 7
+                key, offset = _get(buf, offset, key_node, fixed, u32)
+                result[key], offset = _get(buf, offset, value_node, fixed, u32)
+            return result, end
+        if child[0] == "y":
+            return bytes(buf[offset:end]), end
+        items = []
+        while offset < end:
+            item, offset = _get(buf, offset, child, fixed, u32)
+            items.append(item)
+        return items, end
+    if code == "(":
+        offset += -offset & 7
+        fields = []
+        for child in node[1]:
+            item, offset = _get(buf, offset, child, fixed, u32)
+            fields.append(item)
+        return fields, offset
+    if code == "g":
+        length = buf[offset]
+        return decode(buf[offset + 1:offset + 1 + length]), offset + 2 + length
+    raise Unsupported(f"cannot decode {code!r}")
+
+
+_D_TREE = SignatureTree._get("d").types[0]
+_S_TREE = SignatureTree._get("s").types[0]
+_I_TREE = SignatureTree._get("i").types[0]
+
+
+def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
+    """`a{sv}` with the common variants (d, s, i) read inline; the rest through _get."""
+    offset += -offset & 3
+    length = _U32_LE.unpack_from(buf, offset)[0]
+    offset += 4
+    offset += -offset & 7
+    end = offset + length
+    result: dict[str, Any] = {}
+    new = Variant.__new__
+    while offset < end:
+        offset += -offset & 7
+        length = _U32_LE.unpack_from(buf, offset)[0]
+        key = decode(buf[offset + 4:offset + 4 + length])
+        offset += 5 + length
+        if buf[offset] == 1:
+            code = buf[offset + 1]
+            offset += 3
+            if code == 100:  # 'd'
+                offset += -offset & 7
+                variant = new(Variant)
+                variant.type, variant.signature, variant.value = _D_TREE, "d", _DOUBLE.unpack_from(buf, offset)[0]
+                offset += 8
+                result[key] = variant
+                continue
+            if code == 115:  # 's'
+                offset += -offset & 3
+                length = _U32_LE.unpack_from(buf, offset)[0]
+                variant = new(Variant)
+                variant.type, variant.signature = _S_TREE, "s"
+                variant.value = decode(buf[offset + 4:offset + 4 + length])
+                offset += 5 + length
+                result[key] = variant
+                continue
+            if code == 105:  # 'i'
+                offset += -offset & 3
+                variant = new(Variant)
+                variant.type, variant.signature, variant.value = _I_TREE, "i", _INT32.unpack_from(buf, offset)[0]
+                offset += 4
+                result[key] = variant
+                continue
+            offset -= 3
+        result[key], offset = _get(buf, offset, ("v",), _LE, _U32_LE)
+    return result, end
+
+
+def _get_items(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
+    """`a{sa{sv}}`: ItemsChanged and GetItems."""
+    offset += -offset & 3
+    length = _U32_LE.unpack_from(buf, offset)[0]
+    offset += 4
+    offset += -offset & 7
+    end = offset + length
+    result: dict[str, Any] = {}
+    while offset < end:
+        offset += -offset & 7
+        length = _U32_LE.unpack_from(buf, offset)[0]
+        path = decode(buf[offset + 4:offset + 4 + length])
+        result[path], offset = _get_dict_of_variants(buf, offset + 5 + length)
+    return result, end
+
+
+def decode_body(signature: str, buf: bytes | bytearray | memoryview, offset: int = 0) -> list[Any]:
+    """The body values of a little-endian message, as dbus-next gives them (dicts, lists, bytes for `ay`,
+    Variant for `v`). Offsets are relative to the message start, whose alignment is 8."""
+    if signature == "a{sa{sv}}":
+        return [_get_items(buf, offset)[0]]
+    if signature == "a{sv}":
+        return [_get_dict_of_variants(buf, offset)[0]]
+    body = []
+    for node in compile_signature(signature):
+        value, offset = _get(buf, offset, node, _LE, _U32_LE)
+        body.append(value)
+    return body
+
+
+_FIELD_NAMES = {**{code: attribute for attribute, code, _kind in _FIELDS}, 9: "unix_fds"}
+
+
+def decode_message(data: bytes) -> Message:
+    """One whole message (starting at offset 0, so alignments hold) -> a dbus-next Message."""
+    if data[0] != 108 or data[3] != 1:  # 'l', protocol 1
+        return _library_decode(data)  # big-endian (no Venus OS machine is) or broken: the library's code
+    body_len, serial, fields_len = _HEADER_LE.unpack_from(data, 0)[4:]
+    header_end = 16 + fields_len
+    header: dict[str, Any] = {}
+    offset = 16
+    while offset < header_end:
+        offset += -offset & 7
+        code = data[offset]
+        variant, offset = _get(data, offset + 1, ("v",), _LE, _U32_LE)
+        name = _FIELD_NAMES.get(code)
+        if name is not None:
+            header[name] = variant.value
+    if header.get("unix_fds"):
+        return _library_decode(data)
+    signature = header.get("signature", "")
+    try:
+        body = decode_body(signature, data, header_end + (-header_end & 7)) if body_len else []
+    except Unsupported:
+        return _library_decode(data)
+    return Message(destination=header.get("destination"), path=header.get("path"),
+                   interface=header.get("interface"), member=header.get("member"),
+                   message_type=MessageType(data[1]), flags=MessageFlag(data[2]),
+                   error_name=header.get("error_name"), reply_serial=header.get("reply_serial"),
+                   sender=header.get("sender"), signature=signature, body=body, serial=serial)
+
+
+def message_length(data: bytes | bytearray, start: int = 0) -> int | None:
+    """The length of the message starting at `start`, or None while its fixed header is incomplete."""
+    if len(data) - start < 16:
+        return None
+    order = "<" if data[start] == 108 else ">"
+    body_len, fields_len = struct.unpack_from(order + "I", data, start + 4)[0], \
+        struct.unpack_from(order + "I", data, start + 12)[0]
+    header_end = 16 + fields_len
+    return header_end + (-header_end & 7) + body_len
+
+
+def _library_decode(data: bytes) -> Message:
+    unmarshaller = Unmarshaller(io.BytesIO(data))
+    if unmarshaller.unmarshall() is None:
+        raise ValueError("truncated D-Bus message")
+    return unmarshaller.message
+
+
+def install(bus: Any) -> None:
+    """Read a connected dbus-next bus with this codec: one recv takes every message that has arrived, instead
+    of three reads (header, rest, a failing probe) and a new Unmarshaller per message. Connections that pass
+    unix fds keep the library's reader."""
+    if getattr(bus, "_negotiate_unix_fd", False):
+        return
+    sock, loop, fd = bus._sock, bus._loop, bus._fd
+    # Bytes the library has already taken off the socket: a message it began, and its stream's read-ahead.
+    pending = bytearray(bus._unmarshaller.buf)
+    buffered = bus._stream.peek(1 << 16) if hasattr(bus._stream, "peek") else b""
+    if buffered:
+        pending += bus._stream.read1(len(buffered))
+
+    def on_readable() -> None:
+        nonlocal pending
+        try:
+            while True:
+                try:
+                    chunk = sock.recv(1 << 16)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not chunk:
+                    raise EOFError("the bus closed the connection")
+                pending += chunk
+                if len(chunk) < 1 << 16:
+                    break
+            start = 0
+            while bus.connected:
+                length = message_length(pending, start)
+                if length is None or len(pending) - start < length:
+                    break
+                message = decode_message(bytes(pending[start:start + length]))
+                start += length
+                bus._on_message(message)
+            if start:
+                del pending[:start]
+        except Exception as error:  # what the library's reader does: the connection is unusable
+            bus._finalize(error)
+
+    loop.remove_reader(fd)
+    loop.add_reader(fd, on_readable)
