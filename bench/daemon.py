@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from aggregator.bench import machine, read_json_line  # noqa: E402
 from aggregator.privatebus import PrivateBus  # noqa: E402
 
-SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True)}
+SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True), "idle": (16, 0.05, False)}
 AGGREGATE = "com.victronenergy.battery.benchagg"
 PROBE_BASE = 100.0  # probe temperatures 100..150 degC: above every real member, inside the sanity bounds
 
@@ -42,8 +42,14 @@ def _ticks() -> int:
 
 
 def process_cpu(pid: int) -> float:
+    return sum(process_cpu_split(pid))
+
+
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process and its waited-for children."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / _ticks()  # utime stime cutime cstime
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return (utime + cutime) / _ticks(), (stime + cstime) / _ticks()
 
 
 def process_rss_mib(pid: int) -> float:
@@ -130,7 +136,7 @@ def _say(proc: subprocess.Popen[str]) -> None:
     proc.stdin.flush()
 
 
-def run(scenario: str, duration: float, library: str = "dbus-next") -> dict[str, Any]:
+def run(scenario: str, duration: float, library: str = "dbus-next", profile: str | None = None) -> dict[str, Any]:
     members, rate, burst = SCENARIOS[scenario]
     with PrivateBus() as bus, tempfile.TemporaryDirectory() as tmp:
         env = bus.env()
@@ -151,10 +157,20 @@ def run(scenario: str, duration: float, library: str = "dbus-next") -> dict[str,
                                text=True, env=env)
         read_json_line(prb)
         time.sleep(1.0)  # let start-up work settle before measuring
-        cpu0 = process_cpu(daemon.pid)
+        spy = None
+        if profile:  # sample the measured part only (py-spy: also sees time in C code and the GC)
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "1000", "--nonblocking", "-o",
+                                    str(Path(profile).resolve()), "--pid", str(daemon.pid)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        user0, system0 = process_cpu_split(daemon.pid)
         _say(pub)
         result = read_json_line(pub)
-        cpu = process_cpu(daemon.pid) - cpu0
+        user1, system1 = process_cpu_split(daemon.pid)
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(timeout=20)
+        cpu = (user1 - user0) + (system1 - system0)
         rss = process_rss_mib(daemon.pid)
         _say(prb)
         seen = read_json_line(prb)["seen"]
@@ -170,6 +186,7 @@ def run(scenario: str, duration: float, library: str = "dbus-next") -> dict[str,
         "duration_s": round(result["elapsed"], 1), "member_updates": result["updates"],
         "cpu_s_per_1000_updates": round(1000 * cpu / max(1, result["updates"]), 4),
         "cpu_percent_of_one_core": round(100 * cpu / result["elapsed"], 2),
+        "system_share": round((system1 - system0) / cpu, 2) if cpu else None,
         "rss_mib": round(rss, 1), "startup_s": round(startup, 2),
         "probe_updates_seen": f"{len(latencies)} of {len(sent)}",
         "latency_ms": {"median": round(1000 * statistics.median(latencies), 2) if latencies else None,
@@ -197,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--library", choices=["dbus-next", "dbus-fast"], default="dbus-next",
                         help="the D-Bus library the daemon under test runs on")
+    parser.add_argument("--profile", metavar="FILE", help="sample the daemon with py-spy while it is measured; collapsed stacks to FILE")
     parser.add_argument("--role", choices=["publisher", "probe"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     members, rate, burst = SCENARIOS[args.scenario]
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "probe":
         asyncio.run(probe(members, args.duration))
         return 0
-    r = run(args.scenario, args.duration, args.library)
+    r = run(args.scenario, args.duration, args.library, args.profile)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (burst: all at once)' if r['burst'] else ''}, {r['duration_s']} s, "
               f"{r['member_updates']} member updates")
         print(f"daemon: {r['cpu_s_per_1000_updates']:.3f} CPU-s per 1000 member updates "
-              f"({r['cpu_percent_of_one_core']:.1f}% of one core), RSS {r['rss_mib']} MiB, "
+              f"({r['cpu_percent_of_one_core']:.1f}% of one core, {r['system_share']:.0%} in the kernel), RSS {r['rss_mib']} MiB, "
               f"start-up with {r['members']} members {r['startup_s']} s")
         print(f"latency member update -> aggregate seen by a client: median {lat['median']} ms, p99 {lat['p99']} ms, "
               f"max {lat['max']} ms ({r['probe_updates_seen']} probe updates seen)")
