@@ -68,16 +68,23 @@ class Bank:
         return await client.get_value(self.reader, service, path, timeout=2.0)
 
     async def value_is(self, service: str, path: str, expected: Any, timeout: float = 10.0) -> None:
+        seen: list[Any] = []
+
         async def check() -> bool:
             try:
                 value = await self.read(service, path)
-            except client.CallError:
+            except client.CallError as error:
+                seen[:] = [error]
                 return False
+            seen[:] = [value]
             if isinstance(expected, float) and isinstance(value, float):
                 return math.isclose(value, expected, rel_tol=1e-3, abs_tol=1e-3)
             return value == expected
 
-        await eventually(check, timeout=timeout, interval=0.1)
+        try:
+            await eventually(check, timeout=timeout, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"{path} of {service} is {seen[0] if seen else '?'!r}, not {expected!r}") from None
 
     def close(self) -> None:
         for service in self.members.values():
