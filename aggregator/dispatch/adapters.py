@@ -1,0 +1,474 @@
+"""The dispatcher's I/O: read a device's values and write its setpoint, over D-Bus or MQTT.
+
+Readings keep their last value and when it was last confirmed, so the controller can tell a stale battery
+from a quiet one. Sign conventions and unit scales are applied here: past this module, + is charging and
+everything is in W (Wh, %). Setpoints are written only when they change (or as a keep-alive), and a device
+that does not answer, or a broker that is gone, is a log line and a stale value, never an exception.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import ssl
+import time
+from typing import Any, Awaitable, Callable
+
+import aiomqtt
+
+from ..bus import client
+from ..bus.client import CallError
+from ..bus.lib import MessageBus
+from ..bus.service import SET_NOT_WRITEABLE, SET_OK
+from ..bus.watch import PathWatcher
+from .settings import AdapterSpec, MqttSettings
+
+_LOG = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+def as_number(value: Any) -> float | None:
+    """A finite number, else None (a device's 'invalid', a string, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ---- readings --------------------------------------------------------------------------------------------
+
+class Reading:
+    """One device quantity: the last value (scaled to our units) and when it was last confirmed."""
+
+    def __init__(self, label: str, scale: float = 1.0) -> None:
+        self.label = label
+        self.scale = scale
+        self.value: float | None = None
+        self.updated_at: float | None = None  # None: never confirmed (or not since the link was lost)
+
+    def age(self, now: float) -> float:
+        return math.inf if self.updated_at is None else max(0.0, now - self.updated_at)
+
+    def accept(self, raw: Any, at: float | None) -> None:
+        number = as_number(raw)
+        self.value = None if number is None else number * self.scale
+        self.updated_at = at
+
+    def mark_stale(self) -> None:
+        """Keep the value but stop vouching for it (the link it came through is down)."""
+        self.updated_at = None
+
+
+class DbusReading(Reading):
+    def __init__(self, label: str, service: str, path: str, scale: float = 1.0) -> None:
+        super().__init__(label, scale)
+        self.service = service
+        self.path = path
+        self.refreshing = False
+
+
+class DbusReadings:
+    """Every D-Bus reading through one PathWatcher (one match rule per service, not per path).
+
+    Victron services signal only changes, so a value that stays put would look stale: one that has not
+    changed for `refresh_s` is read again with GetValue, and a successful read counts as a confirmation.
+    """
+
+    def __init__(self, bus: MessageBus, *, refresh_s: float = 5.0, timeout: float = 2.0,
+                 clock: Clock = time.monotonic) -> None:
+        self.bus = bus
+        self.refresh_s = refresh_s
+        self.timeout = timeout
+        self.clock = clock
+        self._readings: dict[tuple[str, str], list[DbusReading]] = {}
+        self._watcher = PathWatcher(bus, self._on_change, timeout=timeout)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+
+    def reading(self, label: str, service: str, path: str, scale: float = 1.0) -> DbusReading:
+        """Declare a reading (before start())."""
+        if self._started:
+            raise RuntimeError("declare every D-Bus reading before start()")
+        reading = DbusReading(label, service, path, scale)
+        self._readings.setdefault((service, path), []).append(reading)
+        self._watcher.watch(service, path)
+        return reading
+
+    async def start(self) -> None:
+        self._started = True
+        if self._readings:
+            await self._watcher.start()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._readings and self.bus.connected:
+            await self._watcher.stop()
+
+    def _on_change(self, service: str, path: str, value: Any) -> None:
+        now = self.clock()
+        for reading in self._readings.get((service, path), ()):
+            # A service that left the bus: invalid and unconfirmed.
+            reading.accept(value, now if value is not None else None)
+
+    def refresh(self) -> None:
+        """Start a GetValue for every reading not confirmed for refresh_s (at most one at a time each)."""
+        now = self.clock()
+        for (service, path), readings in self._readings.items():
+            first = readings[0]
+            if first.refreshing or first.age(now) < self.refresh_s:
+                continue
+            first.refreshing = True
+            task = asyncio.get_running_loop().create_task(self._refresh(service, path, readings))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, service: str, path: str, readings: list[DbusReading]) -> None:
+        try:
+            value = await client.get_value(self.bus, service, path, self.timeout)
+        except CallError as exc:
+            _LOG.debug("cannot re-read %s %s: %s", service, path, exc)
+            return
+        finally:
+            readings[0].refreshing = False
+        now = self.clock()
+        for reading in readings:
+            reading.accept(value, now if value is not None else None)
+
+
+class MqttReading(Reading):
+    """A value from a state topic: a plain number, or the number at `json_key` of a JSON object."""
+
+    def __init__(self, label: str, topic: str, json_key: str | None = None, scale: float = 1.0) -> None:
+        super().__init__(label, scale)
+        self.topic = topic
+        self.json_key = json_key
+
+    def on_message(self, payload: bytes, retained: bool, now: float) -> None:
+        raw = parse_payload(payload, self.json_key)
+        # A retained message may be the last word of a device that died long ago: its value is a hint, but it
+        # does not make the reading fresh.
+        self.accept(raw, None if retained else now)
+
+
+def parse_payload(payload: bytes, json_key: str | None) -> Any:
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if json_key is None:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    try:
+        data: Any = json.loads(text)
+    except ValueError:
+        return None
+    for key in json_key.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+# ---- setpoints ---------------------------------------------------------------------------------------------
+
+class Setpoint:
+    """Writes a battery's setpoint (W, + charge) in the device's sign and unit, only when it changed."""
+
+    def __init__(self, label: str, *, sign: int = 1, scale: float = 1.0, min_command_w: float | None = None,
+                 keepalive_s: float = 30.0) -> None:
+        self.label = label
+        self.sign = sign
+        self.scale = scale
+        self.min_command_w = min_command_w
+        self.keepalive_s = keepalive_s
+        self.last_w: float | None = None  # the last setpoint (our convention) the device accepted
+        self.last_at = -math.inf
+        self.reachable = True  # False after a write that went unanswered or failed on the way
+        self.refused = False  # the device answered "no"
+
+    def command(self, setpoint_w: float) -> float:
+        """The setpoint we would send, in our convention: whole watts, 0 below the device's minimum."""
+        if not math.isfinite(setpoint_w):
+            setpoint_w = 0.0
+        if self.min_command_w is not None and abs(setpoint_w) < self.min_command_w:
+            return 0.0
+        return float(round(setpoint_w))
+
+    async def write(self, setpoint_w: float, now: float, *, force: bool = False) -> bool:
+        """Send when the value changed, when the keep-alive is due, or when forced. True when sent and accepted."""
+        value = self.command(setpoint_w)
+        due = self.keepalive_s > 0 and now - self.last_at >= self.keepalive_s
+        if not force and value == self.last_w and not due:
+            return False
+        device_value = value * self.sign / self.scale
+        if device_value == 0:
+            device_value = 0.0  # not -0.0
+        accepted = await self._send(device_value)
+        if accepted:
+            self.last_w = value
+            self.last_at = now
+        else:
+            self.last_w = None  # unknown now: the next cycle sends again
+        return accepted
+
+    async def _send(self, device_value: float) -> bool:
+        raise NotImplementedError
+
+    def _report(self, reachable: bool, refused: bool, detail: str) -> None:
+        if reachable != self.reachable or refused != self.refused:
+            if reachable and not refused:
+                _LOG.info("%s: setpoint accepted again", self.label)
+            else:
+                _LOG.warning("%s: setpoint not written: %s", self.label, detail)
+        self.reachable = reachable
+        self.refused = refused
+
+
+class DbusSetpoint(Setpoint):
+    """SetValue on a BusItem. A float first; a path that takes only integers (code 1) gets integers from then on."""
+
+    def __init__(self, label: str, bus: MessageBus, service: str, path: str, *, timeout: float = 2.0,
+                 **kwargs: Any) -> None:
+        super().__init__(label, **kwargs)
+        self.bus = bus
+        self.service = service
+        self.path = path
+        self.timeout = timeout
+        self._integer = False
+
+    async def _send(self, device_value: float) -> bool:
+        try:
+            value: float | int = round(device_value) if self._integer else device_value
+            code = await client.set_value(self.bus, self.service, self.path, value, self.timeout)
+            if code == SET_NOT_WRITEABLE and not self._integer:
+                self._integer = True
+                code = await client.set_value(self.bus, self.service, self.path, round(device_value), self.timeout)
+        except CallError as exc:
+            self._report(False, False, str(exc))
+            return False
+        if code != SET_OK:
+            self._report(True, True, f"{self.service} {self.path} answered {code} to {device_value:g}")
+            return False
+        self._report(True, False, "")
+        return True
+
+
+# ---- MQTT ------------------------------------------------------------------------------------------------
+
+MessageHandler = Callable[[bytes, bool], None]
+ConnectHook = Callable[[], Awaitable[None]]
+
+AVAILABLE = "online"
+NOT_AVAILABLE = "offline"
+
+
+class MqttLink:
+    """One aiomqtt client shared by every MQTT adapter, reconnecting with back-off.
+
+    While connected, `availability_topic` says "online" (retained); the broker's last will says "offline" when
+    we vanish. Subscriptions are made again and `on_connect` hooks run (discovery, retained states) after every
+    reconnect; on a loss every MQTT reading is marked stale.
+    """
+
+    initial_backoff_s = 1.0
+    max_backoff_s = 30.0
+
+    def __init__(self, settings: MqttSettings, *, availability_topic: str | None = None,
+                 clock: Clock = time.monotonic) -> None:
+        self.settings = settings
+        self.availability_topic = availability_topic
+        self.clock = clock
+        self.connected = asyncio.Event()
+        self.connections = 0  # successful connects so far (tests and the status use it)
+        self._client: aiomqtt.Client | None = None
+        self._handlers: dict[str, list[MessageHandler]] = {}
+        self._readings: list[MqttReading] = []
+        self._connect_hooks: list[ConnectHook] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ---- declaring -----------------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        self._handlers.setdefault(topic, []).append(handler)
+        client_ = self._client
+        if client_ is not None and len(self._handlers[topic]) == 1:
+            asyncio.get_running_loop().create_task(self._subscribe_quietly(client_, topic))
+
+    def reading(self, label: str, topic: str, json_key: str | None = None, scale: float = 1.0) -> MqttReading:
+        reading = MqttReading(label, topic, json_key, scale)
+        self._readings.append(reading)
+        self.subscribe(topic, lambda payload, retained: reading.on_message(payload, retained, self.clock()))
+        return reading
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        self._connect_hooks.append(hook)
+
+    # ---- running -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        client_ = self._client
+        if client_ is not None and self.availability_topic is not None:
+            # A clean disconnect does not fire the will: say "offline" ourselves.
+            try:
+                await client_.publish(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True, timeout=2)
+            except Exception:
+                pass
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+    async def publish(self, topic: str, payload: str | bytes, *, retain: bool = False, qos: int = 0) -> bool:
+        """Publish if connected; False when the message could not be handed to the broker."""
+        client_ = self._client
+        if client_ is None:
+            return False
+        try:
+            await client_.publish(topic, payload, qos=qos, retain=retain, timeout=5)
+        except Exception as exc:  # aiomqtt.MqttError and what paho raises on a dying socket
+            _LOG.debug("publish to %s failed: %s", topic, exc)
+            return False
+        return True
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        will = None
+        if self.availability_topic is not None:
+            will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
+        tls_params = None
+        if s.tls:
+            tls_params = aiomqtt.TLSParameters(ca_certs=s.caFile, cert_reqs=ssl.CERT_REQUIRED)
+        return aiomqtt.Client(
+            s.host, s.port, username=s.username, password=s.password, will=will, tls_params=tls_params,
+            identifier=s.clientId or f"battery-aggregator-dispatcher-{os.getpid()}", keepalive=30, timeout=10,
+        )
+
+    async def _run(self) -> None:
+        delay = self.initial_backoff_s
+        failing = False
+        while not self._stopping:
+            try:
+                async with self._make_client() as client_:
+                    self._client = client_
+                    for topic in list(self._handlers):
+                        await client_.subscribe(topic, qos=1)
+                    if self.availability_topic is not None:
+                        await client_.publish(self.availability_topic, AVAILABLE, qos=1, retain=True)
+                    self.connections += 1
+                    self.connected.set()
+                    _LOG.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
+                    failing = False
+                    delay = self.initial_backoff_s
+                    for hook in self._connect_hooks:
+                        try:
+                            await hook()
+                        except aiomqtt.MqttError:
+                            raise
+                        except Exception:
+                            _LOG.exception("MQTT: a connect hook failed")
+                    async for message in client_.messages:
+                        self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused, unreachable, TLS, lost: all mean "try again later"
+                if not failing:
+                    _LOG.warning("MQTT: no connection to %s:%d (%s); retrying with back-off",
+                                 self.settings.host, self.settings.port, exc)
+                failing = True
+            finally:
+                self._client = None
+                if self.connected.is_set():
+                    self.connected.clear()
+                    for reading in self._readings:
+                        reading.mark_stale()
+            if self._stopping:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, (bytes, bytearray)):
+            payload = b"" if payload is None else str(payload).encode()
+        for handler in self._handlers.get(message.topic.value, ()):
+            try:
+                handler(bytes(payload), bool(message.retain))
+            except Exception:
+                _LOG.exception("MQTT: the handler of %s failed", message.topic.value)
+
+    async def _subscribe_quietly(self, client_: aiomqtt.Client, topic: str) -> None:
+        try:
+            await client_.subscribe(topic, qos=1)
+        except Exception as exc:
+            _LOG.debug("subscribe to %s failed: %s (done again on reconnect)", topic, exc)
+
+
+class MqttSetpoint(Setpoint):
+    """Publishes the setpoint on a command topic: a plain number, or {json_key: number}. Not retained: a device
+    that restarts must not act on an old command."""
+
+    def __init__(self, label: str, link: MqttLink, topic: str, json_key: str | None = None, **kwargs: Any) -> None:
+        super().__init__(label, **kwargs)
+        self.link = link
+        self.topic = topic
+        self.json_key = json_key
+
+    async def _send(self, device_value: float) -> bool:
+        number: float | int = int(device_value) if float(device_value).is_integer() else device_value
+        if self.json_key is None:
+            payload = json.dumps(number)
+        else:
+            data: Any = number
+            for key in reversed(self.json_key.split(".")):
+                data = {key: data}
+            payload = json.dumps(data)
+        sent = await self.link.publish(self.topic, payload, qos=1)
+        self._report(sent, False, "" if sent else "no MQTT connection")
+        return sent
+
+
+# ---- building ------------------------------------------------------------------------------------------
+
+def make_reading(label: str, spec: AdapterSpec, dbus: DbusReadings | None, mqtt: MqttLink | None,
+                 sign: int = 1) -> Reading:
+    """The reading a spec describes (settings guarantee the links it needs exist)."""
+    scale = spec.scale * sign
+    if spec.dbus is not None:
+        if dbus is None:
+            raise ValueError(f"{label}: a D-Bus reading without a bus")
+        return dbus.reading(label, spec.dbus.service, spec.dbus.path, scale)
+    assert spec.mqtt is not None
+    if mqtt is None:
+        raise ValueError(f"{label}: an MQTT reading without a broker (the mqtt section)")
+    return mqtt.reading(label, spec.mqtt.topic, spec.mqtt.jsonKey, scale)
+
+
+def make_setpoint(label: str, spec: AdapterSpec, bus: MessageBus | None, mqtt: MqttLink | None, *, sign: int,
+                  min_command_w: float | None, keepalive_s: float, timeout: float = 2.0) -> Setpoint:
+    common: dict[str, Any] = {"sign": sign, "scale": spec.scale, "min_command_w": min_command_w,
+                              "keepalive_s": keepalive_s}
+    if spec.dbus is not None:
+        if bus is None:
+            raise ValueError(f"{label}: a D-Bus setpoint without a bus")
+        return DbusSetpoint(label, bus, spec.dbus.service, spec.dbus.path, timeout=timeout, **common)
+    assert spec.mqtt is not None
+    if mqtt is None:
+        raise ValueError(f"{label}: an MQTT setpoint without a broker (the mqtt section)")
+    return MqttSetpoint(label, mqtt, spec.mqtt.topic, spec.mqtt.jsonKey, **common)
