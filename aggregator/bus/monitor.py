@@ -26,6 +26,7 @@ _LOG = logging.getLogger(__name__)
 
 _DBUS = "org.freedesktop.DBus"
 _DBUS_PATH = "/org/freedesktop/DBus"
+LATE_REPLIES_KEPT = 3  # unanswered GetItems calls per service whose late answer is still taken
 _NO_GETITEMS = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownObject")
 
 
@@ -156,14 +157,17 @@ class ServiceMonitor:
         self._owners[name] = owner
         self._scans[name] = asyncio.get_running_loop().create_task(self._scan(name, owner))
 
+    def _forget_scans(self, name: str) -> None:
+        for serial, (scanned, _) in list(self._scan_serials.items()):
+            if scanned == name:
+                del self._scan_serials[serial]
+
     def _vanished(self, name: str) -> None:
         self._owners.pop(name, None)
         task = self._scans.pop(name, None)
         if task is not None:
             task.cancel()
-        for serial, (scanned, _) in list(self._scan_serials.items()):
-            if scanned == name:
-                del self._scan_serials[serial]
+        self._forget_scans(name)
         rule = self._matches.pop(name, None)
         if rule is not None:
             asyncio.get_running_loop().create_task(self._remove_match(rule))
@@ -208,14 +212,23 @@ class ServiceMonitor:
     async def _read(self, name: str, owner: str) -> None:
         serial = self.bus.next_serial()
         self._scan_serials[serial] = (name, owner)
+        late_reply_welcome = False
         try:
             await client.call(self.bus, name, "/", "GetItems", timeout=self.call_timeout, serial=serial)
             return  # the handler has applied the reply already
         except CallError as exc:
+            # A slow service (a BMS bridge answering after 10 s) is still read when its answer comes after
+            # our timeout: the serial stays known until the service is read, leaves, or has retried often.
+            late_reply_welcome = exc.timed_out
             if exc.error_name not in _NO_GETITEMS:
                 raise
         finally:
-            self._scan_serials.pop(serial, None)
+            if not late_reply_welcome:
+                self._scan_serials.pop(serial, None)
+            else:
+                waiting = [s for s, (n, _o) in self._scan_serials.items() if n == name]
+                for stale in waiting[:-LATE_REPLIES_KEPT]:
+                    del self._scan_serials[stale]
         values = await self._read_per_path(name)
         if self._owners.get(name) == owner:
             self._add_service(name, owner, values)
@@ -262,7 +275,9 @@ class ServiceMonitor:
                 self._on_owner_changed(msg)
         elif kind is MessageType.METHOD_RETURN:
             scan = self._scan_serials.pop(msg.reply_serial, None)
-            if scan is not None and msg.sender == scan[1] and self._owners.get(scan[0]) == scan[1]:
+            if scan is not None and msg.sender == scan[1] and self._owners.get(scan[0]) == scan[1] \
+                    and scan[0] not in self.services:
+                self._forget_scans(scan[0])
                 self._add_service(scan[0], scan[1], client.parse_items(msg.body[0] if msg.body else None))
         return None  # never consume: dbus-next still resolves the caller's future
 
