@@ -45,6 +45,7 @@ DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
 STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
 MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
+ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -176,6 +177,13 @@ class Aggregator:
         self.registered = False
         self._flush_handle: asyncio.Handle | None = None
         self._dirty_rows: set[str] = set()
+        # While start() discovers the services already on the bus, no flush: a flush between two members'
+        # first replies would start the limits from a part of the bank and ramp up from there.
+        self._discovering = False
+        # Rows whose member only has new measurements: informational, so they ride along at most every
+        # ROW_INTERVAL instead of doubling the size of every signal on the hot path.
+        self._lazy_rows: set[str] = set()
+        self._rows_at = -ROW_INTERVAL
         self._membership_changed = True
         self._bad_value_logged: dict[tuple[str, str], float] = {}
         self._warned_refs: set[str] = set()
@@ -212,7 +220,11 @@ class Aggregator:
         self.monitor = ServiceMonitor(bus, [BATTERY_PREFIX], exclude={self.name, *self.virtuals},
                                       on_added=self._on_added, on_removed=self._on_removed,
                                       on_changed=self._on_changed)
-        await self.monitor.start()
+        self._discovering = True
+        try:
+            await self.monitor.start()
+        finally:
+            self._discovering = False
         # Our own virtual batteries are members like any battery (they stand for their members); they are
         # fed to the merge directly rather than through the bus, so they are not watched.
         self._reclassify()
@@ -367,7 +379,9 @@ class Aggregator:
                 if state.state != ONLINE:
                     state.state = ONLINE
                     self._membership_changed = True
-                self._dirty_rows.add(name)
+                    self._dirty_rows.add(name)
+                else:
+                    self._lazy_rows.add(name)
         elif role in (PRIMARY, AUXILIARY):
             self.merge.update_source(name, check_values(changes)[0])
         elif role == VIRTUAL_MEMBER:
@@ -481,6 +495,8 @@ class Aggregator:
     # ---- publishing ----------------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
+        if self._discovering:
+            return  # start() flushes once every member found at start-up is known
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
@@ -501,6 +517,12 @@ class Aggregator:
         if self._limits_dirty:
             self._limits_dirty = False
             self._update_limits(values)
+        if self._lazy_rows:
+            now = self.clock()
+            if now - self._rows_at >= ROW_INTERVAL:
+                self._rows_at = now
+                self._dirty_rows |= self._lazy_rows
+                self._lazy_rows.clear()
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
             for name in self._dirty_rows:
                 self._breakdown_row(service, name)
@@ -675,6 +697,8 @@ class Aggregator:
             now = self.clock()
             if self.control.ramping or self._limits_due:
                 self._limits_dirty = True
+                self._schedule_flush()
+            if self._lazy_rows:
                 self._schedule_flush()
             if now - saved_at >= STATE_SAVE_INTERVAL:
                 saved_at = now
