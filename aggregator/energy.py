@@ -1,0 +1,499 @@
+"""Energy totals per battery identity (charged and discharged kWh) that stay right when things go wrong.
+
+Pure: values in, values out. Time is passed in (epoch seconds); local dates come from `tz` (None = the
+machine's zone). Nothing here logs: every sample that is not taken at face value gives a message the caller
+logs.
+
+A member's counters are followed, never trusted blindly:
+- "total" counters run for the pack's lifetime; "daily" ones restart every day at local midnight.
+- A counter that goes backwards (BMS reset, pack replaced, firmware update) is a restart: the aggregate's
+  totals go on from where they were. The new value counts as energy since the restart only when it is
+  physically possible in the time since the last sample; otherwise (a replaced pack with its own lifetime
+  total) the counter is re-anchored and nothing is counted.
+- A forward jump larger than the member's current limit allows in the elapsed time (a daily value
+  published instead of a running total, 4e15 Wh...) is rejected and the counter re-anchored at the new value,
+  so the next good sample counts only real energy.
+- Members without counters get V x I integrated (trapezoid); a gap longer than `max_gap` is bridged without
+  energy (nothing is invented for a time nobody measured).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, tzinfo
+from typing import Any, Iterable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .validation import validation_messages
+
+__all__ = [
+    "CounterKind", "Duplicate", "EnergyLedger", "ExternalReport", "ReportError", "average_level",
+    "capacity_weighted_level", "energy_csv", "find_duplicates", "identity_of", "local_date", "local_midnight",
+    "parse_report", "report_regression", "split_by_day", "total_energy", "trapezoid_split",
+]
+
+CounterKind = Literal["total", "daily"]
+COUNTER_KINDS: tuple[str, ...] = ("total", "daily")
+
+KWH_LIMIT = 1e7  # a counter at or beyond this is garbage (BMSes have been seen to publish 4e15 Wh)
+DEFAULT_MAX_POWER_KW = 60.0  # bound for a member that publishes no current limit (1000 A at 60 V)
+MIN_MAX_POWER_KW = 1.0  # a limit of 0 A (BMS forbids a direction) must not make every sample "impossible"
+BOUND_VOLTAGE = 60.0  # V used for the bound when the member publishes no voltage (48 V class, fully charged)
+MARGIN = 2.0  # current limits are soft and counters are read late: allow twice the limit's energy
+SLACK_KWH = 0.2  # counters are published with 0.1 kWh resolution
+DAILY_SKEW = 3600.0  # a BMS's clock may be off by up to this much around midnight
+DEFAULT_MAX_GAP = 300.0  # seconds: a longer gap between V x I samples is bridged without energy
+HISTORY_DAYS = 1096  # three years of daily buckets
+STATE_VERSION = 1
+
+
+def identity_of(serial: str | None, configured_id: str | None, service_name: str) -> str:
+    """Who a member is across restarts and renames: its serial, else the id the user gave it, else its
+    D-Bus name (which changes when a tty number does, hence last)."""
+    for candidate in (serial, configured_id):
+        if isinstance(candidate, str) and candidate.strip():
+            return candidate.strip()
+    return service_name
+
+
+# ---- local calendar --------------------------------------------------------------------------------------
+
+def local_date(ts: float, tz: tzinfo | None = None) -> date:
+    return datetime.fromtimestamp(ts, tz).date()
+
+
+def local_midnight(day: date, tz: tzinfo | None = None) -> float:
+    """Epoch seconds of the local midnight that starts `day`."""
+    return datetime.combine(day, time(), tzinfo=tz).timestamp()
+
+
+def split_by_day(t0: float, t1: float, energy: float, tz: tzinfo | None = None) -> list[tuple[date, float]]:
+    """`energy` spread over [t0, t1] in proportion to the time in each local day (a gap of several days is
+    shared out, never put on one day twice or lost)."""
+    first, last = local_date(t0, tz), local_date(t1, tz)
+    if t1 <= t0 or first == last:
+        return [(last, energy)]
+    out: list[tuple[date, float]] = []
+    start = t0
+    day = first
+    while day < last:
+        end = local_midnight(day + timedelta(days=1), tz)
+        out.append((day, energy * (end - start) / (t1 - t0)))
+        start = end
+        day += timedelta(days=1)
+    out.append((last, energy * (t1 - start) / (t1 - t0)))
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- the ledger ----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Anchor:
+    """The raw counter value the next delta is taken from, and when it was read."""
+
+    value: float | None = None
+    at: float | None = None
+
+
+@dataclass
+class EnergyLedger:
+    """Monotonic charged/discharged totals of one battery identity, with daily buckets.
+
+    Feed it with `add()`; read `charged_kwh`, `discharged_kwh` and `days` (ISO date -> [charged, discharged]).
+    """
+
+    identity: str
+    kind: CounterKind = "total"
+    tz: tzinfo | None = None
+    max_gap: float = DEFAULT_MAX_GAP
+    history_days: int = HISTORY_DAYS
+    charged_kwh: float = 0.0
+    discharged_kwh: float = 0.0
+    uses_counters: bool = False  # once a member has published a counter, V x I is no longer integrated
+    restarts: int = 0  # counter restarts seen (total counters; daily restarts are expected)
+    days: dict[str, list[float]] = field(default_factory=dict)
+    _charged: _Anchor = field(default_factory=_Anchor, init=False, repr=False)
+    _discharged: _Anchor = field(default_factory=_Anchor, init=False, repr=False)
+    _power_at: float | None = field(default=None, init=False, repr=False)  # the last V x I sample: when...
+    _power_kw: float = field(default=0.0, init=False, repr=False)  # ...and kW (+ = charging)
+
+    def __post_init__(self) -> None:
+        if self.kind not in COUNTER_KINDS:
+            raise ValueError(f"counter kind {self.kind!r} is not one of {', '.join(COUNTER_KINDS)}")
+
+    # ---- samples ---------------------------------------------------------------------------------------
+
+    def add(self, now: float, charged_kwh: float | None = None, discharged_kwh: float | None = None,
+            voltage: float | None = None, current: float | None = None,
+            max_current_a: float | None = None) -> list[str]:
+        """Take one sample of the member. Returns a message for every value not taken at face value
+        (rejected jumps and garbage, counter restarts); empty when all is well."""
+        messages: list[str] = []
+        max_kw = _max_power_kw(voltage, max_current_a)
+        for label, anchor, value in (("charged", self._charged, charged_kwh),
+                                     ("discharged", self._discharged, discharged_kwh)):
+            if value is None:
+                continue  # a missing counter loses nothing: the next value's delta covers the gap
+            message = self._follow_counter(label, anchor, value, now, max_kw)
+            if message:
+                messages.append(message)
+        if not self.uses_counters:
+            message = self._integrate(now, voltage, current, max_kw)
+            if message:
+                messages.append(message)
+        return messages
+
+    def _follow_counter(self, label: str, anchor: _Anchor, value: Any, now: float, max_kw: float) -> str | None:
+        if not _finite(value) or not 0 <= value < KWH_LIMIT:
+            return (f"{self.identity}: {label} counter {value!r} kWh is not a plausible value (0 to {KWH_LIMIT:g}); "
+                    "ignored")
+        value = float(value)
+        self.uses_counters = True
+        last, at = anchor.value, anchor.at
+        if last is None or at is None:
+            anchor.value, anchor.at = value, now
+            return None
+        dt = max(0.0, now - at)
+        if self.kind == "daily" and self._restarted_unseen(at, now):
+            # The gap covers midnight (with the BMS's clock skew): the counter restarted in it, so its value
+            # is today's energy. The rest of the days in the gap was never observed and cannot be counted.
+            midnight = local_midnight(local_date(now, self.tz), self.tz)
+            anchor.value, anchor.at = value, now
+            if value > _bound_kwh(max_kw, now - midnight):
+                return self._impossible(label, value, now - midnight, max_kw, "since midnight")
+            self._credit(label, [(local_date(now, self.tz), value)])
+            return None
+        delta = value - last
+        if delta >= 0:
+            anchor.value, anchor.at = value, now
+            if delta > _bound_kwh(max_kw, dt):
+                return self._impossible(label, delta, dt, max_kw, f"(counter {last:g} -> {value:g} kWh)")
+            self._credit(label, split_by_day(at, now, delta, self.tz))
+            return None
+        if -delta <= max(0.05, 1e-3 * last):
+            return None  # jitter: keep the higher anchor, or the way back up would be counted twice
+        anchor.value, anchor.at = value, now
+        if self.kind == "total":
+            self.restarts += 1
+        if value <= _bound_kwh(max_kw, dt):
+            if self.kind == "daily":
+                # The daily restart itself: what it counted since belongs to the day it restarted for.
+                self._credit(label, [(local_date(now, self.tz), value)])
+                return None
+            self._credit(label, split_by_day(at, now, value, self.tz))  # energy since the restart
+            return f"{self.identity}: {label} counter went back from {last:g} to {value:g} kWh (reset); totals go on"
+        return (f"{self.identity}: {label} counter went back from {last:g} to {value:g} kWh (reset or replaced "
+                f"pack); counting from {value:g} kWh on")
+
+    def _restarted_unseen(self, at: float, now: float) -> bool:
+        today = local_date(now, self.tz)
+        if local_date(at, self.tz) == today:
+            return False
+        midnight = local_midnight(today, self.tz)
+        return at < midnight - DAILY_SKEW and now > midnight + DAILY_SKEW
+
+    def _impossible(self, label: str, energy: float, seconds: float, max_kw: float, what: str) -> str:
+        return (f"{self.identity}: {label} +{energy:g} kWh in {seconds:.0f} s {what} is more than {max_kw:g} kW "
+                f"allows; rejected, counting from the new value on")
+
+    def _integrate(self, now: float, voltage: Any, current: Any, max_kw: float) -> str | None:
+        if not (_finite(voltage) and _finite(current)):
+            return None  # nothing measured: the gap rule bridges it
+        power = voltage * current / 1000.0
+        if abs(power) > max_kw * MARGIN or abs(voltage) > 1000:
+            return f"{self.identity}: {voltage:g} V x {current:g} A is not plausible; sample ignored"
+        last_at, last_kw = self._power_at, self._power_kw
+        self._power_at, self._power_kw = now, power
+        if last_at is None or not 0 < now - last_at <= self.max_gap:
+            return None
+        charged, discharged = trapezoid_split(last_kw, power, now - last_at)
+        if charged:
+            self._credit("charged", split_by_day(last_at, now, charged, self.tz))
+        if discharged:
+            self._credit("discharged", split_by_day(last_at, now, discharged, self.tz))
+        return None
+
+    def _credit(self, label: str, parts: list[tuple[date, float]]) -> None:
+        index = 0 if label == "charged" else 1
+        for day, energy in parts:
+            if energy <= 0:
+                continue
+            if index == 0:
+                self.charged_kwh += energy
+            else:
+                self.discharged_kwh += energy
+            self.days.setdefault(day.isoformat(), [0.0, 0.0])[index] += energy
+        self._prune()
+
+    def _prune(self) -> None:
+        if len(self.days) > self.history_days:
+            for key in sorted(self.days)[: len(self.days) - self.history_days]:
+                del self.days[key]
+
+    def counters(self) -> tuple[float | None, float | None]:
+        """The raw (charged, discharged) counter values the next sample is compared with."""
+        return self._charged.value, self._discharged.value
+
+    # ---- persistence -------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "identity": self.identity, "kind": self.kind,
+            "charged": self.charged_kwh, "discharged": self.discharged_kwh, "usesCounters": self.uses_counters,
+            "restarts": self.restarts,
+            "anchors": {"charged": [self._charged.value, self._charged.at],
+                        "discharged": [self._discharged.value, self._discharged.at]},
+            "power": [self._power_at, self._power_kw],
+            "days": {k: list(v) for k, v in sorted(self.days.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, identity: str, kind: CounterKind = "total", tz: tzinfo | None = None,
+                  **options: Any) -> tuple[EnergyLedger, str | None]:
+        """The ledger saved by to_dict(); a fresh one and the reason when `data` is not usable."""
+        fresh = cls(identity, kind, tz, **options)
+        if not data:
+            return fresh, None
+        try:
+            return _restore(fresh, data), None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            reason = f"{identity}: saved energy state not usable ({exc}); starting at 0"
+            return cls(identity, kind, tz, **options), reason
+
+
+def _restore(ledger: EnergyLedger, data: Any) -> EnergyLedger:
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise ValueError(f"not a version {STATE_VERSION} energy state")
+    if data.get("kind") != ledger.kind:
+        raise ValueError(f"saved for {data.get('kind')!r} counters, now {ledger.kind!r}")
+    ledger.charged_kwh = _amount(data["charged"])
+    ledger.discharged_kwh = _amount(data["discharged"])
+    ledger.uses_counters = bool(data.get("usesCounters", False))
+    ledger.restarts = int(data.get("restarts", 0))
+    anchors = data["anchors"]
+    for label, anchor in (("charged", ledger._charged), ("discharged", ledger._discharged)):
+        value, at = anchors[label]
+        if (value is None) != (at is None):
+            raise ValueError(f"{label} anchor is half set")
+        anchor.value = None if value is None else _amount(value)
+        anchor.at = None if at is None else _time(at)
+    power_at, power_kw = data["power"]
+    ledger._power_at = None if power_at is None else _time(power_at)
+    ledger._power_kw = float(power_kw) if _finite(power_kw) else 0.0
+    days = data.get("days", {})
+    if not isinstance(days, dict):
+        raise ValueError("days is not an object")
+    for key, pair in days.items():
+        date.fromisoformat(key)
+        charged, discharged = pair
+        ledger.days[key] = [_amount(charged), _amount(discharged)]
+    ledger._prune()
+    return ledger
+
+
+def _amount(value: Any) -> float:
+    if not _finite(value) or not 0 <= value < KWH_LIMIT:
+        raise ValueError(f"{value!r} is not an energy in kWh")
+    return float(value)
+
+
+def _time(value: Any) -> float:
+    if not _finite(value):
+        raise ValueError(f"{value!r} is not a time")
+    return float(value)
+
+
+def _max_power_kw(voltage: Any, max_current_a: Any) -> float:
+    if not _finite(max_current_a) or max_current_a < 0:
+        return DEFAULT_MAX_POWER_KW
+    volts = abs(voltage) if _finite(voltage) and 0 < abs(voltage) <= 1000 else BOUND_VOLTAGE
+    return max(MIN_MAX_POWER_KW, max_current_a * volts / 1000.0)
+
+
+def _bound_kwh(max_kw: float, seconds: float) -> float:
+    """The most energy a member can move in `seconds`."""
+    return max_kw * MARGIN * max(0.0, seconds) / 3600.0 + SLACK_KWH
+
+
+def trapezoid_split(p0_kw: float, p1_kw: float, seconds: float) -> tuple[float, float]:
+    """kWh charged and discharged between two power samples joined by a straight line (a line that crosses
+    zero is split at the crossing, so charge and discharge do not cancel)."""
+    hours = seconds / 3600.0
+    if p0_kw >= 0 and p1_kw >= 0:
+        return (p0_kw + p1_kw) / 2 * hours, 0.0
+    if p0_kw <= 0 and p1_kw <= 0:
+        return 0.0, -(p0_kw + p1_kw) / 2 * hours
+    crossing = p0_kw / (p0_kw - p1_kw)  # fraction of the interval before the line crosses zero
+    first = p0_kw / 2 * hours * crossing
+    second = p1_kw / 2 * hours * (1 - crossing)
+    return (first, -second) if p0_kw > 0 else (second, -first)
+
+
+# ---- the aggregate -------------------------------------------------------------------------------------
+
+def total_energy(ledgers: Iterable[EnergyLedger]) -> tuple[float, float]:
+    """(charged, discharged) kWh over every identity: each counted once, whatever its service is now."""
+    charged = discharged = 0.0
+    for ledger in ledgers:
+        charged += ledger.charged_kwh
+        discharged += ledger.discharged_kwh
+    return charged, discharged
+
+
+def _level_pairs(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[float, Any]]:
+    return [(float(soc), cap) for soc, cap in pairs if _finite(soc) and 0 <= soc <= 100]
+
+
+def average_level(pairs: Iterable[tuple[Any, Any]]) -> float | None:
+    """Plain mean of the valid SoCs of (soc, capacity) pairs; None without any."""
+    socs = [soc for soc, _ in _level_pairs(pairs)]
+    return sum(socs) / len(socs) if socs else None
+
+
+def capacity_weighted_level(pairs: Iterable[tuple[Any, Any]]) -> float | None:
+    """SoC weighted by capacity: what fraction of the bank's Ah is stored. Pairs without a valid capacity
+    are left out; None when no pair has both (the caller may fall back to average_level)."""
+    weighted = [(soc, float(cap)) for soc, cap in _level_pairs(pairs) if _finite(cap) and cap > 0]
+    total = sum(cap for _, cap in weighted)
+    return sum(soc * cap for soc, cap in weighted) / total if total else None
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """One battery seen under several services, and the one whose values are used."""
+
+    identity: str
+    services: tuple[str, ...]
+    chosen: str
+
+
+def find_duplicates(identities: Mapping[str, str],
+                    first_seen: Mapping[str, float] | None = None) -> dict[str, Duplicate]:
+    """Identities reachable under more than one service ({service: identity} in).
+
+    The service used is the one seen first (smallest `first_seen`), so a second driver that starts later
+    for the same pack never takes over; without a time (or on a tie) the lowest name, so the choice is the
+    same on every run."""
+    by_identity: dict[str, list[str]] = {}
+    for service, identity in identities.items():
+        by_identity.setdefault(identity, []).append(service)
+    seen = first_seen or {}
+    out: dict[str, Duplicate] = {}
+    for identity, services in by_identity.items():
+        if len(services) < 2:
+            continue
+        ordered = tuple(sorted(services))
+        chosen = min(ordered, key=lambda s: (seen.get(s, math.inf), s))
+        out[identity] = Duplicate(identity, ordered, chosen)
+    return out
+
+
+def energy_csv(ledgers: Iterable[EnergyLedger]) -> str:
+    """`energy --csv`: one row per identity and day, kWh with 3 decimals, oldest first."""
+    lines = ["identity,date,charged_kwh,discharged_kwh"]
+    for ledger in sorted(ledgers, key=lambda item: item.identity):
+        name = _csv_field(ledger.identity)
+        for day, (charged, discharged) in sorted(ledger.days.items()):
+            lines.append(f"{name},{day},{charged:.3f},{discharged:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
+
+
+# ---- external (non-D-Bus) members --------------------------------------------------------------------
+
+_REPORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+class ReportError(ValueError):
+    """A `report` the service cannot take; `messages` name each field, its value and what is allowed."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("; ".join(messages))
+        self.messages = messages
+
+
+def _number(value: Any, low: float, high: float, *, low_open: bool, unit: str) -> float:
+    allowed = f"a number {'>' if low_open else '>='} {low:g} and < {high:.0f}{unit}"
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number; allowed: {allowed}") from None
+    if not _finite(value):
+        raise ValueError(f"{value!r} is not allowed; allowed: {allowed}")
+    if value < low or (low_open and value == low) or value >= high:
+        raise ValueError(f"{value:g} is out of range; allowed: {allowed}")
+    return float(value)
+
+
+class ExternalReport(BaseModel):
+    """`report ID --charged KWH --discharged KWH --soc PCT [--capacity AH]`: a battery that is not on D-Bus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    charged: float
+    discharged: float
+    soc: float
+    capacity: float | None = None
+    reset: bool = False  # the reporter's counters really restarted: a step back is a restart, not a mistake
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id(cls, value: Any) -> str:
+        if not isinstance(value, str) or not _REPORT_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not allowed; allowed: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+        return value
+
+    @field_validator("charged", "discharged", mode="before")
+    @classmethod
+    def _energy(cls, value: Any) -> float:
+        return _number(value, 0, KWH_LIMIT, low_open=False, unit=" kWh")
+
+    @field_validator("soc", mode="before")
+    @classmethod
+    def _soc(cls, value: Any) -> float:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            number = _number(value, 0, math.inf, low_open=False, unit="")
+            if number <= 100:
+                return number
+            raise ValueError(f"{number:g} is out of range; allowed: a number from 0 to 100 (%)")
+        raise ValueError(f"{value!r} is not allowed; allowed: a number from 0 to 100 (%)")
+
+    @field_validator("capacity", mode="before")
+    @classmethod
+    def _capacity(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        return _number(value, 0, 1e6, low_open=True, unit=" Ah")
+
+
+def report_regression(ledger: EnergyLedger, report: ExternalReport) -> str | None:
+    """Why a report cannot be taken as running totals: a "total" counter below the last report is a delta (the
+    energy since the last report) or a restart the reporter did not announce (`reset`); None when fine."""
+    if ledger.kind != "total" or report.reset:
+        return None
+    for label, last, value in zip(("charged", "discharged"), ledger.counters(), (report.charged, report.discharged)):
+        if last is not None and value < last - max(0.05, 1e-3 * last):
+            return (f"{label}: {value:g} kWh is below the last reported total {last:g} kWh; report running totals "
+                    "(the battery's lifetime kWh), not the energy since the last report; after a real counter "
+                    "restart report with reset")
+    return None
+
+
+def parse_report(**fields: Any) -> ExternalReport:
+    """Check a report's fields; ReportError with one message per bad field ('soc: 150 is out of range;
+    allowed: a number from 0 to 100 (%) (got 150)')."""
+    try:
+        return ExternalReport(**fields)
+    except ValidationError as err:
+        raise ReportError(validation_messages(err)) from None

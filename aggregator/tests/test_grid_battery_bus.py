@@ -1,0 +1,260 @@
+"""The grid battery on a real bus: the grid-meter simulator as a process, the service, busctl as the reader.
+
+A simulated year runs in about 12 s: the battery empties in winter (import beyond it), fills in spring and
+loses export in summer, forgets its level on the reset day, and does not move when the meter's counters are
+reset. A kill -9 of the service process and a restart keep the level.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from aggregator.bus.lib import connect
+from aggregator.grid_battery_service import (GRID_BATTERY_PRODUCT_ID, STATE_FILE, GridBatteryService,
+                                             GridBatterySettings, history_csv)
+from aggregator.simulator.grid_meter import parse_start
+
+from .conftest import REPO, Busctl
+from .helpers import eventually
+
+YEAR_SECONDS = 365 * 86400
+YEAR_SCALE = YEAR_SECONDS / 12.0  # a simulated year in 12 s
+
+
+class Modules:
+    """`python -m <module>` processes on the private bus, stopped at teardown."""
+
+    def __init__(self, address: str, tmp: Path) -> None:
+        self.address = address
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, module: str, *args: str) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.address, PYTHONUNBUFFERED="1")
+        log = open(self.tmp / f"{module.rsplit('.', 1)[-1]}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def modules(bus_address: str, tmp_path: Path) -> Iterator[Modules]:
+    procs = Modules(bus_address, tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+class SimClock:
+    """The service's clock in the year test: runs `scale` times faster and pauses with the meter."""
+
+    def __init__(self, epoch: float, scale: float) -> None:
+        self.scale = scale
+        self._base = epoch
+        self._since: float | None = None  # wall time it was resumed at; None = paused
+
+    def __call__(self) -> float:
+        if self._since is None:
+            return self._base
+        return self._base + (time.time() - self._since) * self.scale
+
+    def pause(self) -> None:
+        self._base, self._since = self(), None
+
+    def resume(self) -> None:
+        self._since = time.time()
+
+
+async def value(busctl: Busctl, service: str, path: str) -> Any:
+    """A value as busctl reads it; None when invalid (an empty array)."""
+    reply = await busctl.acall_json(service, path, "GetValue")
+    variant = reply["data"][0]
+    return None if variant["type"] == "ai" else variant["data"]
+
+
+async def set_value(busctl: Busctl, service: str, path: str, signature: str, data: str) -> int:
+    reply = await busctl.acall_json(service, path, "SetValue", "v", signature, data)
+    return reply["data"][0]
+
+
+async def on_bus(busctl: Busctl, name: str, timeout: float = 15.0) -> None:
+    async def listed() -> bool:
+        return name in (await busctl.arun("list", "--no-pager", "--acquired", check=False)).stdout
+    await eventually(listed, timeout=timeout, interval=0.1)
+
+
+async def test_a_simulated_year(modules: Modules, busctl: Busctl, tmp_path: Path) -> None:
+    battery = "com.victronenergy.battery.gridyear"
+    meter = "com.victronenergy.grid.house"
+    settings = GridBatterySettings(meter="name:Simulated grid meter", capacityKwh=200, startDate=date(2023, 1, 1),
+                                   resetDate="07-01", serviceName=battery, deviceInstance=101)
+    clock = SimClock(parse_start("2023-01-01"), YEAR_SCALE)
+    service = GridBatteryService(await connect(), settings, tmp_path, clock, save_interval=1.0)
+    await service.start()
+    try:
+        # Published before the meter exists: the stored level, and why power is invalid.
+        assert (await value(busctl, battery, "/GridBattery/Status")).startswith("meter missing")
+        assert await value(busctl, battery, "/Dc/0/Power") is None
+        assert await value(busctl, battery, "/Soc") == 0.0
+        assert await value(busctl, battery, "/Dc/0/Voltage") == 51.2
+        assert await value(busctl, battery, "/InstalledCapacity") == pytest.approx(200000 / 51.2, abs=0.01)
+        assert await value(busctl, battery, "/DeviceInstance") == 101
+        assert await value(busctl, battery, "/ProductId") == GRID_BATTERY_PRODUCT_ID
+
+        modules.start("aggregator.simulator.grid_meter", "--name", "house", "--time-scale", "0",
+                      "--start", "2023-01-01", "--rate", "20")
+        await on_bus(busctl, meter)
+        await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
+        assert await value(busctl, battery, "/GridBattery/Meter") == meter
+
+        clock.resume()
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(YEAR_SCALE)) == 0
+
+        # Winter: the grid battery is empty and the import goes beyond it.
+        await eventually(lambda: (service.battery.beyond_kwh or 0) > 50, timeout=6)
+        # Spring: it fills. Halfway, the meter is paused and its counters reset: the level stays.
+        await eventually(lambda: 60 < service.battery.level_kwh < 140, timeout=8, interval=0.01)
+        clock.pause()
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
+        await asyncio.sleep(0.3)
+        level = await value(busctl, battery, "/GridBattery/LevelKwh")
+        charged = await value(busctl, battery, "/History/ChargedEnergy")
+        assert 30 < level < 170
+        assert await set_value(busctl, meter, "/Sim/ResetCounters", "i", "1") == 0
+        await eventually(lambda: service.battery.counter_resets == 2, timeout=5)
+        await asyncio.sleep(0.2)
+        assert await value(busctl, battery, "/GridBattery/LevelKwh") == level
+        assert await value(busctl, battery, "/History/ChargedEnergy") == charged
+        clock.resume()
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(YEAR_SCALE)) == 0
+
+        # Late spring: full, then the export is lost.
+        await eventually(lambda: _is(value(busctl, battery, "/Soc"), 100.0), timeout=8, interval=0.05)
+        await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LostExportKwh"), 10), timeout=8)
+        # Full, the remaining capacity is the installed one (the accelerated year may already be discharging
+        # it at this instant, so wait for a full moment rather than read once).
+        full_ah = 200000 / 51.2
+        await eventually(lambda: _near(value(busctl, battery, "/Capacity"), full_ah), timeout=8, interval=0.02)
+        # The reset day forgets the level.
+        await eventually(lambda: service.battery.last_reset == date(2023, 7, 1), timeout=8)
+        assert service.battery.forfeited_kwh > 100
+        # On to the end of the year.
+        await eventually(lambda: clock() > parse_start("2024-01-01"), timeout=10)
+        clock.pause()
+        await set_value(busctl, meter, "/Sim/TimeScale", "d", "0")
+        await asyncio.sleep(0.3)
+        got = {p: await value(busctl, battery, p) for p in (
+            "/GridBattery/LevelKwh", "/History/ChargedEnergy", "/History/DischargedEnergy",
+            "/GridBattery/LostExportKwh", "/GridBattery/ImportBeyondKwh")}
+        level, charged, discharged, lost, beyond = got.values()
+        assert 0 <= level <= 200 and lost > 10 and beyond > 50
+        assert level == pytest.approx(charged - discharged - lost + beyond - service.battery.forfeited_kwh, abs=0.01)
+        power = await value(busctl, battery, "/Dc/0/Power")
+        current = await value(busctl, battery, "/Dc/0/Current")
+        assert current == pytest.approx(power / 51.2, abs=0.01)
+    finally:
+        await service.stop()
+
+    rows = list(csv.DictReader(io.StringIO(history_csv(tmp_path))))
+    days = {datetime.fromisoformat(r["timestamp"]).date(): r for r in rows}
+    assert len(days) > 100  # a row for the days a sample arrived on (one per ~1.5 simulated days)
+    after_reset = min(d for d in days if d >= date(2023, 7, 1))
+    assert float(days[after_reset]["level_kwh"]) < 60
+    assert max(float(r["level_kwh"]) for r in rows) == pytest.approx(200.0)
+    assert sum(float(r["overflow_kwh"]) for r in rows) == pytest.approx(service.battery.overflow_kwh, abs=0.5)
+
+
+async def _is(awaitable: Any, expected: Any) -> bool:
+    return await awaitable == expected
+
+
+async def _near(read: Any, expected: float) -> bool:
+    got = await read
+    return got is not None and abs(got - expected) <= 0.01
+
+
+async def _above(awaitable: Any, limit: float) -> bool:
+    got = await awaitable
+    return got is not None and got > limit
+
+
+async def test_kill_9_and_restart_keep_the_level(modules: Modules, busctl: Busctl, tmp_path: Path) -> None:
+    battery = "com.victronenergy.battery.gridk9"
+    meter = "com.victronenergy.grid.k9"
+    scale, start = 3600.0, "2023-06-21T10:00"
+    origin = time.time()
+    modules.start("aggregator.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
+                  "--rate", "10", "--device-instance", "31")
+    config = json.dumps({"meter": 31, "capacityKwh": 0, "startDate": "2023-01-01", "deviceInstance": 102,
+                         "serviceName": battery})
+    state_dir = tmp_path / "state"
+    args = ("--config", config, "--state-dir", str(state_dir), "--save-interval", "0.2", "--time-scale",
+            str(scale), "--clock-origin", str(origin), "--clock-epoch", str(parse_start(start)))
+    first = modules.start("aggregator.grid_battery_service", *args)
+    await on_bus(busctl, battery)
+    await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LevelKwh"), 2.0), timeout=15)
+    assert await value(busctl, battery, "/Soc") is None  # unlimited: no percentage
+    assert await value(busctl, battery, "/InstalledCapacity") is None
+
+    await on_bus(busctl, meter)
+    assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
+    await asyncio.sleep(0.4)
+    level = await value(busctl, battery, "/GridBattery/LevelKwh")
+
+    def saved_level() -> Any:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+        return round(data["battery"]["level"], 3) == level
+
+    await eventually(saved_level, timeout=5)
+    first.send_signal(signal.SIGKILL)
+    assert await asyncio.get_running_loop().run_in_executor(None, first.wait) == -signal.SIGKILL
+
+    async def gone() -> bool:
+        return battery not in (await busctl.arun("list", "--no-pager", "--acquired", check=False)).stdout
+    await eventually(gone, timeout=5)
+
+    second = modules.start("aggregator.grid_battery_service", *args)
+    await on_bus(busctl, battery)
+    assert await value(busctl, battery, "/GridBattery/LevelKwh") == level  # loaded before the name is taken
+    await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
+    assert await value(busctl, battery, "/GridBattery/LevelKwh") == level
+
+    assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(scale)) == 0
+    await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LevelKwh"), level + 1.0), timeout=10)
+    second.terminate()
+    assert await asyncio.get_running_loop().run_in_executor(None, second.wait) == 0
+    assert json.loads((state_dir / STATE_FILE).read_text())["battery"]["level"] > level + 1.0
+
+
+def test_a_bad_config_exits_1_naming_the_keys(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "aggregator.grid_battery_service", "--config",
+                             '{"meter": "com.victronenergy.battery.x", "capacityKwh": -1}', "--state-dir",
+                             str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 1
+    for key in ("meter", "capacityKwh", "startDate", "-1"):
+        assert key in result.stderr
