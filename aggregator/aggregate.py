@@ -23,6 +23,8 @@ from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
 from .bus.watch import PathWatcher
 from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput
 from .config import Config
+from .energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
+from .grid_battery_service import GRID_BATTERY_PRODUCT_ID
 from .limits import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
@@ -199,6 +201,8 @@ class Aggregator:
         self._limits_at = -1e9  # when the limits were last computed
         self._limits_due = False  # measurements changed since: the next tick recomputes
         self._store: Any = None
+        self.energy = EnergyTracker(config.energy, config.stateDir)
+        self._http: ReportHttpServer | None = None
 
     # ---- life cycle ----------------------------------------------------------------------------------
 
@@ -207,6 +211,7 @@ class Aggregator:
         self.settings = LocalSettings(bus)
         await self.settings.start()
         self._load_state()
+        self.energy.load()
         self.watcher = PathWatcher(bus, self._on_dvcc_change)
         for service, path in DVCC_PATHS:
             self.watcher.watch(service, path)
@@ -214,6 +219,10 @@ class Aggregator:
         self.service = await publish_battery(self.settings, self.name, AGGREGATE_PRODUCT_NAME, AGGREGATE_PRODUCT_ID,
                                              "Aggregate of 0 batteries", self.bus_address)
         self._add_aggregate_paths(self.service)
+        add_report_methods(self.service, self._take_report)
+        if self.config.energy.httpPort is not None:
+            self._http = ReportHttpServer(self._take_report, self.config.energy.httpBind, self.config.energy.httpPort)
+            await self._http.start()
         for vb in self.virtuals.values():
             vb.service = await publish_battery(self.settings, vb.name, VIRTUAL_PRODUCT_NAME, VIRTUAL_PRODUCT_ID,
                                                f"Virtual battery of {len(vb.refs)} services", self.bus_address)
@@ -235,7 +244,9 @@ class Aggregator:
     def reconfigure(self, config: Config) -> bool:
         """Apply a new config in place; False when it renames published services (the caller restarts)."""
         if config.serviceName != self.name or set(config.virtualBatteries) != set(self.virtuals) \
-                or config.stateDir != self.config.stateDir:
+                or config.stateDir != self.config.stateDir \
+                or (config.energy.httpPort, config.energy.httpBind) != (self.config.energy.httpPort,
+                                                                       self.config.energy.httpBind):
             return False
         self.config = config
         self.merge.options = MergeOptions(capacity=config.capacity)
@@ -249,6 +260,7 @@ class Aggregator:
             for member in list(vb.members):  # re-enter with the new order and paths
                 vb.remove_member(member)
                 self.roles.roles.pop(member, None)
+        self.energy.reconfigure(config.energy, self._member_values)
         learned = self.control.to_state()
         self.control = ChargeControl(config)
         self.control.load_state(learned)
@@ -281,6 +293,9 @@ class Aggregator:
         for task in self._tasks:
             task.cancel()
         self._save_state()
+        self.energy.save()
+        if self._http is not None:
+            await self._http.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         for state in self.members.values():
@@ -357,6 +372,7 @@ class Aggregator:
         state.drop = None
         state.state = LOST
         self.merge.remove_member(name)
+        self.energy.remove_member(name)
         self.roles.roles.pop(name, None)
         self._dirty_rows.add(name)
         self._membership_changed = True
@@ -373,6 +389,10 @@ class Aggregator:
             self._note_limit_inputs(clean)
             if "/Dc/0/Current" in clean:
                 self._reported.add(name)
+            if not ENERGY_INPUTS.isdisjoint(clean):
+                self.energy.sample(name, self.merge.members[name].values, clean)
+            if "/Serial" in clean:
+                self.energy.set_member(name, self.merge.members[name].values)
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
@@ -404,7 +424,9 @@ class Aggregator:
 
     def _reclassify(self) -> None:
         assert self.monitor is not None
-        infos = [ServiceInfo.of(s.name, s.values) for s in self.monitor.services.values()]
+        # Grid batteries (ours, or another process's) are not batteries of this bank: they never join it.
+        infos = [ServiceInfo.of(s.name, s.values) for s in self.monitor.services.values()
+                 if s.values.get("/ProductId") != GRID_BATTERY_PRODUCT_ID]
         new = assign_roles(self.role_config, infos)
         old = self.roles
         for name in set(old.roles) | set(new.roles):
@@ -428,6 +450,7 @@ class Aggregator:
     def _leave(self, name: str, role: str | None, virtual: str | None) -> None:
         if role == MEMBER:
             self.merge.remove_member(name)
+            self.energy.remove_member(name)
             state = self.members.pop(name, None)
             if state is not None and state.drop is not None:
                 state.drop.cancel()
@@ -453,6 +476,7 @@ class Aggregator:
                 self.members[name] = state
             state.state, state.last_update, state.drop = ONLINE, self.clock(), None
             self._dirty_rows.add(name)
+            self.energy.set_member(name, self.merge.members[name].values)
             _LOG.info("member %s (%s) joined", name, member_label(watched))
         elif role in (PRIMARY, AUXILIARY):
             self.merge.set_source(role, name, self._source_paths(role, name, infos), clean)
@@ -508,6 +532,9 @@ class Aggregator:
         for vb in self.virtuals.values():
             self._flush_virtual(vb)
         values = self.merge.compute()
+        # The energy totals are ours (per identity, monotonic), not the members' sum: _publish_energy sets them.
+        values.pop("/History/ChargedEnergy", None)
+        values.pop("/History/DischargedEnergy", None)
         if values.get("/Dc/0/Voltage") is not None:
             self._have_voltage.set()
         if self._membership_changed:
@@ -549,6 +576,7 @@ class Aggregator:
                 self.members[vb.name] = MemberState(self._free_slot(), last_update=self.clock())
                 self.merge.set_member(vb.name, vb.name.rsplit(".", 1)[-1],
                                       {p: vb.service[p] for p in vb.service.paths()})
+                self.energy.set_member(vb.name, self.merge.members[vb.name].values)
                 self._membership_changed = True
             else:
                 clean = check_values(values)[0]
@@ -556,6 +584,10 @@ class Aggregator:
                 self.members[vb.name].last_update = self.clock()
                 if "/Dc/0/Current" in clean:
                     self._reported.add(vb.name)
+                if not ENERGY_INPUTS.isdisjoint(clean):
+                    self.energy.sample(vb.name, self.merge.members[vb.name].values, clean)
+                if "/Serial" in clean:
+                    self.energy.set_member(vb.name, self.merge.members[vb.name].values)
                 self._note_limit_inputs(clean)
             self._dirty_rows.add(vb.name)
 
@@ -619,6 +651,31 @@ class Aggregator:
     def _save_state(self) -> None:
         if self._store is not None:
             self._store.save(self.control.to_state())
+
+    # ---- energy -----------------------------------------------------------------------------------------
+
+    def _member_values(self, name: str) -> dict[str, Any]:
+        member = self.merge.members.get(name)
+        return member.values if member is not None else {}
+
+    def _publish_energy(self) -> None:
+        """The energy paths, at most every second (the ledgers change with every sample; nobody needs more)."""
+        service = self.service
+        if service is None:
+            return
+        rows = [(name, state.slot, state.state == ONLINE) for name, state in self.members.items()]
+        with service.batch():
+            for path, value in self.energy.values(rows, self._member_values).items():
+                if path in service:
+                    service.set_value(path, value)
+                else:
+                    service.add_path(path, value, text=text_format(text_key(path)))
+
+    def _take_report(self, fields: Any) -> str:
+        """An external battery's report (D-Bus method or HTTP); ReportError goes back to the caller."""
+        text = self.energy.report(fields)
+        self._publish_energy()  # reports are rare: show it now rather than at the next tick
+        return text
 
     def _breakdown_row(self, service: VeService, name: str) -> None:
         state = self.members.get(name)
@@ -703,6 +760,8 @@ class Aggregator:
             if now - saved_at >= STATE_SAVE_INTERVAL:
                 saved_at = now
                 self._save_state()
+            self.energy.tick()
+            self._publish_energy()
             for name, state in self.members.items():
                 if state.state == ONLINE and state.drop is None and now - state.last_update > stale_after:
                     state.state = STALE
@@ -737,7 +796,9 @@ def role_config(config: Config) -> RoleConfig:
 
     virtual = {name: tuple(e.ref for e in entries if e.hook is None)
                for name, entries in virtual_battery_specs(config).items()}
-    return RoleConfig(own_names=frozenset({config.serviceName}), excluded=tuple(config.excludedServices),
+    # Our grid batteries are listed as excluded, so `check --live` shows them so.
+    excluded = tuple(config.excludedServices) + tuple(g.serviceName for g in config.gridBatteries)
+    return RoleConfig(own_names=frozenset({config.serviceName}), excluded=excluded,
                       primary=refs(config.primaryServices), auxiliary=refs(config.auxiliaryServices),
                       virtual_members=virtual)
 

@@ -131,6 +131,104 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .bus import client
+    from .bus.lib import Variant, connect
+    from .energy import ReportError, parse_report
+    from .energy_service import ENERGY_INTERFACE
+
+    fields = {"id": args.id, "charged": args.charged, "discharged": args.discharged, "soc": args.soc,
+              "capacity": args.capacity, "reset": args.reset}
+    try:
+        parse_report(**fields)  # the service checks again; this names a mistake without a bus
+    except ReportError as exc:
+        print(f"battery-aggregator report: {exc}", file=sys.stderr)
+        return 1
+    body = {"id": Variant("s", args.id), "charged": Variant("d", args.charged),
+            "discharged": Variant("d", args.discharged), "soc": Variant("d", args.soc),
+            "reset": Variant("b", args.reset)}
+    if args.capacity is not None:
+        body["capacity"] = Variant("d", args.capacity)
+
+    async def main() -> int:
+        bus = await connect()
+        try:
+            reply = await client.call(bus, args.service, "/", "Report", "a{sv}", [body], interface=ENERGY_INTERFACE)
+        except client.CallError as exc:
+            hint = " (is the aggregator running?)" if exc.error_name in ("timeout", "connection") or \
+                "ServiceUnknown" in exc.error_name else ""
+            reason = str(exc).split(": ", 1)[-1]
+            print(f"battery-aggregator report: {reason}{hint}", file=sys.stderr)
+            return 1
+        finally:
+            bus.disconnect()
+        print(reply.body[0])
+        return 0
+
+    return asyncio.run(main())
+
+
+def _state_dir(args: argparse.Namespace) -> str | None:
+    """--state-dir, else the config's stateDir; None (after a message) when the config is bad."""
+    from .config import ConfigError, load_config
+
+    if args.state_dir:
+        return str(args.state_dir)
+    try:
+        return load_config(args.config).stateDir
+    except ConfigError as exc:
+        print(f"battery-aggregator: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_energy(args: argparse.Namespace) -> int:
+    from .energy import energy_csv
+    from .energy_service import load_ledgers
+
+    state_dir = _state_dir(args)
+    if state_dir is None:
+        return 1
+    ledgers = load_ledgers(state_dir)
+    if args.csv:
+        sys.stdout.write(energy_csv(ledgers))
+        return 0
+    if not ledgers:
+        print(f"no energy kept under {state_dir} yet")
+        return 0
+    print(f"{'identity':<32} {'kind':<6} {'charged kWh':>12} {'discharged kWh':>15}")
+    for ledger in sorted(ledgers, key=lambda item: item.identity):
+        print(f"{ledger.identity:<32} {ledger.kind:<6} {ledger.charged_kwh:>12.3f} {ledger.discharged_kwh:>15.3f}")
+    return 0
+
+
+def _cmd_grid_battery(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .daemon import grid_state_dir
+    from .grid_battery_service import GridBatterySettings, history_csv
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"battery-aggregator grid-battery: {exc}", file=sys.stderr)
+        return 1
+    state_dir = args.state_dir or config.stateDir
+    configured = {g.serviceName: g for g in config.gridBatteries}
+    name = args.name or (next(iter(configured)) if len(configured) == 1 else None)
+    if name is None:
+        names = ", ".join(configured) or "none in the config"
+        print(f"battery-aggregator grid-battery: which one? --name SERVICE ({names})", file=sys.stderr)
+        return 1
+    settings = configured.get(name) or GridBatterySettings(meter=0, startDate="2000-01-01", serviceName=name)
+    text = history_csv(grid_state_dir(state_dir, settings))
+    if args.csv:
+        sys.stdout.write(text)
+    else:
+        rows = text.strip().splitlines()[1:]
+        print(f"{name}: {len(rows)} days kept" + (f"; last: {rows[-1]}" if rows else "") +
+              " (--csv for the daily levels)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="battery-aggregator",
@@ -212,6 +310,38 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--write", action="store_true", help="write config.schema.json at the repo root")
     schema.add_argument("--check", action="store_true", help="exit 1 when the committed file is out of date")
     schema.set_defaults(func=_cmd_schema)
+
+    report = sub.add_parser("report", help="report a battery that is not on D-Bus (energy and level)",
+                            description="Send the running totals and the level of a battery that is not on D-Bus "
+                                        "to the aggregate (its org.batteryaggregator.Energy.Report method). It "
+                                        "counts in the energy totals and the levels, never in the DC values. Exit "
+                                        "status 1 with the reason when the report is refused.")
+    report.add_argument("id", help="the battery's identity: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    report.add_argument("--charged", required=True, type=float, metavar="KWH", help="lifetime charged kWh")
+    report.add_argument("--discharged", required=True, type=float, metavar="KWH", help="lifetime discharged kWh")
+    report.add_argument("--soc", required=True, type=float, metavar="PCT", help="state of charge, 0 to 100")
+    report.add_argument("--capacity", type=float, metavar="AH", help="installed capacity (weights the level)")
+    report.add_argument("--reset", action="store_true", help="the counters really restarted (else a step back "
+                        "is refused as a delta)")
+    report.add_argument("--service", default="com.victronenergy.battery.aggregator", help="the aggregate's name")
+    report.set_defaults(func=_cmd_report)
+
+    energy = sub.add_parser("energy", help="charged/discharged kWh per battery, from the saved state",
+                            description="Per battery identity: the totals kept by the service (its "
+                                        "<stateDir>/energy.json); --csv: one row per identity and day.")
+    energy.add_argument("--csv", action="store_true", help="daily kWh as CSV")
+    energy.add_argument("--state-dir", help="default: stateDir of the config")
+    energy.add_argument("--config", help="the config to take stateDir from")
+    energy.set_defaults(func=_cmd_energy)
+
+    grid = sub.add_parser("grid-battery", help="the level history of a grid battery",
+                          description="The daily level and energy of a grid battery, from its saved state "
+                                      "(<stateDir>/grid/<name>/).")
+    grid.add_argument("--csv", action="store_true", help="one CSV row per day")
+    grid.add_argument("--name", help="its service name (default: the only one in the config)")
+    grid.add_argument("--state-dir", help="default: stateDir of the config")
+    grid.add_argument("--config", help="the config to take stateDir and the grid batteries from")
+    grid.set_defaults(func=_cmd_grid_battery)
     return parser
 
 

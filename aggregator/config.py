@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .grid_battery_service import GridBatterySettings
 from .validation import (JsonFileError, at, format_messages, format_validation_error, json_positions, key_path,
                          read_json, validation_messages)
 
@@ -48,6 +49,27 @@ class LimitOptions(BaseModel):
                                      "and over-current corrections fade")
     staleAfter: float = Field(60.0, gt=0, le=3600, description="seconds without an update before a member is "
                               "stale (counted as carrying nothing in the limits)")
+
+
+class MemberEnergyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="the battery's identity when "
+                           "it publishes no /Serial (its energy totals are kept under it)")
+    counterKind: Literal["total", "daily"] = Field("total", description="its /History/ChargedEnergy and "
+                                                   "/History/DischargedEnergy run for its lifetime (total) or "
+                                                   "restart every day at midnight (daily)")
+
+
+class EnergyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    members: dict[str, MemberEnergyOptions] = Field(default_factory=dict, description="per battery, keyed by a "
+                                                    "service reference, its /Serial or a reported id: its id and "
+                                                    "counter kind")
+    httpPort: int | None = Field(None, ge=1, le=65535, description="port of the HTTP endpoint for external "
+                                 "reports (POST /report); null = off")
+    httpBind: str = Field("127.0.0.1", min_length=1, description="address the HTTP endpoint listens on")
+    externalStaleAfter: float = Field(900.0, gt=0, le=604800, description="seconds without a report before an "
+                                      "external battery is stale (it leaves the levels)")
 
 
 class Config(BaseModel):
@@ -87,6 +109,10 @@ class Config(BaseModel):
                                  "the charge limits")
     stateDir: str = Field("/data/battery-aggregator", min_length=1, description="where learned shares and IR "
                           "estimates are kept across restarts")
+    energy: EnergyOptions = Field(default_factory=EnergyOptions, description="energy totals per battery and "
+                                  "external batteries")
+    gridBatteries: list[GridBatterySettings] = Field(default_factory=list, description="virtual batteries fed by "
+                                                     "a grid meter (exported energy charges them)")
 
 
 REFERENCE_FORMS = "a full service name (com.victronenergy.battery.<name>), name:<CustomName> or serial:<Serial>"
@@ -216,11 +242,31 @@ def semantic_issues(config: Config) -> list[Issue]:
                 issues.append(Issue(loc, f"{ref!r} is the aggregate itself"))
             claim(ref, f'virtualBatteries."{name}"', loc)
             paths_of(spec, ref, loc)
+    issues += _grid_battery_issues(config)
     used = {ref[len("class:"):] for spec in config.virtualBatteries.values() for ref in _refs(spec)
             if ref.startswith("class:")}
     for entry in config.classes:
         if entry not in used:
             issues.append(Issue(("classes", entry), "configures a hook that no virtual battery uses", "warning"))
+    return issues
+
+
+def _grid_battery_issues(config: Config) -> list[Issue]:
+    """Grid batteries are services of ours: their names and device instances must not collide."""
+    issues: list[Issue] = []
+    names = {config.serviceName: "serviceName"}
+    for name in config.virtualBatteries:
+        names.setdefault(name, f'virtualBatteries."{name}"')
+    instances: dict[int, int] = {}
+    for i, grid in enumerate(config.gridBatteries):
+        if grid.serviceName in names:
+            issues.append(Issue(("gridBatteries", i, "serviceName"), f"{grid.serviceName!r} is already used by "
+                                f"{names[grid.serviceName]}; each grid battery needs a service name of its own"))
+        names.setdefault(grid.serviceName, f"gridBatteries.{i}")
+        if grid.deviceInstance in instances:
+            issues.append(Issue(("gridBatteries", i, "deviceInstance"), f"{grid.deviceInstance} is also the "
+                                f"deviceInstance of gridBatteries.{instances[grid.deviceInstance]}"))
+        instances.setdefault(grid.deviceInstance, i)
     return issues
 
 

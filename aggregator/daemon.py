@@ -18,8 +18,9 @@ import signal
 from pathlib import Path
 
 from .aggregate import Aggregator
-from .bus.lib import LIBRARY
+from .bus.lib import LIBRARY, connect
 from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
+from .grid_battery_service import GridBatterySettings, GridBatteryService
 from .state import StateStore
 
 _LOG = logging.getLogger("aggregator")
@@ -41,6 +42,47 @@ def load(path: str | None) -> tuple[CheckResult, str]:
 def remember_good(path: str, config: Config) -> None:
     """Keep the good config next to the file, atomically (the next bad edit falls back to it)."""
     StateStore(last_good_path(path)).save(config.model_dump(mode="json", exclude_unset=True))
+
+
+def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
+    """One directory per grid battery (its state file has a fixed name), named after its service."""
+    return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
+
+
+class GridBatteries:
+    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own."""
+
+    def __init__(self, bus_address: str | None) -> None:
+        self.bus_address = bus_address
+        self.running: list[GridBatteryService] = []
+        self.settings: tuple[list[GridBatterySettings], str] = ([], "")
+
+    async def apply(self, config: Config) -> None:
+        wanted = (list(config.gridBatteries), config.stateDir)
+        if wanted == self.settings:
+            return
+        await self.stop()
+        self.settings = wanted
+        for settings in config.gridBatteries:
+            service = None
+            try:
+                service = GridBatteryService(await connect(self.bus_address), settings,
+                                             grid_state_dir(config.stateDir, settings))
+                await service.start()
+            except Exception as exc:  # the name is taken, say: the aggregate goes on without it
+                _LOG.error("cannot start the grid battery %s: %s", settings.serviceName, exc)
+                if service is not None:
+                    await service.stop()
+                    service.bus.disconnect()
+                continue
+            self.running.append(service)
+            _LOG.info("grid battery %s follows the meter %s", settings.serviceName, settings.meter)
+
+    async def stop(self) -> None:
+        for service in self.running:
+            await service.stop()  # closes its connection too
+        self.running = []
+        self.settings = ([], "")
 
 
 def _report(result: CheckResult, source: str) -> None:
@@ -80,6 +122,8 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
         return 1
     assert aggregator.monitor is not None
     bus = aggregator.monitor.bus
+    grid = GridBatteries(bus_address)
+    await grid.apply(config)
     _LOG.info("running on D-Bus as %s (%s)", bus.unique_name, LIBRARY)
 
     stop = asyncio.Event()
@@ -115,6 +159,7 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 await aggregator.stop()
                 aggregator = Aggregator(result.config, bus_address)
                 await aggregator.start()
+            await grid.apply(result.config)
 
     tasks = [loop.create_task(watch_file()), loop.create_task(reloader())]
     disconnected = loop.create_task(bus.wait_for_disconnect())
@@ -125,8 +170,12 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
     if disconnected.done():
         _LOG.error("lost the D-Bus connection; exiting so the supervisor restarts us")
         stopped.cancel()
+        aggregator.energy.save()
+        for service in grid.running:
+            service.save()
         return 2
     disconnected.cancel()
+    await grid.stop()
     await aggregator.stop()
     _LOG.info("stopped")
     return 0

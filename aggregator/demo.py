@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,13 @@ DEMO_CONFIG = {
         "com.victronenergy.battery.virtual_c": ["class:hooks.CustomChargingHook#c", "com.victronenergy.battery.sim_c"],
     },
     "classes": {"hooks.CustomChargingHook#c": {"ccls": {"0": 40, "54.4": 20, "55.2": 5}}},
+    # The grid as a battery, fed by the simulated meter below. Its clock is the wall clock while the meter's
+    # runs GRID_TIME_SCALE times faster, so the meter's power limit is set out of the way.
+    "gridBatteries": [{"meter": "com.victronenergy.grid.demo", "capacityKwh": 40, "startDate": "2020-01-01",
+                       "serviceName": "com.victronenergy.battery.grid", "maxPowerKw": 100000}],
 }
+GRID_TIME_SCALE = 600.0  # a simulated day in 2.4 minutes
+GRID_SOLAR_PEAK_W = 12000.0  # enough to export in winter too
 
 
 class _Children:
@@ -111,7 +118,8 @@ def main(scenario: str = "default", duration: float | None = None, refresh: floa
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="battagg-demo-"))
-    (workdir / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2))
+    config = dict(DEMO_CONFIG, stateDir=str(workdir / "state"))  # never the GX's /data in a demo
+    (workdir / "config.json").write_text(json.dumps(config, indent=2))
     env = private_bus.env()
     env["PYTHONUNBUFFERED"] = "1"
     repo_root = str(Path(__file__).resolve().parents[1])
@@ -120,6 +128,9 @@ def main(scenario: str = "default", duration: float | None = None, refresh: floa
     try:
         children.start("localsettings", "aggregator.simulator.localsettings", "--store", str(workdir / "settings.json"))
         children.start("simulator", "aggregator", "simulate", scenario)
+        morning = datetime.now().replace(hour=8, minute=0, second=0, microsecond=0).isoformat()
+        children.start("grid-meter", "aggregator.simulator.grid_meter", "--name", "demo", "--time-scale",
+                       str(GRID_TIME_SCALE), "--start", morning, "--solar-peak", str(GRID_SOLAR_PEAK_W))
         children.start("aggregator", "aggregator", "run", "--config", str(workdir / "config.json"))
         return asyncio.run(_live(address, children, duration, refresh, workdir))
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from .bus.monitor import WatchedService
 
 AGGREGATE_PRODUCT = "Battery Aggregator"
 VIRTUAL_PRODUCT = "Virtual Battery"
+GRID_PRODUCT = "Grid battery"
 STALE_AFTER = 5.0  # seconds without an update before a row is marked stale
 
 _COLUMNS = (
@@ -49,7 +50,8 @@ def render(services: Iterable[WatchedService], last_update: dict[str, float], ba
     lines = [title, "", header, "-" * len(header)]
     def rank(s: WatchedService) -> tuple[int, str]:
         product = s.values.get("/ProductName")
-        return (2 if product == AGGREGATE_PRODUCT else 1 if product == VIRTUAL_PRODUCT else 0, s.name)
+        return (3 if product == AGGREGATE_PRODUCT else 2 if product == GRID_PRODUCT
+                else 1 if product == VIRTUAL_PRODUCT else 0, s.name)
 
     services = sorted(services, key=rank)
     if not services:
@@ -61,6 +63,7 @@ def render(services: Iterable[WatchedService], last_update: dict[str, float], ba
             previous_rank = rank(service)[0]
         row = member_row(service, now - last_update.get(service.name, now))
         lines.append("  ".join(cell.ljust(width)[:max(width, len(cell))] for cell, (_, width) in zip(row, _COLUMNS)))
+    lines += energy_lines(services)
     if bank:
         lines += ["", "Simulator (the physical truth): bus {} at {}, requested {}, simulated time {}".format(
             _num(bank.get("/Bank/Voltage"), "{:.2f}V"), _num(bank.get("/Bank/Current"), "{:+.1f}A"),
@@ -69,3 +72,24 @@ def render(services: Iterable[WatchedService], last_update: dict[str, float], ba
         if faults:
             lines.append("Faults: " + ", ".join(faults))
     return "\n".join(lines)
+
+
+def energy_lines(services: Iterable[WatchedService]) -> list[str]:
+    """The aggregates' energy totals and levels, and the grid batteries' levels (what moves slowly)."""
+    lines: list[str] = []
+    for service in services:
+        v = service.values
+        product = v.get("/ProductName")
+        if product == AGGREGATE_PRODUCT and "/Energy/Status" in v:
+            text = "Energy of {}: charged {}, discharged {}; level {} (capacity-weighted), {} (average); {}"
+            lines.append(text.format(
+                service.name.removeprefix("com.victronenergy."), _num(v.get("/History/ChargedEnergy"), "{:.3f} kWh"),
+                _num(v.get("/History/DischargedEnergy"), "{:.3f} kWh"),
+                _num(v.get("/Energy/CapacityWeightedSoc"), "{:.1f}%"), _num(v.get("/Energy/AverageSoc"), "{:.1f}%"),
+                v.get("/Energy/Status") or "---"))
+        elif product == GRID_PRODUCT:
+            lines.append("Grid battery {}: level {} ({}), exported {}, imported {}; {}".format(
+                service.name.removeprefix("com.victronenergy."), _num(v.get("/GridBattery/LevelKwh"), "{:.2f} kWh"),
+                _num(v.get("/Soc"), "{:.1f}%"), _num(v.get("/History/ChargedEnergy"), "{:.2f} kWh"),
+                _num(v.get("/History/DischargedEnergy"), "{:.2f} kWh"), v.get("/GridBattery/Status") or "---"))
+    return [""] + lines if lines else []
