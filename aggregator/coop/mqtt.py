@@ -1,0 +1,350 @@
+"""CoopSite: one household on the cooperative's MQTT broker.
+
+Topics (prefix `coop` by default, `<site>` = the site id = its MQTT username):
+
+    coop/<site>/state          JSON PeerState (core.WIRE_KEYS), retained, every publishSeconds and on change
+    coop/<site>/status         "online" at connect, "offline" as last will (and on a clean stop), retained
+    coop/<site>/curtail        "1" stop production / "0" run (the MQTT curtailment adapter), retained
+    coop/<site>/fleet/<obj>    the fleet as this site sees it, for Home Assistant, retained
+    homeassistant/sensor/<site>/coop_<obj>/config    Home Assistant discovery, retained
+
+The broker's ACL lets a site write only under coop/<username>/# (and its own discovery node), so a site
+cannot speak for another; what peers send is still checked (core.check_peer) before it counts.
+
+Time: `clock` gives the site's time in seconds (wall time, or the bench's accelerated clock); periods in the
+settings are in that clock's seconds and `time_scale` converts them to real waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from typing import Any, Callable, Protocol
+
+import aiomqtt
+
+from .core import (Curtailment, Fleet, PeerState, PublishGate, Rejected, SiteTarget, check_peer, fleet_average,
+                   is_fresh, site_target)
+from .settings import CoopSettings
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 4096  # a state is ~250 bytes; anything far larger is not one
+
+
+class CurtailAdapter(Protocol):
+    """Carries the stop/start command for local production to whatever controls the inverter."""
+
+    async def apply(self, curtailed: bool) -> None: ...
+
+
+class MqttCurtailAdapter:
+    """Publishes "1" (stop) / "0" (run), retained, on the site's own connection."""
+
+    def __init__(self, site: CoopSite, topic: str) -> None:
+        self.site = site
+        self.topic = topic
+
+    async def apply(self, curtailed: bool) -> None:
+        await self.site.publish(self.topic, "1" if curtailed else "0", retain=True)
+
+
+class DbusCurtailAdapter:
+    """Writes a D-Bus path of a Victron service, e.g. a solar charger's /Mode (4 off, 1 on)."""
+
+    def __init__(self, bus: Any, service: str, path: str, curtailed_value: int = 4, released_value: int = 1) -> None:
+        self.bus = bus
+        self.service = service
+        self.path = path
+        self.curtailed_value = curtailed_value
+        self.released_value = released_value
+
+    async def apply(self, curtailed: bool) -> None:
+        from ..bus.client import set_value  # D-Bus only where it is used: the MQTT side runs without it
+
+        value = self.curtailed_value if curtailed else self.released_value
+        code = await set_value(self.bus, self.service, self.path, value)
+        if code != 0:
+            log.warning("curtailment: %s %s refused %r (code %d)", self.service, self.path, value, code)
+
+
+FLEET_SENSORS = (  # object, name, unit, device class
+    ("peers_online", "Coop peers online", None, None),
+    ("average_level", "Coop fleet average level", "%", "battery"),
+    ("own_target", "Coop own target power", "W", "power"),
+)
+
+
+class CoopSite:
+    """The MQTT side of one site. Feed it the site's state with `step()` each control cycle; `run()` keeps the
+    connection (reconnecting with back-off) until cancelled."""
+
+    def __init__(self, settings: CoopSettings, *, clock: Callable[[], float] = time.time, time_scale: float = 1.0,
+                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0,
+                 curtail_adapter: CurtailAdapter | None = None, announce_offline_on_stop: bool = True) -> None:
+        if not settings.enabled or settings.siteId is None or settings.broker is None:
+            raise ValueError("CoopSite needs an enabled coop section with siteId and broker")
+        self.settings = settings
+        self.site_id: str = settings.siteId
+        self.broker = settings.broker
+        self.clock = clock
+        self.time_scale = time_scale
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.announce_offline_on_stop = announce_offline_on_stop
+        self.site_settings = settings.site_settings()
+        prefix = settings.topicPrefix
+        self.prefix = prefix
+        self.state_topic = f"{prefix}/{self.site_id}/state"
+        self.status_topic = f"{prefix}/{self.site_id}/status"
+        self.curtail_topic = settings.curtail.topic or f"{prefix}/{self.site_id}/curtail"
+        c = settings.curtail
+        self.curtailment = Curtailment(c.fullPercent, c.releasePercent, c.dischargeReleaseW, c.minHoldSeconds)
+        if curtail_adapter is None and c.adapter == "mqtt":
+            curtail_adapter = MqttCurtailAdapter(self, self.curtail_topic)
+        self.curtail_adapter = curtail_adapter
+        self.peers: dict[str, PeerState] = {}
+        self.offline: set[str] = set()
+        self.rejected: Counter[str] = Counter()  # by site id ("?" when unknown)
+        self.last_rejection: dict[str, str] = {}
+        self.own: PeerState | None = None
+        self.last_target: SiteTarget | None = None
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self._client: aiomqtt.Client | None = None
+        self._changed = asyncio.Event()
+        self._gate = PublishGate()
+        self._curtail_sent: bool | None = None
+
+    # --- the control side -------------------------------------------------------------------------------
+
+    def update_own(self, state: PeerState) -> None:
+        self.own = state
+        if self._gate.changed(state):
+            self._changed.set()
+
+    def fleet(self, now: float | None = None) -> Fleet | None:
+        now = self.clock() if now is None else now
+        states = [p for site, p in self.peers.items() if site not in self.offline]
+        if self.own is not None:
+            states.append(self.own)
+        return fleet_average(states, now, self.settings.peerTimeoutSeconds)
+
+    def peers_online(self, now: float | None = None) -> list[str]:
+        """Other sites that count now: online and fresh."""
+        now = self.clock() if now is None else now
+        return sorted(site for site, p in self.peers.items() if site not in self.offline
+                      and is_fresh(p, now, self.settings.peerTimeoutSeconds))
+
+    def target(self, now: float | None = None) -> SiteTarget:
+        if self.own is None:
+            raise RuntimeError("no own state yet (call update_own or step first)")
+        self.last_target = site_target(self.own, self.fleet(now), self.site_settings)
+        return self.last_target
+
+    async def step(self, own: PeerState, battery_w: float) -> SiteTarget:
+        """One control cycle: share our state, compute our target, stop or run production. `battery_w` is
+        the battery's present power (+ charging), which releases curtailment when the battery is used."""
+        self.update_own(own)
+        target = self.target()  # freshness by the clock, which peers' timestamps are checked against too
+        self.curtailment.update(own.level, battery_w, own.timestamp)
+        await self._send_curtailment()
+        return target
+
+    async def _send_curtailment(self) -> None:
+        wanted = self.curtailment.curtailed
+        if self.curtail_adapter is None or wanted == self._curtail_sent:
+            return
+        try:
+            await self.curtail_adapter.apply(wanted)
+            self._curtail_sent = wanted
+        except (aiomqtt.MqttError, OSError, RuntimeError) as err:  # retried at the next step
+            log.debug("curtailment command not sent: %s", err)
+
+    # --- the MQTT side ----------------------------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.broker.tls:
+            return None
+        return ssl.create_default_context(cafile=self.broker.caFile)
+
+    def _make_client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.broker.host, self.broker.port, username=self.settings.username, password=self.broker.password,
+            identifier=f"coop-{self.site_id}", keepalive=self.broker.keepaliveSeconds,
+            will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
+            tls_context=self._tls_context(), timeout=10)
+
+    async def run(self) -> None:
+        """Connect, and reconnect after a lost link with back-off (doubling, with jitter) until cancelled."""
+        delay = self.reconnect_min_s
+        while True:
+            connects = self.connects
+            try:
+                await self._session()
+            except (aiomqtt.MqttError, OSError) as err:  # OSError: TLS failures, an unreadable caFile
+                log.warning("coop broker %s:%d: %s", self.broker.host, self.broker.port, err)
+            finally:
+                self._client = None
+                self.connected.clear()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancellation that a library's wait_for swallowed (Python 3.11): stop anyway.
+                raise asyncio.CancelledError
+            if self.connects != connects:  # the link was up: this is a new failure, start short again
+                delay = self.reconnect_min_s
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.reconnect_max_s)
+
+    async def _session(self) -> None:
+        async with self._make_client() as client:
+            self._client = client
+            try:
+                await client.publish(self.status_topic, "online", qos=1, retain=True)
+                await client.subscribe(f"{self.prefix}/+/state", qos=1)
+                await client.subscribe(f"{self.prefix}/+/status", qos=1)
+                if self.settings.homeAssistant.enabled:
+                    await client.subscribe(f"{self.settings.homeAssistant.discoveryPrefix}/status")
+                    await self._publish_discovery()
+                self.connects += 1
+                self.connected.set()
+                self._curtail_sent = None  # the command topic is ours: state it again on every connection
+                self._changed.set()
+                tasks = [asyncio.create_task(self._receive(client)), asyncio.create_task(self._publisher())]
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            except asyncio.CancelledError:
+                if self.announce_offline_on_stop:  # a clean stop sends no last will: say it ourselves
+                    try:
+                        async with asyncio.timeout(2):
+                            await client.publish(self.status_topic, "offline", qos=1, retain=True)
+                    except (aiomqtt.MqttError, TimeoutError):
+                        pass
+                raise
+
+    async def publish(self, topic: str, payload: str | bytes, retain: bool = False, qos: int = 1) -> None:
+        """Publish on the current connection (RuntimeError when there is none)."""
+        if self._client is None:
+            raise RuntimeError("not connected to the coop broker")
+        await self._send(topic, payload, retain, qos)
+
+    async def _send(self, topic: str, payload: str | bytes, retain: bool, qos: int) -> None:
+        """Every publish passes here (the bench delays a link by overriding it)."""
+        assert self._client is not None
+        await self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def encode_state(self, state: PeerState) -> bytes:
+        return json.dumps(state.to_wire(), separators=(",", ":")).encode()
+
+    async def _publisher(self) -> None:
+        period = self.settings.publishSeconds / self.time_scale
+        while True:
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (run() hangs)
+                async with asyncio.timeout(period):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            if self.own is not None:
+                await self.publish(self.state_topic, self.encode_state(self.own), retain=True)
+                self._gate.last = self.own
+                await self._publish_fleet_view()
+            await self._send_curtailment()
+            await asyncio.sleep(period / 10)  # "on change" at most ten times a period
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            raw = message.payload
+            payload = bytes(raw) if isinstance(raw, (bytes, bytearray)) else b"" if raw is None else str(raw).encode()
+            await self.handle(str(message.topic), payload)
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        ha = self.settings.homeAssistant
+        if ha.enabled and topic == f"{ha.discoveryPrefix}/status":
+            if payload == b"online":  # Home Assistant restarted: it wants the discovery again
+                await self._publish_discovery()
+            return
+        if not topic.startswith(self.prefix + "/"):
+            return
+        site, _, kind = topic[len(self.prefix) + 1:].partition("/")
+        if site == self.site_id:
+            return  # our own retained messages
+        if kind == "status":
+            if payload == b"offline":
+                self.offline.add(site)
+            elif payload == b"online":
+                self.offline.discard(site)
+        elif kind == "state":
+            self._on_state(site, payload)
+
+    def _on_state(self, site: str, payload: bytes) -> None:
+        if not payload:  # the retained state was cleared: the site left the cooperative
+            self.peers.pop(site, None)
+            return
+        if len(payload) > MAX_PAYLOAD:
+            self._reject(Rejected(site, f"{len(payload)} bytes, not a state"))
+            return
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            self._reject(Rejected(site, "not JSON"))
+            return
+        result = check_peer(data, self.clock(), site)
+        if isinstance(result, Rejected):
+            self._reject(result)
+        else:
+            self.peers[site] = result
+
+    def _reject(self, rejected: Rejected) -> None:
+        site = rejected.site_id or "?"
+        self.rejected[site] += 1
+        if self.last_rejection.get(site) != rejected.reason:  # once per new reason, not per message
+            log.warning("coop: ignoring %s: %s", site, rejected.reason)
+        self.last_rejection[site] = rejected.reason
+
+    # --- Home Assistant -----------------------------------------------------------------------------------
+
+    def fleet_topic(self, obj: str) -> str:
+        return f"{self.prefix}/{self.site_id}/fleet/{obj}"
+
+    def discovery(self) -> list[tuple[str, dict[str, Any]]]:
+        """(config topic, config) per fleet sensor, in Home Assistant's MQTT discovery format."""
+        prefix = self.settings.homeAssistant.discoveryPrefix
+        device = {"identifiers": [f"coop_{self.site_id}"], "name": f"Coop site {self.site_id}",
+                  "manufacturer": "battery-aggregator", "model": "communicating vessels"}
+        out = []
+        for obj, name, unit, device_class in FLEET_SENSORS:
+            config: dict[str, Any] = {
+                "name": name, "unique_id": f"coop_{self.site_id}_{obj}", "state_topic": self.fleet_topic(obj),
+                "availability_topic": self.status_topic, "payload_available": "online",
+                "payload_not_available": "offline", "state_class": "measurement", "device": device}
+            if unit:
+                config["unit_of_measurement"] = unit
+            if device_class:
+                config["device_class"] = device_class
+            out.append((f"{prefix}/sensor/{self.site_id}/coop_{obj}/config", config))
+        return out
+
+    async def _publish_discovery(self) -> None:
+        for topic, config in self.discovery():
+            await self.publish(topic, json.dumps(config), retain=True)
+
+    async def _publish_fleet_view(self) -> None:
+        if not self.settings.homeAssistant.enabled:
+            return
+        fleet = self.fleet()
+        values = {"peers_online": str(len(self.peers_online())),
+                  "average_level": f"{fleet.level:.1f}" if fleet else "",
+                  "own_target": f"{self.last_target.battery_w:.0f}" if self.last_target else ""}
+        for obj, value in values.items():
+            await self.publish(self.fleet_topic(obj), value, retain=True)

@@ -1,0 +1,302 @@
+"""The cooperative's pure core: peer checks, the fleet average, targets, curtailment, the ledger."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.coop.core import (Curtailment, Ledger, PeerState, PublishGate, Rejected, SiteSettings,
+                                  check_peer, fleet_average, fleet_transfers, raw_transfer, site_target,
+                                  wanted_transfer)
+from aggregator.coop.settings import CoopSettingsError, parse_coop
+
+NOW = 1_000_000.0
+LOOSE = SiteSettings(max_charge_w=1e9, max_discharge_w=1e9, grid_limit_w=1e9, full_percent=100.0,
+                     reserve_percent=0.0)
+
+
+def peer(site: str, level: float, capacity: float = 10.0, production: float = 0.0, consumption: float = 0.0,
+         age: float = 0.0) -> PeerState:
+    return PeerState(site, level, capacity * level / 100, capacity, production, consumption, 0.0, NOW - age)
+
+
+site_states = st.builds(
+    lambda i, level, cap, prod, cons: peer(f"s{i}", level, cap, prod, cons),
+    st.integers(0, 10**6), st.floats(0, 100), st.floats(0.5, 100), st.floats(0, 20000), st.floats(0, 20000))
+fleets = st.lists(site_states, min_size=2, max_size=20, unique_by=lambda p: p.site_id)
+
+
+# --- peer checks ---------------------------------------------------------------------------------------
+
+def test_a_sane_state_passes_and_round_trips() -> None:
+    p = peer("rivendell", 55.0, 13.5, 3000, 800)
+    assert check_peer(p.to_wire(), NOW, "rivendell") == p
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"level": 250}, "level 250 % outside 0..100"),
+    ({"level": -1}, "outside 0..100"),
+    ({"capacityKwh": 0}, "capacity 0 kWh outside"),
+    ({"capacityKwh": 5000}, "capacity 5000 kWh outside"),
+    ({"storedKwh": 50}, "stored 50 kWh outside"),
+    ({"level": 90}, "disagrees with stored/capacity"),
+    ({"productionW": -5}, "production -5 W"),
+    ({"consumptionW": 1e9}, "consumption"),
+    ({"gridW": -1e7}, "grid"),
+    ({"level": float("nan")}, "level is not finite"),
+    ({"level": "50"}, "level is not a number"),
+    ({"level": True}, "level is not a number"),
+    ({"timestamp": NOW + 3600}, "in the future"),
+    ({"siteId": "lothlorien"}, "in the topic of 'rivendell'"),
+    ({"siteId": "../x"}, "bad siteId"),
+])
+def test_nonsense_is_rejected_with_a_reason(change: dict[str, object], reason: str) -> None:
+    data = dict(peer("rivendell", 50.0).to_wire(), **change)
+    result = check_peer(data, NOW, "rivendell")
+    assert isinstance(result, Rejected) and reason in result.reason
+
+
+def test_missing_keys_and_non_objects_are_rejected() -> None:
+    data = peer("rivendell", 50.0).to_wire()
+    del data["gridW"]
+    assert check_peer(data, NOW) == Rejected("rivendell", "missing gridW")
+    assert check_peer([1, 2], NOW, "x") == Rejected("x", "not a JSON object")
+
+
+@given(st.dictionaries(st.sampled_from(["siteId", "level", "storedKwh", "capacityKwh", "productionW",
+                                        "consumptionW", "gridW", "timestamp", "x"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5))))
+def test_check_peer_never_raises_and_what_passes_is_sane(data: dict[str, object]) -> None:
+    result = check_peer(data, NOW)
+    if isinstance(result, PeerState):
+        assert 0 <= result.level <= 100 and 0 < result.capacity_kwh and 0 <= result.stored_kwh <= result.capacity_kwh
+        assert all(math.isfinite(v) for v in (result.production_w, result.consumption_w, result.grid_w))
+
+
+# --- the fleet average ---------------------------------------------------------------------------------
+
+def test_the_average_is_capacity_weighted_from_fresh_peers_only() -> None:
+    peers = [peer("a", 20, 5), peer("b", 80, 15), peer("stale", 0, 100, age=301), peer("b", 10, 15, age=50)]
+    fleet = fleet_average(peers, NOW, timeout=300)
+    assert fleet is not None
+    assert [s.site_id for s in fleet.sites] == ["a", "b"]  # the newest state of b, the stale site dropped
+    assert fleet.level == pytest.approx((1 + 12) / 20 * 100)
+    assert fleet.capacity_kwh == 20
+    assert fleet_average([peer("a", 20, age=301)], NOW, 300) is None
+
+
+# --- targets ---------------------------------------------------------------------------------------------
+
+@given(fleets)
+def test_raw_transfers_sum_to_zero(sites: list[PeerState]) -> None:
+    fleet = fleet_average(sites, NOW, 60)
+    assert fleet is not None
+    total = math.fsum(raw_transfer(s, fleet, 5.0) for s in sites)
+    scale = sum(abs(raw_transfer(s, fleet, 5.0)) for s in sites) + 1.0
+    assert abs(total) <= 1e-9 * scale
+
+
+@given(fleets, st.floats(0, 10), st.floats(0.1, 50))
+def test_transfers_after_deadband_gate_and_pairing_sum_to_zero(sites: list[PeerState], deadband: float,
+                                                               gain: float) -> None:
+    fleet = fleet_average(sites, NOW, 60)
+    assert fleet is not None
+    rules = SiteSettings(gain_w_per_percent_kwh=gain, deadband_percent=deadband)
+    transfers = fleet_transfers(fleet, rules)
+    scale = sum(abs(t) for t in transfers.values()) + 1.0
+    assert abs(math.fsum(transfers.values())) <= 1e-9 * scale
+    for s in sites:  # nobody imports above the average or delivers below it; pairing only scales down
+        wanted = wanted_transfer(s, fleet, rules)
+        assert transfers[s.site_id] * (fleet.level - s.fill) >= 0
+        assert abs(transfers[s.site_id]) <= abs(wanted) + 1e-9
+
+
+@given(fleets, st.floats(0, 10))
+def test_symmetric_mirror_sites_get_mirror_transfers(sites: list[PeerState], deadband: float) -> None:
+    """Mirror every site (level -> 100 - level, surplus -> deficit): every transfer changes sign, no more."""
+    mirror = [PeerState(s.site_id, 100 - s.level, s.capacity_kwh - s.stored_kwh, s.capacity_kwh, s.consumption_w,
+                        s.production_w, 0.0, s.timestamp) for s in sites]
+    rules = SiteSettings(deadband_percent=deadband)
+    a, b = fleet_average(sites, NOW, 60), fleet_average(mirror, NOW, 60)
+    assert a is not None and b is not None
+    ta, tb = fleet_transfers(a, rules), fleet_transfers(b, rules)
+    for site in ta:
+        assert ta[site] == pytest.approx(-tb[site], abs=1e-6 * (1 + abs(ta[site])))
+
+
+def test_the_rule_of_the_issue() -> None:
+    rules = SiteSettings(deadband_percent=2.0)
+    # Below the average and producing less (per kWh) than the fleet: charges from the grid.
+    low, high = peer("low", 30, production=0, consumption=300), peer("high", 70, production=0, consumption=100)
+    fleet = fleet_average([low, high], NOW, 60)
+    assert fleet is not None and fleet.level == 50
+    t = fleet_transfers(fleet, rules)
+    assert t["low"] == pytest.approx(20.0 * 10 * (20 - 2)) and t["high"] == pytest.approx(-t["low"])
+    target = site_target(low, fleet, rules)
+    assert target.transfer_w == t["low"] and target.battery_w == pytest.approx(-300 + t["low"])
+    assert target.grid_w == pytest.approx(t["low"])
+    # Below the average but producing more than the fleet: it catches up by itself, no exchange at all
+    # (the site above is coming down by itself: its mirror image).
+    sunny = peer("low", 30, production=3000, consumption=0)
+    fleet = fleet_average([sunny, high], NOW, 60)
+    assert fleet is not None
+    assert fleet_transfers(fleet, rules) == {"high": 0.0, "low": 0.0}
+    assert site_target(sunny, fleet, rules).battery_w == 3000  # plain self-consumption
+
+
+def test_deadband_no_transfer_near_the_average_and_continuous_at_its_edge() -> None:
+    rules = SiteSettings(deadband_percent=2.0)
+    for distance, expected in ((1.9, 0.0), (2.0, 0.0), (2.1, 20.0 * 10 * 0.1)):
+        fleet = fleet_average([peer("a", 50 - distance), peer("b", 50 + distance)], NOW, 60)
+        assert fleet is not None
+        assert fleet_transfers(fleet, rules)["a"] == pytest.approx(expected)
+
+
+def test_pairing_scales_the_larger_side() -> None:
+    # Two sites want to import, one offers delivery, one above the average is draining by itself.
+    sites = [peer("a", 20, consumption=1500), peer("b", 30, consumption=1500), peer("c", 90, consumption=0),
+             peer("d", 80, consumption=2000)]
+    fleet = fleet_average(sites, NOW, 60)
+    assert fleet is not None
+    rules = SiteSettings(deadband_percent=0)
+    wanted = {s.site_id: wanted_transfer(s, fleet, rules) for s in sites}
+    assert wanted["d"] == 0 and wanted["c"] < 0 and wanted["a"] > 0 and wanted["b"] > 0
+    t = fleet_transfers(fleet, rules)
+    assert t["c"] == pytest.approx(wanted["c"])  # the smaller side is served in full
+    share = -wanted["c"] / (wanted["a"] + wanted["b"])
+    assert t["a"] == pytest.approx(wanted["a"] * share) and t["b"] == pytest.approx(wanted["b"] * share)
+
+
+def test_site_limits_clip_the_transfer() -> None:
+    low, high = peer("low", 10, 40, production=0, consumption=0), peer("high", 90, 40)
+    fleet = fleet_average([low, high], NOW, 60)
+    assert fleet is not None
+    raw = fleet_transfers(fleet, SiteSettings(deadband_percent=0))["low"]
+    assert raw == pytest.approx(20 * 40 * 40)  # 32 kW
+    assert site_target(low, fleet, SiteSettings(deadband_percent=0, max_charge_w=3000)).battery_w == 3000
+    target = site_target(low, fleet, SiteSettings(deadband_percent=0, grid_limit_w=2000))
+    assert target.transfer_w == 2000 and target.grid_w == 2000 and "limited" in target.reason
+    # The grid connection already carries the load: only the rest is left for the transfer.
+    busy = peer("low", 10, 40, production=0, consumption=9000)
+    fleet = fleet_average([busy, high], NOW, 60)
+    assert fleet is not None
+    target = site_target(busy, fleet, SiteSettings(deadband_percent=0, max_discharge_w=5000, grid_limit_w=5750))
+    assert target.battery_w == pytest.approx(-5000 + 1750) and target.grid_w == pytest.approx(5750)
+    # Full: no import; at the reserve: no delivery.
+    full = peer("full", 99.5)
+    fleet = fleet_average([full, peer("x", 100, 100)], NOW, 60)
+    assert fleet is not None and site_target(full, fleet, SiteSettings(deadband_percent=0)).transfer_w == 0
+    empty, other = peer("e", 9), peer("o", 0, 100)
+    fleet = fleet_average([empty, other], NOW, 60)
+    assert fleet is not None and site_target(empty, fleet, SiteSettings(deadband_percent=0)).transfer_w == 0
+
+
+@given(fleets, st.floats(0, 20000), st.floats(0, 20000), st.floats(100, 20000))
+@settings(max_examples=200)
+def test_targets_stay_within_the_sites_limits(sites: list[PeerState], charge: float, discharge: float,
+                                              grid: float) -> None:
+    rules = SiteSettings(max_charge_w=charge, max_discharge_w=discharge, grid_limit_w=grid)
+    fleet = fleet_average(sites, NOW, 60)
+    for s in sites:
+        t = site_target(s, fleet, rules)
+        assert -discharge - 1e-6 <= t.battery_w <= charge + 1e-6
+        assert t.grid_w == pytest.approx(s.consumption_w - s.production_w + t.battery_w, abs=1e-6)
+        if t.transfer_w:  # a transfer never pushes the meter beyond the connection
+            assert abs(t.grid_w) <= grid + 1e-6
+
+
+def test_alone_or_without_a_fleet_the_site_does_self_consumption() -> None:
+    own = peer("a", 50, production=4000, consumption=1000)
+    rules = SiteSettings(max_charge_w=2500)
+    for fleet in (None, fleet_average([own], NOW, 60), fleet_average([peer("b", 10)], NOW, 60)):
+        t = site_target(own, fleet, rules)
+        assert (t.battery_w, t.transfer_w, t.grid_w) == (2500, 0, -500)
+
+
+# --- curtailment ---------------------------------------------------------------------------------------
+
+def test_curtailment_hysteresis() -> None:
+    c = Curtailment(full_percent=99, release_percent=97, discharge_release_w=100, min_hold_s=300)
+    assert not c.update(98.9, 2000, 0)
+    assert c.update(99.0, 2000, 10)  # full: stop production
+    assert c.update(98.0, 0, 20)  # between the two levels: stays stopped
+    assert c.update(98.0, -500, 100)  # used, but within the hold time
+    assert not c.update(98.0, -500, 310)  # used after the hold: production again
+    assert not c.update(98.5, 500, 320)
+    assert c.update(99.2, 500, 330)
+    assert not c.update(96.9, 0, 331)  # below the release level: at once
+    with pytest.raises(ValueError):
+        Curtailment(full_percent=97, release_percent=97)
+
+
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(-5000, 5000)), max_size=200))
+def test_curtailment_never_runs_at_full_nor_stops_below_release(steps: list[tuple[float, float]]) -> None:
+    c = Curtailment(99, 97, 100, 300)
+    for i, (level, power) in enumerate(steps):
+        curtailed = c.update(level, power, i * 60.0)
+        if level >= 99 and not curtailed:
+            raise AssertionError("running at full")
+        if level < 97:
+            assert not curtailed
+
+
+# --- the ledger ------------------------------------------------------------------------------------------
+
+def test_ledger_balances_and_exports_csv() -> None:
+    ledger = Ledger()
+    # An hour importing 1 kW for the fleet while the house uses 500 W from the sun.
+    ledger.record("a", 3600, production_w=500, load_w=500, battery_w=1000, grid_w=1000, transfer_w=1000)
+    # An hour delivering 2 kW for the others, the house drawing 300 W.
+    ledger.record("b", 3600, production_w=0, load_w=300, battery_w=-2300, grid_w=-2000, transfer_w=-2000)
+    # A commanded transfer the meter does not show (the surplus exported anyway) is not a transfer import.
+    ledger.record("a", 1800, production_w=3000, load_w=0, battery_w=2000, grid_w=-1000, transfer_w=500)
+    a, b = ledger.accounts["a"], ledger.accounts["b"]
+    assert (a.transfer_import, a.transfer_export, a.grid_import, a.grid_export) == (1.0, 0.0, 1.0, 0.5)
+    assert (b.transfer_export, b.net_transfer) == (2.0, 2.0)
+    assert a.balance_error == pytest.approx(0) and b.balance_error == pytest.approx(0)
+    assert a.use == pytest.approx(a.production + a.grid_import - a.grid_export)  # V = P + L - T
+    total = ledger.totals()
+    assert total.transfer_export == 2.0 and total.load == pytest.approx(0.8)
+    out = io.StringIO()
+    ledger.write_csv(out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split(",") == list(Ledger.FIELDS)
+    assert lines[1].startswith("a,2.0000,0.5000,2.0000,2.5000,1.0000,0.5000,1.0000,0.0000,-1.0000,")
+    assert len(lines) == 3
+
+
+def test_publish_on_change() -> None:
+    gate = PublishGate(level_step=1.0, power_step=200.0)
+    first = peer("a", 50, production=1000)
+    assert gate.changed(first)
+    gate.last = first
+    assert not gate.changed(peer("a", 50.5, production=1100))
+    assert gate.changed(peer("a", 51.0, production=1100))
+    assert gate.changed(peer("a", 50, production=1250))
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+def test_settings_defaults_and_clear_messages() -> None:
+    s = parse_coop({"enabled": True, "siteId": "rivendell", "broker": {"host": "mqtt.coop.example"}})
+    assert s.broker is not None and s.broker.tls and s.broker.port == 8883 and s.username == "rivendell"
+    assert s.site_settings().full_percent == 99.0
+    assert not parse_coop({}).enabled
+    cases = [
+        ({"enabled": True}, "siteId is required"),
+        ({"enabled": True, "siteId": "a"}, "broker is required"),
+        ({"siteId": "a b"}, "siteId: String should match pattern"),
+        ({"siteID": "a"}, "siteID: unknown key"),
+        ({"siteId": "a", "broker": {"host": "h", "username": "b"}}, "must equal siteId"),
+        ({"publishSeconds": 60, "peerTimeoutSeconds": 100}, "more than twice publishSeconds"),
+        ({"curtail": {"fullPercent": 95, "releasePercent": 96}}, "releasePercent (96.0) must be below"),
+        ({"curtail": {"adapter": "dbus"}}, "needs service and path"),
+        ({"topicPrefix": "coop/#"}, "topicPrefix"),
+    ]
+    for data, message in cases:
+        with pytest.raises(CoopSettingsError) as err:
+            parse_coop(data)
+        assert message in str(err.value), str(err.value)

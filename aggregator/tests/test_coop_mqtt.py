@@ -1,0 +1,344 @@
+"""CoopSite against a real mosquitto: TLS, a password per site and the ACL of setup/coop/acl.example."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import aiomqtt
+import pytest
+
+from aggregator.coop.core import PeerState, fleet_average, fleet_transfers
+from aggregator.coop.mqtt import CoopSite
+from aggregator.coop.settings import BrokerSettings, CoopSettingsError, parse_coop
+from aggregator.mqttbroker import MosquittoBroker, find_mosquitto, free_port, make_test_certificates
+
+REPO = Path(__file__).resolve().parents[2]
+SETUP = REPO / "setup" / "coop"
+USERS = {"site-a": "pw-a", "site-b": "pw-b", "site-c": "pw-c", "coop-homeassistant": "pw-ha"}
+
+pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[MosquittoBroker]:
+    with MosquittoBroker(users=USERS, acl=(SETUP / "acl.example").read_text(), tls=True) as b:
+        yield b
+
+
+def settings_for(broker: MosquittoBroker, site: str, **extra: Any) -> Any:
+    assert broker.tls_files is not None
+    data = {"enabled": True, "siteId": site, "publishSeconds": 0.5, "peerTimeoutSeconds": 5,
+            "broker": {"host": "127.0.0.1", "port": broker.port, "caFile": str(broker.tls_files.ca),
+                       "password": USERS[site]}}
+    data.update(extra)
+    return parse_coop(data)
+
+
+def state(site: str, level: float, capacity: float = 10.0, production: float = 0.0, consumption: float = 500.0,
+          timestamp: float | None = None) -> PeerState:
+    return PeerState(site, level, capacity * level / 100, capacity, production, consumption, 0.0,
+                     time.time() if timestamp is None else timestamp)
+
+
+def client(broker: MosquittoBroker, user: str | None, password: str | None = None, **kw: Any) -> aiomqtt.Client:
+    assert broker.tls_files is not None
+    tls = ssl.create_default_context(cafile=str(broker.tls_files.ca))
+    return aiomqtt.Client("127.0.0.1", broker.port, username=user, password=password, tls_context=tls, timeout=5,
+                          **kw)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.05)
+
+
+async def retained(broker: MosquittoBroker, topic: str, wait: float = 1.0) -> bytes | None:
+    """The retained message of `topic` as a fresh subscriber gets it (None if there is none)."""
+    async with client(broker, "coop-homeassistant", USERS["coop-homeassistant"]) as c:
+        await c.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(wait):
+                async for message in c.messages:
+                    return message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        except TimeoutError:
+            return None
+    return None
+
+
+class Running:
+    """CoopSites with their run() tasks, cancelled at the end."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, site: CoopSite) -> CoopSite:
+        self.tasks.append(asyncio.create_task(site.run()))
+        return site
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_sites_see_each_other_and_agree_on_the_average(broker: MosquittoBroker) -> None:
+    running = Running()
+    levels = {"site-a": 20.0, "site-b": 50.0, "site-c": 80.0}
+    capacities = {"site-a": 5.0, "site-b": 10.0, "site-c": 20.0}
+    sites = {name: running.start(CoopSite(settings_for(broker, name))) for name in levels}
+    try:
+        for name, site in sites.items():
+            await until(site.connected.is_set, what=f"{name} connected")
+        own = {name: state(name, levels[name], capacities[name]) for name in levels}
+        for name, site in sites.items():
+            await site.step(own[name], 0.0)
+        for name, site in sites.items():
+            await until(lambda s=site: len(s.peers_online()) == 2, what=f"{name} sees both peers")
+        expected = fleet_average(own.values(), time.time(), 5)
+        assert expected is not None
+        averages = [site.fleet().level for site in sites.values()]  # type: ignore[union-attr]
+        assert averages == pytest.approx([expected.level] * 3, abs=1e-9)
+        assert expected.level == pytest.approx((1 + 5 + 16) / 35 * 100)
+        # Everyone computes the same pairing: the transfers cancel out (before each site's own limits).
+        views = [fleet_transfers(site.fleet(), site.site_settings) for site in sites.values()]  # type: ignore[arg-type]
+        assert views[0] == pytest.approx(views[1]) and views[0] == pytest.approx(views[2])
+        assert sum(views[0].values()) == pytest.approx(0.0, abs=1e-6)
+        targets = {name: site.target().transfer_w for name, site in sites.items()}
+        assert targets["site-a"] > 0 and targets["site-c"] < 0
+        # Home Assistant discovery and the fleet view, retained.
+        config = json.loads(await retained(broker, "homeassistant/sensor/site-a/coop_average_level/config") or b"{}")
+        assert config["unique_id"] == "coop_site-a_average_level" and config["unit_of_measurement"] == "%"
+        assert config["state_topic"] == "coop/site-a/fleet/average_level"
+        assert config["device"]["identifiers"] == ["coop_site-a"]
+        for _ in range(20):  # published with each state: 2 once both peers were in
+            if await retained(broker, "coop/site-a/fleet/peers_online") == b"2":
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the fleet view never showed 2 peers")
+        # The MQTT curtailment adapter states the command on the site's own topic.
+        assert await retained(broker, "coop/site-a/curtail") == b"0"
+    finally:
+        await running.stop()
+
+
+WORKER = """
+import asyncio, json, sys
+from aggregator.coop.mqtt import CoopSite
+from aggregator.coop.settings import parse_coop
+
+async def main():
+    site = CoopSite(parse_coop(json.loads(sys.argv[1])))
+    task = asyncio.create_task(site.run())
+    await site.connected.wait()
+    print("ready", flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+async def test_last_will_marks_a_killed_site_offline(broker: MosquittoBroker) -> None:
+    running = Running()
+    watcher = running.start(CoopSite(settings_for(broker, "site-a")))
+    data = settings_for(broker, "site-c").model_dump()
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(data)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline), 20)
+        assert line.strip() == "ready"
+        await until(watcher.connected.is_set)
+        await until(lambda: watcher.connects > 0 and "site-c" not in watcher.offline)
+        assert await retained(broker, "coop/site-c/status") == b"online"
+        proc.send_signal(signal.SIGKILL)  # no DISCONNECT: only the broker's last will can tell
+        proc.wait(10)
+        await until(lambda: "site-c" in watcher.offline, what="the last will")
+        assert await retained(broker, "coop/site-c/status") == b"offline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await running.stop()
+
+
+async def test_a_client_without_credentials_cannot_connect_or_publish(broker: MosquittoBroker) -> None:
+    for user, password in ((None, None), ("site-a", "wrong"), ("nobody", "pw-a")):
+        with pytest.raises(aiomqtt.MqttError):
+            async with client(broker, user, password) as c:
+                await c.publish("coop/site-a/state", b"{}", qos=1, retain=True)
+    # Nor without TLS: the only listener speaks TLS.
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", broker.port, username="site-a", password="pw-a", timeout=3) as c:
+            await c.publish("coop/site-a/state", b"{}", qos=1)
+    # And without trusting the cooperative's CA: the default trust store does not know it.
+    with pytest.raises((aiomqtt.MqttError, ssl.SSLError)):
+        async with aiomqtt.Client("127.0.0.1", broker.port, username="site-a", password="pw-a", timeout=3,
+                                  tls_context=ssl.create_default_context()) as c:
+            await c.publish("coop/site-a/state", b"{}", qos=1)
+
+
+async def test_a_site_cannot_write_another_sites_topics(broker: MosquittoBroker) -> None:
+    running = Running()
+    b = running.start(CoopSite(settings_for(broker, "site-b")))
+    try:
+        await until(b.connected.is_set)
+        genuine = state("site-b", 40.0)
+        await b.step(genuine, 0.0)
+        await until(lambda: b._gate.last == genuine, what="site-b published")
+        before = await retained(broker, "coop/site-b/state")
+        assert before is not None and json.loads(before)["level"] == 40.0
+        await running.stop()  # nothing of site-b's own may overwrite what follows
+        forged = json.dumps(dict(genuine.to_wire(), level=99.0, storedKwh=9.9)).encode()
+        async with client(broker, "site-a", USERS["site-a"]) as a:
+            await a.publish("coop/site-b/state", forged, qos=1, retain=True)
+            await a.publish("coop/site-b/status", b"online", qos=1, retain=True)
+            await a.publish("homeassistant/sensor/site-b/coop_own_target/config", b"{}", qos=1, retain=True)
+            await a.publish("coop/site-a/state", b"", qos=1, retain=True)  # its own topic: allowed
+        assert await retained(broker, "coop/site-b/state") == before
+        assert await retained(broker, "coop/site-b/status") == b"offline"  # from site-b's own clean stop
+        config = await retained(broker, "homeassistant/sensor/site-b/coop_own_target/config")
+        assert config is not None and json.loads(config)["unique_id"] == "coop_site-b_own_target"
+    finally:
+        await running.stop()
+
+
+async def test_out_of_range_values_are_dropped(broker: MosquittoBroker) -> None:
+    running = Running()
+    watcher = running.start(CoopSite(settings_for(broker, "site-b")))
+    try:
+        await until(watcher.connected.is_set)
+        await watcher.step(state("site-b", 50.0), 0.0)
+        good = state("site-a", 30.0)
+        bad = [dict(good.to_wire(), level=250.0), dict(good.to_wire(), capacityKwh=-5.0),
+               dict(good.to_wire(), productionW=1e9), dict(good.to_wire(), siteId="site-b"), "not json {"]
+        async with client(broker, "site-a", USERS["site-a"]) as a:
+            await a.publish("coop/site-a/status", b"online", qos=1, retain=True)
+            await a.publish("coop/site-a/state", json.dumps(good.to_wire()), qos=1, retain=True)
+            await until(lambda: "site-a" in watcher.peers_online(), what="the good state")
+            for payload in bad:
+                await a.publish("coop/site-a/state", payload if isinstance(payload, str) else json.dumps(payload),
+                                qos=1)
+            await until(lambda: watcher.rejected["site-a"] == len(bad), what="every bad state rejected")
+        assert watcher.peers["site-a"].to_wire() == good.to_wire()  # the last good state stands
+        assert watcher.last_rejection["site-a"] == "not JSON"
+        fleet = watcher.fleet()
+        assert fleet is not None and fleet.level == pytest.approx((3 + 5) / 20 * 100)
+    finally:
+        await running.stop()
+
+
+async def test_reconnects_after_the_broker_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    acl = (SETUP / "acl.example").read_text()
+    first = MosquittoBroker(users=USERS, acl=acl, tls=True, directory=tmp_path / "broker", port=port).start()
+    running = Running()
+    try:
+        site = running.start(CoopSite(settings_for(first, "site-a"), reconnect_min_s=0.1, reconnect_max_s=0.5))
+        await until(site.connected.is_set)
+        first.stop()
+        await until(lambda: not site.connected.is_set(), what="the link lost")
+        # The same directory: the new CA replaces the old one in the file the site reads at each attempt.
+        second = MosquittoBroker(users=USERS, acl=acl, tls=True, directory=tmp_path / "broker", port=port).start()
+        try:
+            await until(site.connected.is_set, what="reconnected")
+            assert site.connects == 2
+        finally:
+            await running.stop()
+            second.stop()
+    finally:
+        await running.stop()
+        first.stop()
+
+
+def test_tls_is_on_in_the_examples_and_by_default(tmp_path: Path) -> None:
+    conf = (SETUP / "mosquitto.conf.example").read_text()
+    lines = [line.split() for line in conf.splitlines() if line.strip() and not line.startswith("#")]
+    keys = [line[0] for line in lines]
+    assert keys.count("listener") == 1 and "port" not in keys  # one listener only...
+    assert {"cafile", "certfile", "keyfile"} <= set(keys)  # ...and it speaks TLS
+    assert ["allow_anonymous", "false"] in lines
+    assert any(k == "password_file" for k in keys) and any(k == "acl_file" for k in keys)
+    acl = (SETUP / "acl.example").read_text()
+    assert "pattern write coop/%u/#" in acl
+    assert BrokerSettings(host="mqtt.coop.example").tls is True
+    readme = (SETUP / "README.md").read_text()
+    example = re.search(r"```json\n(.*?)```", readme, re.S)
+    assert example is not None
+    coop = parse_coop(json.loads(example.group(1))["coop"])
+    assert coop.broker is not None and coop.broker.tls and coop.broker.caFile and coop.broker.port == 8883
+    with pytest.raises(CoopSettingsError, match="clear text"):
+        parse_coop({"enabled": True, "siteId": "x", "broker": {"host": "mqtt.coop.example", "tls": False}})
+
+
+async def test_the_example_broker_config_runs(tmp_path: Path) -> None:
+    """setup/coop/mosquitto.conf.example itself, with this run's paths, certificates and port."""
+    mosquitto = find_mosquitto()
+    assert mosquitto is not None
+    tls = make_test_certificates(tmp_path / "tls")
+    port = free_port()
+    passwd = tmp_path / "passwd"
+    passwd.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "site-a", "pw-a"], check=True, capture_output=True)
+    acl = tmp_path / "acl"
+    acl.write_text((SETUP / "acl.example").read_text())
+    os.chmod(passwd, 0o600)
+    os.chmod(acl, 0o600)
+    replace = {"/etc/mosquitto/coop.passwd": str(passwd), "/etc/mosquitto/coop.acl": str(acl),
+               "/etc/mosquitto/certs/ca.crt": str(tls.ca), "/etc/mosquitto/certs/server.crt": str(tls.cert),
+               "/etc/mosquitto/certs/server.key": str(tls.key), "/var/lib/mosquitto/": f"{tmp_path}/",
+               "listener 8883": f"listener {port} 127.0.0.1"}
+    conf = (SETUP / "mosquitto.conf.example").read_text()
+    for old, new in replace.items():
+        assert old in conf
+        conf = conf.replace(old, new)
+    import getpass
+    (tmp_path / "mosquitto.conf").write_text(conf + f"\nuser {getpass.getuser()}\n")
+    proc = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        settings = parse_coop({"enabled": True, "siteId": "site-a", "publishSeconds": 1, "broker": {
+            "host": "127.0.0.1", "port": port, "caFile": str(tls.ca), "password": "pw-a"}})
+        running = Running()
+        site = running.start(CoopSite(settings, reconnect_min_s=0.1, reconnect_max_s=0.3))
+        try:
+            await until(site.connected.is_set, what="connected to the example broker")
+        finally:
+            await running.stop()
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_the_dbus_curtailment_adapter_writes_the_path(bus_address: str) -> None:
+    from aggregator.bus.lib import connect
+    from aggregator.bus.service import VeService
+    from aggregator.coop.mqtt import DbusCurtailAdapter
+
+    charger = VeService(await connect(), "com.victronenergy.solarcharger.coop_test")
+    charger.add_mandatory_paths(process_name="t", process_version="1", connection="t", device_instance=290,
+                                product_id=1, product_name="MPPT")
+    charger.add_path("/Mode", 1, writeable=True)
+    await charger.register()
+    bus = await connect()
+    try:
+        adapter = DbusCurtailAdapter(bus, "com.victronenergy.solarcharger.coop_test", "/Mode")
+        await adapter.apply(True)
+        assert charger["/Mode"] == 4
+        await adapter.apply(False)
+        assert charger["/Mode"] == 1
+    finally:
+        bus.disconnect()
+        charger.close()
