@@ -44,8 +44,11 @@ class DispatcherSettings:
     max_step_w_per_s: float = 2000.0   # rate limit on each setpoint
     direction_hysteresis_w: float = 50.0
     weight: str = "capacity"           # "capacity" | "energy" (usable energy in the requested direction) | "equal"
-    observer_tau_s: float = 2.0        # time constant of the disturbance observer
+    observer_tau_s: float = 1.0        # time constant of the disturbance observer
     cycle_s: float = 1.0               # the interval assumed before the first step
+    lead_tau_s: float = 0.5            # lead compensation: the response time asked of a battery whose lag is known
+    max_lead: float = 3.0              # ... overdriving the modelled gap by at most this factor
+    lead_min_w: float = 150.0          # ... after a jump of its share at least this large
     model: ModelSettings = field(default_factory=ModelSettings)
 
 
@@ -123,6 +126,10 @@ class Dispatcher:
         self._correction: dict[str, float] = {}   # the observer's low-passed residual, per battery
         self._allocation: dict[str, float] = {}   # last cycle's allocation (magnitude), per battery
         self._direction = 0                       # +1 charging, -1 discharging, 0 idle
+        self._shares: dict[str, float] = {}       # last cycle's share (magnitude) as asked, per battery
+        self._kicks: dict[str, tuple[float, float]] = {}  # lead after a jump: (share aimed at, until), per battery
+        self._held: tuple[float, float] | None = None     # the target held through a transient: (target, until)
+        self._last_target: float | None = None
         self._last_now: float | None = None
         self._saturated = False
         self._disabled = False
@@ -151,6 +158,9 @@ class Dispatcher:
         if not self._saturated:
             self._update_observer(dt, active)
         correction = sum(self._correction.get(n, 0.0) for n in active)
+        jumped = self._hold_target(now, target, active)
+        if self._held is not None:
+            target = self._held[0]
         effective, holding = self._apply_hysteresis(target)
         need = self._need(effective, correction)
         direction: Direction = CHARGE if self._direction >= 0 else DISCHARGE
@@ -158,7 +168,7 @@ class Dispatcher:
         self._allocation = allocation
         self._saturated = saturated and need != 0.0
         probing = self._probing(direction, allocation, active) if need != 0.0 else set()
-        commands = self._commands(now, dt, direction, allocation, active, excluded, probing)
+        commands = self._commands(now, dt, direction, allocation, active, excluded, probing, jumped)
         predicted = sum(c.predicted_w for c in commands.values())
         status = ("no batteries" if not active else "saturated" if self._saturated
                   else "holding" if holding else "ok")
@@ -174,6 +184,9 @@ class Dispatcher:
         self._allocation.clear()
         self._direction = 0
         self._saturated = False
+        self._shares.clear()
+        self._kicks.clear()
+        self._held = None
         return dict(self._setpoints)
 
     # ---- readings and the observer --------------------------------------------------------------------------
@@ -209,6 +222,46 @@ class Dispatcher:
         for name in active:
             old = self._correction.get(name, 0.0)
             self._correction[name] = old + alpha * (self._residual.get(name, 0.0) - old)
+
+    def _quiet(self, active: Mapping[str, BatteryReading]) -> bool:
+        """Every battery's latest measurement was taken after the model says it had settled where it is asked
+        to be now: the meters (the batteries' and the grid's) then agree, and a target built from them is
+        sound."""
+        tol = self.settings.model.tolerance_w
+        for name in active:
+            model = self._models[name]
+            taken = self._seen.get(name)
+            if taken is None:
+                return False
+            then, _ = model.predicted_at(taken)
+            now_dyn, steady = model.predicted_at(math.inf)
+            limit = max(tol, 0.03 * abs(steady))
+            if abs(then - steady) > limit or abs(now_dyn - steady) > limit:
+                return False
+        return True
+
+    def _hold_target(self, now: float, target: float, active: Mapping[str, BatteryReading]) -> bool:
+        """Through a fast (lead-compensated) transient the target is held at its value right after the jump:
+        while the batteries move, their meters and the grid meter sample at different moments and a target
+        built from them swings by up to the whole step. A jump seen while every battery is quiet is sound; the
+        hold ends once they are quiet again (or after their dead times and lags). Returns True on a jump."""
+        s = self.settings
+        last, self._last_target = self._last_target, target
+        if self._held is not None:
+            if now > self._held[1] or self._quiet(active):
+                self._held = None
+            else:
+                return False
+        if last is None or s.lead_tau_s <= 0.0 or s.max_lead <= 1.0:
+            return False
+        if abs(target - last) < s.lead_min_w or not self._quiet(active):
+            return False
+        fitted = [self._models[n] for n in active if self._models[n].lag_fits >= 1]
+        if not fitted:
+            return False
+        span = max(m.dead_time_s + 3.0 * m.lag_s for m in fitted) + 2.0
+        self._held = (target, now + span)
+        return True
 
     # ---- direction, need, allocation ------------------------------------------------------------------------
 
@@ -298,7 +351,7 @@ class Dispatcher:
 
     def _commands(self, now: float, dt: float, direction: Direction, allocation: Mapping[str, float],
                   active: Mapping[str, BatteryReading], excluded: Mapping[str, str],
-                  probing: set[str]) -> dict[str, BatteryCommand]:
+                  probing: set[str], jumped: bool = False) -> dict[str, BatteryCommand]:
         s = self.settings
         sign = 1.0 if direction == CHARGE else -1.0
         commands: dict[str, BatteryCommand] = {}
@@ -313,7 +366,10 @@ class Dispatcher:
             share = allocation.get(name, 0.0)
             if name in probing:
                 share = max(share, 1e-6)  # at its learned limit: request_for adds the probe
-            request = model.request_for(sign * share, r.soc, configured) if share > 0.0 else 0.0
+                request = model.request_for(sign * share, r.soc, configured)
+            else:
+                delivery = self._lead(model, name, now, sign, share, r, configured, jumped)
+                request = model.request_for(sign * delivery, r.soc, configured) if delivery > 0.0 else 0.0
             setpoint = self._rate_limited(self._setpoints[name], request, dt)
             setpoint = _clamp(setpoint, -configured[DISCHARGE], configured[CHARGE])
             if abs(setpoint) < s.min_command_w:
@@ -327,6 +383,37 @@ class Dispatcher:
                 model.limit(DISCHARGE, r.soc, configured[DISCHARGE]),
                 self._status(model, direction, r, configured, share))
         return commands
+
+    def _lead(self, model: BatteryModel, name: str, now: float, sign: float, share: float, r: BatteryReading,
+              configured: Mapping[Direction, float], jumped: bool) -> float:
+        """The delivery to ask: the share, plus a lead after a jump of the share. A jump starts a kick toward
+        the new share; while the model says the battery (one dead time on, when this request acts) has not got
+        there, the gap is overdriven by (learned lag / lead_tau_s - 1), at most max_lead - 1: the inverse of
+        the learned first-order lag. Only the modelled gap of the jump is amplified, never the cycle-to-cycle
+        jitter of the target (that would close a fast loop through the meters' delays). Only once the lag was
+        fitted; bounded by the battery's limit, never of the other sign."""
+        s = self.settings
+        previous = self._shares.get(name, 0.0)
+        self._shares[name] = share
+        d: Direction = CHARGE if sign > 0 else DISCHARGE
+        if model.lag_fits < 1 or s.lead_tau_s <= 0.0 or s.max_lead <= 1.0:
+            self._kicks.pop(name, None)
+            return share
+        y = sign * model.ahead(now)
+        jump = share - previous
+        if jumped and abs(jump) >= s.lead_min_w and abs(y - previous) < 0.25 * abs(jump):
+            self._kicks[name] = (share, now + model.dead_time_s + 3.0 * model.lag_s)
+        kick = self._kicks.get(name)
+        if kick is None:
+            return share
+        ref, until = kick
+        gap = ref - y
+        if now > until or abs(gap) < 0.05 * abs(ref - previous) or abs(gap) < s.model.tolerance_w:
+            self._kicks.pop(name, None)
+            return share
+        k = _clamp(model.lag_s / s.lead_tau_s, 1.0, s.max_lead)
+        delivery = share + (k - 1.0) * gap
+        return _clamp(delivery, 0.0, model.limit(d, r.soc, configured[d]))
 
     def _rate_limited(self, previous: float, request: float, dt: float) -> float:
         if previous * request < 0.0:

@@ -13,8 +13,9 @@ second window at a different request decides: the same delivery whatever was ask
 fraction of any request is a gain.
 
 A battery held at its learned limit is asked a little more than the limit (the probe), and the limit creeps
-up while it delivers close to it, so a battery that recovers is seen and used again. Lag and dead time come
-from the step responses to large request changes.
+up while it delivers close to it, so a battery that recovers is seen and used again. Lag and dead time are
+fitted (least squares over a grid, free scale and offset) to the measured response to any sizeable change of
+the steady prediction that follows a quiet spell, whatever the shape of the requests (overdriven ones too).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
+
+import numpy as np
 
 Direction = Literal["charge", "discharge"]
 CHARGE: Direction = "charge"
@@ -58,7 +61,11 @@ class ModelSettings:
     gain_max: float = 1.5
     lag_s: float = 2.0                # prior first-order lag
     dead_time_s: float = 1.0          # prior dead time
-    step_min_w: float = 150.0         # request changes at least this large are tracked as step responses
+    step_min_w: float = 150.0         # unused since the lag fit (kept: saved settings may name it)
+    fit_change_w: float = 100.0       # a change of the steady prediction this large (after a quiet spell) ...
+    fit_after_s: float = 8.0          # ... is fitted (lag and dead time) this long after it
+    fit_span_s: float = 16.0          # ... over at most this long a window
+    fit_quiet_w: float = 60.0         # quiet: the steady prediction varied less than this (or 10 %) for 3 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +77,6 @@ class Window:
     delivered_w: float
     band: int
     varied: bool = False  # the request moved during the window (request_w is then its smallest magnitude)
-
-
-@dataclass(slots=True)
-class _StepTrack:
-    t0: float
-    from_w: float     # measured when the step was asked
-    to_w: float       # the steady prediction for the new request
-    dead_s: float | None = None
-    last: tuple[float, float] | None = None  # previous (t, progress), for interpolation
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -100,10 +98,14 @@ class BatteryModel:
         self._samples: deque[tuple[float, float]] = deque()                     # (t measured, measured)
         self._last_window: dict[Direction, Window] = {}
         self._window_end = -math.inf
-        self._step: _StepTrack | None = None
         self._predicted: deque[tuple[float, float, float]] = deque()            # (t, dynamic, steady)
         self._dynamic = 0.0
         self._steady: deque[tuple[float, float]] = deque([(-math.inf, 0.0)])    # (t, steady prediction)
+        self._dynamic_t = -math.inf
+        self.lag_fits = 0                                                       # lag/dead time fits so far
+        self._hist: deque[tuple[float, float]] = deque()                        # (t, steady prediction), 40 s
+        self._fit_samples: deque[tuple[float, float]] = deque()                 # (t measured, measured), 40 s
+        self._change_t: float | None = None                                     # a change to fit, pending
 
     # ---- the model -------------------------------------------------------------------------------------
 
@@ -165,7 +167,6 @@ class BatteryModel:
         and the lag."""
         last_t, last_r = self._requests[-1]
         if abs(request_w - last_r) > 0.5:
-            self._maybe_track_step(t, last_t, last_r, request_w, steady_prediction_w)
             self._requests.append((t, request_w))
         while len(self._requests) > 2 and self._requests[1][0] < t - 120.0:
             self._requests.popleft()
@@ -179,9 +180,39 @@ class BatteryModel:
                 break
             delayed = p
         self._dynamic += (delayed - self._dynamic) * alpha
+        self._dynamic_t = t
         self._predicted.append((t, self._dynamic, steady_prediction_w))
+        self._note_change(t, steady_prediction_w)
         while len(self._predicted) > 2 and self._predicted[1][0] < t - 60.0:
             self._predicted.popleft()
+
+    def ahead(self, t: float) -> float:
+        """The modelled power (the lag's state) when a request sent at `t` starts acting, one dead time on:
+        the requests already sent keep moving it until then."""
+        x = self._dynamic
+        start = self._dynamic_t
+        if not math.isfinite(start):
+            return x
+        end = t + self.dead_time_s
+        current = self._steady[0][1]
+        pending: list[tuple[float, float]] = []
+        for ts, p in self._steady:
+            if ts + self.dead_time_s <= start:
+                current = p
+            else:
+                pending.append((ts + self.dead_time_s, p))
+        tau = max(0.05, self.lag_s)
+        now = start
+        for act, p in pending:
+            if act >= end:
+                break
+            if act > now:
+                x += (current - x) * (1.0 - math.exp(-(act - now) / tau))
+                now = act
+            current = p
+        if end > now:
+            x += (current - x) * (1.0 - math.exp(-(end - now) / tau))
+        return x
 
     def predicted_at(self, t: float) -> tuple[float, float]:
         """The dynamic prediction and the steady one in force at time `t` (for a measurement taken then)."""
@@ -227,7 +258,10 @@ class BatteryModel:
         self._samples.append((t, measured_w))
         while self._samples and self._samples[0][0] < t - 4.0 * self.settings.window_s:
             self._samples.popleft()
-        learned = self._track_step(t, measured_w)
+        self._fit_samples.append((t, measured_w))
+        while self._fit_samples and self._fit_samples[0][0] < t - 40.0:
+            self._fit_samples.popleft()
+        learned = self._fit_dynamics(t)
         window = self._steady_window(t, soc)
         if window is not None:
             self.windows += 1
@@ -354,49 +388,92 @@ class BatteryModel:
         # At or above the configured limit: none learned here (inf, so a neighbour's does not stand in).
         self.limits[d][band] = math.inf if value >= cap else max(0.0, value)
 
-    # ---- step responses: dead time and lag ---------------------------------------------------------------
+    # ---- lag and dead time: fitted to the response to any sizeable change ------------------------------------
 
-    def _maybe_track_step(self, t: float, last_t: float, last_r: float, request_w: float,
-                          steady_prediction_w: float) -> None:
+    def _note_change(self, t: float, steady_w: float) -> None:
         s = self.settings
-        change = abs(request_w - last_r)
-        settled = t - last_t >= self.dead_time_s + 3.0 * self.lag_s
-        if change < max(s.step_min_w, 0.25 * abs(last_r)):
+        self._hist.append((t, steady_w))
+        while len(self._hist) > 2 and self._hist[1][0] < t - 40.0:
+            self._hist.popleft()
+        if self._change_t is not None:
             return
-        if not settled or not self._samples:
-            self._step = None  # a step on top of a transient: its response cannot be read
+        recent = [p for tp, p in self._hist if tp >= t - 3.0 and tp < t]
+        if len(recent) < 3:
             return
-        start = self._samples[-1][1]
-        if abs(steady_prediction_w - start) >= s.step_min_w * 0.7:
-            self._step = _StepTrack(t, start, steady_prediction_w)
+        lo, hi = min(recent), max(recent)
+        mid = 0.5 * (lo + hi)
+        if hi - lo > max(s.fit_quiet_w, 0.1 * abs(mid)):
+            return
+        if abs(steady_w - mid) >= max(s.fit_change_w, 0.2 * abs(mid)):
+            self._change_t = t
 
-    def _track_step(self, t: float, measured_w: float) -> str | None:
-        step = self._step
-        if step is None:
+    def _fit_dynamics(self, t: float) -> str | None:
+        """A change was asked after a quiet spell: once its response is in, the lag and dead time that best
+        explain the measurements (least squares over a grid, with a free scale and offset, so a gain or limit
+        the model has not learned yet does not bias them)."""
+        s = self.settings
+        tc = self._change_t
+        if tc is None or t < tc + s.fit_after_s:
             return None
-        if t - step.t0 > 30.0:
-            self._step = None
+        self._change_t = None
+        t0, t1 = tc - 1.0, min(t, tc + s.fit_span_s)
+        samples = [(tm, m) for tm, m in self._fit_samples if t0 <= tm <= t1]
+        hist = list(self._hist)
+        if len(samples) < 6 or not hist or hist[0][0] > t0 - 4.0:
             return None
-        if t < step.t0:
+        dt = 0.1
+        n = int(math.ceil((t1 - t0) / dt)) + 1
+        back = 40  # up to 4 s of dead time
+        grid_t = t0 + dt * (np.arange(n + back) - back)
+        times = np.array([h[0] for h in hist])
+        values = np.array([h[1] for h in hist])
+        idx = np.searchsorted(times, grid_t, side="right") - 1
+        u = values[np.clip(idx, 0, len(values) - 1)]                         # the input on the grid
+        deads = np.arange(0, 31)                                             # 0 .. 3 s, in steps of dt
+        taus = np.geomspace(0.2, 8.0, 17)
+        a = 1.0 - np.exp(-dt / taus)                                         # (T,)
+        # the state starts where the first sample says (the change came after a quiet spell)
+        x = np.full((len(deads), len(taus)), samples[0][1])
+        sample_idx = np.clip(np.round((np.array([tm for tm, _ in samples]) - t0) / dt).astype(int), 0, n - 1)
+        measured = np.array([m for _, m in samples])
+        preds = np.empty((len(samples), len(deads), len(taus)))
+        order = np.argsort(sample_idx)
+        k = 0
+        for j in range(n):
+            while k < len(order) and sample_idx[order[k]] == j:
+                preds[order[k]] = x
+                k += 1
+            inp = u[back + j - deads]                                        # (D,)
+            x = x + (inp[:, None] - x) * a[None, :]
+        # free scale and offset per candidate
+        pm = preds.mean(axis=0)
+        mm = measured.mean()
+        dp = preds - pm
+        var = (dp ** 2).sum(axis=0)
+        cov = (dp * (measured - mm)[:, None, None]).sum(axis=0)
+        scale = np.where(var > 1e-6, cov / np.maximum(var, 1e-6), 0.0)
+        sse = ((measured - mm)[:, None, None] - scale * dp) ** 2
+        sse = sse.sum(axis=0)
+        sse = np.where(scale > 0.2, sse, np.inf)
+        best = np.unravel_index(int(np.argmin(sse)), sse.shape)
+        spread = float(np.ptp(measured))
+        if not math.isfinite(float(sse[best])) or spread < s.fit_change_w * 0.7:
             return None
-        progress = (measured_w - step.from_w) / (step.to_w - step.from_w)
-        dead_at = _crossing(step, t, progress, 0.1)
-        lag_at = _crossing(step, t, progress, 0.63)
-        step.last = (t, progress)
-        if step.dead_s is None and dead_at is not None:
-            step.dead_s = max(0.0, dead_at - step.t0)
-        if step.dead_s is not None and lag_at is not None:
-            lag = max(0.05, lag_at - step.t0 - step.dead_s)
-            self.dead_time_s = _clamp(0.7 * self.dead_time_s + 0.3 * step.dead_s, 0.0, 10.0)
-            self.lag_s = _clamp(0.7 * self.lag_s + 0.3 * lag, 0.05, 20.0)
-            self._step = None
-            return "lag"
-        return None
+        rms = math.sqrt(float(sse[best]) / len(samples))
+        if rms > max(s.noise_w, 0.1 * spread):
+            return None
+        lag = float(taus[best[1]])
+        dead = float(deads[best[0]]) * dt
+        w = 0.6 if self.lag_fits == 0 else 0.3
+        self.lag_s = _clamp(math.exp((1 - w) * math.log(self.lag_s) + w * math.log(lag)), 0.05, 20.0)
+        self.dead_time_s = _clamp((1 - w) * self.dead_time_s + w * dead, 0.0, 10.0)
+        self.lag_fits += 1
+        return "lag"
 
     # ---- persistence -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gain": self.gain, "lag_s": self.lag_s, "dead_time_s": self.dead_time_s,
+        return {"gain": self.gain, "lag_s": self.lag_s, "dead_time_s": self.dead_time_s, "lag_fits": self.lag_fits,
                 "limits": {d: {str(b): (v if math.isfinite(v) else None) for b, v in sorted(table.items())}
                            for d, table in self.limits.items()}}
 
@@ -408,6 +485,7 @@ class BatteryModel:
         self.gain = _clamp(_number(data.get("gain"), self.gain), s.gain_min, s.gain_max)
         self.lag_s = _clamp(_number(data.get("lag_s"), self.lag_s), 0.05, 20.0)
         self.dead_time_s = _clamp(_number(data.get("dead_time_s"), self.dead_time_s), 0.0, 10.0)
+        self.lag_fits = int(_clamp(_number(data.get("lag_fits"), self.lag_fits), 0, 1e6))
         limits = data.get("limits")
         if not isinstance(limits, dict):
             return
@@ -423,16 +501,6 @@ class BatteryModel:
                 v = math.inf if value is None else _number(value, math.nan)  # None: none learned (inf)
                 if not math.isnan(v) and v >= 0 and GLOBAL_BAND <= b <= 100:
                     self.limits[d][b] = v
-
-
-def _crossing(step: _StepTrack, t: float, progress: float, level: float) -> float | None:
-    """The time the step response crossed `level` (interpolated between samples), None if it has not yet."""
-    if progress < level:
-        return None
-    if step.last is None or step.last[1] >= level:
-        return t
-    t0, p0 = step.last
-    return t0 + (t - t0) * (level - p0) / (progress - p0)
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
