@@ -22,6 +22,7 @@ from .bus.service import VeService
 from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
 from .bus.watch import PathWatcher
 from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput
+from .components import Components, same_components
 from .config import Config
 from .energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
 from .grid_battery_service import GRID_BATTERY_PRODUCT_ID
@@ -203,6 +204,7 @@ class Aggregator:
         self._store: Any = None
         self.energy = EnergyTracker(config.energy, config.stateDir)
         self._http: ReportHttpServer | None = None
+        self.components: Components | None = None
 
     # ---- life cycle ----------------------------------------------------------------------------------
 
@@ -220,6 +222,7 @@ class Aggregator:
                                              "Aggregate of 0 batteries", self.bus_address)
         self._add_aggregate_paths(self.service)
         add_report_methods(self.service, self._take_report)
+        self.components = Components(self.config, self.service, bus)
         if self.config.energy.httpPort is not None:
             self._http = ReportHttpServer(self._take_report, self.config.energy.httpBind, self.config.energy.httpPort)
             await self._http.start()
@@ -238,6 +241,7 @@ class Aggregator:
         # fed to the merge directly rather than through the bus, so they are not watched.
         self._reclassify()
         self._flush()
+        await self.components.start()
         self._spawn(self._register_when_ready())
         self._spawn(self._watch_staleness())
 
@@ -246,7 +250,8 @@ class Aggregator:
         if config.serviceName != self.name or set(config.virtualBatteries) != set(self.virtuals) \
                 or config.stateDir != self.config.stateDir \
                 or (config.energy.httpPort, config.energy.httpBind) != (self.config.energy.httpPort,
-                                                                       self.config.energy.httpBind):
+                                                                       self.config.energy.httpBind) \
+                or not same_components(self.config, config):
             return False
         self.config = config
         self.merge.options = MergeOptions(capacity=config.capacity)
@@ -292,6 +297,8 @@ class Aggregator:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.components is not None:
+            await self.components.stop()
         self._save_state()
         self.energy.save()
         if self._http is not None:

@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .coop.settings import CoopSettings
+from .dispatch.settings import DispatcherConfig
 from .grid_battery_service import GridBatterySettings
 from .validation import (JsonFileError, at, format_messages, format_validation_error, json_positions, key_path,
                          read_json, validation_messages)
@@ -113,6 +115,11 @@ class Config(BaseModel):
                                   "external batteries")
     gridBatteries: list[GridBatterySettings] = Field(default_factory=list, description="virtual batteries fed by "
                                                      "a grid meter (exported energy charges them)")
+    dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig, description="splits one power target "
+                                         "over independently controlled batteries, learning how each responds "
+                                         "(runs when batteries are configured)")
+    coop: CoopSettings = Field(default_factory=CoopSettings, description="balance the battery level with other "
+                               "sites over MQTT (communicating vessels)")
 
 
 REFERENCE_FORMS = "a full service name (com.victronenergy.battery.<name>), name:<CustomName> or serial:<Serial>"

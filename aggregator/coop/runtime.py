@@ -1,0 +1,131 @@
+"""The cooperative on the running service: the site's own state from D-Bus in, the battery target out.
+
+Each cycle it reads the aggregate battery (level, capacity, power) from our own service and the household's
+production, consumption and grid power from Victron's system calculator (`com.victronenergy.system`),
+steps the MQTT site (core.py decides), hands the battery target to the dispatcher when one runs, and
+publishes the fleet view under /Coop/*.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Protocol
+
+from ..bus import client
+from ..bus.service import VeService
+from .core import PeerState, SiteTarget
+from .mqtt import CoopSite, DbusCurtailAdapter
+from .settings import CoopSettings
+
+_LOG = logging.getLogger(__name__)
+
+SYSTEM = "com.victronenergy.system"
+PREFIX = "/Coop"
+PHASES = ("L1", "L2", "L3")
+# Production: PV on the DC bus, and PV inverters on the grid side and on the inverter's output.
+PRODUCTION_PATHS = ("/Dc/Pv/Power", *(f"/Ac/PvOnGrid/{p}/Power" for p in PHASES),
+                    *(f"/Ac/PvOnOutput/{p}/Power" for p in PHASES))
+CONSUMPTION_PATHS = tuple(f"/Ac/Consumption/{p}/Power" for p in PHASES)
+GRID_PATHS = tuple(f"/Ac/Grid/{p}/Power" for p in PHASES)
+
+
+class TargetSink(Protocol):
+    def set_target(self, value: Any) -> bool: ...
+
+
+def own_state(site_id: str, battery: dict[str, Any], system: dict[str, Any], now: float) -> PeerState | None:
+    """Our PeerState from the aggregate's values and the system's; None while the battery is unknown."""
+    soc, installed_ah, voltage = battery.get("/Soc"), battery.get("/InstalledCapacity"), battery.get("/Dc/0/Voltage")
+    if not all(isinstance(v, (int, float)) for v in (soc, installed_ah, voltage)) or installed_ah <= 0 or voltage <= 0:
+        return None
+    capacity_kwh = installed_ah * voltage / 1000.0
+    return PeerState(site_id=site_id, level=float(soc), stored_kwh=capacity_kwh * soc / 100.0,
+                     capacity_kwh=capacity_kwh, production_w=_sum(system, PRODUCTION_PATHS),
+                     consumption_w=_sum(system, CONSUMPTION_PATHS), grid_w=_sum(system, GRID_PATHS), timestamp=now)
+
+
+def _sum(values: dict[str, Any], paths: tuple[str, ...]) -> float:
+    return float(sum(v for p in paths if isinstance(v := values.get(p), (int, float))))
+
+
+class CoopRuntime:
+    """Construct before the service registers (it adds its paths), then `await start()`."""
+
+    def __init__(self, settings: CoopSettings, service: VeService, bus: Any, *, dispatcher: TargetSink | None = None,
+                 clock: Callable[[], float] = time.time, cycle_s: float | None = None) -> None:
+        self.settings = settings
+        self.service = service
+        self.bus = bus
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.cycle_s = cycle_s or min(settings.publishSeconds, 10.0)
+        curtail = settings.curtail
+        adapter = None
+        if curtail.adapter == "dbus" and curtail.service and curtail.path:
+            adapter = DbusCurtailAdapter(bus, curtail.service, curtail.path, curtail.curtailedValue,
+                                         curtail.releasedValue)
+        self.site = CoopSite(settings, clock=clock, curtail_adapter=adapter)
+        self.last: SiteTarget | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        for path, value in (("PeersOnline", 0), ("AverageLevel", None), ("OwnLevel", None), ("OwnTarget", None),
+                            ("Transfer", None), ("Curtailed", 0), ("Status", "starting")):
+            service.add_path(f"{PREFIX}/{path}", value)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.site.run()), loop.create_task(self._cycle())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _cycle(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad value of another service must not end the cooperative
+                _LOG.exception("coop cycle failed")
+            await asyncio.sleep(self.cycle_s)
+
+    async def read_system(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        try:
+            reply = await client.call(self.bus, SYSTEM, "/", "GetItems", timeout=2.0)
+            values = client.parse_items(reply.body[0] if reply.body else None)
+        except client.CallError:
+            pass  # no system calculator (a PC, a test): production, consumption and grid count as 0
+        return values
+
+    async def step(self) -> SiteTarget | None:
+        now = self.clock()
+        battery = {p: self.service[p] for p in ("/Soc", "/InstalledCapacity", "/Dc/0/Voltage", "/Dc/0/Power")
+                   if p in self.service}
+        own = own_state(self.site.site_id, battery, await self.read_system(), now)
+        if own is None:
+            self._publish(None, "waiting for the battery's SoC, capacity and voltage")
+            return None
+        power = battery.get("/Dc/0/Power")
+        target = await self.site.step(own, float(power) if isinstance(power, (int, float)) else 0.0)
+        self.last = target
+        status = target.reason
+        if self.dispatcher is not None and not self.dispatcher.set_target(target.battery_w):
+            status = f"{status}; the dispatcher refused {target.battery_w:.0f} W"
+        self._publish(target, status, own.level)
+        return target
+
+    def _publish(self, target: SiteTarget | None, status: str, level: float | None = None) -> None:
+        fleet = self.site.fleet()
+        with self.service.batch():
+            self.service.set_value(f"{PREFIX}/PeersOnline", len(self.site.peers_online()))
+            self.service.set_value(f"{PREFIX}/AverageLevel", round(fleet.level, 2) if fleet else None)
+            self.service.set_value(f"{PREFIX}/OwnLevel", level)
+            self.service.set_value(f"{PREFIX}/OwnTarget", round(target.battery_w) if target else None)
+            self.service.set_value(f"{PREFIX}/Transfer", round(target.transfer_w) if target else None)
+            self.service.set_value(f"{PREFIX}/Curtailed", int(self.site.curtailment.curtailed))
+            self.service.set_value(f"{PREFIX}/Status", status if self.site.connected.is_set()
+                                   else f"{status}; broker not connected")
