@@ -32,9 +32,39 @@ sys.path.insert(0, str(REPO))
 from aggregator.bench import machine, read_json_line  # noqa: E402
 from aggregator.privatebus import PrivateBus  # noqa: E402
 
+BASELINE = REPO / "bench" / "baseline.json"
 SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True), "idle": (16, 0.05, False)}
 AGGREGATE = "com.victronenergy.battery.benchagg"
 PROBE_BASE = 100.0  # probe temperatures 100..150 degC: above every real member, inside the sanity bounds
+
+
+def calibration_cpu_s() -> float:
+    """CPU seconds of a fixed pure-Python workload (dict, struct and float work like the daemon's), best of 3.
+    Dividing by it makes a CPU figure comparable across machines of different speed."""
+    import struct
+
+    pack = struct.Struct("<d").pack
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        table: dict[str, float] = {}
+        for i in range(200_000):
+            key = f"/Batteries/{i & 63}/Soc"
+            table[key] = table.get(key, 0.0) * 0.5 + i
+            pack(table[key])
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def write_baseline(result: dict[str, Any], duration: float) -> dict[str, Any]:
+    baseline = {
+        "machine": result["machine"], "library": result["library"], "scenario": result["scenario"],
+        "duration_s": duration, "cpu_s_per_1000_updates": result["cpu_s_per_1000_updates"],
+        "calibration_cpu_s": round(calibration_cpu_s(), 4), "recorded": time.strftime("%Y-%m-%d"),
+        "how": "python bench/daemon.py --scenario a --duration 5 --write-baseline",
+    }
+    BASELINE.write_text(json.dumps(baseline, indent=1) + "\n")
+    return baseline
 
 
 def _ticks() -> int:
@@ -214,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--library", choices=["dbus-next", "dbus-fast"], default="dbus-next",
                         help="the D-Bus library the daemon under test runs on")
+    parser.add_argument("--write-baseline", action="store_true",
+                        help=f"record this run as the regression baseline ({BASELINE.relative_to(REPO)})")
     parser.add_argument("--profile", metavar="FILE", help="sample the daemon with py-spy while it is measured; collapsed stacks to FILE")
     parser.add_argument("--role", choices=["publisher", "probe"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -225,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(probe(members, args.duration))
         return 0
     r = run(args.scenario, args.duration, args.library, args.profile)
+    if args.write_baseline:
+        write_baseline(r, args.duration)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
