@@ -126,7 +126,8 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     assert best is not None
     value, member = best
     value = max(0.0, value)
-    left_out = [m.label for m in members if m not in takers and m.allowed(direction) != 0]
+    taking = {m.name for m in takers}  # by name: comparing the dataclasses field by field is O(n^2) slow
+    left_out = [m.label for m in members if m.name not in taking and m.allowed(direction) != 0]
     reason = (f"{member.label}: {member.limit(direction):g} A at a {100 * shares[member.name]:.0f}% share "
               f"({used})")
     if left_out:
