@@ -3,6 +3,7 @@ wrong, nothing leaks, and losing the bus ends it promptly so the supervisor rest
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from pathlib import Path
@@ -100,6 +101,42 @@ async def test_a_member_vanishing_and_returning_50_times_leaks_nothing(processes
     assert rules_after == rules_before, (rules_before, rules_after)
     assert rss_after - rss_before < 4096, (rss_before, rss_after)  # KiB: no growth per cycle worth the name
     assert await bank.read(agg, "/System/NrOfBatteries") == 1
+    observer.disconnect()
+    bank.close()
+
+
+async def test_a_member_returning_within_the_reconnect_timeout_50_times_leaks_nothing(processes: Processes,
+                                                                                   tmp_path: Path) -> None:
+    bank = Bank()
+    await bank.add("steady", Dc__0__Current=1.0)
+    agg, proc = start_aggregator(processes, tmp_path, bank, reconnectTimeout=60)
+    await bank.value_is(agg, "/Dc/0/Current", 1.0)
+    observer = await connect()
+    daemon_connections = await connections_of(observer, proc.pid)
+
+    returns = itertools.count()
+
+    async def cycle(n: int) -> None:
+        for _ in range(n):
+            odd = next(returns) % 2  # a new current each time, so its return is seen, not its kept last value
+            flappy = await bank.add("flappy", Dc__0__Current=2.0 + odd)
+            await bank.value_is(agg, "/Dc/0/Current", 3.0 + odd)  # back, with its new values
+            assert await bank.read(agg, "/Batteries/1/State") == "online"
+            flappy.close()
+            bank.members.pop("flappy")
+            # Gone but within the reconnect timeout: stale, its last values kept, the limits counting it as
+            # carrying nothing.
+            await bank.value_is(agg, "/Batteries/1/State", "stale")
+
+    await cycle(5)
+    rules_before = await match_rules_of(observer, daemon_connections)
+    rss_before = rss_kib(proc.pid)
+    await cycle(50)
+    await asyncio.sleep(0.5)
+    assert await match_rules_of(observer, daemon_connections) == rules_before
+    assert rss_kib(proc.pid) - rss_before < 4096
+    assert await bank.read(agg, "/System/NrOfBatteries") == 2  # the stale one is still a member
+    assert proc.poll() is None
     observer.disconnect()
     bank.close()
 
