@@ -129,6 +129,7 @@ class Dispatcher:
         self._shares: dict[str, float] = {}       # last cycle's share (magnitude) as asked, per battery
         self._kicks: dict[str, tuple[float, float]] = {}  # lead after a jump: (share aimed at, until), per battery
         self._held: tuple[float, float] | None = None     # the target held through a transient: (target, until)
+        self._held_sign = 0.0                             # ... and the direction it jumped
         self._last_target: float | None = None
         self._last_now: float | None = None
         self._saturated = False
@@ -167,6 +168,8 @@ class Dispatcher:
         allocation, saturated = self._allocate(abs(need), direction, active, self._short(direction, active))
         self._allocation = allocation
         self._saturated = saturated and need != 0.0
+        for name in self.names:
+            self._models[name].fleet_short = self._saturated
         probing = self._probing(direction, allocation, active) if need != 0.0 else set()
         commands = self._commands(now, dt, direction, allocation, active, excluded, probing, jumped)
         predicted = sum(c.predicted_w for c in commands.values())
@@ -248,8 +251,15 @@ class Dispatcher:
         s = self.settings
         last, self._last_target = self._last_target, target
         if self._held is not None:
-            if now > self._held[1] or self._quiet(active):
+            held, until = self._held
+            if now > until or self._quiet(active):
                 self._held = None
+            elif (target - held) * self._held_sign > max(s.lead_min_w, 0.1 * abs(held)):
+                # The target keeps going the way it jumped: the jump was not over when it was caught (something
+                # the dispatcher does not see moved: a silent battery, the household). Follow it. (The meters'
+                # disagreement through a transient pulls the other way: a ramping battery's meter lags.)
+                self._held = (target, until)
+                return False
             else:
                 return False
         if last is None or s.lead_tau_s <= 0.0 or s.max_lead <= 1.0:
@@ -261,6 +271,7 @@ class Dispatcher:
             return False
         span = max(m.dead_time_s + 3.0 * m.lag_s for m in fitted) + 2.0
         self._held = (target, now + span)
+        self._held_sign = 1.0 if target > last else -1.0
         return True
 
     # ---- direction, need, allocation ------------------------------------------------------------------------
@@ -313,8 +324,12 @@ class Dispatcher:
         (a steady window), they keep their allocation and the observer's correction goes to the others."""
         sign = 1.0 if direction == CHARGE else -1.0
         tol = self.settings.model.tolerance_w
+        # Only at a share large enough to teach the model: below it a shortfall is a deadband or a minimum
+        # output, never learned, and holding the battery there would keep it at that share for good.
+        floor = self.settings.model.min_learn_w
         return {n for n in active
-                if -sign * self._correction.get(n, 0.0) > max(tol, 0.05 * self._allocation.get(n, 0.0))}
+                if self._allocation.get(n, 0.0) >= floor
+                and -sign * self._correction.get(n, 0.0) > max(tol, 0.05 * self._allocation.get(n, 0.0))}
 
     def _allocate(self, amount: float, direction: Direction, active: Mapping[str, BatteryReading],
                   held: set[str] = frozenset()) -> tuple[dict[str, float], bool]:  # type: ignore[assignment]

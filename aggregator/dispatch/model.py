@@ -65,6 +65,7 @@ class ModelSettings:
     fit_change_w: float = 100.0       # a change of the steady prediction this large (after a quiet spell) ...
     fit_after_s: float = 8.0          # ... is fitted (lag and dead time) this long after it
     fit_span_s: float = 16.0          # ... over at most this long a window
+    plateau_limits: bool = False      # learn a ceiling from three measurements (faster; breaks gain-vs-limit tests: off)
     fit_quiet_w: float = 60.0         # quiet: the steady prediction varied less than this (or 10 %) for 3 s
 
 
@@ -106,6 +107,8 @@ class BatteryModel:
         self._hist: deque[tuple[float, float]] = deque()                        # (t, steady prediction), 40 s
         self._fit_samples: deque[tuple[float, float]] = deque()                 # (t measured, measured), 40 s
         self._change_t: float | None = None                                     # a change to fit, pending
+        self._from_plateau: dict[Direction, bool] = {CHARGE: False, DISCHARGE: False}  # pending since a plateau
+        self.fleet_short = False  # set by the dispatcher: the fleet cannot deliver its target (creep allowed)
 
     # ---- the model -------------------------------------------------------------------------------------
 
@@ -156,6 +159,11 @@ class BatteryModel:
         if self.limited(d, soc, cap) and amount >= limit - tol:
             probe = max(self.settings.probe_frac * limit, self.settings.probe_w)
             request = max(limit / self.gain, limit + probe)
+            last = self._last_window.get(d)
+            if self.pending[d] and self._from_plateau[d] and last is not None:
+                # undecided since a plateau (limit or gain?): ask clearly more than the request of the last
+                # steady window, so the next one tells them apart
+                request = max(request, 1.3 * abs(last.request_w))
         else:
             request = amount / self.gain
         return sign_of(d) * min(request, cap)
@@ -262,6 +270,9 @@ class BatteryModel:
         while self._fit_samples and self._fit_samples[0][0] < t - 40.0:
             self._fit_samples.popleft()
         learned = self._fit_dynamics(t)
+        plateau = self._plateau(t, soc, configured)
+        if plateau is not None:
+            return plateau
         window = self._steady_window(t, soc)
         if window is not None:
             self.windows += 1
@@ -301,6 +312,57 @@ class BatteryModel:
             return Window(t, smallest, mean, self.band(soc), varied=True)
         return Window(t, request, mean, self.band(soc))
 
+    def _plateau(self, t: float, soc: float | None, configured: Mapping[Direction, float]) -> str | None:
+        """A limit seen before a steady window: the last three measurements, roughly one meter period apart,
+        head (first-order approach, extrapolated by Aitken's delta-squared) or already sit clearly short of
+        what every request of the last dead time and lag asks for. That is a ceiling, learned at once (as a
+        provisional limit: a later steady window at another request tells it from a gain, as usual); the
+        missing power then goes to the others from the model instead of through the observer's slow
+        correction. The converse (a battery at its learned limit sitting clearly above it) raises the limit."""
+        s = self.settings
+        if len(self._samples) < 3:
+            return None
+        (t0, y0), (t1, y1), (t2, y2) = list(self._samples)[-3:]
+        h0, h1 = t1 - t0, t2 - t1
+        if h0 <= 0.2 or h1 <= 0.2 or abs(h1 - h0) > 0.35 * max(h0, h1) or t2 - t0 > 5.0:
+            return None  # not evenly spaced: the extrapolation assumes equal steps
+        lo, hi = self._request_range(t0 - self.dead_time_s - 0.5, t - self.dead_time_s)
+        if lo * hi <= 0.0:
+            return None
+        d = direction_of(hi)
+        sign = sign_of(d)
+        smallest, largest = min(abs(lo), abs(hi)), max(abs(lo), abs(hi))
+        if smallest < s.min_learn_w:
+            return None  # deadbands and minimum outputs are not limits
+        g0, g1, g2 = sign * y0, sign * y1, sign * y2
+        d1, d2 = g1 - g0, g2 - g1
+        flat = max(s.tolerance_w, 0.02 * abs(g2))
+        if max(g0, g1, g2) - min(g0, g1, g2) <= flat:
+            final = (g0 + g1 + g2) / 3.0
+        elif d1 > flat and 0.0 < d2 < 0.75 * d1:
+            final = g2 + d2 * d2 / (d1 - d2)  # where a first-order approach is heading
+        else:
+            return None
+        cap = max(0.0, configured[d])
+        limit = self.limit(d, soc, cap)
+        gap = max(2.0 * s.tolerance_w, 0.1 * abs(final))
+        band = self.band(soc)
+        if final < s.min_learn_w:
+            return None
+        if s.plateau_limits and min(self.gain * smallest, limit) > final + gap and not self.pending[d]:
+            # (once a provisional limit is pending, the steady windows decide: they compare two requests)
+            # every request asked clearly more than it is heading for: a ceiling
+            self._set_limit(d, band, final, cap)
+            self.pending[d] = True
+            self._from_plateau[d] = True
+            return "limit"
+        if (self.limited(d, soc, cap) and max(g0, g1, g2) - min(g0, g1, g2) <= flat
+                and final > limit + gap and min(self.gain * smallest, cap) > limit + gap):
+            # at a probe, settled clearly above the learned limit: it recovered (at least this far)
+            self._set_limit(d, band, final if final < self.gain * largest - gap else math.inf, cap)
+            return "limit"
+        return None
+
     def _learn(self, w: Window, configured: Mapping[Direction, float]) -> str | None:
         s = self.settings
         asked = abs(w.request_w)
@@ -309,6 +371,9 @@ class BatteryModel:
         d = direction_of(w.request_w)
         cap = max(0.0, configured[d])
         got = max(0.0, sign_of(d) * w.delivered_w)
+        if not (self.pending[d] and abs(got - self.limit(d, None if w.band == GLOBAL_BAND else w.band * s.band_pct,
+                                                          cap)) <= max(s.tolerance_w, 0.03 * got)):
+            self._from_plateau[d] = False
         learned = self.limits[d].get(w.band)
         if learned is None:
             learned = self._nearest(d, w.band)
@@ -326,8 +391,10 @@ class BatteryModel:
         previous = self._last_window.get(d)
         self._last_window[d] = w
         if abs(got - expected) <= tol:
-            if limit_bound and learned is not None and learned < cap:
-                # Delivering at the learned limit: let it creep up (a recovering battery gets asked more).
+            if limit_bound and learned is not None and learned < cap and self.fleet_short:
+                # Delivering at the learned limit while the fleet is short of its target: let it creep up (a
+                # recovering battery gets asked more). Not otherwise: every creep predicts power the battery
+                # does not deliver, a sawtooth of steady error; the probe shows a recovery anyway.
                 self._set_limit(d, w.band, limit * (1.0 + s.creep_frac), cap)
                 self.pending[d] = False
                 return None
@@ -375,8 +442,19 @@ class BatteryModel:
         a0, a1 = abs(previous.request_w), abs(w.request_w)
         p0 = max(0.0, sign_of(d) * previous.delivered_w)
         p1 = max(0.0, sign_of(d) * w.delivered_w)
+        if a0 <= 0.0 or a1 <= 0.0:
+            return None
+        # The two hypotheses predict, for the new request: the same delivery (a limit) or the same fraction of
+        # the request (a gain). They can be told apart only when those predictions differ beyond the noise.
+        as_limit, as_gain = p0, p0 * a1 / a0
+        if abs(as_gain - as_limit) >= 1.5 * tol:
+            if abs(p1 - as_limit) <= tol and abs(p1 - as_limit) < abs(p1 - as_gain):
+                return "limit"
+            if abs(p1 - as_gain) <= max(tol, 0.03 * p1) and abs(p1 - as_gain) < abs(p1 - as_limit):
+                return "gain"
+        # requests apart by 8 % or more: the same delivery is a limit, the same fraction a gain
         if abs(a1 - a0) < max(tol, 0.08 * max(a0, a1)):
-            return None  # asked the same: cannot tell
+            return None
         if abs(p1 - p0) <= tol:
             return "limit"
         r0, r1 = p0 / a0, p1 / a1
