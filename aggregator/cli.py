@@ -201,6 +201,27 @@ def _cmd_energy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coop(args: argparse.Namespace) -> int:
+    from .coop.runtime import load_ledger
+
+    state_dir = _state_dir(args)
+    if state_dir is None:
+        return 1
+    ledger = load_ledger(state_dir)
+    if args.csv:
+        ledger.write_csv(sys.stdout)
+        return 0
+    if not ledger.accounts:
+        print(f"no cooperative metering kept under {state_dir} yet")
+        return 0
+    print(f"{'site and month':<24} {'P kWh':>9} {'L kWh':>9} {'T kWh':>9} {'V kWh':>9} {'fleet in':>9} {'fleet out':>9}")
+    for key in sorted(ledger.accounts):
+        a = ledger.accounts[key]
+        print(f"{key:<24} {a.production:>9.2f} {a.grid_import:>9.2f} {a.grid_export:>9.2f} {a.use:>9.2f} "
+              f"{a.transfer_import:>9.2f} {a.transfer_export:>9.2f}")
+    return 0
+
+
 def _cmd_grid_battery(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .daemon import grid_state_dir
@@ -333,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     energy.add_argument("--state-dir", help="default: stateDir of the config")
     energy.add_argument("--config", help="the config to take stateDir from")
     energy.set_defaults(func=_cmd_energy)
+
+    coop = sub.add_parser("coop", help="the cooperative's metering per month (V = P + L - T), from the saved state",
+                          description="Per settlement month: production P, grid import L and export T, use V, and "
+                                      "the energy imported for the fleet and delivered to it (<stateDir>/"
+                                      "coop_ledger.json); --csv for the cooperative's accounts.")
+    coop.add_argument("--csv", action="store_true", help="one CSV row per site and month")
+    coop.add_argument("--state-dir", help="default: stateDir of the config")
+    coop.add_argument("--config", help="the config to take stateDir from")
+    coop.set_defaults(func=_cmd_coop)
 
     grid = sub.add_parser("grid-battery", help="the level history of a grid battery",
                           description="The daily level and energy of a grid battery, from its saved state "

@@ -29,7 +29,7 @@ class Components:
         if config.coop.enabled:
             from .coop.runtime import CoopRuntime
 
-            self.coop = CoopRuntime(config.coop, service, bus, dispatcher=self.dispatcher)
+            self.coop = CoopRuntime(config.coop, service, bus, dispatcher=self.dispatcher, state_dir=config.stateDir)
 
     async def start(self) -> None:
         if self.dispatcher is not None:

@@ -8,13 +8,16 @@ publishes the fleet view under /Coop/*.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable, Protocol
 
 from ..bus import client
 from ..bus.service import VeService
-from .core import PeerState, SiteTarget
+from ..state import StateStore
+from .core import Account, Ledger, PeerState, SiteTarget
 from .mqtt import CoopSite, DbusCurtailAdapter
 from .settings import CoopSettings
 
@@ -28,6 +31,30 @@ PRODUCTION_PATHS = ("/Dc/Pv/Power", *(f"/Ac/PvOnGrid/{p}/Power" for p in PHASES)
                     *(f"/Ac/PvOnOutput/{p}/Power" for p in PHASES))
 CONSUMPTION_PATHS = tuple(f"/Ac/Consumption/{p}/Power" for p in PHASES)
 GRID_PATHS = tuple(f"/Ac/Grid/{p}/Power" for p in PHASES)
+LEDGER_FILE = "coop_ledger.json"
+LEDGER_SAVE_S = 300.0
+MAX_METERED_GAP_S = 120.0  # a longer gap between two cycles is not metered: no energy is invented for it
+
+
+def period_of(now: float) -> str:
+    """The settlement period a moment belongs to: the calendar month, local time."""
+    return time.strftime("%Y-%m", time.localtime(now))
+
+
+def load_ledger(state_dir: str) -> Ledger:
+    """The metered accounts kept under state_dir, keyed '<siteId> <YYYY-MM>' (garbage entries are skipped)."""
+    ledger = Ledger()
+    names = {f.name for f in dataclasses.fields(Account)}
+    for key, values in StateStore(os.path.join(state_dir, LEDGER_FILE)).load().items():
+        if isinstance(values, dict):
+            ledger.accounts[key] = Account(**{k: float(v) for k, v in values.items()
+                                             if k in names and isinstance(v, (int, float))})
+    return ledger
+
+
+def save_ledger(state_dir: str, ledger: Ledger) -> None:
+    StateStore(os.path.join(state_dir, LEDGER_FILE)).save(
+        {key: dataclasses.asdict(account) for key, account in ledger.accounts.items()})
 
 
 class TargetSink(Protocol):
@@ -53,7 +80,8 @@ class CoopRuntime:
     """Construct before the service registers (it adds its paths), then `await start()`."""
 
     def __init__(self, settings: CoopSettings, service: VeService, bus: Any, *, dispatcher: TargetSink | None = None,
-                 clock: Callable[[], float] = time.time, cycle_s: float | None = None) -> None:
+                 state_dir: str | None = None, clock: Callable[[], float] = time.time,
+                 cycle_s: float | None = None) -> None:
         self.settings = settings
         self.service = service
         self.bus = bus
@@ -67,6 +95,10 @@ class CoopRuntime:
                                          curtail.releasedValue)
         self.site = CoopSite(settings, clock=clock, curtail_adapter=adapter)
         self.last: SiteTarget | None = None
+        self.state_dir = state_dir
+        self.ledger = load_ledger(state_dir) if state_dir else Ledger()
+        self._metered_at: float | None = None
+        self._saved_at = clock()
         self._tasks: list[asyncio.Task[Any]] = []
         for path, value in (("PeersOnline", 0), ("AverageLevel", None), ("OwnLevel", None), ("OwnTarget", None),
                             ("Transfer", None), ("Curtailed", 0), ("Status", "starting")):
@@ -81,6 +113,8 @@ class CoopRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.state_dir:
+            save_ledger(self.state_dir, self.ledger)
 
     async def _cycle(self) -> None:
         while True:
@@ -110,13 +144,26 @@ class CoopRuntime:
             self._publish(None, "waiting for the battery's SoC, capacity and voltage")
             return None
         power = battery.get("/Dc/0/Power")
-        target = await self.site.step(own, float(power) if isinstance(power, (int, float)) else 0.0)
+        battery_w = float(power) if isinstance(power, (int, float)) else 0.0
+        target = await self.site.step(own, battery_w)
+        self._meter(own, battery_w, target, now)
         self.last = target
         status = target.reason
         if self.dispatcher is not None and not self.dispatcher.set_target(target.battery_w):
             status = f"{status}; the dispatcher refused {target.battery_w:.0f} W"
         self._publish(target, status, own.level)
         return target
+
+    def _meter(self, own: PeerState, battery_w: float, target: SiteTarget, now: float) -> None:
+        """Meter the time since the last cycle at this cycle's powers (V = P + L - T per period)."""
+        if self._metered_at is not None and 0 < now - self._metered_at <= MAX_METERED_GAP_S:
+            self.ledger.record(f"{own.site_id} {period_of(now)}", now - self._metered_at,
+                               production_w=own.production_w, load_w=own.consumption_w, battery_w=battery_w,
+                               grid_w=own.grid_w, transfer_w=target.transfer_w)
+        self._metered_at = now
+        if self.state_dir and now - self._saved_at >= LEDGER_SAVE_S:
+            self._saved_at = now
+            save_ledger(self.state_dir, self.ledger)
 
     def _publish(self, target: SiteTarget | None, status: str, level: float | None = None) -> None:
         fleet = self.site.fleet()

@@ -85,7 +85,7 @@ def busctl(bus_address: str) -> Busctl:
 
 
 class Processes:
-    """Subprocesses of `python -m aggregator ...` on the private bus, stopped at teardown."""
+    """Subprocesses of `python -m aggregator ...` (or another module) on the private bus, stopped at teardown."""
 
     def __init__(self, address: str, tmp: Path) -> None:
         self.address = address
@@ -93,10 +93,14 @@ class Processes:
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return self.start_module("aggregator", *args, env=env)
+
+    def start_module(self, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """`python -m module args...` (a simulator, a service run alone)."""
         full_env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.address, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         log = open(self.tmp / f"proc{len(self.procs)}.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "aggregator", *args], cwd=REPO, env=full_env,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
         proc.log = log  # type: ignore[attr-defined]
         self.procs.append(proc)

@@ -5,7 +5,10 @@ dispatcher."""
 from __future__ import annotations
 
 import asyncio
-import time
+import csv
+import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,11 @@ import pytest
 
 from aggregator.bus.lib import connect
 from aggregator.bus import client
+from aggregator.bus.service import VeService
 from aggregator.coop.mqtt import CoopSite
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
 
-from .conftest import Processes
+from .conftest import REPO, Processes
 from .helpers import eventually
 from .test_aggregate import Bank, bus_address, start_aggregator  # noqa: F401  (fixture)
 from .test_coop_mqtt import SETUP, USERS, settings_for, state
@@ -101,6 +105,12 @@ async def test_coop_target_from_a_peer_site_drives_the_dispatcher(processes: Pro
         try:
             # Our bank: 50 % of 100 Ah at 53 V (5.3 kWh). The peer: 90 % of 10 kWh, so we are below the average.
             await bank.add("a", Soc=50.0, InstalledCapacity=100.0, Dc__0__Voltage=53.0)
+            # Victron's system calculator: the household imports 1.5 kW and uses 0.5 kW.
+            system = VeService(await connect(), "com.victronenergy.system")
+            system.add_path("/Ac/Grid/L1/Power", 1500.0)
+            system.add_path("/Ac/Consumption/L1/Power", 500.0)
+            system.add_path("/Dc/Pv/Power", 0.0)
+            await system.register()
             coop = settings_for(broker, "site-a", curtail={"adapter": "none"}).model_dump(mode="json",
                                                                                         exclude_none=True)
             agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(tmp_path / "state"),
@@ -124,6 +134,15 @@ async def test_coop_target_from_a_peer_site_drives_the_dispatcher(processes: Pro
             await eventually(lambda: _close_to(bank.read(agg, "/Dispatcher/TargetPower"), target), timeout=10)
             assert peer.fleet() is not None and peer.peers_online() == ["site-a"]
             assert proc.poll() is None
+            # Metering for the cooperative's accounts: kept at stop, exported as CSV.
+            proc.terminate()
+            proc.wait(10)
+            exported = subprocess.run([sys.executable, "-m", "aggregator", "coop", "--csv", "--state-dir",
+                                       str(tmp_path / "state")], capture_output=True, text=True, cwd=REPO, timeout=30)
+            rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+            assert exported.returncode == 0 and [r["site"].split()[0] for r in rows] == ["site-a"], exported
+            assert float(rows[0]["import_kwh"]) > 0 and float(rows[0]["load_kwh"]) > 0
+            system.close()
         finally:
             peer_task.cancel()
             await asyncio.gather(peer_task, return_exceptions=True)

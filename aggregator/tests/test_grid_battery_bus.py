@@ -10,14 +10,13 @@ import asyncio
 import csv
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -26,48 +25,11 @@ from aggregator.grid_battery_service import (GRID_BATTERY_PRODUCT_ID, STATE_FILE
                                              GridBatterySettings, history_csv)
 from aggregator.simulator.grid_meter import parse_start
 
-from .conftest import REPO, Busctl
+from .conftest import REPO, Busctl, Processes
 from .helpers import eventually
 
 YEAR_SECONDS = 365 * 86400
 YEAR_SCALE = YEAR_SECONDS / 12.0  # a simulated year in 12 s
-
-
-class Modules:
-    """`python -m <module>` processes on the private bus, stopped at teardown."""
-
-    def __init__(self, address: str, tmp: Path) -> None:
-        self.address = address
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, module: str, *args: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.address, PYTHONUNBUFFERED="1")
-        log = open(self.tmp / f"{module.rsplit('.', 1)[-1]}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-@pytest.fixture
-def modules(bus_address: str, tmp_path: Path) -> Iterator[Modules]:
-    procs = Modules(bus_address, tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 class SimClock:
@@ -108,7 +70,7 @@ async def on_bus(busctl: Busctl, name: str, timeout: float = 15.0) -> None:
     await eventually(listed, timeout=timeout, interval=0.1)
 
 
-async def test_a_simulated_year(modules: Modules, busctl: Busctl, tmp_path: Path) -> None:
+async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
     battery = "com.victronenergy.battery.gridyear"
     meter = "com.victronenergy.grid.house"
     settings = GridBatterySettings(meter="name:Simulated grid meter", capacityKwh=200, startDate=date(2023, 1, 1),
@@ -126,7 +88,7 @@ async def test_a_simulated_year(modules: Modules, busctl: Busctl, tmp_path: Path
         assert await value(busctl, battery, "/DeviceInstance") == 101
         assert await value(busctl, battery, "/ProductId") == GRID_BATTERY_PRODUCT_ID
 
-        modules.start("aggregator.simulator.grid_meter", "--name", "house", "--time-scale", "0",
+        processes.start_module("aggregator.simulator.grid_meter", "--name", "house", "--time-scale", "0",
                       "--start", "2023-01-01", "--rate", "20")
         await on_bus(busctl, meter)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
@@ -203,19 +165,19 @@ async def _above(awaitable: Any, limit: float) -> bool:
     return got is not None and got > limit
 
 
-async def test_kill_9_and_restart_keep_the_level(modules: Modules, busctl: Busctl, tmp_path: Path) -> None:
+async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
     battery = "com.victronenergy.battery.gridk9"
     meter = "com.victronenergy.grid.k9"
     scale, start = 3600.0, "2023-06-21T10:00"
     origin = time.time()
-    modules.start("aggregator.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
+    processes.start_module("aggregator.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
                   "--rate", "10", "--device-instance", "31")
     config = json.dumps({"meter": 31, "capacityKwh": 0, "startDate": "2023-01-01", "deviceInstance": 102,
                          "serviceName": battery})
     state_dir = tmp_path / "state"
     args = ("--config", config, "--state-dir", str(state_dir), "--save-interval", "0.2", "--time-scale",
             str(scale), "--clock-origin", str(origin), "--clock-epoch", str(parse_start(start)))
-    first = modules.start("aggregator.grid_battery_service", *args)
+    first = processes.start_module("aggregator.grid_battery_service", *args)
     await on_bus(busctl, battery)
     await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LevelKwh"), 2.0), timeout=15)
     assert await value(busctl, battery, "/Soc") is None  # unlimited: no percentage
@@ -238,7 +200,7 @@ async def test_kill_9_and_restart_keep_the_level(modules: Modules, busctl: Busct
         return battery not in (await busctl.arun("list", "--no-pager", "--acquired", check=False)).stdout
     await eventually(gone, timeout=5)
 
-    second = modules.start("aggregator.grid_battery_service", *args)
+    second = processes.start_module("aggregator.grid_battery_service", *args)
     await on_bus(busctl, battery)
     assert await value(busctl, battery, "/GridBattery/LevelKwh") == level  # loaded before the name is taken
     await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)

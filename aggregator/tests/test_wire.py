@@ -13,7 +13,6 @@ from aggregator.bus.lib import LIBRARY
 pytestmark = pytest.mark.skipif(LIBRARY != "dbus-next", reason="the codec is for dbus-next only")
 
 from dbus_next import Message, MessageType, Variant  # noqa: E402
-from dbus_next._private.marshaller import Marshaller  # noqa: E402
 from dbus_next._private.unmarshaller import Unmarshaller  # noqa: E402
 
 from aggregator.bus import wire  # noqa: E402
