@@ -189,7 +189,7 @@ def run(scenario: str, duration: float, library: str = "dbus-next", profile: str
         time.sleep(1.0)  # let start-up work settle before measuring
         spy = None
         if profile:  # sample the measured part only (py-spy: also sees time in C code and the GC)
-            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "1000", "--nonblocking", "-o",
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "1000", "--gil", "--nonblocking", "-o",
                                     str(Path(profile).resolve()), "--pid", str(daemon.pid)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
             time.sleep(1.0)

@@ -37,6 +37,12 @@ async def test_simulator_and_watcher_run_on_dbus_fast(processes: Processes, busc
     await eventually(lambda: abs(sum(s.values["/Dc/0/Current"] for s in monitor.services.values()) + 75) < 0.5)
     await eventually(lambda: "member com.victronenergy.battery.sim_c (" in processes.output(daemon),
                      timeout=20, interval=0.2)
+    # The aggregate published by the daemon on dbus-fast reads right with busctl.
+    async def aggregated() -> bool:
+        reply = await busctl.acall_json("com.victronenergy.battery.fastagg", "/System/NrOfBatteries", "GetValue")
+        return reply["data"][0] == {"type": "i", "data": 3}
+
+    await eventually(aggregated, timeout=20, interval=0.2)
     assert "on dbus-fast" in processes.output(sim)
     assert "(dbus-fast)" in processes.output(daemon)
     assert sim.poll() is None and daemon.poll() is None
