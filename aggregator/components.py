@@ -17,19 +17,29 @@ _LOG = logging.getLogger(__name__)
 
 
 class Components:
+    """What is configured of the two. One that cannot run (its optional MQTT package missing) is left out with
+    an error in the log; the aggregate battery runs on regardless."""
+
     def __init__(self, config: Config, service: VeService, bus: Any) -> None:
         self.dispatcher: Any = None
         self.coop: Any = None
         if config.dispatcher.batteries:
-            from .dispatch.runtime import DispatcherRuntime
+            try:
+                from .dispatch.runtime import DispatcherRuntime
 
-            store = StateStore(os.path.join(config.stateDir, "dispatcher.json"))
-            self.dispatcher = DispatcherRuntime(config.dispatcher, service, bus=bus, save_state=store.save,
-                                                restore_state=store.load())
+                store = StateStore(os.path.join(config.stateDir, "dispatcher.json"))
+                self.dispatcher = DispatcherRuntime(config.dispatcher, service, bus=bus, save_state=store.save,
+                                                    restore_state=store.load())
+            except ImportError as exc:
+                _LOG.error("the dispatcher cannot run: %s", exc)
         if config.coop.enabled:
-            from .coop.runtime import CoopRuntime
+            try:
+                from .coop.runtime import CoopRuntime
 
-            self.coop = CoopRuntime(config.coop, service, bus, dispatcher=self.dispatcher, state_dir=config.stateDir)
+                self.coop = CoopRuntime(config.coop, service, bus, dispatcher=self.dispatcher,
+                                        state_dir=config.stateDir)
+            except ImportError as exc:
+                _LOG.error("the cooperative cannot run: it needs the Python package aiomqtt (%s)", exc)
 
     async def start(self) -> None:
         if self.dispatcher is not None:

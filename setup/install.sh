@@ -6,7 +6,8 @@
 # What it does (safe to run again: it updates in place, never duplicates, never overwrites the config):
 #   - copies the app (aggregator/, config_generator/, check_config.sh) to /data/battery-aggregator
 #   - installs the Python dependencies into /data/battery-aggregator/lib (pip --target), from the release's
-#     wheels/ directory when present, else from PyPI; numpy is optional (without it the IR estimator is off)
+#     wheels/ directory when present, else from PyPI; numpy is optional (without it the IR estimator is off),
+#     so is aiomqtt (without it the dispatcher's MQTT adapters and the cooperative are off)
 #   - writes the daemontools service in /data/battery-aggregator/service (run, log/run), links it as
 #     /service/battery-aggregator and adds one line to /data/rc.local that recreates the link at every boot
 #   - creates /data/setupOptions/BatteryAggregator/config.json with defaults if there is none
@@ -34,7 +35,7 @@ WHEELS=
 OFFLINE=0
 CONFIG=/data/setupOptions/BatteryAggregator/config.json
 REQUIRED=${BA_REQUIREMENTS-"dbus-next>=0.2.3 pydantic>=2.5 jsonschema>=4.17"}
-OPTIONAL=${BA_OPTIONAL-"numpy>=1.24"}
+OPTIONAL=${BA_OPTIONAL-"numpy>=1.24 aiomqtt>=2.0"}
 
 say() { printf '%s\n' "$*"; }
 warn() { printf '%s\n' "WARNING: $*" >&2; }
@@ -178,6 +179,7 @@ install_deps() {
         else
             case "$req" in
                 numpy*) say "optional $req: no wheel for this CPU ($(uname -m)) / Python $PYVER, skipped: the IR estimator is off (shares fall back to capacity); everything else works. If 'opkg list | grep python3-numpy' shows a package on your Venus OS, 'opkg install python3-numpy' enables it." ;;
+                aiomqtt*) say "optional $req: not available, skipped: the dispatcher's MQTT adapters and the cooperative are off; everything else works" ;;
                 *) say "optional $req: not available for this CPU ($(uname -m)) / Python $PYVER, skipped" ;;
             esac
         fi

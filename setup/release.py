@@ -35,7 +35,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 NAME = "battery-aggregator"
 PACKAGE_NAME = "BatteryAggregator"  # SetupHelper package name (no spaces), as /data/setupOptions/BatteryAggregator
 REQUIRED = ["dbus-next>=0.2.3", "pydantic>=2.5", "jsonschema>=4.17"]
-OPTIONAL = ["numpy>=1.24"]
+OPTIONAL = ["numpy>=1.24", "aiomqtt>=2.0"]  # aiomqtt (and paho-mqtt): pure Python, for the MQTT features
 PLATFORMS = {
     "armv7l": ["manylinux2014_armv7l", "manylinux_2_17_armv7l"],
     "aarch64": ["manylinux2014_aarch64", "manylinux_2_17_aarch64"],
@@ -109,7 +109,8 @@ def fetch_wheels(wheels: Path, arches: list[str], python_version: str, timeout: 
             if ok1:
                 report.append(f"{arch}: optional {req} fetched")
             else:
-                report.append(f"{arch}: optional {req} not available ({why1}); the IR estimator is off there")
+                off = "the IR estimator" if req.startswith("numpy") else "MQTT (dispatcher adapters, cooperative)"
+                report.append(f"{arch}: optional {req} not available ({why1}); {off} is off there")
     names = sorted(p.name for p in wheels.glob("*.whl"))
     cores = [n for n in names if n.startswith(("pydantic_core-", "pydantic-core-"))]
     report.append("pydantic's own wheel is pure Python; pydantic-core is compiled: "

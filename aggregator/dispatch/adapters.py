@@ -16,7 +16,10 @@ import ssl
 import time
 from typing import Any, Awaitable, Callable
 
-import aiomqtt
+try:
+    import aiomqtt
+except ImportError:  # a GX without the optional MQTT wheels: D-Bus adapters still work
+    aiomqtt = None  # type: ignore[assignment]
 
 from ..bus import client
 from ..bus.client import CallError
@@ -281,6 +284,9 @@ class MqttLink:
 
     def __init__(self, settings: MqttSettings, *, availability_topic: str | None = None,
                  clock: Clock = time.monotonic) -> None:
+        if aiomqtt is None:
+            raise ImportError("the dispatcher's mqtt settings need the Python package aiomqtt (install it, or "
+                              "remove 'mqtt' and use D-Bus adapters)")
         self.settings = settings
         self.availability_topic = availability_topic
         self.clock = clock
