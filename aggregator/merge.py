@@ -336,9 +336,9 @@ class Merge:
             if rule is not None else None
         if path in LIMIT_PATHS:
             return value
-        if value is None:
+        if value is None and self.auxiliary:
             value = _first_from(self.auxiliary, path)
-        primary = _first_from(self.primary, path)
+        primary = _first_from(self.primary, path) if self.primary else None  # most banks have none
         return value if primary is None else primary
 
     def compute_all(self) -> dict[str, Any]:
