@@ -426,11 +426,28 @@ def decode_message(data: bytes) -> Message:
         body = decode_body(signature, data, header_end + (-header_end & 7)) if body_len else []
     except Unsupported:
         return _library_decode(data)
-    return Message(destination=header.get("destination"), path=header.get("path"),
-                   interface=header.get("interface"), member=header.get("member"),
-                   message_type=MessageType(data[1]), flags=MessageFlag(data[2]),
-                   error_name=header.get("error_name"), reply_serial=header.get("reply_serial"),
-                   sender=header.get("sender"), signature=signature, body=body, serial=serial)
+    # The bus daemon has checked the names already; Message() would validate each again with regexes.
+    message = Message.__new__(Message)
+    message.destination = header.get("destination")
+    message.path = header.get("path")
+    message.interface = header.get("interface")
+    message.member = header.get("member")
+    message.message_type = _MESSAGE_TYPES.get(data[1]) or MessageType(data[1])
+    flags = _FLAGS.get(data[2])  # MessageFlag.NONE is falsy: no `or` here
+    message.flags = flags if flags is not None else MessageFlag(data[2])
+    message.error_name = header.get("error_name")
+    message.reply_serial = header.get("reply_serial")
+    message.sender = header.get("sender")
+    message.unix_fds = []
+    message.signature = signature
+    message.signature_tree = SignatureTree._get(signature)
+    message.body = body
+    message.serial = serial
+    return message
+
+
+_MESSAGE_TYPES = {t.value: t for t in MessageType}
+_FLAGS = {f: MessageFlag(f) for f in range(8)}
 
 
 def message_length(data: bytes | bytearray, start: int = 0) -> int | None:
