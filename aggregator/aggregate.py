@@ -334,6 +334,7 @@ class Aggregator:
         service.add_path("/Alarms/MissingBatteries", 0 if self.config.expectedBatteries else None)
         service.add_path("/Aggregator/Status", "starting")
         service.add_path("/Aggregator/Unresolved", [])
+        service.add_path("/Aggregator/Tasks", None)
         service.add_path(CHAIN_PATH, [self.name])
         service.add_path("/LogLevel", self.config.logLevel, writeable=True, value_types=(str,),
                          on_change=self._on_log_level, description="one of " + ", ".join(LOG_LEVELS))
@@ -759,6 +760,8 @@ class Aggregator:
         while True:
             await asyncio.sleep(1.0)
             now = self.clock()
+            if self.service is not None:  # a diagnostic: a leak of tasks shows as a count that only grows
+                self.service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))
             if self.control.ramping or self._limits_due:
                 self._limits_dirty = True
                 self._schedule_flush()
