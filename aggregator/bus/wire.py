@@ -268,6 +268,17 @@ def _variant(signature: str, value: Any) -> Variant:
     return variant
 
 
+def _array_bounds(buf: bytes | bytearray | memoryview, offset: int, element_alignment: int,
+                  u32: struct.Struct = _U32_LE) -> tuple[int, int]:
+    """Where an array's elements start and end: its length, then padding to the first element (which the
+    length does not count)."""
+    offset += -offset & 3
+    length = u32.unpack_from(buf, offset)[0]
+    offset += 4
+    offset += -offset & (element_alignment - 1)
+    return offset, offset + length
+
+
 def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node, fixed: dict[str, struct.Struct],
          u32: struct.Struct) -> tuple[Any, int]:
     code = node[0]
@@ -287,12 +298,8 @@ def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node, fixed: di
         value, offset = _get(buf, offset + 2 + length, _single(signature), fixed, u32)
         return _variant(signature, value), offset
     if code == "a":
-        offset += -offset & 3
-        length = u32.unpack_from(buf, offset)[0]
-        offset += 4
         child = node[1]
-        offset += -offset & (_ALIGN[child[0]] - 1)
-        end = offset + length
+        offset, end = _array_bounds(buf, offset, _ALIGN[child[0]], u32)
         if child[0] == "{":
             key_node, value_node = child[1], child[2]
             result: dict[Any, Any] = {}
@@ -328,11 +335,7 @@ _I_TREE = SignatureTree._get("i").types[0]
 
 def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
     """`a{sv}` with the common variants (d, s, i) read inline; the rest through _get."""
-    offset += -offset & 3
-    length = _U32_LE.unpack_from(buf, offset)[0]
-    offset += 4
-    offset += -offset & 7
-    end = offset + length
+    offset, end = _array_bounds(buf, offset, 8)
     result: dict[str, Any] = {}
     new = Variant.__new__
     while offset < end:
@@ -373,11 +376,7 @@ def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> t
 
 def _get_items(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
     """`a{sa{sv}}`: ItemsChanged and GetItems."""
-    offset += -offset & 3
-    length = _U32_LE.unpack_from(buf, offset)[0]
-    offset += 4
-    offset += -offset & 7
-    end = offset + length
+    offset, end = _array_bounds(buf, offset, 8)
     result: dict[str, Any] = {}
     while offset < end:
         offset += -offset & 7
