@@ -226,7 +226,7 @@ class DispatcherConfig(BaseModel):
     @classmethod
     def _service_name(cls, value: str) -> str:
         if not _SERVICE.match(value):
-            raise ValueError("not a D-Bus service name")
+            raise ValueError(f"not a D-Bus service name (like {DEFAULT_SERVICE_NAME})")
         return value
 
     @model_validator(mode="after")

@@ -258,3 +258,152 @@ def test_semantic_messages_are_the_python_checkers(page: Any, data: dict[str, An
     import_json(page, json.dumps(data))
     shown = [line.split(": ", 1)[1] for line in problems(page).splitlines()]
     assert sorted(shown) == sorted(expected)
+
+
+# The coop and dispatcher sections: the pydantic validators a JSON schema cannot express (coop/settings.py,
+# dispatch/settings.py) have mirrors in the page. One bad config per rule; the page must show what the checker says.
+DBUS = {"dbus": {"service": "com.victronenergy.acsystem.ttyS0", "path": "/Ac/PowerSetpoint"}}
+MQTT = {"mqtt": {"topic": "home/battery/set"}}
+
+
+def battery(**changes: Any) -> dict[str, Any]:
+    out = {"name": "a", "setpoint": DBUS, "measured": {"dbus": {"service": "com.victronenergy.acsystem.ttyS0",
+                                                              "path": "/Ac/Power"}},
+           "maxChargeW": 3000, "maxDischargeW": 3000}
+    out.update(changes)
+    return out
+
+
+def dispatcher(**section: Any) -> dict[str, Any]:
+    return {"dispatcher": section}
+
+
+def coop(**section: Any) -> dict[str, Any]:
+    return {"coop": section}
+
+
+MODEL_CASES = {
+    # CoopSettings._complete
+    "coop needs siteId": coop(enabled=True, broker={"host": "mqtt.example"}),
+    "coop needs broker": coop(enabled=True, siteId="s1"),
+    "username is siteId": coop(siteId="s1", broker={"host": "mqtt.example", "username": "s2"}),
+    "peer timeout > 2 x publish": coop(publishSeconds=60, peerTimeoutSeconds=120),
+    "peer timeout, %g rounds ties to even": coop(publishSeconds=1000.125, peerTimeoutSeconds=2000.25),
+    "reserve < curtail.fullPercent": coop(reservePercent=99.5, curtail={"fullPercent": 99.5, "releasePercent": 90}),
+    "reserve < default fullPercent": coop(reservePercent=99.5),
+    # BrokerSettings, CurtailSettings
+    "tls off on the internet": coop(broker={"host": "mqtt.example", "tls": False}),
+    "tls off: a mapped 127.0.0.1 is not loopback": coop(broker={"host": "::ffff:127.0.0.1", "tls": False}),
+    "release < full": coop(curtail={"releasePercent": 98, "fullPercent": 97.5}),
+    "dbus curtail needs service and path": coop(curtail={"adapter": "dbus",
+                                                         "service": "com.victronenergy.solarcharger.ttyS1"}),
+    "a bad field hides the model's rule": coop(enabled=True, broker={"host": "x", "tls": False}, siteId="bad id"),
+    # AdapterSpec, DbusRef, MqttRef
+    "adapter: neither": dispatcher(batteries=[battery(measured={})]),
+    "adapter: both": dispatcher(batteries=[battery(setpoint={**DBUS, **MQTT})]),
+    "topic without wildcards": dispatcher(mqtt={}, batteries=[battery(setpoint={"mqtt": {"topic": "a/#"}})]),
+    "topic without empty levels": dispatcher(mqtt={}, batteries=[battery(soc={"mqtt": {"topic": "a//b"}})]),
+    "dbus service and path": dispatcher(batteries=[battery(setpoint={"dbus": {"service": "acsystem", "path": "Ac"}})]),
+    "dbus ref needs both": dispatcher(batteries=[battery(setpoint={"dbus": {"service": "com.a.b"}})]),
+    "scale is not 0": dispatcher(batteries=[battery(soc={**DBUS, "scale": 0})]),
+    # BatterySettings
+    "capacityWh or capacity": dispatcher(batteries=[battery(capacityWh=5000, capacity=DBUS)]),
+    "name printable": dispatcher(batteries=[battery(name=" a"), battery(name="b\tc\u00a0d\u200be\U0001f50b")]),
+    "name at most 64": dispatcher(batteries=[battery(name="x" * 65)]),
+    "required keys": dispatcher(batteries=[{"name": "a"}]),
+    "limit: number or adapter": dispatcher(batteries=[battery(maxChargeW="5 kW", maxDischargeW=-1)]),
+    "limit adapter": dispatcher(batteries=[battery(maxChargeW={"dbus": {"service": "com.a.b", "path": "/P"},
+                                                               "mqtt": {"topic": "t"}})]),
+    # MqttSettings
+    "mqtt prefixes and node id": dispatcher(mqtt={"topicPrefix": "a/+", "discoveryPrefix": "ha/", "nodeId": "a b",
+                                                  "clientId": "c" * 65}),
+    "password needs username": dispatcher(mqtt={"password": ""}),
+    "caFile needs tls": dispatcher(mqtt={"caFile": "/data/ca.crt"}),
+    # DispatcherConfig
+    "service names": dispatcher(gridMeter="grid", serviceName="dispatcher"),
+    "gridZero needs gridMeter": dispatcher(mode="gridZero", enabled=True),
+    "enabled needs batteries": dispatcher(enabled=True, batteries=[]),
+    "unique names": dispatcher(batteries=[battery(), battery()]),
+    "names with the same topic": dispatcher(batteries=[battery(name="Pack A"), battery(name="pack-a"),
+                                                       battery(name="pack a")]),
+    "mqtt adapters need the mqtt section": dispatcher(batteries=[battery(), battery(name="b", maxDischargeW=MQTT)]),
+}
+
+
+def python_check(tmp_path: Path, data: Any) -> tuple[list[str], list[str]]:
+    """What check_config.sh says of the config: errors and warnings without their line and column."""
+    from aggregator.config import check_config_file
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    result = check_config_file(path)
+    plain = [[re.sub(r" \(line \d+, column \d+\)$", "", line) for line in lines]
+             for lines in (result.errors, result.warnings)]
+    return sorted(plain[0]), sorted(plain[1])
+
+
+def shown(driver: Any, severity: str) -> list[str]:
+    return sorted(line.split(": ", 1)[1] for line in problems(driver).splitlines() if line.startswith(severity + ": "))
+
+
+@pytest.mark.parametrize("data", list(MODEL_CASES.values()), ids=list(MODEL_CASES))
+def test_coop_and_dispatcher_rules_read_as_the_python_checker(page: Any, tmp_path: Path, data: dict[str, Any]) -> None:
+    errors, warnings = python_check(tmp_path, data)
+    assert errors, "the case should break a rule"
+    import_json(page, json.dumps(data))
+    assert (shown(page, "error"), shown(page, "warning")) == (errors, warnings)
+    assert "error" in page.find_element("id", "problems-summary").text
+    assert exported(page) == data
+    assert not js_errors(page)
+
+
+GOOD_COOP_AND_DISPATCHER = {
+    "coop": {"enabled": True, "siteId": "rivendell",
+             "broker": {"host": "::1", "tls": False, "username": "rivendell", "password": "secret"},
+             "publishSeconds": 30.5, "peerTimeoutSeconds": 61.5, "reservePercent": 20,
+             "curtail": {"adapter": "dbus", "service": "com.victronenergy.solarcharger.ttyS1", "path": "/Mode",
+                         "fullPercent": 98, "releasePercent": 95.5}},
+    "dispatcher": {"enabled": True, "mode": "gridZero", "gridMeter": "com.victronenergy.grid.cgwacs_ttyUSB0_mb1",
+                   "mqtt": {"host": "mqtt.local", "tls": True, "caFile": "/data/ca.crt", "username": "u",
+                            "password": "p", "topicPrefix": "home/dispatcher", "nodeId": "disp-1"},
+                   "batteries": [battery(name="Pack A", capacityWh=10000, soc={**DBUS, "scale": 0.5}),
+                                 battery(name="Pack B", setpoint=MQTT, measured={"mqtt": {"topic": "home/b/power",
+                                                                                          "jsonKey": "battery.power"}},
+                                         capacity={"mqtt": {"topic": "home/b/capacity"}, "scale": 1000},
+                                         maxChargeW={"mqtt": {"topic": "home/b/max_charge"}}, setpointSign=-1)]},
+}
+
+
+def test_a_good_coop_and_dispatcher_config_is_ok_and_round_trips(page: Any, tmp_path: Path) -> None:
+    assert python_check(tmp_path, GOOD_COOP_AND_DISPATCHER) == ([], [])
+    import_json(page, json.dumps(GOOD_COOP_AND_DISPATCHER, indent=2))
+    assert "OK" in page.find_element("id", "problems-summary").text, problems(page)
+    assert exported(page) == GOOD_COOP_AND_DISPATCHER
+    # editing in the form: the rule's message is shown at the field it names, which is marked
+    field = by_loc(page, ["coop", "peerTimeoutSeconds"])
+    type_into(field, "61")
+    assert "coop: peerTimeoutSeconds (61) must be more than twice publishSeconds (30.5)" in problems(page)
+    assert field.get_attribute("aria-invalid") == "true"
+    box = page.find_element("css selector", "[data-msgs='[\"coop\",\"peerTimeoutSeconds\"]']")
+    assert "must be more than twice publishSeconds" in box.text
+    type_into(field, "61.5")
+    assert "OK" in page.find_element("id", "problems-summary").text, problems(page)
+    assert exported(page) == GOOD_COOP_AND_DISPATCHER
+    assert not js_errors(page)
+
+
+@pytest.mark.parametrize("value", [0.1, 1.0, 2.5, 30.0, 98.0, 99.5, 1000.125, 1000.375, 10.03125, 123456.5,
+                                   1234567.0, 1e16, 1.5e-5, 0.0001, 86400.0, 1 / 3])
+def test_the_page_formats_floats_as_python(page: Any, value: float) -> None:
+    assert page.execute_script("return [floatRepr(arguments[0]), gFormat(arguments[0])]", value) == \
+        [repr(value), format(value, "g")]
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "127.255.0.9", "::1", "0:0:0:0:0:0:0:1", "0000::0001",
+                                  "::0.0.0.1", "::1%lo", "::1%", "127.0.0.01", "127.1", "128.0.0.1", "::", "::2",
+                                  "::ffff:127.0.0.1", "1::1", ":::1", "0:0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST",
+                                  "mqtt.example"])
+def test_the_page_knows_loopback_hosts_as_python(page: Any, host: str) -> None:
+    from aggregator.coop.settings import _is_loopback
+
+    assert page.execute_script("return isLoopback(arguments[0])", host) is _is_loopback(host)
