@@ -12,10 +12,14 @@ Each cycle:
    timeout. Every allocation has the sign of the target (one battery never charges another);
 4. request = allocation / gain (plus a probe at a learned limit), capped at the configured limits; commands
    below min_command_w are 0; setpoint changes are rate-limited and a direction change passes through 0.
+
+The target is held through a transient after a jump (the meters then disagree), and a target ramping along a
+line is led by the fleet's delay (meter age + dead time + lag): see _hold_target and _ramp_lead.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -49,6 +53,9 @@ class DispatcherSettings:
     lead_tau_s: float = 0.5            # lead compensation: the response time asked of a battery whose lag is known
     max_lead: float = 3.0              # ... overdriving the modelled gap by at most this factor
     lead_min_w: float = 150.0          # ... after a jump of its share at least this large
+    ramp_window_s: float = 5.0         # a target moving along a line over this long ... (0: off)
+    ramp_min_w: float = 300.0          # ... by at least this much ...
+    ramp_fit: float = 0.15             # ... within this fraction of its move (rms), is led by the fleet's delay
     model: ModelSettings = field(default_factory=ModelSettings)
 
 
@@ -131,6 +138,7 @@ class Dispatcher:
         self._held: tuple[float, float] | None = None     # the target held through a transient: (target, until)
         self._held_sign = 0.0                             # ... and the direction it jumped
         self._last_target: float | None = None
+        self._targets: deque[tuple[float, float]] = deque()  # (now, target) over ramp_window_s
         self._last_now: float | None = None
         self._saturated = False
         self._disabled = False
@@ -162,6 +170,8 @@ class Dispatcher:
         jumped = self._hold_target(now, target, active)
         if self._held is not None:
             target = self._held[0]
+        else:
+            target += self._ramp_lead(now, target, active)
         effective, holding = self._apply_hysteresis(target)
         need = self._need(effective, correction)
         direction: Direction = CHARGE if self._direction >= 0 else DISCHARGE
@@ -190,6 +200,7 @@ class Dispatcher:
         self._shares.clear()
         self._kicks.clear()
         self._held = None
+        self._targets.clear()
         return dict(self._setpoints)
 
     # ---- readings and the observer --------------------------------------------------------------------------
@@ -252,8 +263,8 @@ class Dispatcher:
         last, self._last_target = self._last_target, target
         if self._held is not None:
             held, until = self._held
-            if now > until or self._quiet(active):
-                self._held = None
+            if now > until or self._quiet(active) or target * held <= 0.0:
+                self._held = None  # (a target of the other sign, or 0, is never held against: safety first)
             elif (target - held) * self._held_sign > max(s.lead_min_w, 0.1 * abs(held)):
                 # The target keeps going the way it jumped: the jump was not over when it was caught (something
                 # the dispatcher does not see moved: a silent battery, the household). Follow it. (The meters'
@@ -266,13 +277,50 @@ class Dispatcher:
             return False
         if abs(target - last) < s.lead_min_w or not self._quiet(active):
             return False
-        fitted = [self._models[n] for n in active if self._models[n].lag_fits >= 1]
-        if not fitted:
+        models = [self._models[n] for n in active]
+        if not models:
             return False
-        span = max(m.dead_time_s + 3.0 * m.lag_s for m in fitted) + 2.0
+        # (with the prior lag and dead time until they are fitted: the meters disagree all the same)
+        span = max(m.dead_time_s + 3.0 * m.lag_s for m in models) + 2.0
         self._held = (target, now + span)
         self._held_sign = 1.0 if target > last else -1.0
         return True
+
+    def _ramp_lead(self, now: float, target: float, active: Mapping[str, BatteryReading]) -> float:
+        """A target ramping along a line (solar under a passing cloud) is followed late by the fleet's delay:
+        its meters' age (a grid-zero target built from them lags by it), dead time and lag. The slope times that
+        delay is added while the last ramp_window_s of targets lie on a line; 0 otherwise (a step or noise does
+        not fit a line), so a steady or jumping target is left alone."""
+        s = self.settings
+        self._targets.append((now, target))
+        while self._targets and self._targets[0][0] < now - s.ramp_window_s:
+            self._targets.popleft()
+        if s.ramp_window_s <= 0.0 or not active or len(self._targets) < 6:
+            return 0.0
+        if self._targets[0][0] > now - 0.8 * s.ramp_window_s:
+            return 0.0
+        n = len(self._targets)
+        mt = sum(t for t, _ in self._targets) / n
+        mv = sum(v for _, v in self._targets) / n
+        var = sum((t - mt) ** 2 for t, _ in self._targets)
+        if var <= 0.0:
+            return 0.0
+        slope = sum((t - mt) * (v - mv) for t, v in self._targets) / var
+        span = abs(slope) * (self._targets[-1][0] - self._targets[0][0])
+        if span < s.ramp_min_w:
+            return 0.0
+        rms = math.sqrt(sum((v - (mv + slope * (t - mt))) ** 2 for t, v in self._targets) / n)
+        if rms > s.ramp_fit * span:
+            return 0.0
+        values = [v for _, v in self._targets]
+        if max(abs(b - a) for a, b in zip(values, values[1:])) > 0.5 * span:
+            return 0.0  # one jump (a step, a battery leaving) is not a ramp, however it lies on the window
+        delay = sum(self._models[n].dead_time_s + self._models[n].lag_s + _finite(r.measured_age_s)
+                    for n, r in active.items()) / len(active)
+        lead = slope * delay
+        if target * (target + lead) < 0.0 or target == 0.0:
+            return 0.0  # never led across 0: a direction change waits for the target itself
+        return lead
 
     # ---- direction, need, allocation ------------------------------------------------------------------------
 

@@ -12,6 +12,11 @@ hypotheses predict the same power, and the limit is the safe one: the rest goes 
 second window at a different request decides: the same delivery whatever was asked is a limit, the same
 fraction of any request is a gain.
 
+A ceiling shows before a steady window does: three measurements heading (Aitken's extrapolation, checked
+against the fitted lag) or sitting clearly short of every request make a provisional limit at once (the plateau).
+Its request is kept until a steady window there confirms the delivery, then 1.3x is asked: the same delivery is a
+limit, the same fraction a gain. A later plateau corrects an unconfirmed one.
+
 A battery held at its learned limit is asked a little more than the limit (the probe), and the limit creeps
 up while it delivers close to it, so a battery that recovers is seen and used again. Lag and dead time are
 fitted (least squares over a grid, free scale and offset) to the measured response to any sizeable change of
@@ -65,7 +70,7 @@ class ModelSettings:
     fit_change_w: float = 100.0       # a change of the steady prediction this large (after a quiet spell) ...
     fit_after_s: float = 8.0          # ... is fitted (lag and dead time) this long after it
     fit_span_s: float = 16.0          # ... over at most this long a window
-    plateau_limits: bool = False      # learn a ceiling from three measurements (faster; breaks gain-vs-limit tests: off)
+    plateau_limits: bool = True       # learn a provisional ceiling from three measurements (before a window)
     fit_quiet_w: float = 60.0         # quiet: the steady prediction varied less than this (or 10 %) for 3 s
 
 
@@ -108,6 +113,8 @@ class BatteryModel:
         self._fit_samples: deque[tuple[float, float]] = deque()                 # (t measured, measured), 40 s
         self._change_t: float | None = None                                     # a change to fit, pending
         self._from_plateau: dict[Direction, bool] = {CHARGE: False, DISCHARGE: False}  # pending since a plateau
+        self._plateau_request: dict[Direction, float] = {CHARGE: 0.0, DISCHARGE: 0.0}  # ... asked when it was seen
+        self._plateau_t: dict[Direction, float] = {CHARGE: -math.inf, DISCHARGE: -math.inf}  # ... and when
         self.fleet_short = False  # set by the dispatcher: the fleet cannot deliver its target (creep allowed)
 
     # ---- the model -------------------------------------------------------------------------------------
@@ -160,10 +167,14 @@ class BatteryModel:
             probe = max(self.settings.probe_frac * limit, self.settings.probe_w)
             request = max(limit / self.gain, limit + probe)
             last = self._last_window.get(d)
-            if self.pending[d] and self._from_plateau[d] and last is not None:
-                # undecided since a plateau (limit or gain?): ask clearly more than the request of the last
-                # steady window, so the next one tells them apart
-                request = max(request, 1.3 * abs(last.request_w))
+            if self.pending[d] and self._from_plateau[d]:
+                if last is None or last.t < self._plateau_t[d]:
+                    # a plateau is only provisional (limit or gain?): the request it was seen at is kept until a
+                    # steady window there confirms what it delivers (the others get the rest meanwhile) ...
+                    request = max(request, self._plateau_request[d])
+                else:
+                    # ... then clearly more than that is asked, so the next window tells them apart
+                    request = max(request, 1.3 * self._plateau_request[d])
         else:
             request = amount / self.gain
         return sign_of(d) * min(request, cap)
@@ -341,6 +352,11 @@ class BatteryModel:
             final = (g0 + g1 + g2) / 3.0
         elif d1 > flat and 0.0 < d2 < 0.75 * d1:
             final = g2 + d2 * d2 / (d1 - d2)  # where a first-order approach is heading
+            if self.lag_fits >= 1:
+                # ... and where it would be heading with the fitted lag: a ceiling is where both say it stops
+                # short (a move that starts slowly, a minimum output or a direction change, fools Aitken's)
+                r = math.exp(-h1 / max(0.05, self.lag_s))
+                final = max(final, g2 + d2 * r / (1.0 - r))
         else:
             return None
         cap = max(0.0, configured[d])
@@ -349,14 +365,29 @@ class BatteryModel:
         band = self.band(soc)
         if final < s.min_learn_w:
             return None
-        if s.plateau_limits and min(self.gain * smallest, limit) > final + gap and not self.pending[d]:
+        if (s.plateau_limits and min(self.gain * smallest, limit) > final + max(gap, 0.2 * final)
+                and not self.pending[d]):
+            # (a clear margin: a slow ramp still closing in on its request is not a ceiling)
             # (once a provisional limit is pending, the steady windows decide: they compare two requests)
             # every request asked clearly more than it is heading for: a ceiling
             self._set_limit(d, band, final, cap)
             self.pending[d] = True
             self._from_plateau[d] = True
+            self._plateau_request[d] = abs(self.request_at(t - self.dead_time_s))
+            self._plateau_t[d] = t
             return "limit"
-        if (self.limited(d, soc, cap) and max(g0, g1, g2) - min(g0, g1, g2) <= flat
+        last = self._last_window.get(d)
+        if (self.pending[d] and self._from_plateau[d] and (last is None or last.t < self._plateau_t[d])
+                and self.limited(d, soc, cap)
+                and (final < limit - gap
+                     or (max(g0, g1, g2) - min(g0, g1, g2) <= flat and abs(final - limit) > 0.5 * s.tolerance_w))):
+            # a provisional ceiling not yet confirmed by a steady window: a later plateau clearly below it (the
+            # extrapolation overshot), or one already flat, corrects it. At the request it was seen at, a limit
+            # and a gain deliver the same: the steady windows still decide which it is.
+            self._set_limit(d, band, final, cap)
+            return "limit"
+        if (self.limited(d, soc, cap) and not (self.pending[d] and self._from_plateau[d])
+                and max(g0, g1, g2) - min(g0, g1, g2) <= flat
                 and final > limit + gap and min(self.gain * smallest, cap) > limit + gap):
             # at a probe, settled clearly above the learned limit: it recovered (at least this far)
             self._set_limit(d, band, final if final < self.gain * largest - gap else math.inf, cap)
@@ -390,6 +421,22 @@ class BatteryModel:
             return None
         previous = self._last_window.get(d)
         self._last_window[d] = w
+        if abs(got - expected) <= tol and self.pending[d] and limit_bound:
+            # At a provisional limit (a plateau's, or one steady window's), delivering it again: a second
+            # request tells a limit (the same delivery) from a gain (the same fraction); meanwhile the window
+            # measures the limit better than the plateau's extrapolation did.
+            verdict = self._compare(previous, w, d, tol)
+            if verdict == "gain":
+                self.gain = _clamp(got / asked, s.gain_min, s.gain_max)
+                self.limits[d][w.band] = math.inf
+                self.pending[d] = False
+                self._from_plateau[d] = False
+                return "gain"
+            self._set_limit(d, w.band, got, cap)
+            if verdict == "limit":
+                self.pending[d] = False
+                self._from_plateau[d] = False
+            return None
         if abs(got - expected) <= tol:
             if limit_bound and learned is not None and learned < cap and self.fleet_short:
                 # Delivering at the learned limit while the fleet is short of its target: let it creep up (a
@@ -418,6 +465,19 @@ class BatteryModel:
             self.pending[d] = verdict is None
             return "limit"
         # It delivered more than expected.
+        if (self.pending[d] and previous is not None and w.t - previous.t <= s.pair_max_age_s
+                and abs(previous.band - w.band) <= 1 and asked > abs(previous.request_w)
+                and got < self.gain * asked - tol):
+            # Undecided, and a little more asked gave more, in the same proportion: a gain (a limit does not
+            # deliver more when asked more; requests too close for _compare to tell the two apart by size)
+            p0 = max(0.0, sign_of(d) * previous.delivered_w)
+            r0, r1 = p0 / abs(previous.request_w), got / asked
+            if abs(r1 - r0) <= 0.05 * max(r0, r1):
+                self.gain = _clamp(r1, s.gain_min, s.gain_max)
+                self.limits[d][w.band] = math.inf
+                self.pending[d] = False
+                self._from_plateau[d] = False
+                return "gain"
         if limit_bound or (learned is not None and learned < cap):
             if got >= self.gain * asked - tol:
                 # It delivered all of the probe: assume it recovered; the next window finds any new limit.

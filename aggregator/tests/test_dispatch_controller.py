@@ -239,8 +239,31 @@ def test_user_example_learned_settles_faster_and_tighter_than_the_pi_baseline(us
     assert _bench().settle_ratio(user_example) >= 1.5
 
 
-@pytest.mark.xfail(reason="issue #8 asks for 3x; measured 2.68x over 5 seeds (learned 7.2 s, pi+timeout 19.4 s; see bench/dispatch.py)",
-                   strict=False)
-@pytest.mark.timeout(30)
-def test_user_example_settles_three_times_faster_than_the_pi_baseline(user_example: dict) -> None:
-    assert _bench().settle_ratio(user_example) >= 3.0
+@pytest.fixture(scope="module")
+def user_example_seeds() -> dict:
+    bench = _bench()
+    return bench.run_matrix(["user_example"], list(range(1, bench.DEFAULT_SEEDS + 1)), ["learned", "pi+timeout"])
+
+
+@pytest.mark.timeout(120)
+def test_user_example_settles_three_times_faster_than_the_pi_baseline(user_example_seeds: dict) -> None:
+    # issue #8's acceptance, as the bench measures it: mean settle time over its seeds (one seed alone is noisy:
+    # 2.7x to 3.5x); measured 3.04x (learned 6.4 s, pi+timeout 19.4 s)
+    assert _bench().settle_ratio(user_example_seeds) >= 3.0
+
+
+def test_a_ramping_target_is_led_and_a_step_is_not() -> None:
+    """A target moving along a line is followed late by the batteries' delay: it is led by slope x delay. A step
+    is not a ramp."""
+    def total_after(targets: list[float], window_s: float) -> float:
+        d = Dispatcher(DispatcherSettings(stale_after_s=5.0, ramp_window_s=window_s), ["a", "b"])
+        result = None
+        for i, target in enumerate(targets):
+            result = d.step(0.5 * i, target, {n: reading(n, target / 2, 0.5) for n in "ab"})
+        assert result is not None
+        return sum(c.setpoint_w for c in result.commands.values())
+
+    ramp = [-1000.0 - 100.0 * i for i in range(14)]  # 200 W/s
+    assert total_after(ramp, 5.0) < total_after(ramp, 0.0) - 200.0
+    step = [-1000.0] * 8 + [-2000.0] * 6
+    assert total_after(step, 5.0) == pytest.approx(total_after(step, 0.0))
