@@ -39,6 +39,7 @@ class BatteryReading:
     max_charge_w: float = 0.0     # configured/read hard limits, >= 0
     max_discharge_w: float = 0.0  # >= 0 (magnitude)
     available: bool = True        # False: adapter down / disabled
+    temperature_c: float | None = None  # learned limits are kept per temperature band too, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ class Dispatcher:
 
     def _observe(self, name: str, reading: BatteryReading, now: float) -> None:
         model = self._models[name]
+        model.temperature_c = reading.temperature_c
         taken = now - reading.measured_age_s
         if taken <= self._seen.get(name, -math.inf) + 1e-9:
             return  # no new measurement

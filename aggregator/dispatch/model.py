@@ -35,6 +35,11 @@ Direction = Literal["charge", "discharge"]
 CHARGE: Direction = "charge"
 DISCHARGE: Direction = "discharge"
 GLOBAL_BAND = -1  # limits learned while the SoC is unknown
+# With a temperature, a band is its SoC band plus TEMP_BAND_STRIDE x (1 + temperature band): cold or hot cells
+# get BMS limits of their own, and SoC neighbours stay +-1 apart within one temperature band.
+TEMP_BAND_STRIDE = 1000
+TEMP_BAND_FLOOR_C = -20.0
+TEMP_BANDS = 9  # -20..70 degC in 10 degC steps; colder or hotter fall in the end bands
 
 
 def direction_of(power_w: float) -> Direction:
@@ -48,6 +53,7 @@ def sign_of(direction: Direction) -> float:
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
     band_pct: float = 10.0            # learned limits are kept per SoC band of this width
+    temp_band_c: float = 10.0         # ... and, when the battery reports its temperature, per band of this width
     window_s: float = 4.0             # length of a steady window
     min_learn_w: float = 120.0        # smaller requests teach nothing (deadbands, minimum outputs)
     tolerance_w: float = 20.0         # a delivery this close to the prediction agrees with it ...
@@ -98,6 +104,8 @@ class BatteryModel:
         self.lag_s = self.settings.lag_s
         self.dead_time_s = self.settings.dead_time_s
         self.limits: dict[Direction, dict[int, float]] = {CHARGE: {}, DISCHARGE: {}}
+        self.temperature_c: float | None = None  # the battery's latest, set by the dispatcher with each reading
+        self._temperature_band = 0  # of the samples in _samples (0: temperature unknown)
         self.pending: dict[Direction, bool] = {CHARGE: False, DISCHARGE: False}  # provisional limit, undecided
         self.windows = 0
         self._requests: deque[tuple[float, float]] = deque([(-math.inf, 0.0)])  # (t, request) at each change
@@ -123,7 +131,12 @@ class BatteryModel:
         if soc is None or not math.isfinite(soc):
             return GLOBAL_BAND
         top = max(0, int(math.ceil(100.0 / self.settings.band_pct)) - 1)
-        return int(_clamp(soc // self.settings.band_pct, 0, top))
+        band = int(_clamp(soc // self.settings.band_pct, 0, top))
+        t = self.temperature_c
+        if t is None or not math.isfinite(t):
+            return band
+        temp_band = int(_clamp((t - TEMP_BAND_FLOOR_C) // self.settings.temp_band_c, 0, TEMP_BANDS - 1))
+        return band + TEMP_BAND_STRIDE * (1 + temp_band)
 
     def learned_limit(self, direction: Direction, soc: float | None) -> float | None:
         """The learned limit for this SoC: its own band's, else the lower neighbour's (limits move smoothly
@@ -135,6 +148,8 @@ class BatteryModel:
         near = [table[b] for b in (band - 1, band + 1) if b in table and band != GLOBAL_BAND]
         if near:
             return min(near)
+        if band >= TEMP_BAND_STRIDE and band % TEMP_BAND_STRIDE in table:
+            return table[band % TEMP_BAND_STRIDE]  # learned at this SoC before the temperature was known
         return table.get(GLOBAL_BAND)
 
     def limit(self, direction: Direction, soc: float | None, configured_w: float) -> float:
@@ -274,6 +289,11 @@ class BatteryModel:
         """A measurement taken at `t`. Returns what was learned ('gain', 'limit', 'lag'), if anything."""
         if self._samples and t <= self._samples[-1][0] + 1e-9:
             return None  # the same measurement again (meters update slower than the dispatcher runs)
+        temperature_band = self.band(soc) // TEMP_BAND_STRIDE
+        if temperature_band != self._temperature_band:
+            # Samples from another temperature band say nothing about this one's limit: start afresh.
+            self._temperature_band = temperature_band
+            self._samples.clear()
         self._samples.append((t, measured_w))
         while self._samples and self._samples[0][0] < t - 4.0 * self.settings.window_s:
             self._samples.popleft()
@@ -637,7 +657,8 @@ class BatteryModel:
                 except (TypeError, ValueError):
                     continue
                 v = math.inf if value is None else _number(value, math.nan)  # None: none learned (inf)
-                if not math.isnan(v) and v >= 0 and GLOBAL_BAND <= b <= 100:
+                known = GLOBAL_BAND <= b <= 100 or TEMP_BAND_STRIDE <= b < TEMP_BAND_STRIDE * (TEMP_BANDS + 1) + 100
+                if not math.isnan(v) and v >= 0 and known:
                     self.limits[d][b] = v
 
 

@@ -46,6 +46,7 @@ class BatteryIO:
     setpoint: Setpoint
     measured: Reading
     soc: Reading | None = None
+    temperature: Reading | None = None
     capacity: Reading | float | None = None
     max_charge: Reading | float = 0.0
     max_discharge: Reading | float = 0.0
@@ -64,6 +65,7 @@ class BatteryIO:
         self.seen_charge_w = max(self.seen_charge_w, charge or 0.0)
         self.seen_discharge_w = max(self.seen_discharge_w, discharge or 0.0)
         soc = self.soc.value if self.soc is not None else None
+        temperature = self.temperature.value if self.temperature is not None else None
         return BatteryReading(
             name=self.name,
             measured_w=self.measured.value,
@@ -73,6 +75,7 @@ class BatteryIO:
             max_charge_w=max(0.0, charge or 0.0),  # an unknown limit allows nothing in that direction
             max_discharge_w=max(0.0, discharge or 0.0),
             available=self.measured.value is not None and self.setpoint.reachable,
+            temperature_c=temperature if temperature is not None and -60.0 <= temperature <= 120.0 else None,
         )
 
     def rated_w(self) -> tuple[float, float]:
@@ -150,6 +153,8 @@ class DispatcherRuntime:
         )
         if b.soc is not None:
             io.soc = make_reading(f"{label} soc", b.soc, self.dbus, self.mqtt)
+        if b.temperature is not None:
+            io.temperature = make_reading(f"{label} temperature", b.temperature, self.dbus, self.mqtt)
         if b.capacity is not None:
             io.capacity = make_reading(f"{label} capacity", b.capacity, self.dbus, self.mqtt)
         elif b.capacityWh is not None:

@@ -110,6 +110,8 @@ class BatterySettings(BaseModel):
     setpoint: AdapterSpec = Field(description="where the power setpoint (W) is written")
     measured: AdapterSpec = Field(description="where the measured power (W) is read")
     soc: AdapterSpec | None = Field(None, description="state of charge (%)")
+    temperature: AdapterSpec | None = Field(None, description="battery temperature (degC): learned limits are "
+                                            "kept per temperature band too")
     capacityWh: float | None = Field(None, gt=0, allow_inf_nan=False, description="usable energy (Wh)")
     capacity: AdapterSpec | None = Field(None, description="usable energy read from the device (Wh after scale)")
     maxChargeW: LimitSpec = Field(description="largest charge power (W): a number or an adapter")
@@ -136,7 +138,7 @@ class BatterySettings(BaseModel):
     def adapters(self) -> dict[str, AdapterSpec]:
         """Every adapter of this battery by role."""
         out = {"setpoint": self.setpoint, "measured": self.measured}
-        for role in ("soc", "capacity", "maxChargeW", "maxDischargeW"):
+        for role in ("soc", "temperature", "capacity", "maxChargeW", "maxDischargeW"):
             spec = getattr(self, role)
             if isinstance(spec, AdapterSpec):
                 out[role] = spec

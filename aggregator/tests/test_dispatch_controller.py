@@ -33,6 +33,7 @@ class Plant:
         self.gain, self.discharge_limit, self.lag_s = gain, discharge_limit, lag_s
         self.power = 0.0
         self.setpoint = 0.0
+        self.temperature: float | None = None  # reported to the dispatcher when set
 
     def advance(self, dt: float) -> None:
         target = max(self.gain * self.setpoint, -self.discharge_limit)
@@ -44,7 +45,7 @@ def run_closed_loop(plants: dict[str, Plant], target: float, seconds: float,
     d = dispatcher or Dispatcher(DispatcherSettings(stale_after_s=5.0), list(plants))
     t = t0
     while t < t0 + seconds:
-        readings = {n: reading(n, round(p.power, 1), 0.2) for n, p in plants.items()}
+        readings = {n: reading(n, round(p.power, 1), 0.2, temperature_c=p.temperature) for n, p in plants.items()}
         result = d.step(t, target, readings)
         for n, p in plants.items():
             p.setpoint = result.commands[n].setpoint_w
@@ -170,6 +171,31 @@ def test_a_recovered_battery_is_used_again() -> None:
     run_closed_loop(plants, -1000.0, 60.0, d, t0=40.0)
     assert not d.model("a").limited(DISCHARGE, 50.0, 3000.0)
     assert plants["a"].power == pytest.approx(-500.0, abs=40.0)
+
+
+def test_limits_are_kept_per_temperature_band() -> None:
+    # Cold, A's BMS allows 300 W: learned for the cold band only.
+    plants = {"a": Plant(discharge_limit=300.0), "b": Plant()}
+    plants["a"].temperature = plants["b"].temperature = 2.0
+    d = run_closed_loop(plants, -1000.0, 40.0)
+    a = d.model("a")
+    assert a.limited(DISCHARGE, 50.0, 3000.0)
+    # Warm, it allows everything: no limit is carried over, so A takes its half at once.
+    plants["a"].discharge_limit = 3000.0
+    plants["a"].temperature = plants["b"].temperature = 25.0
+    run_closed_loop(plants, -1000.0, 8.0, d, t0=40.0)
+    assert not a.limited(DISCHARGE, 50.0, 3000.0)
+    assert plants["a"].power == pytest.approx(-500.0, abs=40.0)
+    # Cold again: the cold band's limit is still known before anything new is learned.
+    a.temperature_c = 2.0
+    assert a.limit(DISCHARGE, 50.0, 3000.0) == pytest.approx(300.0, abs=50.0)
+    # ... and survives a restart of the service.
+    fresh = Dispatcher(DispatcherSettings(), ["a", "b"])
+    fresh.restore(json.loads(json.dumps(d.state())))
+    fresh.model("a").temperature_c = 2.0
+    assert fresh.model("a").limit(DISCHARGE, 50.0, 3000.0) == pytest.approx(300.0, abs=50.0)
+    fresh.model("a").temperature_c = 25.0
+    assert not fresh.model("a").limited(DISCHARGE, 50.0, 3000.0)
 
 
 def test_limits_are_kept_per_soc_band() -> None:
