@@ -16,8 +16,10 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Awaitable, Callable
 
-from .aggregate import Aggregator
+from .aggregate import Aggregator, unique_id
+from .bus.settings import LocalSettings
 from .bus.lib import LIBRARY, connect
 from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
 from .grid_battery_service import GridBatterySettings, GridBatteryService
@@ -49,6 +51,12 @@ def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
     return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
 
 
+def _instance_reserver(settings: LocalSettings) -> Callable[[str, int], Awaitable[int]]:
+    async def reserve(name: str, preferred: int) -> int:
+        return await settings.reserve_device_instance(unique_id(name), "battery", preferred)
+    return reserve
+
+
 class GridBatteries:
     """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own."""
 
@@ -57,26 +65,30 @@ class GridBatteries:
         self.running: list[GridBatteryService] = []
         self.settings: tuple[list[GridBatterySettings], str] = ([], "")
 
-    async def apply(self, config: Config) -> None:
+    async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
+        """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
+        device instances like the aggregate's own."""
         wanted = (list(config.gridBatteries), config.stateDir)
         if wanted == self.settings:
             return
         await self.stop()
         self.settings = wanted
-        for settings in config.gridBatteries:
+        reserve = None if settings is None else _instance_reserver(settings)
+
+        for grid_settings in config.gridBatteries:
             service = None
             try:
-                service = GridBatteryService(await connect(self.bus_address), settings,
-                                             grid_state_dir(config.stateDir, settings))
+                service = GridBatteryService(await connect(self.bus_address), grid_settings,
+                                             grid_state_dir(config.stateDir, grid_settings), reserve_instance=reserve)
                 await service.start()
             except Exception as exc:  # the name is taken, say: the aggregate goes on without it
-                _LOG.error("cannot start the grid battery %s: %s", settings.serviceName, exc)
+                _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)
                 if service is not None:
                     await service.stop()
                     service.bus.disconnect()
                 continue
             self.running.append(service)
-            _LOG.info("grid battery %s follows the meter %s", settings.serviceName, settings.meter)
+            _LOG.info("grid battery %s follows the meter %s", grid_settings.serviceName, grid_settings.meter)
 
     async def stop(self) -> None:
         for service in self.running:
@@ -123,7 +135,7 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
     assert aggregator.monitor is not None
     bus = aggregator.monitor.bus
     grid = GridBatteries(bus_address)
-    await grid.apply(config)
+    await grid.apply(config, aggregator.settings)
     _LOG.info("running on D-Bus as %s (%s)", bus.unique_name, LIBRARY)
 
     stop = asyncio.Event()
@@ -159,7 +171,7 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 await aggregator.stop()
                 aggregator = Aggregator(result.config, bus_address)
                 await aggregator.start()
-            await grid.apply(result.config)
+            await grid.apply(result.config, aggregator.settings)
 
     tasks = [loop.create_task(watch_file()), loop.create_task(reloader())]
     disconnected = loop.create_task(bus.wait_for_disconnect())

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -129,10 +129,17 @@ def _kwh(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+ReserveInstance = Callable[[str, int], Awaitable[int]]
+
+
 class GridBatteryService:
     def __init__(self, bus: MessageBus, settings: GridBatterySettings, state_dir: str | Path,
-                 clock: Clock = time.time, *, save_interval: float = DEFAULT_SAVE_INTERVAL) -> None:
+                 clock: Clock = time.time, *, save_interval: float = DEFAULT_SAVE_INTERVAL,
+                 reserve_instance: ReserveInstance | None = None) -> None:
+        """`reserve_instance(service name, preferred)`: the device instance as localsettings assigns it (so
+        the GX's device list resolves collisions); without it, the configured deviceInstance."""
         self.bus = bus
+        self.reserve_instance = reserve_instance
         self.settings = settings
         self.clock = clock
         self.save_interval = save_interval
@@ -150,9 +157,12 @@ class GridBatteryService:
     async def start(self) -> None:
         self._load()
         service = VeService(self.bus, self.settings.serviceName)
+        instance = self.settings.deviceInstance
+        if self.reserve_instance is not None:
+            instance = await self.reserve_instance(self.settings.serviceName, instance)
         service.add_mandatory_paths(
             process_name="battery-aggregator grid-battery", process_version=__version__,
-            connection=f"Grid meter {self.settings.meter}", device_instance=self.settings.deviceInstance,
+            connection=f"Grid meter {self.settings.meter}", device_instance=instance,
             product_id=GRID_BATTERY_PRODUCT_ID, product_name=GRID_BATTERY_PRODUCT_NAME,
         )
         for path in ("/Soc", "/Capacity", "/InstalledCapacity", "/Dc/0/Power", "/Dc/0/Voltage", "/Dc/0/Current",

@@ -18,7 +18,7 @@ from aggregator.bus import client
 
 from .conftest import REPO, Busctl, Processes
 from .helpers import eventually
-from .test_aggregate import Bank, bus_address, start_aggregator  # noqa: F401  (fixture)
+from .test_aggregate import Bank, bus_address, start_aggregator, start_settings  # noqa: F401  (fixture)
 
 COUNTERS = {"History__ChargedEnergy": 10.0, "History__DischargedEnergy": 5.0}
 
@@ -202,8 +202,14 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
         state = tmp_path / "state"
         settings = {"meter": f"com.victronenergy.grid.{meter_name}", "capacityKwh": 100, "startDate": "2020-01-01",
                     "serviceName": grid, "maxPowerKw": 100000}
+        local = await start_settings(tmp_path / "settings.json")  # as on a GX: localsettings assigns instances
         agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(state), gridBatteries=[settings])
         await bank.value_is(grid, "/GridBattery/Status", "ok")
+        # Its device instance is reserved in localsettings like the aggregate's own (the configured one).
+        await eventually(lambda: f"batteryaggregator_{grid.rsplit('.', 1)[-1]}" in
+                         (tmp_path / "settings.json").read_text(), timeout=10)
+        assert "battery:100" in (tmp_path / "settings.json").read_text()
+        assert await bank.read(grid, "/DeviceInstance") == 100
 
         async def exporting() -> bool:
             return (await bank.read(grid, "/GridBattery/LevelKwh") or 0) > 0
@@ -222,3 +228,5 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
         meter.terminate()
         meter.wait(timeout=10)
         bank.close()
+        if "local" in locals():
+            local.service.close()
