@@ -187,6 +187,7 @@ class Aggregator:
         # ROW_INTERVAL instead of doubling the size of every signal on the hot path.
         self._lazy_rows: set[str] = set()
         self._rows_at = -ROW_INTERVAL
+        self._tasks_at = -ROW_INTERVAL
         self._membership_changed = True
         self._bad_value_logged: dict[tuple[str, str], float] = {}
         self._warned_refs: set[str] = set()
@@ -397,6 +398,10 @@ class Aggregator:
             self._note_limit_inputs(clean)
             if "/Dc/0/Current" in clean:
                 self._reported.add(name)
+                if len(self._reported) >= len(self.members) and self._reported.issuperset(self.members):
+                    # Every member has reported since the last sample: learn from this complete sample now
+                    # rather than at the next tick, by when some member may have moved on again.
+                    self._limits_dirty = True
             if not ENERGY_INPUTS.isdisjoint(clean):
                 self.energy.sample(name, self.merge.members[name].values, clean)
             if "/Serial" in clean:
@@ -559,6 +564,11 @@ class Aggregator:
                 self._dirty_rows |= self._lazy_rows
                 self._lazy_rows.clear()
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
+            now = self.clock()
+            if now - self._tasks_at >= ROW_INTERVAL:
+                # A diagnostic riding along (never a signal of its own): a leak of tasks shows as growth.
+                self._tasks_at = now
+                service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))
             for name in self._dirty_rows:
                 self._breakdown_row(service, name)
             self._dirty_rows.clear()
@@ -760,8 +770,6 @@ class Aggregator:
         while True:
             await asyncio.sleep(1.0)
             now = self.clock()
-            if self.service is not None:  # a diagnostic: a leak of tasks shows as a count that only grows
-                self.service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))
             if self.control.ramping or self._limits_due:
                 self._limits_dirty = True
                 self._schedule_flush()
