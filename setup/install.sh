@@ -37,11 +37,8 @@ CONFIG=/data/setupOptions/BatteryAggregator/config.json
 REQUIRED=${BA_REQUIREMENTS-"dbus-next>=0.2.3 pydantic>=2.5 jsonschema>=4.17"}
 OPTIONAL=${BA_OPTIONAL-"numpy>=1.24 aiomqtt>=2.0"}
 
-say() { printf '%s\n' "$*"; }
-warn() { printf '%s\n' "WARNING: $*" >&2; }
-die() { code=$1; shift; printf '%s\n' "ERROR: $*" >&2; exit "$code"; }
-usage() { sed -n '2,/^set -u/p' "$0" | sed -e '/^set -u/d' -e 's/^# \{0,1\}//'; }
-have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=common.sh
+. "$(dirname "$0")/common.sh"
 
 while [ $# -gt 0 ]; do
     case "$1" in

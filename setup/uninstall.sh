@@ -20,10 +20,8 @@ PURGE=0
 NO_STOP=0
 CONFIG=/data/setupOptions/BatteryAggregator/config.json
 
-say() { printf '%s\n' "$*"; }
-die() { code=$1; shift; printf '%s\n' "ERROR: $*" >&2; exit "$code"; }
-usage() { sed -n '2,/^set -u/p' "$0" | sed -e '/^set -u/d' -e 's/^# \{0,1\}//'; }
-have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=common.sh
+. "$(dirname "$0")/common.sh"
 
 while [ $# -gt 0 ]; do
     case "$1" in
