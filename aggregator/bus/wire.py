@@ -268,58 +268,56 @@ def _variant(signature: str, value: Any) -> Variant:
     return variant
 
 
-def _array_bounds(buf: bytes | bytearray | memoryview, offset: int, element_alignment: int,
-                  u32: struct.Struct = _U32_LE) -> tuple[int, int]:
+def _array_bounds(buf: bytes | bytearray | memoryview, offset: int, element_alignment: int) -> tuple[int, int]:
     """Where an array's elements start and end: its length, then padding to the first element (which the
     length does not count)."""
     offset += -offset & 3
-    length = u32.unpack_from(buf, offset)[0]
+    length = _U32_LE.unpack_from(buf, offset)[0]
     offset += 4
     offset += -offset & (element_alignment - 1)
     return offset, offset + length
 
 
-def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node, fixed: dict[str, struct.Struct],
-         u32: struct.Struct) -> tuple[Any, int]:
+def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node) -> tuple[Any, int]:
     code = node[0]
-    unpacker = fixed.get(code)
+    unpacker = _LE.get(code)
     if unpacker is not None:
         offset += -offset & (unpacker.size - 1)
         value = unpacker.unpack_from(buf, offset)[0]
         return (bool(value) if code == "b" else value), offset + unpacker.size
     if code == "s" or code == "o":
         offset += -offset & 3
-        length = u32.unpack_from(buf, offset)[0]
+        length = _U32_LE.unpack_from(buf, offset)[0]
         start = offset + 4
         return decode(buf[start:start + length]), start + length + 1
     if code == "v":
         length = buf[offset]
         signature = decode(buf[offset + 1:offset + 1 + length])
-        value, offset = _get(buf, offset + 2 + length, _single(signature), fixed, u32)
+        value, offset = _get(buf, offset + 2 + length, _single(signature))
         return _variant(signature, value), offset
     if code == "a":
         child = node[1]
-        offset, end = _array_bounds(buf, offset, _ALIGN[child[0]], u32)
+        offset, end = _array_bounds(buf, offset, _ALIGN[child[0]])
         if child[0] == "{":
             key_node, value_node = child[1], child[2]
             result: dict[Any, Any] = {}
             while offset < end:
                 offset += -offset & 7
-                key, offset = _get(buf, offset, key_node, fixed, u32)
-                result[key], offset = _get(buf, offset, value_node, fixed, u32)
+                key, offset = _get(buf, offset, key_node)
+                result[key], offset = _get(buf, offset, value_node)
             return result, end
         if child[0] == "y":
             return bytes(buf[offset:end]), end
         items = []
         while offset < end:
-            item, offset = _get(buf, offset, child, fixed, u32)
+            item, offset = _get(buf, offset, child)
             items.append(item)
         return items, end
     if code == "(":
         offset += -offset & 7
         fields = []
         for child in node[1]:
-            item, offset = _get(buf, offset, child, fixed, u32)
+            item, offset = _get(buf, offset, child)
             fields.append(item)
         return fields, offset
     if code == "g":
@@ -370,7 +368,7 @@ def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> t
                 result[key] = variant
                 continue
             offset -= 3
-        result[key], offset = _get(buf, offset, ("v",), _LE, _U32_LE)
+        result[key], offset = _get(buf, offset, ("v",))
     return result, end
 
 
@@ -395,7 +393,7 @@ def decode_body(signature: str, buf: bytes | bytearray | memoryview, offset: int
         return [_get_dict_of_variants(buf, offset)[0]]
     body = []
     for node in compile_signature(signature):
-        value, offset = _get(buf, offset, node, _LE, _U32_LE)
+        value, offset = _get(buf, offset, node)
         body.append(value)
     return body
 
@@ -414,7 +412,7 @@ def decode_message(data: bytes) -> Message:
     while offset < header_end:
         offset += -offset & 7
         code = data[offset]
-        variant, offset = _get(data, offset + 1, ("v",), _LE, _U32_LE)
+        variant, offset = _get(data, offset + 1, ("v",))
         name = _FIELD_NAMES.get(code)
         if name is not None:
             header[name] = variant.value
