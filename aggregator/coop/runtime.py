@@ -33,6 +33,7 @@ CONSUMPTION_PATHS = tuple(f"/Ac/Consumption/{p}/Power" for p in PHASES)
 GRID_PATHS = tuple(f"/Ac/Grid/{p}/Power" for p in PHASES)
 LEDGER_FILE = "coop_ledger.json"
 LEDGER_SAVE_S = 300.0
+STOP_TIMEOUT_S = 5.0
 MAX_METERED_GAP_S = 120.0  # a longer gap between two cycles is not metered: no energy is invented for it
 
 
@@ -111,7 +112,11 @@ class CoopRuntime:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: a cancellation swallowed inside the MQTT library must not hang the service's shutdown.
+            _done, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
+            if pending:
+                _LOG.warning("the cooperative's MQTT client did not stop within %g s; leaving it", STOP_TIMEOUT_S)
         self._tasks = []
         if self.state_dir:
             save_ledger(self.state_dir, self.ledger)

@@ -90,7 +90,8 @@ class Running:
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.tasks:  # bounded, as CoopRuntime.stop is: a hang here would eat the whole test's time
+            await asyncio.wait(self.tasks, timeout=5.0)
 
 
 async def test_sites_see_each_other_and_agree_on_the_average(broker: MosquittoBroker) -> None:
@@ -283,6 +284,16 @@ def test_tls_is_on_in_the_examples_and_by_default(tmp_path: Path) -> None:
         parse_coop({"enabled": True, "siteId": "x", "broker": {"host": "mqtt.coop.example", "tls": False}})
 
 
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
 async def test_the_example_broker_config_runs(tmp_path: Path) -> None:
     """setup/coop/mosquitto.conf.example itself, with this run's paths, certificates and port."""
     mosquitto = find_mosquitto()
@@ -309,6 +320,7 @@ async def test_the_example_broker_config_runs(tmp_path: Path) -> None:
     proc = subprocess.Popen([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
+        await until(lambda: _listening(port), what="the example broker listening")
         settings = parse_coop({"enabled": True, "siteId": "site-a", "publishSeconds": 1, "broker": {
             "host": "127.0.0.1", "port": port, "caFile": str(tls.ca), "password": "pw-a"}})
         running = Running()
