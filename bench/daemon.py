@@ -82,6 +82,19 @@ def process_cpu_split(pid: int) -> tuple[float, float]:
     return (utime + cutime) / _ticks(), (stime + cstime) / _ticks()
 
 
+def process_wakeups(pid: int) -> int:
+    """Voluntary context switches of all the process's threads: each is one sleep, so one wake-up after it."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:  # a thread ended while we read
+            pass
+    return total
+
+
 def process_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -194,9 +207,11 @@ def run(scenario: str, duration: float, library: str = "dbus-next", profile: str
                                    stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         user0, system0 = process_cpu_split(daemon.pid)
+        wakeups0 = process_wakeups(daemon.pid)
         _say(pub)
         result = read_json_line(pub)
         user1, system1 = process_cpu_split(daemon.pid)
+        wakeups1 = process_wakeups(daemon.pid)
         if spy is not None:
             spy.send_signal(2)
             spy.wait(timeout=20)
@@ -216,6 +231,7 @@ def run(scenario: str, duration: float, library: str = "dbus-next", profile: str
         "duration_s": round(result["elapsed"], 1), "member_updates": result["updates"],
         "cpu_s_per_1000_updates": round(1000 * cpu / max(1, result["updates"]), 4),
         "cpu_percent_of_one_core": round(100 * cpu / result["elapsed"], 2),
+        "wakeups_per_update": round((wakeups1 - wakeups0) / max(1, result["updates"]), 2),
         "system_share": round((system1 - system0) / cpu, 2) if cpu else None,
         "rss_mib": round(rss, 1), "startup_s": round(startup, 2),
         "probe_updates_seen": f"{len(latencies)} of {len(sent)}",
@@ -269,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['member_updates']} member updates")
         print(f"daemon: {r['cpu_s_per_1000_updates']:.3f} CPU-s per 1000 member updates "
               f"({r['cpu_percent_of_one_core']:.1f}% of one core, {r['system_share']:.0%} in the kernel), RSS {r['rss_mib']} MiB, "
-              f"start-up with {r['members']} members {r['startup_s']} s")
+              f"start-up with {r['members']} members {r['startup_s']} s; {r['wakeups_per_update']} wake-ups per update")
         print(f"latency member update -> aggregate seen by a client: median {lat['median']} ms, p99 {lat['p99']} ms, "
               f"max {lat['max']} ms ({r['probe_updates_seen']} probe updates seen)")
     return 0

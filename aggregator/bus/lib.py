@@ -8,7 +8,7 @@ by the rest of the package, and only through this module.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 _choice = os.environ.get("BATTERY_AGGREGATOR_DBUS", "dbus-next")
 
@@ -32,7 +32,7 @@ else:
 
 __all__ = [
     "LIBRARY", "BusType", "DBusError", "Message", "MessageFlag", "MessageBus", "MessageType", "NameFlag", "RequestNameReply",
-    "Variant", "bus_type_from_env", "connect",
+    "Variant", "bus_type_from_env", "connect", "raw_sender",
 ]
 
 
@@ -103,3 +103,31 @@ def _write_at_once(bus: Any) -> None:
             loop.add_writer(writer.fd, writer.write_callback)
 
     writer.schedule_write = schedule_write
+
+
+def raw_sender(bus: Any) -> Callable[[Callable[[int], bytes]], None] | None:
+    """For a connection of dbus-next: send(encode) puts the bytes encode(serial) on the bus, in order with the
+    library's own messages, with no Message object (a signal the service encodes itself, see
+    wire.ItemsChangedEncoder). None on dbus-fast, whose own compiled marshaller is already lean."""
+    if LIBRARY != "dbus-next" or not hasattr(bus, "_writer"):
+        return None
+    writer = bus._writer
+    loop = bus._loop
+
+    def send(encode: Callable[[int], bytes]) -> None:
+        if not bus.connected or not bus.unique_name:
+            return
+        data = encode(bus.next_serial())
+        if writer.buf is None and not writer.messages.qsize():
+            try:
+                sent = writer.sock.send(data)  # 0 when the buffer is full: see _FullBufferTolerantSocket
+            except Exception as error:  # what the library's writer does: the connection is unusable
+                bus._finalize(error)
+                return
+            if sent >= len(data):
+                return
+            data = data[sent:]
+        writer.messages.put_nowait((data, [], None))  # the rest goes out when the socket is writable
+        loop.add_writer(writer.fd, writer.write_callback)
+
+    return send

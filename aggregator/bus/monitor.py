@@ -283,16 +283,20 @@ class ServiceMonitor:
 
     def _on_values_signal(self, services: list[WatchedService], msg: Message) -> None:
         member = msg.member
+        decoded = getattr(msg, "changes", None)  # the lean codec has read the values off the wire already
         try:
             if member == "ItemsChanged":
                 if msg.path != "/" or msg.signature != "a{sa{sv}}":
                     return
-                changes = client.parse_items(msg.body[0])
+                changes = decoded if decoded is not None else client.parse_items(msg.body[0])
             elif member == "PropertiesChanged":
-                body = msg.body[0] if msg.signature == "a{sv}" else None
-                if not isinstance(body, dict) or "Value" not in body:
-                    return
-                changes = {msg.path: unwrap(body["Value"])}
+                if decoded is not None:
+                    changes = decoded
+                else:
+                    body = msg.body[0] if msg.signature == "a{sv}" else None
+                    if not isinstance(body, dict) or "Value" not in body:
+                        return
+                    changes = {msg.path: unwrap(body["Value"])}
             else:
                 return
         except Exception:  # a malformed signal from a misbehaving service is dropped, not fatal

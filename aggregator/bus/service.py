@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .lib import Message, MessageBus, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant
+from .lib import Message, MessageBus, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant, raw_sender
+from .wire import ItemsChangedEncoder
 from .values import INVALID_TEXT, TextFormat, product_id_text, same_value, text_of, unwrap, wrap
 
 _LOG = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ SET_NOT_WRITEABLE = 1  # also: a value of the wrong type
 SET_REJECTED = 2  # the service's own check said no
 
 _NO_REPLY_EXPECTED = MessageFlag.NO_REPLY_EXPECTED
+_ITEMS_CHANGED = ItemsChangedEncoder(BUSITEM)
+_PLAIN = frozenset((float, int, str, bool, type(None)))  # always carriable: their variant is made on demand
 
 OnChange = Callable[[str, Any], bool]
 
@@ -63,7 +66,8 @@ class NameTakenError(RuntimeError):
 
 @dataclass(slots=True)
 class Item:
-    """One published path. `wrapped` and `text` are kept in step with `value` so reads and signals are cheap."""
+    """One published path. `text` is kept in step with `value` (every signal carries it); the variant is made
+    only when a reader asks (GetValue, GetItems), since the signals encode values directly."""
 
     path: str
     value: Any
@@ -72,13 +76,21 @@ class Item:
     on_change: OnChange | None
     description: str
     value_types: tuple[type, ...] | None
-    wrapped: Variant
     text: str
+    _variant: Variant | None = None
 
     def assign(self, value: Any) -> None:
+        # A value D-Bus cannot carry fails here, at the caller, not later inside a signal.
+        self._variant = None if type(value) in _PLAIN else wrap(value)
         self.value = value
-        self.wrapped = wrap(value)
         self.text = text_of(value, self.text_format)
+
+    @property
+    def wrapped(self) -> Variant:
+        variant = self._variant
+        if variant is None:
+            variant = self._variant = wrap(self.value)
+        return variant
 
 
 class VeService:
@@ -100,6 +112,7 @@ class VeService:
         self._methods: dict[tuple[str, str], Callable[[Message], Message]] = {}
         # Seconds to hold back every reply: the simulator's "answers slowly" fault. 0 in real services.
         self.reply_delay = 0.0
+        self._send_raw = raw_sender(bus)
         bus.add_message_handler(self._handle)
 
     def add_method(self, interface: str, member: str, handler: Callable[[Message], Message]) -> None:
@@ -139,7 +152,7 @@ class VeService:
         if text is None and path == "/ProductId":
             text = product_id_text
         types = tuple(value_types) if value_types is not None else None
-        item = Item(path, None, text, writeable, on_change, description, types, wrap(None), INVALID_TEXT)
+        item = Item(path, None, text, writeable, on_change, description, types, INVALID_TEXT)
         item.assign(value)
         self._items[path] = item
         for node in _nodes_above(path):
@@ -248,6 +261,9 @@ class VeService:
         )
 
     def _emit_items_changed(self, items: Iterable[Item]) -> None:
+        if self._send_raw is not None:  # the hot path: bytes straight from the items
+            self._send_raw(lambda serial: _ITEMS_CHANGED.encode(serial, items))
+            return
         body = {item.path: {"Value": item.wrapped, "Text": Variant("s", item.text)} for item in items}
         self._send(Message.new_signal("/", BUSITEM, "ItemsChanged", "a{sa{sv}}", [body]))
 

@@ -229,6 +229,82 @@ def encode_message(msg: Message) -> bytes:
     return bytes(head)
 
 
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _put_value_variant(buf: bytearray, value: Any) -> None:
+    """A BusItem value as a variant, straight from the Python value: the common kinds inline, the rest
+    through the same mapping as values.wrap (None is the invalid `ai` [])."""
+    kind = type(value)
+    if kind is float:
+        buf += b"\x01d\0"
+        _pad(buf, 8)
+        buf += _DOUBLE.pack(value)
+    elif kind is int and _INT32_MIN <= value <= _INT32_MAX:
+        buf += b"\x01i\0"
+        _pad(buf, 4)
+        buf += _INT32.pack(value)
+    elif kind is str:
+        buf += b"\x01s\0"
+        _put_string(buf, value)
+    elif value is None:
+        buf += b"\x02ai\0"
+        _pad(buf, 4)
+        buf += b"\0\0\0\0"
+    else:
+        from .values import wrap  # values imports the library through lib, which imports this module
+
+        variant = wrap(value)
+        _put_signature(buf, variant.signature)
+        _put(buf, _single(variant.signature), variant.value)
+
+
+def _signal_fields(path: str, interface: str, member: str, signature: str) -> bytes:
+    fields = bytearray()
+    for code, kind, value in ((1, "o", path), (2, "s", interface), (3, "s", member), (8, "g", signature)):
+        _pad(fields, 8)
+        fields.append(code)
+        _put_signature(fields, kind)
+        _put(fields, (kind,), value)
+    return bytes(fields)
+
+
+class ItemsChangedEncoder:
+    """Encodes a service's ItemsChanged signal straight from its items (anything with .path, .value and
+    .text): no Message, no Variant per value. Only the serial and the body differ between two signals, so the
+    header fields are built once."""
+
+    __slots__ = ("_fields", "_pad_after")
+
+    def __init__(self, interface: str) -> None:
+        self._fields = _signal_fields("/", interface, "ItemsChanged", "a{sa{sv}}")
+        self._pad_after = bytes(-(16 + len(self._fields)) & 7)
+
+    def encode(self, serial: int, items: Any) -> bytes:
+        buf = bytearray(8)  # the array's length, then padding to its first (8-aligned) entry
+        pad = _pad
+        put_string = _put_string
+        put_value = _put_value_variant
+        for item in items:
+            pad(buf, 8)
+            put_string(buf, item.path)
+            pad(buf, 4)
+            at = len(buf)
+            buf += b"\0\0\0\0"
+            pad(buf, 8)
+            start = len(buf)
+            buf += b"\x05\0\0\0Value\0"
+            put_value(buf, item.value)
+            pad(buf, 8)
+            buf += b"\x04\0\0\0Text\0\x01s\0"
+            put_string(buf, item.text)
+            _U32_LE.pack_into(buf, at, len(buf) - start)
+        _U32_LE.pack_into(buf, 0, len(buf) - 8)
+        fields = self._fields
+        head = _HEADER_LE.pack(108, 4, 0, 1, len(buf), serial, len(fields))  # 'l', SIGNAL, no flags, version 1
+        return b"".join((head, fields, self._pad_after, buf))
+
+
 class FastMessage(Message):
     """A dbus-next Message that marshals itself with this codec (the library's writer calls _marshall).
     The constructors return this class, so replies and signals built with them take the lean path too."""
@@ -398,7 +474,115 @@ def decode_body(signature: str, buf: bytes | bytearray | memoryview, offset: int
     return body
 
 
-_FIELD_NAMES = {**{code: attribute for attribute, code, _kind in _FIELDS}, 9: "unix_fds"}
+BUSITEM = "com.victronenergy.BusItem"
+_unwrap: Any = None
+
+
+def _plain_value(buf: bytes, offset: int) -> tuple[Any, int]:
+    """A BusItem value variant -> the Python value (as values.unwrap gives it), the common kinds inline."""
+    if buf[offset] == 1:
+        code = buf[offset + 1]
+        if code == 100:  # 'd'
+            offset += 3
+            offset += -offset & 7
+            return _DOUBLE.unpack_from(buf, offset)[0], offset + 8
+        if code == 105:  # 'i'
+            offset += 3
+            offset += -offset & 3
+            return _INT32.unpack_from(buf, offset)[0], offset + 4
+        if code == 115:  # 's'
+            offset += 3
+            offset += -offset & 3
+            length = _U32_LE.unpack_from(buf, offset)[0]
+            return decode(buf[offset + 4:offset + 4 + length]), offset + 5 + length
+    global _unwrap
+    if _unwrap is None:
+        from .values import unwrap  # values imports the library through lib, which imports this module
+
+        _unwrap = unwrap
+    variant, offset = _get(buf, offset, ("v",))
+    return _unwrap(variant), offset
+
+
+def _plain_entry_value(buf: bytes, offset: int) -> tuple[bool, Any, int]:
+    """The "Value" of an `a{sv}` BusItem entry: (found, value, end of the array). Other keys ("Text") are
+    stepped over, not decoded into objects."""
+    offset, end = _array_bounds(buf, offset, 8)
+    while offset < end:
+        offset += -offset & 7
+        length = _U32_LE.unpack_from(buf, offset)[0]
+        is_value = length == 5 and buf[offset + 4:offset + 9] == b"Value"
+        offset += 5 + length
+        if is_value:
+            value, _offset = _plain_value(buf, offset)
+            return True, value, end
+        _variant, offset = _get(buf, offset, ("v",))
+    return False, None, end
+
+
+def _plain_items(buf: bytes, offset: int) -> dict[str, Any]:
+    """`a{sa{sv}}` -> {path: value}; entries without a Value are left out (as client.parse_items does)."""
+    offset, end = _array_bounds(buf, offset, 8)
+    changes: dict[str, Any] = {}
+    while offset < end:
+        offset += -offset & 7
+        length = _U32_LE.unpack_from(buf, offset)[0]
+        path = decode(buf[offset + 4:offset + 4 + length])
+        found, value, offset = _plain_entry_value(buf, offset + 5 + length)
+        if found:
+            changes[path] = value
+    return changes
+
+
+class BusItemSignal(Message):
+    """An ItemsChanged or PropertiesChanged of the BusItem interface as read off the wire. `changes` ({path:
+    value}, None for invalid) is decoded straight from the bytes: that is what monitors want, for every update
+    of every member. The library's form of the body (dicts of Variants) is decoded only if someone reads it."""
+
+    changes: dict[str, Any]
+
+    @property  # type: ignore[override]
+    def body(self) -> list[Any]:
+        body = self.__dict__.get("_body")
+        if body is None:
+            body = self.__dict__["_body"] = decode_body(self.signature, self._data, self._body_at)
+        return body
+
+    @body.setter
+    def body(self, value: list[Any]) -> None:
+        self.__dict__["_body"] = value
+
+
+def _header_fields(data: bytes, header_end: int) -> dict[int, Any]:
+    """The header fields by code; the kinds the specification gives them (o, s, u, g) read inline."""
+    fields: dict[int, Any] = {}
+    offset = 16
+    while offset < header_end:
+        offset += -offset & 7
+        code = data[offset]
+        if data[offset + 1] == 1 and data[offset + 3] == 0:
+            kind = data[offset + 2]
+            offset += 4
+            if kind == 115 or kind == 111:  # 's', 'o'
+                offset += -offset & 3
+                length = _U32_LE.unpack_from(data, offset)[0]
+                fields[code] = decode(data[offset + 4:offset + 4 + length])
+                offset += 5 + length
+                continue
+            if kind == 117:  # 'u'
+                offset += -offset & 3
+                fields[code] = _U32_LE.unpack_from(data, offset)[0]
+                offset += 4
+                continue
+            if kind == 103:  # 'g'
+                length = data[offset]
+                fields[code] = decode(data[offset + 1:offset + 1 + length])
+                offset += 2 + length
+                continue
+            offset -= 4
+        variant, offset = _get(data, offset + 1, ("v",))
+        fields[code] = variant.value
+    return fields
 
 
 def decode_message(data: bytes) -> Message:
@@ -407,38 +591,41 @@ def decode_message(data: bytes) -> Message:
         return _library_decode(data)  # big-endian (no Venus OS machine is) or broken: the library's code
     body_len, serial, fields_len = _HEADER_LE.unpack_from(data, 0)[4:]
     header_end = 16 + fields_len
-    header: dict[str, Any] = {}
-    offset = 16
-    while offset < header_end:
-        offset += -offset & 7
-        code = data[offset]
-        variant, offset = _get(data, offset + 1, ("v",))
-        name = _FIELD_NAMES.get(code)
-        if name is not None:
-            header[name] = variant.value
-    if header.get("unix_fds"):
+    fields = _header_fields(data, header_end)
+    if fields.get(9):  # unix fds
         return _library_decode(data)
-    signature = header.get("signature", "")
+    signature = fields.get(8, "")
+    body_at = header_end + (-header_end & 7)
+    interface = fields.get(2)
+    message: Message
     try:
-        body = decode_body(signature, data, header_end + (-header_end & 7)) if body_len else []
+        if data[1] == 4 and interface == BUSITEM and body_len and signature in ("a{sa{sv}}", "a{sv}"):
+            message = BusItemSignal.__new__(BusItemSignal)
+            message._data, message._body_at = data, body_at
+            if signature == "a{sv}":
+                found, value, _end = _plain_entry_value(data, body_at)
+                message.changes = {fields.get(1): value} if found else {}
+            else:
+                message.changes = _plain_items(data, body_at)
+        else:
+            message = Message.__new__(Message)
+            message.body = decode_body(signature, data, body_at) if body_len else []
     except Unsupported:
         return _library_decode(data)
     # The bus daemon has checked the names already; Message() would validate each again with regexes.
-    message = Message.__new__(Message)
-    message.destination = header.get("destination")
-    message.path = header.get("path")
-    message.interface = header.get("interface")
-    message.member = header.get("member")
+    message.destination = fields.get(6)
+    message.path = fields.get(1)
+    message.interface = interface
+    message.member = fields.get(3)
     message.message_type = _MESSAGE_TYPES.get(data[1]) or MessageType(data[1])
     flags = _FLAGS.get(data[2])  # MessageFlag.NONE is falsy: no `or` here
     message.flags = flags if flags is not None else MessageFlag(data[2])
-    message.error_name = header.get("error_name")
-    message.reply_serial = header.get("reply_serial")
-    message.sender = header.get("sender")
+    message.error_name = fields.get(4)
+    message.reply_serial = fields.get(5)
+    message.sender = fields.get(7)
     message.unix_fds = []
     message.signature = signature
     message.signature_tree = SignatureTree._get(signature)
-    message.body = body
     message.serial = serial
     return message
 

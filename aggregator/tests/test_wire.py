@@ -16,6 +16,8 @@ from dbus_next import Message, MessageType, Variant  # noqa: E402
 from dbus_next._private.unmarshaller import Unmarshaller  # noqa: E402
 
 from aggregator.bus import wire  # noqa: E402
+from aggregator.bus.client import parse_items  # noqa: E402
+from aggregator.bus.values import unwrap  # noqa: E402
 
 int32 = st.integers(-(2**31), 2**31 - 1)
 text = st.text(max_size=12)
@@ -72,6 +74,18 @@ def test_decoding_matches_the_library(body: dict[str, Any], sender: str | None, 
     for attribute in ("path", "interface", "member", "sender", "destination", "serial", "signature", "message_type",
                       "flags", "reply_serial", "error_name"):
         assert getattr(ours, attribute) == getattr(theirs, attribute), attribute
+    # What monitors read: the values straight off the wire, as parse_items makes them of the library's body.
+    assert ours.changes == parse_items(theirs.body[0])
+    assert ours.body == theirs.body
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["Value", "Text", "Min"]), variant, max_size=3), path)
+def test_properties_changed_values_match_the_library(body: dict[str, Any], where: str) -> None:
+    data = library_bytes("a{sv}", [body], path=where, interface="com.victronenergy.BusItem",
+                         member="PropertiesChanged", sender=":1.9")
+    theirs, ours = library_read(data), fast_read(data)
+    assert ours.changes == ({where: unwrap(body["Value"])} if "Value" in body else {})
     assert ours.body == theirs.body
 
 
@@ -99,3 +113,29 @@ def test_big_endian_messages_go_to_the_library_code() -> None:
     data += bytes(-len(data) & 7)
     message = fast_read(data)
     assert (message.path, message.member, message.serial, message.body) == ("/", "GetValue", 9, [])
+
+
+# Python values as services publish them: the direct ItemsChanged encoder must give what the library gives
+# for the variants values.wrap makes of them.
+bus_value = st.recursive(
+    st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-(2**70), 2**70), text, st.booleans()),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
+    max_leaves=6,
+)
+
+
+class _Item:
+    def __init__(self, path: str, value: Any, text: str) -> None:
+        self.path, self.value, self.text = path, value, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(path, st.tuples(bus_value, text), max_size=6), st.integers(1, 2**32 - 1))
+def test_direct_items_changed_matches_the_library(values: dict[str, tuple[Any, str]], serial: int) -> None:
+    from aggregator.bus.values import wrap
+
+    items = [_Item(p, v, t) for p, (v, t) in values.items()]
+    body = {i.path: {"Value": wrap(i.value), "Text": Variant("s", i.text)} for i in items}
+    expected = Message(message_type=MessageType.SIGNAL, path="/", interface="com.victronenergy.BusItem",
+                       member="ItemsChanged", signature="a{sa{sv}}", body=[body], serial=serial)._marshall()
+    assert wire.ItemsChangedEncoder("com.victronenergy.BusItem").encode(serial, items) == expected
