@@ -1,7 +1,7 @@
 """The aggregated battery and the virtual batteries on D-Bus: the thin layer around membership and merge.
 
-Members' signals only record changes and mark paths dirty; one flush per burst (scheduled with call_soon)
-computes the dirty aggregate paths and publishes them with one ItemsChanged per published service.
+Members' signals only record changes and mark paths dirty; one flush per burst (once the messages read in one
+wake-up are handled) computes the dirty aggregate paths and publishes them with one ItemsChanged per published service.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .battery_paths import text_format
-from .bus.lib import connect
+from .bus.lib import connect, soon
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
 from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
@@ -178,7 +178,7 @@ class Aggregator:
         self.settings: LocalSettings | None = None
         self.service: VeService | None = None
         self.registered = False
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_handle: Any = None  # a token: a flush is scheduled
         self._dirty_rows: set[str] = set()
         # While start() discovers the services already on the bus, no flush: a flush between two members'
         # first replies would start the limits from a part of the bank and ramp up from there.
@@ -535,7 +535,7 @@ class Aggregator:
         if self._discovering:
             return  # start() flushes once every member found at start-up is known
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_handle = soon(self._flush)  # after the member signals read in this wake-up
 
     def _flush(self) -> None:
         self._flush_handle = None

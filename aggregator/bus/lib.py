@@ -7,6 +7,7 @@ by the rest of the package, and only through this module.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ else:
 
 __all__ = [
     "LIBRARY", "BusType", "DBusError", "Message", "MessageFlag", "MessageBus", "MessageType", "NameFlag", "RequestNameReply",
-    "Variant", "bus_type_from_env", "connect", "raw_sender",
+    "Variant", "bus_type_from_env", "connect", "raw_sender", "soon",
 ]
 
 
@@ -131,3 +132,11 @@ def raw_sender(bus: Any) -> Callable[[Callable[[int], bytes]], None] | None:
         loop.add_writer(writer.fd, writer.write_callback)
 
     return send
+
+
+def soon(callback: Callable[[], None]) -> Any:
+    """Run `callback` soon: on dbus-next while messages are being read, right after them in the same wake-up;
+    otherwise at the next turn of the loop (call_soon). The result is only a token that it is scheduled."""
+    if LIBRARY == "dbus-next" and wire.after_read(callback):
+        return True
+    return asyncio.get_running_loop().call_soon(callback)

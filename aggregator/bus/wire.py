@@ -10,10 +10,11 @@ compiled codec; this module is used only on dbus-next.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 from codecs import decode
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from dbus_next import Message, Variant
 from dbus_next._private.unmarshaller import Unmarshaller
@@ -27,6 +28,8 @@ _ALIGN = {**{k: a for k, (_f, a) in _FIXED.items()}, "s": 4, "o": 4, "g": 1, "v"
 _LE = {k: struct.Struct("<" + f) for k, (f, _a) in _FIXED.items()}
 _U32_LE = struct.Struct("<I")
 _HEADER_LE = struct.Struct("<BBBBIII")
+
+_LOG = logging.getLogger(__name__)
 
 Node = tuple[Any, ...]  # (code,) | ("a", child) | ("(", children) | ("{", key, value)
 
@@ -652,6 +655,30 @@ def _library_decode(data: bytes) -> Message:
     return unmarshaller.message
 
 
+_reading = False
+_after_read: list[Callable[[], None]] = []
+
+
+def after_read(callback: Callable[[], None]) -> bool:
+    """While a connection's messages are being handled, run `callback` once they all are, in the same wake-up
+    (call_soon would cost another turn of the loop per update). False when no read is going on: the caller
+    schedules it another way."""
+    if not _reading:
+        return False
+    _after_read.append(callback)
+    return True
+
+
+def _run_after_read() -> None:
+    callbacks = _after_read[:]
+    _after_read.clear()
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # one consumer's bug must not keep the others from running
+            _LOG.exception("%s failed after reading messages", getattr(callback, "__qualname__", callback))
+
+
 def install(bus: Any) -> None:
     """Read a connected dbus-next bus with this codec: one recv takes every message that has arrived, instead
     of three reads (header, rest, a failing probe) and a new Unmarshaller per message. Connections that pass
@@ -667,6 +694,8 @@ def install(bus: Any) -> None:
 
     def on_readable() -> None:
         nonlocal pending
+        global _reading
+        _reading = True
         try:
             while True:
                 try:
@@ -690,6 +719,10 @@ def install(bus: Any) -> None:
                 del pending[:start]
         except Exception as error:  # what the library's reader does: the connection is unusable
             bus._finalize(error)
+        finally:
+            _reading = False
+            if _after_read:
+                _run_after_read()
 
     loop.remove_reader(fd)
     loop.add_reader(fd, on_readable)
