@@ -33,6 +33,9 @@ class MergeOptions:
 
 
 Compute = Callable[[Sequence[MemberView], MergeOptions], Any]
+# A column is one member path's numbers by member name, in member order (see Merge._columns).
+Column = dict[str, Any]
+ColumnCompute = Callable[[dict[str, Column], dict[str, MemberView], MergeOptions], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,23 +43,32 @@ class Rule:
     inputs: tuple[str, ...]
     compute: Compute
     description: str
+    # The same result from the columns of the inputs: what the merge uses, so that a member's update costs
+    # reductions over columns rather than walks over every member's values. `compute` stays the definition
+    # (tests hold the two equal).
+    column: ColumnCompute | None = None
+
+
+def _is_number(v: Any) -> bool:
+    """Ints and floats are numbers; a bool, text or list in a numeric path counts as no value."""
+    kind = type(v)
+    return kind is float or kind is int
 
 
 def _numbers(members: Iterable[MemberView], path: str) -> list[float]:
-    out = []
-    for m in members:
-        v = m.values.get(path)
-        if v is not None and not isinstance(v, (bool, str)):
-            out.append(v)
-    return out
+    return [v for m in members if _is_number(v := m.values.get(path))]
 
 
-def _reduce(path: str, reduce: Callable[[list[float]], Any], description: str) -> Rule:
+def _reduce(path: str, reduce: Callable[[Any], Any], description: str) -> Rule:
     """A rule over one path: `reduce` of the members' values, None when no member has one."""
     def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
         values = _numbers(members, path)
         return reduce(values) if values else None
-    return Rule((path,), compute, description)
+
+    def column(columns: dict[str, Column], _m: dict[str, MemberView], _o: MergeOptions) -> Any:
+        values = columns[path]
+        return reduce(values.values()) if values else None
+    return Rule((path,), compute, description, column)
 
 
 def _sum(path: str) -> Rule:
@@ -75,32 +87,39 @@ def _min(path: str) -> Rule:
     return _reduce(path, min, "lowest member value")
 
 
-def _any(path: str) -> Rule:
-    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        values = _numbers(members, path)
-        return int(any(values)) if values else None
-    return Rule((path,), compute, "1 when any member has 1")
+def _any(path: str, description: str = "1 when any member has 1") -> Rule:
+    return _reduce(path, lambda v: int(any(v)), description)
 
 
 def _extreme_cell(value_path: str, id_path: str, pick: Callable[..., Any]) -> tuple[Rule, Rule]:
     """The extreme cell of the bank and its id with the member's label ('Pack B C7')."""
     def winner(members: Sequence[MemberView]) -> MemberView | None:
-        candidates = [m for m in members if isinstance(m.values.get(value_path), (int, float))]
+        candidates = [m for m in members if _is_number(m.values.get(value_path))]
         return pick(candidates, key=lambda m: m.values[value_path]) if candidates else None
 
     def value(members: Sequence[MemberView], _o: MergeOptions) -> Any:
         m = winner(members)
         return None if m is None else m.values[value_path]
 
-    def ident(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        m = winner(members)
-        if m is None:
-            return None
+    def label(m: MemberView) -> Any:
         cell = m.values.get(id_path)
         return f"{m.label} {cell}" if cell not in (None, "") else m.label
 
-    return (Rule((value_path,), value, f"{pick.__name__} over members"),
-            Rule((value_path, id_path), ident, "member label and its cell id"))
+    def ident(members: Sequence[MemberView], _o: MergeOptions) -> Any:
+        m = winner(members)
+        return None if m is None else label(m)
+
+    # Of equal cells the first in member order wins, as in the column's order.
+    def column_value(columns: dict[str, Column], _m: dict[str, MemberView], _o: MergeOptions) -> Any:
+        values = columns[value_path]
+        return pick(values.values()) if values else None
+
+    def column_ident(columns: dict[str, Column], members: dict[str, MemberView], _o: MergeOptions) -> Any:
+        values = columns[value_path]
+        return label(members[pick(values, key=values.__getitem__)]) if values else None
+
+    return (Rule((value_path,), value, f"{pick.__name__} over members", column_value),
+            Rule((value_path, id_path), ident, "member label and its cell id", column_ident))
 
 
 def _weighted_by_capacity(path: str) -> Rule:
@@ -112,19 +131,41 @@ def _weighted_by_capacity(path: str) -> Rule:
         weighted: list[float] = []
         for m in members:
             v = m.values.get(path)
-            if v is None or isinstance(v, (bool, str)):
+            if not _is_number(v):
                 continue
             cap = m.values.get("/InstalledCapacity")
-            if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+            if _is_number(cap) and cap > 0:
                 total += v * cap
                 weight += cap
                 weighted.append(v)
             else:
                 plain.append(v)
-        # rounding must not leave the members' range (100.00000000000001 % is refused upstream)
-        used, mean = (weighted, total / weight) if weight > 0 else (plain, sum(plain) / len(plain) if plain else 0)
-        return min(max(mean, min(used)), max(used)) if used else None
-    return Rule((path, "/InstalledCapacity"), compute, "weighted by installed capacity")
+        return _clamped_mean(total, weight, weighted, plain)
+
+    def column(columns: dict[str, Column], _m: dict[str, MemberView], _o: MergeOptions) -> Any:
+        values = columns[path]
+        if not values:
+            return None
+        capacities = columns["/InstalledCapacity"]
+        total = weight = 0.0
+        weighted: list[float] = []
+        plain: list[float] = []
+        for name, v in values.items():
+            cap = capacities.get(name)
+            if cap is not None and cap > 0:
+                total += v * cap
+                weight += cap
+                weighted.append(v)
+            else:
+                plain.append(v)
+        return _clamped_mean(total, weight, weighted, plain)
+    return Rule((path, "/InstalledCapacity"), compute, "weighted by installed capacity", column)
+
+
+def _clamped_mean(total: float, weight: float, weighted: list[float], plain: list[float]) -> Any:
+    # rounding must not leave the members' range (100.00000000000001 % is refused upstream)
+    used, mean = (weighted, total / weight) if weight > 0 else (plain, sum(plain) / len(plain) if plain else 0)
+    return min(max(mean, min(used)), max(used)) if used else None
 
 
 def _installed_capacity(members: Sequence[MemberView], options: MergeOptions) -> Any:
@@ -134,19 +175,41 @@ def _installed_capacity(members: Sequence[MemberView], options: MergeOptions) ->
     return sum(values) if values else None
 
 
+def _installed_capacity_column(columns: dict[str, Column], _m: dict[str, MemberView], options: MergeOptions) -> Any:
+    if options.capacity is not None:
+        return options.capacity
+    values = columns["/InstalledCapacity"]
+    return sum(values.values()) if values else None
+
+
 def _remaining_ah(members: Sequence[MemberView]) -> float | None:
     """Remaining Ah of the bank: /Capacity, else SoC x installed capacity."""
     total = 0.0
     known = False
     for m in members:
         remaining = m.values.get("/Capacity")
-        if remaining is None:
+        if not _is_number(remaining):
             soc, cap = m.values.get("/Soc"), m.values.get("/InstalledCapacity")
-            if soc is not None and cap is not None:
-                remaining = soc / 100.0 * cap
+            remaining = soc / 100.0 * cap if _is_number(soc) and _is_number(cap) else None
         if remaining is not None:
             total += remaining
             known = True
+    return total if known else None
+
+
+def _remaining_ah_column(columns: dict[str, Column], members: dict[str, MemberView]) -> float | None:
+    remaining, socs, capacities = columns["/Capacity"], columns["/Soc"], columns["/InstalledCapacity"]
+    total = 0.0
+    known = False
+    for name in members:  # in member order, so that the sum is the definition's to the last bit
+        ah = remaining.get(name)
+        if ah is None:
+            soc, cap = socs.get(name), capacities.get(name)
+            if soc is None or cap is None:
+                continue
+            ah = soc / 100.0 * cap
+        total += ah
+        known = True
     return total if known else None
 
 
@@ -161,19 +224,32 @@ def _time_to_go(members: Sequence[MemberView], options: MergeOptions) -> Any:
     remaining = _remaining_ah(members)
     if remaining is None and options.capacity is not None:
         # Members publish only SoC and the config gives the bank's capacity.
-        soc = _weighted_by_capacity("/Soc").compute(members, options)
+        soc = _SOC.compute(members, options)
         remaining = None if soc is None else soc / 100.0 * options.capacity
-    if remaining is None:
+    return _time_to_go_from(remaining, current)
+
+
+def _time_to_go_column(columns: dict[str, Column], members: dict[str, MemberView], options: MergeOptions) -> Any:
+    currents = columns["/Dc/0/Current"]
+    if not currents:
         return None
-    return round(remaining / -current * 3600.0)
+    current = sum(currents.values())
+    if current > -IDLE_CURRENT:
+        return None
+    remaining = _remaining_ah_column(columns, members)
+    if remaining is None and options.capacity is not None:
+        soc = _SOC.column(columns, members, options)  # type: ignore[misc]
+        remaining = None if soc is None else soc / 100.0 * options.capacity
+    return _time_to_go_from(remaining, current)
+
+
+def _time_to_go_from(remaining: float | None, current: float) -> Any:
+    return None if remaining is None else round(remaining / -current * 3600.0)
 
 
 def _allowed(flag: str) -> Rule:
     """1 when any member allows (one BMS opening its FETs does not stop the bank), 0 when none does."""
-    def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        values = _numbers(members, flag)
-        return int(any(values)) if values else None
-    return Rule((flag,), compute, "1 when any member allows")
+    return _any(flag, "1 when any member allows")
 
 
 def _charge_mode(members: Sequence[MemberView], _o: MergeOptions) -> Any:
@@ -192,6 +268,9 @@ def _charge_mode(members: Sequence[MemberView], _o: MergeOptions) -> Any:
     return "Charging"
 
 
+_SOC = _weighted_by_capacity("/Soc")
+
+
 def _build_rules() -> dict[str, Rule]:
     rules: dict[str, Rule] = {}
     for path in ("/Dc/0/Current", "/Dc/0/Power", "/Capacity", "/ConsumedAmphours", "/History/ChargedEnergy",
@@ -199,15 +278,16 @@ def _build_rules() -> dict[str, Rule]:
                  "/System/NrOfModulesOffline", "/System/NrOfModulesBlockingCharge",
                  "/System/NrOfModulesBlockingDischarge"):
         rules[path] = _sum(path)
-    rules["/InstalledCapacity"] = Rule(("/InstalledCapacity",), _installed_capacity, "sum, or `capacity`")
+    rules["/InstalledCapacity"] = Rule(("/InstalledCapacity",), _installed_capacity, "sum, or `capacity`",
+                                       _installed_capacity_column)
     rules["/Dc/0/Voltage"] = _mean("/Dc/0/Voltage")
     rules["/Dc/0/Temperature"] = _max("/Dc/0/Temperature")
     rules["/Info/BatteryLowVoltage"] = _max("/Info/BatteryLowVoltage")
     rules["/System/NrOfCellsPerBattery"] = _max("/System/NrOfCellsPerBattery")
-    rules["/Soc"] = _weighted_by_capacity("/Soc")
+    rules["/Soc"] = _SOC
     rules["/Soh"] = _weighted_by_capacity("/Soh")
     rules["/TimeToGo"] = Rule(("/Dc/0/Current", "/Capacity", "/Soc", "/InstalledCapacity"), _time_to_go,
-                              "remaining Ah / discharge current")
+                              "remaining Ah / discharge current", _time_to_go_column)
     rules["/System/MinCellVoltage"], rules["/System/MinVoltageCellId"] = _extreme_cell(
         "/System/MinCellVoltage", "/System/MinVoltageCellId", min)
     rules["/System/MaxCellVoltage"], rules["/System/MaxVoltageCellId"] = _extreme_cell(
@@ -247,6 +327,9 @@ class Merge:
         for path, rule in rules.items():
             for source in rule.inputs:
                 self.dependents.setdefault(source, []).append(path)
+        # Column rules read one member path across the bank; keep those paths' numbers ready, in member order.
+        self._columns: dict[str, Column] = {path: {} for rule in rules.values() if rule.column is not None
+                                            for path in rule.inputs}
         # Auxiliary: used for a path when no member has a value. Primary: wins over the merge.
         self.auxiliary: list[tuple[str, frozenset[str] | None, dict[str, Any]]] = []
         self.primary: list[tuple[str, frozenset[str] | None, dict[str, Any]]] = []
@@ -262,8 +345,7 @@ class Merge:
 
     def set_member(self, name: str, label: str, values: dict[str, Any]) -> None:
         self.members[name] = MemberView(name, label, dict(values))
-        self._members_list = list(self.members.values())
-        self.dirty.update(self.rules)
+        self._members_changed()
 
     def update_member(self, name: str, changes: dict[str, Any]) -> None:
         member = self.members.get(name)
@@ -272,7 +354,17 @@ class Merge:
         member.values.update(changes)
         dependents = self.dependents
         dirty = self.dirty
-        for path in changes:
+        columns = self._columns
+        for path, value in changes.items():
+            column = columns.get(path)
+            if column is not None:
+                if _is_number(value):
+                    if name in column:
+                        column[name] = value
+                    else:  # a member gained a value: rebuild, to keep member order (sums, ties)
+                        self._rebuild_column(path)
+                else:
+                    column.pop(name, None)
             affected = dependents.get(path)
             if affected:
                 dirty.update(affected)
@@ -281,8 +373,16 @@ class Merge:
 
     def remove_member(self, name: str) -> None:
         if self.members.pop(name, None) is not None:
-            self._members_list = list(self.members.values())
-            self.dirty.update(self.rules)
+            self._members_changed()
+
+    def _members_changed(self) -> None:
+        self._members_list = list(self.members.values())
+        for path in self._columns:
+            self._rebuild_column(path)
+        self.dirty.update(self.rules)
+
+    def _rebuild_column(self, path: str) -> None:
+        self._columns[path] = {m.name: v for m in self._members_list if _is_number(v := m.values.get(path))}
 
     # ---- auxiliary and primary sources ------------------------------------------------------------------
 
@@ -323,17 +423,20 @@ class Merge:
     def compute(self) -> dict[str, Any]:
         """New values of every dirty path; clears the dirty set."""
         dirty, self.dirty = self.dirty, set()
-        members = self._members_list
         out: dict[str, Any] = {}
         for path in dirty:
-            out[path] = self.compute_path(path, members)
+            out[path] = self.compute_path(path)
         return out
 
     def compute_path(self, path: str, members: Sequence[MemberView] | None = None) -> Any:
         """One aggregate path now: the rule, else an auxiliary value; a primary value wins over both."""
         rule = self.rules.get(path)
-        value = rule.compute(self._members_list if members is None else members, self.options) \
-            if rule is not None else None
+        if rule is None:
+            value = None
+        elif members is None and rule.column is not None:
+            value = rule.column(self._columns, self.members, self.options)
+        else:
+            value = rule.compute(self._members_list if members is None else members, self.options)
         if path in LIMIT_PATHS:
             return value
         if value is None and self.auxiliary:

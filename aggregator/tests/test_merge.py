@@ -344,3 +344,39 @@ def test_merge_is_invariant_to_member_order(data):
             assert b[path] == pytest.approx(a[path], rel=1e-9, abs=1e-9), path
         else:
             assert b[path] == a[path], path
+
+
+# The merge computes column rules from per-path columns kept up to date on every update; each rule's
+# `compute` over all members stays the definition. Any sequence of joins, updates and departures must give
+# exactly what the definition gives (same order of summing, same winner among equal cells).
+column_value = st.one_of(st.none(), st.sampled_from([0, 1, 2, True, "x"]), st.floats(-100, 400, allow_nan=False))
+column_paths = sorted({p for rule in RULES.values() if rule.column is not None for p in rule.inputs}
+                      | {"/System/MinVoltageCellId", "/System/MaxVoltageCellId"})
+operation = st.one_of(
+    st.tuples(st.just("set"), st.integers(0, 4), st.dictionaries(st.sampled_from(column_paths), column_value)),
+    st.tuples(st.just("update"), st.integers(0, 4), st.dictionaries(st.sampled_from(column_paths), column_value)),
+    st.tuples(st.just("remove"), st.integers(0, 4), st.just({})),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(operation, max_size=25), st.sampled_from([None, 500.0]))
+# An earlier member gains a value after a later one: equal cells must still name the earlier member.
+@example([("set", 0, {}), ("set", 1, {"/System/MinCellVoltage": 1}), ("update", 0, {"/System/MinCellVoltage": 1})],
+         None)
+def test_column_rules_equal_their_definition(operations, capacity):
+    assert column_paths, "no rule reads a column: the test would check nothing"
+    merge = Merge(MergeOptions(capacity=capacity))
+    for kind, index, values in operations:
+        name = f"com.victronenergy.battery.m{index}"
+        if kind == "set":
+            merge.set_member(name, chr(ord("A") + index), values)
+        elif kind == "update":
+            merge.update_member(name, values)
+        else:
+            merge.remove_member(name)
+        for path, rule in RULES.items():
+            if rule.column is not None:
+                expected = rule.compute(list(merge.members.values()), merge.options)
+                got = merge.compute_path(path)
+                assert got == expected and type(got) is type(expected), (path, got, expected)
