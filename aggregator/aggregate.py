@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -71,6 +72,12 @@ _BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/
                    "MaxDischargeCurrent": "/Info/MaxDischargeCurrent", "ChargeLimit": "/Info/MaxChargeCurrent",
                    "DischargeLimit": "/Info/MaxDischargeCurrent", "OpenCircuitVoltage": "/Dc/0/Voltage"}
 ONLINE, STALE, LOST = "online", "stale", "lost"
+
+
+@functools.lru_cache(maxsize=256)
+def _row_paths(slot: int) -> tuple[tuple[str, str, str | None], ...]:
+    """(path, key, member path or None) of a member row: built once per slot, not per refresh."""
+    return tuple((f"/Batteries/{slot}/{key}", key, source) for key, source in BREAKDOWN.items())
 
 
 def preferred_instance(service_name: str) -> int:
@@ -699,27 +706,25 @@ class Aggregator:
         state = self.members.get(name)
         if state is None:
             return
-        prefix = f"/Batteries/{state.slot}/"
         member = self.merge.members.get(name)
         values = member.values if member is not None else {}
         watched = self.monitor.services.get(name) if self.monitor is not None else None
-        row: dict[str, Any] = {
-            "Service": name,
-            "Name": member.label if member is not None else (member_label(watched) if watched else name),
-            "State": state.state,
-        }
+        label = member.label if member is not None else (member_label(watched) if watched else name)
+        present = state.state != LOST
         limit_row = self._limit_rows.get(name, {})
-        for key, source in BREAKDOWN.items():
-            if source is not None:
-                row[key] = values.get(source) if state.state != LOST else None
-            elif key not in row:
-                row[key] = limit_row.get(key) if state.state != LOST else None
         with service.batch():
-            for key, value in row.items():
-                path = prefix + key
-                if path in service:
-                    service.set_value(path, value)
+            for path, key, source in _row_paths(state.slot):
+                if source is not None:
+                    value = values.get(source) if present else None
+                elif key == "Service":
+                    value = name
+                elif key == "Name":
+                    value = label
+                elif key == "State":
+                    value = state.state
                 else:
+                    value = limit_row.get(key) if present else None
+                if not service.set_value_if_present(path, value):
                     service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")))
 
     def _membership_paths(self, service: VeService, merged: dict[str, Any]) -> None:

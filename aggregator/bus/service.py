@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .lib import Message, MessageBus, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant, raw_sender
 from .wire import ItemsChangedEncoder
@@ -107,6 +106,7 @@ class VeService:
         # Every node path ('/', '/Dc', '/Dc/0') -> the leaf paths below it, in insertion order.
         self._nodes: dict[str, dict[str, None]] = {"/": {}}
         self._batch: dict[str, Item] | None = None
+        self._batch_context = _Batch(self)
         self._batch_depth = 0
         self._registered = False
         self._methods: dict[tuple[str, str], Callable[[Message], Message]] = {}
@@ -219,11 +219,20 @@ class VeService:
     def set_value(self, path: str, value: Any) -> bool:
         """Set one value; emits PropertiesChanged (or joins the open batch). Returns whether it changed."""
         item = self._items[path]
-        if same_value(item.value, value):
+        old = item.value
+        # same_value() inline: most calls on the hot path leave a value as it is
+        if type(old) is type(value) and (old == value or (type(value) is float and old != old and value != value)):
             return False
         item.assign(value)
         if self._registered:
             self._changed(item)
+        return True
+
+    def set_value_if_present(self, path: str, value: Any) -> bool:
+        """set_value() when the path exists; False (and nothing done) when it does not."""
+        if path not in self._items:
+            return False
+        self.set_value(path, value)
         return True
 
     def set_values(self, values: Mapping[str, Any]) -> int:
@@ -234,20 +243,22 @@ class VeService:
                 changed += self.set_value(path, value)
         return changed
 
-    @contextmanager
-    def batch(self) -> Iterator[VeService]:
-        """Group changes: inside, set_value() collects; on exit one ItemsChanged carries them all."""
+    def batch(self) -> _Batch:
+        """Group changes: inside `with service.batch():`, set_value() collects; on exit one ItemsChanged
+        carries them all. Batches nest; the outermost sends."""
+        return self._batch_context
+
+    def _begin_batch(self) -> None:
         if self._batch is None:
             self._batch = {}
         self._batch_depth += 1
-        try:
-            yield self
-        finally:
-            self._batch_depth -= 1
-            if self._batch_depth == 0:
-                pending, self._batch = self._batch, None
-                if pending and self._registered:
-                    self._emit_items_changed(pending.values())
+
+    def _end_batch(self) -> None:
+        self._batch_depth -= 1
+        if self._batch_depth == 0:
+            pending, self._batch = self._batch, None
+            if pending and self._registered:
+                self._emit_items_changed(pending.values())
 
     def _changed(self, item: Item) -> None:
         if self._batch is not None:
@@ -418,6 +429,23 @@ class VeService:
             children = dict.fromkeys(p[len(prefix):].split("/", 1)[0] for p in self._nodes[path])
             xml += "".join(f' <node name="{c}"/>\n' for c in children)
         return Message.new_method_return(msg, "s", [xml + "</node>\n"])
+
+
+class _Batch:
+    """The context of VeService.batch(): one object per service, reused (a generator-based context manager
+    costs several calls and an allocation per use, and every flush opens one)."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: VeService) -> None:
+        self._service = service
+
+    def __enter__(self) -> VeService:
+        self._service._begin_batch()
+        return self._service
+
+    def __exit__(self, *_exc: object) -> None:
+        self._service._end_batch()
 
 
 def _nodes_above(path: str) -> list[str]:

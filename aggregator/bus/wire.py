@@ -272,37 +272,71 @@ def _signal_fields(path: str, interface: str, member: str, signature: str) -> by
     return bytes(fields)
 
 
+_ZEROS = tuple(bytes(n) for n in range(8))
+# One item's entries after its 8-aligned start, where the layout is fixed by the value's kind:
+# "Value" (u32 5, 'Value', NUL), the variant's signature, padding to the value, the value, padding to 8, then
+# "Text" (u32 4, 'Text', NUL) and its signature 's'; the text's length and bytes follow (4-aligned there).
+_VALUE_KEY = b"\x05\0\0\0Value\0"
+_TEXT_KEY = b"\x04\0\0\0Text\0\x01s\0"
+_DOUBLE_ITEM = _VALUE_KEY + b"\x01d\0" + bytes(3)  # 16: the double, then the Text entry at 24
+_INT_ITEM = _VALUE_KEY + b"\x01i\0" + bytes(3)  # 16: the int32, 4 bytes of padding, the Text entry at 24
+_INVALID_ITEM = _VALUE_KEY + b"\x02ai\0" + bytes(2) + bytes(4) + bytes(4)  # `ai` [] and padding: Text at 24
+
+
 class ItemsChangedEncoder:
     """Encodes a service's ItemsChanged signal straight from its items (anything with .path, .value and
     .text): no Message, no Variant per value. Only the serial and the body differ between two signals, so the
-    header fields are built once."""
+    header fields are built once; each path's string is encoded once; floats, int32s and invalid values
+    have a fixed layout and are written in one piece."""
 
-    __slots__ = ("_fields", "_pad_after")
+    __slots__ = ("_fields", "_pad_after", "_paths")
 
     def __init__(self, interface: str) -> None:
         self._fields = _signal_fields("/", interface, "ItemsChanged", "a{sa{sv}}")
         self._pad_after = bytes(-(16 + len(self._fields)) & 7)
+        self._paths: dict[str, bytes] = {}
+
+    def _path(self, path: str) -> bytes:
+        raw = path.encode()
+        encoded = self._paths[path] = _U32_LE.pack(len(raw)) + raw + b"\0"
+        return encoded
 
     def encode(self, serial: int, items: Any) -> bytes:
         buf = bytearray(8)  # the array's length, then padding to its first (8-aligned) entry
-        pad = _pad
-        put_string = _put_string
-        put_value = _put_value_variant
+        zeros = _ZEROS
+        paths = self._paths
+        u32 = _U32_LE.pack
+        pack_into = _U32_LE.pack_into
         for item in items:
-            pad(buf, 8)
-            put_string(buf, item.path)
-            pad(buf, 4)
+            buf += zeros[-len(buf) & 7]
+            buf += paths.get(item.path) or self._path(item.path)
+            buf += zeros[-len(buf) & 3]
             at = len(buf)
-            buf += b"\0\0\0\0"
-            pad(buf, 8)
+            buf += b"\0\0\0\0"  # the entries' length, set below
+            buf += zeros[-len(buf) & 7]
             start = len(buf)
-            buf += b"\x05\0\0\0Value\0"
-            put_value(buf, item.value)
-            pad(buf, 8)
-            buf += b"\x04\0\0\0Text\0\x01s\0"
-            put_string(buf, item.text)
-            _U32_LE.pack_into(buf, at, len(buf) - start)
-        _U32_LE.pack_into(buf, 0, len(buf) - 8)
+            value = item.value
+            kind = type(value)
+            if kind is float:
+                buf += _DOUBLE_ITEM
+                buf += _DOUBLE.pack(value)
+            elif kind is int and _INT32_MIN <= value <= _INT32_MAX:
+                buf += _INT_ITEM
+                buf += _INT32.pack(value)
+                buf += b"\0\0\0\0"
+            elif value is None:
+                buf += _INVALID_ITEM
+            else:
+                buf += _VALUE_KEY
+                _put_value_variant(buf, value)
+                buf += zeros[-len(buf) & 7]
+            buf += _TEXT_KEY
+            raw = item.text.encode()
+            buf += u32(len(raw))
+            buf += raw
+            buf += b"\0"
+            pack_into(buf, at, len(buf) - start)
+        pack_into(buf, 0, len(buf) - 8)
         fields = self._fields
         head = _HEADER_LE.pack(108, 4, 0, 1, len(buf), serial, len(fields))  # 'l', SIGNAL, no flags, version 1
         return b"".join((head, fields, self._pad_after, buf))
