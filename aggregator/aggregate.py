@@ -74,6 +74,9 @@ _BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/
 ONLINE, STALE, LOST = "online", "stale", "lost"
 
 
+_ROW_IDENTITY = frozenset({"Service", "Name", "State"})  # the row keys that are not the controller's
+
+
 @functools.lru_cache(maxsize=256)
 def _row_paths(slot: int) -> tuple[tuple[str, str, str | None], ...]:
     """(path, key, member path or None) of a member row: built once per slot, not per refresh."""
@@ -206,6 +209,7 @@ class Aggregator:
         self.watcher: PathWatcher | None = None
         self._limits_dirty = True
         self._limit_rows: dict[str, dict[str, Any]] = {}
+        self._limit_rows_changed: set[str] = set()
         self._reported: set[str] = set()  # members whose current arrived since the last complete sample
         self._limits_at = -1e9  # when the limits were last computed
         self._limits_due = False  # measurements changed since: the next tick recomputes
@@ -578,7 +582,10 @@ class Aggregator:
                 service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))
             for name in self._dirty_rows:
                 self._breakdown_row(service, name)
+            for name in self._limit_rows_changed - self._dirty_rows:
+                self._limit_keys(service, name)
             self._dirty_rows.clear()
+            self._limit_rows_changed.clear()
             for path, value in values.items():
                 if path not in service:
                     service.add_path(path, value, text=text_format(path))
@@ -648,7 +655,7 @@ class Aggregator:
         for name, row in out.members.items():
             if self._limit_rows.get(name) != row:
                 self._limit_rows[name] = row
-                self._dirty_rows.add(name)
+                self._limit_rows_changed.add(name)  # only these keys: the rest of the row is unchanged
 
     def _on_dvcc_change(self, service: str, path: str, value: Any) -> None:
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -726,6 +733,16 @@ class Aggregator:
                     value = limit_row.get(key) if present else None
                 if not service.set_value_if_present(path, value):
                     service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")))
+
+    def _limit_keys(self, service: VeService, name: str) -> None:
+        """The controller's keys of a member row, after a limit computation changed them."""
+        state = self.members.get(name)
+        if state is None or state.state == LOST:
+            return
+        limit_row = self._limit_rows.get(name, {})
+        for path, key, source in _row_paths(state.slot):
+            if source is None and key not in _ROW_IDENTITY:
+                service.set_value_if_present(path, limit_row.get(key))
 
     def _membership_paths(self, service: VeService, merged: dict[str, Any]) -> None:
         present = [n for n, s in self.members.items() if s.state != LOST]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import struct
-from codecs import decode
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -402,10 +401,10 @@ def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node) -> tuple[
         offset += -offset & 3
         length = _U32_LE.unpack_from(buf, offset)[0]
         start = offset + 4
-        return decode(buf[start:start + length]), start + length + 1
+        return str(buf[start:start + length], "utf-8"), start + length + 1
     if code == "v":
         length = buf[offset]
-        signature = decode(buf[offset + 1:offset + 1 + length])
+        signature = str(buf[offset + 1:offset + 1 + length], "utf-8")
         value, offset = _get(buf, offset + 2 + length, _single(signature))
         return _variant(signature, value), offset
     if code == "a":
@@ -435,7 +434,7 @@ def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node) -> tuple[
         return fields, offset
     if code == "g":
         length = buf[offset]
-        return decode(buf[offset + 1:offset + 1 + length]), offset + 2 + length
+        return str(buf[offset + 1:offset + 1 + length], "utf-8"), offset + 2 + length
     raise Unsupported(f"cannot decode {code!r}")
 
 
@@ -452,7 +451,7 @@ def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> t
     while offset < end:
         offset += -offset & 7
         length = _U32_LE.unpack_from(buf, offset)[0]
-        key = decode(buf[offset + 4:offset + 4 + length])
+        key = str(buf[offset + 4:offset + 4 + length], "utf-8")
         offset += 5 + length
         if buf[offset] == 1:
             code = buf[offset + 1]
@@ -469,7 +468,7 @@ def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> t
                 length = _U32_LE.unpack_from(buf, offset)[0]
                 variant = new(Variant)
                 variant.type, variant.signature = _S_TREE, "s"
-                variant.value = decode(buf[offset + 4:offset + 4 + length])
+                variant.value = str(buf[offset + 4:offset + 4 + length], "utf-8")
                 offset += 5 + length
                 result[key] = variant
                 continue
@@ -492,7 +491,7 @@ def _get_items(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[s
     while offset < end:
         offset += -offset & 7
         length = _U32_LE.unpack_from(buf, offset)[0]
-        path = decode(buf[offset + 4:offset + 4 + length])
+        path = str(buf[offset + 4:offset + 4 + length], "utf-8")
         result[path], offset = _get_dict_of_variants(buf, offset + 5 + length)
     return result, end
 
@@ -531,7 +530,7 @@ def _plain_value(buf: bytes, offset: int) -> tuple[Any, int]:
             offset += 3
             offset += -offset & 3
             length = _U32_LE.unpack_from(buf, offset)[0]
-            return decode(buf[offset + 4:offset + 4 + length]), offset + 5 + length
+            return str(buf[offset + 4:offset + 4 + length], "utf-8"), offset + 5 + length
     global _unwrap
     if _unwrap is None:
         from .values import unwrap  # values imports the library through lib, which imports this module
@@ -564,7 +563,7 @@ def _plain_items(buf: bytes, offset: int) -> dict[str, Any]:
     while offset < end:
         offset += -offset & 7
         length = _U32_LE.unpack_from(buf, offset)[0]
-        path = decode(buf[offset + 4:offset + 4 + length])
+        path = str(buf[offset + 4:offset + 4 + length], "utf-8")
         found, value, offset = _plain_entry_value(buf, offset + 5 + length)
         if found:
             changes[path] = value
@@ -603,7 +602,7 @@ def _header_fields(data: bytes, header_end: int) -> dict[int, Any]:
             if kind == 115 or kind == 111:  # 's', 'o'
                 offset += -offset & 3
                 length = _U32_LE.unpack_from(data, offset)[0]
-                fields[code] = decode(data[offset + 4:offset + 4 + length])
+                fields[code] = str(data[offset + 4:offset + 4 + length], "utf-8")
                 offset += 5 + length
                 continue
             if kind == 117:  # 'u'
@@ -613,7 +612,7 @@ def _header_fields(data: bytes, header_end: int) -> dict[int, Any]:
                 continue
             if kind == 103:  # 'g'
                 length = data[offset]
-                fields[code] = decode(data[offset + 1:offset + 1 + length])
+                fields[code] = str(data[offset + 1:offset + 1 + length], "utf-8")
                 offset += 2 + length
                 continue
             offset -= 4
