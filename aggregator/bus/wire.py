@@ -560,13 +560,32 @@ def _plain_items(buf: bytes, offset: int) -> dict[str, Any]:
     """`a{sa{sv}}` -> {path: value}; entries without a Value are left out (as client.parse_items does)."""
     offset, end = _array_bounds(buf, offset, 8)
     changes: dict[str, Any] = {}
+    u32 = _U32_LE.unpack_from
     while offset < end:
         offset += -offset & 7
-        length = _U32_LE.unpack_from(buf, offset)[0]
+        length = u32(buf, offset)[0]
         path = str(buf[offset + 4:offset + 4 + length], "utf-8")
-        found, value, offset = _plain_entry_value(buf, offset + 5 + length)
-        if found:
-            changes[path] = value
+        offset += 5 + length
+        # The usual entry, read in place: "Value" first, a double, int32 or string (its layout after the
+        # 8-aligned first key is fixed); anything else through the general reader.
+        offset += -offset & 3
+        first = offset + 4
+        first += -first & 7
+        following = first + u32(buf, offset)[0]
+        inside = following - first >= 20  # room for the shortest such entry: never read past this item
+        code = buf[first + 11] if inside and buf[first:first + 11] == b"\x05\0\0\0Value\0\x01" else 0
+        if code == 100:  # 'd'
+            changes[path] = _DOUBLE.unpack_from(buf, first + 16)[0]
+        elif code == 105:  # 'i'
+            changes[path] = _INT32.unpack_from(buf, first + 16)[0]
+        elif code == 115:  # 's'
+            length = u32(buf, first + 16)[0]
+            changes[path] = str(buf[first + 20:first + 20 + length], "utf-8")
+        else:
+            found, value, _end = _plain_entry_value(buf, offset)
+            if found:
+                changes[path] = value
+        offset = following
     return changes
 
 
@@ -712,6 +731,17 @@ def _run_after_read() -> None:
             _LOG.exception("%s failed after reading messages", getattr(callback, "__qualname__", callback))
 
 
+def _dispatch_signal(bus: Any, message: Message) -> None:
+    """What dbus-next does with a signal, minus its generic steps that never apply to a BusItem one: each
+    handler in turn until one returns true; a failing handler is logged and the next one still runs."""
+    for handler in bus._user_message_handlers:
+        try:
+            if handler(message):
+                break
+        except Exception:
+            _LOG.exception("a message handler failed on %s from %s", message.member, message.sender)
+
+
 def install(bus: Any) -> None:
     """Read a connected dbus-next bus with this codec: one recv takes every message that has arrived, instead
     of three reads (header, rest, a failing probe) and a new Unmarshaller per message. Connections that pass
@@ -747,7 +777,10 @@ def install(bus: Any) -> None:
                     break
                 message = decode_message(bytes(pending[start:start + length]))
                 start += length
-                bus._on_message(message)
+                if type(message) is BusItemSignal:
+                    _dispatch_signal(bus, message)
+                else:
+                    bus._on_message(message)
             if start:
                 del pending[:start]
         except Exception as error:  # what the library's reader does: the connection is unusable

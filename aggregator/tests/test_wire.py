@@ -5,7 +5,7 @@ import io
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.lib import LIBRARY
@@ -67,6 +67,8 @@ def test_items_changed_bytes_match_the_library(body: dict[str, Any]) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(items, st.sampled_from([None, ":1.42"]), st.sampled_from([None, "com.victronenergy.battery.x"]))
+# An item without entries followed by a key that looks like the start of a "Value" entry.
+@example({"/A": {}, "Value": {"Value": Variant("d", 1.0)}}, None, None)
 def test_decoding_matches_the_library(body: dict[str, Any], sender: str | None, destination: str | None) -> None:
     data = library_bytes("a{sa{sv}}", [body], path="/", interface="com.victronenergy.BusItem", member="ItemsChanged",
                          sender=sender, destination=destination)
