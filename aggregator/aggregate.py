@@ -221,7 +221,7 @@ class Aggregator:
     # ---- life cycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        bus = await connect(self.bus_address)
+        bus = await connect(self.bus_address, coalesce=True)  # the members' signals arrive here
         self.settings = LocalSettings(bus)
         await self.settings.start()
         self._load_state()

@@ -68,8 +68,10 @@ class _FullBufferTolerantSocket:
         return getattr(self._sock, name)
 
 
-async def connect(bus_address: str | None = None) -> MessageBus:
-    """Open one connection. Each published service needs its own (monitors map a sender to one service)."""
+async def connect(bus_address: str | None = None, coalesce: bool = False) -> MessageBus:
+    """Open one connection. Each published service needs its own (monitors map a sender to one service).
+    `coalesce`: at high message rates, read in batches rather than message by message (wire.install; the
+    connection that watches the members)."""
     if bus_address:
         bus = await MessageBus(bus_address=bus_address).connect()
     else:
@@ -81,7 +83,7 @@ async def connect(bus_address: str | None = None) -> MessageBus:
         except (AttributeError, TypeError):  # a compiled writer that does not take it: nothing to guard
             pass
     if LIBRARY == "dbus-next":
-        wire.install(bus)  # the lean codec reads every message after the handshake
+        wire.install(bus, coalesce)  # the lean codec reads every message after the handshake
         _write_at_once(bus)
     return bus
 

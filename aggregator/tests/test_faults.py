@@ -178,6 +178,51 @@ async def test_a_member_flooding_500_changes_per_second(processes: Processes, tm
     bank.close()
 
 
+async def test_high_update_rates_are_read_in_batches_and_low_rates_at_once(processes: Processes,
+                                                                           tmp_path: Path) -> None:
+    """Above wire.COALESCE_ABOVE_HZ member messages per second the daemon reads every POLL_INTERVAL and
+    publishes once per batch; below it, every update is published within milliseconds again."""
+    from aggregator.bus import wire
+    from aggregator.bus.monitor import ServiceMonitor
+
+    bank = Bank()
+    fast = await bank.add("fast", Dc__0__Current=0.0)
+    agg, proc = start_aggregator(processes, tmp_path, bank)
+    await bank.value_is(agg, "/Dc/0/Current", 0.0)
+    published: list[tuple[float, Any]] = []  # (when, current) of the aggregate's changes, as a client sees them
+    watcher = ServiceMonitor(await connect(), [agg], on_changed=lambda _s, changes: published.append(
+        (time.monotonic(), changes["/Dc/0/Current"])) if "/Dc/0/Current" in changes else None)
+    await watcher.start()
+
+    sent = 0
+    flood_for = 3.0
+    started = time.monotonic()
+    while time.monotonic() - started < flood_for:  # 200 updates a second, each a new current
+        sent += 1
+        fast.set_values({"/Dc/0/Current": float(sent)})
+        await asyncio.sleep(0.005)
+    await bank.value_is(agg, "/Dc/0/Current", float(sent))  # the last value arrives: batches lose nothing
+    during = [t for t, _v in published if started + 1.0 <= t < started + flood_for]
+    # Unbatched, the aggregate would change about 400 times in these 2 s; batched, about 2 / POLL_INTERVAL.
+    assert len(during) <= 2.0 / wire.POLL_INTERVAL * 2, f"{len(during)} publications for ~{sent * 2 // 3} updates"
+
+    await asyncio.sleep(1.0)  # quiet: the next poll finds too few messages and reading at once resumes
+    delays = []
+    for i in range(5):
+        value = 1000.0 + i
+        before = len(published)
+        at = time.monotonic()
+        fast.set_values({"/Dc/0/Current": value})
+        await eventually(lambda: any(v == value for _t, v in published[before:]), timeout=5.0, interval=0.001)
+        delays.append(next(t for t, v in published[before:] if v == value) - at)
+        await asyncio.sleep(0.3)
+    # At once: a few ms each (one hiccup allowed); still polling, most would wait up to POLL_INTERVAL.
+    assert sorted(delays)[3] < wire.POLL_INTERVAL / 5, f"updates at a low rate waited {delays} s"
+    assert proc.poll() is None
+    await watcher.stop()
+    bank.close()
+
+
 async def test_a_hung_member_does_not_stop_the_aggregate(processes: Processes, tmp_path: Path) -> None:
     bank = Bank()
     hung = await bank.add("hung", Dc__0__Current=50.0)
