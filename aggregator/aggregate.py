@@ -72,6 +72,7 @@ _BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/
                    "MaxDischargeCurrent": "/Info/MaxDischargeCurrent", "ChargeLimit": "/Info/MaxChargeCurrent",
                    "DischargeLimit": "/Info/MaxDischargeCurrent", "OpenCircuitVoltage": "/Dc/0/Voltage"}
 ONLINE, STALE, LOST = "online", "stale", "lost"
+DUPLICATE = "duplicate"  # a row's State: the battery is counted through another member (see _sync_duplicates)
 
 
 _ROW_IDENTITY = frozenset({"Service", "Name", "State"})  # the row keys that are not the controller's
@@ -210,6 +211,7 @@ class Aggregator:
         self._limits_dirty = True
         self._limit_rows: dict[str, dict[str, Any]] = {}
         self._limit_rows_changed: set[str] = set()
+        self._duplicates: frozenset[str] = frozenset()  # members publishing a battery another member stands for
         self._reported: set[str] = set()  # members whose current arrived since the last complete sample
         self._limits_at = -1e9  # when the limits were last computed
         self._limits_due = False  # measurements changed since: the next tick recomputes
@@ -393,6 +395,7 @@ class Aggregator:
         state.state = LOST
         self.merge.remove_member(name)
         self.energy.remove_member(name)
+        self._sync_duplicates()
         self.roles.roles.pop(name, None)
         self._dirty_rows.add(name)
         self._membership_changed = True
@@ -417,6 +420,7 @@ class Aggregator:
                 self.energy.sample(name, self.merge.members[name].values, clean)
             if "/Serial" in clean:
                 self.energy.set_member(name, self.merge.members[name].values)
+                self._sync_duplicates()
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
@@ -475,6 +479,7 @@ class Aggregator:
         if role == MEMBER:
             self.merge.remove_member(name)
             self.energy.remove_member(name)
+            self._sync_duplicates()
             state = self.members.pop(name, None)
             if state is not None and state.drop is not None:
                 state.drop.cancel()
@@ -501,6 +506,7 @@ class Aggregator:
             state.state, state.last_update, state.drop = ONLINE, self.clock(), None
             self._dirty_rows.add(name)
             self.energy.set_member(name, self.merge.members[name].values)
+            self._sync_duplicates()
             _LOG.info("member %s (%s) joined", name, member_label(watched))
         elif role in (PRIMARY, AUXILIARY):
             self.merge.set_source(role, name, self._source_paths(role, name, infos), clean)
@@ -609,6 +615,7 @@ class Aggregator:
                 self.merge.set_member(vb.name, vb.name.rsplit(".", 1)[-1],
                                       {p: vb.service[p] for p in vb.service.paths()})
                 self.energy.set_member(vb.name, self.merge.members[vb.name].values)
+                self._sync_duplicates()
                 self._membership_changed = True
             else:
                 clean = check_values(values)[0]
@@ -620,8 +627,30 @@ class Aggregator:
                     self.energy.sample(vb.name, self.merge.members[vb.name].values, clean)
                 if "/Serial" in clean:
                     self.energy.set_member(vb.name, self.merge.members[vb.name].values)
+                    self._sync_duplicates()
                 self._note_limit_inputs(clean)
             self._dirty_rows.add(vb.name)
+
+    def _sync_duplicates(self) -> None:
+        """A service publishing a battery that another member already stands for (same serial or configured
+        id: one pack seen through two drivers) is not counted again: not in the DC values, not in the limits
+        (counted twice, its share would look halved and the bank's CCL doubled), not in the number of
+        batteries. The energy tracker decides which service stands for the battery (the first seen)."""
+        shadowed = self.energy.shadowed
+        if shadowed == self._duplicates:
+            return
+        for name in shadowed ^ self._duplicates:
+            counted = name not in shadowed
+            self.merge.set_counted(name, counted)
+            self._dirty_rows.add(name)
+            if counted:
+                _LOG.info("member %s is counted again: no other service publishes its battery", name)
+            else:
+                _LOG.warning("member %s publishes a battery another member already stands for: not counted twice",
+                             name)
+        self._duplicates = shadowed
+        self._membership_changed = True
+        self._schedule_flush()
 
     def _note_limit_inputs(self, clean: dict[str, Any]) -> None:
         """A change of a limit, a flag or a mode recomputes the limits in this flush; a change of current or
@@ -641,8 +670,9 @@ class Aggregator:
         self._limits_at = now
         self._limits_due = False
         reported = self._reported
+        duplicates = self._duplicates
         inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE, name in reported)
-                  for name, m in self.merge.members.items() if name in self.members]
+                  for name, m in self.merge.members.items() if name in self.members and name not in duplicates]
         samples = self.control.samples
         self.control.observe(inputs, now)
         if self.control.samples != samples or all(i.updated for i in inputs):
@@ -728,11 +758,15 @@ class Aggregator:
                 elif key == "Name":
                     value = label
                 elif key == "State":
-                    value = state.state
+                    value = DUPLICATE if name in self._duplicates and state.state != LOST else state.state
                 else:
                     value = limit_row.get(key) if present else None
                 if not service.set_value_if_present(path, value):
                     service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")))
+
+    def _stands_for(self, name: str) -> str:
+        """The member that stands for the battery a duplicate publishes."""
+        return next((d.chosen for d in self.energy.duplicates.values() if name in d.services), "?")
 
     def _limit_keys(self, service: VeService, name: str) -> None:
         """The controller's keys of a member row, after a limit computation changed them."""
@@ -745,8 +779,9 @@ class Aggregator:
                 service.set_value_if_present(path, limit_row.get(key))
 
     def _membership_paths(self, service: VeService, merged: dict[str, Any]) -> None:
-        present = [n for n, s in self.members.items() if s.state != LOST]
-        online = [n for n, s in self.members.items() if s.state == ONLINE]
+        duplicates = self._duplicates
+        present = [n for n, s in self.members.items() if s.state != LOST and n not in duplicates]
+        online = [n for n, s in self.members.items() if s.state == ONLINE and n not in duplicates]
         expected = self.config.expectedBatteries
         missing = max(0, expected - len(online)) if expected else 0
         offline = self.merge.compute_path("/System/NrOfModulesOffline")
@@ -772,6 +807,9 @@ class Aggregator:
         lost = sorted(n for n, s in self.members.items() if s.state == LOST)
         if lost:
             reasons.append("lost: " + ", ".join(lost))
+        if duplicates:
+            reasons.append("not counted twice: " + ", ".join(
+                f"{n} (same battery as {self._stands_for(n)})" for n in sorted(duplicates)))
         if self.roles.unresolved:
             reasons.append("unresolved: " + ", ".join(self.roles.unresolved))
         if not present:

@@ -159,6 +159,11 @@ class EnergyTracker:
         if self.members.pop(name, None) is not None:
             self._find_duplicates()
 
+    @property
+    def shadowed(self) -> frozenset[str]:
+        """Services that publish a battery another (earlier) service already stands for: same identity."""
+        return frozenset(self._shadowed)
+
     def reconfigure(self, options: EnergyOptions, values_of: Callable[[str], Mapping[str, Any]]) -> None:
         self.options = options
         for name in list(self.members):

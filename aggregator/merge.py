@@ -322,7 +322,8 @@ class Merge:
         self.options = options
         self.rules = rules
         self.members: dict[str, MemberView] = {}
-        self._members_list: list[MemberView] = []
+        self._members_list: list[MemberView] = []  # the counted members, in order
+        self._uncounted: set[str] = set()  # members whose values are kept but not merged (duplicates)
         self.dependents: dict[str, list[str]] = {}
         for path, rule in rules.items():
             for source in rule.inputs:
@@ -352,6 +353,8 @@ class Merge:
         if member is None:
             return
         member.values.update(changes)
+        if name in self._uncounted:
+            return
         dependents = self.dependents
         dirty = self.dirty
         columns = self._columns
@@ -373,10 +376,22 @@ class Merge:
 
     def remove_member(self, name: str) -> None:
         if self.members.pop(name, None) is not None:
+            self._uncounted.discard(name)
             self._members_changed()
 
+    def set_counted(self, name: str, counted: bool) -> None:
+        """Count a member in the merge or not (its values are kept either way): a second service publishing a
+        battery that is already a member must not add its current, power and capacity again."""
+        if name not in self.members or (name not in self._uncounted) == counted:
+            return
+        if counted:
+            self._uncounted.discard(name)
+        else:
+            self._uncounted.add(name)
+        self._members_changed()
+
     def _members_changed(self) -> None:
-        self._members_list = list(self.members.values())
+        self._members_list = [m for m in self.members.values() if m.name not in self._uncounted]
         for path in self._columns:
             self._rebuild_column(path)
         self.dirty.update(self.rules)

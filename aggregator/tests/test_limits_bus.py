@@ -92,6 +92,44 @@ async def sample(bank: Bank, agg: str, path: str, until: Any, timeout: float, in
 
 # ---- 1. share-aware CCL --------------------------------------------------------------------------------------
 
+async def test_one_pack_under_two_services_is_not_counted_twice(processes: Processes, tmp_path: Path) -> None:
+    """One BMS seen through two drivers (same serial): counted twice, its current would add up twice and, at a
+    smaller share, its charge limit would let the bank take more than the pack may. It is counted once,
+    through the service the aggregate saw first; when that one leaves, the other stands for the pack."""
+    bank = Bank()
+    pack = {"Info__MaxChargeCurrent": 50.0, "Io__AllowToCharge": 1, "InstalledCapacity": 100.0}
+    await bank.add("can", Serial="SN-DUP", Dc__0__Current=20.0, **pack)
+    await bank.add("ser", Serial="SN-DUP", Dc__0__Current=20.0, **pack)
+    await bank.add("other", Dc__0__Current=10.0, **pack)
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", limits=FAST)
+    await bank.value_is(agg, "/System/NrOfBatteries", 2)
+    await bank.value_is(agg, "/Dc/0/Current", 30.0)  # not 50
+    assert await bank.read(agg, "/InstalledCapacity") == 200.0
+    # Two packs at a half share each: 30 A now + (50 - 20) A / 0.5 = 90 A. Counted twice, three members at a
+    # third each: 50 + (50 - 20) / (1/3) = 140 A.
+    await bank.value_is(agg, CCL, 90.0)
+    status = await bank.read(agg, "/Aggregator/Status")
+    names = {bank.name(s): s for s in ("can", "ser")}
+    chosen, duplicate = (("can", "ser") if f"{bank.name('ser')} (same battery as {bank.name('can')})" in status
+                         else ("ser", "can"))
+    assert f"{bank.name(duplicate)} (same battery as {bank.name(chosen)})" in status, status
+    states = {}
+    for n in range(3):
+        states[names.get(await bank.read(agg, f"/Batteries/{n}/Service"))] = \
+            await bank.read(agg, f"/Batteries/{n}/State")
+    assert states[duplicate] == "duplicate" and states[chosen] == "online", states
+    log = processes.output(proc)
+    assert any(bank.name(duplicate) in line and "not counted twice" in line for line in log.splitlines()), log
+
+    bank.members.pop(chosen).close()  # that driver stops: the other stands for the pack now
+    bank.members[duplicate].set_value("/Dc/0/Current", 15.0)
+    await bank.value_is(agg, "/Dc/0/Current", 25.0)
+    assert await bank.read(agg, "/System/NrOfBatteries") == 2
+    await bank.value_is(agg, CCL, 95.0)  # 25 A + (50 - 15) A / 0.5
+    assert "not counted twice" not in await bank.read(agg, "/Aggregator/Status")
+    bank.close()
+
+
 async def test_ccl_is_share_aware_by_capacity_and_by_count(processes: Processes, tmp_path: Path) -> None:
     bank = Bank()
     await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, InstalledCapacity=200.0)

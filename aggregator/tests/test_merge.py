@@ -356,6 +356,7 @@ operation = st.one_of(
     st.tuples(st.just("set"), st.integers(0, 4), st.dictionaries(st.sampled_from(column_paths), column_value)),
     st.tuples(st.just("update"), st.integers(0, 4), st.dictionaries(st.sampled_from(column_paths), column_value)),
     st.tuples(st.just("remove"), st.integers(0, 4), st.just({})),
+    st.tuples(st.just("count"), st.integers(0, 4), st.booleans()),
 )
 
 
@@ -367,16 +368,37 @@ operation = st.one_of(
 def test_column_rules_equal_their_definition(operations, capacity):
     assert column_paths, "no rule reads a column: the test would check nothing"
     merge = Merge(MergeOptions(capacity=capacity))
+    uncounted: set[str] = set()  # duplicates: kept, not merged
     for kind, index, values in operations:
         name = f"com.victronenergy.battery.m{index}"
         if kind == "set":
             merge.set_member(name, chr(ord("A") + index), values)
         elif kind == "update":
             merge.update_member(name, values)
+        elif kind == "count":
+            merge.set_counted(name, values)
+            if name in merge.members:  # only members can be left uncounted
+                uncounted = uncounted - {name} | (set() if values else {name})
         else:
             merge.remove_member(name)
+        uncounted &= set(merge.members)
+        counted = [m for m in merge.members.values() if m.name not in uncounted]
         for path, rule in RULES.items():
             if rule.column is not None:
-                expected = rule.compute(list(merge.members.values()), merge.options)
+                expected = rule.compute(counted, merge.options)
                 got = merge.compute_path(path)
                 assert got == expected and type(got) is type(expected), (path, got, expected)
+
+
+def test_an_uncounted_member_keeps_its_values_but_adds_nothing():
+    merge = Merge()
+    merge.set_member("a", "A", {"/Dc/0/Current": 10.0, "/Soc": 50.0, "/InstalledCapacity": 100.0})
+    merge.set_member("a2", "A", {"/Dc/0/Current": 10.0, "/Soc": 50.0, "/InstalledCapacity": 100.0})
+    assert merge.compute_all()["/Dc/0/Current"] == 20.0
+    merge.set_counted("a2", False)  # the same pack through a second driver
+    merge.update_member("a2", {"/Dc/0/Current": 12.0})
+    out = merge.compute_all()
+    assert out["/Dc/0/Current"] == 10.0 and out["/InstalledCapacity"] == 100.0
+    assert merge.members["a2"].values["/Dc/0/Current"] == 12.0
+    merge.set_counted("a2", True)
+    assert merge.compute_all()["/Dc/0/Current"] == 22.0
