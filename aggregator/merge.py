@@ -126,43 +126,33 @@ def _weighted_by_capacity(path: str) -> Rule:
     """Capacity-weighted mean: members with both the value and an installed capacity; equal weights only
     when no member publishes a capacity."""
     def compute(members: Sequence[MemberView], _o: MergeOptions) -> Any:
-        total = weight = 0.0
-        plain: list[float] = []
-        weighted: list[float] = []
+        pairs = []
         for m in members:
             v = m.values.get(path)
-            if not _is_number(v):
-                continue
-            cap = m.values.get("/InstalledCapacity")
-            if _is_number(cap) and cap > 0:
-                total += v * cap
-                weight += cap
-                weighted.append(v)
-            else:
-                plain.append(v)
-        return _clamped_mean(total, weight, weighted, plain)
+            if _is_number(v):
+                cap = m.values.get("/InstalledCapacity")
+                pairs.append((v, cap if _is_number(cap) else None))
+        return _weighted_mean(pairs)
 
     def column(columns: dict[str, Column], _m: dict[str, MemberView], _o: MergeOptions) -> Any:
-        values = columns[path]
-        if not values:
-            return None
         capacities = columns["/InstalledCapacity"]
-        total = weight = 0.0
-        weighted: list[float] = []
-        plain: list[float] = []
-        for name, v in values.items():
-            cap = capacities.get(name)
-            if cap is not None and cap > 0:
-                total += v * cap
-                weight += cap
-                weighted.append(v)
-            else:
-                plain.append(v)
-        return _clamped_mean(total, weight, weighted, plain)
+        return _weighted_mean([(v, capacities.get(name)) for name, v in columns[path].items()])
     return Rule((path, "/InstalledCapacity"), compute, "weighted by installed capacity", column)
 
 
-def _clamped_mean(total: float, weight: float, weighted: list[float], plain: list[float]) -> Any:
+def _weighted_mean(pairs: list[tuple[float, float | None]]) -> Any:
+    """(value, installed capacity or None) -> the capacity-weighted mean, equal weights when no value has a
+    capacity; None without values."""
+    total = weight = 0.0
+    weighted: list[float] = []
+    plain: list[float] = []
+    for v, cap in pairs:
+        if cap is not None and cap > 0:
+            total += v * cap
+            weight += cap
+            weighted.append(v)
+        else:
+            plain.append(v)
     # rounding must not leave the members' range (100.00000000000001 % is refused upstream)
     used, mean = (weighted, total / weight) if weight > 0 else (plain, sum(plain) / len(plain) if plain else 0)
     return min(max(mean, min(used)), max(used)) if used else None
