@@ -438,9 +438,8 @@ def _get(buf: bytes | bytearray | memoryview, offset: int, node: Node) -> tuple[
     raise Unsupported(f"cannot decode {code!r}")
 
 
-_D_TREE = SignatureTree._get("d").types[0]
-_S_TREE = SignatureTree._get("s").types[0]
-_I_TREE = SignatureTree._get("i").types[0]
+# The variants every BusItem signal is made of, by their type code: (type tree, signature).
+_COMMON_TREES = {ord(code): (SignatureTree._get(code).types[0], code) for code in "dsi"}
 
 
 def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
@@ -453,33 +452,13 @@ def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> t
         length = _U32_LE.unpack_from(buf, offset)[0]
         key = str(buf[offset + 4:offset + 4 + length], "utf-8")
         offset += 5 + length
-        if buf[offset] == 1:
-            code = buf[offset + 1]
-            offset += 3
-            if code == 100:  # 'd'
-                offset += -offset & 7
-                variant = new(Variant)
-                variant.type, variant.signature, variant.value = _D_TREE, "d", _DOUBLE.unpack_from(buf, offset)[0]
-                offset += 8
-                result[key] = variant
-                continue
-            if code == 115:  # 's'
-                offset += -offset & 3
-                length = _U32_LE.unpack_from(buf, offset)[0]
-                variant = new(Variant)
-                variant.type, variant.signature = _S_TREE, "s"
-                variant.value = str(buf[offset + 4:offset + 4 + length], "utf-8")
-                offset += 5 + length
-                result[key] = variant
-                continue
-            if code == 105:  # 'i'
-                offset += -offset & 3
-                variant = new(Variant)
-                variant.type, variant.signature, variant.value = _I_TREE, "i", _INT32.unpack_from(buf, offset)[0]
-                offset += 4
-                result[key] = variant
-                continue
-            offset -= 3
+        tree = _COMMON_TREES.get(buf[offset + 1]) if buf[offset] == 1 else None
+        if tree is not None:  # d, s, i: read inline, wrapped without the library's re-verification
+            variant = new(Variant)
+            variant.type, variant.signature = tree
+            variant.value, offset = _plain_value(buf, offset)
+            result[key] = variant
+            continue
         result[key], offset = _get(buf, offset, ("v",))
     return result, end
 
