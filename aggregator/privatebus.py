@@ -55,6 +55,11 @@ class PrivateBus:
         self.address = line
         return line
 
+    @property
+    def pid(self) -> int | None:
+        """The dbus-daemon's process id (tests pause it to fill a client's socket buffer)."""
+        return self._proc.pid if self._proc is not None else None
+
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """An environment whose session bus is this one (Victron's tools then use it instead of the system bus)."""
         env = dict(os.environ if base is None else base)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import time
 from typing import Any
 
@@ -236,6 +238,31 @@ async def test_a_burst_of_signals_does_not_drop_the_publishers_connection(privat
         battery.set_value("/Soc", float(i % 100) + 0.5)
     assert battery.bus.connected
     await eventually(lambda: monitor.services[prefix + "burst"].values["/Soc"] == battery["/Soc"], timeout=30)
+    assert battery.bus.connected
+    await monitor.stop()
+    battery.close()
+
+
+async def test_a_burst_of_itemschanged_keeps_the_connection_and_the_order(private_bus: Any) -> None:
+    """ItemsChanged goes out as bytes written straight to the socket (lib.raw_sender): when the send buffer is
+    full the rest must wait for the socket, in order, not be lost or overtake."""
+    prefix = unique_prefix()
+    battery = await make_battery(prefix + "burst", 9)
+    monitor = ServiceMonitor(await connect(), [prefix])
+    await monitor.start()
+    os.kill(private_bus.pid, signal.SIGSTOP)  # the bus daemon reads nothing: the publisher's buffer fills
+    try:
+        for i in range(3000):
+            battery.set_values({"/Soc": float(i % 100) + 0.5, "/Dc/0/Voltage": 50.0 + i / 1000})
+        queued = battery.bus._writer.messages.qsize()
+    finally:
+        os.kill(private_bus.pid, signal.SIGCONT)
+    assert queued > 0, "the send buffer never filled: this test would check nothing"
+    assert battery.bus.connected
+    last = 50.0 + 2999 / 1000
+    watched = monitor.services[prefix + "burst"]
+    await eventually(lambda: watched.values["/Dc/0/Voltage"] == last, timeout=30)
+    assert watched.values["/Soc"] == battery["/Soc"]
     assert battery.bus.connected
     await monitor.stop()
     battery.close()
