@@ -53,9 +53,10 @@ class ChargeControl:
         self.tolerance = opts.overCurrentTolerance
         self.tau = opts.shareTimeConstant
         self.learner = ShareLearner(tau=opts.shareTimeConstant)
-        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis)
-        self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis)
-        self.cvl_smoother = LimitSmoother(opts.voltageRampUpRate, opts.voltageHysteresis)
+        # Resolutions: half the step of the published values (0.1 A, 1 mV), see _round below.
+        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05)
+        self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05)
+        self.cvl_smoother = LimitSmoother(opts.voltageRampUpRate, opts.voltageHysteresis, 0.0005)
         self.floors: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
         self._floor_at = 0.0
         self._guarded: set[tuple[str, str]] = set()

@@ -211,11 +211,14 @@ class LimitSmoother:
 
     A ramp starts when a rise is first seen (however long the limit was quiet before) and, once started,
     goes all the way to its target: the hysteresis only decides whether a rise starts. The caller keeps
-    calling (once a second) while `ramping`."""
+    calling (once a second) while `ramping`. `resolution` is the step of the published value: a ramp within
+    it of its target ends there, since the target is what readers already see (otherwise a small rise of the
+    target in that moment would be carried by the ramp past the hysteresis)."""
 
-    def __init__(self, rise_rate: float, hysteresis: float) -> None:
+    def __init__(self, rise_rate: float, hysteresis: float, resolution: float = 0.0) -> None:
         self.rise_rate = rise_rate
         self.hysteresis = hysteresis
+        self.resolution = resolution
         self.value: float | None = None
         self.ramping = False
         self._at = 0.0
@@ -227,6 +230,8 @@ class LimitSmoother:
             self.ramping = False
         elif self.ramping:
             self.value = min(target, self.value + self.rise_rate * max(0.0, now - last))
+            if target - self.value <= self.resolution:
+                self.value = target
             self.ramping = self.value < target
         elif target - self.value >= self.hysteresis:
             self.ramping = True  # the ramp starts now: the first step comes with the next update

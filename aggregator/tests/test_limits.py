@@ -178,6 +178,17 @@ def test_a_ramp_after_a_quiet_time_starts_then_and_reaches_its_target() -> None:
     assert values[-1] == 60.0 and not smoother.ramping  # the last 4 A are not held back by the hysteresis
 
 
+def test_a_ramp_that_reads_as_its_target_has_ended() -> None:
+    """Published at 0.1 A, 149.96 A reads as 150 A: the ramp ends there, and a rise of the target by less than
+    the hysteresis in that moment is held like any other (it was carried to 150.6 A by the ramp before)."""
+    smoother = LimitSmoother(rise_rate=5.0, hysteresis=1.0, resolution=0.05)
+    smoother.update(50.0, 0.0)
+    smoother.update(150.0, 1.0)  # the ramp starts
+    smoother.update(150.0, 20.992)  # 50 + 5 x 19.992 = 149.96
+    assert smoother.value == 150.0 and not smoother.ramping
+    assert smoother.update(150.6, 21.5) == 150.0  # below the hysteresis: held
+
+
 # ---- the learner and the guard -------------------------------------------------------------------------
 
 def test_share_learner_follows_a_change_and_reports_its_error() -> None:
