@@ -118,7 +118,7 @@ def raw_sender(bus: Any) -> Callable[[Callable[[int], bytes]], None] | None:
     loop = bus._loop
 
     def send(encode: Callable[[int], bytes]) -> None:
-        if not bus.connected or not bus.unique_name:
+        if not bus.connected:  # dbus-next: a unique name and not disconnected
             return
         data = encode(bus.next_serial())
         if writer.buf is None and not writer.messages.qsize():

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .lib import Message, MessageBus, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant, raw_sender
-from .wire import ItemsChangedEncoder
+from .wire import BUSITEM, ItemsChangedEncoder
 from .values import INVALID_TEXT, TextFormat, product_id_text, same_value, text_of, unwrap, wrap
 
 _LOG = logging.getLogger(__name__)
 
-BUSITEM = "com.victronenergy.BusItem"
 _INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 _UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
 _UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
@@ -219,9 +218,7 @@ class VeService:
     def set_value(self, path: str, value: Any) -> bool:
         """Set one value; emits PropertiesChanged (or joins the open batch). Returns whether it changed."""
         item = self._items[path]
-        old = item.value
-        # same_value() inline: most calls on the hot path leave a value as it is
-        if type(old) is type(value) and (old == value or (type(value) is float and old != old and value != value)):
+        if same_value(item.value, value):
             return False
         item.assign(value)
         if self._registered:

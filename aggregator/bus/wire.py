@@ -235,30 +235,17 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _put_value_variant(buf: bytearray, value: Any) -> None:
-    """A BusItem value as a variant, straight from the Python value: the common kinds inline, the rest
-    through the same mapping as values.wrap (None is the invalid `ai` [])."""
-    kind = type(value)
-    if kind is float:
-        buf += b"\x01d\0"
-        _pad(buf, 8)
-        buf += _DOUBLE.pack(value)
-    elif kind is int and _INT32_MIN <= value <= _INT32_MAX:
-        buf += b"\x01i\0"
-        _pad(buf, 4)
-        buf += _INT32.pack(value)
-    elif kind is str:
+    """A BusItem value without a fixed layout (text, a bool, a wide int, a list...) as a variant: text
+    inline, the rest through the same mapping as values.wrap."""
+    if type(value) is str:
         buf += b"\x01s\0"
         _put_string(buf, value)
-    elif value is None:
-        buf += b"\x02ai\0"
-        _pad(buf, 4)
-        buf += b"\0\0\0\0"
-    else:
-        from .values import wrap  # values imports the library through lib, which imports this module
+        return
+    from .values import wrap  # values imports the library through lib, which imports this module
 
-        variant = wrap(value)
-        _put_signature(buf, variant.signature)
-        _put(buf, _single(variant.signature), variant.value)
+    variant = wrap(value)
+    _put_signature(buf, variant.signature)
+    _put(buf, _single(variant.signature), variant.value)
 
 
 def _signal_fields(path: str, interface: str, member: str, signature: str) -> bytes:
@@ -463,16 +450,27 @@ def _get_dict_of_variants(buf: bytes | bytearray | memoryview, offset: int) -> t
     return result, end
 
 
-def _get_items(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
-    """`a{sa{sv}}`: ItemsChanged and GetItems."""
+_MISSING = object()  # what an entry reader returns for an entry to leave out
+
+
+def _items_by_path(buf: bytes | bytearray | memoryview, offset: int,
+                   read_entry: Callable[[Any, int], tuple[Any, int]]) -> tuple[dict[str, Any], int]:
+    """`a{s...}` keyed by path (ItemsChanged, GetItems): {path: read_entry(buf, where its value starts)}."""
     offset, end = _array_bounds(buf, offset, 8)
     result: dict[str, Any] = {}
     while offset < end:
         offset += -offset & 7
         length = _U32_LE.unpack_from(buf, offset)[0]
         path = str(buf[offset + 4:offset + 4 + length], "utf-8")
-        result[path], offset = _get_dict_of_variants(buf, offset + 5 + length)
+        value, offset = read_entry(buf, offset + 5 + length)
+        if value is not _MISSING:
+            result[path] = value
     return result, end
+
+
+def _get_items(buf: bytes | bytearray | memoryview, offset: int) -> tuple[dict[str, Any], int]:
+    """`a{sa{sv}}`: ItemsChanged and GetItems, as dbus-next gives them."""
+    return _items_by_path(buf, offset, _get_dict_of_variants)
 
 
 def decode_body(signature: str, buf: bytes | bytearray | memoryview, offset: int = 0) -> list[Any]:
@@ -519,9 +517,9 @@ def _plain_value(buf: bytes, offset: int) -> tuple[Any, int]:
     return _unwrap(variant), offset
 
 
-def _plain_entry_value(buf: bytes, offset: int) -> tuple[bool, Any, int]:
-    """The "Value" of an `a{sv}` BusItem entry: (found, value, end of the array). Other keys ("Text") are
-    stepped over, not decoded into objects."""
+def _plain_entry_value(buf: bytes, offset: int) -> tuple[Any, int]:
+    """The "Value" of an `a{sv}` BusItem entry, or _MISSING, and the end of the array. Other keys ("Text")
+    are stepped over, not decoded into objects."""
     offset, end = _array_bounds(buf, offset, 8)
     while offset < end:
         offset += -offset & 7
@@ -529,43 +527,14 @@ def _plain_entry_value(buf: bytes, offset: int) -> tuple[bool, Any, int]:
         is_value = length == 5 and buf[offset + 4:offset + 9] == b"Value"
         offset += 5 + length
         if is_value:
-            value, _offset = _plain_value(buf, offset)
-            return True, value, end
+            return _plain_value(buf, offset)[0], end
         _variant, offset = _get(buf, offset, ("v",))
-    return False, None, end
+    return _MISSING, end
 
 
 def _plain_items(buf: bytes, offset: int) -> dict[str, Any]:
     """`a{sa{sv}}` -> {path: value}; entries without a Value are left out (as client.parse_items does)."""
-    offset, end = _array_bounds(buf, offset, 8)
-    changes: dict[str, Any] = {}
-    u32 = _U32_LE.unpack_from
-    while offset < end:
-        offset += -offset & 7
-        length = u32(buf, offset)[0]
-        path = str(buf[offset + 4:offset + 4 + length], "utf-8")
-        offset += 5 + length
-        # The usual entry, read in place: "Value" first, a double, int32 or string (its layout after the
-        # 8-aligned first key is fixed); anything else through the general reader.
-        offset += -offset & 3
-        first = offset + 4
-        first += -first & 7
-        following = first + u32(buf, offset)[0]
-        inside = following - first >= 20  # room for the shortest such entry: never read past this item
-        code = buf[first + 11] if inside and buf[first:first + 11] == b"\x05\0\0\0Value\0\x01" else 0
-        if code == 100:  # 'd'
-            changes[path] = _DOUBLE.unpack_from(buf, first + 16)[0]
-        elif code == 105:  # 'i'
-            changes[path] = _INT32.unpack_from(buf, first + 16)[0]
-        elif code == 115:  # 's'
-            length = u32(buf, first + 16)[0]
-            changes[path] = str(buf[first + 20:first + 20 + length], "utf-8")
-        else:
-            found, value, _end = _plain_entry_value(buf, offset)
-            if found:
-                changes[path] = value
-        offset = following
-    return changes
+    return _items_by_path(buf, offset, _plain_entry_value)[0]
 
 
 class BusItemSignal(Message):
@@ -637,8 +606,8 @@ def decode_message(data: bytes) -> Message:
             message = BusItemSignal.__new__(BusItemSignal)
             message._data, message._body_at = data, body_at
             if signature == "a{sv}":
-                found, value, _end = _plain_entry_value(data, body_at)
-                message.changes = {fields.get(1): value} if found else {}
+                value, _end = _plain_entry_value(data, body_at)
+                message.changes = {} if value is _MISSING else {fields.get(1): value}
             else:
                 message.changes = _plain_items(data, body_at)
         else:
