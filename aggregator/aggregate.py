@@ -394,8 +394,7 @@ class Aggregator:
         state.drop = None
         state.state = LOST
         self.merge.remove_member(name)
-        self.energy.remove_member(name)
-        self._sync_duplicates()
+        self._forget_identity(name)
         self.roles.roles.pop(name, None)
         self._dirty_rows.add(name)
         self._membership_changed = True
@@ -419,8 +418,7 @@ class Aggregator:
             if not ENERGY_INPUTS.isdisjoint(clean):
                 self.energy.sample(name, self.merge.members[name].values, clean)
             if "/Serial" in clean:
-                self.energy.set_member(name, self.merge.members[name].values)
-                self._sync_duplicates()
+                self._identify(name)
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
@@ -478,8 +476,7 @@ class Aggregator:
     def _leave(self, name: str, role: str | None, virtual: str | None) -> None:
         if role == MEMBER:
             self.merge.remove_member(name)
-            self.energy.remove_member(name)
-            self._sync_duplicates()
+            self._forget_identity(name)
             state = self.members.pop(name, None)
             if state is not None and state.drop is not None:
                 state.drop.cancel()
@@ -505,8 +502,7 @@ class Aggregator:
                 self.members[name] = state
             state.state, state.last_update, state.drop = ONLINE, self.clock(), None
             self._dirty_rows.add(name)
-            self.energy.set_member(name, self.merge.members[name].values)
-            self._sync_duplicates()
+            self._identify(name)
             _LOG.info("member %s (%s) joined", name, member_label(watched))
         elif role in (PRIMARY, AUXILIARY):
             self.merge.set_source(role, name, self._source_paths(role, name, infos), clean)
@@ -614,8 +610,7 @@ class Aggregator:
                 self.members[vb.name] = MemberState(self._free_slot(), last_update=self.clock())
                 self.merge.set_member(vb.name, vb.name.rsplit(".", 1)[-1],
                                       {p: vb.service[p] for p in vb.service.paths()})
-                self.energy.set_member(vb.name, self.merge.members[vb.name].values)
-                self._sync_duplicates()
+                self._identify(vb.name)
                 self._membership_changed = True
             else:
                 clean = check_values(values)[0]
@@ -626,10 +621,18 @@ class Aggregator:
                 if not ENERGY_INPUTS.isdisjoint(clean):
                     self.energy.sample(vb.name, self.merge.members[vb.name].values, clean)
                 if "/Serial" in clean:
-                    self.energy.set_member(vb.name, self.merge.members[vb.name].values)
-                    self._sync_duplicates()
+                    self._identify(vb.name)
                 self._note_limit_inputs(clean)
             self._dirty_rows.add(vb.name)
+
+    def _identify(self, name: str) -> None:
+        """A member joined or its /Serial changed: who it is (energy identity), and whether it duplicates another."""
+        self.energy.set_member(name, self.merge.members[name].values)
+        self._sync_duplicates()
+
+    def _forget_identity(self, name: str) -> None:
+        self.energy.remove_member(name)
+        self._sync_duplicates()
 
     def _sync_duplicates(self) -> None:
         """A service publishing a battery that another member already stands for (same serial or configured
