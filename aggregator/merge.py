@@ -205,35 +205,28 @@ def _remaining_ah_column(columns: dict[str, Column], members: dict[str, MemberVi
 
 def _time_to_go(members: Sequence[MemberView], options: MergeOptions) -> Any:
     """Seconds until empty at the present discharge current; invalid when charging or idle."""
-    currents = _numbers(members, "/Dc/0/Current")
+    return _seconds_to_empty(_numbers(members, "/Dc/0/Current"), lambda: _remaining_ah(members),
+                             lambda: _SOC.compute(members, options), options)
+
+
+def _time_to_go_column(columns: dict[str, Column], members: dict[str, MemberView], options: MergeOptions) -> Any:
+    return _seconds_to_empty(columns["/Dc/0/Current"].values(), lambda: _remaining_ah_column(columns, members),
+                             lambda: _SOC.column(columns, members, options), options)  # type: ignore[misc]
+
+
+def _seconds_to_empty(currents: Any, remaining_ah: Callable[[], float | None], soc: Callable[[], Any],
+                      options: MergeOptions) -> Any:
+    """TimeToGo from the members' currents; remaining Ah (and the SoC fallback) only read when discharging."""
     if not currents:
         return None
     current = sum(currents)
     if current > -IDLE_CURRENT:
         return None
-    remaining = _remaining_ah(members)
+    remaining = remaining_ah()
     if remaining is None and options.capacity is not None:
         # Members publish only SoC and the config gives the bank's capacity.
-        soc = _SOC.compute(members, options)
-        remaining = None if soc is None else soc / 100.0 * options.capacity
-    return _time_to_go_from(remaining, current)
-
-
-def _time_to_go_column(columns: dict[str, Column], members: dict[str, MemberView], options: MergeOptions) -> Any:
-    currents = columns["/Dc/0/Current"]
-    if not currents:
-        return None
-    current = sum(currents.values())
-    if current > -IDLE_CURRENT:
-        return None
-    remaining = _remaining_ah_column(columns, members)
-    if remaining is None and options.capacity is not None:
-        soc = _SOC.column(columns, members, options)  # type: ignore[misc]
-        remaining = None if soc is None else soc / 100.0 * options.capacity
-    return _time_to_go_from(remaining, current)
-
-
-def _time_to_go_from(remaining: float | None, current: float) -> Any:
+        level = soc()
+        remaining = None if level is None else level / 100.0 * options.capacity
     return None if remaining is None else round(remaining / -current * 3600.0)
 
 
