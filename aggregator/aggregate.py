@@ -49,6 +49,11 @@ DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
 STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
 MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
+# Our alarm while a member's current limit is unknown and the bank's is held: the BMS link is the usual cause.
+LIMIT_ALARM = "/Alarms/BmsCable"
+# Paths where, of one pack seen through two drivers, the lowest value counts (limits; 0 = forbidden).
+LOWEST_OF_DUPLICATES = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage",
+                        "/Io/AllowToCharge", "/Io/AllowToDischarge")
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -205,6 +210,9 @@ class Aggregator:
         self._have_voltage = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status = ""
+        self._membership_reasons: list[str] = []
+        self._limit_notes: tuple[str, ...] = ()
+        self._limit_alarm = 0
         self.control = ChargeControl(config)
         self.dvcc = DvccLimits()
         self.watcher: PathWatcher | None = None
@@ -280,9 +288,8 @@ class Aggregator:
                 vb.remove_member(member)
                 self.roles.roles.pop(member, None)
         self.energy.reconfigure(config.energy, self._member_values)
-        learned = self.control.to_state()
-        self.control = ChargeControl(config)
-        self.control.load_state(learned)
+        old_control, self.control = self.control, ChargeControl(config)
+        self.control.adopt(old_control)  # learned shares, held limits and the ramps go on: no jump on reload
         logging.getLogger().setLevel(config.logLevel)
         if self.service is not None and "/LogLevel" in self.service:
             self.service.set_value("/LogLevel", config.logLevel)
@@ -290,6 +297,13 @@ class Aggregator:
         self._reclassify()
         _LOG.info("configuration reloaded")
         return True
+
+    def connections(self) -> list[tuple[str, Any]]:
+        """(what it is for, connection) of every bus connection this aggregate owns."""
+        owned = [(f"the watcher of {self.name}", self.monitor.bus)] if self.monitor is not None else []
+        owned += [(s.name, s.bus) for s in (self.service, *(vb.service for vb in self.virtuals.values()))
+                  if s is not None]
+        return owned
 
     async def _register_when_ready(self) -> None:
         """Register once a member has a voltage (so no 0 V is ever published), or after startupBatteryWait
@@ -394,7 +408,10 @@ class Aggregator:
         state.drop = None
         state.state = LOST
         self.merge.remove_member(name)
+        gone = self.energy.members.get(name)
         self._forget_identity(name)
+        if gone is not None and any(m.identity == gone.identity for m in self.energy.members.values()):
+            self.control.leave(name)  # another service still publishes this pack: its limits are known
         self.roles.roles.pop(name, None)
         self._dirty_rows.add(name)
         self._membership_changed = True
@@ -477,6 +494,7 @@ class Aggregator:
         if role == MEMBER:
             self.merge.remove_member(name)
             self._forget_identity(name)
+            self.control.leave(name)  # taken out on purpose: its limit no longer holds the bank's
             state = self.members.pop(name, None)
             if state is not None and state.drop is not None:
                 state.drop.cancel()
@@ -563,6 +581,8 @@ class Aggregator:
         values.pop("/History/DischargedEnergy", None)
         if values.get("/Dc/0/Voltage") is not None:
             self._have_voltage.set()
+        if self._limit_alarm and LIMIT_ALARM in values:
+            values[LIMIT_ALARM] = self._limit_alarm_value()  # the members' alarm, or ours while a limit is held
         if self._membership_changed:
             self._membership_changed = False
             self._limits_dirty = True
@@ -676,6 +696,8 @@ class Aggregator:
         duplicates = self._duplicates
         inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE, name in reported)
                   for name, m in self.merge.members.items() if name in self.members and name not in duplicates]
+        if duplicates:
+            self._lowest_of_duplicates(inputs)
         samples = self.control.samples
         self.control.observe(inputs, now)
         if self.control.samples != samples or all(i.updated for i in inputs):
@@ -685,10 +707,42 @@ class Aggregator:
         values["/Info/MaxDischargeCurrent"] = out.dcl
         values["/Info/MaxChargeVoltage"] = out.cvl
         values["/Info/ChargeLimitation"] = out.charge_limitation
+        if out.alarm != self._limit_alarm:
+            self._limit_alarm = out.alarm
+            values[LIMIT_ALARM] = self._limit_alarm_value()
+        if out.notes != self._limit_notes:
+            self._limit_notes = out.notes
+            self._publish_status(values)
         for name, row in out.members.items():
             if self._limit_rows.get(name) != row:
                 self._limit_rows[name] = row
                 self._limit_rows_changed.add(name)  # only these keys: the rest of the row is unchanged
+
+    def _lowest_of_duplicates(self, inputs: list[MemberInput]) -> None:
+        """The service standing for a pack seen through two drivers takes the lowest of their limits: the
+        driver that reads the BMS more cautiously (or more recently) is the one to believe."""
+        by_name = {i.name: n for n, i in enumerate(inputs)}
+        for duplicate in self.energy.duplicates.values():
+            index = by_name.get(duplicate.chosen)
+            if index is None:
+                continue
+            chosen = inputs[index]
+            others = [self.merge.members[s].values for s in duplicate.services
+                      if s != duplicate.chosen and s in self.merge.members and s in self.members
+                      and self.members[s].state == ONLINE]
+            if not others:
+                continue
+            values = dict(chosen.values) if chosen.fresh else dict(others[0])
+            for path in LOWEST_OF_DUPLICATES:
+                numbers = [v for v in (chosen.values.get(path) if chosen.fresh else None,
+                                       *(o.get(path) for o in others)) if v is not None]
+                if numbers:
+                    values[path] = min(numbers)
+            inputs[index] = MemberInput(chosen.name, chosen.label, values, True, chosen.updated)
+
+    def _limit_alarm_value(self) -> int | None:
+        merged = self.merge.compute_path(LIMIT_ALARM)
+        return max(merged or 0, self._limit_alarm)  # once raised, back to 0 (ok) rather than invalid
 
     def _on_dvcc_change(self, service: str, path: str, value: Any) -> None:
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -817,13 +871,18 @@ class Aggregator:
             reasons.append("unresolved: " + ", ".join(self.roles.unresolved))
         if not present:
             reasons.append("no member batteries")
+        self._membership_reasons = reasons
+        self._publish_status(merged)
+        merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)
+
+    def _publish_status(self, merged: dict[str, Any]) -> None:
+        reasons = self._membership_reasons + list(self._limit_notes)
         status = "; ".join(reasons) or "ok"
         if status != self._status:
             # While members are still appearing at start-up, status changes are expected: INFO until then.
             (_LOG.warning if reasons and self.registered else _LOG.info)("status: %s", status)
             self._status = status
         merged["/Aggregator/Status"] = status
-        merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)
 
     async def _watch_staleness(self) -> None:
         """Every second: members that stay on the bus but stop updating become stale (the limits count them

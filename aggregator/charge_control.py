@@ -6,6 +6,7 @@ returns; `to_state()`/`load_state()` carry what is learned across restarts.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ class MemberInput:
     updated: bool = True  # its current was reported since the last complete sample
 
 
+_LIMIT_PATH = {CHARGE: "/Info/MaxChargeCurrent", DISCHARGE: "/Info/MaxDischargeCurrent"}
+# The current-vs-power sign check: only currents this large vote (a few W of noise around 0 A say nothing),
+# and a member is suspected after this many net votes (and cleared when they are back to 0).
+SIGN_CHECK_MIN_CURRENT = 2.0
+SIGN_CHECK_VOTES = 3
+# A learned marginal share below this says the member's current falls when the bank's rises: impossible for a
+# pack in parallel, so its sign is wrong.
+NEGATIVE_SHARE = -0.1
+
+
 @dataclass(slots=True)
 class LimitOutputs:
     ccl: float | None
@@ -42,6 +53,10 @@ class LimitOutputs:
     charge_limitation: str
     # per member: Share, InternalResistance, OpenCircuitVoltage, ChargeLimit, DischargeLimit
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Why the limits are not what the members' values alone would give (for /Aggregator/Status), and the
+    # alarm that goes with it (/Alarms/BmsCable: 2 while a member's limit is unknown).
+    notes: tuple[str, ...] = ()
+    alarm: int = 0
 
 
 class ChargeControl:
@@ -54,7 +69,10 @@ class ChargeControl:
         self.tau = opts.shareTimeConstant
         self.learner = ShareLearner(tau=opts.shareTimeConstant)
         # Resolutions: half the step of the published values (0.1 A, 1 mV), see _round below.
-        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05)
+        # The CCL ramps up from 0 after start: a restart must not jump to a limit that was not ramped to. The
+        # DCL does not (a DCL of 0 switches the inverter off and drops the loads); both ramp up from 0 after
+        # an unknown limit made them 0.
+        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, from_zero=True)
         self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05)
         self.cvl_smoother = LimitSmoother(opts.voltageRampUpRate, opts.voltageHysteresis, 0.0005)
         self.floors: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
@@ -69,6 +87,26 @@ class ChargeControl:
         self.ccl_target: float | None = None
         self.dcl_target: float | None = None
         self.cvl_target: float | None = None
+        # Members that publish a current limit, by direction (name -> label): once one has, its limit being
+        # unknown (invalid, stale, vanished) holds the bank's limit, since the pack is still in parallel.
+        self.publishers: dict[str, dict[str, str]] = {CHARGE: {}, DISCHARGE: {}}
+        self._held: dict[str, float | None] = {CHARGE: None, DISCHARGE: None}
+        self._battery_limit: dict[str, float | None] = {CHARGE: None, DISCHARGE: None}  # last, before DVCC
+        self._sign_votes: dict[str, int] = {}
+        self.inverted: dict[str, str] = {}  # member -> why its current's sign looks wrong
+
+    def adopt(self, old: "ChargeControl") -> None:
+        """Carry on from the controller a config reload replaces: what is learned, what is held, and the
+        published limits (a reload must not make them jump)."""
+        self.load_state(old.to_state())
+        self.ir, self._ir_state = (old.ir, old._ir_state) if self._ir_factory is not None else ({}, {})
+        for new, prev in ((self.ccl_smoother, old.ccl_smoother), (self.dcl_smoother, old.dcl_smoother),
+                          (self.cvl_smoother, old.cvl_smoother)):
+            new.adopt(prev)
+        self.floors, self._floor_at, self._guarded = old.floors, old._floor_at, old._guarded
+        self.publishers, self._held, self._battery_limit = old.publishers, old._held, old._battery_limit
+        self._sign_votes, self.inverted = old._sign_votes, old.inverted
+        self.samples = old.samples
 
     # ---- learning ----------------------------------------------------------------------------------
 
@@ -85,6 +123,7 @@ class ChargeControl:
                         estimator = self._ir_factory(self._ir_state.pop(m.name, None))
                         self.ir[m.name] = estimator
                     estimator.update(voltage, current)
+        self._check_signs(members)
         if not members or any(c is None for c in currents.values()):
             return
         bank = sum(currents.values())  # type: ignore[arg-type]
@@ -96,6 +135,11 @@ class ChargeControl:
         if all(m.updated for m in members) and all(m.fresh and m.values.get(flag) != 0 for m in members):
             self.learner.update(currents, now)  # type: ignore[arg-type]
             self.samples += 1
+        if self.inverted:
+            # The guard sees a member whose sign looks wrong with the sign turned: it cannot carry "negative"
+            # current while the bank charges, and left as is it would blind the guard to that member.
+            currents = {n: -c if n in self.inverted else c for n, c in currents.items()}  # type: ignore[operator]
+            bank = sum(currents.values())  # type: ignore[arg-type]
         rows = [(m.name, currents[m.name], m.values.get("/Info/MaxChargeCurrent"),
                  m.values.get("/Info/MaxDischargeCurrent")) for m in members]
         seen = set()
@@ -108,6 +152,42 @@ class ChargeControl:
                              "its share is corrected", name, 100 * share, d)
         self._guarded = seen  # logged once per episode: again only after it has cleared
 
+    def _check_signs(self, members: list[MemberInput]) -> None:
+        """Members whose current's sign looks inverted (a driver that counts the other way): its power has
+        the other sign, or its learned marginal share is clearly negative. Their current is not trusted: the
+        shares fall back to the plain ratio (capacity), with no operating point, until it looks right again."""
+        inverted: dict[str, str] = {}
+        for m in members:
+            name, values = m.name, m.values
+            current, power = values.get("/Dc/0/Current"), values.get("/Dc/0/Power")
+            votes = self._sign_votes.get(name, 0)
+            if m.fresh and current is not None and power is not None and abs(current) >= SIGN_CHECK_MIN_CURRENT:
+                voltage = values.get("/Dc/0/Voltage")
+                # A power far below V x I is stale or from elsewhere: no vote.
+                if voltage is None or abs(power) >= 0.25 * abs(voltage * current):
+                    if (power > 0) != (current > 0):
+                        votes = min(votes + 1, 2 * SIGN_CHECK_VOTES)
+                    else:
+                        votes = max(votes - 1, 0)
+                    self._sign_votes[name] = votes
+            if votes >= SIGN_CHECK_VOTES or (name in self.inverted and votes > 0 and "power" in self.inverted[name]):
+                inverted[name] = f"its current ({current:g} A) and its power ({power:g} W) have opposite signs" \
+                    if current is not None and power is not None else "its current and its power had opposite signs"
+                continue
+            for d in (CHARGE, DISCHARGE):
+                share = self.learner.marginal_share(name, d)
+                if share is not None and share < NEGATIVE_SHARE:
+                    inverted[name] = f"its current falls when the bank's {d} current rises (share {share:.2f})"
+                    break
+        for name in inverted.keys() - self.inverted.keys():
+            label = next((m.label for m in members if m.name == name), name)
+            _LOG.warning("the current of %s looks sign-inverted: %s; charge limits fall back to the %s ratio and "
+                         "the over-current guard counts its current the other way", label, inverted[name],
+                         _plain(self.method))
+        for name in self.inverted.keys() - inverted.keys():
+            _LOG.info("the current of %s looks right again", name)
+        self.inverted = inverted
+
     def _fade_floors(self, now: float) -> None:
         decay = math.exp(-max(0.0, now - self._floor_at) / self.tau) if self._floor_at else 1.0
         self._floor_at = now
@@ -116,6 +196,13 @@ class ChargeControl:
                 floors[name] *= decay
                 if floors[name] < 1e-3:
                     del floors[name]
+
+    def leave(self, name: str) -> None:
+        """A member left the bank on purpose (config): its unknown limit no longer holds the bank's."""
+        for publishers in self.publishers.values():
+            publishers.pop(name, None)
+        self._sign_votes.pop(name, None)
+        self.inverted.pop(name, None)
 
     def forget(self, name: str) -> None:
         self.learner.forget(name)
@@ -145,8 +232,9 @@ class ChargeControl:
     def update(self, members: list[MemberInput], dvcc: DvccLimits, now: float) -> LimitOutputs:
         """The limits to publish now (smoothed), with the reason and the per-member figures."""
         limits = [self.member_limits(m) for m in members]
-        ccl = bank_current_limit(limits, CHARGE, self.method, self.floors[CHARGE])
-        dcl = bank_current_limit(limits, DISCHARGE, self.method, self.floors[DISCHARGE])
+        notes: list[str] = []
+        ccl = self._bank_limit(members, limits, CHARGE, notes)
+        dcl = self._bank_limit(members, limits, DISCHARGE, notes)
         self.ccl_target, ccl_reason = apply_ccl_mode(ccl, self.ccl_mode, dvcc)
         self.dcl_target = dcl.value
         cvl_value, cvl_reason = charge_voltage_limit(limits, self.cvl_mode)
@@ -156,6 +244,8 @@ class ChargeControl:
             dcl=_round(self.dcl_smoother.update(self.dcl_target, now), 1),
             cvl=_round(self.cvl_smoother.update(self.cvl_target, now), 3),
             charge_limitation=ccl_reason,
+            notes=tuple(notes),
+            alarm=2 if self._held[CHARGE] is not None or self._held[DISCHARGE] is not None else 0,
         )
         for m, lim in zip(members, limits):
             estimate = self.ir[m.name].estimate() if m.name in self.ir else None
@@ -174,8 +264,55 @@ class ChargeControl:
         return self.ccl_smoother.ramping or self.dcl_smoother.ramping or self.cvl_smoother.ramping
 
     def bank_limit(self, members: list[MemberInput], direction: str) -> BankLimit:
+        untrusted = bool(self.inverted)
         return bank_current_limit([self.member_limits(m) for m in members], direction,  # type: ignore[arg-type]
-                                  self.method, self.floors[direction])
+                                  _plain(self.method) if untrusted else self.method, self.floors[direction],
+                                  operating_point=not untrusted)
+
+    def _bank_limit(self, members: list[MemberInput], limits: list[MemberLimits], direction: str,
+                    notes: list[str]) -> BankLimit:
+        """The bank's limit in one direction, held while a member that publishes one has an unknown limit.
+
+        Such a member (limit invalid, stale, or gone from the bus) is still in parallel and still takes its
+        share; counting it as carrying nothing would scale the others back up to the whole bank and raise
+        the limit past what it may take. So until it is known again the bank's limit may only fall (from
+        what it was when the member became unknown), and with no member's limit known it is 0."""
+        bank = self.bank_limit(members, direction)
+        if self.inverted:
+            notes.append("current sign looks inverted: " + "; ".join(
+                f"{_label(members, n)}: {why}" for n, why in sorted(self.inverted.items())))
+            notes[:] = list(dict.fromkeys(notes))  # said once for both directions
+        path = _LIMIT_PATH[direction]
+        publishers = self.publishers[direction]
+        unknown: list[str] = []
+        present = set()
+        for m, lim in zip(members, limits):
+            present.add(m.name)
+            if path in m.values or lim.limit(direction) is not None:  # an invalid value still says it has one
+                publishers[m.name] = m.label
+            if m.name in publishers and (not m.fresh or (lim.limit(direction) is None
+                                                         and lim.allowed(direction) != 0)):
+                unknown.append(m.label)
+        unknown += [label for name, label in publishers.items() if name not in present]
+        word = "charge" if direction == CHARGE else "discharge"
+        if not unknown:
+            if self._held[direction] is not None:
+                _LOG.info("every member's %s limit is known again: the bank's limit is no longer held", word)
+            self._held[direction] = None
+            self._battery_limit[direction] = bank.value
+            return bank
+        held = self._held[direction]
+        if held is None:
+            held = self._battery_limit[direction] or 0.0
+            _LOG.warning("the %s limit of %s is unknown: the bank's %s limit is held at %g A and may only fall "
+                         "until it is known again", word, ", ".join(unknown), word, held)
+        value = 0.0 if bank.value is None else min(held, bank.value)
+        self._held[direction] = self._battery_limit[direction] = value
+        notes.append(f"{word} limit held at {value:g} A: limit of {', '.join(unknown)} unknown")
+        reason = f"held at {value:g} A while the {word} limit of {', '.join(unknown)} is unknown"
+        if bank.value is not None and bank.value <= value:
+            reason = f"{bank.reason}; {reason}"
+        return dataclasses.replace(bank, value=value, reason=reason)
 
     # ---- state -------------------------------------------------------------------------------------
 
@@ -213,6 +350,15 @@ def _ir_factory(config: Config) -> Any:
 
 def _member_limit(limit: float | None, allowed: int | None) -> float | None:
     return 0.0 if allowed == 0 else limit
+
+
+def _plain(method: str) -> str:
+    """The plain ratio a learned or estimated method falls back to when the members' currents are not trusted."""
+    return "capacity" if method in ("share", "ir") else method
+
+
+def _label(members: list[MemberInput], name: str) -> str:
+    return next((m.label for m in members if m.name == name), name)
 
 
 def _learned_or_none(learner: ShareLearner, name: str) -> float | None:

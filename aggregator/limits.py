@@ -83,7 +83,7 @@ def share_weights(members: Sequence[MemberLimits], method: str, direction: Direc
 
 
 def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, method: str,
-                       share_floor: Mapping[str, float] | None = None) -> BankLimit:
+                       share_floor: Mapping[str, float] | None = None, operating_point: bool = True) -> BankLimit:
     """The bank's CCL (direction 'charge') or DCL ('discharge'). `share_floor`: per member, the least share
     to assume (the over-current guard raises it when a member was seen carrying more than its limit).
 
@@ -91,7 +91,8 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     marginal shares a_k (how a change of bank current splits): limit = I_now + min_k (limit_k - I_k) / a_k.
     This is exact for packs in parallel even when they sit at different states of charge (one far behind
     takes circulating current from the others, an offset that a plain ratio I_k / I_bank cannot follow).
-    Without an operating point it is min_k limit_k / s_k."""
+    Without an operating point (or with `operating_point` False: a member's current is not to be trusted) it
+    is min_k limit_k / s_k."""
     word = "charging" if direction == CHARGE else "discharging"
     known = [m for m in members if m.limit(direction) is not None or m.allowed(direction) is not None]
     if not known:
@@ -109,7 +110,7 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
         shares = {name: max(s, share_floor.get(name, 0.0)) for name, s in shares.items()}
     sign = 1.0 if direction == CHARGE else -1.0
     # The operating point, in the direction's own sign (discharge currents as positive amounts).
-    operating = all(m.current is not None for m in members)
+    operating = operating_point and all(m.current is not None for m in members)
     bank_now = sign * sum(m.current for m in members) if operating else 0.0  # type: ignore[misc]
     best: tuple[float, MemberLimits] | None = None
     for m in takers:
@@ -215,16 +216,28 @@ class LimitSmoother:
     it of its target ends there, since the target is what readers already see (otherwise a small rise of the
     target in that moment would be carried by the ramp past the hysteresis)."""
 
-    def __init__(self, rise_rate: float, hysteresis: float, resolution: float = 0.0) -> None:
+    def __init__(self, rise_rate: float, hysteresis: float, resolution: float = 0.0,
+                 from_zero: bool = False) -> None:
         self.rise_rate = rise_rate
         self.hysteresis = hysteresis
         self.resolution = resolution
+        # from_zero: the first value after start or after None (invalid) ramps up from 0 instead of jumping
+        # to the target (a charge limit that jumps to 200 A at start-up is the unsafe side).
+        self.from_zero = from_zero
         self.value: float | None = None
         self.ramping = False
         self._at = 0.0
 
+    def adopt(self, other: "LimitSmoother") -> None:
+        """Carry on from another smoother (a config reload makes a new one): no jump to the new target."""
+        self.value, self.ramping, self._at = other.value, other.ramping, other._at
+
     def update(self, target: float | None, now: float) -> float | None:
         last, self._at = self._at, now
+        if self.from_zero and self.value is None and target is not None and target > 0:
+            self.value = 0.0
+            self.ramping = True  # whatever the hysteresis: the ramp starts now
+            return self.value
         if target is None or self.value is None or target <= self.value:
             self.value = target
             self.ramping = False
@@ -281,6 +294,13 @@ class ShareLearner:
             self._ratio.add(direction, currents, bank, decay)
         self._last = dict(currents)
         self._last_at = now
+
+    def marginal_share(self, name: str, direction: Direction) -> float | None:
+        """The learned marginal share, unclamped (None until enough change was seen). Packs in parallel all
+        take more when the bank takes more: a clearly negative one says the member's current sign is wrong."""
+        if self._marginal.weight(direction) < self.enough_change:
+            return None
+        return self._marginal.raw_share(name, direction)
 
     def share(self, name: str, direction: Direction) -> float | None:
         if self._marginal.weight(direction) >= self.enough_change:
@@ -341,11 +361,15 @@ class _WeightedShares:
         return self.den.get(direction, 0.0)
 
     def share(self, name: str, direction: str) -> float | None:
+        raw = self.raw_share(name, direction)
+        return None if raw is None else max(0.0, raw)
+
+    def raw_share(self, name: str, direction: str) -> float | None:
         den = self.den.get(direction)
         num = self.num.get((name, direction))
         if not den or num is None:
             return None
-        return max(0.0, num / den)
+        return num / den
 
     def names(self, direction: str) -> set[str]:
         return {n for (n, d) in self.num if d == direction}

@@ -294,7 +294,7 @@ async def test_one_member_opening_its_fets_does_not_zero_the_bank(processes: Pro
     bank = Bank()
     await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
     b = await bank.add("b", Info__MaxChargeCurrent=80.0, Io__AllowToCharge=1)
-    agg, _ = start_aggregator(processes, tmp_path, bank)
+    agg, _ = start_aggregator(processes, tmp_path, bank, limits={"rampUpRate": 1000})  # no ramp from 0 at start
     # Equal capacities, no learned shares yet: 50% each, and b's 80 A binds: 160 A for the bank.
     await bank.value_is(agg, "/Info/MaxChargeCurrent", 160.0)
     b.set_value("/Io/AllowToCharge", 0)

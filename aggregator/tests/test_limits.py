@@ -234,7 +234,11 @@ def test_control_publishes_smoothed_limits_and_member_rows() -> None:
                MemberInput("b", "B", {"/Info/MaxChargeCurrent": 50.0, "/Info/MaxDischargeCurrent": 80.0,
                                       "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0}, True)]
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 0.0)
-    assert out.ccl == 80.0 and "DVCC user limit" in out.charge_limitation
+    # After start the CCL ramps up from 0 (the default 2 A/s); the DCL starts at its target.
+    assert out.ccl == 0.0 and control.ramping and "DVCC user limit" in out.charge_limitation
+    assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == 20.0
+    out = control.update(members, DvccLimits(True, 80.0, 0.0), 100.0)
+    assert out.ccl == 80.0 and not control.ramping
     assert out.dcl == pytest.approx(160.0)  # count: 80 / 0.5
     assert out.cvl == pytest.approx(55.2)
     assert out.members["b"]["ChargeLimit"] == 0.0
@@ -254,3 +258,103 @@ def test_learning_waits_for_complete_samples() -> None:
     control.observe(members(30.0, 10.0, updated_b=True), 2.0)
     assert control.samples == 1
     assert control.learner.share("a", CHARGE) == pytest.approx(0.75)
+
+
+# ---- an unknown limit holds the bank's ------------------------------------------------------------------------
+
+_MEMBER_STATES = st.lists(st.tuples(st.one_of(st.none(), st.floats(0, 300)), st.booleans(), st.booleans()),
+                          min_size=3, max_size=3)
+
+
+@given(start=st.lists(st.floats(1, 300), min_size=3, max_size=3), steps=st.lists(_MEMBER_STATES, max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_while_a_member_limit_is_unknown_the_bank_limit_never_rises(start: list[float],
+                                                                   steps: list[list[tuple]]) -> None:
+    """Whatever the members do (limits change or go invalid, updates stop, a member leaves the bus), while a member
+    that published a limit has none known, the bank's battery limit only falls; with none known at all it is 0."""
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    names = ("a", "b", "c")
+
+    def inputs(state: list[tuple]) -> list[MemberInput]:
+        return [MemberInput(n, n.upper(), {"/Info/MaxChargeCurrent": ccl}, fresh)
+                for n, (ccl, fresh, present) in zip(names, state) if present]
+
+    control.update(inputs([(c, True, True) for c in start]), DvccLimits(), 0.0)
+    before = control.ccl_target  # the battery limit (what is published ramps up to it)
+    assert before is not None
+    for t, state in enumerate(steps, start=1):
+        unknown = any(ccl is None or not fresh or not present for ccl, fresh, present in state)
+        out = control.update(inputs(state), DvccLimits(), float(t))
+        assert out.ccl is not None and control.ccl_target is not None
+        assert out.ccl <= control.ccl_target + 0.05  # published at 0.1 A
+        if unknown:
+            assert control.ccl_target <= before + 1e-9, (state, before, control.ccl_target)
+            assert out.alarm == 2 and any("held" in n for n in out.notes)
+        else:
+            assert out.alarm == 0
+        if all(ccl is None or not fresh or not present for ccl, fresh, present in state):
+            assert out.ccl == 0.0
+        before = control.ccl_target
+
+
+def test_a_member_that_leaves_on_purpose_no_longer_holds_the_limit() -> None:
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    both = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 10.0}, True),
+            MemberInput("b", "B", {"/Info/MaxChargeCurrent": 100.0}, True)]
+    control.update(both, DvccLimits(), 0.0)  # after start the CCL ramps up from 0: at 1000 A/s, in one step
+    assert control.update(both, DvccLimits(), 0.5).ccl == 20.0  # count: 10 A at a half share
+    assert control.update(both[1:], DvccLimits(), 1.0).ccl == 20.0  # a vanished: held
+    control.leave("a")  # excluded by the config
+    control.update(both[1:], DvccLimits(), 2.0)  # a rise: its ramp starts
+    assert control.update(both[1:], DvccLimits(), 3.0).ccl == 100.0
+
+
+def test_a_shunt_without_limits_holds_nothing() -> None:
+    """A member that never published a limit (a shunt) being stale says nothing about the limits."""
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    members = [MemberInput("bms", "BMS", {"/Info/MaxChargeCurrent": 50.0}, True),
+               MemberInput("shunt", "Shunt", {"/Dc/0/Current": 3.0}, False)]
+    control.update(members, DvccLimits(), 0.0)
+    out = control.update(members, DvccLimits(), 1.0)
+    assert out.ccl == 50.0 and out.alarm == 0 and not out.notes
+
+
+def test_a_reload_carries_the_ramp_and_the_hold_on() -> None:
+    old = ChargeControl(config(limits={"rampUpRate": 10}))
+    member = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0}, True)]
+    assert old.update(member, DvccLimits(), 0.0).ccl == 0.0  # from 0 after start
+    assert old.update(member, DvccLimits(), 3.0).ccl == 30.0
+    new = ChargeControl(config(limits={"rampUpRate": 10, "hysteresis": 2}))
+    new.adopt(old)
+    assert new.update(member, DvccLimits(), 4.0).ccl == 40.0  # goes on, no jump to 100 A
+
+
+def test_a_negative_learned_share_says_the_current_sign_is_wrong(caplog: pytest.LogCaptureFixture) -> None:
+    """No power to compare with: b's current falls whenever the bank's rises, which no pack in parallel does."""
+    control = ChargeControl(config(currentRatioMethod="share"))
+    for t in range(40):
+        bank = 20.0 + 10.0 * (t % 5)
+        members = [MemberInput(n, n.upper(), {"/Dc/0/Current": share * bank, "/Info/MaxChargeCurrent": 100.0,
+                                              "/InstalledCapacity": 100.0}, True) for n, share in (("a", 0.6), ("b", -0.4))]
+        control.observe(members, float(t))
+    assert "b" in control.inverted and "a" not in control.inverted
+    assert control.bank_limit(members, CHARGE).method == "capacity"
+    assert "looks sign-inverted" in caplog.text
+
+
+def test_power_and_current_of_opposite_signs_mark_a_member_until_they_agree() -> None:
+    control = ChargeControl(config(currentRatioMethod="capacity"))
+
+    def members(sign: float) -> list[MemberInput]:
+        return [MemberInput("a", "A", {"/Dc/0/Current": 20.0, "/Dc/0/Power": 1000.0, "/Dc/0/Voltage": 50.0}, True),
+                MemberInput("b", "B", {"/Dc/0/Current": sign * 20.0, "/Dc/0/Power": 1000.0,
+                                       "/Dc/0/Voltage": 50.0}, True)]
+
+    for t in range(2):
+        control.observe(members(-1.0), float(t))
+    assert not control.inverted  # one or two odd samples are not enough
+    control.observe(members(-1.0), 2.0)
+    assert set(control.inverted) == {"b"}
+    for t in range(3, 10):
+        control.observe(members(1.0), float(t))
+    assert not control.inverted

@@ -244,7 +244,7 @@ async def test_rises_are_ramped_and_hysteretic_drops_go_out_at_once(processes: P
     a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
     feeder = Feeder(bank)
     agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})  # hysteresis: the default 1 A
-    await bank.value_is(agg, CCL, 50.0)
+    await bank.value_is(agg, CCL, 50.0, timeout=20)  # ramped up from 0 at start, at 5 A/s
     await asyncio.sleep(1.0)
 
     a.set_value("/Info/MaxChargeCurrent", 150.0)
@@ -274,7 +274,7 @@ async def test_a_rise_is_ramped_even_when_members_were_quiet(processes: Processe
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
     agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})
-    await bank.value_is(agg, CCL, 50.0)
+    await bank.value_is(agg, CCL, 50.0, timeout=20)  # ramped up from 0 at start, at 5 A/s
     await asyncio.sleep(12.0)  # a steady BMS whose values do not change: nothing is recomputed
     a.set_value("/Info/MaxChargeCurrent", 150.0)
     await asyncio.sleep(0.5)
@@ -288,7 +288,7 @@ async def test_a_ramp_reaches_its_target(processes: Processes, tmp_path: Path) -
     a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
     feeder = Feeder(bank)
     agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5, "hysteresis": 10})
-    await bank.value_is(agg, CCL, 50.0)
+    await bank.value_is(agg, CCL, 50.0, timeout=20)  # ramped up from 0 at start, at 5 A/s
     a.set_value("/Info/MaxChargeCurrent", 80.0)  # a rise of 30 A, well above the 10 A hysteresis
     try:
         await bank.value_is(agg, CCL, 80.0, timeout=15)  # 6 s at 5 A/s
@@ -517,4 +517,145 @@ async def test_bad_setvalue_on_every_path_is_refused_and_the_service_keeps_answe
     await bank.value_is(agg, "/LogLevel", "INFO")
     assert await code("/CustomName", "s", "Shed bank") == 0
     await bank.value_is(agg, "/CustomName", "Shed bank")
+    bank.close()
+
+
+# ---- 7. an unknown limit never raises the bank's -----------------------------------------------------------------
+
+HELD = "/Alarms/BmsCable"
+
+
+@pytest.mark.parametrize("how", ["invalid", "stale", "vanished"])
+async def test_an_unknown_member_limit_holds_the_bank_limit(processes: Processes, tmp_path: Path, how: str) -> None:
+    """A member that sets the bank limit and then loses it (CCL invalid, no updates, gone from the bus) is still in
+    parallel and still takes its share. Counted as carrying nothing, the other's share went back to 100% and the
+    bank CCL rose from 20 to 100 A. Now the limit is held (it may only fall) until the member is known again."""
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=10.0, InstalledCapacity=100.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=100.0, InstalledCapacity=100.0)
+    feeder = Feeder(bank)
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", reconnectTimeout=2,
+                    limits={**FAST, "staleAfter": 2})
+    await bank.value_is(agg, CCL, 20.0)  # a: 10 A at a half share
+    assert await bank.read(agg, HELD) in (None, 0)
+    if how == "invalid":
+        a.set_value("/Info/MaxChargeCurrent", None)
+    elif how == "stale":
+        feeder.active.discard("a")
+    else:
+        feeder.active.discard("a")
+        bank.members.pop("a").close()
+    await bank.value_is(agg, HELD, 2)
+    status = await bank.read(agg, "/Aggregator/Status")
+    assert "charge limit held at 20 A" in status and "Pack a" in status, status
+    await asyncio.sleep(4.0)  # stale after 2 s; gone from the bus for longer than the reconnect timeout
+    assert await bank.read(agg, CCL) == 20.0
+    assert "Pack a" in await bank.read(agg, "/Aggregator/Status")
+    # The others may still lower it, and it stays there: held limits only fall.
+    b.set_value("/Info/MaxChargeCurrent", 8.0)
+    await bank.value_is(agg, CCL, 8.0)
+    b.set_value("/Info/MaxChargeCurrent", 100.0)
+    await asyncio.sleep(1.5)
+    assert await bank.read(agg, CCL) == 8.0
+    log = processes.output(proc)
+    assert "charge limit of Pack a is unknown" in log, log
+    # Known again: the hold ends, the alarm clears and the limit goes back up.
+    if how == "invalid":
+        a.set_value("/Info/MaxChargeCurrent", 10.0)
+    else:
+        if how == "vanished":
+            await bank.add("a", Info__MaxChargeCurrent=10.0, InstalledCapacity=100.0)
+        feeder.active.add("a")
+    await bank.value_is(agg, CCL, 20.0)
+    await bank.value_is(agg, HELD, 0)
+    assert "held" not in await bank.read(agg, "/Aggregator/Status")
+    feeder.stop()
+    bank.close()
+
+
+async def test_a_single_member_with_an_invalid_ccl_gives_0_and_ramps_back(processes: Processes,
+                                                                          tmp_path: Path) -> None:
+    """One member whose CCL goes invalid: the bank's CCL is 0, not invalid (an invalid CCL lets DVCC charge at the
+    chargers' own maximum). When it is back the CCL ramps up from 0 rather than jumping."""
+    bank = Bank()
+    a = await bank.add("a", Info__MaxChargeCurrent=40.0)
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 1000, "hysteresis": 0})
+    await bank.value_is(agg, CCL, 40.0)
+    a.set_value("/Info/MaxChargeCurrent", None)
+    await bank.value_is(agg, CCL, 0.0)
+    assert "unknown" in await bank.read(agg, "/Info/ChargeLimitation")
+    bank.close()
+
+    slow = Bank()
+    b = await slow.add("b", Info__MaxChargeCurrent=None)
+    agg, _ = run(processes, tmp_path, slow, suffix="slow", limits={"rampUpRate": 4}, excludedServices=[agg])
+    await slow.value_is(agg, "/System/NrOfBatteries", 1)
+    await slow.value_is(agg, CCL, 0.0)
+    b.set_value("/Info/MaxChargeCurrent", 100.0)
+    seen = await sample(slow, agg, CCL, 100.0, timeout=6, interval=0.5)
+    values = [v for _, v in seen]
+    assert values == sorted(values) and 0 < max(values) <= 30.0, seen  # ~4 A/s, not a jump to 100 A
+    slow.close()
+
+
+async def test_the_ccl_ramps_up_from_0_after_start_and_goes_on_across_a_reload(processes: Processes,
+                                                                                tmp_path: Path) -> None:
+    """A restart or a config reload (even touching the file) jumped straight to the target."""
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=200.0)
+    feeder = Feeder(bank)
+    agg, proc = run(processes, tmp_path, bank, limits={"rampUpRate": 10})
+    await bank.value_is(agg, "/System/NrOfBatteries", 1)
+    first = await bank.read(agg, CCL)
+    assert first is not None and first < 50.0, first  # from 0 at 10 A/s, not 200 A at once
+    await eventually(lambda: _above(bank, agg, 60.0), timeout=15)
+    config_path = tmp_path / "agg.json"
+    config = json.loads(config_path.read_text())
+    config["limits"]["hysteresis"] = 2.0  # a real change, applied in place
+    config_path.write_text(json.dumps(config))
+    await eventually(lambda: "configuration reloaded" in processes.output(proc), timeout=10)
+    assert await bank.read(agg, CCL) < 150.0  # still ramping: no jump to 200 A
+    await bank.value_is(agg, CCL, 200.0, timeout=20)
+    feeder.stop()
+    bank.close()
+
+
+async def _above(bank: Bank, agg: str, level: float) -> bool:
+    return (await bank.read(agg, CCL) or 0.0) > level
+
+
+async def test_of_one_pack_under_two_services_the_lower_limit_counts(processes: Processes, tmp_path: Path) -> None:
+    """The service seen second was ignored even when its limit was lower."""
+    bank = Bank()
+    await bank.add("can", Serial="SN-TWO", Info__MaxChargeCurrent=50.0, Info__MaxDischargeCurrent=80.0)
+    await asyncio.sleep(0.5)  # seen first
+    ser = await bank.add("ser", Serial="SN-TWO", Info__MaxChargeCurrent=20.0, Info__MaxDischargeCurrent=90.0,
+                         Io__AllowToCharge=1)
+    agg, _ = run(processes, tmp_path, bank, limits=FAST)
+    await bank.value_is(agg, "/System/NrOfBatteries", 1)
+    await bank.value_is(agg, CCL, 20.0)
+    await bank.value_is(agg, DCL, 80.0)
+    ser.set_value("/Io/AllowToCharge", 0)
+    await bank.value_is(agg, CCL, 0.0)
+    bank.close()
+
+
+async def test_a_sign_inverted_member_current_does_not_blind_the_guard(processes: Processes,
+                                                                       tmp_path: Path) -> None:
+    """b really carries 40 of the bank's 60 A (twice its capacity share) but its driver publishes -40 A. Taken as
+    is, the guard never saw b above its 30 A and the CCL was 90 A (b at 60 A, 200% of its limit). Its power says
+    the sign is wrong: the shares fall back to capacity without the operating point, the guard sees 40 A, and
+    the CCL keeps b within its limit."""
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, InstalledCapacity=200.0, Dc__0__Current=20.0,
+                   Dc__0__Power=1060.0)
+    await bank.add("b", Info__MaxChargeCurrent=30.0, InstalledCapacity=100.0, Dc__0__Current=-40.0,
+                   Dc__0__Power=2120.0)
+    feeder = Feeder(bank)
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", limits=FAST)
+    await bank.value_is(agg, CCL, 45.0)  # b: 30 A at the 2/3 share it was seen taking
+    status = await bank.read(agg, "/Aggregator/Status")
+    assert "current sign looks inverted" in status and "Pack b" in status, status
+    assert "looks sign-inverted" in processes.output(proc)
+    feeder.stop()
     bank.close()
