@@ -27,6 +27,7 @@ from .state import StateStore
 
 _LOG = logging.getLogger("aggregator")
 FILE_CHECK_INTERVAL = 5.0
+CONNECTION_CHECK_INTERVAL = 1.0  # seconds between checks that every connection we own is still up
 
 
 def last_good_path(path: str) -> str:
@@ -154,8 +155,22 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 last = now
                 reload.set()
 
+    restarting = False
+
+    async def watch_connections() -> str:
+        """Every connection we own, not just the members' watcher: the aggregate's or a virtual battery's
+        connection dropped by the bus (a message too large, say) left the process running with no battery."""
+        while True:
+            await asyncio.sleep(CONNECTION_CHECK_INTERVAL)
+            if restarting:
+                continue  # the old connections close on purpose
+            owned = [*aggregator.connections(), *((s.settings.serviceName, s.bus) for s in grid.running)]
+            for name, connection in owned:
+                if not connection.connected:
+                    return f"lost the D-Bus connection of {name}"
+
     async def reloader() -> None:
-        nonlocal aggregator
+        nonlocal aggregator, restarting
         while True:
             await reload.wait()
             reload.clear()
@@ -168,25 +183,35 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 remember_good(config_path, result.config)
             if not aggregator.reconfigure(result.config):
                 _LOG.warning("the new config renames our services: restarting them")
+                restarting = True
                 await aggregator.stop()
                 aggregator = Aggregator(result.config, bus_address)
-                await aggregator.start()
+                try:
+                    await aggregator.start()
+                except Exception as exc:  # a name taken by another process, say: do not live on without a battery
+                    _LOG.error("cannot restart with the new config: %s", exc)
+                    return
+                finally:
+                    restarting = False
             await grid.apply(result.config, aggregator.settings)
 
     tasks = [loop.create_task(watch_file()), loop.create_task(reloader())]
-    disconnected = loop.create_task(bus.wait_for_disconnect())
+    lost_task = loop.create_task(watch_connections())
     stopped = loop.create_task(stop.wait())
-    await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({lost_task, stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()
-    if disconnected.done():
-        _LOG.error("lost the D-Bus connection; exiting so the supervisor restarts us")
+    lost = lost_task.result() if lost_task.done() else None
+    if lost is None and not stopped.done():  # the reloader ended: it failed to restart our services
+        lost = "our services could not be restarted"
+    if lost is not None:
+        _LOG.error("%s; exiting so the supervisor restarts us", lost)
         stopped.cancel()
         aggregator.energy.save()
         for service in grid.running:
             service.save()
         return 2
-    disconnected.cancel()
+    lost_task.cancel()
     await grid.stop()
     await aggregator.stop()
     _LOG.info("stopped")

@@ -21,14 +21,15 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
     <allow user="*"/>
   </policy>
   <limit name="max_match_rules_per_connection">4096</limit>
-</busconfig>
+{limits}</busconfig>
 """
 
 
 class PrivateBus:
     """Start with `start()` (or as a context manager); `address` is what DBUS_SESSION_BUS_ADDRESS gets."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
+        self.limits = limits or {}  # extra <limit>s (tests make the bus drop a client that sends too much)
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -40,7 +41,8 @@ class PrivateBus:
         self._dir = tempfile.mkdtemp(prefix="battagg-bus-")
         socket = os.path.join(self._dir, "bus")
         config = Path(self._dir, "bus.conf")
-        config.write_text(_CONFIG.format(socket=socket))
+        limits = "".join(f'  <limit name="{k}">{v}</limit>\n' for k, v in self.limits.items())
+        config.write_text(_CONFIG.format(socket=socket, limits=limits))
         self._proc = subprocess.Popen(
             [daemon, f"--config-file={config}", "--nofork", "--print-address=1"],
             stdout=subprocess.PIPE,

@@ -27,6 +27,10 @@ _INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 SET_OK = 0
 SET_NOT_WRITEABLE = 1  # also: a value of the wrong type
 SET_REJECTED = 2  # the service's own check said no
+# The longest text (characters) and list another process may write: a 20 MB /CustomName made us republish it
+# in every GetItems and signal until the bus dropped our connection.
+MAX_WRITTEN_TEXT = 1024
+MAX_WRITTEN_ITEMS = 256
 
 _NO_REPLY_EXPECTED = MessageFlag.NO_REPLY_EXPECTED
 _ITEMS_CHANGED = ItemsChangedEncoder(BUSITEM)
@@ -390,6 +394,12 @@ class VeService:
             value = unwrap(variant)
         except Exception:  # malformed variant content
             return SET_NOT_WRITEABLE
+        if isinstance(value, str) and len(value) > MAX_WRITTEN_TEXT or \
+                isinstance(value, (list, dict)) and len(value) > MAX_WRITTEN_ITEMS:
+            _LOG.warning("%s: refused a write of %s: %d %s is more than the %d allowed", self.name, item.path,
+                         len(value), "characters" if isinstance(value, str) else "items",
+                         MAX_WRITTEN_TEXT if isinstance(value, str) else MAX_WRITTEN_ITEMS)
+            return SET_REJECTED
         if value is not None and item.value_types is not None:
             if type(value) is bool and bool not in item.value_types:
                 return SET_NOT_WRITEABLE
