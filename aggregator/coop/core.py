@@ -55,6 +55,7 @@ MAX_POWER_W = 500_000.0
 LEVEL_TOLERANCE = 5.0  # percentage points allowed between the reported level and stored/capacity
 MAX_CLOCK_SKEW_S = 120.0  # a timestamp further in the future than this is a broken clock
 WIRE_KEYS = ("siteId", "level", "storedKwh", "capacityKwh", "productionW", "consumptionW", "gridW", "timestamp")
+MAX_JSON_DEPTH = 4  # a state is one flat object; deeper JSON is not one (and deep enough crashes the parser)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,75 @@ def check_peer(data: Any, now: float, expected_site: str | None = None) -> PeerS
     if problems:
         return Rejected(site, "; ".join(problems))
     return PeerState(site, level, min(stored, capacity), capacity, production, consumption, grid, timestamp)
+
+
+def json_depth(text: bytes | str) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count). Cheap and
+    safe on any input, so it can screen a payload before json.loads, whose recursion a deep one exhausts."""
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth = max(0, depth - 1)
+    return deepest
+
+
+# What a peer may claim, beyond being sane (check_peer). The fleet's average weighs each site by the capacity
+# it claims, so one site claiming 1000 kWh at 0 % would pull the average to the floor and make every other
+# site deliver to it. A mature cooperative knows its members: a registry of site -> capacity, the same at
+# every site (like gain and deadband), and a claim above its registered capacity is not believed; less is
+# (a pack offline only lowers its weight). Without a registry a household-sized bound applies. Beyond that,
+# physics: a battery's level moves no faster than its C-rate, so a level that jumps is not believed either.
+CAPACITY_TOLERANCE = 0.1  # capacity = Ah x V moves with the bank's voltage: 10 % over the registered is fine
+MAX_LEVEL_RATE_PER_H = 100.0  # % per hour: 1 C, more than a household's inverter moves its battery
+LEVEL_JUMP_SLACK = 10.0  # points at any moment: a BMS resynchronising its SoC at the top of a charge
+MAX_CAPACITY_STEP = 2.0  # without a registry: a capacity more than doubling at once is not believed
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPolicy:
+    registered: Mapping[str, float] | None = None  # site -> capacity kWh; None: any site may take part
+    max_capacity_kwh: float = 100.0  # without a registry: the most any one site may claim
+    timeout_s: float = 120.0  # a believed state older than this is no reference for a capacity step
+
+
+def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy) -> PeerState | Rejected:
+    """A sane peer state (from check_peer) -> itself if it may count, else why not. `believed`: the last
+    state of this site that was admitted (None at first)."""
+    site, capacity = state.site_id, state.capacity_kwh
+    if policy.registered is not None:
+        registered = policy.registered.get(site)
+        if registered is None:
+            return Rejected(site, "not a registered member of the cooperative")
+        if capacity > registered * (1.0 + CAPACITY_TOLERANCE):
+            return Rejected(site, f"capacity {capacity:g} kWh beyond its registered {registered:g} kWh")
+    elif capacity > policy.max_capacity_kwh:
+        return Rejected(site, f"capacity {capacity:g} kWh beyond the bound of {policy.max_capacity_kwh:g} kWh "
+                        "(no registry of members)")
+    if believed is None:
+        return state
+    dt = max(0.0, state.timestamp - believed.timestamp)  # reordered messages: measured as simultaneous
+    allowed = LEVEL_JUMP_SLACK + MAX_LEVEL_RATE_PER_H * dt / 3600.0
+    if abs(state.level - believed.level) > allowed:
+        return Rejected(site, f"level jumped from {believed.level:.1f} to {state.level:.1f} % in {dt:.0f} s "
+                        f"(at most {allowed:.1f} points)")
+    if (policy.registered is None and dt <= policy.timeout_s
+            and capacity > believed.capacity_kwh * MAX_CAPACITY_STEP):
+        return Rejected(site, f"capacity jumped from {believed.capacity_kwh:g} to {capacity:g} kWh")
+    return state
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import ssl
 import time
 from collections import Counter
@@ -27,13 +28,17 @@ from typing import Any, Callable, Protocol
 
 import aiomqtt
 
-from .core import (Curtailment, Fleet, PeerState, PublishGate, Rejected, SiteTarget, check_peer, fleet_average,
-                   is_fresh, site_target)
+from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, PeerState, PublishGate, Rejected, SiteTarget, admit,
+                   check_peer, fleet_average, is_fresh, json_depth, site_target)
 from .settings import CoopSettings
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 4096  # a state is ~250 bytes; anything far larger is not one
+
+
+def _shape(reason: str) -> str:
+    return re.sub(r"[-+]?\d[\d.e+-]*", "#", reason)
 
 
 class CurtailAdapter(Protocol):
@@ -97,6 +102,10 @@ class CoopSite:
         self.reconnect_max_s = reconnect_max_s
         self.announce_offline_on_stop = announce_offline_on_stop
         self.site_settings = settings.site_settings()
+        self.peer_policy = settings.peer_policy()
+        if self.peer_policy.registered is None:
+            log.info("coop: no peers list: any site may take part, claiming up to %g kWh",
+                     self.peer_policy.max_capacity_kwh)
         prefix = settings.topicPrefix
         self.prefix = prefix
         self.state_topic = f"{prefix}/{self.site_id}/state"
@@ -111,6 +120,9 @@ class CoopSite:
         self.offline: set[str] = set()
         self.rejected: Counter[str] = Counter()  # by site id ("?" when unknown)
         self.last_rejection: dict[str, str] = {}
+        self.ignored: dict[str, str] = {}  # site -> why its latest state was not believed (until one is)
+        self.unreadable = 0  # messages that failed in a way no check foresaw (logged with their topic)
+        self._last_unreadable: tuple[str, type] | None = None
         self.own: PeerState | None = None
         self.last_target: SiteTarget | None = None
         self.connected = asyncio.Event()
@@ -188,6 +200,8 @@ class CoopSite:
                 await self._session()
             except (aiomqtt.MqttError, OSError) as err:  # OSError: TLS failures, an unreadable caFile
                 log.warning("coop broker %s:%d: %s", self.broker.host, self.broker.port, err)
+            except Exception:  # a bug must not end the cooperative for good: log it, connect again
+                log.exception("coop: the session with %s:%d failed", self.broker.host, self.broker.port)
             finally:
                 self._client = None
                 self.connected.clear()
@@ -264,9 +278,19 @@ class CoopSite:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            raw = message.payload
-            payload = bytes(raw) if isinstance(raw, (bytes, bytearray)) else b"" if raw is None else str(raw).encode()
-            await self.handle(str(message.topic), payload)
+            topic = str(message.topic)
+            try:
+                raw = message.payload
+                payload = (bytes(raw) if isinstance(raw, (bytes, bytearray)) else b"" if raw is None
+                           else str(raw).encode())
+                await self.handle(topic, payload)
+            except Exception as err:  # noqa: BLE001
+                # One message must never end the loop: a retained one would end it again at every connect, at
+                # every site. Its sender is not known here for sure, so the topic names it.
+                self.unreadable += 1
+                if self._last_unreadable != (topic, type(err)):  # not once per message of a chatty peer
+                    log.warning("coop: ignoring a message on %s: %s: %s", topic, type(err).__name__, err)
+                self._last_unreadable = (topic, type(err))
 
     async def handle(self, topic: str, payload: bytes) -> None:
         ha = self.settings.homeAssistant
@@ -290,26 +314,36 @@ class CoopSite:
     def _on_state(self, site: str, payload: bytes) -> None:
         if not payload:  # the retained state was cleared: the site left the cooperative
             self.peers.pop(site, None)
+            self.ignored.pop(site, None)
             return
         if len(payload) > MAX_PAYLOAD:
-            self._reject(Rejected(site, f"{len(payload)} bytes, not a state"))
+            self._reject(Rejected(site, f"{len(payload)} bytes, not a state (at most {MAX_PAYLOAD})"))
+            return
+        depth = json_depth(payload)
+        if depth > MAX_JSON_DEPTH:  # before json.loads: "[[[[..." within MAX_PAYLOAD exhausts its recursion
+            self._reject(Rejected(site, f"JSON nested {depth} deep, not a state"))
             return
         try:
             data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             self._reject(Rejected(site, "not JSON"))
             return
         result = check_peer(data, self.clock(), site)
+        if isinstance(result, PeerState):
+            result = admit(result, self.peers.get(site), self.peer_policy)
         if isinstance(result, Rejected):
             self._reject(result)
         else:
             self.peers[site] = result
+            self.ignored.pop(site, None)
 
     def _reject(self, rejected: Rejected) -> None:
         site = rejected.site_id or "?"
         self.rejected[site] += 1
-        if self.last_rejection.get(site) != rejected.reason:  # once per new reason, not per message
-            log.warning("coop: ignoring %s: %s", site, rejected.reason)
+        self.ignored[site] = rejected.reason
+        # Once per new kind of reason, not per message: the numbers in a reason change with every message.
+        if _shape(self.last_rejection.get(site, "")) != _shape(rejected.reason):
+            log.warning("coop: ignoring %s/%s/state: %s", self.prefix, site, rejected.reason)
         self.last_rejection[site] = rejected.reason
 
     # --- Home Assistant -----------------------------------------------------------------------------------

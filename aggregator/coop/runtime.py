@@ -154,6 +154,11 @@ class CoopRuntime:
         self._meter(own, battery_w, target, now)
         self.last = target
         status = target.reason
+        if self.site.ignored:  # say why a peer does not count: a lying or broken peer is seen on the GX
+            ignored = sorted(self.site.ignored.items())
+            status += "; ignoring " + ", ".join(f"{site} ({why})" for site, why in ignored[:3])
+            if len(ignored) > 3:
+                status += f" and {len(ignored) - 3} more"
         if self.dispatcher is not None and not self.dispatcher.set_target(target.battery_w):
             status = f"{status}; the dispatcher refused {target.battery_w:.0f} W"
         self._publish(target, status, own.level)

@@ -9,12 +9,14 @@ camelCase keys like the rest of config.json; unknown keys are errors. Example (s
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from ..validation import format_validation_error
-from .core import SITE_ID_PATTERN, SiteSettings
+from .core import MAX_CAPACITY_KWH, SITE_ID_PATTERN, PeerPolicy, SiteSettings
+
+SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]
 
 TOPIC_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"  # no wildcards, no empty levels
 
@@ -85,6 +87,12 @@ class HomeAssistantSettings(BaseModel):
     discoveryPrefix: str = Field("homeassistant", pattern=TOPIC_PREFIX_PATTERN)
 
 
+class PeerEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    capacityKwh: float = Field(gt=0, le=MAX_CAPACITY_KWH, description="the site's registered battery capacity "
+                               "(kWh); a claim more than 10 % above it is not believed")
+
+
 class CoopSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="take part in the cooperative")
@@ -108,6 +116,13 @@ class CoopSettings(BaseModel):
                               "direction; 25 A at 230 V = 5750)")
     reservePercent: float = Field(10.0, ge=0, le=100, description="never deliver to the fleet at or below "
                                   "this level")
+    peers: dict[SiteId, PeerEntry] = Field(default_factory=dict, description="the cooperative's members (siteId "
+                                           "-> registered capacity), the same list at every site: a site not "
+                                           "listed is ignored, and so is a claim above its registered capacity; "
+                                           "empty = any site may take part, up to maxPeerCapacityKwh")
+    maxPeerCapacityKwh: float = Field(100.0, gt=0, le=MAX_CAPACITY_KWH, description="without a peers list: the "
+                                      "largest capacity (kWh) a peer may claim; a larger claim is ignored, or "
+                                      "one peer could pull the fleet's average to its own level")
     curtail: CurtailSettings = Field(default_factory=CurtailSettings)
     homeAssistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
 
@@ -121,6 +136,9 @@ class CoopSettings(BaseModel):
         if self.broker is not None and self.siteId is not None and self.broker.username not in (None, self.siteId):
             raise ValueError(f"broker.username {self.broker.username!r} must equal siteId {self.siteId!r}: the "
                              "broker's ACL lets a site write only under <topicPrefix>/<its username>/")
+        if self.peers and self.siteId is not None and self.siteId not in self.peers:
+            raise ValueError(f"siteId {self.siteId!r} is not in peers: the list is the cooperative's members, the "
+                             "same at every site, this one included")
         if self.peerTimeoutSeconds <= 2 * self.publishSeconds:
             raise ValueError(f"peerTimeoutSeconds ({self.peerTimeoutSeconds:g}) must be more than twice "
                              f"publishSeconds ({self.publishSeconds:g}), or a peer goes stale between its updates")
@@ -139,6 +157,12 @@ class CoopSettings(BaseModel):
                             max_charge_w=self.maxChargeW, max_discharge_w=self.maxDischargeW,
                             grid_limit_w=self.gridLimitW, full_percent=self.curtail.fullPercent,
                             reserve_percent=self.reservePercent)
+
+
+    def peer_policy(self) -> PeerPolicy:
+        registered = {site: entry.capacityKwh for site, entry in self.peers.items()} if self.peers else None
+        return PeerPolicy(registered=registered, max_capacity_kwh=self.maxPeerCapacityKwh,
+                          timeout_s=self.peerTimeoutSeconds)
 
 
 class CoopSettingsError(ValueError):

@@ -16,11 +16,73 @@ from typing import Any, Iterator
 
 import pytest
 
+from aggregator.config import Config
 from aggregator.privatebus import PrivateBus
 
 
 REPO = Path(__file__).resolve().parents[2]
 ASYNC_TIMEOUT = 60.0
+# The production stateDir (/data/battery-aggregator): on a GX, or a PC where the service is installed, it holds
+# the real learned shares, energy and the cooperative's ledger. No test may write there; every test gives its
+# configs a stateDir under tmp_path. Taken from the model, so the guard follows the default if it moves.
+PRODUCTION_STATE_DIR = Path(Config().stateDir)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]] | None:
+    """Every entry under root with its mtime and size; None when root does not exist. Directories count too:
+    StateStore's atomic replace changes its directory's mtime even when the file ends up the same size."""
+    if not root.exists():
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    for directory, dirs, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in [*dirs, *files])]:
+            try:
+                st = os.lstat(path)
+            except OSError:  # vanished between the listing and the stat: that is a change too
+                out[path] = (-1, -1)
+            else:
+                out[path] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _changes(before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None) -> list[str]:
+    if before == after:
+        return []
+    if before is None:
+        return [f"created {PRODUCTION_STATE_DIR}: " + ", ".join(sorted(after or {})[:10])]
+    if after is None:
+        return [f"removed {PRODUCTION_STATE_DIR}"]
+    return sorted(f"{'changed' if p in before and p in after else 'added' if p in after else 'removed'} {p}"
+                  for p in set(before) | set(after) if before.get(p) != after.get(p))
+
+
+_session_baseline: dict[str, tuple[int, int]] | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _session_baseline
+    _session_baseline = _snapshot(PRODUCTION_STATE_DIR)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the last teardown: catches a subprocess that outlived its test and wrote there late."""
+    changes = _changes(_session_baseline, _snapshot(PRODUCTION_STATE_DIR))
+    if changes:
+        sys.stderr.write(f"\nFAILED: the tests wrote into the production stateDir {PRODUCTION_STATE_DIR}:\n  "
+                         + "\n  ".join(changes) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _no_writes_to_the_production_state_dir() -> Iterator[None]:
+    """Fails the test (at teardown, after its subprocesses were stopped) that wrote into the production
+    stateDir. Autouse fixtures are set up first and torn down last, so `processes` has stopped by then."""
+    before = _snapshot(PRODUCTION_STATE_DIR)
+    yield
+    changes = _changes(before, _snapshot(PRODUCTION_STATE_DIR))
+    if changes:
+        pytest.fail(f"this test wrote into the production stateDir {PRODUCTION_STATE_DIR} (give its config a "
+                    "stateDir under tmp_path):\n  " + "\n  ".join(changes[:20]), pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -93,6 +155,8 @@ class Processes:
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        if args[:1] == ("run",) and "--config" in args:
+            _assert_state_dir_is_set(Path(args[args.index("--config") + 1]))
         return self.start_module("aggregator", *args, env=env)
 
     def start_module(self, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -123,6 +187,18 @@ class Processes:
                     proc.kill()
                     proc.wait()
             proc.log.close()  # type: ignore[attr-defined]
+
+
+def _assert_state_dir_is_set(config: Path) -> None:
+    """Before the daemon starts: a config without stateDir would make it write into the production one (a
+    config that is not an object is left to the daemon's error handling, and to the guard above)."""
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and "stateDir" not in data:
+        raise AssertionError(f"{config} has no stateDir: the daemon would keep its state in "
+                             f"{PRODUCTION_STATE_DIR}; give it one under tmp_path")
 
 
 @pytest.fixture

@@ -42,7 +42,8 @@ def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
 async def test_run_aggregates_members_but_not_excluded_ones(processes: Processes, tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.aggregator",
-                                  "excludedServices": ["com.victronenergy.battery.sim_b"]}))
+                                  "excludedServices": ["com.victronenergy.battery.sim_b"],
+                                  "stateDir": str(tmp_path / "state")}))
     sim = processes.start("simulate", "default", "--rate", "2")
     daemon = processes.start("run", "--config", str(config), "--log-level", "INFO")
 
@@ -85,7 +86,8 @@ async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.statusagg",
-                                  "excludedServices": ["com.victronenergy.battery.aggregator"]}))
+                                  "excludedServices": ["com.victronenergy.battery.aggregator"],
+                                  "stateDir": str(tmp_path / "state")}))
     processes.start("simulate", "default", "--rate", "2")
     processes.start("run", "--config", str(config))
 

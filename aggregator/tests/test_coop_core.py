@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.coop.core import (Curtailment, Ledger, PeerState, PublishGate, Rejected, SiteSettings,
-                                  check_peer, fleet_average, fleet_transfers, raw_transfer, site_target,
+from aggregator.coop.core import (CAPACITY_TOLERANCE, LEVEL_JUMP_SLACK, MAX_LEVEL_RATE_PER_H, Curtailment, Ledger,
+                                  PeerPolicy, PeerState, PublishGate, Rejected, SiteSettings, admit, check_peer,
+                                  fleet_average, fleet_transfers, json_depth, raw_transfer, site_target,
                                   wanted_transfer)
 from aggregator.coop.settings import CoopSettingsError, parse_coop
 
@@ -66,14 +68,120 @@ def test_missing_keys_and_non_objects_are_rejected() -> None:
     assert check_peer([1, 2], NOW, "x") == Rejected("x", "not a JSON object")
 
 
+# Text from a small alphabet: plain st.text() makes Hypothesis build its table of all of Unicode on the first
+# draw, which takes over a second on a cold cache (FailedHealthCheck too_slow). These characters cover valid
+# site ids and numbers as text and what must be refused ("/", " ", "."), which is all check_peer looks at.
+_TEXT = st.text(alphabet="aZ09_-/ .é", max_size=5)
+
+
 @given(st.dictionaries(st.sampled_from(["siteId", "level", "storedKwh", "capacityKwh", "productionW",
                                         "consumptionW", "gridW", "timestamp", "x"]),
-                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5))))
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _TEXT)))
 def test_check_peer_never_raises_and_what_passes_is_sane(data: dict[str, object]) -> None:
     result = check_peer(data, NOW)
     if isinstance(result, PeerState):
         assert 0 <= result.level <= 100 and 0 < result.capacity_kwh and 0 <= result.stored_kwh <= result.capacity_kwh
         assert all(math.isfinite(v) for v in (result.production_w, result.consumption_w, result.grid_w))
+
+
+# --- deep JSON -----------------------------------------------------------------------------------------
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+_JSON_TEXT = st.text(alphabet='ab[]{}"\\:, é', max_size=6)  # brackets and quotes inside strings must not count
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | _JSON_TEXT,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_JSON_TEXT, inner, max_size=3),
+                           max_leaves=20)
+
+
+@given(json_values, st.booleans())
+def test_json_depth_is_the_nesting_of_arrays_and_objects(value: object, ascii_only: bool) -> None:
+    assert json_depth(json.dumps(value, ensure_ascii=ascii_only).encode()) == _depth(value)
+
+
+@given(st.binary(max_size=300))
+def test_json_depth_takes_any_bytes(data: bytes) -> None:
+    assert json_depth(data) >= 0
+
+
+def test_json_depth_of_what_crashes_the_parser() -> None:
+    assert json_depth(b"[" * 100_000) == 100_000 and json_depth('{"a":' * 2000) == 2000
+    assert json_depth(json.dumps(peer("a", 50).to_wire())) == 1
+
+
+# --- what a peer may claim (admit) ---------------------------------------------------------------------
+
+REGISTRY = PeerPolicy(registered={"a": 10.0, "b": 13.5, "liar": 10.0})
+
+
+def test_a_claim_beyond_the_registered_capacity_or_of_an_unknown_site_is_not_believed() -> None:
+    assert admit(peer("a", 50, 10.9), None, REGISTRY) == peer("a", 50, 10.9)  # Ah x V moves with the voltage
+    assert admit(peer("a", 50, 4.0), None, REGISTRY) == peer("a", 50, 4.0)  # less: a pack offline
+    result = admit(peer("liar", 0, 1000), None, REGISTRY)
+    assert result == Rejected("liar", "capacity 1000 kWh beyond its registered 10 kWh")
+    assert admit(peer("stranger", 50), None, REGISTRY) == Rejected("stranger", "not a registered member of the "
+                                                                               "cooperative")
+    open_fleet = PeerPolicy(max_capacity_kwh=100.0)
+    assert admit(peer("x", 0, 100), None, open_fleet) == peer("x", 0, 100)
+    result = admit(peer("x", 0, 1000), None, open_fleet)
+    assert isinstance(result, Rejected) and "beyond the bound of 100 kWh" in result.reason
+
+
+def test_a_level_that_jumps_is_not_believed_until_physics_allows_it() -> None:
+    before = peer("a", 60)
+    assert admit(peer("a", 55, age=-30), before, REGISTRY) == peer("a", 55, age=-30)
+    result = admit(peer("a", 0, age=-30), before, REGISTRY)
+    assert isinstance(result, Rejected) and "level jumped from 60.0 to 0.0 % in 30 s" in result.reason
+    # An hour later any level is reachable: a peer that was refused comes back by itself.
+    assert admit(peer("a", 0, age=-3600), before, REGISTRY) == peer("a", 0, age=-3600)
+    # Without a registry a capacity that more than doubles at once is not believed either.
+    open_fleet = PeerPolicy(max_capacity_kwh=100.0, timeout_s=120)
+    result = admit(peer("a", 60, 90, age=-30), peer("a", 60, 10), open_fleet)
+    assert isinstance(result, Rejected) and "capacity jumped from 10 to 90 kWh" in result.reason
+    assert admit(peer("a", 60, 15, age=-30), peer("a", 60, 10), open_fleet) == peer("a", 60, 15, age=-30)
+
+
+@given(st.lists(st.tuples(st.floats(1, 3600), st.floats(-1, 1)), max_size=50), st.floats(0, 100))
+def test_a_real_battery_is_always_believed(steps: list[tuple[float, float]], start: float) -> None:
+    """Levels that move no faster than 1 C (any direction, any timing) are never refused."""
+    believed = peer("a", start)
+    for dt, fraction in steps:
+        level = min(100.0, max(0.0, believed.level + fraction * MAX_LEVEL_RATE_PER_H * dt / 3600))
+        state = PeerState("a", level, 10 * level / 100, 10, 0, 0, 0, believed.timestamp + dt)
+        assert admit(state, believed, REGISTRY) == state
+        believed = state
+
+
+@given(st.floats(0, 1000, exclude_min=True), st.floats(0, 100), st.floats(0, 3600), st.floats(0, 100))
+def test_a_jump_beyond_the_allowance_is_refused(capacity: float, level: float, dt: float, before: float) -> None:
+    state = PeerState("a", level, capacity * level / 100, capacity, 0, 0, 0, NOW + dt)
+    result = admit(state, peer("a", before), PeerPolicy(max_capacity_kwh=1000))
+    if abs(level - before) > LEVEL_JUMP_SLACK + MAX_LEVEL_RATE_PER_H * dt / 3600:
+        assert isinstance(result, Rejected)
+
+
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0.5, 13.5)), min_size=1, max_size=10),
+       st.floats(0, 1000, exclude_min=True), st.floats(0, 100), st.sampled_from([None, 80.0]))
+def test_a_liar_pulls_the_average_no_more_than_an_empty_site_of_its_registered_size(
+        honest: list[tuple[float, float]], claimed_kwh: float, claimed_level: float, earlier: float | None) -> None:
+    sites = [peer(f"s{i}", level, capacity) for i, (level, capacity) in enumerate(honest)]
+    registered = {s.site_id: 13.5 for s in sites} | {"liar": 10.0}
+    policy = PeerPolicy(registered=registered)
+    believed = None if earlier is None else peer("liar", earlier, 10.0, age=30)
+    claim = admit(peer("liar", claimed_level, claimed_kwh), believed, policy)
+    counted = sites + ([claim] if isinstance(claim, PeerState) else [] if believed is None else [believed])
+    fleet = fleet_average(counted, NOW, 120)
+    assert fleet is not None
+    stored = math.fsum(s.stored_kwh for s in sites)
+    capacity = math.fsum(s.capacity_kwh for s in sites)
+    floor = 100 * stored / (capacity + 10.0 * (1 + CAPACITY_TOLERANCE))
+    assert fleet.level >= floor - 1e-9
 
 
 # --- the fleet average ---------------------------------------------------------------------------------
@@ -285,6 +393,9 @@ def test_settings_defaults_and_clear_messages() -> None:
     assert s.broker is not None and s.broker.tls and s.broker.port == 8883 and s.username == "rivendell"
     assert s.site_settings().full_percent == 99.0
     assert not parse_coop({}).enabled
+    assert s.peer_policy().registered is None and s.peer_policy().max_capacity_kwh == 100.0
+    listed = parse_coop({"siteId": "a", "peers": {"a": {"capacityKwh": 10}, "b": {"capacityKwh": 13.5}}})
+    assert listed.peer_policy().registered == {"a": 10.0, "b": 13.5}
     cases = [
         ({"enabled": True}, "siteId is required"),
         ({"enabled": True, "siteId": "a"}, "broker is required"),
@@ -295,6 +406,10 @@ def test_settings_defaults_and_clear_messages() -> None:
         ({"curtail": {"fullPercent": 95, "releasePercent": 96}}, "releasePercent (96.0) must be below"),
         ({"curtail": {"adapter": "dbus"}}, "needs service and path"),
         ({"topicPrefix": "coop/#"}, "topicPrefix"),
+        ({"peers": {"a b": {"capacityKwh": 10}}}, "peers.\"a b\": String should match pattern"),
+        ({"peers": {"a": {"capacityKwh": 5000}}}, "peers.a.capacityKwh"),
+        ({"siteId": "c", "peers": {"a": {"capacityKwh": 10}}}, "siteId 'c' is not in peers"),
+        ({"maxPeerCapacityKwh": 0}, "maxPeerCapacityKwh"),
     ]
     for data, message in cases:
         with pytest.raises(CoopSettingsError) as err:

@@ -354,3 +354,150 @@ async def test_the_dbus_curtailment_adapter_writes_the_path(bus_address: str) ->
     finally:
         bus.disconnect()
         charger.close()
+
+
+async def _clear(broker: MosquittoBroker, site: str) -> None:
+    async with client(broker, site, USERS[site]) as c:
+        await c.publish(f"coop/{site}/state", b"", qos=1, retain=True)
+
+
+async def test_deep_or_huge_json_never_stops_a_site(broker: MosquittoBroker) -> None:
+    """Issue #14: "[[[[..." deeper than the parser's recursion limit, retained, used to end the MQTT task of
+    every site at every connect. Now such a message is ignored, and the site reads and publishes on."""
+    deep_array, deep_object = b"[" * 4000, b'{"a":' * 800  # both within the size bound, both too deep to parse
+    async with client(broker, "site-a", USERS["site-a"]) as a:
+        await a.publish("coop/site-a/state", deep_array, qos=1, retain=True)
+    async with client(broker, "site-c", USERS["site-c"]) as c:
+        await c.publish("coop/site-c/state", deep_object, qos=1, retain=True)
+    running = Running()
+    try:
+        for attempt in range(2):  # the retained messages come again at every (re)start: survive them both times
+            watcher = running.start(CoopSite(settings_for(broker, "site-b")))
+            await until(watcher.connected.is_set, what="site-b connected")
+            await until(lambda w=watcher: w.rejected["site-a"] >= 1 and w.rejected["site-c"] >= 1,
+                        what="both deep messages rejected")
+            assert "nested 4000 deep" in watcher.last_rejection["site-a"]
+            assert "nested 800 deep" in watcher.last_rejection["site-c"]
+            own = state("site-b", 40.0 + attempt)
+            await watcher.step(own, 0.0)
+            # It still publishes its own state (as a fresh subscriber reads it)...
+            for _ in range(50):
+                got = await retained(broker, "coop/site-b/state")
+                if got is not None and json.loads(got)["level"] == own.level:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("site-b stopped publishing its state")
+            await running.stop()
+            running = Running()
+        # ...and reads a good peer message after a huge one (bounded before anything parses it).
+        watcher = running.start(CoopSite(settings_for(broker, "site-b")))
+        await until(watcher.connected.is_set)
+        await watcher.step(state("site-b", 50.0), 0.0)
+        async with client(broker, "site-a", USERS["site-a"]) as a:
+            await a.publish("coop/site-a/state", b"[" * 100_000, qos=1)
+            await until(lambda: "bytes, not a state" in watcher.last_rejection.get("site-a", ""), what="too big")
+            await a.publish("coop/site-a/status", b"online", qos=1, retain=True)
+            await a.publish("coop/site-a/state", json.dumps(state("site-a", 30.0).to_wire()), qos=1)
+            await until(lambda: "site-a" in watcher.peers_online(), what="the good state after the bad ones")
+        assert watcher.connects == 1 and watcher.connected.is_set()  # one session throughout: nothing died
+        assert "site-a" not in watcher.ignored and watcher.ignored["site-c"].startswith("JSON nested")
+    finally:
+        await running.stop()
+        await _clear(broker, "site-a")
+        await _clear(broker, "site-c")
+
+
+@pytest.mark.parametrize("registry", [False, True], ids=["bound", "registry"])
+async def test_a_lying_peer_does_not_drain_the_others(broker: MosquittoBroker, registry: bool) -> None:
+    """Issue #14: one peer claiming 1000 kWh at 0 % pulled the fleet's average to the floor, and every other
+    site delivered to it. Its claim is now refused (beyond the registered capacity, or beyond the bound
+    without a registry), and so is a level that jumps; the honest sites balance among themselves."""
+    extra: dict[str, Any] = {"curtail": {"adapter": "none"}, "peerTimeoutSeconds": 30}
+    if registry:
+        extra["peers"] = {"site-a": {"capacityKwh": 10.0}, "site-b": {"capacityKwh": 50.0},
+                          "site-c": {"capacityKwh": 50.0}}
+    for site in ("site-a", "site-b", "site-c"):  # no retained state of another test: a 20 -> 50 kWh step is refused
+        await _clear(broker, site)
+    running = Running()
+    sites = {name: running.start(CoopSite(settings_for(broker, name, **extra))) for name in ("site-b", "site-c")}
+    # Of 50 kWh each: with the liar's 1000 kWh the average was 6 %. Nobody uses power (no drift gates anyone).
+    levels = {"site-b": 60.0, "site-c": 70.0}
+    try:
+        for name, site in sites.items():
+            await until(site.connected.is_set, what=f"{name} connected")
+            await site.step(state(name, levels[name], capacity=50.0, consumption=0), 0.0)
+        async with client(broker, "site-a", USERS["site-a"]) as liar:
+            await liar.publish("coop/site-a/status", b"online", qos=1, retain=True)
+            # First a plausible state at the fleet's level: believed.
+            await liar.publish("coop/site-a/state", json.dumps(state("site-a", 65.0, consumption=0).to_wire()),
+                               qos=1)
+            for site in sites.values():
+                await until(lambda s=site: len(s.peers_online()) == 2, what="all three sites")
+            # Then the lie: 1000 kWh, empty.
+            lie = state("site-a", 0.0, capacity=1000.0, consumption=0)
+            await liar.publish("coop/site-a/state", json.dumps(lie.to_wire()), qos=1, retain=True)
+            for site in sites.values():
+                await until(lambda s=site: "site-a" in s.ignored, what="the lie refused")
+                assert "capacity 1000 kWh beyond" in site.ignored["site-a"]
+            # Then an empty battery of the right size: a level that cannot have fallen 65 points in a moment.
+            lie = state("site-a", 0.0, consumption=0)
+            await liar.publish("coop/site-a/state", json.dumps(lie.to_wire()), qos=1, retain=True)
+            for site in sites.values():
+                await until(lambda s=site: "level jumped" in s.ignored.get("site-a", ""), what="the jump refused")
+        for name, site in sites.items():
+            await site.step(state(name, levels[name], capacity=50.0, consumption=0), 0.0)
+        transfers = {name: site.target().transfer_w for name, site in sites.items()}
+        # The honest sites exchange among themselves: what site-c delivers, site-b takes; nobody feeds site-a.
+        assert transfers["site-b"] > 0 and transfers["site-c"] < 0, transfers
+        assert transfers["site-b"] + transfers["site-c"] == pytest.approx(0.0, abs=1e-6)
+        fleet = sites["site-b"].fleet()
+        assert fleet is not None and fleet.level == pytest.approx(65.0, abs=0.01)  # the liar's last believed
+    finally:
+        await running.stop()
+        await _clear(broker, "site-a")
+
+
+async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: MosquittoBroker, busctl: Any) -> None:
+    """The whole path on the service: the liar's claim arrives over the broker, and what busctl reads on our
+    /Coop/* paths is our own level as the average, no transfer, and the reason the peer does not count."""
+    from aggregator.bus.lib import connect
+    from aggregator.bus.service import VeService
+    from aggregator.coop.runtime import CoopRuntime
+
+    name = "com.victronenergy.battery.coop_liar_test"
+    service = VeService(await connect(), name)
+    service.add_mandatory_paths(process_name="t", process_version="1", connection="t", device_instance=291,
+                                product_id=1, product_name="Coop test")
+    for path, value in (("/Soc", 60.0), ("/InstalledCapacity", 1000.0), ("/Dc/0/Voltage", 50.0),  # 50 kWh
+                        ("/Dc/0/Power", 0.0)):
+        service.add_path(path, value)
+    runtime = CoopRuntime(settings_for(broker, "site-b", curtail={"adapter": "none"}), service, service.bus,
+                          cycle_s=0.2)
+    await service.register()
+    await runtime.start()
+
+    async def read(path: str) -> Any:
+        reply = await busctl.acall_json(name, f"/Coop/{path}", "GetValue")
+        return reply["data"][0]["data"]
+
+    try:
+        await until(runtime.site.connected.is_set, what="connected")
+        async with client(broker, "site-a", USERS["site-a"]) as liar:
+            await liar.publish("coop/site-a/status", b"online", qos=1, retain=True)
+            deadline = time.monotonic() + 10
+            while True:  # the liar keeps its claim fresh, as a real one would
+                lie = state("site-a", 0.0, capacity=1000.0)
+                await liar.publish("coop/site-a/state", json.dumps(lie.to_wire()), qos=1, retain=True)
+                await asyncio.sleep(0.3)
+                seen = {path: await read(path) for path in ("Status", "AverageLevel", "Transfer", "PeersOnline")}
+                if "ignoring site-a" in seen["Status"]:
+                    break
+                assert time.monotonic() < deadline, f"/Coop/* never named the liar: {seen}"
+        assert "capacity 1000 kWh beyond the bound of 100 kWh" in seen["Status"]
+        assert seen["AverageLevel"] == pytest.approx(60.0)  # the liar's 0 % did not pull it down
+        assert seen["Transfer"] == 0 and seen["PeersOnline"] == 0  # nothing delivered to it
+    finally:
+        await runtime.stop()
+        service.close()
+        await _clear(broker, "site-a")

@@ -21,7 +21,8 @@ FAST = {"BATTERY_AGGREGATOR_DBUS": "dbus-fast"}
 async def test_simulator_and_watcher_run_on_dbus_fast(processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
     sim = processes.start("simulate", "default", "--rate", "4", "--log-level", "DEBUG", env=FAST)
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.fastagg"}))
+    config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.fastagg",
+                                  "stateDir": str(tmp_path / "state")}))
     daemon = processes.start("run", "--config", str(config), env=FAST)
     monitor = ServiceMonitor(await connect(), ["com.victronenergy.battery.sim_"])
     await monitor.start()
