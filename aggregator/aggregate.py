@@ -236,6 +236,7 @@ class Aggregator:
         await self.settings.start()
         self._load_state()
         self.energy.load()
+        await self.energy.follow_time_zone(bus)  # dates in the user's zone (localsettings), not the process's
         self.watcher = PathWatcher(bus, self._on_dvcc_change)
         for service, path in DVCC_PATHS:
             self.watcher.watch(service, path)
@@ -243,10 +244,11 @@ class Aggregator:
         self.service = await publish_battery(self.settings, self.name, AGGREGATE_PRODUCT_NAME, AGGREGATE_PRODUCT_ID,
                                              "Aggregate of 0 batteries", self.bus_address)
         self._add_aggregate_paths(self.service)
-        add_report_methods(self.service, self._take_report)
+        add_report_methods(self.service, self._take_report, self._remove_report)
         self.components = Components(self.config, self.service, bus)
         if self.config.energy.httpPort is not None:
-            self._http = ReportHttpServer(self._take_report, self.config.energy.httpBind, self.config.energy.httpPort)
+            self._http = ReportHttpServer(self._take_report, self.config.energy.httpBind, self.config.energy.httpPort,
+                                          remove=self._remove_report, token=lambda: self.energy.options.httpToken)
             await self._http.start()
         for vb in self.virtuals.values():
             vb.service = await publish_battery(self.settings, vb.name, VIRTUAL_PRODUCT_NAME, VIRTUAL_PRODUCT_ID,
@@ -329,6 +331,7 @@ class Aggregator:
             await self.components.stop()
         self._save_state()
         self.energy.save()
+        await self.energy.stop()
         if self._http is not None:
             await self._http.stop()
         if self.watcher is not None:
@@ -794,6 +797,12 @@ class Aggregator:
         """An external battery's report (D-Bus method or HTTP); ReportError goes back to the caller."""
         text = self.energy.report(fields)
         self._publish_energy()  # reports are rare: show it now rather than at the next tick
+        return text
+
+    def _remove_report(self, identity: Any) -> str:
+        """Forget an external battery (D-Bus Remove, HTTP POST /remove); ReportError when it is not one."""
+        text = self.energy.remove_external(identity)
+        self._publish_energy()
         return text
 
     def _breakdown_row(self, service: VeService, name: str) -> None:

@@ -137,23 +137,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .energy import ReportError, parse_report
     from .energy_service import ENERGY_INTERFACE
 
-    fields = {"id": args.id, "charged": args.charged, "discharged": args.discharged, "soc": args.soc,
-              "capacity": args.capacity, "reset": args.reset}
-    try:
-        parse_report(**fields)  # the service checks again; this names a mistake without a bus
-    except ReportError as exc:
-        print(f"battery-aggregator report: {exc}", file=sys.stderr)
-        return 1
-    body = {"id": Variant("s", args.id), "charged": Variant("d", args.charged),
-            "discharged": Variant("d", args.discharged), "soc": Variant("d", args.soc),
-            "reset": Variant("b", args.reset)}
-    if args.capacity is not None:
-        body["capacity"] = Variant("d", args.capacity)
+    if args.remove is not None:
+        if args.id is not None or any(v is not None for v in (args.charged, args.discharged, args.soc,
+                                                               args.capacity)) or args.reset:
+            print("battery-aggregator report: --remove ID takes nothing else (report --remove shed)", file=sys.stderr)
+            return 1
+        method, signature, call_body = "Remove", "s", [args.remove]
+    else:
+        missing = [f"--{k}" for k in ("charged", "discharged", "soc") if getattr(args, k) is None]
+        if args.id is None or missing:
+            print("battery-aggregator report: give ID --charged KWH --discharged KWH --soc PCT, or --remove ID"
+                  + (f" (missing: {', '.join((['ID'] if args.id is None else []) + missing)})"), file=sys.stderr)
+            return 1
+        fields = {"id": args.id, "charged": args.charged, "discharged": args.discharged, "soc": args.soc,
+                  "capacity": args.capacity, "reset": args.reset}
+        try:
+            parse_report(**fields)  # the service checks again; this names a mistake without a bus
+        except ReportError as exc:
+            print(f"battery-aggregator report: {exc}", file=sys.stderr)
+            return 1
+        body = {"id": Variant("s", args.id), "charged": Variant("d", args.charged),
+                "discharged": Variant("d", args.discharged), "soc": Variant("d", args.soc),
+                "reset": Variant("b", args.reset)}
+        if args.capacity is not None:
+            body["capacity"] = Variant("d", args.capacity)
+        method, signature, call_body = "Report", "a{sv}", [body]
 
     async def main() -> int:
         bus = await connect()
         try:
-            reply = await client.call(bus, args.service, "/", "Report", "a{sv}", [body], interface=ENERGY_INTERFACE)
+            reply = await client.call(bus, args.service, "/", method, signature, call_body,
+                                      interface=ENERGY_INTERFACE)
         except client.CallError as exc:
             hint = " (is the aggregator running?)" if exc.error_name in ("timeout", "connection") or \
                 "ServiceUnknown" in exc.error_name else ""
@@ -332,15 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--check", action="store_true", help="exit 1 when the committed file is out of date")
     schema.set_defaults(func=_cmd_schema)
 
-    report = sub.add_parser("report", help="report a battery that is not on D-Bus (energy and level)",
+    report = sub.add_parser("report", help="report a battery that is not on D-Bus (energy and level), or remove one",
                             description="Send the running totals and the level of a battery that is not on D-Bus "
                                         "to the aggregate (its org.batteryaggregator.Energy.Report method). It "
-                                        "counts in the energy totals and the levels, never in the DC values. Exit "
-                                        "status 1 with the reason when the report is refused.")
-    report.add_argument("id", help="the battery's identity: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
-    report.add_argument("--charged", required=True, type=float, metavar="KWH", help="lifetime charged kWh")
-    report.add_argument("--discharged", required=True, type=float, metavar="KWH", help="lifetime discharged kWh")
-    report.add_argument("--soc", required=True, type=float, metavar="PCT", help="state of charge, 0 to 100")
+                                        "counts in the energy totals and the levels, never in the DC values; the "
+                                        "first report's totals count as its lifetime energy. `report --remove ID` "
+                                        "forgets an external battery (its row and its energy). Exit status 1 with "
+                                        "the reason when the report is refused.")
+    report.add_argument("id", nargs="?", help="the battery's identity: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    report.add_argument("--charged", type=float, metavar="KWH", help="lifetime charged kWh")
+    report.add_argument("--discharged", type=float, metavar="KWH", help="lifetime discharged kWh")
+    report.add_argument("--soc", type=float, metavar="PCT", help="state of charge, 0 to 100")
+    report.add_argument("--remove", metavar="ID", help="forget this external battery: its row, level and energy")
     report.add_argument("--capacity", type=float, metavar="AH", help="installed capacity (weights the level)")
     report.add_argument("--reset", action="store_true", help="the counters really restarted (else a step back "
                         "is refused as a delta)")

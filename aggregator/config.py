@@ -6,11 +6,12 @@ are the users' camelCase names, so existing files load unchanged.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .coop.settings import CoopSettings
 from .dispatch.settings import DispatcherConfig
@@ -70,8 +71,32 @@ class EnergyOptions(BaseModel):
     httpPort: int | None = Field(None, ge=1, le=65535, description="port of the HTTP endpoint for external "
                                  "reports (POST /report); null = off")
     httpBind: str = Field("127.0.0.1", min_length=1, description="address the HTTP endpoint listens on")
+    httpToken: str | None = Field(None, min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$",
+                                  description="requests to the HTTP endpoint need the header Authorization: "
+                                  "Bearer <httpToken>; required when httpBind is not a loopback address")
     externalStaleAfter: float = Field(900.0, gt=0, le=604800, description="seconds without a report before an "
                                       "external battery is stale (it leaves the levels)")
+    maxExternal: int = Field(32, ge=1, le=1000, description="most external battery ids kept; a report of a new "
+                             "id beyond it is refused (remove ids with battery-aggregator report --remove ID)")
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> "EnergyOptions":
+        # Reports change the energy totals: beyond this machine nobody may send them without the token.
+        if self.httpPort is not None and self.httpToken is None and not is_loopback(self.httpBind):
+            raise ValueError(f"httpToken is required: httpBind {self.httpBind!r} is not a loopback address "
+                             "(127.0.0.1, ::1, localhost), so reports need a token (16 to 256 printable "
+                             "characters, sent as Authorization: Bearer <token>)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class Config(BaseModel):

@@ -18,6 +18,7 @@ A member's counters are followed, never trusted blindly:
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from .validation import validation_messages
 
 __all__ = [
-    "CounterKind", "Duplicate", "EnergyLedger", "ExternalReport", "ReportError", "average_level",
-    "capacity_weighted_level", "energy_csv", "find_duplicates", "identity_of", "local_date", "local_midnight",
-    "parse_report", "report_regression", "split_by_day", "total_energy", "trapezoid_split",
+    "CounterKind", "Duplicate", "EnergyLedger", "ExternalReport", "ReportConflict", "ReportError", "ReportSeries",
+    "average_level", "capacity_weighted_level", "energy_csv", "find_duplicates", "identity_of", "local_date",
+    "local_midnight", "parse_report", "report_regression", "split_by_day", "total_energy", "trapezoid_split",
 ]
 
 CounterKind = Literal["total", "daily"]
@@ -47,6 +48,7 @@ DAILY_SKEW = 3600.0  # a BMS's clock may be off by up to this much around midnig
 DEFAULT_MAX_GAP = 300.0  # seconds: a longer gap between V x I samples is bridged without energy
 HISTORY_DAYS = 1096  # three years of daily buckets
 STATE_VERSION = 1
+REANCHORED = "rejected, counting from the new value on"  # a refused report says instead that nothing moved
 
 
 def identity_of(serial: str | None, configured_id: str | None, service_name: str) -> str:
@@ -200,7 +202,7 @@ class EnergyLedger:
 
     def _impossible(self, label: str, energy: float, seconds: float, max_kw: float, what: str) -> str:
         return (f"{self.identity}: {label} +{energy:g} kWh in {seconds:.0f} s {what} is more than {max_kw:g} kW "
-                f"allows; rejected, counting from the new value on")
+                f"allows; {REANCHORED}")
 
     def _integrate(self, now: float, voltage: Any, current: Any, max_kw: float) -> str | None:
         if not (_finite(voltage) and _finite(current)):
@@ -239,6 +241,27 @@ class EnergyLedger:
     def counters(self) -> tuple[float | None, float | None]:
         """The raw (charged, discharged) counter values the next sample is compared with."""
         return self._charged.value, self._discharged.value
+
+    def seed(self, now: float, charged_kwh: float, discharged_kwh: float) -> None:
+        """The first report of an external battery: its running totals are its lifetime energy, and count.
+
+        A member on D-Bus is counted from when the aggregate first saw it; a reporter (a Homey flow, a
+        script) sends lifetime totals and expects to see them. With total counters that energy is on no day
+        (when it moved is not known); a daily counter's first value is today's."""
+        for label, anchor, value in (("charged", self._charged, charged_kwh),
+                                     ("discharged", self._discharged, discharged_kwh)):
+            anchor.value, anchor.at = float(value), now
+            if self.kind == "daily":
+                self._credit(label, [(local_date(now, self.tz), float(value))])
+            elif label == "charged":
+                self.charged_kwh += float(value)
+            else:
+                self.discharged_kwh += float(value)
+        self.uses_counters = True
+
+    def copy(self) -> EnergyLedger:
+        """An independent copy: a report is tried on it and only kept when it is taken whole."""
+        return copy.deepcopy(self)
 
     # ---- persistence -------------------------------------------------------------------------------------
 
@@ -419,6 +442,41 @@ class ReportError(ValueError):
     def __init__(self, messages: list[str]) -> None:
         super().__init__("; ".join(messages))
         self.messages = messages
+
+
+class ReportConflict(ReportError):
+    """Reports under one id that come from two batteries (two series of totals, alternating)."""
+
+
+@dataclass(slots=True)
+class ReportSeries:
+    """What one external id was refused, to tell a typo from two batteries reporting under that id.
+
+    A typo is refused once and the next correct report is taken. Two batteries under one id send two series
+    of running totals in turn: one is taken, the other refused again and again, each refused report
+    continuing the last refused one (a plausible increase since it) while accepted reports come between."""
+
+    refused: tuple[float, float, float] | None = None  # charged, discharged kWh and when (epoch s)
+    accepted_since: bool = False
+
+    def accepted(self) -> None:
+        self.accepted_since = True
+
+    def refuse(self, identity: str, charged: float, discharged: float, now: float,
+               last: tuple[float | None, float | None]) -> str | None:
+        """Note a refused report; the conflict message when it continues the series refused before."""
+        previous, alternated = self.refused, self.accepted_since
+        self.refused, self.accepted_since = (charged, discharged, now), False
+        if previous is None or not alternated:
+            return None
+        bound = _bound_kwh(DEFAULT_MAX_POWER_KW, now - previous[2])
+        steps = (charged - previous[0], discharged - previous[1])
+        if not all(-max(0.05, 1e-3 * old) <= step <= bound for step, old in zip(steps, previous[:2])):
+            return None
+        taken = "?" if last[0] is None else f"{last[0]:g}"
+        return (f"id: {identity!r} gets the totals of two batteries: the reports alternate between two series of "
+                f"running totals (charged {taken} kWh and {charged:g} kWh); give each battery an id of its own "
+                f"(`battery-aggregator report --remove {identity}` starts this id again)")
 
 
 def _number(value: Any, low: float, high: float, *, low_open: bool, unit: str) -> float:

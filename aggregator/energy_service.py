@@ -6,16 +6,20 @@ external batteries, computes the `/History/*` and `/Energy/*` values and keeps t
 aggregate's service; `ReportHttpServer` is the optional HTTP endpoint (off by default).
 
 A ledger is saved when a new identity appears (so its counter anchor survives a kill -9: the member's own
-counters then cover the time we were away), every SAVE_INTERVAL and on stop.
+counters then cover the time we were away), after every taken report or removal, every SAVE_INTERVAL and on
+stop. The external batteries' rows (level, capacity, when they last reported) are saved with the ledgers.
+Dates follow the user's time zone (localsettings' /Settings/System/TimeZone) once `follow_time_zone` runs.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -23,14 +27,17 @@ from .bus.lib import Message
 from .bus.service import VeService
 from .bus.values import unwrap
 from .config import EnergyOptions, MemberEnergyOptions
-from .energy import (CounterKind, Duplicate, EnergyLedger, ReportError, average_level, capacity_weighted_level,
-                     find_duplicates, identity_of, parse_report, report_regression, total_energy)
+from .energy import (REANCHORED, CounterKind, Duplicate, EnergyLedger, ReportConflict, ReportError, ReportSeries,
+                     average_level, capacity_weighted_level, find_duplicates, identity_of, parse_report,
+                     report_regression, total_energy)
+from .local_time import TimeZoneFollower
 from .state import StateStore
 
 _LOG = logging.getLogger("aggregator.energy")
 
 ENERGY_INTERFACE = "org.batteryaggregator.Energy"
 REPORT_ERROR = ENERGY_INTERFACE + ".Error.InvalidReport"
+CONFLICT_ERROR = ENERGY_INTERFACE + ".Error.Conflict"
 STATE_FILE = "energy.json"
 STATE_VERSION = 1
 SAVE_INTERVAL = 180.0
@@ -54,6 +61,7 @@ class _External:
     soc: float
     capacity: float | None
     at: float  # monotonic time of the last report
+    wall: float  # epoch seconds of the last report (saved: a restart keeps how stale it is)
 
 
 def _number(value: Any) -> float | None:
@@ -75,6 +83,11 @@ class EnergyTracker:
         self.ledgers: dict[str, EnergyLedger] = {}
         self.members: dict[str, _Member] = {}  # service name -> who it is
         self.externals: dict[str, _External] = {}  # reported id -> its last report
+        self.series: dict[str, ReportSeries] = {}  # reported id -> what it was refused (typo or two batteries)
+        self.conflicts: dict[str, float] = {}  # reported id -> monotonic time of its last conflicting report
+        self._rows_shown: set[int] = set()  # /Energy/External/<k> rows published: a removed one turns invalid
+        self.tz: tzinfo | None = None  # dates: the user's zone; None = the process's
+        self._zone: TimeZoneFollower | None = None
         self.duplicates: dict[str, Duplicate] = {}
         self._shadowed: set[str] = set()  # services another service with the same identity stands for
         self._save_due = False
@@ -94,22 +107,73 @@ class EnergyTracker:
             return
         for identity, entry in (saved or {}).items():
             kind = entry.get("kind") if isinstance(entry, dict) else None
-            ledger, reason = EnergyLedger.from_dict(entry, identity, kind if kind in ("total", "daily") else "total")
+            ledger, reason = EnergyLedger.from_dict(entry, identity, kind if kind in ("total", "daily") else "total",
+                                                    self.tz)
             if reason:
                 _LOG.warning("%s", reason)
             self.ledgers[identity] = ledger
+        self._load_externals(data.get("externals"))
         if self.ledgers:
             charged, discharged = total_energy(self.ledgers.values())
             _LOG.info("energy of %d batteries loaded from %s: %.3f kWh charged, %.3f kWh discharged",
                       len(self.ledgers), self.store.path, charged, discharged)
+
+    def _load_externals(self, saved: Any) -> None:
+        """The external batteries' rows; one that is not usable is dropped with a log line (its energy stays)."""
+        if not isinstance(saved, dict):
+            return
+        now, wall = self.clock(), self.wall()
+        for identity, entry in sorted(saved.items(), key=lambda item: str(item[0])):
+            try:
+                if identity not in self.ledgers:
+                    raise ValueError("no energy ledger saved for it")
+                row, soc, capacity, reported = (entry["row"], entry["soc"], entry.get("capacity"), entry["reportedAt"])
+                if not (isinstance(row, int) and 0 <= row < 100000 and row not in
+                        {e.row for e in self.externals.values()}):
+                    row = self._free_row()
+                if _number(soc) is None or not 0 <= soc <= 100:
+                    raise ValueError(f"soc {soc!r} is not 0 to 100")
+                if capacity is not None and (_number(capacity) is None or capacity <= 0):
+                    raise ValueError(f"capacity {capacity!r} is not a positive number")
+                if _number(reported) is None:
+                    raise ValueError(f"reportedAt {reported!r} is not a time")
+            except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                _LOG.warning("%s: saved external battery %r not usable (%s); it reappears at its next report",
+                             self.store.path, identity, exc)
+                continue
+            # Stale as long after the restart as it was before: the monotonic clock restarted, the wall did not.
+            at = now - max(0.0, wall - float(reported))
+            self.externals[identity] = _External(row, float(soc), None if capacity is None else float(capacity),
+                                                 at, float(reported))
 
     def save(self) -> None:
         if not self._loaded:
             return
         self._save_due = False
         self._saved_at = self.clock()
+        externals = {i: {"row": e.row, "soc": e.soc, "capacity": e.capacity, "reportedAt": e.wall}
+                     for i, e in sorted(self.externals.items())}
         self.store.save({"version": STATE_VERSION,
-                         "ledgers": {i: ledger.to_dict() for i, ledger in sorted(self.ledgers.items())}})
+                         "ledgers": {i: ledger.to_dict() for i, ledger in sorted(self.ledgers.items())},
+                         "externals": externals})
+
+    # ---- the user's time zone ----------------------------------------------------------------------------
+
+    def set_zone(self, tz: tzinfo | None, _name: str | None = None) -> None:
+        """Dates (daily buckets, daily counters' midnight) from now on in `tz` (None: the process's zone)."""
+        self.tz = tz
+        for ledger in self.ledgers.values():
+            ledger.tz = tz
+
+    async def follow_time_zone(self, bus: Any) -> None:
+        """Read localsettings' time zone and follow its changes (on a GX the process runs in UTC)."""
+        self._zone = TimeZoneFollower(bus, self.set_zone)
+        await self._zone.start()
+
+    async def stop(self) -> None:
+        if self._zone is not None:
+            await self._zone.stop()
+            self._zone = None
 
     def tick(self) -> None:
         """Every second or so: save when a new identity appeared or SAVE_INTERVAL passed."""
@@ -127,13 +191,13 @@ class EnergyTracker:
     def _ledger(self, identity: str, kind: CounterKind) -> EnergyLedger:
         ledger = self.ledgers.get(identity)
         if ledger is None:
-            ledger = self.ledgers[identity] = EnergyLedger(identity, kind)
+            ledger = self.ledgers[identity] = EnergyLedger(identity, kind, self.tz)
             self._save_due = True  # its first counter value is the anchor a restart must count from
         elif ledger.kind != kind:
             # The config changed the counter kind: the totals and anchors stay, the rules change.
             data = ledger.to_dict()
             data["kind"] = kind
-            ledger, _ = EnergyLedger.from_dict(data, identity, kind)
+            ledger, _ = EnergyLedger.from_dict(data, identity, kind, self.tz)
             self.ledgers[identity] = ledger
             _LOG.info("%s: counters now read as %s", identity, kind)
         return ledger
@@ -207,25 +271,85 @@ class EnergyTracker:
 
     def report(self, fields: Mapping[str, Any]) -> str:
         """Take a report of a battery that is not on D-Bus; ReportError (naming field, value and what is allowed)
-        when it cannot be taken. The energy goes into its ledger; the level into the levels, not the DC bus."""
+        when it cannot be taken, and then nothing changes. The first report's totals are the battery's lifetime
+        energy and count; later ones add their increase. The level goes into the levels, not the DC bus."""
         report = parse_report(**fields)
         on_bus = sorted(n for n, m in self.members.items() if m.identity == report.id)
         if on_bus:
             raise ReportError([f"id: {report.id!r} is the identity of {', '.join(on_bus)} on D-Bus; an external "
                                "battery needs an id of its own"])
-        ledger = self._ledger(report.id, self._options([report.id]).counterKind)
-        problem = report_regression(ledger, report)
-        if problem:
-            raise ReportError([problem])
-        messages = ledger.add(self.wall(), report.charged, report.discharged)
         external = self.externals.get(report.id)
+        limit = self.options.maxExternal
+        if external is None and len(self.externals) >= limit:
+            raise ReportError([(f"id: {report.id!r} would be external battery number {len(self.externals) + 1}; "
+                                f"allowed: at most {limit} (energy.maxExternal); remove one that is gone with "
+                                "`battery-aggregator report --remove ID`")])
+        kind = self._options([report.id]).counterKind
+        # Tried on a copy: a refused report (a typo, a delta, an impossible jump) must leave no trace, or the
+        # next correct report would be measured against the mistake.
+        current = self.ledgers.get(report.id)
+        if current is None:
+            trial = EnergyLedger(report.id, kind, self.tz)
+        elif current.kind != kind:
+            data = current.to_dict()
+            data["kind"] = kind
+            trial, _ = EnergyLedger.from_dict(data, report.id, kind, self.tz)
+        else:
+            trial = current.copy()
+        now = self.wall()
+        last = trial.counters()
+        if last == (None, None):
+            trial.seed(now, report.charged, report.discharged)
+            messages: list[str] = []
+        else:
+            problem = report_regression(trial, report)
+            messages = [problem] if problem else trial.add(now, report.charged, report.discharged)
+            went_back = any(old is not None and new < old for old, new in zip(last, (report.charged,
+                                                                                     report.discharged)))
+            if report.reset and went_back:
+                messages = []  # the restart the reporter announced: counted as a restart, nothing to refuse
+        series = self.series.setdefault(report.id, ReportSeries())
+        if messages:
+            conflict = series.refuse(report.id, report.charged, report.discharged, now, last)
+            if conflict:
+                if report.id not in self.conflicts:
+                    _LOG.warning("%s", conflict)
+                self.conflicts[report.id] = self.clock()
+                raise ReportConflict([conflict])
+            # Nothing of a refused report is kept: the next report is measured against the last taken one.
+            raise ReportError([m.replace(REANCHORED, "refused; the last taken totals stay") for m in messages])
+        series.accepted()
+        self.ledgers[report.id] = trial
         if external is None:
-            external = self.externals[report.id] = _External(len(self.externals), report.soc, report.capacity, 0.0)
-            _LOG.info("external battery %s reported for the first time", report.id)
-        external.soc, external.capacity, external.at = report.soc, report.capacity, self.clock()
-        if messages and not report.reset:
-            raise ReportError(messages)  # taken, but the energy was not: the reporter must hear why
-        return f"{report.id}: {ledger.charged_kwh:.3f} kWh charged, {ledger.discharged_kwh:.3f} kWh discharged"
+            external = self.externals[report.id] = _External(self._free_row(), report.soc, report.capacity, 0.0, 0.0)
+            _LOG.info("external battery %s reported for the first time: %.3f kWh charged, %.3f kWh discharged",
+                      report.id, trial.charged_kwh, trial.discharged_kwh)
+        external.soc, external.capacity, external.at, external.wall = report.soc, report.capacity, self.clock(), now
+        self._save_due = True  # reports are rare: each taken one is on disk within a tick
+        return f"{report.id}: {trial.charged_kwh:.3f} kWh charged, {trial.discharged_kwh:.3f} kWh discharged"
+
+    def remove_external(self, identity: Any) -> str:
+        """Forget an external battery: its row, its level and its energy (it leaves the totals). ReportError
+        when `identity` is not an external battery."""
+        if not isinstance(identity, str) or identity not in self.externals:
+            known = ", ".join(sorted(self.externals)) or "none"
+            raise ReportError([f"id: {identity!r} is not an external battery; allowed: a reported id ({known})"])
+        external = self.externals.pop(identity)
+        ledger = self.ledgers.pop(identity, None)
+        self.series.pop(identity, None)
+        self.conflicts.pop(identity, None)
+        self._save_due = True
+        charged = ledger.charged_kwh if ledger is not None else 0.0
+        discharged = ledger.discharged_kwh if ledger is not None else 0.0
+        _LOG.info("external battery %s removed (row %d): %.3f kWh charged and %.3f kWh discharged leave the "
+                  "totals", identity, external.row, charged, discharged)
+        return f"{identity}: removed ({charged:.3f} kWh charged, {discharged:.3f} kWh discharged no longer counted)"
+
+    def _free_row(self) -> int:
+        """The lowest /Energy/External/<k> row no external battery holds: removed rows are used again, so the
+        published paths stay as few as the batteries."""
+        taken = {e.row for e in self.externals.values()}
+        return next(k for k in range(len(taken) + 1) if k not in taken)
 
     def _external_state(self, external: _External, now: float) -> str:
         return STALE if now - external.at > self.options.externalStaleAfter else ONLINE
@@ -252,6 +376,11 @@ class EnergyTracker:
                 levels.append((values.get("/Soc"), values.get("/InstalledCapacity")))
         now = self.clock()
         stale = []
+        live_rows = {e.row for e in self.externals.values()}
+        for row in sorted(self._rows_shown - live_rows):  # a removed battery's row: invalid until used again
+            for key in ("Id", "State", "Soc", "Capacity", "ChargedEnergy", "DischargedEnergy"):
+                out[f"/Energy/External/{row}/{key}"] = None
+        self._rows_shown = self._rows_shown | live_rows
         for identity, external in self.externals.items():
             ledger = self.ledgers[identity]
             state = self._external_state(external, now)
@@ -279,6 +408,11 @@ class EnergyTracker:
             reasons.append("duplicate batteries: " + duplicates)
         if stale:
             reasons.append("stale external batteries: " + ", ".join(sorted(stale)))
+        for identity, at in list(self.conflicts.items()):
+            if now - at > self.options.externalStaleAfter:
+                del self.conflicts[identity]  # no conflicting report for that long: the reporters were sorted out
+        if self.conflicts:
+            reasons.append("two batteries report under one id: " + ", ".join(sorted(self.conflicts)))
         out["/Energy/Status"] = "; ".join(reasons) or "ok"
         return out
 
@@ -294,14 +428,18 @@ def text_key(path: str) -> str:
 
 # ---- the report, on D-Bus and over HTTP ---------------------------------------------------------------------
 
-def add_report_methods(service: VeService, take: Callable[[Mapping[str, Any]], str]) -> None:
-    """`org.batteryaggregator.Energy.Report(a{sv}) -> s` (keys id, charged, discharged, soc, capacity, reset)
-    and `ReportValues(s id, d charged, d discharged, d soc, d capacity) -> s` (capacity < 0: not known) for
-    clients such as dbus-send that cannot build a{sv}. A bad report is an error reply whose text says why."""
+def add_report_methods(service: VeService, take: Callable[[Mapping[str, Any]], str],
+                       remove: Callable[[Any], str] | None = None) -> None:
+    """`org.batteryaggregator.Energy.Report(a{sv}) -> s` (keys id, charged, discharged, soc, capacity, reset),
+    `ReportValues(s id, d charged, d discharged, d soc, d capacity) -> s` (capacity < 0: not known) for
+    clients such as dbus-send that cannot build a{sv}, and `Remove(s id) -> s`. A refused call is an error
+    reply whose text says why (`...Error.Conflict` when two batteries report under one id)."""
 
-    def answer(msg: Message, fields: Mapping[str, Any]) -> Message:
+    def answer(msg: Message, action: Callable[[], str]) -> Message:
         try:
-            return Message.new_method_return(msg, "s", [take(fields)])
+            return Message.new_method_return(msg, "s", [action()])
+        except ReportConflict as exc:
+            return Message.new_error(msg, CONFLICT_ERROR, str(exc))
         except ReportError as exc:
             return Message.new_error(msg, REPORT_ERROR, str(exc))
 
@@ -309,38 +447,61 @@ def add_report_methods(service: VeService, take: Callable[[Mapping[str, Any]], s
         if msg.signature != "a{sv}":
             return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs",
                                      "Report takes a{sv}: id, charged, discharged, soc[, capacity, reset]")
-        return answer(msg, {str(k): unwrap(v) for k, v in msg.body[0].items()})
+        fields = {str(k): unwrap(v) for k, v in msg.body[0].items()}
+        return answer(msg, lambda: take(fields))
 
     def report_values(msg: Message) -> Message:
         if msg.signature != "sdddd":
             return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs",
                                      "ReportValues takes sdddd: id, charged, discharged, soc, capacity (-1: none)")
         ident, charged, discharged, soc, capacity = msg.body
-        return answer(msg, {"id": ident, "charged": charged, "discharged": discharged, "soc": soc,
-                            "capacity": None if capacity < 0 else capacity})
+        fields = {"id": ident, "charged": charged, "discharged": discharged, "soc": soc,
+                  "capacity": None if capacity < 0 else capacity}
+        return answer(msg, lambda: take(fields))
+
+    def remove_id(msg: Message) -> Message:
+        if msg.signature != "s" or remove is None:
+            return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "Remove takes s: the id")
+        return answer(msg, lambda: remove(msg.body[0]))
 
     service.add_method(ENERGY_INTERFACE, "Report", report)
     service.add_method(ENERGY_INTERFACE, "ReportValues", report_values)
+    if remove is not None:
+        service.add_method(ENERGY_INTERFACE, "Remove", remove_id)
 
 
-MAX_REQUEST = 16384
+MAX_REQUEST = 16384  # bytes of a request's head and of its body: a report is a few hundred
 HTTP_TIMEOUT = 5.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
+_FIELDS = "id, charged, discharged, soc[, capacity, reset]"
 
 
 class ReportHttpServer:
-    """`POST /report` with a JSON object (the fields of `report`): 200 {"ok": true, "message": ...} or 400
-    {"error": ...}. Tiny on purpose: one request per connection, bounded size and time, no dependency."""
+    """`POST /report` with a JSON object (the fields of `report`): 200 {"ok": true, "message": ...}, 400
+    {"error": ...} (409 for two batteries under one id). `POST /remove` with {"id": ...} forgets an external
+    battery. With a token every request needs `Authorization: Bearer <token>` (401 without). Tiny on purpose:
+    one request per connection, bounded size and time, no dependency; whatever a request holds, the answer is
+    an HTTP status and the server goes on serving."""
 
-    def __init__(self, take: Callable[[Mapping[str, Any]], str], host: str, port: int) -> None:
+    def __init__(self, take: Callable[[Mapping[str, Any]], str], host: str, port: int, *,
+                 remove: Callable[[Any], str] | None = None,
+                 token: str | Callable[[], str | None] | None = None) -> None:
         self.take = take
+        self.remove = remove
         self.host = host
         self.port = port
+        self._token = token  # a callable follows a reloaded config without a restart of the server
         self._server: asyncio.AbstractServer | None = None
 
+    @property
+    def token(self) -> str | None:
+        return self._token() if callable(self._token) else self._token
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        _LOG.info("external reports over HTTP: POST http://%s:%d/report", self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_REQUEST)
+        _LOG.info("external reports over HTTP: POST http://%s:%d/report%s", self.host, self.port,
+                  " (token required)" if self.token else "")
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -351,17 +512,30 @@ class ReportHttpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body = await asyncio.wait_for(self._answer(reader), HTTP_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             status, body = 400, {"error": "incomplete or too slow request"}
+        except asyncio.LimitOverrunError:  # no end of the head within the limit
+            status, body = 413, {"error": f"the request head must be at most {MAX_REQUEST} bytes"}
+        except Exception:  # never let one request take the endpoint (or the service) down
+            _LOG.exception("HTTP report request failed")
+            status, body = 500, {"error": "internal error; the request was not taken"}
         payload = json.dumps(body).encode()
-        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
+        extra = 'WWW-Authenticate: Bearer realm="battery-aggregator"\r\n' if status == 401 else ""
+        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n{extra}"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
         try:
             writer.write(head + payload)
             await writer.drain()
             writer.close()
-        except ConnectionError:
+        except (ConnectionError, RuntimeError):
             pass
+
+    def _authorised(self, headers: Mapping[str, str]) -> bool:
+        token = self.token
+        if not token:
+            return True
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -372,25 +546,36 @@ class ReportHttpServer:
         if len(parts) != 3:
             return 400, {"error": "not an HTTP request"}
         method, target = parts[0], parts[1].split("?", 1)[0]
-        if target != "/report":
-            return 404, {"error": "only /report is here"}
+        if target not in ("/report", "/remove") or (target == "/remove" and self.remove is None):
+            return 404, {"error": "only POST /report and POST /remove are here"}
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        if not self._authorised(headers):
+            return 401, {"error": "Authorization: Bearer <energy.httpToken> is required"}
         if method != "POST":
             return 405, {"error": "use POST with a JSON object"}
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         try:
             length = int(headers.get("content-length", ""))
         except ValueError:
             return 400, {"error": "Content-Length is required"}
         if not 0 <= length <= MAX_REQUEST:
             return 413, {"error": f"the body must be at most {MAX_REQUEST} bytes"}
+        raw = await reader.readexactly(length)
         try:
-            data = json.loads(await reader.readexactly(length))
-        except ValueError as exc:
+            data = json.loads(raw)
+        except RecursionError:
+            return 400, {"error": "the body is not a report: JSON nested too deeply; send a flat JSON object: "
+                                  + _FIELDS}
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
             return 400, {"error": f"the body is not JSON: {exc}"}
         if not isinstance(data, dict):
-            return 400, {"error": "the body must be a JSON object: id, charged, discharged, soc[, capacity, reset]"}
+            return 400, {"error": "the body must be a JSON object: " + (_FIELDS if target == "/report" else "id")}
         try:
+            if target == "/remove":
+                assert self.remove is not None
+                return 200, {"ok": True, "message": self.remove(data.get("id"))}
             return 200, {"ok": True, "message": self.take(data)}
+        except ReportConflict as exc:
+            return 409, {"error": str(exc)}
         except ReportError as exc:
             return 400, {"error": str(exc)}
 

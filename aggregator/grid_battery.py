@@ -12,6 +12,10 @@ where charged/discharged are the whole export/import and forfeited is what yearl
 Meter counters are followed like energy.py follows BMS counters, but a meter counter that goes backwards
 (meter replaced, counter reset) is only re-anchored: nothing is counted for it and the level does not move.
 Within one sample interval import and export are netted (a meter is read every second or so).
+
+Meters publish their counters in steps (0.01, 0.1 or 1 kWh): a step is checked against the time since the
+counter last moved (not since the last sample, which may be a second ago) plus one step of resolution, so
+quantised counters count while a jump beyond the connection's power is still rejected.
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ from typing import Any
 
 from .energy import local_date
 
-__all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "history_rows_csv", "parse_month_day",
+__all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "history_rows_csv", "parse_month_day", "resolution_of",
            "reset_occurrence"]
 
 METER_KWH_LIMIT = 1e9  # beyond this a meter counter is garbage
 MARGIN = 1.5  # the grid connection's limit is firm, but samples arrive late
-SLACK_KWH = 0.05  # meter counters are published with 0.01 kWh resolution, at best 0.1
+SLACK_KWH = 0.05  # the least slack: samples are read late
+RESOLUTIONS = (1.0, 0.1, 0.01)  # kWh steps meters publish their counters in
 JITTER_KWH = 0.05  # a step back this small is rounding, not a reset
 HISTORY_DAYS = 1096
 STATE_VERSION = 1
@@ -157,6 +162,8 @@ class GridBattery:
             return 0.0
         value = float(value)
         last, at = counter.value, counter.at
+        if value == last:
+            return 0.0  # keep the time it last moved: the next step is weighed against all the time since
         counter.value, counter.at = value, now
         if last is None or at is None:
             return 0.0
@@ -169,7 +176,9 @@ class GridBattery:
             messages.append(f"meter {label} counter went back from {last:g} to {value:g} kWh (meter replaced or "
                             f"reset); counting from {value:g} kWh on, the level is unchanged")
             return 0.0
-        bound = self.config.max_power_kw * MARGIN * max(0.0, now - at) / 3600.0 + SLACK_KWH
+        # A counter in steps of q kWh moves by one step however little energy crossed it: allow one step.
+        step = min(resolution_of(last), resolution_of(value))
+        bound = self.config.max_power_kw * MARGIN * max(0.0, now - at) / 3600.0 + max(SLACK_KWH, step)
         if delta > bound:
             messages.append(f"meter {label} counter jumped by {delta:g} kWh in {max(0.0, now - at):.0f} s, more "
                             f"than {self.config.max_power_kw:g} kW allows; rejected, counting from {value:g} kWh on")
@@ -293,6 +302,14 @@ def _restore(battery: GridBattery, data: Any) -> GridBattery:
         battery.forfeited_kwh += battery.level_kwh - config.capacity_kwh
         battery.level_kwh = config.capacity_kwh
     return battery
+
+
+def resolution_of(value: float) -> float:
+    """The coarsest meter step (1, 0.1 or 0.01 kWh) `value` is a multiple of; 0 when it is none of them."""
+    for step in RESOLUTIONS:
+        if abs(value / step - round(value / step)) < 1e-6:
+            return step
+    return 0.0
 
 
 def _finite(value: Any) -> bool:

@@ -1,7 +1,8 @@
 """The grid battery on D-Bus: follows a grid meter, feeds grid_battery.py, publishes a battery service.
 
 `GridBatteryService` takes a connection of its own (it publishes `serviceName` on it and closes it on
-stop), finds the meter among the `com.victronenergy.grid.*` services with a ServiceMonitor, and keeps its
+stop), finds the meter among the `com.victronenergy.grid.*` services with a ServiceMonitor, takes its dates
+(start date, reset day, daily rows) in the user's time zone from localsettings, and keeps its
 state in `<state_dir>/grid_battery.json` (saved atomically every `save_interval` seconds and on stop, so a
 kill -9 loses at most that much; the meter's counters cover the time the service was away).
 
@@ -17,7 +18,8 @@ import math
 import signal
 import sys
 import time
-from datetime import date
+from dataclasses import replace
+from datetime import date, tzinfo
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -28,7 +30,9 @@ from .battery_paths import text_format
 from .bus.lib import MessageBus, connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
+from .energy import local_date
 from .grid_battery import GridBattery, GridBatteryConfig, HistoryRow, history_rows_csv, parse_month_day
+from .local_time import TimeZoneFollower, zone_named
 from .state import StateStore
 from .validation import format_validation_error
 
@@ -151,6 +155,8 @@ class GridBatteryService:
         self.monitor: ServiceMonitor | None = None
         self._grid_power: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.zone: TimeZoneFollower | None = None
+        self.zone_name: str | None = None  # the user's zone in use (saved: the CSV export shows its times)
 
     # ---- life cycle ------------------------------------------------------------------------------------
 
@@ -173,6 +179,8 @@ class GridBatteryService:
         service.add_path("/GridBattery/Meter", None)
         service.add_path("/GridBattery/Status", "starting")
         self.service = service
+        self.zone = TimeZoneFollower(self.bus, self._set_zone)
+        await self.zone.start()  # before the meter: its first sample is dated in the user's zone
         self._publish()
         self.monitor = ServiceMonitor(self.bus, [GRID_PREFIX], on_added=self._on_added,
                                       on_removed=self._on_removed, on_changed=self._on_changed)
@@ -185,6 +193,9 @@ class GridBatteryService:
         for task in self._tasks:
             task.cancel()
         self.save()
+        if self.zone is not None:
+            await self.zone.stop()
+            self.zone = None
         if self.monitor is not None:
             await self.monitor.stop()
         if self.service is not None:
@@ -210,7 +221,13 @@ class GridBatteryService:
             _LOG.info("grid battery state loaded from %s: level %.2f kWh", self.store.path, battery.level_kwh)
 
     def save(self) -> None:
-        self.store.save({"battery": self.battery.to_dict(), "meter": self.meter_name})
+        self.store.save({"battery": self.battery.to_dict(), "meter": self.meter_name, "timeZone": self.zone_name})
+
+    def _set_zone(self, tz: tzinfo | None, name: str | None) -> None:
+        """The user's time zone changed (or was read): reset day, start date and daily rows follow it."""
+        self.battery.config = replace(self.battery.config, tz=tz)
+        self.zone_name = name
+        self._publish()
 
     async def _save_periodically(self) -> None:
         while True:
@@ -272,7 +289,7 @@ class GridBatteryService:
             return f"meter {self.meter.name} has no valid /Ac/Energy/Forward and /Ac/Energy/Reverse"
         if self._grid_power is None:
             return f"meter {self.meter.name} has no valid /Ac/Power"
-        today = date.fromtimestamp(self.clock())
+        today = local_date(self.clock(), self.battery.config.tz)
         if today < self.settings.startDate:
             return f"counting starts on {self.settings.startDate.isoformat()}"
         return STATUS_OK
@@ -305,7 +322,8 @@ def history_csv(state_dir: str | Path) -> str:
     is no usable state)."""
     data = StateStore(Path(state_dir) / STATE_FILE).load()
     rows: list[HistoryRow] = GridBattery.rows_from_dict(data.get("battery"))
-    return history_rows_csv(rows)
+    tz = zone_named(data["timeZone"])[0] if isinstance(data.get("timeZone"), str) else None
+    return history_rows_csv(rows, tz)  # in the zone the service dated the rows in
 
 
 # ---- as a process --------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ counters passes in seconds. Besides the paths of a real meter it has, for tests 
   /Sim/TimeScale       writeable: simulated seconds per second (0 pauses the meter)
   /Sim/ResetCounters   write 1: /Ac/Energy/Forward and /Ac/Energy/Reverse restart at 0 (a meter reset)
 
-    python -m aggregator.simulator.grid_meter --name NAME --time-scale X [--start 2023-01-01]
+`--resolution 0.1` publishes the counters in 0.1 kWh steps, truncated, as many real meters do.
+
+    python -m aggregator.simulator.grid_meter --name NAME --time-scale X [--start 2023-01-01] [--resolution KWH]
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ class MeterModel:
     forward_kwh: float = 0.0
     reverse_kwh: float = 0.0
     power_w: float = 0.0
+    resolution_kwh: float = 0.0  # counters are shown in steps of this (truncated); 0 = to the Wh
 
     def __post_init__(self) -> None:
         self.power_w = self.profile.grid_power_w(self.sim_time + self.utc_offset)
@@ -113,12 +116,19 @@ class MeterModel:
         self.forward_kwh = 0.0
         self.reverse_kwh = 0.0
 
+    def shown(self, kwh: float) -> float:
+        """A counter as the meter displays it: truncated to its resolution (it never shows energy not yet in)."""
+        if self.resolution_kwh <= 0:
+            return round(kwh, 3)
+        return round(math.floor(round(kwh / self.resolution_kwh, 9)) * self.resolution_kwh, 3)
+
     def values(self) -> dict[str, Any]:
         power = round(self.power_w, 1)
+        forward, reverse = self.shown(self.forward_kwh), self.shown(self.reverse_kwh)
         return {
             "/Ac/Power": power, "/Ac/L1/Power": power,
-            "/Ac/Energy/Forward": round(self.forward_kwh, 3), "/Ac/Energy/Reverse": round(self.reverse_kwh, 3),
-            "/Ac/L1/Energy/Forward": round(self.forward_kwh, 3), "/Ac/L1/Energy/Reverse": round(self.reverse_kwh, 3),
+            "/Ac/Energy/Forward": forward, "/Ac/Energy/Reverse": reverse,
+            "/Ac/L1/Energy/Forward": forward, "/Ac/L1/Energy/Reverse": reverse,
             "/Sim/Time": round(self.sim_time, 1),
         }
 
@@ -230,16 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the load noise")
     parser.add_argument("--solar-peak", type=float, default=5000.0, help="W at a clear summer noon")
     parser.add_argument("--device-instance", type=int, default=30)
+    parser.add_argument("--resolution", type=float, default=0.0, metavar="KWH",
+                        help="publish the energy counters in steps of this many kWh (e.g. 0.1); default 0.001")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.time_scale < 0 or args.rate <= 0:
         parser.error("--time-scale must be >= 0 and --rate > 0")
+    if not 0 <= args.resolution <= 10:
+        parser.error(f"--resolution {args.resolution:g} is not allowed; allowed: 0 to 10 kWh")
     try:
         start = parse_start(args.start)
     except ValueError:
         parser.error(f"--start {args.start!r} is neither epoch seconds nor an ISO date/time")
     profile = HouseholdProfile(solar_peak_w=args.solar_peak, seed=args.seed)
-    model = MeterModel(profile, start, local_offset(start))
+    model = MeterModel(profile, start, local_offset(start), resolution_kwh=args.resolution)
 
     async def run() -> None:
         meter = SimulatedGridMeter(args.name, model, time_scale=args.time_scale, rate_hz=args.rate,

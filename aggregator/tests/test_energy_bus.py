@@ -11,8 +11,12 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
 
 from aggregator.bus import client
 
@@ -127,13 +131,13 @@ async def test_an_external_battery_reported_by_cli_dbus_and_http(processes: Proc
     # busctl with a{sv}, then dbus-send with explicit arguments (dbus-send cannot build a{sv}).
     await busctl.arun("call", agg, "/", "org.batteryaggregator.Energy", "Report", "a{sv}", "4", "id", "s", "shed",
                       "charged", "d", "5.1", "discharged", "d", "2", "soc", "d", "41")
-    await _totals_are(busctl, agg, 0.1, 0.0)
+    await _totals_are(busctl, agg, 5.1, 2.0)  # the first report's totals are its lifetime energy
     sent = await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
         ["dbus-send", f"--bus={bus_address}", "--print-reply", f"--dest={agg}", "/",
          "org.batteryaggregator.Energy.ReportValues", "string:shed", "double:5.2", "double:2.1", "double:42",
          "double:-1"], capture_output=True, text=True, timeout=10))
-    assert sent.returncode == 0 and "0.200 kWh charged" in sent.stdout, sent
-    await _totals_are(busctl, agg, 0.2, 0.1)
+    assert sent.returncode == 0 and "5.200 kWh charged" in sent.stdout, sent
+    await _totals_are(busctl, agg, 5.2, 2.1)
     await bank.value_is(agg, "/Energy/External/0/Soc", 42.0)
     # The energy since the last report instead of the running total: refused, nothing counted.
     delta = await acli(bus_address, "report", "shed", "--charged", "0.1", "--discharged", "0.1", "--soc", "42",
@@ -159,7 +163,7 @@ async def test_an_external_battery_reported_by_cli_dbus_and_http(processes: Proc
     code, body = await loop.run_in_executor(None, lambda: _post(port, {"id": "shed", "charged": 5.3,
                                                                        "discharged": 2.1, "soc": 43}))
     assert code == 200 and body["ok"], body
-    await _totals_are(busctl, agg, 0.3, 0.1)
+    await _totals_are(busctl, agg, 5.3, 2.1)
     assert await bank.read(agg, "/Energy/Status") == "ok"
     bank.close()
 
@@ -230,3 +234,211 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
         bank.close()
         if "local" in locals():
             local.service.close()
+
+
+# ---- issue #14 -------------------------------------------------------------------------------------------------
+
+def _request(port: int, path: str, data: bytes, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def arequest(port: int, path: str, body: Any, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: _request(port, path, data, token))
+
+
+async def _garage(busctl: Busctl, agg: str, charged: float) -> subprocess.CompletedProcess[str]:
+    return await busctl.arun("call", agg, "/", "org.batteryaggregator.Energy", "ReportValues", "sdddd", "garage",
+                             str(charged), "0", "50", "100", check=False)
+
+
+async def test_external_lifetime_totals_typos_and_two_batteries_under_one_id(
+        processes: Processes, tmp_path: Path, busctl: Busctl, bus_address: str) -> None:
+    """Issue #14 items 2 and 3, through the CLI and busctl, read back with busctl and our client."""
+    bank = Bank()
+    await bank.add("a", Soc=50.0, InstalledCapacity=100.0)  # no counters, no current: 0 kWh
+    agg, _ = start_aggregator(processes, tmp_path, bank, stateDir=str(tmp_path / "state"))
+    await bank.value_is(agg, "/Batteries/0/State", "online")
+
+    # 2. A first report's totals are the battery's lifetime energy: shown on its row and summed.
+    first = await acli(bus_address, "report", "homey", "--charged", "2010.66", "--discharged", "1678.79", "--soc",
+                       "60", "--service", agg)
+    assert first.returncode == 0 and "2010.660 kWh charged" in first.stdout, (first.stdout, first.stderr)
+    await _totals_are(busctl, agg, 2010.66, 1678.79)
+    assert _value(busctl, agg, "/Energy/External/0/ChargedEnergy") == 2010.66
+    assert _value(busctl, agg, "/Energy/External/0/DischargedEnergy") == 1678.79
+
+    # 3. A typo is refused and changes nothing: the next correct report is taken.
+    assert (await acli(bus_address, "report", "typo", "--charged", "901.1", "--discharged", "0", "--soc", "50",
+                       "--service", agg)).returncode == 0
+    typo = await acli(bus_address, "report", "typo", "--charged", "9011.2", "--discharged", "0", "--soc", "50",
+                      "--service", agg)
+    assert typo.returncode == 1 and "charged +8110.1 kWh" in typo.stderr, typo.stderr
+    fixed = await acli(bus_address, "report", "typo", "--charged", "901.3", "--discharged", "0", "--soc", "50",
+                       "--service", agg)
+    assert fixed.returncode == 0, fixed.stderr
+    await _totals_are(busctl, agg, 2010.66 + 901.3, 1678.79)
+
+    # 3. Two batteries under one id: the reports alternate between two series; a conflict naming the id.
+    assert (await _garage(busctl, agg, 100.0)).returncode == 0
+    assert (await _garage(busctl, agg, 500.0)).returncode != 0  # once: could be a typo
+    assert (await _garage(busctl, agg, 100.1)).returncode == 0
+    conflict = await _garage(busctl, agg, 500.1)
+    assert conflict.returncode != 0 and "'garage' gets the totals of two batteries" in conflict.stderr, conflict
+    assert "report running totals" not in conflict.stderr
+    await bank.value_is(agg, "/Energy/Status", "two batteries report under one id: garage")
+    await _totals_are(busctl, agg, 2010.66 + 901.3 + 100.1, 1678.79)
+    bank.close()
+
+
+async def test_external_rows_survive_a_restart_are_capped_and_can_be_removed(
+        processes: Processes, tmp_path: Path, busctl: Busctl, bus_address: str) -> None:
+    """Issue #14 item 4: rows restored after a restart, energy.maxExternal, and Remove by CLI, D-Bus and HTTP."""
+    bank = Bank()
+    await bank.add("a", Soc=50.0, InstalledCapacity=100.0)
+    port = _free_port()
+    config = {"stateDir": str(tmp_path / "state"), "energy": {"httpPort": port, "maxExternal": 3}}
+    agg, proc = start_aggregator(processes, tmp_path, bank, **config)
+    await bank.value_is(agg, "/Batteries/0/State", "online")
+    for ident, charged, soc in (("homey", 2010.66, 60), ("typo", 901.3, 50), ("garage", 100.1, 50)):
+        done = await acli(bus_address, "report", ident, "--charged", str(charged), "--discharged", "1", "--soc",
+                          str(soc), "--service", agg)
+        assert done.returncode == 0, done.stderr
+    code, body = await arequest(port, "/report", {"id": "fourth", "charged": 1, "discharged": 1, "soc": 50})
+    assert code == 400 and "at most 3 (energy.maxExternal)" in body["error"], body
+
+    # The rows survive a restart, and the next report is measured against the saved anchor.
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+    agg, proc = start_aggregator(processes, tmp_path, bank, **config)
+    await _totals_are(busctl, agg, 2010.66 + 901.3 + 100.1, 3.0)
+    rows = {await bank.read(agg, f"/Energy/External/{k}/Id"): k for k in range(3)}
+    assert set(rows) == {"homey", "typo", "garage"}
+    assert await bank.read(agg, f"/Energy/External/{rows['homey']}/Soc") == 60.0
+    assert await bank.read(agg, f"/Energy/External/{rows['homey']}/ChargedEnergy") == 2010.66
+    assert (await acli(bus_address, "report", "homey", "--charged", "2010.7", "--discharged", "1", "--soc", "61",
+                       "--service", agg)).returncode == 0
+    await _totals_are(busctl, agg, 2010.7 + 901.3 + 100.1, 3.0)
+
+    # Removed by the CLI, by D-Bus and by HTTP: the energy leaves the totals, the rows turn invalid.
+    removed = await acli(bus_address, "report", "--remove", "typo", "--service", agg)
+    assert removed.returncode == 0 and "typo: removed" in removed.stdout, removed.stderr
+    await _totals_are(busctl, agg, 2010.7 + 100.1, 2.0)
+    assert await bank.read(agg, f"/Energy/External/{rows['typo']}/Id") is None
+    await busctl.arun("call", agg, "/", "org.batteryaggregator.Energy", "Remove", "s", "garage")
+    await _totals_are(busctl, agg, 2010.7, 1.0)
+    code, body = await arequest(port, "/remove", {"id": "homey"})
+    assert code == 200 and body["ok"], body
+    await _totals_are(busctl, agg, 0.0, 0.0)
+    unknown = await acli(bus_address, "report", "--remove", "homey", "--service", agg)
+    assert unknown.returncode == 1 and "'homey' is not an external battery" in unknown.stderr
+    code, body = await arequest(port, "/report", {"id": "fourth", "charged": 1, "discharged": 1, "soc": 50})
+    assert code == 200, body  # room again
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+    agg, proc = start_aggregator(processes, tmp_path, bank, **config)
+    await _totals_are(busctl, agg, 1.0, 1.0)  # removed ids stay removed
+    assert await bank.read(agg, "/Energy/External/0/Id") == "fourth"
+    bank.close()
+
+
+async def test_deep_or_oversized_json_is_answered_and_the_endpoint_goes_on(processes: Processes, tmp_path: Path,
+                                                                           busctl: Busctl) -> None:
+    """Issue #14 item 6: "[" * 10000 made json.loads raise RecursionError in the endpoint."""
+    bank = Bank()
+    await bank.add("a")
+    port = _free_port()
+    agg, _ = start_aggregator(processes, tmp_path, bank, stateDir=str(tmp_path / "state"), energy={"httpPort": port})
+    await bank.value_is(agg, "/Batteries/0/State", "online")
+    code, body = await arequest(port, "/report", b"[" * 10000)
+    assert code == 400 and "nested too deeply" in body["error"], body
+    code, body = await arequest(port, "/report", b"{" * 10000)
+    assert code == 400, body
+    code, body = await arequest(port, "/report", b"[" * 100000)
+    assert code == 413 and "at most 16384 bytes" in body["error"], body
+    code, body = await arequest(port, "/report", b"\xff\xfe{")
+    assert code == 400 and "not JSON" in body["error"], body
+    code, body = await arequest(port, "/report", {"id": "shed", "charged": 5, "discharged": 2, "soc": 40})
+    assert code == 200 and body["ok"], body
+    await _totals_are(busctl, agg, 5.0, 2.0)
+    bank.close()
+
+
+async def test_beyond_loopback_the_http_endpoint_needs_its_token(processes: Processes, tmp_path: Path,
+                                                                 busctl: Busctl) -> None:
+    """Issue #14 item 4: bound to 0.0.0.0 (with energy.httpToken, which the config then requires)."""
+    bank = Bank()
+    await bank.add("a")
+    port, token = _free_port(), "a-token-of-20-chars!"
+    agg, _ = start_aggregator(processes, tmp_path, bank, stateDir=str(tmp_path / "state"),
+                              energy={"httpPort": port, "httpBind": "0.0.0.0", "httpToken": token})
+    await bank.value_is(agg, "/Batteries/0/State", "online")
+    good = {"id": "shed", "charged": 5, "discharged": 2, "soc": 40}
+    code, body = await arequest(port, "/report", good)
+    assert code == 401 and "Authorization: Bearer" in body["error"], body
+    code, body = await arequest(port, "/report", good, token="wrong-token-of-20-chars")
+    assert code == 401
+    code, body = await arequest(port, "/report", good, token=token)
+    assert code == 200 and body["ok"], body
+    await _totals_are(busctl, agg, 5.0, 2.0)
+    assert (await arequest(port, "/remove", {"id": "shed"}))[0] == 401
+    code, body = await arequest(port, "/remove", {"id": "shed"}, token=token)
+    assert code == 200, body
+    await _totals_are(busctl, agg, 0.0, 0.0)
+    checked = await acli(processes.address, "check", str(_config_file(tmp_path, {"energy": {
+        "httpPort": port, "httpBind": "0.0.0.0"}})))
+    assert checked.returncode == 1 and "httpToken is required" in checked.stdout, checked.stdout
+    bank.close()
+
+
+def _config_file(tmp_path: Path, config: dict[str, Any]) -> Path:
+    path = tmp_path / "check.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _zones_with_other_dates() -> tuple[str, str]:
+    """Two zones whose dates now differ from each other and from UTC's (a GX's process zone)."""
+    return ("Etc/GMT-14", "Etc/GMT+12") if datetime.now(timezone.utc).hour >= 12 else ("Etc/GMT+12", "Etc/GMT-14")
+
+
+async def test_daily_energy_follows_the_time_zone_set_on_the_gx(processes: Processes, tmp_path: Path,
+                                                                busctl: Busctl, bus_address: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #14 item 5: the service runs in UTC, the user's zone is in localsettings; the daily buckets take
+    its dates, and follow a change of it."""
+    monkeypatch.setenv("TZ", "UTC")  # the processes' own zone, as on a GX
+    first_zone, second_zone = _zones_with_other_dates()
+    local = await start_settings()
+    try:
+        assert local.add("/Settings/System/TimeZone", first_zone, "s") == 0
+        bank = Bank()
+        pack = await bank.add("a", **COUNTERS)
+        state = tmp_path / "state"
+        agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(state))
+        await bank.value_is(agg, "/Batteries/0/Identity", f"SN-{bank.tag}-a")
+        await eventually(lambda: f"dates follow the time zone {first_zone}" in processes.output(proc), timeout=10)
+        pack.set_value("/History/ChargedEnergy", 10.1)
+        await _totals_are(busctl, agg, 0.1, 0.0)
+        assert local.set("/Settings/System/TimeZone", second_zone) == 0
+        await eventually(lambda: f"dates follow the time zone {second_zone}" in processes.output(proc), timeout=10)
+        pack.set_value("/History/ChargedEnergy", 10.3)
+        await _totals_are(busctl, agg, 0.3, 0.0)
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        exported = await acli(bus_address, "energy", "--csv", "--state-dir", str(state))
+        rows = exported.stdout.splitlines()[1:]
+        dates = [datetime.now(ZoneInfo(zone)).date().isoformat() for zone in (first_zone, second_zone)]
+        assert rows == [f"SN-{bank.tag}-a,{dates[0]},0.100,0.000", f"SN-{bank.tag}-a,{dates[1]},0.200,0.000"] \
+            or rows == [f"SN-{bank.tag}-a,{dates[1]},0.200,0.000", f"SN-{bank.tag}-a,{dates[0]},0.100,0.000"], rows
+        bank.close()
+    finally:
+        local.service.close()

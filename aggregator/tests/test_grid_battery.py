@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.monitor import WatchedService
-from aggregator.grid_battery import GridBattery, GridBatteryConfig, history_rows_csv, parse_month_day
+from aggregator.grid_battery import (GridBattery, GridBatteryConfig, history_rows_csv, parse_month_day,
+                                     resolution_of)
 from aggregator.grid_battery_service import GridBatterySettingsError, parse_settings, resolve_meter
 from aggregator.simulator.grid_meter import HouseholdProfile, MeterModel
 
@@ -161,6 +162,61 @@ def test_an_impossible_jump_is_rejected_and_the_counter_re_anchored():
     assert b.level_kwh == 0.0
     b.update(at(6, 1, 11), 10.0, 4015.0)
     assert b.level_kwh == pytest.approx(5.0)
+
+
+def _quantised_export(b: GridBattery, resolution: float, power_kw: float, seconds: int, start: float) -> float:
+    """Feed `b` a meter read every second whose export counter moves in `resolution` steps (a real meter
+    truncates); returns the export the meter shows at the end."""
+    exact = 1234.0
+    shown = exact
+    for second in range(seconds + 1):
+        shown = math.floor(round(exact / resolution, 9)) * resolution
+        b.update(start + second, 500.0, round(shown, 3))
+        exact += power_kw / 3600.0
+    return shown - 1234.0
+
+
+@pytest.mark.parametrize("resolution", [0.1, 1.0])
+def test_a_meter_counting_in_steps_is_counted(resolution):
+    """Issue #14: read every second, a 0.1 kWh step looked like 360 kW on a 100 kW connection: every step was
+    rejected and nothing counted. Steps are weighed against the time since the counter last moved."""
+    b = battery(capacity=0.0)
+    shown = _quantised_export(b, resolution, power_kw=4.0, seconds=2 * 3600, start=at(6, 1, 10))
+    assert shown == pytest.approx(8.0, abs=resolution)
+    assert b.charged_kwh == pytest.approx(shown, abs=1e-9)
+    assert b.level_kwh == pytest.approx(shown, abs=1e-9)
+
+
+@pytest.mark.parametrize("resolution", [0.1, 1.0])
+def test_an_impossible_jump_of_a_counter_in_steps_is_still_rejected(resolution):
+    b = battery(capacity=0.0, max_power_kw=20.0)
+    b.update(at(6, 1, 10), 500.0, 1000.0)
+    b.update(at(6, 1, 10) + 1, 500.0, 1000.0)
+    messages = b.update(at(6, 1, 10) + 2, 500.0, 1000.0 + 2 * resolution + 1.0)  # 20 kW moves 0.011 kWh in 2 s
+    assert messages and "more than 20 kW allows" in messages[0]
+    assert b.charged_kwh == 0.0
+    assert b.update(at(6, 1, 10) + 3, 500.0, 1000.0 + 3 * resolution + 1.0) == []  # one step: possible
+    assert b.charged_kwh == pytest.approx(resolution)
+
+
+def test_resolution_of_meter_values():
+    assert [resolution_of(v) for v in (12.0, 12.3, 12.34, 12.345, 0.0)] == [1.0, 0.1, 0.01, 0.0, 1.0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([0.01, 0.1, 1.0]), st.floats(0.5, 60.0), st.integers(1, 5))
+def test_quantised_counters_count_everything_they_show(resolution, power_kw, every):
+    """Whatever the resolution, the power (within the connection) and the read interval, what is counted is
+    what the counter moved by."""
+    b = battery(capacity=0.0)
+    exact, start = 50.0, at(6, 1, 10)
+    first = shown = None
+    for second in range(0, 1800, every):
+        shown = round(math.floor(round(exact / resolution, 9)) * resolution, 3)
+        first = shown if first is None else first
+        assert b.update(start + second, 500.0, shown) == []
+        exact += power_kw * every / 3600.0
+    assert b.charged_kwh == pytest.approx(shown - first, abs=1e-6)
 
 
 def test_rounding_jitter_backwards_is_not_a_reset():

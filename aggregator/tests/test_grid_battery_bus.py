@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -220,3 +221,91 @@ def test_a_bad_config_exits_1_naming_the_keys(tmp_path: Path) -> None:
     assert result.returncode == 1
     for key in ("meter", "capacityKwh", "startDate", "-1"):
         assert key in result.stderr
+
+
+@pytest.mark.parametrize("resolution,scale", [(0.1, 20.0), (1.0, 300.0)])
+async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busctl: Busctl, tmp_path: Path,
+                                                      resolution: float, scale: float) -> None:
+    """Issue #14: a meter showing its counters in 0.1 (or 1) kWh steps, read 20 times a (scaled) second, moved
+    one step in less time than the connection's 100 kW allow for it, so every step was rejected. Now what the
+    battery counts is what the meter's export counter moved by."""
+    tag = str(resolution).replace(".", "")
+    battery, meter = f"com.victronenergy.battery.gridq{tag}", f"com.victronenergy.grid.q{tag}"
+    start = "2023-06-21T12:00"  # summer noon: ~4 kW export
+    processes.start_module("aggregator.simulator.grid_meter", "--name", f"q{tag}", "--time-scale", "0",
+                           "--start", start, "--rate", "20", "--resolution", str(resolution),
+                           "--device-instance", "40")
+    settings = GridBatterySettings(meter=40, capacityKwh=0, startDate=date(2023, 1, 1), serviceName=battery,
+                                   deviceInstance=103)  # maxPowerKw: the default 100
+    clock = SimClock(parse_start(start), scale)
+    service = GridBatteryService(await connect(), settings, tmp_path, clock, save_interval=60.0)
+    await service.start()
+    try:
+        await on_bus(busctl, meter)
+        await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
+        first = await value(busctl, meter, "/Ac/Energy/Reverse")  # the battery's anchor
+        clock.resume()
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(scale)) == 0
+
+        async def moved() -> bool:
+            return (await value(busctl, meter, "/Ac/Energy/Reverse")) >= first + 3 * resolution
+        await eventually(moved, timeout=20, interval=0.2)
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
+        clock.pause()
+        last = await value(busctl, meter, "/Ac/Energy/Reverse")
+
+        async def counted() -> Any:
+            charged = await value(busctl, battery, "/History/ChargedEnergy")
+            assert charged == pytest.approx(last - first, abs=1e-6), (charged, first, last)
+            return charged
+        await eventually(counted, timeout=5, interval=0.1)
+        assert await value(busctl, battery, "/GridBattery/LevelKwh") == pytest.approx(last - first, abs=1e-6)
+    finally:
+        await service.stop()
+
+
+async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processes, busctl: Busctl,
+                                                             tmp_path: Path) -> None:
+    """Issue #14 item 5: the service process runs in UTC (as on a GX); its daily rows take the dates of the
+    zone in localsettings' /Settings/System/TimeZone, follow a change of it, and the CSV shows its times."""
+    from zoneinfo import ZoneInfo
+
+    from aggregator.simulator.localsettings import serve
+
+    first_zone, second_zone = ("Etc/GMT-14", "Etc/GMT+12") if time.gmtime().tm_hour >= 12 else \
+        ("Etc/GMT+12", "Etc/GMT-14")  # now on other dates than each other and than UTC
+    local = await serve()
+    try:
+        assert local.add("/Settings/System/TimeZone", first_zone, "s") == 0
+        battery, utc = "com.victronenergy.battery.gridtz", {"TZ": "UTC"}
+        processes.start_module("aggregator.simulator.grid_meter", "--name", "tz", "--rate", "5",
+                               "--device-instance", "41", env=utc)
+        state_dir = tmp_path / "state" / "grid" / "gridtz"
+        config = json.dumps({"meter": 41, "startDate": "2020-01-01", "serviceName": battery, "deviceInstance": 104})
+        proc = processes.start_module("aggregator.grid_battery_service", "--config", config, "--state-dir",
+                                      str(state_dir), "--save-interval", "0.2", env=utc)
+        await on_bus(busctl, battery)
+        await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=10)
+        dates = [datetime.now(ZoneInfo(zone)).date().isoformat() for zone in (first_zone, second_zone)]
+
+        def days() -> set[str]:
+            try:
+                data = json.loads((state_dir / STATE_FILE).read_text())
+            except (OSError, ValueError):
+                return set()
+            return {row[0] for row in data["battery"]["history"]}
+
+        await eventually(lambda: days() == {dates[0]}, timeout=10)
+        assert local.set("/Settings/System/TimeZone", second_zone) == 0
+        await eventually(lambda: days() == set(dates), timeout=10)
+        proc.terminate()
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait) == 0
+        exported = await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
+            [sys.executable, "-m", "aggregator", "grid-battery", "--csv", "--name", battery, "--state-dir",
+             str(tmp_path / "state")], cwd=REPO, capture_output=True, text=True, timeout=30,
+            env={**os.environ, "TZ": "UTC"}))
+        assert exported.returncode == 0, exported.stderr
+        last = exported.stdout.splitlines()[-1]
+        assert last.startswith(dates[1] + "T"), last  # the last sample's time, in the user's zone
+    finally:
+        local.service.close()

@@ -1,0 +1,67 @@
+"""The user's time zone, as the GX keeps it: com.victronenergy.settings /Settings/System/TimeZone.
+
+On a GX, Linux runs in UTC and the zone the user chose lives in localsettings as an Olson name
+("Europe/Amsterdam"). Dates (daily energy buckets, CSV rows, a grid battery's reset day) must follow it.
+`zone_named` is pure; `TimeZoneFollower` reads the setting and follows its changes.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import tzinfo
+from typing import Any, Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .bus.lib import MessageBus
+from .bus.watch import PathWatcher
+
+__all__ = ["SETTINGS_SERVICE", "TIME_ZONE_PATH", "TimeZoneFollower", "zone_named"]
+
+SETTINGS_SERVICE = "com.victronenergy.settings"
+TIME_ZONE_PATH = "/Settings/System/TimeZone"
+
+_LOG = logging.getLogger(__name__)
+
+
+def zone_named(name: Any) -> tuple[tzinfo | None, str | None]:
+    """The zone of an Olson name; (None, why) when there is none (None = the process's own zone)."""
+    if not isinstance(name, str) or not name.strip():
+        return None, f"{TIME_ZONE_PATH} is {name!r}, not a time zone name"
+    try:
+        return ZoneInfo(name.strip()), None
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # ValueError: a name like "../x" that is no key at all; OSError: unreadable tzdata
+        return None, f"{TIME_ZONE_PATH} {name!r} is not a known time zone ({type(exc).__name__})"
+
+
+class TimeZoneFollower:
+    """Calls `on_zone(zone, name)` with the user's zone at start and at every change; (None, None) means the
+    process's zone. A setting that disappears (localsettings restarting) keeps the zone in use."""
+
+    def __init__(self, bus: MessageBus, on_zone: Callable[[tzinfo | None, str | None], None]) -> None:
+        self.on_zone = on_zone
+        self.name: str | None = None  # the setting in use; None = the process's zone
+        self._warned: set[str] = set()  # bad names already logged: once each, not at every re-read
+        self._watcher = PathWatcher(bus, self._changed)
+        self._watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
+
+    async def start(self) -> None:
+        await self._watcher.start()
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
+
+    def _changed(self, _service: str, _path: str, value: Any) -> None:
+        if value is None:
+            return  # localsettings left or the setting is not there (yet): keep what we use
+        zone, reason = zone_named(value)
+        if zone is None:
+            key = repr(value)
+            if key not in self._warned:
+                self._warned.add(key)
+                _LOG.warning("%s; dates follow the process's time zone", reason)
+            name = None
+        else:
+            name = str(value).strip()
+            _LOG.info("dates follow the time zone %s", name)
+        self.name = name
+        self.on_zone(zone, name)

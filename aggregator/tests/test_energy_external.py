@@ -1,0 +1,304 @@
+"""External batteries in the EnergyTracker (issue #14): lifetime totals, refused reports that leave no trace,
+two batteries under one id, persistence, removal and the cap. The tracker's clocks are passed in; its state
+file is a real file under tmp_path."""
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.config import ConfigError, EnergyOptions, parse_config
+from aggregator.energy import EnergyLedger, ReportConflict, ReportError
+from aggregator.energy_service import CHARGED, DISCHARGED, EnergyTracker
+from aggregator.local_time import zone_named
+
+T0 = datetime(2024, 6, 1, 10, 0, tzinfo=timezone.utc).timestamp()
+
+
+class Clocks:
+    """The wall clock (epoch s) and the monotonic clock the tracker is given, moved by the test."""
+
+    def __init__(self) -> None:
+        self.wall = T0
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def tracker(tmp_path: Path, clocks: Clocks, **options) -> EnergyTracker:
+    t = EnergyTracker(EnergyOptions(**options), tmp_path, wall=lambda: clocks.wall, clock=lambda: clocks.mono)
+    t.load()
+    return t
+
+
+def report(t: EnergyTracker, ident: str, charged: float, discharged: float, soc: float = 50.0, **extra) -> str:
+    return t.report({"id": ident, "charged": charged, "discharged": discharged, "soc": soc, **extra})
+
+
+def values(t: EnergyTracker) -> dict:
+    return t.values([], lambda _name: {})
+
+
+# ---- item 2: lifetime totals ------------------------------------------------------------------------------
+
+def test_a_first_report_counts_as_the_lifetime_totals(tmp_path):
+    """Issue #14: a first report of 2010.66 / 1678.79 kWh left the aggregate at 0."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    assert "2010.660 kWh charged, 1678.790 kWh discharged" in report(t, "homey-1", 2010.66, 1678.79)
+    out = values(t)
+    assert (out[CHARGED], out[DISCHARGED]) == (2010.66, 1678.79)
+    assert (out["/Energy/External/0/ChargedEnergy"], out["/Energy/External/0/DischargedEnergy"]) == (2010.66, 1678.79)
+    clocks.advance(600)
+    report(t, "homey-1", 2011.0, 1679.0)
+    report(t, "homey-2", 10.0, 4.0)
+    out = values(t)
+    assert (out[CHARGED], out[DISCHARGED]) == (2021.0, 1683.0)  # summed over the ids
+    assert out["/Energy/External/1/ChargedEnergy"] == 10.0
+
+
+def test_a_daily_external_counter_counts_its_first_value_as_today(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks, members={"shed": {"counterKind": "daily"}})
+    report(t, "shed", 3.5, 1.0)
+    assert t.ledgers["shed"].days == {"2024-06-01": [3.5, 1.0]}
+
+
+# ---- item 3: a refused report changes nothing; two batteries under one id -----------------------------
+
+def test_a_typo_is_refused_and_the_next_correct_report_is_taken(tmp_path):
+    """Issue #14: 9011.2 after 901.1 re-anchored the id at 9011.2, so 901.3 was refused as 'a delta'."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "shed", 901.1, 500.0, soc=40)
+    clocks.advance(300)
+    with pytest.raises(ReportError) as err:
+        report(t, "shed", 9011.2, 500.0, soc=99)
+    assert "shed: charged +8110.1 kWh in 300 s" in str(err.value) and "the last taken totals stay" in str(err.value)
+    assert values(t)["/Energy/External/0/Soc"] == 40  # nothing of the refused report was taken
+    clocks.advance(300)
+    report(t, "shed", 901.3, 500.1, soc=41)
+    out = values(t)
+    assert (out[CHARGED], out[DISCHARGED]) == (901.3, 500.1)
+    assert out["/Energy/Status"] == "ok"
+
+
+def test_a_refused_delta_changes_nothing(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "shed", 100.0, 50.0)
+    clocks.advance(60)
+    before = json.dumps(t.ledgers["shed"].to_dict())
+    with pytest.raises(ReportError, match="below the last reported total 100 kWh; report running totals"):
+        report(t, "shed", 0.2, 50.0)
+    assert json.dumps(t.ledgers["shed"].to_dict()) == before
+
+
+def test_two_batteries_under_one_id_are_a_conflict_naming_the_id(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "garage", 100.0, 80.0)
+    errors = []
+    for i in range(4):  # the other battery's running totals, in turn with the first one's
+        clocks.advance(300)
+        try:
+            report(t, "garage", 500.0 + i, 400.0 + i)
+        except ReportError as exc:
+            errors.append(exc)
+        clocks.advance(300)
+        report(t, "garage", 100.5 + i, 80.5 + i)
+    assert len(errors) == 4
+    assert not isinstance(errors[0], ReportConflict)  # once could be a typo
+    for exc in errors[1:]:
+        assert isinstance(exc, ReportConflict)
+        assert "'garage' gets the totals of two batteries" in str(exc) and "report running totals" not in str(exc)
+    assert values(t)["/Energy/Status"] == "two batteries report under one id: garage"
+    assert values(t)[CHARGED] == 103.5  # the series that was taken first, not a mix
+    clocks.advance(901)
+    assert "two batteries" not in values(t)["/Energy/Status"]  # no conflicting report for externalStaleAfter
+
+
+def test_two_series_where_the_second_was_taken_by_a_long_gap_are_a_conflict(tmp_path):
+    """Hours apart, the other battery's total looks like a plausible jump and is taken; the series that then
+    falls 'below' is named a conflict, not 'report running totals'."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "garage", 100.0, 80.0)
+    clocks.advance(5 * 3600)
+    report(t, "garage", 500.0, 400.0)
+    messages = []
+    for i in range(3):
+        clocks.advance(3600)
+        with pytest.raises(ReportError) as err:
+            report(t, "garage", 101.0 + i, 81.0 + i)
+        messages.append(str(err.value))
+        clocks.advance(3600)
+        report(t, "garage", 501.0 + i, 401.0 + i)
+    assert "report running totals" in messages[0]
+    assert all("gets the totals of two batteries" in m for m in messages[1:]), messages
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 5.0), min_size=1, max_size=20), st.lists(st.booleans(), min_size=20, max_size=20),
+       st.floats(1e3, 1e5))
+def test_typos_never_cost_a_correct_report(increments, typo_at, typo_factor):
+    """Between correct running totals, any typo (a digit too many) is refused and every correct report is taken:
+    the totals end as the last correct report."""
+    clocks = Clocks()
+    t = tracker(Path(tempfile.mkdtemp()), clocks)  # not tmp_path: hypothesis runs the body many times
+    charged = 901.1
+    report(t, "shed", charged, 0.0)
+    for step, typo in zip(increments, typo_at):
+        clocks.advance(300)
+        if typo:
+            with pytest.raises(ReportError):
+                report(t, "shed", charged * typo_factor + 100, 0.0)
+            clocks.advance(300)
+        charged = round(charged + step, 3)
+        report(t, "shed", charged, 0.0)
+    assert values(t)[CHARGED] == pytest.approx(charged, abs=1e-3)
+
+
+# ---- item 4: persistence, removal, the cap, the token ------------------------------------------------------
+
+def test_external_rows_survive_a_restart(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "a", 10.0, 5.0, soc=30, capacity=100)
+    report(t, "b", 20.0, 6.0, soc=70)
+    t.remove_external("a")
+    report(t, "c", 1.0, 1.0, soc=50)  # takes the freed row 0
+    t.tick()  # a taken report is saved at the next tick
+    saved = json.loads((tmp_path / "energy.json").read_text())
+    assert set(saved["externals"]) == {"b", "c"}
+    clocks.advance(600)
+    again = tracker(tmp_path, clocks)
+    out = values(again)
+    assert (out["/Energy/External/0/Id"], out["/Energy/External/1/Id"]) == ("c", "b")
+    assert (out["/Energy/External/1/Soc"], out["/Energy/External/1/State"]) == (70.0, "online")
+    assert (out[CHARGED], out[DISCHARGED]) == (21.0, 7.0)
+    clocks.advance(301)  # stale counts from the report, not from the restart
+    assert values(again)["/Energy/External/1/State"] == "stale"
+    clocks.advance(60)
+    report(again, "b", 20.5, 6.0)  # the anchor survived: only the increase counts
+    assert values(again)[CHARGED] == 21.5
+
+
+def test_garbage_saved_rows_are_dropped_and_the_energy_kept(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "a", 10.0, 5.0)
+    t.save()
+    data = json.loads((tmp_path / "energy.json").read_text())
+    data["externals"]["a"]["soc"] = "lots"
+    data["externals"]["ghost"] = {"row": 1, "soc": 5, "reportedAt": T0}
+    (tmp_path / "energy.json").write_text(json.dumps(data))
+    clocks.advance(60)
+    again = tracker(tmp_path, clocks)
+    assert again.externals == {} and values(again)[CHARGED] == 10.0
+    report(again, "a", 10.5, 5.0)
+    assert values(again)[CHARGED] == 10.5
+
+
+def test_a_removed_id_leaves_the_totals_and_its_row_turns_invalid(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "a", 10.0, 5.0)
+    report(t, "b", 2.0, 1.0)
+    values(t)
+    assert "removed" in t.remove_external("a")
+    out = values(t)
+    assert out["/Energy/External/0/Id"] is None and out["/Energy/External/0/ChargedEnergy"] is None
+    assert (out[CHARGED], out["/Energy/External/1/Id"]) == (2.0, "b")
+    with pytest.raises(ReportError, match=r"id: 'a' is not an external battery; allowed: a reported id \(b\)"):
+        t.remove_external("a")
+    report(t, "a", 3.0, 1.0)  # a new start for the id: its first report counts again
+    assert values(t)[CHARGED] == 5.0
+
+
+def test_new_ids_beyond_max_external_are_refused(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks, maxExternal=2)
+    report(t, "a", 1.0, 1.0)
+    report(t, "b", 1.0, 1.0)
+    with pytest.raises(ReportError, match=r"id: 'c' would be external battery number 3; allowed: at most 2 "
+                                          r"\(energy.maxExternal\)"):
+        report(t, "c", 1.0, 1.0)
+    clocks.advance(60)
+    report(t, "a", 1.5, 1.0)  # known ids go on
+    t.remove_external("b")
+    report(t, "c", 1.0, 1.0)
+    assert sorted(t.externals) == ["a", "c"]
+
+
+def test_max_external_bounds_the_published_paths(tmp_path):
+    """7,820 ids made every publication slow: with the cap the rows stay few."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    refused = 0
+    for i in range(200):
+        try:
+            report(t, f"id{i}", 1.0, 1.0)
+        except ReportError:
+            refused += 1
+    assert refused == 200 - 32
+    assert len([p for p in values(t) if p.startswith("/Energy/External/")]) == 32 * 6
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "192.168.1.5", "::", "gx.local"])
+def test_binding_beyond_loopback_needs_a_token(bind):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"energy": {"httpPort": 8088, "httpBind": bind}})
+    assert "energy" in str(err.value) and "httpToken is required" in str(err.value) and repr(bind) in str(err.value)
+    config = parse_config({"energy": {"httpPort": 8088, "httpBind": bind, "httpToken": "s3cret-token-0123"}})
+    assert config.energy.httpToken == "s3cret-token-0123"
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_loopback_needs_no_token(bind):
+    assert parse_config({"energy": {"httpPort": 8088, "httpBind": bind}}).energy.httpToken is None
+
+
+def test_energy_defaults():
+    options = EnergyOptions()
+    assert (options.maxExternal, options.httpToken) == (32, None)
+    with pytest.raises(ConfigError, match="energy.httpToken"):
+        parse_config({"energy": {"httpToken": "short"}})
+    with pytest.raises(ConfigError, match="energy.maxExternal"):
+        parse_config({"energy": {"maxExternal": 0}})
+
+
+# ---- item 5: the user's time zone ------------------------------------------------------------------------------
+
+def test_zone_named_reads_olson_names_and_refuses_others():
+    assert zone_named("Europe/Amsterdam")[0] == ZoneInfo("Europe/Amsterdam")
+    for bad in ("Mars/Olympus", "", None, 5, "../etc/passwd"):
+        zone, reason = zone_named(bad)
+        assert zone is None and "/Settings/System/TimeZone" in reason
+
+
+def test_the_tracker_dates_in_the_zone_it_is_given(tmp_path):
+    clocks = Clocks()
+    clocks.wall = datetime(2024, 6, 1, 23, 30, tzinfo=timezone.utc).timestamp()  # June 2 in Amsterdam
+    t = tracker(tmp_path, clocks, members={"shed": {"counterKind": "daily"}})
+    t.set_zone(ZoneInfo("Europe/Amsterdam"))
+    report(t, "shed", 1.0, 0.0)
+    assert list(t.ledgers["shed"].days) == ["2024-06-02"]
+    t.set_zone(None)
+    assert t.ledgers["shed"].tz is None
+
+
+def test_a_ledger_copy_is_independent():
+    ledger = EnergyLedger("x", "total", ZoneInfo("Europe/Amsterdam"))
+    ledger.add(T0, 1.0, 1.0)
+    twin = ledger.copy()
+    twin.add(T0 + 60, 1.5, 1.0)
+    assert (ledger.charged_kwh, twin.charged_kwh) == (0.0, 0.5) and ledger.counters() == (1.0, 1.0)
