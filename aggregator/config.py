@@ -6,14 +6,13 @@ are the users' camelCase names, so existing files load unchanged.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .coop.settings import CoopSettings
+from .coop.settings import CoopSettings, is_loopback
 from .dispatch.settings import DispatcherConfig
 from .grid_battery_service import GridBatterySettings
 from .validation import (JsonFileError, at, format_messages, format_validation_error, json_positions, key_path,
@@ -87,16 +86,6 @@ class EnergyOptions(BaseModel):
                              "(127.0.0.1, ::1, localhost), so reports need a token (16 to 256 printable "
                              "characters, sent as Authorization: Bearer <token>)")
         return self
-
-
-def is_loopback(host: str) -> bool:
-    """Whether an address to listen on is reachable from this machine only."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip()).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 class Config(BaseModel):

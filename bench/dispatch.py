@@ -1,5 +1,7 @@
-"""Benchmark of the power dispatcher (issue #8): every scenario x seeds x (learned dispatcher + 3 baselines) on
-the simulated batteries, meters and household demand of aggregator.dispatch.simulation.
+"""Benchmark of the power dispatcher (issues #8 and #14): every scenario x seeds x (learned dispatcher + 3
+baselines) on the simulated batteries, meters and household demand of aggregator.dispatch.simulation. The last
+three scenarios are issue #14's faulty meters (frozen, sign-inverted, +-10 % noise); `swing` is the steady
+error's 1st-to-99th percentile range.
 
     .venv/bin/python bench/dispatch.py [--quick] [--seeds N] [--scenarios a,b]
 
@@ -22,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.dispatch.simulation import CONTROLLERS, SCENARIOS, Metrics, run  # noqa: E402
+from aggregator.dispatch.simulation import CONTROLLERS, FAULT_SCENARIOS, SCENARIOS, Metrics, run  # noqa: E402
 
 METRICS = [  # (field, column title, format)
     ("settle_s", "settle s", "{:.1f}"),
@@ -32,6 +34,8 @@ METRICS = [  # (field, column title, format)
     ("avoidable_wh", "avoidable Wh", "{:.1f}"),
     ("imbalance_pct", "imbalance %", "{:.1f}"),
     ("learn_s", "learn s", "{:.0f}"),
+    ("swing_w", "swing W", "{:.0f}"),
+    ("detect_s", "fault held after s", "{:.0f}"),
 ]
 QUICK_SEEDS = 1
 DEFAULT_SEEDS = 5
@@ -84,6 +88,8 @@ def acceptance(results: Results) -> list[str]:
         if ratio < 3.0:
             failures.append(f"user_example: settles {ratio:.2f}x faster than pi+timeout, not 3x")
     for scenario in scenarios:
+        if scenario in FAULT_SCENARIOS:
+            continue  # their own acceptance, below
         mine = results[(scenario, "learned")]
         for controller in CONTROLLERS:
             if controller == "learned" or (scenario, controller) not in results:
@@ -94,6 +100,21 @@ def acceptance(results: Results) -> list[str]:
                 b = float(np.mean([getattr(m, name) for m in theirs]))
                 if not a < b:
                     failures.append(f"{scenario}: {name} {a:.1f} (learned) is not below {b:.1f} ({controller})")
+    # issue #14: a frozen or inverted meter is found and its battery held; noisy meters swing the fleet no more
+    # than the PI baseline does
+    for scenario in FAULT_SCENARIOS:
+        mine = results.get((scenario, "learned"))
+        if mine is None:
+            continue
+        missed = sum(m.detect_missed for m in mine)
+        if missed:
+            failures.append(f"{scenario}: {missed} meter fault(s) never held")
+        pi = results.get((scenario, "pi+timeout"))
+        if scenario == "noisy_meter" and pi is not None:
+            a = float(np.mean([m.swing_w for m in mine]))
+            b = float(np.mean([m.swing_w for m in pi]))
+            if a > b:
+                failures.append(f"{scenario}: swing {a:.0f} W (learned) is above {b:.0f} W (pi+timeout)")
     return failures
 
 

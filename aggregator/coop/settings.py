@@ -21,7 +21,8 @@ SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]
 TOPIC_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"  # no wildcards, no empty levels
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost, 127.x.x.x or ::1 (the config generator page mirrors this in isLoopback)."""
     if host == "localhost":
         return True
     try:
@@ -46,7 +47,7 @@ class BrokerSettings(BaseModel):
 
     @model_validator(mode="after")
     def _tls_off_only_on_loopback(self) -> BrokerSettings:
-        if not self.tls and not _is_loopback(self.host):
+        if not self.tls and not is_loopback(self.host):
             raise ValueError(f"tls may be off only for a broker on this machine (host is {self.host!r}); "
                              "the password and the cooperative's data would travel in clear text")
         return self

@@ -223,6 +223,10 @@ class Setpoint:
     async def _send(self, device_value: float) -> bool:
         raise NotImplementedError
 
+    def forget(self) -> None:
+        """The device may no longer have our last setpoint (a will set it 0): send it again next cycle."""
+        self.last_w = None
+
     def _report(self, reachable: bool, refused: bool, detail: str) -> None:
         if reachable != self.reachable or refused != self.refused:
             if reachable and not refused:
@@ -296,8 +300,11 @@ class MqttLink:
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._readings: list[MqttReading] = []
         self._connect_hooks: list[ConnectHook] = []
+        self._wills: list[tuple[str, str, Callable[[], None] | None]] = []
         self._task: asyncio.Task[None] | None = None
+        self._guards: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.guards_connected = 0  # will connections up now (tests and the status use it)
 
     # ---- declaring -----------------------------------------------------------------------------------
 
@@ -316,11 +323,19 @@ class MqttLink:
     def on_connect(self, hook: ConnectHook) -> None:
         self._connect_hooks.append(hook)
 
+    def add_will(self, topic: str, payload: str, on_connect: Callable[[], None] | None = None) -> None:
+        """A last will: `payload` (not retained) goes to `topic` when we vanish without a clean disconnect
+        (kill -9, a crash, a lost link). A client has one will, and the main one says "offline", so each will gets
+        a connection of its own. `on_connect` runs after each (re)connect of it: the will may have fired meanwhile."""
+        self._wills.append((topic, payload, on_connect))
+
     # ---- running -------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._stopping = False
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._guards = [loop.create_task(self._guard(i, *will)) for i, will in enumerate(self._wills)]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -331,13 +346,17 @@ class MqttLink:
                 await client_.publish(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True, timeout=2)
             except Exception:
                 pass
-        if self._task is not None:
-            self._task.cancel()
+        # A clean disconnect of the will connections does not fire their wills: the runtime wrote 0 itself.
+        for task in [self._task, *self._guards]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
-            self._task = None
+        self._task = None
+        self._guards = []
 
     async def publish(self, topic: str, payload: str | bytes, *, retain: bool = False, qos: int = 0) -> bool:
         """Publish if connected; False when the message could not be handed to the broker."""
@@ -351,18 +370,46 @@ class MqttLink:
             return False
         return True
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self, will: Any = None, suffix: str = "") -> aiomqtt.Client:
         s = self.settings
-        will = None
-        if self.availability_topic is not None:
+        if will is None and self.availability_topic is not None:
             will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
         tls_params = None
         if s.tls:
-            tls_params = aiomqtt.TLSParameters(ca_certs=s.caFile, cert_reqs=ssl.CERT_REQUIRED)
+            tls_params = aiomqtt.TLSParameters(ca_certs=s.caFile, certfile=s.certFile, keyfile=s.keyFile,
+                                               cert_reqs=ssl.CERT_REQUIRED)
+        identifier = (s.clientId or f"battery-aggregator-dispatcher-{os.getpid()}") + suffix
         return aiomqtt.Client(
             s.host, s.port, username=s.username, password=s.password, will=will, tls_params=tls_params,
-            identifier=s.clientId or f"battery-aggregator-dispatcher-{os.getpid()}", keepalive=30, timeout=10,
+            identifier=identifier[:64] if suffix else identifier, keepalive=30, timeout=10,
         )
+
+    async def _guard(self, index: int, topic: str, payload: str, on_connect: Callable[[], None] | None) -> None:
+        """Hold the connection that carries one will; reconnect with back-off."""
+        delay = self.initial_backoff_s
+        will = aiomqtt.Will(topic, payload, qos=1, retain=False)
+        while not self._stopping:
+            up = False
+            try:
+                async with self._make_client(will, f"-will{index}") as client_:
+                    up = True
+                    self.guards_connected += 1
+                    delay = self.initial_backoff_s
+                    if on_connect is not None:
+                        on_connect()
+                    async for _ in client_.messages:  # nothing subscribed: this ends when the link does
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _LOG.debug("MQTT: the will connection for %s: %s", topic, exc)
+            finally:
+                if up:
+                    self.guards_connected -= 1
+            if self._stopping:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
 
     async def _run(self) -> None:
         delay = self.initial_backoff_s
@@ -436,16 +483,17 @@ class MqttSetpoint(Setpoint):
         self.topic = topic
         self.json_key = json_key
 
-    async def _send(self, device_value: float) -> bool:
+    def payload(self, device_value: float) -> str:
         number: float | int = int(device_value) if float(device_value).is_integer() else device_value
         if self.json_key is None:
-            payload = json.dumps(number)
-        else:
-            data: Any = number
-            for key in reversed(self.json_key.split(".")):
-                data = {key: data}
-            payload = json.dumps(data)
-        sent = await self.link.publish(self.topic, payload, qos=1)
+            return json.dumps(number)
+        data: Any = number
+        for key in reversed(self.json_key.split(".")):
+            data = {key: data}
+        return json.dumps(data)
+
+    async def _send(self, device_value: float) -> bool:
+        sent = await self.link.publish(self.topic, self.payload(device_value), qos=1)
         self._report(sent, False, "" if sent else "no MQTT connection")
         return sent
 

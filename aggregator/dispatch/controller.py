@@ -2,8 +2,9 @@
 passed in, nothing is read from a clock or a bus).
 
 Each cycle:
-1. readings: a battery that is unavailable or whose measurement is stale gets 0 and leaves the allocation;
-   the others' new measurements teach their models (aggregator.dispatch.model);
+1. readings: a battery that is unavailable or whose measurement is stale gets 0 and leaves the allocation, and
+   so does one whose meter was found frozen or inverted (aggregator.dispatch.faults); the others' new
+   measurements teach their models (aggregator.dispatch.model);
 2. a disturbance observer: per battery, the measured power minus the model's dynamic prediction, low-passed.
    Only this unpredicted error is corrected (the models already account for gains and limits), so the loop
    cannot wind up; it is frozen while the fleet is saturated;
@@ -23,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .faults import FaultSettings, MeterCheck
 from .model import CHARGE, DISCHARGE, BatteryModel, Direction, ModelSettings
 
 STATE_VERSION = 1
@@ -57,7 +59,10 @@ class DispatcherSettings:
     ramp_window_s: float = 5.0         # a target moving along a line over this long ... (0: off)
     ramp_min_w: float = 300.0          # ... by at least this much ...
     ramp_fit: float = 0.15             # ... within this fraction of its move (rms), is led by the fleet's delay
+    jitter_cycles: int = 40            # the target's noise: the median cycle-to-cycle change over this many cycles;
+    jitter_factor: float = 10.0        # ... a jump is this many times that (or lead_min_w) before it is led
     model: ModelSettings = field(default_factory=ModelSettings)
+    faults: FaultSettings | None = field(default_factory=FaultSettings)  # frozen/inverted meters (None: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +73,8 @@ class BatteryCommand:
     gain: float              # learned
     charge_limit_w: float    # learned (<= configured)
     discharge_limit_w: float
-    status: str              # "ok", "stale", "unavailable", "limited", "learning", "idle"
+    status: str              # "ok", "stale", "unavailable", "limited", "learning", "idle", or a meter fault
+    #                          (faults.FROZEN, faults.INVERTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,7 @@ class Dispatcher:
         self.settings = settings
         self.names = list(dict.fromkeys(names))
         self._models = {n: BatteryModel(settings.model) for n in self.names}
+        self._checks = {n: MeterCheck(settings.faults) for n in self.names} if settings.faults is not None else {}
         self._setpoints = {n: 0.0 for n in self.names}
         self._seen: dict[str, float] = {}         # time of the last measurement used, per battery
         self._residual: dict[str, float] = {}     # latest measured - predicted, per battery
@@ -140,6 +147,7 @@ class Dispatcher:
         self._held_sign = 0.0                             # ... and the direction it jumped
         self._last_target: float | None = None
         self._targets: deque[tuple[float, float]] = deque()  # (now, target) over ramp_window_s
+        self._jitter: deque[float] = deque(maxlen=max(1, settings.jitter_cycles))  # |change| of the target
         self._last_now: float | None = None
         self._saturated = False
         self._disabled = False
@@ -156,7 +164,11 @@ class Dispatcher:
         active: dict[str, BatteryReading] = {}
         for name in self.names:
             reading = readings.get(name)
-            why = self._exclusion(reading)
+            why = self._exclusion(reading) or self._fault(name, now)
+            if not why:
+                assert reading is not None
+                if self._observe(name, reading, now):
+                    why = self._check_meter(name, now)
             if why:
                 excluded[name] = why
                 self._residual.pop(name, None)
@@ -164,7 +176,11 @@ class Dispatcher:
             else:
                 assert reading is not None
                 active[name] = reading
-                self._observe(name, reading, now)
+                check = self._checks.get(name)
+                if check is not None and (check.suspect is not None or check.probation):
+                    # its meter is under test: what it says corrects nothing (usable_total uses the model too)
+                    self._residual[name] = 0.0
+                    self._correction[name] = 0.0
         if not self._saturated:
             self._update_observer(dt, active)
         correction = sum(self._correction.get(n, 0.0) for n in active)
@@ -186,6 +202,9 @@ class Dispatcher:
         predicted = sum(c.predicted_w for c in commands.values())
         status = ("no batteries" if not active else "saturated" if self._saturated
                   else "holding" if holding else "ok")
+        faults = [f"{n}: {why}" for n, why in excluded.items() if why not in ("stale", "unavailable")]
+        if faults:
+            status += "; " + ", ".join(faults)
         return DispatchResult(commands, target, predicted, correction, self._saturated, status)
 
     def disable(self) -> dict[str, float]:
@@ -216,14 +235,50 @@ class Dispatcher:
             return "stale"
         return ""
 
-    def _observe(self, name: str, reading: BatteryReading, now: float) -> None:
+    def _fault(self, name: str, now: float) -> str:
+        check = self._checks.get(name)
+        return (check.held(now) or "") if check is not None else ""
+
+    def _check_meter(self, name: str, now: float) -> str:
+        """A meter found frozen or inverted: the battery is held at 0 from now on (its model keeps what it had)."""
+        check = self._checks.get(name)
+        if check is None:
+            return ""
+        why = check.check(now)
+        if why:
+            self._setpoints[name] = 0.0
+            self._allocation.pop(name, None)
+            self._kicks.pop(name, None)
+        return why or ""
+
+    def usable_total(self, readings: Mapping[str, BatteryReading]) -> float:
+        """The measured power of the batteries the dispatcher uses (fresh, meter not held for a fault): what a
+        grid-zero target is built from, since a held battery's meter says nothing true."""
+        total = 0.0
+        for name in self.names:
+            r = readings.get(name)
+            check = self._checks.get(name)
+            if r is None or self._exclusion(r) or (check is not None and check.fault is not None):
+                continue
+            if check is not None and (check.suspect is not None or check.probation):
+                # not trusted yet (tested for a frozen meter, or back from a hold): what it was asked to do
+                total += self._models[name].predicted_at(math.inf)[0]
+                continue
+            total += float(r.measured_w)  # type: ignore[arg-type]
+        return total
+
+    def _observe(self, name: str, reading: BatteryReading, now: float) -> bool:
+        """Teach the model a new measurement; False when there was none."""
         model = self._models[name]
         model.temperature_c = reading.temperature_c
         taken = now - reading.measured_age_s
         if taken <= self._seen.get(name, -math.inf) + 1e-9:
-            return  # no new measurement
+            return False  # no new measurement
         self._seen[name] = taken
         measured = float(reading.measured_w)  # type: ignore[arg-type]
+        check = self._checks.get(name)
+        if check is not None:
+            check.add(taken, measured)
         learned = model.observe(taken, measured, reading.soc, self._configured(reading))
         if learned in ("gain", "limit"):
             # The model now explains what the observer was correcting: hand it over, do not count it twice.
@@ -232,6 +287,7 @@ class Dispatcher:
             self._correction[name] = 0.0
         else:
             self._residual[name] = model.residual(taken, measured)
+        return True
 
     def _update_observer(self, dt: float, active: Mapping[str, BatteryReading]) -> None:
         alpha = 1.0 - math.exp(-dt / max(1e-3, self.settings.observer_tau_s))
@@ -263,11 +319,14 @@ class Dispatcher:
         hold ends once they are quiet again (or after their dead times and lags). Returns True on a jump."""
         s = self.settings
         last, self._last_target = self._last_target, target
+        if last is not None:
+            self._jitter.append(abs(target - last))
+        jump_min = self._jump_min()
         if self._held is not None:
             held, until = self._held
             if now > until or self._quiet(active) or target * held <= 0.0:
                 self._held = None  # (a target of the other sign, or 0, is never held against: safety first)
-            elif (target - held) * self._held_sign > max(s.lead_min_w, 0.1 * abs(held)):
+            elif (target - held) * self._held_sign > max(jump_min, 0.1 * abs(held)):
                 # The target keeps going the way it jumped: the jump was not over when it was caught (something
                 # the dispatcher does not see moved: a silent battery, the household). Follow it. (The meters'
                 # disagreement through a transient pulls the other way: a ramping battery's meter lags.)
@@ -277,7 +336,7 @@ class Dispatcher:
                 return False
         if last is None or s.lead_tau_s <= 0.0 or s.max_lead <= 1.0:
             return False
-        if abs(target - last) < s.lead_min_w or not self._quiet(active):
+        if abs(target - last) < jump_min or not self._quiet(active):
             return False
         models = [self._models[n] for n in active]
         if not models:
@@ -287,6 +346,16 @@ class Dispatcher:
         self._held = (target, now + span)
         self._held_sign = 1.0 if target > last else -1.0
         return True
+
+    def _jump_min(self) -> float:
+        """The smallest change of the target taken for a jump: lead_min_w, or well above the target's own noise
+        (noisy meters make a grid-zero target jitter; leading each jitter as a jump would amplify it)."""
+        s = self.settings
+        if len(self._jitter) < 5:
+            return s.lead_min_w
+        ordered = sorted(self._jitter)
+        median = ordered[len(ordered) // 2]
+        return max(s.lead_min_w, s.jitter_factor * median)
 
     def _ramp_lead(self, now: float, target: float, active: Mapping[str, BatteryReading]) -> float:
         """A target ramping along a line (solar under a passing cloud) is followed late by the fleet's delay:
@@ -356,6 +425,11 @@ class Dispatcher:
         for name, r in active.items():
             configured = self._configured(r)[direction]
             caps[name] = self._models[name].limit(direction, r.soc, configured)
+            check = self._checks.get(name)
+            if check is not None and check.probation:
+                caps[name] = min(caps[name], check.settings.probation_w)  # back from a meter fault: on trial
+            if check is not None:
+                caps[name] = min(caps[name], check.cap(1.0 if direction == CHARGE else -1.0))  # a suspect: tested
             weights[name] = self._weight(r, direction)
         return caps, weights
 
@@ -424,6 +498,9 @@ class Dispatcher:
             model = self._models[name]
             if name in excluded:
                 self._setpoints[name] = 0.0  # safety first: no rate limit on going to 0
+                check = self._checks.get(name)
+                if check is not None:
+                    check.request(now, 0.0)
                 commands[name] = BatteryCommand(name, 0.0, 0.0, model.gain, 0.0, 0.0, excluded[name])
                 continue
             r = active[name]
@@ -435,6 +512,9 @@ class Dispatcher:
             else:
                 delivery = self._lead(model, name, now, sign, share, r, configured, jumped)
                 request = model.request_for(sign * delivery, r.soc, configured) if delivery > 0.0 else 0.0
+            check = self._checks.get(name)
+            if check is not None:
+                request = check.limit_request(request)  # a suspected frozen meter: asked less, to tell
             setpoint = self._rate_limited(self._setpoints[name], request, dt)
             setpoint = _clamp(setpoint, -configured[DISCHARGE], configured[CHARGE])
             if abs(setpoint) < s.min_command_w:
@@ -442,6 +522,9 @@ class Dispatcher:
             self._setpoints[name] = setpoint
             predicted = model.predict(setpoint, r.soc, configured)
             model.record_request(now, setpoint, predicted, dt)
+            check = self._checks.get(name)
+            if check is not None:
+                check.request(now, setpoint)
             commands[name] = BatteryCommand(
                 name, setpoint, predicted, model.gain,
                 model.limit(CHARGE, r.soc, configured[CHARGE]),

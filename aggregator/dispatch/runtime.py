@@ -25,7 +25,8 @@ from .. import __version__
 from ..bus.lib import MessageBus, connect
 from ..bus.service import VeService
 from . import hass
-from .adapters import (DbusReadings, MqttLink, Reading, Setpoint, as_number, make_reading, make_setpoint)
+from .adapters import (DbusReadings, MqttLink, MqttSetpoint, Reading, Setpoint, as_number, make_reading,
+                       make_setpoint)
 from .controller import BatteryReading, DispatchResult, Dispatcher, grid_zero_target
 from .settings import BatterySettings, DispatcherConfig, dispatcher_settings
 
@@ -145,12 +146,19 @@ class DispatcherRuntime:
 
     def _build(self, b: BatterySettings) -> BatteryIO:
         label = f"battery {b.name!r}"
+        keepalive = self.config.setpointKeepAliveS
+        if b.setpointTimeoutS is not None:
+            # The device's watchdog: a heartbeat well inside it, so only our death lets it expire.
+            heartbeat = b.setpointTimeoutS / 3.0
+            keepalive = heartbeat if keepalive <= 0 else min(keepalive, heartbeat)
         io = BatteryIO(
             settings=b,
             setpoint=make_setpoint(f"{label} setpoint", b.setpoint, self.bus, self.mqtt, sign=b.setpointSign,
-                                   min_command_w=b.minCommandW, keepalive_s=self.config.setpointKeepAliveS),
+                                   min_command_w=b.minCommandW, keepalive_s=keepalive),
             measured=make_reading(f"{label} measured", b.measured, self.dbus, self.mqtt, sign=b.measuredSign),
         )
+        if isinstance(io.setpoint, MqttSetpoint) and b.zeroWill and self.mqtt is not None:
+            self.mqtt.add_will(io.setpoint.topic, io.setpoint.payload(0.0), io.setpoint.forget)
         if b.soc is not None:
             io.soc = make_reading(f"{label} soc", b.soc, self.dbus, self.mqtt)
         if b.temperature is not None:
@@ -262,7 +270,8 @@ class DispatcherRuntime:
             return self.target_w, ""
         assert self.grid is not None
         grid = self.grid.value
-        current = sum(r.measured_w for r in readings.values() if _fresh(r, self.config.staleAfterS))
+        # (not a battery held for a frozen or inverted meter: what it reports is not what it does)
+        current = self.dispatcher.usable_total(readings)
         if grid is None or self.grid.age(now) > self.config.staleAfterS:
             # Without the grid meter there is nothing to regulate against: stop, rather than guess.
             self.target_w = 0.0
@@ -370,8 +379,13 @@ class DispatcherRuntime:
 
     def _wire_mqtt(self) -> None:
         assert self.mqtt is not None and self.topics is not None and self.config.mqtt is not None
-        self.mqtt.subscribe(self.topics.command("target_power"), self._on_mqtt_target)
-        self.mqtt.subscribe(self.topics.command("enabled"), self._on_mqtt_enabled)
+        refused = self.config.mqtt.commands_refused()
+        if refused is None:
+            self.mqtt.subscribe(self.topics.command("target_power"), self._on_mqtt_target)
+            self.mqtt.subscribe(self.topics.command("enabled"), self._on_mqtt_enabled)
+        else:
+            # Not subscribed at all: a command nobody may send is never read.
+            _LOG.warning("MQTT commands (target, enabled) are not taken: %s", refused)
         self.mqtt.on_connect(self._on_mqtt_connect)
         if self.config.mqtt.homeAssistant:
             ha_status = f"{self.config.mqtt.discoveryPrefix}/{HA_STATUS_TOPIC}"
@@ -404,6 +418,9 @@ class DispatcherRuntime:
         self._hass_range = (low, high)
         messages = [hass.target_number(ctx, low, high)] if only_target else \
             hass.discovery_messages(ctx, [b.name for b in self.batteries], low, high)
+        if self.config.mqtt is not None and self.config.mqtt.commands_refused() is not None:
+            # No controls without a command path: Home Assistant would show a number and a switch that do nothing.
+            messages = [(t, p) for t, p in messages if "command_topic" not in p]
         for topic, payload in messages:
             await self.mqtt.publish(topic, json.dumps(payload), retain=True, qos=1)
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
+from ..coop.settings import is_loopback  # one definition: the config generator page mirrors it
 from ..validation import format_validation_error
 
 DEFAULT_SERVICE_NAME = "org.batteryaggregator.dispatcher"
@@ -29,14 +30,14 @@ UNION_TAGS = {NUMBER_TAG, ADAPTER_TAG}
 
 class DbusRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    service: str = Field(description="D-Bus service name, e.g. com.victronenergy.acsystem.ttyS0")
-    path: str = Field(description="BusItem path, e.g. /Ac/PowerSetpoint")
+    service: str = Field(description="D-Bus service name, e.g. com.victronenergy.acsystem.socketcan_can0_sys0")
+    path: str = Field(description="BusItem path, e.g. /Ess/InverterPowerSetpoint")
 
     @field_validator("service")
     @classmethod
     def _service(cls, value: str) -> str:
         if not _SERVICE.match(value):
-            raise ValueError("not a D-Bus service name (like com.victronenergy.acsystem.ttyS0)")
+            raise ValueError("not a D-Bus service name (like com.victronenergy.acsystem.socketcan_can0_sys0)")
         return value
 
     @field_validator("path")
@@ -121,6 +122,12 @@ class BatterySettings(BaseModel):
     measuredSign: Sign = Field(1, description="+1 when the device reports charging as +, -1 when as -")
     minCommandW: float | None = Field(None, ge=0, allow_inf_nan=False, description="setpoints smaller than this "
                                       "(in magnitude) are written as 0: the device cannot do less")
+    setpointTimeoutS: float | None = Field(None, gt=0, le=3600, allow_inf_nan=False, description="the device's own "
+                                           "setpoint watchdog (s): it falls back to 0 when no setpoint came for this "
+                                           "long; the setpoint is then written at least every third of it, so the "
+                                           "device stops within this time after the dispatcher dies")
+    zeroWill: bool = Field(True, description="MQTT setpoints: a broker connection whose last will publishes setpoint "
+                           "0 (not retained) on the command topic when the dispatcher dies without a clean disconnect")
 
     @field_validator("name")
     @classmethod
@@ -152,8 +159,16 @@ class MqttSettings(BaseModel):
     tls: bool = Field(False, description="connect with TLS")
     caFile: str | None = Field(None, min_length=1, description="CA certificate that signed the broker's (TLS); "
                                "the system's CAs when absent")
+    certFile: str | None = Field(None, min_length=1, description="TLS client certificate (PEM) we authenticate "
+                                 "with; needs keyFile and tls")
+    keyFile: str | None = Field(None, min_length=1, description="private key of certFile (PEM)")
     username: str | None = Field(None, min_length=1)
     password: str | None = None
+    acceptCommands: Literal["authenticated", "loopback", "never"] = Field(
+        "authenticated", description="who may set the target and enabled over MQTT: authenticated: only when we "
+        "log in to the broker (username and password, or a TLS client certificate), so the broker can keep "
+        "anonymous clients out; loopback: also without credentials, for a broker on this machine that listens on "
+        "loopback only; never: no MQTT commands")
     clientId: str | None = Field(None, min_length=1, max_length=64, description="MQTT client id (default: "
                                  "battery-aggregator-dispatcher-<pid>)")
     topicPrefix: str = Field("battery-aggregator/dispatcher", min_length=1, description="our state and command "
@@ -183,7 +198,33 @@ class MqttSettings(BaseModel):
             raise ValueError("a password needs a username")
         if self.caFile is not None and not self.tls:
             raise ValueError('caFile is only used with "tls": true')
+        if (self.certFile is None) != (self.keyFile is None):
+            raise ValueError("certFile and keyFile go together (a client certificate and its key)")
+        if self.certFile is not None and not self.tls:
+            raise ValueError('certFile (a TLS client certificate) is only used with "tls": true')
+        if self.acceptCommands != "never" and not self.authenticated and not is_loopback(self.host):
+            # Anyone who can publish to that broker could set the batteries' power (issue #14).
+            raise ValueError(f"acceptCommands: the broker {self.host} is not on this machine and no credentials are "
+                             "configured, so anyone who can reach it could command the batteries; set username and "
+                             'password (or certFile and keyFile with "tls": true), or "acceptCommands": "never"')
         return self
+
+    @property
+    def authenticated(self) -> bool:
+        """We log in to the broker (so it can tell us from anonymous clients)."""
+        return self.username is not None or self.certFile is not None
+
+    def commands_refused(self) -> str | None:
+        """Why MQTT commands are not taken, or None when they are."""
+        if self.acceptCommands == "never":
+            return 'mqtt.acceptCommands is "never"'
+        if self.authenticated:
+            return None
+        if self.acceptCommands == "loopback" and is_loopback(self.host):
+            return None
+        return ("no MQTT credentials (mqtt.username/password or certFile/keyFile): anyone who can publish to the "
+                'broker could command the batteries; configure them, or set mqtt.acceptCommands to "loopback" for a '
+                "broker that listens on loopback only")
 
 
 class DispatcherConfig(BaseModel):
@@ -247,6 +288,9 @@ class DispatcherConfig(BaseModel):
                                  f"would share the MQTT topics .../batteries/{key}; choose names that differ in "
                                  "letters or digits")
             seen[key] = battery.name
+            if battery.setpointTimeoutS is not None and battery.setpointTimeoutS < 3 * self.cycleSeconds:
+                raise ValueError(f"batteries[{i}].setpointTimeoutS: {battery.setpointTimeoutS:g} s is less than three "
+                                 f"cycles ({3 * self.cycleSeconds:g} s): the device would stop between two writes")
             if self.mqtt is None:
                 for role, spec in battery.adapters().items():
                     if spec.mqtt is not None:

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .controller import (BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target, water_fill)
+from .faults import FROZEN, INVERTED
 from .model import CHARGE, DISCHARGE
 
 SIM_DT_S = 0.1
@@ -50,6 +51,9 @@ class SimBatteryParams:
     noise_w: float = 5.0
     watchdog_s: float = 10.0
     refusals: tuple[tuple[float, float], ...] = ()  # (start, end): delivers nothing whatever is asked
+    noise_frac: float = 0.0              # meter noise proportional to the power: uniform within +-this fraction
+    meter_sign: float = 1.0              # -1: the meter (or its configuration) counts the other way round
+    frozen_from_s: float | None = None   # from then on the meter repeats its last value (fresh, but constant)
 
     @property
     def told_charge_w(self) -> float:
@@ -78,6 +82,7 @@ class SimBattery:
         self._next_sample_t = float(rng.uniform(0.0, params.meter_period_s))
         self._samples: deque[tuple[float, float, float]] = deque()  # (available at, taken at, value)
         self._published: tuple[float, float, float] | None = None   # (taken at, value, soc)
+        self._frozen: float | None = None                           # the value a frozen meter repeats
 
     def true_limit(self, direction: str) -> float:
         """Hardware limit, overridden (BMS, temperature), tapered near full/empty."""
@@ -132,6 +137,13 @@ class SimBattery:
             self._next_sample_t += p.meter_period_s
             if not self.silent:
                 value = self.power_w + float(self.rng.normal(0.0, p.noise_w))
+                if p.noise_frac > 0.0:
+                    value += self.power_w * float(self.rng.uniform(-p.noise_frac, p.noise_frac))
+                value *= p.meter_sign
+                if p.frozen_from_s is not None and t >= p.frozen_from_s:
+                    if self._frozen is None:
+                        self._frozen = self._published[1] if self._published is not None else value
+                    value = self._frozen
                 self._samples.append((t + p.meter_delay_s, t, value))
         while self._samples and self._samples[0][0] <= t:
             _, taken, value = self._samples.popleft()
@@ -382,6 +394,7 @@ class ScenarioSetup:
     actions: list[tuple[float, Callable[[dict[str, SimBattery]], None]]] = field(default_factory=list)
     events: list[float] = field(default_factory=list)  # besides demand steps: times the metrics restart
     learn: list[LearnTarget] = field(default_factory=list)
+    faults: list[tuple[float, str]] = field(default_factory=list)  # (from t, battery): a meter gone wrong
 
 
 @dataclass(frozen=True)
@@ -480,13 +493,42 @@ def _mixed(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
                          [LearnTarget(10.0, "a", "gain", 0.92), LearnTarget(2000.0, "c", "charge_limit", 1000.0)])
 
 
+def _frozen_meter(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
+    """B's meter freezes at 120 s: its value keeps coming, fresh but constant, whatever B does."""
+    bats = [_jitter(rng, SimBatteryParams(n)) for n in "ab"]
+    bats[1] = replace(bats[1], frozen_from_s=120.0)
+    bats.append(_jitter(rng, SimBatteryParams("c")))
+    demand = steps(times, [(10.0, 1500.0), (200.0, 800.0), (320.0, -1300.0), (420.0, 600.0)])
+    return ScenarioSetup(bats, demand + demand_noise(rng, times), events=[120.0], faults=[(120.0, "b")])
+
+
+def _inverted_meter(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
+    """C's meter counts the other way round (a wrong measuredSign): + is discharging there."""
+    bats = [_jitter(rng, SimBatteryParams(n)) for n in "abc"]
+    bats[2] = replace(bats[2], meter_sign=-1.0)
+    demand = steps(times, [(10.0, 1800.0), (150.0, -700.0), (300.0, 900.0)])
+    return ScenarioSetup(bats, demand + demand_noise(rng, times), faults=[(10.0, "c")])
+
+
+def _noisy_meter(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
+    """Both batteries' meters are noisy: +-10 % of the power (cheap clamp meters, inverter estimates)."""
+    bats = [_jitter(rng, SimBatteryParams(n, noise_frac=0.10)) for n in "ab"]
+    demand = steps(times, [(10.0, 2000.0), (200.0, -800.0), (350.0, 1200.0)])
+    return ScenarioSetup(bats, demand + demand_noise(rng, times))
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("user_example", "1000 W over two, one caps at 300 W, then +400 W", 200.0, _user_example),
     Scenario("limit_drop", "limit 3000 -> 800 W and back", 720.0, _limit_drop),
     Scenario("silent", "a battery goes silent and returns", 480.0, _silent),
     Scenario("full_empty", "filling up and running empty", 2400.0, _full_empty),
     Scenario("mixed", "an hour of household demand, solar, clouds", 3600.0, _mixed),
+    Scenario("frozen_meter", "a meter freezes (fresh but constant)", 540.0, _frozen_meter),
+    Scenario("inverted_meter", "a meter counts the other way round", 420.0, _inverted_meter),
+    Scenario("noisy_meter", "+-10 % meter noise", 480.0, _noisy_meter),
 )}
+# The faults of issue #14: their own acceptance (bench/dispatch.py), not the issue #8 one.
+FAULT_SCENARIOS = ("frozen_meter", "inverted_meter", "noisy_meter")
 
 
 # ---- running -----------------------------------------------------------------------------------------------
@@ -503,6 +545,8 @@ class Trace:
     control_times: np.ndarray
     events: list[float]
     learned_at: list[float]       # per learn target: seconds to learn, nan if never
+    detected_at: list[float] = field(default_factory=list)  # per fault: seconds until the battery was held
+    held_power: list[float] = field(default_factory=list)  # per fault: the battery's true power at the end (W)
 
 
 def simulate(scenario: Scenario, seed: int, controller: str,
@@ -525,6 +569,7 @@ def simulate(scenario: Scenario, seed: int, controller: str,
     control_times: list[float] = []
     setpoints: dict[str, list[float]] = {k: [] for k in names}
     learned_at = [math.nan] * len(setup.learn)
+    detected_at = [math.nan] * len(setup.faults)
     weights = {p.name: p.capacity_wh for p in setup.batteries}
     next_control = 0.0
     ai = 0
@@ -535,7 +580,10 @@ def simulate(scenario: Scenario, seed: int, controller: str,
         if t >= next_control - 1e-9:
             next_control += CONTROL_PERIOD_S
             readings = {k: b.reading(t) for k, b in sims.items()}
-            current = sum(r.measured_w for r in _fresh(readings).values())  # type: ignore[misc]
+            if isinstance(ctrl, LearnedController):
+                current = ctrl.dispatcher.usable_total(readings)
+            else:
+                current = sum(r.measured_w for r in _fresh(readings).values())  # type: ignore[misc]
             target = grid_zero_target(grid.value, current, 0.0, GRID_DEADBAND_W)
             sp = ctrl.step(t, target, readings)
             for k, b in sims.items():
@@ -544,6 +592,10 @@ def simulate(scenario: Scenario, seed: int, controller: str,
             control_times.append(t)
             if isinstance(ctrl, LearnedController):
                 _check_learning(ctrl, setup.learn, readings, t, learned_at)
+                for j, (t0, name) in enumerate(setup.faults):
+                    held = ctrl.last is not None and ctrl.last.commands[name].status in (FROZEN, INVERTED)
+                    if held and t >= t0 and math.isnan(detected_at[j]):
+                        detected_at[j] = t - t0
         for k, b in sims.items():
             b.advance(t, SIM_DT_S)
             power[k][i] = b.power_w
@@ -554,7 +606,8 @@ def simulate(scenario: Scenario, seed: int, controller: str,
     demand_events = _demand_steps(times, setup.demand)
     events = sorted(set(demand_events) | set(setup.events))
     return Trace(times, setup.demand, total, achievable, power, ideal,
-                 {k: np.array(v) for k, v in setpoints.items()}, np.array(control_times), events, learned_at)
+                 {k: np.array(v) for k, v in setpoints.items()}, np.array(control_times), events, learned_at,
+                 detected_at, [float(sims[name].power_w) for _, name in setup.faults])
 
 
 def _achievable(i: int, demand: float, sims: Mapping[str, SimBattery], weights: Mapping[str, float],
@@ -615,6 +668,9 @@ class Metrics:
     imbalance_pct: float   # distance from the capacity-proportional split, steady state
     learn_s: float         # mean learning time (nan: nothing to learn or not the learned dispatcher)
     learn_missed: int      # learn targets never reached
+    swing_w: float = math.nan  # steady state: 99th minus 1st percentile of the error (an oscillation's size)
+    detect_s: float = math.nan  # mean seconds from a meter fault to its battery being held (nan: none, or missed)
+    detect_missed: int = 0      # faults never detected (the learned dispatcher only)
 
 
 def metrics(trace: Trace, min_command_w: float = 25.0) -> Metrics:
@@ -648,9 +704,12 @@ def metrics(trace: Trace, min_command_w: float = 25.0) -> Metrics:
     crossings = sum(_direction_changes(sp, min_command_w) for sp in trace.setpoints.values()) / hours
     imbalance = _imbalance(trace, steady)
     learn = [x for x in trace.learned_at if not math.isnan(x)]
+    swing = float(np.percentile(error[steady], 99) - np.percentile(error[steady], 1)) if steady.any() else math.nan
+    detected = [x for x in trace.detected_at if not math.isnan(x)]
     return Metrics(float(np.mean(settles)) if settles else math.nan, unsettled,
                    float(np.mean(overshoots)) if overshoots else 0.0, rms, crossings, avoidable, imbalance,
-                   float(np.mean(learn)) if learn else math.nan, len(trace.learned_at) - len(learn))
+                   float(np.mean(learn)) if learn else math.nan, len(trace.learned_at) - len(learn), swing,
+                   float(np.mean(detected)) if detected else math.nan, len(trace.detected_at) - len(detected))
 
 
 def _first_run(mask: np.ndarray, length: int) -> int | None:

@@ -23,8 +23,10 @@ from aggregator.dispatch.settings import parse_dispatcher_config
 from .conftest import REPO, Busctl
 from .helpers import eventually
 
-SIM_A = "com.victronenergy.acsystem.dispatch_a"
-SIM_B = "com.victronenergy.acsystem.dispatch_b"
+# The generic layout: one service with /Setpoint and /Dc/0/Power, under a name that is not Victron's (those paths
+# are not what com.victronenergy.acsystem publishes; test_dispatch_fallback uses the real ones).
+SIM_A = "com.batteryaggregator.controllable.dispatch_a"
+SIM_B = "com.batteryaggregator.controllable.dispatch_b"
 BUSITEM = "com.victronenergy.BusItem"
 
 
@@ -74,7 +76,7 @@ class Sims:
         env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.address, PYTHONUNBUFFERED="1")
         log = open(self.tmp / f"sim_{name}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "aggregator.simulator.controllable", "--name", name,
-                                 "--rate", "10", "--lag", "1.0", *args],
+                                 "--layout", "generic", "--rate", "10", "--lag", "1.0", *args],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc

@@ -116,3 +116,30 @@ def test_every_error_is_listed() -> None:
     message = _error(data)
     assert message.startswith("invalid dispatcher config (3 errors):")
     assert "batteries[1].maxDischargeW" in message
+
+
+def test_mqtt_commands_need_credentials_off_this_machine() -> None:
+    """Issue #14: a broker elsewhere without credentials would take anyone's target; the error names the key."""
+    message = _error({"mqtt": {"host": "192.0.2.10"}})
+    assert "mqtt: acceptCommands:" in message and "username" in message
+    assert "192.0.2.10" in message
+    assert "acceptCommands" in _error({"mqtt": {"host": "broker.lan", "acceptCommands": "loopback"}})
+    for ok in ({"host": "192.0.2.10", "acceptCommands": "never"},
+               {"host": "192.0.2.10", "username": "u", "password": "p"},
+               {"host": "broker.lan", "tls": True, "certFile": "/data/c.pem", "keyFile": "/data/c.key"},
+               {"host": "127.0.0.1"}, {"host": "localhost", "acceptCommands": "loopback"}):
+        parse_dispatcher_config({"mqtt": ok})
+    assert "keyFile" in _error({"mqtt": {"host": "broker.lan", "tls": True, "certFile": "/data/c.pem"}})
+    assert "tls" in _error({"mqtt": {"certFile": "/data/c.pem", "keyFile": "/data/c.key"}})
+    # what the runtime does with them
+    loop = parse_dispatcher_config({"mqtt": {}}).mqtt
+    assert loop is not None and "mqtt.username" in (loop.commands_refused() or "")
+    assert parse_dispatcher_config({"mqtt": {"acceptCommands": "loopback"}}).mqtt.commands_refused() is None  # type: ignore[union-attr]
+    assert parse_dispatcher_config({"mqtt": {"username": "u"}}).mqtt.commands_refused() is None  # type: ignore[union-attr]
+
+
+def test_a_setpoint_timeout_must_outlast_three_cycles() -> None:
+    message = _error({"cycleSeconds": 1.0, "batteries": [_battery(setpointTimeoutS=2)]})
+    assert "batteries[0].setpointTimeoutS" in message
+    config = parse_dispatcher_config({"cycleSeconds": 0.5, "batteries": [_battery(setpointTimeoutS=2)]})
+    assert config.batteries[0].setpointTimeoutS == 2.0 and config.batteries[0].zeroWill
