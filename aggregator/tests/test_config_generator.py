@@ -262,13 +262,13 @@ def test_semantic_messages_are_the_python_checkers(page: Any, data: dict[str, An
 
 # The coop and dispatcher sections: the pydantic validators a JSON schema cannot express (coop/settings.py,
 # dispatch/settings.py) have mirrors in the page. One bad config per rule; the page must show what the checker says.
-DBUS = {"dbus": {"service": "com.victronenergy.acsystem.ttyS0", "path": "/Ac/PowerSetpoint"}}
+DBUS = {"dbus": {"service": "com.victronenergy.acsystem.socketcan_can0_sys0", "path": "/Ess/InverterPowerSetpoint"}}
 MQTT = {"mqtt": {"topic": "home/battery/set"}}
 
 
 def battery(**changes: Any) -> dict[str, Any]:
-    out = {"name": "a", "setpoint": DBUS, "measured": {"dbus": {"service": "com.victronenergy.acsystem.ttyS0",
-                                                              "path": "/Ac/Power"}},
+    out = {"name": "a", "setpoint": DBUS, "measured": {"dbus": {"service": "com.victronenergy.battery.socketcan_can0",
+                                                              "path": "/Dc/0/Power"}},
            "maxChargeW": 3000, "maxDischargeW": 3000}
     out.update(changes)
     return out
@@ -297,6 +297,14 @@ MODEL_CASES = {
     "release < full": coop(curtail={"releasePercent": 98, "fullPercent": 97.5}),
     "dbus curtail needs service and path": coop(curtail={"adapter": "dbus",
                                                          "service": "com.victronenergy.solarcharger.ttyS1"}),
+    # MqttSettings, DispatcherConfig (issue #14: who may command, the device's watchdog)
+    "commands from a remote broker need credentials": dispatcher(mqtt={"host": "mqtt.example"}),
+    "a client certificate needs its key": dispatcher(mqtt={"host": "127.0.0.1", "tls": True, "certFile": "/c.pem"}),
+    "a client certificate needs tls": dispatcher(mqtt={"host": "127.0.0.1", "certFile": "/c.pem", "keyFile": "/k.pem"}),
+    "a watchdog shorter than three cycles": dispatcher(cycleSeconds=2, batteries=[battery(setpointTimeoutS=5)]),
+    "this site is in peers": coop(siteId="s1", peers={"s2": {"capacityKwh": 10}}),
+    # EnergyOptions
+    "a report endpoint beyond loopback needs a token": {"energy": {"httpPort": 8088, "httpBind": "0.0.0.0"}},
     "a bad field hides the model's rule": coop(enabled=True, broker={"host": "x", "tls": False}, siteId="bad id"),
     # AdapterSpec, DbusRef, MqttRef
     "adapter: neither": dispatcher(batteries=[battery(measured={})]),
@@ -404,6 +412,6 @@ def test_the_page_formats_floats_as_python(page: Any, value: float) -> None:
                                   "::ffff:127.0.0.1", "1::1", ":::1", "0:0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST",
                                   "mqtt.example"])
 def test_the_page_knows_loopback_hosts_as_python(page: Any, host: str) -> None:
-    from aggregator.coop.settings import _is_loopback
+    from aggregator.coop.settings import is_loopback
 
-    assert page.execute_script("return isLoopback(arguments[0])", host) is _is_loopback(host)
+    assert page.execute_script("return isLoopback(arguments[0])", host) is is_loopback(host)
