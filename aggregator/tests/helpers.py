@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository that is not part of the package (bench/*.py, config_generator/build.py),
+    imported as a module so a test can call its functions."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

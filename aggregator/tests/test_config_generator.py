@@ -5,7 +5,6 @@ are skipped (the test that index.html is up to date always runs).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,6 +16,7 @@ import pytest
 
 from aggregator.config import parse_config
 
+from .helpers import load_script
 from .test_config import USER_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,12 +27,8 @@ CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 DRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
 
 
-def load_build():
-    spec = importlib.util.spec_from_file_location("config_generator_build", GENERATOR / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+def load_build():  # type: ignore[no-untyped-def]
+    return load_script("config_generator/build.py")
 
 
 def test_committed_page_is_what_build_py_makes_from_the_schema() -> None:

@@ -2,10 +2,8 @@
 grid zeroing, and the user's example on the simulator against the PI baseline."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +13,8 @@ from aggregator.dispatch.controller import (BatteryReading, Dispatcher, Dispatch
                                             water_fill)
 from aggregator.dispatch.model import CHARGE, DISCHARGE, BatteryModel
 
-REPO = Path(__file__).resolve().parents[2]
+from .helpers import load_script
+
 
 
 def reading(name: str, measured: float | None = 0.0, age: float = 0.5, **kw: object) -> BatteryReading:
@@ -242,11 +241,7 @@ def test_grid_zero_target() -> None:
 # ---- the user's example on the simulator -------------------------------------------------------------------
 
 def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_dispatch", REPO / "bench" / "dispatch.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/dispatch.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ found and their battery held at 0 with a status saying why; honest meters never 
 the fleet swing more than the PI baseline does (bench/dispatch.py's scenarios)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections import deque
 from typing import Any
@@ -13,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from aggregator.dispatch.controller import BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target
 from aggregator.dispatch.faults import FROZEN, INVERTED, FaultSettings, MeterCheck
 
-from .conftest import REPO
+from .helpers import load_script
 
 DT = 0.5
 
@@ -156,11 +155,7 @@ def test_an_honest_meter_is_never_held(gain: float, lag: float, dead: float, lim
 
 
 def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_dispatch_faults", REPO / "bench" / "dispatch.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/dispatch.py")
 
 
 def test_the_bench_fault_scenarios_beat_the_pi_baseline() -> None:

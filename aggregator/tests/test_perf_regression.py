@@ -2,22 +2,17 @@
 the baseline recorded in bench/baseline.json. Select or skip it with the `perf` marker."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .helpers import load_script
+
 pytestmark = pytest.mark.perf
 
 
 def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_daemon", REPO / "bench" / "daemon.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/daemon.py")
 
 
 def test_cpu_per_member_update_has_not_doubled() -> None:
