@@ -743,7 +743,7 @@ class Aggregator:
                     values[path] = min(numbers)
             inputs[index] = MemberInput(chosen.name, chosen.label, values, True, chosen.updated)
 
-    def _limit_alarm_value(self) -> int | None:
+    def _limit_alarm_value(self) -> int:
         merged = self.merge.compute_path(LIMIT_ALARM)
         return max(merged or 0, self._limit_alarm)  # once raised, back to 0 (ok) rather than invalid
 

@@ -92,7 +92,8 @@ class ChargeControl:
         self.publishers: dict[str, dict[str, str]] = {CHARGE: {}, DISCHARGE: {}}
         self._held: dict[str, float | None] = {CHARGE: None, DISCHARGE: None}
         self._battery_limit: dict[str, float | None] = {CHARGE: None, DISCHARGE: None}  # last, before DVCC
-        self._sign_votes: dict[str, int] = {}
+        self._sign_votes: dict[str, int] = {}  # net votes of the current-vs-power check, per member
+        self._by_power: set[str] = set()  # suspected by that check: kept until its votes are back to 0
         self.inverted: dict[str, str] = {}  # member -> why its current's sign looks wrong
 
     def adopt(self, old: "ChargeControl") -> None:
@@ -105,7 +106,7 @@ class ChargeControl:
             new.adopt(prev)
         self.floors, self._floor_at, self._guarded = old.floors, old._floor_at, old._guarded
         self.publishers, self._held, self._battery_limit = old.publishers, old._held, old._battery_limit
-        self._sign_votes, self.inverted = old._sign_votes, old.inverted
+        self._sign_votes, self._by_power, self.inverted = old._sign_votes, old._by_power, old.inverted
         self.samples = old.samples
 
     # ---- learning ----------------------------------------------------------------------------------
@@ -170,10 +171,12 @@ class ChargeControl:
                     else:
                         votes = max(votes - 1, 0)
                     self._sign_votes[name] = votes
-            if votes >= SIGN_CHECK_VOTES or (name in self.inverted and votes > 0 and "power" in self.inverted[name]):
+            if votes >= SIGN_CHECK_VOTES or (votes > 0 and name in self._by_power):
+                self._by_power.add(name)
                 inverted[name] = f"its current ({current:g} A) and its power ({power:g} W) have opposite signs" \
                     if current is not None and power is not None else "its current and its power had opposite signs"
                 continue
+            self._by_power.discard(name)
             for d in (CHARGE, DISCHARGE):
                 share = self.learner.marginal_share(name, d)
                 if share is not None and share < NEGATIVE_SHARE:
@@ -202,6 +205,7 @@ class ChargeControl:
         for publishers in self.publishers.values():
             publishers.pop(name, None)
         self._sign_votes.pop(name, None)
+        self._by_power.discard(name)
         self.inverted.pop(name, None)
 
     def forget(self, name: str) -> None:
@@ -233,6 +237,9 @@ class ChargeControl:
         """The limits to publish now (smoothed), with the reason and the per-member figures."""
         limits = [self.member_limits(m) for m in members]
         notes: list[str] = []
+        if self.inverted:
+            notes.append("current sign looks inverted: " + "; ".join(
+                f"{_label(members, n)}: {why}" for n, why in sorted(self.inverted.items())))
         ccl = self._bank_limit(members, limits, CHARGE, notes)
         dcl = self._bank_limit(members, limits, DISCHARGE, notes)
         self.ccl_target, ccl_reason = apply_ccl_mode(ccl, self.ccl_mode, dvcc)
@@ -264,9 +271,14 @@ class ChargeControl:
         return self.ccl_smoother.ramping or self.dcl_smoother.ramping or self.cvl_smoother.ramping
 
     def bank_limit(self, members: list[MemberInput], direction: str) -> BankLimit:
+        return self._shares_limit([self.member_limits(m) for m in members], direction)
+
+    def _shares_limit(self, limits: list[MemberLimits], direction: str) -> BankLimit:
+        """The limit the members' values and shares give (before any hold); with a current not trusted, by the
+        plain ratio and without the operating point."""
         untrusted = bool(self.inverted)
-        return bank_current_limit([self.member_limits(m) for m in members], direction,  # type: ignore[arg-type]
-                                  _plain(self.method) if untrusted else self.method, self.floors[direction],
+        method = _plain(self.method) if untrusted else self.method
+        return bank_current_limit(limits, direction, method, self.floors[direction],  # type: ignore[arg-type]
                                   operating_point=not untrusted)
 
     def _bank_limit(self, members: list[MemberInput], limits: list[MemberLimits], direction: str,
@@ -277,11 +289,7 @@ class ChargeControl:
         share; counting it as carrying nothing would scale the others back up to the whole bank and raise
         the limit past what it may take. So until it is known again the bank's limit may only fall (from
         what it was when the member became unknown), and with no member's limit known it is 0."""
-        bank = self.bank_limit(members, direction)
-        if self.inverted:
-            notes.append("current sign looks inverted: " + "; ".join(
-                f"{_label(members, n)}: {why}" for n, why in sorted(self.inverted.items())))
-            notes[:] = list(dict.fromkeys(notes))  # said once for both directions
+        bank = self._shares_limit(limits, direction)
         path = _LIMIT_PATH[direction]
         publishers = self.publishers[direction]
         unknown: list[str] = []
