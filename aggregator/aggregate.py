@@ -27,6 +27,7 @@ from .components import Components, same_components
 from .config import Config
 from .energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
 from .grid_battery_service import GRID_BATTERY_PRODUCT_ID
+from .local_time import TIME_ZONE_PATH
 from .limits import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
@@ -236,10 +237,12 @@ class Aggregator:
         await self.settings.start()
         self._load_state()
         self.energy.load()
-        await self.energy.follow_time_zone(bus)  # dates in the user's zone (localsettings), not the process's
-        self.watcher = PathWatcher(bus, self._on_dvcc_change)
+        self.watcher = PathWatcher(bus, self._on_setting_change)
         for service, path in DVCC_PATHS:
             self.watcher.watch(service, path)
+        # Dates in the user's zone, not the process's (UTC on a GX): one watcher for every setting we follow, as
+        # each watcher's handler sees every member signal on this connection.
+        self.watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
         await self.watcher.start()
         self.service = await publish_battery(self.settings, self.name, AGGREGATE_PRODUCT_NAME, AGGREGATE_PRODUCT_ID,
                                              "Aggregate of 0 batteries", self.bus_address)
@@ -331,7 +334,6 @@ class Aggregator:
             await self.components.stop()
         self._save_state()
         self.energy.save()
-        await self.energy.stop()
         if self._http is not None:
             await self._http.stop()
         if self.watcher is not None:
@@ -747,7 +749,10 @@ class Aggregator:
         merged = self.merge.compute_path(LIMIT_ALARM)
         return max(merged or 0, self._limit_alarm)  # once raised, back to 0 (ok) rather than invalid
 
-    def _on_dvcc_change(self, service: str, path: str, value: Any) -> None:
+    def _on_setting_change(self, service: str, path: str, value: Any) -> None:
+        if path == TIME_ZONE_PATH:
+            self.energy.time_zone.changed(value)
+            return
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if path == "/Control/Dvcc":
             self.dvcc = dataclasses.replace(self.dvcc, enabled=bool(number))

@@ -8,7 +8,7 @@ aggregate's service; `ReportHttpServer` is the optional HTTP endpoint (off by de
 A ledger is saved when a new identity appears (so its counter anchor survives a kill -9: the member's own
 counters then cover the time we were away), after every taken report or removal, every SAVE_INTERVAL and on
 stop. The external batteries' rows (level, capacity, when they last reported) are saved with the ledgers.
-Dates follow the user's time zone (localsettings' /Settings/System/TimeZone) once `follow_time_zone` runs.
+Dates follow the user's time zone (localsettings' /Settings/System/TimeZone) given to `time_zone.changed`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .config import EnergyOptions, MemberEnergyOptions
 from .energy import (REANCHORED, CounterKind, Duplicate, EnergyLedger, ReportConflict, ReportError, ReportSeries,
                      average_level, capacity_weighted_level, find_duplicates, identity_of, parse_report,
                      report_regression, total_energy)
-from .local_time import TimeZoneFollower
+from .local_time import TimeZoneSetting
 from .state import StateStore
 
 _LOG = logging.getLogger("aggregator.energy")
@@ -87,7 +87,7 @@ class EnergyTracker:
         self.conflicts: dict[str, float] = {}  # reported id -> monotonic time of its last conflicting report
         self._rows_shown: set[int] = set()  # /Energy/External/<k> rows published: a removed one turns invalid
         self.tz: tzinfo | None = None  # dates: the user's zone; None = the process's
-        self._zone: TimeZoneFollower | None = None
+        self.time_zone = TimeZoneSetting(self.set_zone)  # the caller feeds it the setting's values
         self.duplicates: dict[str, Duplicate] = {}
         self._shadowed: set[str] = set()  # services another service with the same identity stands for
         self._save_due = False
@@ -164,16 +164,6 @@ class EnergyTracker:
         self.tz = tz
         for ledger in self.ledgers.values():
             ledger.tz = tz
-
-    async def follow_time_zone(self, bus: Any) -> None:
-        """Read localsettings' time zone and follow its changes (on a GX the process runs in UTC)."""
-        self._zone = TimeZoneFollower(bus, self.set_zone)
-        await self._zone.start()
-
-    async def stop(self) -> None:
-        if self._zone is not None:
-            await self._zone.stop()
-            self._zone = None
 
     def tick(self) -> None:
         """Every second or so: save when a new identity appeared or SAVE_INTERVAL passed."""

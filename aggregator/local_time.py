@@ -2,7 +2,8 @@
 
 On a GX, Linux runs in UTC and the zone the user chose lives in localsettings as an Olson name
 ("Europe/Amsterdam"). Dates (daily energy buckets, CSV rows, a grid battery's reset day) must follow it.
-`zone_named` is pure; `TimeZoneFollower` reads the setting and follows its changes.
+`zone_named` is pure; `TimeZoneSetting` turns the setting's values into zones, fed by a PathWatcher the
+caller already runs; `TimeZoneFollower` runs a watcher of its own for a connection that has none.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .bus.lib import MessageBus
 from .bus.watch import PathWatcher
 
-__all__ = ["SETTINGS_SERVICE", "TIME_ZONE_PATH", "TimeZoneFollower", "zone_named"]
+__all__ = ["SETTINGS_SERVICE", "TIME_ZONE_PATH", "TimeZoneFollower", "TimeZoneSetting", "zone_named"]
 
 SETTINGS_SERVICE = "com.victronenergy.settings"
 TIME_ZONE_PATH = "/Settings/System/TimeZone"
@@ -33,24 +34,17 @@ def zone_named(name: Any) -> tuple[tzinfo | None, str | None]:
         return None, f"{TIME_ZONE_PATH} {name!r} is not a known time zone ({type(exc).__name__})"
 
 
-class TimeZoneFollower:
-    """Calls `on_zone(zone, name)` with the user's zone at start and at every change; (None, None) means the
-    process's zone. A setting that disappears (localsettings restarting) keeps the zone in use."""
+class TimeZoneSetting:
+    """Calls `on_zone(zone, name)` with the user's zone for every value of the setting given to `changed`;
+    (None, None) means the process's zone. A setting that disappears (localsettings restarting) keeps the zone
+    in use. The caller watches TIME_ZONE_PATH of SETTINGS_SERVICE on a PathWatcher it runs anyway."""
 
-    def __init__(self, bus: MessageBus, on_zone: Callable[[tzinfo | None, str | None], None]) -> None:
+    def __init__(self, on_zone: Callable[[tzinfo | None, str | None], None]) -> None:
         self.on_zone = on_zone
         self.name: str | None = None  # the setting in use; None = the process's zone
         self._warned: set[str] = set()  # bad names already logged: once each, not at every re-read
-        self._watcher = PathWatcher(bus, self._changed)
-        self._watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
 
-    async def start(self) -> None:
-        await self._watcher.start()
-
-    async def stop(self) -> None:
-        await self._watcher.stop()
-
-    def _changed(self, _service: str, _path: str, value: Any) -> None:
+    def changed(self, value: Any) -> None:
         if value is None:
             return  # localsettings left or the setting is not there (yet): keep what we use
         zone, reason = zone_named(value)
@@ -65,3 +59,18 @@ class TimeZoneFollower:
             _LOG.info("dates follow the time zone %s", name)
         self.name = name
         self.on_zone(zone, name)
+
+
+class TimeZoneFollower:
+    """A TimeZoneSetting with a PathWatcher of its own, for a connection that watches nothing else."""
+
+    def __init__(self, bus: MessageBus, on_zone: Callable[[tzinfo | None, str | None], None]) -> None:
+        self.setting = TimeZoneSetting(on_zone)
+        self._watcher = PathWatcher(bus, lambda _service, _path, value: self.setting.changed(value))
+        self._watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
+
+    async def start(self) -> None:
+        await self._watcher.start()
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
