@@ -57,6 +57,7 @@ LOWEST_OF_DUPLICATES = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "
                         "/Io/AllowToCharge", "/Io/AllowToDischarge")
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
+PROBE_TIMEOUT = 5.0  # seconds a quiet member has to answer a probe (at most staleAfter)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Paths of a service itself, never copied from a member into a virtual battery.
@@ -120,8 +121,10 @@ async def publish_battery(settings: LocalSettings, name: str, product_name: str,
 class MemberState:
     slot: int
     state: str = ONLINE
-    last_update: float = 0.0
+    last_update: float = 0.0  # its last signal, or its last answer to a probe
     drop: asyncio.TimerHandle | None = None
+    probed_at: float = -1e9  # when a probe last started
+    probing: bool = False
 
 
 class VirtualBattery:
@@ -444,12 +447,13 @@ class Aggregator:
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
-                if state.state != ONLINE:
-                    state.state = ONLINE
-                    self._membership_changed = True
-                    self._dirty_rows.add(name)
-                else:
-                    self._lazy_rows.add(name)
+                if service.values.get("/Connected") != 0:
+                    if state.state != ONLINE:
+                        self._set_state(name, state, ONLINE, "it updates again")
+                    else:
+                        self._lazy_rows.add(name)
+                elif state.state == ONLINE:
+                    self._set_state(name, state, STALE, "it says it lost its device (/Connected 0)")
         elif role in (PRIMARY, AUXILIARY):
             self.merge.update_source(name, check_values(changes)[0])
         elif role == VIRTUAL_MEMBER:
@@ -524,9 +528,12 @@ class Aggregator:
                 state = MemberState(self._free_slot())
                 self.members[name] = state
             state.state, state.last_update, state.drop = ONLINE, self.clock(), None
+            if watched.values.get("/Connected") == 0:
+                state.state = STALE
             self._dirty_rows.add(name)
             self._identify(name)
-            _LOG.info("member %s (%s) joined", name, member_label(watched))
+            _LOG.info("member %s (%s) joined%s", name, member_label(watched),
+                      "" if state.state == ONLINE else ", but it says it lost its device (/Connected 0)")
         elif role in (PRIMARY, AUXILIARY):
             self.merge.set_source(role, name, self._source_paths(role, name, infos), clean)
             _LOG.info("%s is a %s service", name, role)
@@ -640,7 +647,10 @@ class Aggregator:
             else:
                 clean = check_values(values)[0]
                 self.merge.update_member(vb.name, clean)
-                self.members[vb.name].last_update = self.clock()
+                state = self.members[vb.name]
+                state.last_update = self.clock()
+                if state.state == STALE and self._connected(self._probe_targets(vb.name)):
+                    self._set_state(vb.name, state, ONLINE, "its members update again")
                 if "/Dc/0/Current" in clean:
                     self._reported.add(vb.name)
                 if not ENERGY_INPUTS.isdisjoint(clean):
@@ -898,13 +908,57 @@ class Aggregator:
             self._status = status
         merged["/Aggregator/Status"] = status
 
+    def _set_state(self, name: str, state: MemberState, new: str, why: str) -> None:
+        """Online <-> stale (a stale member counts as carrying nothing and its unknown limits hold the bank's)."""
+        state.state = new
+        self._dirty_rows.add(name)
+        self._membership_changed = True
+        if new == ONLINE:
+            _LOG.info("member %s is online again: %s", name, why)
+        else:
+            _LOG.warning("member %s is stale: %s", name, why)
+
+    def _probe_targets(self, name: str) -> list[str]:
+        """The services whose answers tell whether a member is alive: itself, or a virtual battery's members."""
+        vb = self.virtuals.get(name)
+        return list(vb.members) if vb is not None else [name]
+
+    def _connected(self, names: list[str]) -> bool:
+        assert self.monitor is not None
+        services = self.monitor.services
+        return all(services[n].values.get("/Connected") != 0 for n in names if n in services)
+
+    async def _probe(self, name: str, state: MemberState, timeout: float) -> None:
+        """A member silent for staleAfter is asked whether it is alive: Victron's services signal only changes,
+        so a battery at rest may send nothing for minutes. An answer (which also refreshes its values) keeps it
+        online; no answer, an error or /Connected 0 makes it stale, until it signals or answers again."""
+        assert self.monitor is not None
+        silent = self.clock() - state.last_update
+        targets = self._probe_targets(name)
+        try:
+            answers = await asyncio.gather(*(self.monitor.probe(t, timeout) for t in targets))
+        finally:
+            state.probing = False
+        if self.members.get(name) is not state or state.drop is not None:
+            return  # it left meanwhile: the vanishing rules apply
+        if all(answers) and self._connected(targets):
+            state.last_update = self.clock()
+            if state.state == STALE:
+                self._set_state(name, state, ONLINE, "it answers again")
+                self._schedule_flush()
+        elif state.state == ONLINE:
+            why = "does not answer" if not all(answers) else "says it lost its device (/Connected 0)"
+            self._set_state(name, state, STALE, f"it has sent nothing for {silent:.0f} s and {why}")
+            self._schedule_flush()
+
     async def _watch_staleness(self) -> None:
-        """Every second: members that stay on the bus but stop updating become stale (the limits count them
-        as carrying nothing); rising limits continue their ramp; learned state is saved now and then."""
-        stale_after = self.config.limits.staleAfter
+        """Every second: members silent for staleAfter are probed (see _probe); rising limits continue their
+        ramp; learned state is saved now and then."""
         saved_at = self.clock()
         while True:
             await asyncio.sleep(1.0)
+            stale_after = self.config.limits.staleAfter  # a reload may change it
+            timeout = min(PROBE_TIMEOUT, stale_after)
             now = self.clock()
             if self.control.ramping or self._limits_due:
                 self._limits_dirty = True
@@ -917,11 +971,10 @@ class Aggregator:
             self.energy.tick()
             self._publish_energy()
             for name, state in self.members.items():
-                if state.state == ONLINE and state.drop is None and now - state.last_update > stale_after:
-                    state.state = STALE
-                    self._dirty_rows.add(name)
-                    self._membership_changed = True
-                    _LOG.warning("member %s has not updated for %.0f s", name, now - state.last_update)
+                if state.drop is None and state.state != LOST and not state.probing \
+                        and now - max(state.last_update, state.probed_at) > stale_after:
+                    state.probing, state.probed_at = True, now
+                    self._spawn(self._probe(name, state, timeout))
             if self._membership_changed:
                 self._schedule_flush()
 

@@ -298,12 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_cmd_simulate)
 
     fault = sub.add_parser("fault", help="inject a fault into a running simulator",
-                           description="Inject a fault into one pack of a running simulator: freeze (stops "
-                                       "updating), vanish (leaves the bus), invalid (measured values invalid), absurd "
+                           description="Inject a fault into one pack of a running simulator: quiet (its values "
+                                       "stand still: it signals nothing but answers, a battery at rest), freeze (a "
+                                       "frozen process: neither signals nor answers), vanish (leaves the bus), invalid (measured values invalid), absurd "
                                        "(NaN, strings, negative capacity, SoC 150), slow (answers calls late), "
                                        "fets_open (the BMS opens its FETs); clear ends all faults of the pack.")
     fault.add_argument("pack", help="the pack's service suffix, e.g. sim_b")
-    fault.add_argument("kind", choices=["freeze", "vanish", "invalid", "absurd", "slow", "fets_open", "clear"])
+    fault.add_argument("kind", choices=["quiet", "freeze", "vanish", "invalid", "absurd", "slow", "fets_open",
+                                        "clear"])
     fault.add_argument("--duration", type=float, help="seconds (default: until cleared)")
     fault.set_defaults(func=_cmd_fault)
 

@@ -7,6 +7,10 @@ followed through its ItemsChanged and PropertiesChanged signals, matched by that
 The GetItems reply is applied inside the message handler, which sees messages in the order they arrived:
 a signal sent after the reply can then never be applied before it nor lost, and one sent before it is
 already contained in it.
+
+Victron services signal only changes and have no heartbeat, so silence says nothing about liveness: a
+consumer that wants to know asks with `probe()` (GetItems with a timeout), whose answer also refreshes the
+cache in the same ordered way.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from . import client
 from .client import CallError
 from .lib import Message, MessageBus, MessageType
 from .service import BUSITEM
-from .values import unwrap
+from .values import same_value, unwrap
 
 _LOG = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ class ServiceMonitor:
         self._owners: dict[str, str] = {}  # name -> owner, for every wanted name on the bus
         self._scans: dict[str, asyncio.Task[None]] = {}
         self._scan_serials: dict[int, tuple[str, str]] = {}  # GetItems serial -> (name, owner)
+        self._probe_serials: dict[int, tuple[str, str]] = {}  # a probe's GetItems serial -> (name, owner)
         self._matches: dict[str, str] = {}  # name -> match rule for its signals
         self._discovery_rules: list[str] = []
         self._started = False
@@ -150,6 +155,44 @@ class ServiceMonitor:
 
     async def set_value(self, service: str, path: str, value: Any) -> int:
         return await client.set_value(self.bus, service, path, value, self.call_timeout)
+
+    async def probe(self, name: str, timeout: float | None = None) -> bool:
+        """Whether a service we follow answers now: GetItems within `timeout` (GetValue of /DeviceInstance for
+        services without GetItems). The answer refreshes the cache, and what differs from it is reported
+        through `on_changed` like a signal. False on no answer, an error, or when the service is not followed."""
+        service = self.services.get(name)
+        if service is None:
+            return False
+        timeout = self.call_timeout if timeout is None else timeout
+        serial = self.bus.next_serial()
+        self._probe_serials[serial] = (name, service.owner)
+        try:
+            await client.call(self.bus, name, "/", "GetItems", timeout=timeout, serial=serial)
+            return True
+        except CallError as exc:
+            if exc.error_name not in _NO_GETITEMS:
+                return False
+        finally:
+            self._probe_serials.pop(serial, None)
+        try:  # an old service without GetItems: any answer will do, its values come by signal
+            await client.get_value(self.bus, name, "/DeviceInstance", timeout)
+        except CallError:
+            return False
+        return True
+
+    def _apply_probe(self, name: str, owner: str, items: Any) -> None:
+        service = self.services.get(name)
+        if service is None or service.owner != owner:
+            return
+        values = client.parse_items(items)
+        cached = service.values
+        changes = {p: v for p, v in values.items() if p not in cached or not same_value(cached[p], v)}
+        # A path the service no longer has is no value now.
+        changes.update((p, None) for p, v in cached.items() if v is not None and p not in values)
+        if changes:
+            cached.update(changes)
+            if self.on_changed is not None:
+                self._callback(self.on_changed, service, changes)
 
     # ---- discovery -----------------------------------------------------------------------------------
 
@@ -274,6 +317,11 @@ class ServiceMonitor:
             elif msg.member == "NameOwnerChanged" and msg.sender == _DBUS:
                 self._on_owner_changed(msg)
         elif kind is MessageType.METHOD_RETURN:
+            if self._probe_serials:
+                probe = self._probe_serials.pop(msg.reply_serial, None)
+                if probe is not None and msg.sender == probe[1]:
+                    self._apply_probe(probe[0], probe[1], msg.body[0] if msg.body else None)
+                    return None
             scan = self._scan_serials.pop(msg.reply_serial, None)
             if scan is not None and msg.sender == scan[1] and self._owners.get(scan[0]) == scan[1] \
                     and scan[0] not in self.services:

@@ -115,6 +115,8 @@ class VeService:
         self._methods: dict[tuple[str, str], Callable[[Message], Message]] = {}
         # Seconds to hold back every reply: the simulator's "answers slowly" fault. 0 in real services.
         self.reply_delay = 0.0
+        # False: calls are swallowed unanswered, as by a process that is frozen (the simulator's "freeze").
+        self.answering = True
         self._send_raw = raw_sender(bus)
         bus.add_message_handler(self._handle)
 
@@ -309,6 +311,8 @@ class VeService:
     def _handle(self, msg: Message) -> bool | None:
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
+        if not self.answering:
+            return True
         reply = self._answer(msg)
         if reply is None:
             return None

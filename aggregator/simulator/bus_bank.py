@@ -1,9 +1,11 @@
 """The simulated bank on D-Bus: every pack a `com.victronenergy.battery.<suffix>` service, as a real BMS.
 
-Each pack has its own connection (monitors map a sender to one service) and publishes all its paths with one
-ItemsChanged per tick. Faults come from the scenario (`at` = wall-clock seconds after start) or at run time
+Each pack has its own connection (monitors map a sender to one service) and, as Victron's services do, signals
+only the values that changed, with one ItemsChanged per tick (none when nothing changed). 'quiet' holds a
+pack's values still (it signals nothing but answers, a battery at rest); 'freeze' is a frozen process (it
+neither signals nor answers). Faults come from the scenario (`at` = wall-clock seconds after start) or at run time
 through the control service `CONTROL_SERVICE`:
-  /Packs/<suffix>/Fault          write 'freeze' | 'vanish' | 'invalid' | 'absurd' | 'slow' | 'fets_open' | ''
+  /Packs/<suffix>/Fault          write 'quiet' | 'freeze' | 'vanish' | 'invalid' | 'absurd' | 'slow' | 'fets_open' | ''
   /Packs/<suffix>/FaultDuration  seconds the next written fault lasts (0 = until cleared)
   /BankCurrent                   write a current in A to override the profile; invalid = back to the profile
   /Bank/Voltage, /Bank/Current   the simulator's truth
@@ -30,7 +32,7 @@ _LOG = logging.getLogger(__name__)
 BATTERY_PREFIX = "com.victronenergy.battery."
 CONTROL_SERVICE = "org.batteryaggregator.simulator"
 SIM_PRODUCT_ID = 0xB0F0  # ours; outside the ids DVCC applies vendor quirks to
-FAULT_KINDS = ("freeze", "vanish", "invalid", "absurd", "slow", "fets_open")
+FAULT_KINDS = ("quiet", "freeze", "vanish", "invalid", "absurd", "slow", "fets_open")
 DEFAULT_SLOW_DELAY = 5.0
 
 # Values a misbehaving BMS has been seen to publish: NaN, a string, negative capacity, SoC 150, inf.
@@ -136,7 +138,7 @@ class SimulatedBank:
         self.sim_time += dt
         for member in self.members.values():
             service = member.service
-            if service is None or member.has("freeze"):
+            if service is None or member.has("freeze") or member.has("quiet"):
                 continue
             service.set_values(self._values_of(member))
         if self.control is not None:
@@ -165,6 +167,8 @@ class SimulatedBank:
             member.slow_delay = delay if delay is not None else DEFAULT_SLOW_DELAY
             if member.service is not None:
                 member.service.reply_delay = member.slow_delay
+        elif kind == "freeze" and member.service is not None:
+            member.service.answering = False
         elif kind == "vanish" and member.service is not None:
             member.service.close()
             member.service = None
@@ -193,6 +197,8 @@ class SimulatedBank:
             self.control.set_value(f"/Packs/{member.pack.service}/Fault", "")
         if kind == "slow" and member.service is not None:
             member.service.reply_delay = 0.0
+        elif kind == "freeze" and member.service is not None:
+            member.service.answering = True
         elif kind == "vanish" and member.service is None:
             self._spawn(self._publish(member))
 
@@ -217,6 +223,7 @@ class SimulatedBank:
                 service.add_path(path, value, text=text_format(path))
         if member.has("slow"):
             service.reply_delay = member.slow_delay
+        service.answering = not member.has("freeze")
         await service.register()
         member.service = service
 

@@ -31,7 +31,7 @@ __all__ = [
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
-FaultKind = Literal["freeze", "vanish", "invalid", "absurd", "slow", "fets_open"]
+FaultKind = Literal["quiet", "freeze", "vanish", "invalid", "absurd", "slow", "fets_open"]
 
 
 class ScenarioError(ValueError):

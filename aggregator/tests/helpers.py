@@ -39,3 +39,31 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s; last result: {last!r}")
         await asyncio.sleep(interval)
+
+
+class CallWatch:
+    """dbus-monitor (an independent eavesdropper on the private bus) counting the calls of one member to one
+    service: how a test waits for the aggregate's probes of a service in another process."""
+
+    def __init__(self, address: str, destination: str, member: str = "GetItems") -> None:
+        self.args = ["dbus-monitor", "--address", address,
+                     f"type='method_call',member='{member}',destination='{destination}'"]
+        self.needle = f"member={member}"
+        self.count = 0
+
+    async def __aenter__(self) -> "CallWatch":
+        self.proc = await asyncio.create_subprocess_exec(*self.args, stdout=asyncio.subprocess.PIPE,
+                                                         stderr=asyncio.subprocess.DEVNULL)
+        self.task = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            if self.needle.encode() in line:
+                self.count += 1
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.task.cancel()
+        self.proc.kill()
+        await self.proc.wait()

@@ -54,9 +54,12 @@ async def test_losing_the_bus_ends_the_daemon_promptly_with_status_2(processes: 
     from aggregator.privatebus import PrivateBus
 
     with PrivateBus() as own_bus:
-        proc = processes.start("run", "--config", str(_config(tmp_path, "com.victronenergy.battery.lonely")),
+        name = "com.victronenergy.battery.lonely"
+        proc = processes.start("run", "--config", str(_config(tmp_path, name)),
                                env={"DBUS_SESSION_BUS_ADDRESS": own_bus.address})
-        await asyncio.sleep(1.5)
+        observer = await connect(own_bus.address)
+        await eventually(lambda: client.name_owner(observer, name, 1.0), timeout=15)  # started and registered
+        observer.disconnect()
         assert proc.poll() is None
         own_bus.stop()  # the bus daemon dies (as when the GX restarts it)
         started = time.monotonic()
