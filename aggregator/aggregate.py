@@ -58,6 +58,8 @@ LOWEST_OF_DUPLICATES = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 PROBE_TIMEOUT = 5.0  # seconds a quiet member has to answer a probe (at most staleAfter)
+# Seconds start-up waits for the members' first reads before publishing; one that answers later joins then.
+START_READ_WAIT = 1.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Paths of a service itself, never copied from a member into a virtual battery.
@@ -231,6 +233,9 @@ class Aggregator:
         self.energy = EnergyTracker(config.energy, config.stateDir)
         self._http: ReportHttpServer | None = None
         self.components: Components | None = None
+        # Batteries on the bus at start that have not answered their first read yet: each may be a member whose
+        # limits are unknown, so the CCL stays 0 until they answer or their read times out.
+        self._awaiting: set[str] = set()
 
     # ---- life cycle ----------------------------------------------------------------------------------
 
@@ -264,9 +269,12 @@ class Aggregator:
                                       on_changed=self._on_changed)
         self._discovering = True
         try:
-            await self.monitor.start()
+            await self.monitor.start(wait=START_READ_WAIT)
         finally:
             self._discovering = False
+        self._awaiting = set(self.monitor.pending)
+        if self._awaiting:
+            self._spawn(self._await_slow_members())
         # Our own virtual batteries are members like any battery (they stand for their members); they are
         # fed to the merge directly rather than through the bus, so they are not watched.
         self._reclassify()
@@ -384,7 +392,24 @@ class Aggregator:
 
     # ---- monitor events ------------------------------------------------------------------------------
 
+    async def _await_slow_members(self) -> None:
+        assert self.monitor is not None
+        _LOG.info("publishing before %s answered: charging waits for them", ", ".join(sorted(self._awaiting)))
+        await self.monitor.settle(self.monitor.call_timeout + 0.5)
+        late = self._awaiting & set(self.monitor.pending)
+        if late:
+            _LOG.warning("%s did not answer at start: going on without them (they join when they answer)",
+                         ", ".join(sorted(late)))
+        self._answered(*self._awaiting)
+
+    def _answered(self, *names: str) -> None:
+        if self._awaiting & set(names):
+            self._awaiting.difference_update(names)
+            self._limits_dirty = self._membership_changed = True
+            self._schedule_flush()
+
     def _on_added(self, service: WatchedService) -> None:
+        self._answered(service.name)
         state = self.members.get(service.name)
         if state is not None and state.drop is not None:  # back within reconnectTimeout
             state.drop.cancel()
@@ -395,6 +420,7 @@ class Aggregator:
         self._reclassify()
 
     def _on_removed(self, service: WatchedService) -> None:
+        self._answered(service.name)
         role = self.roles.roles.get(service.name)
         if role == MEMBER and service.name in self.members:
             state = self.members[service.name]
@@ -717,7 +743,8 @@ class Aggregator:
         self.control.observe(inputs, now)
         if self.control.samples != samples or all(i.updated for i in inputs):
             reported.clear()  # a complete sample was taken: wait for every member again
-        out = self.control.update(inputs, self.dvcc, now)
+        waiting = f"waiting for {', '.join(sorted(self._awaiting))} to answer" if self._awaiting else None
+        out = self.control.update(inputs, self.dvcc, now, charge_wait=waiting)
         values["/Info/MaxChargeCurrent"] = out.ccl
         values["/Info/MaxDischargeCurrent"] = out.dcl
         values["/Info/MaxChargeVoltage"] = out.cvl
@@ -880,6 +907,8 @@ class Aggregator:
                 chain += [c for c in member_chain if isinstance(c, str) and c not in chain]
         merged[CHAIN_PATH] = chain
         reasons = []
+        if self._awaiting:
+            reasons.append(f"starting: charging waits for {len(self._awaiting)} batteries to answer")
         if missing:
             reasons.append(f"{missing} of {expected} expected batteries missing")
         stale = sorted(n for n, s in self.members.items() if s.state == STALE)

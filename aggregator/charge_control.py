@@ -233,8 +233,10 @@ class ChargeControl:
                            if (s := self.learner.share(m.name, d)) is not None and s > 0},
             fresh=m.fresh, current=v.get("/Dc/0/Current"))
 
-    def update(self, members: list[MemberInput], dvcc: DvccLimits, now: float) -> LimitOutputs:
-        """The limits to publish now (smoothed), with the reason and the per-member figures."""
+    def update(self, members: list[MemberInput], dvcc: DvccLimits, now: float,
+               charge_wait: str | None = None) -> LimitOutputs:
+        """The limits to publish now (smoothed), with the reason and the per-member figures. `charge_wait`: why
+        charging must wait (batteries whose limits are not known yet at start): the CCL is 0 meanwhile."""
         limits = [self.member_limits(m) for m in members]
         notes: list[str] = []
         if self.inverted:
@@ -243,6 +245,8 @@ class ChargeControl:
         ccl = self._bank_limit(members, limits, CHARGE, notes)
         dcl = self._bank_limit(members, limits, DISCHARGE, notes)
         self.ccl_target, ccl_reason = apply_ccl_mode(ccl, self.ccl_mode, dvcc)
+        if charge_wait is not None:
+            self.ccl_target, ccl_reason = 0.0, charge_wait
         self.dcl_target = dcl.value
         cvl_value, cvl_reason = charge_voltage_limit(limits, self.cvl_mode)
         self.cvl_target, cvl_reason = apply_cvl_mode(cvl_value, cvl_reason, self.cvl_mode, dvcc)

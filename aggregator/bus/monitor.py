@@ -96,8 +96,9 @@ class ServiceMonitor:
 
     # ---- life cycle -------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Subscribe, list the services already there and read them (each read bounded by the timeout)."""
+    async def start(self, wait: float | None = None) -> None:
+        """Subscribe, list the services already there and read them, waiting for their first reads at most
+        `wait` seconds (default: one call timeout); a service not read by then is read in the background."""
         self.bus.add_message_handler(self._on_message)
         self._started = True
         # arg0namespace matches whole dot-separated components: a prefix that ends inside a component
@@ -116,10 +117,14 @@ class ServiceMonitor:
         for name, owner in zip(names, owners):
             if owner and name not in self._owners:
                 self._appeared(name, owner)
-        if self._scans:
-            # Wait for the first reads, but never longer than one call timeout: a hung service is retried
-            # in the background while the others are already reported.
-            await asyncio.wait(list(self._scans.values()), timeout=self.call_timeout + 0.5)
+        # Wait for the first reads, but never longer than one call timeout: a hung service is retried in the
+        # background while the others are already reported.
+        await self.settle(self.call_timeout + 0.5 if wait is None else wait)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait until the services being read now are read (or have left), at most `timeout` seconds."""
+        if self._scans and timeout > 0:
+            await asyncio.wait(list(self._scans.values()), timeout=timeout)
 
     async def stop(self) -> None:
         if not self._started:

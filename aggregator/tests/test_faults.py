@@ -255,6 +255,31 @@ async def test_a_member_answering_getitems_after_10_s_still_joins(processes: Pro
     bank.close()
 
 
+async def test_a_slow_member_at_start_does_not_keep_the_aggregate_off_the_bus(processes: Processes,
+                                                                              tmp_path: Path) -> None:
+    """A restart while one member answered slowly kept the aggregate off the bus until that member's read was done
+    or timed out (5 s). It registers at once with the members that answered; charging waits for the slow one (its
+    limits are unknown: counted as carrying nothing, the other's limit could be its undoing), which joins when
+    it answers."""
+    bank = Bank()
+    slow = await bank.add("slow", Info__MaxChargeCurrent=50.0, Info__MaxDischargeCurrent=100.0, Dc__0__Current=5.0)
+    slow.reply_delay = 4.5  # its answers come late, within our call timeout
+    await bank.add("fast", Info__MaxChargeCurrent=100.0, Info__MaxDischargeCurrent=100.0, Dc__0__Current=6.0)
+    agg, proc = start_aggregator(processes, tmp_path, bank, currentRatioMethod="capacity",
+                                 limits={"rampUpRate": 1000, "hysteresis": 0})
+    await bank.value_is(agg, "/System/NrOfBatteries", 1, timeout=20)  # on the bus before the slow one answered
+    assert await bank.read(agg, "/Dc/0/Current") == 6.0
+    assert await bank.read(agg, "/Info/MaxChargeCurrent") == 0.0
+    assert await bank.read(agg, "/Info/MaxDischargeCurrent") == 100.0  # never 0 for that: the loads stay on
+    assert "waiting for " + bank.name("slow") in await bank.read(agg, "/Info/ChargeLimitation")
+    assert "starting: charging waits for 1 batteries" in await bank.read(agg, "/Aggregator/Status")
+    await bank.value_is(agg, "/System/NrOfBatteries", 2)
+    await bank.value_is(agg, "/Info/MaxChargeCurrent", 100.0)  # the slow one's 50 A at a half share
+    assert await bank.read(agg, "/Aggregator/Status") == "ok"
+    assert proc.poll() is None
+    bank.close()
+
+
 async def test_localsettings_absent_then_present_then_gone(processes: Processes, tmp_path: Path) -> None:
     bank = Bank()
     await bank.add("a")
