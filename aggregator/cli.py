@@ -234,7 +234,7 @@ def _cmd_coop(args: argparse.Namespace) -> int:
 def _cmd_grid_battery(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .daemon import grid_state_dir
-    from .grid_battery_service import GridBatterySettings, history_csv
+    from .grid_battery_service import GridBatterySettings, history_csv, profile_csv
 
     try:
         config = load_config(args.config)
@@ -249,6 +249,9 @@ def _cmd_grid_battery(args: argparse.Namespace) -> int:
         print(f"battery-aggregator grid-battery: which one? --name SERVICE ({names})", file=sys.stderr)
         return 1
     settings = configured.get(name) or GridBatterySettings(meter=0, startDate="2000-01-01", serviceName=name)
+    if args.profile:
+        sys.stdout.write(profile_csv(grid_state_dir(state_dir, settings)))
+        return 0
     text = history_csv(grid_state_dir(state_dir, settings))
     if args.csv:
         sys.stdout.write(text)
@@ -380,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     grid = sub.add_parser("grid-battery", help="the level history of a grid battery",
                           description="The daily level and energy of a grid battery, from its saved state "
-                                      "(<stateDir>/grid/<name>/).")
+                                      "(<stateDir>/grid/<name>/); --profile: its 15-minute load profile.")
     grid.add_argument("--csv", action="store_true", help="one CSV row per day")
+    grid.add_argument("--profile", action="store_true", help="the 15-minute load profile as CSV (import, export "
+                      "and the level per quarter hour)")
     grid.add_argument("--name", help="its service name (default: the only one in the config)")
     grid.add_argument("--state-dir", help="default: stateDir of the config")
     grid.add_argument("--config", help="the config to take stateDir and the grid batteries from")

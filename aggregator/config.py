@@ -283,7 +283,8 @@ def semantic_issues(config: Config) -> list[Issue]:
 
 
 def _grid_battery_issues(config: Config) -> list[Issue]:
-    """Grid batteries are services of ours: their names and device instances must not collide."""
+    """Grid batteries are services of ours: their names must not collide. Their device instances are given
+    by localsettings, which moves a taken one on: asking twice for one is worth a warning only."""
     issues: list[Issue] = []
     names = {config.serviceName: "serviceName"}
     for name in config.virtualBatteries:
@@ -294,9 +295,12 @@ def _grid_battery_issues(config: Config) -> list[Issue]:
             issues.append(Issue(("gridBatteries", i, "serviceName"), f"{grid.serviceName!r} is already used by "
                                 f"{names[grid.serviceName]}; each grid battery needs a service name of its own"))
         names.setdefault(grid.serviceName, f"gridBatteries.{i}")
+        if grid.deviceInstance is None:
+            continue
         if grid.deviceInstance in instances:
             issues.append(Issue(("gridBatteries", i, "deviceInstance"), f"{grid.deviceInstance} is also the "
-                                f"deviceInstance of gridBatteries.{instances[grid.deviceInstance]}"))
+                                f"deviceInstance of gridBatteries.{instances[grid.deviceInstance]}; "
+                                "localsettings gives one of them another instance", "warning"))
         instances.setdefault(grid.deviceInstance, i)
     return issues
 

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from aggregator.aggregate import preferred_instance
 from aggregator.bus import client
 
 from .conftest import REPO, Busctl, Processes
@@ -205,15 +206,15 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
     try:
         state = tmp_path / "state"
         settings = {"meter": f"com.victronenergy.grid.{meter_name}", "capacityKwh": 100, "startDate": "2020-01-01",
-                    "serviceName": grid, "maxPowerKw": 100000}
+                    "startLevelKwh": 0, "serviceName": grid, "maxPowerKw": 100000}
         local = await start_settings(tmp_path / "settings.json")  # as on a GX: localsettings assigns instances
         agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(state), gridBatteries=[settings])
         await bank.value_is(grid, "/GridBattery/Status", "ok")
-        # Its device instance is reserved in localsettings like the aggregate's own (the configured one).
+        # Its device instance is reserved in localsettings like the aggregate's own (one derived from its name).
         await eventually(lambda: f"batteryaggregator_{grid.rsplit('.', 1)[-1]}" in
                          (tmp_path / "settings.json").read_text(), timeout=10)
-        assert "battery:100" in (tmp_path / "settings.json").read_text()
-        assert await bank.read(grid, "/DeviceInstance") == 100
+        assert f"battery:{preferred_instance(grid)}" in (tmp_path / "settings.json").read_text()
+        assert await bank.read(grid, "/DeviceInstance") == preferred_instance(grid)
 
         async def exporting() -> bool:
             return (await bank.read(grid, "/GridBattery/LevelKwh") or 0) > 0
