@@ -384,12 +384,18 @@ def test_an_outlier_within_the_bounds_is_rolled_back_by_the_next_report(tmp_path
     assert "rolled back" not in out["/Energy/Status"] and "rolled back" in out["/Energy/External/0/LastCorrection"]
 
 
-def test_an_outlier_confirmed_by_the_next_report_stays(tmp_path):
+def with_a_possible_typo(tmp_path) -> tuple[EnergyTracker, Clocks]:
+    """A tracker that took 2011.12 kWh, then a quarter later the typo 2011.92 (possible in the time)."""
     clocks = Clocks()
     t = tracker(tmp_path, clocks)
     report(t, "sessy", 2011.12, 1678.79)
     clocks.advance(QUARTER)
     report(t, "sessy", 2011.92, 1678.79)
+    return t, clocks
+
+
+def test_an_outlier_confirmed_by_the_next_report_stays(tmp_path):
+    t, clocks = with_a_possible_typo(tmp_path)
     clocks.advance(QUARTER)
     report(t, "sessy", 2012.1, 1678.79)  # goes on from 2011.92: it was real
     with pytest.raises(ReportError, match="below the last reported total 2012.1 kWh"):
@@ -450,11 +456,7 @@ def test_typos_a_report_apart_are_each_rolled_back(tmp_path):
 
 
 def test_the_way_back_survives_a_restart(tmp_path):
-    clocks = Clocks()
-    t = tracker(tmp_path, clocks)
-    report(t, "sessy", 2011.12, 1678.79)
-    clocks.advance(QUARTER)
-    report(t, "sessy", 2011.92, 1678.79)
+    t, clocks = with_a_possible_typo(tmp_path)
     t.save()
     clocks.advance(QUARTER)
     again = tracker(tmp_path, clocks)
