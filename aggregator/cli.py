@@ -152,15 +152,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
         fields = {"id": args.id, "charged": args.charged, "discharged": args.discharged, "soc": args.soc,
                   "capacity": args.capacity, "reset": args.reset}
         try:
-            parse_report(**fields)  # the service checks again; this names a mistake without a bus
+            checked = parse_report(**fields)  # the service checks again; this names a mistake without a bus
         except ReportError as exc:
             print(f"battery-aggregator report: {exc}", file=sys.stderr)
             return 1
-        body = {"id": Variant("s", args.id), "charged": Variant("d", args.charged),
-                "discharged": Variant("d", args.discharged), "soc": Variant("d", args.soc),
-                "reset": Variant("b", args.reset)}
-        if args.capacity is not None:
-            body["capacity"] = Variant("d", args.capacity)
+        body = {"id": Variant("s", checked.id), "charged": Variant("d", checked.charged),
+                "discharged": Variant("d", checked.discharged), "soc": Variant("d", checked.soc),
+                "reset": Variant("b", checked.reset)}
+        if checked.capacity is not None:
+            body["capacity"] = Variant("d", checked.capacity)
         method, signature, call_body = "Report", "a{sv}", [body]
 
     async def main() -> int:
@@ -197,21 +197,16 @@ def _state_dir(args: argparse.Namespace) -> str | None:
 
 def _cmd_energy(args: argparse.Namespace) -> int:
     from .energy import energy_csv
-    from .energy_service import load_ledgers
+    from .energy_service import energy_table, load_ledgers
 
     state_dir = _state_dir(args)
     if state_dir is None:
         return 1
-    ledgers = load_ledgers(state_dir)
     if args.csv:
-        sys.stdout.write(energy_csv(ledgers))
+        sys.stdout.write(energy_csv(load_ledgers(state_dir)))
         return 0
-    if not ledgers:
-        print(f"no energy kept under {state_dir} yet")
-        return 0
-    print(f"{'identity':<32} {'kind':<6} {'charged kWh':>12} {'discharged kWh':>15}")
-    for ledger in sorted(ledgers, key=lambda item: item.identity):
-        print(f"{ledger.identity:<32} {ledger.kind:<6} {ledger.charged_kwh:>12.3f} {ledger.discharged_kwh:>15.3f}")
+    table = energy_table(state_dir)
+    sys.stdout.write(table if table is not None else f"no energy kept under {state_dir} yet\n")
     return 0
 
 
@@ -239,7 +234,7 @@ def _cmd_coop(args: argparse.Namespace) -> int:
 def _cmd_grid_battery(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .daemon import grid_state_dir
-    from .grid_battery_service import GridBatterySettings, history_csv
+    from .grid_battery_service import GridBatterySettings, history_csv, profile_csv
 
     try:
         config = load_config(args.config)
@@ -254,6 +249,9 @@ def _cmd_grid_battery(args: argparse.Namespace) -> int:
         print(f"battery-aggregator grid-battery: which one? --name SERVICE ({names})", file=sys.stderr)
         return 1
     settings = configured.get(name) or GridBatterySettings(meter=0, startDate="2000-01-01", serviceName=name)
+    if args.profile:
+        sys.stdout.write(profile_csv(grid_state_dir(state_dir, settings)))
+        return 0
     text = history_csv(grid_state_dir(state_dir, settings))
     if args.csv:
         sys.stdout.write(text)
@@ -356,19 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
                                         "forgets an external battery (its row and its energy). Exit status 1 with "
                                         "the reason when the report is refused.")
     report.add_argument("id", nargs="?", help="the battery's identity: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
-    report.add_argument("--charged", type=float, metavar="KWH", help="lifetime charged kWh")
-    report.add_argument("--discharged", type=float, metavar="KWH", help="lifetime discharged kWh")
-    report.add_argument("--soc", type=float, metavar="PCT", help="state of charge, 0 to 100")
+    # Numbers are checked by parse_report, which also reads a decimal comma (2010,66) as the battery shows it.
+    report.add_argument("--charged", metavar="KWH", help="lifetime charged kWh (2010.66 or 2010,66)")
+    report.add_argument("--discharged", metavar="KWH", help="lifetime discharged kWh")
+    report.add_argument("--soc", metavar="PCT", help="state of charge, 0 to 100")
     report.add_argument("--remove", metavar="ID", help="forget this external battery: its row, level and energy")
-    report.add_argument("--capacity", type=float, metavar="AH", help="installed capacity (weights the level)")
+    report.add_argument("--capacity", metavar="AH", help="installed capacity (weights the level)")
     report.add_argument("--reset", action="store_true", help="the counters really restarted (else a step back "
                         "is refused as a delta)")
     report.add_argument("--service", default="com.victronenergy.battery.aggregator", help="the aggregate's name")
     report.set_defaults(func=_cmd_report)
 
-    energy = sub.add_parser("energy", help="charged/discharged kWh per battery, from the saved state",
+    energy = sub.add_parser("energy", help="charged/discharged kWh per battery and in all, from the saved state",
                             description="Per battery identity: the totals kept by the service (its "
-                                        "<stateDir>/energy.json); --csv: one row per identity and day.")
+                                        "<stateDir>/energy.json), then the totals over all batteries and the "
+                                        "average level as last published; --csv: one row per identity and day.")
     energy.add_argument("--csv", action="store_true", help="daily kWh as CSV")
     energy.add_argument("--state-dir", help="default: stateDir of the config")
     energy.add_argument("--config", help="the config to take stateDir from")
@@ -385,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     grid = sub.add_parser("grid-battery", help="the level history of a grid battery",
                           description="The daily level and energy of a grid battery, from its saved state "
-                                      "(<stateDir>/grid/<name>/).")
+                                      "(<stateDir>/grid/<name>/); --profile: its 15-minute load profile.")
     grid.add_argument("--csv", action="store_true", help="one CSV row per day")
+    grid.add_argument("--profile", action="store_true", help="the 15-minute load profile as CSV (import, export "
+                      "and the level per quarter hour)")
     grid.add_argument("--name", help="its service name (default: the only one in the config)")
     grid.add_argument("--state-dir", help="default: stateDir of the config")
     grid.add_argument("--config", help="the config to take stateDir and the grid batteries from")

@@ -60,6 +60,11 @@ class MemberEnergyOptions(BaseModel):
     counterKind: Literal["total", "daily"] = Field("total", description="its /History/ChargedEnergy and "
                                                    "/History/DischargedEnergy run for its lifetime (total) or "
                                                    "restart every day at midnight (daily)")
+    capacityKwh: float | None = Field(None, gt=0, lt=1e6, description="a reported battery's capacity in kWh: a "
+                                      "report whose increase cannot fit in it is refused; null = not checked")
+    maxPowerKw: float | None = Field(None, gt=0, le=100000, description="a reported battery's largest charge or "
+                                     "discharge power in kW: a report with more energy than that in the time "
+                                     "since the last one is refused; null = energy.externalMaxPowerKw")
 
 
 class EnergyOptions(BaseModel):
@@ -73,8 +78,13 @@ class EnergyOptions(BaseModel):
     httpToken: str | None = Field(None, min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$",
                                   description="requests to the HTTP endpoint need the header Authorization: "
                                   "Bearer <httpToken>; required when httpBind is not a loopback address")
-    externalStaleAfter: float = Field(900.0, gt=0, le=604800, description="seconds without a report before an "
-                                      "external battery is stale (it leaves the levels)")
+    externalStaleAfter: float = Field(2250.0, gt=0, le=604800, description="seconds without a report before an "
+                                      "external battery is stale (it leaves the levels); the default is two and a "
+                                      "half 15-minute report intervals, so one late or missed report does not "
+                                      "make it stale")
+    externalMaxPowerKw: float = Field(10.0, gt=0, le=100000, description="the largest power in kW of a reported "
+                                      "battery without its own members.<id>.maxPowerKw: a report with more "
+                                      "energy than that in the time since the last one is refused")
     maxExternal: int = Field(32, ge=1, le=1000, description="most external battery ids kept; a report of a new "
                              "id beyond it is refused (remove ids with battery-aggregator report --remove ID)")
 
@@ -273,7 +283,8 @@ def semantic_issues(config: Config) -> list[Issue]:
 
 
 def _grid_battery_issues(config: Config) -> list[Issue]:
-    """Grid batteries are services of ours: their names and device instances must not collide."""
+    """Grid batteries are services of ours: their names must not collide. Their device instances are given
+    by localsettings, which moves a taken one on: asking twice for one is worth a warning only."""
     issues: list[Issue] = []
     names = {config.serviceName: "serviceName"}
     for name in config.virtualBatteries:
@@ -284,9 +295,12 @@ def _grid_battery_issues(config: Config) -> list[Issue]:
             issues.append(Issue(("gridBatteries", i, "serviceName"), f"{grid.serviceName!r} is already used by "
                                 f"{names[grid.serviceName]}; each grid battery needs a service name of its own"))
         names.setdefault(grid.serviceName, f"gridBatteries.{i}")
+        if grid.deviceInstance is None:
+            continue
         if grid.deviceInstance in instances:
             issues.append(Issue(("gridBatteries", i, "deviceInstance"), f"{grid.deviceInstance} is also the "
-                                f"deviceInstance of gridBatteries.{instances[grid.deviceInstance]}"))
+                                f"deviceInstance of gridBatteries.{instances[grid.deviceInstance]}; "
+                                "localsettings gives one of them another instance", "warning"))
         instances.setdefault(grid.deviceInstance, i)
     return issues
 

@@ -16,9 +16,8 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Awaitable, Callable
 
-from .aggregate import Aggregator, unique_id
+from .aggregate import Aggregator
 from .bus.settings import LocalSettings
 from .bus.lib import LIBRARY, connect
 from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
@@ -52,12 +51,6 @@ def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
     return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
 
 
-def _instance_reserver(settings: LocalSettings) -> Callable[[str, int], Awaitable[int]]:
-    async def reserve(name: str, preferred: int) -> int:
-        return await settings.reserve_device_instance(unique_id(name), "battery", preferred)
-    return reserve
-
-
 class GridBatteries:
     """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own."""
 
@@ -68,19 +61,17 @@ class GridBatteries:
 
     async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
         """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
-        device instances like the aggregate's own."""
+        device instances and keeps their /CustomName like the aggregate's own."""
         wanted = (list(config.gridBatteries), config.stateDir)
         if wanted == self.settings:
             return
         await self.stop()
         self.settings = wanted
-        reserve = None if settings is None else _instance_reserver(settings)
-
         for grid_settings in config.gridBatteries:
             service = None
             try:
                 service = GridBatteryService(await connect(self.bus_address), grid_settings,
-                                             grid_state_dir(config.stateDir, grid_settings), reserve_instance=reserve)
+                                             grid_state_dir(config.stateDir, grid_settings), local_settings=settings)
                 await service.start()
             except Exception as exc:  # the name is taken, say: the aggregate goes on without it
                 _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)

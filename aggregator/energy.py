@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any, Iterable, Literal, Mapping
@@ -31,8 +32,9 @@ from .validation import validation_messages
 
 __all__ = [
     "CounterKind", "Duplicate", "EnergyLedger", "ExternalReport", "ReportConflict", "ReportError", "ReportSeries",
-    "average_level", "capacity_weighted_level", "energy_csv", "find_duplicates", "identity_of", "local_date",
-    "local_midnight", "parse_report", "report_regression", "split_by_day", "total_energy", "trapezoid_split",
+    "average_level", "beyond_capacity", "capacity_weighted_level", "decimal_number", "energy_csv", "find_duplicates",
+    "identity_of", "local_date", "local_midnight", "parse_report", "report_regression", "same_totals",
+    "split_by_day", "total_energy", "trapezoid_split",
 ]
 
 CounterKind = Literal["total", "daily"]
@@ -48,6 +50,9 @@ DAILY_SKEW = 3600.0  # a BMS's clock may be off by up to this much around midnig
 DEFAULT_MAX_GAP = 300.0  # seconds: a longer gap between V x I samples is bridged without energy
 HISTORY_DAYS = 1096  # three years of daily buckets
 STATE_VERSION = 1
+REPORT_JITTER_KWH = 0.05  # a reported total this much below the last is rounding (reporters send kWh to 0.1)
+ROLLED_BACK_KEPT = 4  # rolled-back reports looked at to tell a second battery from typos
+EFFICIENCY_FLOOR = 0.8  # no battery stores less of what it is charged with, or gives less of what it stored
 REANCHORED = "rejected, counting from the new value on"  # a refused report says instead that nothing moved
 
 
@@ -133,11 +138,12 @@ class EnergyLedger:
 
     def add(self, now: float, charged_kwh: float | None = None, discharged_kwh: float | None = None,
             voltage: float | None = None, current: float | None = None,
-            max_current_a: float | None = None) -> list[str]:
+            max_current_a: float | None = None, max_power_kw: float | None = None) -> list[str]:
         """Take one sample of the member. Returns a message for every value not taken at face value
-        (rejected jumps and garbage, counter restarts); empty when all is well."""
+        (rejected jumps and garbage, counter restarts); empty when all is well. `max_power_kw`, when given,
+        is the battery's largest power instead of the one its current limit and voltage make."""
         messages: list[str] = []
-        max_kw = _max_power_kw(voltage, max_current_a)
+        max_kw = max_power_kw if max_power_kw is not None else _max_power_kw(voltage, max_current_a)
         for label, anchor, value in (("charged", self._charged, charged_kwh),
                                      ("discharged", self._discharged, discharged_kwh)):
             if value is None:
@@ -263,6 +269,32 @@ class EnergyLedger:
         """An independent copy: a report is tried on it and only kept when it is taken whole."""
         return copy.deepcopy(self)
 
+    def undo_record(self, before: EnergyLedger) -> dict[str, Any]:
+        """What `undo()` needs to set this ledger back to `before` (a copy taken before the last report): the
+        totals, anchors and the few days that changed. Small, so it is saved with the external battery."""
+        changed = {day: before.days.get(day) for day in set(self.days) | set(before.days)
+                   if self.days.get(day) != before.days.get(day)}
+        return {"charged": before.charged_kwh, "discharged": before.discharged_kwh, "restarts": before.restarts,
+                "anchors": {"charged": [before._charged.value, before._charged.at],
+                            "discharged": [before._discharged.value, before._discharged.at]},
+                "days": {day: None if pair is None else list(pair) for day, pair in sorted(changed.items())}}
+
+    def undo(self, record: Any) -> EnergyLedger:
+        """A copy of this ledger as it was before the report `record` (from undo_record) was taken;
+        ValueError (or TypeError, KeyError...) when the record is not usable."""
+        ledger = self.copy()
+        ledger.charged_kwh = _amount(record["charged"])
+        ledger.discharged_kwh = _amount(record["discharged"])
+        ledger.restarts = int(record["restarts"])
+        _restore_anchors(ledger, record["anchors"])
+        for day, pair in record["days"].items():
+            date.fromisoformat(day)
+            if pair is None:
+                ledger.days.pop(day, None)
+            else:
+                ledger.days[day] = [_amount(pair[0]), _amount(pair[1])]
+        return ledger
+
     # ---- persistence -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,13 +331,7 @@ def _restore(ledger: EnergyLedger, data: Any) -> EnergyLedger:
     ledger.discharged_kwh = _amount(data["discharged"])
     ledger.uses_counters = bool(data.get("usesCounters", False))
     ledger.restarts = int(data.get("restarts", 0))
-    anchors = data["anchors"]
-    for label, anchor in (("charged", ledger._charged), ("discharged", ledger._discharged)):
-        value, at = anchors[label]
-        if (value is None) != (at is None):
-            raise ValueError(f"{label} anchor is half set")
-        anchor.value = None if value is None else _amount(value)
-        anchor.at = None if at is None else _time(at)
+    _restore_anchors(ledger, data["anchors"])
     power_at, power_kw = data["power"]
     ledger._power_at = None if power_at is None else _time(power_at)
     ledger._power_kw = float(power_kw) if _finite(power_kw) else 0.0
@@ -318,6 +344,15 @@ def _restore(ledger: EnergyLedger, data: Any) -> EnergyLedger:
         ledger.days[key] = [_amount(charged), _amount(discharged)]
     ledger._prune()
     return ledger
+
+
+def _restore_anchors(ledger: EnergyLedger, anchors: Any) -> None:
+    for label, anchor in (("charged", ledger._charged), ("discharged", ledger._discharged)):
+        value, at = anchors[label]
+        if (value is None) != (at is None):
+            raise ValueError(f"{label} anchor is half set")
+        anchor.value = None if value is None else _amount(value)
+        anchor.at = None if at is None else _time(at)
 
 
 def _amount(value: Any) -> float:
@@ -454,38 +489,92 @@ class ReportSeries:
 
     A typo is refused once and the next correct report is taken. Two batteries under one id send two series
     of running totals in turn: one is taken, the other refused again and again, each refused report
-    continuing the last refused one (a plausible increase since it) while accepted reports come between."""
+    continuing the last refused one (a plausible increase since it) while accepted reports come between. A
+    real jump beyond the bounds (a reporter that was away for long) is refused once and confirmed by the next
+    report that agrees with it."""
 
     refused: tuple[float, float, float] | None = None  # charged, discharged kWh and when (epoch s)
     accepted_since: bool = False
+    held: bool = False  # the refused report was beyond the bounds (not below the last one)
+    # the last reports rolled back (totals and time), oldest first
+    rolled_back: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=ROLLED_BACK_KEPT))
 
     def accepted(self) -> None:
         self.accepted_since = True
 
     def refuse(self, identity: str, charged: float, discharged: float, now: float,
-               last: tuple[float | None, float | None]) -> str | None:
-        """Note a refused report; the conflict message when it continues the series refused before."""
-        previous, alternated = self.refused, self.accepted_since
-        self.refused, self.accepted_since = (charged, discharged, now), False
-        if previous is None or not alternated:
+               last: tuple[float | None, float | None], max_kw: float = DEFAULT_MAX_POWER_KW,
+               held: bool = False) -> tuple[Literal["refused", "conflict", "confirmed"], str | None]:
+        """Note a refused report. ("conflict", message) when it continues the series refused before while
+        other reports were taken between them: two batteries under one id. ("confirmed", None) when it and the
+        report refused just before, both beyond the bounds (`held`), agree with each other with nothing taken
+        between: the battery's own counters said it twice, so the jump was real. Else ("refused", None)."""
+        previous, alternated, was_held = self.refused, self.accepted_since, self.held
+        self.refused, self.accepted_since, self.held = (charged, discharged, now), False, held
+        if previous is None:
+            return "refused", None
+        if not _continues(previous, (charged, discharged), now, max_kw):
+            return "refused", None
+        if alternated:
+            return "conflict", _two_batteries(identity, last[0], charged)
+        if held and was_held:
+            self.refused, self.held = None, False
+            return "confirmed", None
+        return "refused", None
+
+    def roll_back(self, identity: str, last: tuple[float | None, float | None], last_at: float | None,
+                  charged: float, max_kw: float = DEFAULT_MAX_POWER_KW) -> str | None:
+        """The last report (`last` totals, taken at `last_at`) is about to be rolled back: the report after it
+        continues the one before it. The conflict message instead when it continues two reports rolled back
+        lately (a chain of three): a series that keeps being rolled back is a second battery, while typos
+        now and then form no series."""
+        if None in last or last_at is None:
             return None
-        bound = _bound_kwh(DEFAULT_MAX_POWER_KW, now - previous[2])
-        steps = (charged - previous[0], discharged - previous[1])
-        if not all(-max(0.05, 1e-3 * old) <= step <= bound for step, old in zip(steps, previous[:2])):
-            return None
-        taken = "?" if last[0] is None else f"{last[0]:g}"
-        return (f"id: {identity!r} gets the totals of two batteries: the reports alternate between two series of "
-                f"running totals (charged {taken} kWh and {charged:g} kWh); give each battery an id of its own "
-                f"(`battery-aggregator report --remove {identity}` starts this id again)")
+        rolled = (float(last[0]), float(last[1]), float(last_at))  # type: ignore[arg-type]
+        earlier = list(self.rolled_back)
+        self.rolled_back.append(rolled)
+        chained = any(_continues(first, second[:2], second[2], max_kw) and
+                      _continues(second, rolled[:2], rolled[2], max_kw)
+                      for i, first in enumerate(earlier) for second in earlier[i + 1:])
+        return _two_batteries(identity, last[0], charged) if chained else None
+
+
+def _continues(previous: tuple[float, float, float], totals: tuple[float, float], now: float, max_kw: float) -> bool:
+    """Whether `totals` at `now` can follow `previous` (totals and time) in one battery of `max_kw`."""
+    bound = _bound_kwh(max_kw, now - previous[2])
+    return all(-REPORT_JITTER_KWH <= new - old <= bound for new, old in zip(totals, previous[:2]))
+
+
+def _two_batteries(identity: str, taken: float | None, other: float) -> str:
+    shown = "?" if taken is None else f"{taken:g}"
+    return (f"id: {identity!r} gets the totals of two batteries: the reports alternate between two series of "
+            f"running totals (charged {shown} kWh and {other:g} kWh); give each battery an id of its own "
+            f"(`battery-aggregator report --remove {identity}` starts this id again)")
+
+
+DECIMAL_RULE = "a decimal point (2010.66) or a decimal comma (2010,66), no thousands separators"
+
+
+def decimal_number(text: str) -> float:
+    """A number as typed, also with the decimal comma of a Dutch or German screen: exactly one comma and no
+    dot is a decimal comma ('2010,66' -> 2010.66). A comma beside a dot, or several commas, is a thousands
+    separator, which cannot be told from a decimal comma in every case ('1,234'): refused. ValueError."""
+    cleaned = text.strip()
+    if cleaned.count(",") == 1 and "." not in cleaned:
+        cleaned = cleaned.replace(",", ".")
+    if "," in cleaned or "_" in cleaned:
+        raise ValueError(text)
+    return float(cleaned)
 
 
 def _number(value: Any, low: float, high: float, *, low_open: bool, unit: str) -> float:
     allowed = f"a number {'>' if low_open else '>='} {low:g} and < {high:.0f}{unit}"
     if isinstance(value, str):
         try:
-            value = float(value.strip())
+            value = decimal_number(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not a number; allowed: {allowed}") from None
+            raise ValueError(f"{value!r} is not a number; allowed: {allowed}, written with {DECIMAL_RULE}") \
+                from None
     if not _finite(value):
         raise ValueError(f"{value!r} is not allowed; allowed: {allowed}")
     if value < low or (low_open and value == low) or value >= high:
@@ -541,11 +630,45 @@ def report_regression(ledger: EnergyLedger, report: ExternalReport) -> str | Non
     if ledger.kind != "total" or report.reset:
         return None
     for label, last, value in zip(("charged", "discharged"), ledger.counters(), (report.charged, report.discharged)):
-        if last is not None and value < last - max(0.05, 1e-3 * last):
+        if last is not None and value < last - REPORT_JITTER_KWH:
             return (f"{label}: {value:g} kWh is below the last reported total {last:g} kWh; report running totals "
                     "(the battery's lifetime kWh), not the energy since the last report; after a real counter "
                     "restart report with reset")
     return None
+
+
+def beyond_capacity(ledger: EnergyLedger, report: ExternalReport, capacity_kwh: float | None) -> str | None:
+    """Why a report's increase cannot have happened in a battery of `capacity_kwh`; None when it can.
+
+    Whatever the time between two reports, what went in and what came out differ by at most what the battery
+    holds, give or take its losses: discharged - charged <= capacity, and charged x EFFICIENCY_FLOOR -
+    discharged / EFFICIENCY_FLOOR <= capacity (a battery stores at least that share of what it is charged
+    with). Running totals ("total" counters) only: a daily counter restarts."""
+    if capacity_kwh is None or ledger.kind != "total" or report.reset:
+        return None
+    last_charged, last_discharged = ledger.counters()
+    if last_charged is None or last_discharged is None:
+        return None
+    charged, discharged = report.charged - last_charged, report.discharged - last_discharged
+    if charged < 0 or discharged < 0:
+        return None  # a step back: report_regression's case
+    stored = charged * EFFICIENCY_FLOOR - discharged / EFFICIENCY_FLOOR
+    if stored <= capacity_kwh + SLACK_KWH and discharged - charged <= capacity_kwh + SLACK_KWH:
+        return None
+    return (f"{ledger.identity}: charged +{charged:g} kWh and discharged +{discharged:g} kWh since the last report "
+            f"(charged {last_charged:g}, discharged {last_discharged:g} kWh) cannot fit in a battery of "
+            f"{capacity_kwh:g} kWh (energy.members.{ledger.identity}.capacityKwh); {REANCHORED}")
+
+
+def same_totals(totals: Mapping[str, tuple[float | None, float | None]]) -> list[tuple[str, ...]]:
+    """Ids whose last reported totals are the same (to the Wh, and not 0): most likely one battery reported
+    under two ids, so counted twice. Groups of ids, each sorted, in order."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for identity, (charged, discharged) in totals.items():
+        if charged is None or discharged is None or charged + discharged <= 0:
+            continue
+        groups.setdefault((round(charged, 3), round(discharged, 3)), []).append(identity)
+    return sorted(tuple(sorted(ids)) for ids in groups.values() if len(ids) > 1)
 
 
 def parse_report(**fields: Any) -> ExternalReport:

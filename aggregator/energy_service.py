@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import tzinfo
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,9 +27,9 @@ from .bus.lib import Message
 from .bus.service import VeService
 from .bus.values import unwrap
 from .config import EnergyOptions, MemberEnergyOptions
-from .energy import (REANCHORED, CounterKind, Duplicate, EnergyLedger, ReportConflict, ReportError, ReportSeries,
-                     average_level, capacity_weighted_level, find_duplicates, identity_of, parse_report,
-                     report_regression, total_energy)
+from .energy import (REANCHORED, CounterKind, Duplicate, EnergyLedger, ExternalReport, ReportConflict, ReportError,
+                     ReportSeries, average_level, beyond_capacity, capacity_weighted_level, find_duplicates,
+                     identity_of, parse_report, report_regression, same_totals, total_energy)
 from .local_time import TimeZoneSetting
 from .state import StateStore
 
@@ -46,6 +46,8 @@ CHARGED, DISCHARGED = "/History/ChargedEnergy", "/History/DischargedEnergy"
 COUNTER_PATHS = frozenset({CHARGED, DISCHARGED})
 ENERGY_INPUTS = COUNTER_PATHS | {"/Dc/0/Voltage", "/Dc/0/Current"}  # what feeds a ledger
 ONLINE, STALE = "online", "stale"
+EXTERNAL_ROW = ("Id", "State", "Soc", "Capacity", "ChargedEnergy", "DischargedEnergy", "LastCorrection")
+CONFIRMED_KW = 1e9  # a confirmed jump is taken whatever the power it would take
 
 
 @dataclass(slots=True)
@@ -62,6 +64,37 @@ class _External:
     capacity: float | None
     at: float  # monotonic time of the last report
     wall: float  # epoch seconds of the last report (saved: a restart keeps how stale it is)
+    undo: dict[str, Any] | None = None  # how to take the last report back (EnergyLedger.undo_record)
+    correction: str = ""  # the last report rolled back or taken on confirmation, and when
+
+
+def _try_report(base: EnergyLedger, report: ExternalReport, now: float, max_kw: float,
+                capacity_kwh: float | None) -> tuple[EnergyLedger, list[str], bool]:
+    """`report` tried on a copy of `base`: the copy, why it cannot be taken (empty: it can), and whether that
+    is because it goes beyond the battery's power or capacity (rather than below the last report)."""
+    trial = base.copy()
+    last = trial.counters()
+    if last == (None, None):
+        trial.seed(now, report.charged, report.discharged)
+        return trial, [], False
+    problem = report_regression(trial, report)
+    if problem:
+        return trial, [problem], False
+    problem = beyond_capacity(trial, report, capacity_kwh)
+    if problem:
+        return trial, [problem], True
+    messages = trial.add(now, report.charged, report.discharged, max_power_kw=max_kw)
+    went_back = any(old is not None and new < old for old, new in zip(last, (report.charged, report.discharged)))
+    if report.reset and went_back:
+        messages = []  # the restart the reporter announced: counted as a restart, nothing to refuse
+    return trial, messages, bool(messages)
+
+
+def _undone(ledger: EnergyLedger, record: dict[str, Any]) -> EnergyLedger | None:
+    try:
+        return ledger.undo(record)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+        return None
 
 
 def _number(value: Any) -> float | None:
@@ -85,6 +118,9 @@ class EnergyTracker:
         self.externals: dict[str, _External] = {}  # reported id -> its last report
         self.series: dict[str, ReportSeries] = {}  # reported id -> what it was refused (typo or two batteries)
         self.conflicts: dict[str, float] = {}  # reported id -> monotonic time of its last conflicting report
+        self.corrections: dict[str, float] = {}  # reported id -> monotonic time a report of it was rolled back
+        self._twins_logged: list[tuple[str, ...]] = []  # ids with the same totals, as last logged
+        self._levels: dict[str, Any] | None = None  # the last published levels, saved for `energy`
         self._rows_shown: set[int] = set()  # /Energy/External/<k> rows published: a removed one turns invalid
         self.tz: tzinfo | None = None  # dates: the user's zone; None = the process's
         self.time_zone = TimeZoneSetting(self.set_zone)  # the caller feeds it the setting's values
@@ -143,19 +179,25 @@ class EnergyTracker:
                 continue
             # Stale as long after the restart as it was before: the monotonic clock restarted, the wall did not.
             at = now - max(0.0, wall - float(reported))
+            undo, correction = entry.get("undo"), entry.get("correction", "")
+            if undo is not None and _undone(self.ledgers[identity], undo) is None:
+                _LOG.warning("%s: the way back from %r's last report is not usable; it cannot be rolled back",
+                             self.store.path, identity)
+                undo = None
             self.externals[identity] = _External(row, float(soc), None if capacity is None else float(capacity),
-                                                 at, float(reported))
+                                                 at, float(reported), undo,
+                                                 correction[:500] if isinstance(correction, str) else "")
 
     def save(self) -> None:
         if not self._loaded:
             return
         self._save_due = False
         self._saved_at = self.clock()
-        externals = {i: {"row": e.row, "soc": e.soc, "capacity": e.capacity, "reportedAt": e.wall}
-                     for i, e in sorted(self.externals.items())}
+        externals = {i: {"row": e.row, "soc": e.soc, "capacity": e.capacity, "reportedAt": e.wall, "undo": e.undo,
+                         "correction": e.correction} for i, e in sorted(self.externals.items())}
         self.store.save({"version": STATE_VERSION,
                          "ledgers": {i: ledger.to_dict() for i, ledger in sorted(self.ledgers.items())},
-                         "externals": externals})
+                         "externals": externals, "levels": self._levels})
 
     # ---- the user's time zone ----------------------------------------------------------------------------
 
@@ -274,40 +316,39 @@ class EnergyTracker:
             raise ReportError([(f"id: {report.id!r} would be external battery number {len(self.externals) + 1}; "
                                 f"allowed: at most {limit} (energy.maxExternal); remove one that is gone with "
                                 "`battery-aggregator report --remove ID`")])
-        kind = self._options([report.id]).counterKind
+        options = self._options([report.id])
+        max_kw = options.maxPowerKw or self.options.externalMaxPowerKw
         # Tried on a copy: a refused report (a typo, a delta, an impossible jump) must leave no trace, or the
         # next correct report would be measured against the mistake.
-        current = self.ledgers.get(report.id)
-        if current is None:
-            trial = EnergyLedger(report.id, kind, self.tz)
-        elif current.kind != kind:
-            data = current.to_dict()
-            data["kind"] = kind
-            trial, _ = EnergyLedger.from_dict(data, report.id, kind, self.tz)
-        else:
-            trial = current.copy()
+        base = self._ledger_as(report.id, options.counterKind)
         now = self.wall()
-        last = trial.counters()
-        if last == (None, None):
-            trial.seed(now, report.charged, report.discharged)
-            messages: list[str] = []
-        else:
-            problem = report_regression(trial, report)
-            messages = [problem] if problem else trial.add(now, report.charged, report.discharged)
-            went_back = any(old is not None and new < old for old, new in zip(last, (report.charged,
-                                                                                     report.discharged)))
-            if report.reset and went_back:
-                messages = []  # the restart the reporter announced: counted as a restart, nothing to refuse
+        last = base.counters()
         series = self.series.setdefault(report.id, ReportSeries())
+        trial, messages, held = _try_report(base, report, now, max_kw, options.capacityKwh)
+        before, note = base, None
+        if messages and not held and external is not None and external.undo is not None:
+            # Below the last report: when this one continues the report before it, the last was the mistake.
+            undone = _undone(base, external.undo)
+            retry = _try_report(undone, report, now, max_kw, options.capacityKwh) if undone is not None else None
+            if retry is not None and not retry[1]:
+                conflict = series.roll_back(report.id, last, external.wall, report.charged, max_kw)
+                if conflict:
+                    self._conflict(report.id, conflict)
+                trial, messages, before = retry[0], [], undone
+                note = (f"the report of {self._when(external.wall)} (charged {last[0]:g}, discharged {last[1]:g} "
+                        f"kWh) was rolled back: the next one ({report.charged:g}, {report.discharged:g} kWh) "
+                        "continues from the one before it")
         if messages:
-            conflict = series.refuse(report.id, report.charged, report.discharged, now, last)
-            if conflict:
-                if report.id not in self.conflicts:
-                    _LOG.warning("%s", conflict)
-                self.conflicts[report.id] = self.clock()
-                raise ReportConflict([conflict])
-            # Nothing of a refused report is kept: the next report is measured against the last taken one.
-            raise ReportError([m.replace(REANCHORED, "refused; the last taken totals stay") for m in messages])
+            verdict, conflict = series.refuse(report.id, report.charged, report.discharged, now, last, max_kw, held)
+            if verdict == "conflict":
+                self._conflict(report.id, conflict or "")
+            if verdict != "confirmed":
+                # Nothing of a refused report is kept: the next report is measured against the last taken one.
+                raise ReportError([m.replace(REANCHORED, "refused; the last taken totals stay") for m in messages])
+            trial = base.copy()
+            trial.add(now, report.charged, report.discharged, max_power_kw=CONFIRMED_KW)
+            note = (f"charged {report.charged:g}, discharged {report.discharged:g} kWh taken at "
+                    f"{self._when(now)} although beyond the bounds: the report before it said the same")
         series.accepted()
         self.ledgers[report.id] = trial
         if external is None:
@@ -315,8 +356,49 @@ class EnergyTracker:
             _LOG.info("external battery %s reported for the first time: %.3f kWh charged, %.3f kWh discharged",
                       report.id, trial.charged_kwh, trial.discharged_kwh)
         external.soc, external.capacity, external.at, external.wall = report.soc, report.capacity, self.clock(), now
+        # A first report has nothing before it that a later one could continue: it is not rolled back (a
+        # delta sent next would undo it), `report --remove` starts the id again.
+        external.undo = trial.undo_record(before) if before.counters() != (None, None) else None
+        if note:
+            _LOG.warning("%s: %s", report.id, note)
+            external.correction = f"{self._when(now)}: {note}"
+            self.corrections[report.id] = self.clock()
         self._save_due = True  # reports are rare: each taken one is on disk within a tick
-        return f"{report.id}: {trial.charged_kwh:.3f} kWh charged, {trial.discharged_kwh:.3f} kWh discharged"
+        answer = f"{report.id}: {trial.charged_kwh:.3f} kWh charged, {trial.discharged_kwh:.3f} kWh discharged"
+        if note:
+            answer += f" ({note})"
+        twins = next((g for g in self._same_totals() if report.id in g), ())
+        if twins:
+            others = ", ".join(i for i in twins if i != report.id)
+            answer += (f"; warning: {others} reported the same totals: one battery under two ids is counted twice "
+                       f"(remove one with `battery-aggregator report --remove ID`)")
+        return answer
+
+    def _ledger_as(self, identity: str, kind: CounterKind) -> EnergyLedger:
+        """A copy of an external battery's ledger with counters of `kind` (a fresh one for a new id)."""
+        current = self.ledgers.get(identity)
+        if current is None:
+            return EnergyLedger(identity, kind, self.tz)
+        if current.kind != kind:
+            data = current.to_dict()
+            data["kind"] = kind
+            return EnergyLedger.from_dict(data, identity, kind, self.tz)[0]
+        return current.copy()
+
+    def _conflict(self, identity: str, message: str) -> None:
+        if identity not in self.conflicts:
+            _LOG.warning("%s", message)
+        self.conflicts[identity] = self.clock()
+        raise ReportConflict([message])
+
+    def _when(self, wall: float) -> str:
+        return datetime.fromtimestamp(wall, self.tz).strftime("%Y-%m-%d %H:%M")
+
+    def _same_totals(self) -> list[tuple[str, ...]]:
+        """Fresh external ids that reported the same totals (one battery under two ids)."""
+        now = self.clock()
+        return same_totals({i: self.ledgers[i].counters() for i, e in self.externals.items()
+                            if i in self.ledgers and self._external_state(e, now) == ONLINE})
 
     def remove_external(self, identity: Any) -> str:
         """Forget an external battery: its row, its level and its energy (it leaves the totals). ReportError
@@ -328,6 +410,7 @@ class EnergyTracker:
         ledger = self.ledgers.pop(identity, None)
         self.series.pop(identity, None)
         self.conflicts.pop(identity, None)
+        self.corrections.pop(identity, None)
         self._save_due = True
         charged = ledger.charged_kwh if ledger is not None else 0.0
         discharged = ledger.discharged_kwh if ledger is not None else 0.0
@@ -368,7 +451,7 @@ class EnergyTracker:
         stale = []
         live_rows = {e.row for e in self.externals.values()}
         for row in sorted(self._rows_shown - live_rows):  # a removed battery's row: invalid until used again
-            for key in ("Id", "State", "Soc", "Capacity", "ChargedEnergy", "DischargedEnergy"):
+            for key in EXTERNAL_ROW:
                 out[f"/Energy/External/{row}/{key}"] = None
         self._rows_shown = self._rows_shown | live_rows
         for identity, external in self.externals.items():
@@ -381,6 +464,7 @@ class EnergyTracker:
             out[prefix + "Capacity"] = external.capacity
             out[prefix + "ChargedEnergy"] = _kwh(ledger.charged_kwh)
             out[prefix + "DischargedEnergy"] = _kwh(ledger.discharged_kwh)
+            out[prefix + "LastCorrection"] = external.correction
             if state == ONLINE:
                 levels.append((external.soc, external.capacity))
             else:
@@ -390,6 +474,8 @@ class EnergyTracker:
         out["/Energy/AverageSoc"] = None if average is None else round(average, 2)
         out["/Energy/CapacityWeightedSoc"] = None if weighted is None else round(weighted, 2)
         out["/Energy/Batteries"] = len(levels)
+        self._levels = {"average": out["/Energy/AverageSoc"], "capacityWeighted": out["/Energy/CapacityWeightedSoc"],
+                        "batteries": len(levels), "at": self.wall()}
         duplicates = "; ".join(f"{d.identity}: {', '.join(d.services)} (counted once, from {d.chosen})"
                                for d in sorted(self.duplicates.values(), key=lambda d: d.identity))
         out["/Energy/Duplicates"] = duplicates
@@ -398,11 +484,23 @@ class EnergyTracker:
             reasons.append("duplicate batteries: " + duplicates)
         if stale:
             reasons.append("stale external batteries: " + ", ".join(sorted(stale)))
-        for identity, at in list(self.conflicts.items()):
-            if now - at > self.options.externalStaleAfter:
-                del self.conflicts[identity]  # no conflicting report for that long: the reporters were sorted out
-        if self.conflicts:
-            reasons.append("two batteries report under one id: " + ", ".join(sorted(self.conflicts)))
+        twins = self._same_totals()
+        if twins != self._twins_logged:
+            for group in twins:
+                if group not in self._twins_logged:
+                    _LOG.warning("external ids %s reported the same totals: one battery under two ids is counted "
+                                 "twice; remove one with `battery-aggregator report --remove ID`", ", ".join(group))
+            self._twins_logged = twins
+        if twins:
+            reasons.append("the same totals under two ids (one battery counted twice?): "
+                           + "; ".join(", ".join(group) for group in twins))
+        for events, what in ((self.conflicts, "two batteries report under one id: "),
+                             (self.corrections, "reports rolled back or taken on confirmation: ")):
+            for identity, at in list(events.items()):
+                if now - at > self.options.externalStaleAfter:
+                    del events[identity]  # nothing of the kind for that long: the reporters were sorted out
+            if events:
+                reasons.append(what + ", ".join(sorted(events)))
         out["/Energy/Status"] = "; ".join(reasons) or "ok"
         return out
 
@@ -574,7 +672,10 @@ class ReportHttpServer:
 
 def load_ledgers(state_dir: str | Path) -> list[EnergyLedger]:
     """The ledgers saved under `state_dir` (for `energy --csv`); [] when there are none."""
-    data = StateStore(Path(state_dir) / STATE_FILE).load()
+    return _ledgers_of(StateStore(Path(state_dir) / STATE_FILE).load())
+
+
+def _ledgers_of(data: dict[str, Any]) -> list[EnergyLedger]:
     saved = data.get("ledgers")
     ledgers = []
     for identity, entry in (saved.items() if isinstance(saved, dict) else ()):
@@ -583,3 +684,32 @@ def load_ledgers(state_dir: str | Path) -> list[EnergyLedger]:
         if reason is None:
             ledgers.append(ledger)
     return ledgers
+
+
+def energy_table(state_dir: str | Path, tz: tzinfo | None = None) -> str | None:
+    """`energy`: per identity its counter kind, kWh and (external batteries) level; then the totals over all
+    batteries and the levels as last published (what the Homey app shows). None when nothing is saved."""
+    data = StateStore(Path(state_dir) / STATE_FILE).load()
+    ledgers = _ledgers_of(data)
+    if not ledgers:
+        return None
+    externals = data.get("externals") if isinstance(data.get("externals"), dict) else {}
+    lines = [f"{'identity':<32} {'kind':<6} {'charged kWh':>12} {'discharged kWh':>15} {'level %':>8}"]
+    for ledger in sorted(ledgers, key=lambda item: item.identity):
+        entry = externals.get(ledger.identity)
+        soc = _number(entry.get("soc")) if isinstance(entry, dict) else None
+        level = "-" if soc is None else f"{soc:.1f}"
+        lines.append(f"{ledger.identity:<32} {ledger.kind:<6} {ledger.charged_kwh:>12.3f} "
+                     f"{ledger.discharged_kwh:>15.3f} {level:>8}")
+    charged, discharged = total_energy(ledgers)
+    lines.append(f"{f'total ({len(ledgers)} batteries)':<39} {charged:>12.3f} {discharged:>15.3f}")
+    levels = data.get("levels") if isinstance(data.get("levels"), dict) else {}
+    average, weighted, at = (_number(levels.get(k)) for k in ("average", "capacityWeighted", "at"))
+    if average is None or at is None:
+        lines.append("average level: not known (no battery with a level was online when the service last saved)")
+    else:
+        when = datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M")
+        count = _number(levels.get("batteries"))
+        lines.append(f"average level {average:.1f} %" + ("" if weighted is None else
+                     f" (weighted by capacity {weighted:.1f} %)") + f" of {count or 0:.0f} batteries, at {when}")
+    return "\n".join(lines) + "\n"

@@ -16,6 +16,14 @@ Within one sample interval import and export are netted (a meter is read every s
 Meters publish their counters in steps (0.01, 0.1 or 1 kWh): a step is checked against the time since the
 counter last moved (not since the last sample, which may be a second ago) plus one step of resolution, so
 quantised counters count while a jump beyond the connection's power is still rejected.
+
+Where counting starts (`origin`): the meter's counters at the start date's midnight when they are configured;
+else the last sample before that midnight, its delta shared by time so only the part after midnight counts;
+else the first sample, with the configured start level. Started later than START_GRACE after the midnight
+without either, the energy in between is not counted and `exact` is False (until the next reset).
+
+Every sample's counted energy also goes into a 15-minute load profile (`closed_slots` are the finished slots;
+the energy a sample brings after a gap lands in the slot it arrives in).
 """
 from __future__ import annotations
 
@@ -24,10 +32,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from typing import Any
 
-from .energy import local_date
+from .energy import local_date, local_midnight
 
-__all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "history_rows_csv", "parse_month_day", "resolution_of",
-           "reset_occurrence"]
+__all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "ProfileSlot", "history_rows_csv", "parse_month_day",
+           "profile_csv_line", "resolution_of", "reset_occurrence", "PROFILE_HEADER"]
 
 METER_KWH_LIMIT = 1e9  # beyond this a meter counter is garbage
 MARGIN = 1.5  # the grid connection's limit is firm, but samples arrive late
@@ -36,6 +44,10 @@ RESOLUTIONS = (1.0, 0.1, 0.01)  # kWh steps meters publish their counters in
 JITTER_KWH = 0.05  # a step back this small is rounding, not a reset
 HISTORY_DAYS = 1096
 STATE_VERSION = 1
+START_GRACE = 900.0  # s after the start date's midnight within which a first sample misses nothing worth saying
+SLOT = 900.0  # s: the load profile's 15-minute slots (every zone's offset is a multiple of 15 minutes)
+PENDING_SLOTS = 2 * 96  # finished slots kept for the writer: two days if it never takes them
+PROFILE_HEADER = "start,import_kwh,export_kwh,level_kwh"
 
 
 def parse_month_day(text: str) -> tuple[int, int]:
@@ -64,6 +76,9 @@ class GridBatteryConfig:
     capacity_kwh: float = 0.0  # 0 = unlimited
     start_date: date = date(1970, 1, 1)
     reset_day: tuple[int, int] | None = None  # (month, day): the level returns to 0 on that day every year
+    reset_once: date | None = None  # the level returns to 0 on that day, once
+    start_reading: tuple[float, float] | None = None  # the meter's (import, export) kWh at the start midnight
+    start_level_kwh: float | None = None  # the level counting starts from (None: 0, not configured)
     nominal_voltage: float = 51.2
     max_power_kw: float = 100.0  # the grid connection's largest power: faster counter changes are impossible
     tz: tzinfo | None = None
@@ -88,6 +103,25 @@ class HistoryRow:
 
 
 @dataclass(slots=True)
+class ProfileSlot:
+    """One 15-minute slot of the load profile: energy imported and exported in it, the level at its end."""
+
+    start: float  # epoch seconds, a multiple of SLOT
+    import_kwh: float = 0.0
+    export_kwh: float = 0.0
+    level_kwh: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [self.start, self.import_kwh, self.export_kwh, self.level_kwh]
+
+
+def profile_csv_line(slot: ProfileSlot, tz: tzinfo | None = None) -> str:
+    """A slot as a CSV line (no newline): its start as local ISO time with the offset, kWh with 3 decimals."""
+    stamp = datetime.fromtimestamp(slot.start, tz).isoformat(timespec="minutes")
+    return f"{stamp},{slot.import_kwh:.3f},{slot.export_kwh:.3f},{slot.level_kwh:.3f}"
+
+
+@dataclass(slots=True)
 class _Counter:
     value: float | None = None
     at: float | None = None
@@ -105,6 +139,11 @@ class GridBattery:
     last_reset: date | None = None
     counter_resets: int = 0
     history: dict[date, HistoryRow] = field(default_factory=dict)
+    started: bool = False  # counting has started (on or after the start date)
+    origin: str | None = None  # where counting started, in words
+    exact: bool = True  # False: energy between the start date and the first sample was not counted
+    slot: ProfileSlot | None = None  # the load profile's slot in progress
+    closed_slots: list[ProfileSlot] = field(default_factory=list)  # finished slots for the writer to take
     _import: _Counter = field(default_factory=_Counter, init=False, repr=False)
     _export: _Counter = field(default_factory=_Counter, init=False, repr=False)
 
@@ -144,14 +183,80 @@ class GridBattery:
         Returns a message for every value not taken at face value (garbage, impossible jumps, resets)."""
         messages: list[str] = []
         today = local_date(now, self.config.tz)
+        if today < self.config.start_date:
+            self._follow("import", self._import, forward_kwh, now, messages)  # anchors for the start
+            self._follow("export", self._export, reverse_kwh, now, messages)
+            return messages
+        shares = (1.0, 1.0)
+        if not self.started:
+            shares = self._start(today, now)
         self._reset_if_due(today, now)
-        imported = self._follow("import", self._import, forward_kwh, now, messages)
-        exported = self._follow("export", self._export, reverse_kwh, now, messages)
-        if today >= self.config.start_date and (imported or exported):
+        imported = self._follow("import", self._import, forward_kwh, now, messages) * shares[0]
+        exported = self._follow("export", self._export, reverse_kwh, now, messages) * shares[1]
+        if imported or exported:
             self._apply(today, now, exported, imported)
-        elif today >= self.config.start_date:
+        else:
             self._row(today, now)
+        self._profile(now, imported, exported)
         return messages
+
+    def _start(self, today: date, now: float) -> tuple[float, float]:
+        """The first sample on or after the start date: set where counting starts. Returns the share of the
+        next import and export delta to count (a delta from before the start midnight counts only in part)."""
+        config = self.config
+        midnight = local_midnight(config.start_date, config.tz)
+        level = config.start_level_kwh or 0.0
+        self.level_kwh = min(level, config.capacity_kwh) if config.capacity_kwh > 0 else level
+        self.started, self.exact = True, True
+        stamp = _stamp(now, config.tz)
+        given = "" if config.start_level_kwh is None else f", level {config.start_level_kwh:g} kWh (startLevelKwh)"
+        due = self._due_reset(today)
+        if due is not None and due > config.start_date:
+            # A reset came between the start date and this first sample: what was counted before it is gone,
+            # and how much came after it is not known.
+            self.level_kwh, self.last_reset = 0.0, due
+            self.exact = now - local_midnight(due, config.tz) <= START_GRACE
+            self.origin = f"the first sample, {stamp}, after the reset on {due.isoformat()}" + (
+                "" if self.exact else f": the energy from {due.isoformat()} to then is not counted")
+            return 1.0, 1.0
+        if config.start_reading is not None:
+            self._import = _Counter(config.start_reading[0], midnight)
+            self._export = _Counter(config.start_reading[1], midnight)
+            self.origin = (f"the meter's counters on {config.start_date.isoformat()} 00:00 (startImportKwh "
+                           f"{config.start_reading[0]:g}, startExportKwh {config.start_reading[1]:g}){given}")
+            return 1.0, 1.0
+        anchors = (self._import.at, self._export.at)
+        if all(at is not None and at < midnight for at in anchors):
+            last = max(at for at in anchors if at is not None)
+            self.origin = (f"the meter's counters at {_stamp(last, config.tz)}, before the start date: of the "
+                           f"energy since then the part after {config.start_date.isoformat()} 00:00 counts{given}")
+            return tuple(max(0.0, now - midnight) / (now - at) if now > at else 1.0  # type: ignore[return-value]
+                         for at in anchors if at is not None)
+        late = now - midnight
+        if config.start_level_kwh is not None or late <= START_GRACE:
+            self.origin = f"the first sample, {stamp}{given}"
+        else:
+            self.exact = False
+            self.origin = (f"the first sample, {stamp}: the energy from {config.start_date.isoformat()} to then "
+                           "is not counted (configure startImportKwh and startExportKwh, or startLevelKwh)")
+        return 1.0, 1.0
+
+    def _profile(self, now: float, imported: float, exported: float) -> None:
+        start = math.floor(now / SLOT) * SLOT
+        slot = self.slot
+        if slot is None or start > slot.start:
+            if slot is not None:
+                self.closed_slots.append(slot)
+                del self.closed_slots[:-PENDING_SLOTS]
+            slot = self.slot = ProfileSlot(start)
+        slot.import_kwh += imported
+        slot.export_kwh += exported
+        slot.level_kwh = self.level_kwh
+
+    def take_closed_slots(self) -> list[ProfileSlot]:
+        """The finished load-profile slots since the last call, oldest first."""
+        slots, self.closed_slots = self.closed_slots, []
+        return slots
 
     def _follow(self, label: str, counter: _Counter, value: Any, now: float, messages: list[str]) -> float:
         """The counter's accepted energy since its last sample (0 when there is nothing to count)."""
@@ -201,18 +306,29 @@ class GridBattery:
         row.overflow_kwh += overflow
         row.beyond_kwh += beyond
 
-    def _reset_if_due(self, today: date, now: float) -> None:
+    def _due_reset(self, today: date) -> date | None:
+        """The latest reset day (yearly or the one-time one) on or before `today`; None without one."""
+        candidates = []
         month_day = self.config.reset_day
-        if month_day is None or today < self.config.start_date:
+        if month_day is not None:
+            recent = reset_occurrence(today.year, month_day)
+            candidates.append(recent if recent <= today else reset_occurrence(today.year - 1, month_day))
+        once = self.config.reset_once
+        if once is not None and once <= today:
+            candidates.append(once)
+        return max(candidates, default=None)
+
+    def _reset_if_due(self, today: date, now: float) -> None:
+        due = self._due_reset(today)
+        if due is None:
             return
-        recent = reset_occurrence(today.year, month_day)
-        if recent > today:
-            recent = reset_occurrence(today.year - 1, month_day)
         done = max(self.config.start_date, self.last_reset or self.config.start_date)
-        if recent > done:
+        if due > done:
             self.forfeited_kwh += self.level_kwh
             self.level_kwh = 0.0
-            self.last_reset = recent
+            self.last_reset = due
+            if not self.exact:  # counting from the reset on: what was missed before no longer matters
+                self.exact, self.origin = True, f"the reset on {due.isoformat()}"
             self._row(today, now)
 
     def _row(self, today: date, now: float) -> HistoryRow:
@@ -246,7 +362,15 @@ class GridBattery:
             "counterResets": self.counter_resets,
             "import": [self._import.value, self._import.at], "export": [self._export.value, self._export.at],
             "history": [row.as_list() for row in self.rows()],
+            "start": self.start_key(), "started": self.started, "origin": self.origin, "exact": self.exact,
+            "slot": None if self.slot is None else self.slot.as_list(),
         }
+
+    def start_key(self) -> dict[str, Any]:
+        """The configured start; a state saved under another one is not used (counting starts anew)."""
+        config = self.config
+        return {"date": config.start_date.isoformat(), "reading": list(config.start_reading or []) or None,
+                "level": config.start_level_kwh}
 
     @classmethod
     def from_dict(cls, data: Any, config: GridBatteryConfig) -> tuple[GridBattery, str | None]:
@@ -283,6 +407,9 @@ def _restore(battery: GridBattery, data: Any) -> GridBattery:
         raise ValueError(f"not a version {STATE_VERSION} grid battery state")
     if data.get("startDate") != config.start_date.isoformat():
         raise ValueError(f"saved for start date {data.get('startDate')}, configured {config.start_date}")
+    start = battery.start_key()
+    if data.get("start", start) != start:  # a state of before the start was saved has none: its date is checked
+        raise ValueError(f"saved for the start {data['start']}, configured {start}")
     for name, key in (("level_kwh", "level"), ("charged_kwh", "charged"), ("discharged_kwh", "discharged"),
                       ("overflow_kwh", "overflow"), ("beyond_kwh", "beyond"), ("forfeited_kwh", "forfeited")):
         setattr(battery, name, _amount(data[key]))
@@ -298,6 +425,14 @@ def _restore(battery: GridBattery, data: Any) -> GridBattery:
     for item in data.get("history", []):
         row = _row_of(item)
         battery.history[row.day] = row
+    battery.started = bool(data.get("started", bool(battery.history)))  # rows are written from the start on
+    origin = data.get("origin")
+    battery.origin = origin[:500] if isinstance(origin, str) else None
+    battery.exact = bool(data.get("exact", True))
+    slot = data.get("slot")
+    if slot is not None:
+        start, *amounts = slot
+        battery.slot = ProfileSlot(_number(start), *(_amount(a) for a in amounts))
     if config.capacity_kwh > 0 and battery.level_kwh > config.capacity_kwh:
         battery.forfeited_kwh += battery.level_kwh - config.capacity_kwh
         battery.level_kwh = config.capacity_kwh
@@ -326,6 +461,10 @@ def _amount(value: Any) -> float:
     if not _finite(value) or not 0 <= value < METER_KWH_LIMIT:
         raise ValueError(f"{value!r} is not an energy in kWh")
     return float(value)
+
+
+def _stamp(ts: float, tz: tzinfo | None) -> str:
+    return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M")
 
 
 def history_rows_csv(rows: list[HistoryRow], tz: tzinfo | None = None) -> str:

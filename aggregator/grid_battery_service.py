@@ -3,8 +3,9 @@
 `GridBatteryService` takes a connection of its own (it publishes `serviceName` on it and closes it on
 stop), finds the meter among the `com.victronenergy.grid.*` services with a ServiceMonitor, takes its dates
 (start date, reset day, daily rows) in the user's time zone from localsettings, and keeps its
-state in `<state_dir>/grid_battery.json` (saved atomically every `save_interval` seconds and on stop, so a
-kill -9 loses at most that much; the meter's counters cover the time the service was away).
+state in `<state_dir>/grid_battery.json`: saved atomically on the first sample (the counter anchors a restart
+counts from), at each new day, every `save_interval` seconds and on stop, so a kill -9 loses nothing the
+meter's counters do not cover. The 15-minute load profile goes to `<state_dir>/load_profile.csv` (bounded).
 
     python -m aggregator.grid_battery_service --config JSON_OR_FILE --state-dir DIR
 """
@@ -15,23 +16,26 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
 from dataclasses import replace
-from datetime import date, tzinfo
+from datetime import date, datetime, tzinfo
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Callable, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__
 from .battery_paths import text_format
 from .bus.lib import MessageBus, connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
+from .bus.settings import LocalSettings, Setting
 from .energy import local_date
-from .grid_battery import GridBattery, GridBatteryConfig, HistoryRow, history_rows_csv, parse_month_day
+from .grid_battery import (PROFILE_HEADER, GridBattery, GridBatteryConfig, HistoryRow, ProfileSlot, history_rows_csv,
+                           parse_month_day, profile_csv_line)
 from .local_time import TimeZoneFollower, zone_named
 from .state import StateStore
 from .validation import format_validation_error
@@ -40,6 +44,8 @@ _LOG = logging.getLogger(__name__)
 
 GRID_PREFIX = "com.victronenergy.grid."
 STATE_FILE = "grid_battery.json"
+PROFILE_FILE = "load_profile.csv"
+PROFILE_MAX_BYTES = 1 << 20  # some 250 days of 15-minute rows; one older file of that size is kept besides
 GRID_BATTERY_PRODUCT_ID = 0xB0F3  # ours, next to the simulator's and the aggregate's
 GRID_BATTERY_PRODUCT_NAME = "Grid battery"
 DEFAULT_SAVE_INTERVAL = 180.0
@@ -62,12 +68,24 @@ class GridBatterySettings(BaseModel):
                              "name:<CustomName or ProductName>, or its device instance")
     capacityKwh: float = Field(0.0, ge=0, lt=1e6, description="kWh the grid battery holds; 0 = unlimited")
     startDate: date = Field(..., description="the day counting starts (YYYY-MM-DD)")
+    startImportKwh: float | None = Field(None, ge=0, lt=1e9, description="the meter's /Ac/Energy/Forward at "
+                                         "00:00 on startDate (with startExportKwh): the energy since then counts "
+                                         "even when the service starts later")
+    startExportKwh: float | None = Field(None, ge=0, lt=1e9, description="the meter's /Ac/Energy/Reverse at "
+                                         "00:00 on startDate (with startImportKwh)")
+    startLevelKwh: float | None = Field(None, ge=0, lt=1e6, description="the level counting starts from: at "
+                                        "00:00 on startDate with startImportKwh/startExportKwh, else at the "
+                                        "first sample (e.g. what smart-me shows then); null = 0")
     resetDate: str | None = Field(None, description="MM-DD: every year on that day the level returns to 0; "
                                   "null = never")
+    resetOnce: date | None = Field(None, description="YYYY-MM-DD: on that day the level returns to 0, once; "
+                                   "null = never")
     serviceName: str = Field("com.victronenergy.battery.grid", pattern=r"^com\.victronenergy\.battery\.[A-Za-z0-9_]+$",
                              description="D-Bus name of the grid battery")
     nominalVoltage: float = Field(51.2, gt=0, le=1000, description="V for the Ah values and the current")
-    deviceInstance: int = Field(100, ge=0, le=65535, description="the battery's device instance")
+    deviceInstance: int | None = Field(None, ge=0, le=65535, description="the device instance asked of "
+                                       "localsettings (which gives another when it is taken); null = one "
+                                       "derived from serviceName")
     maxPowerKw: float = Field(100.0, gt=0, le=100000, description="the grid connection's largest power: meter "
                               "counters moving faster are rejected as impossible")
 
@@ -95,10 +113,22 @@ class GridBatterySettings(BaseModel):
             parse_month_day(value)
         return value
 
+    @model_validator(mode="after")
+    def _start(self) -> "GridBatterySettings":
+        if (self.startImportKwh is None) != (self.startExportKwh is None):
+            raise ValueError("startImportKwh and startExportKwh go together: the meter's import and export "
+                             "counters at 00:00 on startDate (or neither)")
+        if self.startLevelKwh is not None and 0 < self.capacityKwh < self.startLevelKwh:
+            raise ValueError(f"startLevelKwh {self.startLevelKwh:g} is more than capacityKwh {self.capacityKwh:g}")
+        return self
+
     def battery_config(self) -> GridBatteryConfig:
+        reading = None if self.startImportKwh is None or self.startExportKwh is None else \
+            (self.startImportKwh, self.startExportKwh)
         return GridBatteryConfig(
             capacity_kwh=self.capacityKwh, start_date=self.startDate,
-            reset_day=parse_month_day(self.resetDate) if self.resetDate else None,
+            reset_day=parse_month_day(self.resetDate) if self.resetDate else None, reset_once=self.resetOnce,
+            start_reading=reading, start_level_kwh=self.startLevelKwh,
             nominal_voltage=self.nominalVoltage, max_power_kw=self.maxPowerKw,
         )
 
@@ -133,21 +163,84 @@ def _kwh(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-ReserveInstance = Callable[[str, int], Awaitable[int]]
+class ProfileFile:
+    """The load profile as CSV, appended to as slots finish: `<state dir>/load_profile.csv`, moved to
+    `load_profile.csv.1` (replacing it) when it reaches `max_bytes`, so the two hold at most twice that. A slot
+    not after the last one in the file is not written again (after a kill -9 the state may be older)."""
+
+    def __init__(self, path: Path, max_bytes: int = PROFILE_MAX_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.last_start: float | None = None
+        self._read_last = False
+
+    def append(self, slots: Iterable[ProfileSlot], tz: tzinfo | None) -> None:
+        try:
+            self._append(list(slots), tz)
+        except OSError as exc:
+            _LOG.warning("load profile %s not written: %s", self.path, exc)
+
+    def _append(self, slots: list[ProfileSlot], tz: tzinfo | None) -> None:
+        if not self._read_last:
+            self._read_last = True
+            self.last_start = _last_start(self.path)
+        lines = []
+        for slot in slots:
+            if self.last_start is None or slot.start > self.last_start:
+                lines.append(profile_csv_line(slot, tz) + "\n")
+                self.last_start = slot.start
+        if not lines:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        new = not self.path.exists()
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write((PROFILE_HEADER + "\n" if new else "") + "".join(lines))
+
+
+def _last_start(path: Path) -> float | None:
+    """The start of the last slot in a profile file (epoch seconds); None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 512))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        try:
+            return datetime.fromisoformat(line.split(",", 1)[0]).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def profile_csv(state_dir: str | Path) -> str:
+    """`battery-aggregator grid-battery --profile`: the 15-minute rows kept, oldest first."""
+    rows: list[str] = []
+    path = Path(state_dir) / PROFILE_FILE
+    for part in (path.with_name(path.name + ".1"), path):
+        try:
+            rows += [line for line in part.read_text(encoding="utf-8").splitlines()[1:] if line]
+        except OSError:
+            continue
+    return "\n".join([PROFILE_HEADER, *rows]) + "\n"
 
 
 class GridBatteryService:
     def __init__(self, bus: MessageBus, settings: GridBatterySettings, state_dir: str | Path,
                  clock: Clock = time.time, *, save_interval: float = DEFAULT_SAVE_INTERVAL,
-                 reserve_instance: ReserveInstance | None = None) -> None:
-        """`reserve_instance(service name, preferred)`: the device instance as localsettings assigns it (so
-        the GX's device list resolves collisions); without it, the configured deviceInstance."""
+                 local_settings: LocalSettings | None = None) -> None:
+        """`local_settings`: localsettings' client, which assigns the device instance (so the GX's device list
+        resolves collisions) and keeps /CustomName; without it, deviceInstance (or one derived from the
+        name) and a /CustomName that is not kept."""
         self.bus = bus
-        self.reserve_instance = reserve_instance
+        self.local_settings = local_settings
         self.settings = settings
         self.clock = clock
         self.save_interval = save_interval
         self.store = StateStore(Path(state_dir) / STATE_FILE)
+        self.profile = ProfileFile(Path(state_dir) / PROFILE_FILE)
         self.battery = GridBattery(settings.battery_config())
         self.meter: WatchedService | None = None
         self.meter_name: str | None = None  # the meter the counter anchors belong to
@@ -157,26 +250,39 @@ class GridBatteryService:
         self._tasks: set[asyncio.Task[None]] = set()
         self.zone: TimeZoneFollower | None = None
         self.zone_name: str | None = None  # the user's zone in use (saved: the CSV export shows its times)
+        self._saved_for: tuple[bool, date] | None = None  # (started, local day) at the last save
 
     # ---- life cycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        from .aggregate import preferred_instance, unique_id  # the aggregate imports this module
+
         self._load()
-        service = VeService(self.bus, self.settings.serviceName)
+        name = self.settings.serviceName
+        service = VeService(self.bus, name)
         instance = self.settings.deviceInstance
-        if self.reserve_instance is not None:
-            instance = await self.reserve_instance(self.settings.serviceName, instance)
+        if instance is None:
+            instance = preferred_instance(name)
+        if self.local_settings is not None:
+            instance = await self.local_settings.reserve_device_instance(unique_id(name), "battery", instance)
         service.add_mandatory_paths(
             process_name="battery-aggregator grid-battery", process_version=__version__,
             connection=f"Grid meter {self.settings.meter}", device_instance=instance,
             product_id=GRID_BATTERY_PRODUCT_ID, product_name=GRID_BATTERY_PRODUCT_NAME,
         )
+        if self.local_settings is not None:  # kept in localsettings like the aggregate's own name
+            custom_name = f"/Settings/BatteryAggregator/{unique_id(name)}/CustomName"
+            await self.local_settings.add(Setting(custom_name, ""))
+            self.local_settings.bind(service, "/CustomName", custom_name)
+        else:
+            service.add_path("/CustomName", "", writeable=True, value_types=(str,))
         for path in ("/Soc", "/Capacity", "/InstalledCapacity", "/Dc/0/Power", "/Dc/0/Voltage", "/Dc/0/Current",
                      "/History/ChargedEnergy", "/History/DischargedEnergy"):
             service.add_path(path, None, text=text_format(path))
         for path in ("/GridBattery/LevelKwh", "/GridBattery/LostExportKwh", "/GridBattery/ImportBeyondKwh"):
             service.add_path(path, None, text="{:.2f}kWh")
         service.add_path("/GridBattery/Meter", None)
+        service.add_path("/GridBattery/Start", None)
         service.add_path("/GridBattery/Status", "starting")
         self.service = service
         self.zone = TimeZoneFollower(self.bus, self._set_zone)
@@ -222,6 +328,10 @@ class GridBatteryService:
 
     def save(self) -> None:
         self.store.save({"battery": self.battery.to_dict(), "meter": self.meter_name, "timeZone": self.zone_name})
+        self._saved_for = self._milestone()
+
+    def _milestone(self) -> tuple[bool, date]:
+        return self.battery.started, local_date(self.clock(), self.battery.config.tz)
 
     def _set_zone(self, tz: tzinfo | None, name: str | None) -> None:
         """The user's time zone changed (or was read): reset day, start date and daily rows follow it."""
@@ -271,9 +381,20 @@ class GridBatteryService:
     def _sample(self) -> None:
         meter = self.meter
         assert meter is not None
+        started = self.battery.started
         for message in self.battery.update(self.clock(), meter.values.get("/Ac/Energy/Forward"),
                                            meter.values.get("/Ac/Energy/Reverse")):
             _LOG.warning("%s", message)
+        if self.battery.started and not started:
+            log = _LOG.info if self.battery.exact else _LOG.warning
+            log("grid battery %s counts from %s", self.settings.serviceName, self.battery.origin)
+        slots = self.battery.take_closed_slots()
+        if slots:
+            self.profile.append(slots, self.battery.config.tz)
+        # The first sample (the anchors a restart counts from) and each new day (yesterday's row is final)
+        # are on disk at once, not only at the next periodic save.
+        if self._milestone() != self._saved_for:
+            self.save()
         power = meter.values.get("/Ac/Power")
         self._grid_power = float(power) if isinstance(power, (int, float)) and not isinstance(power, bool) \
             and math.isfinite(power) else None
@@ -292,6 +413,8 @@ class GridBatteryService:
         today = local_date(self.clock(), self.battery.config.tz)
         if today < self.settings.startDate:
             return f"counting starts on {self.settings.startDate.isoformat()}"
+        if not self.battery.exact:
+            return f"started late: counting from {self.battery.origin}"
         return STATUS_OK
 
     def _publish(self) -> None:
@@ -313,6 +436,7 @@ class GridBatteryService:
             "/GridBattery/LostExportKwh": _kwh(battery.overflow_kwh),
             "/GridBattery/ImportBeyondKwh": _kwh(battery.beyond_kwh),
             "/GridBattery/Meter": self.meter.name if self.meter is not None else None,
+            "/GridBattery/Start": battery.origin,
             "/GridBattery/Status": self.status(),
         })
 
@@ -343,7 +467,10 @@ def _read_config(text: str) -> Any:
 
 async def _serve(settings: GridBatterySettings, state_dir: str, clock: Clock, save_interval: float) -> int:
     bus = await connect()
-    service = GridBatteryService(bus, settings, state_dir, clock, save_interval=save_interval)
+    local_settings = LocalSettings(bus)
+    await local_settings.start()
+    service = GridBatteryService(bus, settings, state_dir, clock, save_interval=save_interval,
+                                 local_settings=local_settings)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -7,9 +7,11 @@ counters passes in seconds. Besides the paths of a real meter it has, for tests 
   /Sim/TimeScale       writeable: simulated seconds per second (0 pauses the meter)
   /Sim/ResetCounters   write 1: /Ac/Energy/Forward and /Ac/Energy/Reverse restart at 0 (a meter reset)
 
-`--resolution 0.1` publishes the counters in 0.1 kWh steps, truncated, as many real meters do.
+`--resolution 0.1` publishes the counters in 0.1 kWh steps, truncated, as many real meters do. `--forward` and
+`--reverse` start the counters where a meter that has been running for years would be.
 
     python -m aggregator.simulator.grid_meter --name NAME --time-scale X [--start 2023-01-01] [--resolution KWH]
+                                              [--forward KWH] [--reverse KWH]
 """
 from __future__ import annotations
 
@@ -242,18 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-instance", type=int, default=30)
     parser.add_argument("--resolution", type=float, default=0.0, metavar="KWH",
                         help="publish the energy counters in steps of this many kWh (e.g. 0.1); default 0.001")
+    parser.add_argument("--forward", type=float, default=0.0, metavar="KWH", help="import counter at the start")
+    parser.add_argument("--reverse", type=float, default=0.0, metavar="KWH", help="export counter at the start")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.time_scale < 0 or args.rate <= 0:
         parser.error("--time-scale must be >= 0 and --rate > 0")
     if not 0 <= args.resolution <= 10:
         parser.error(f"--resolution {args.resolution:g} is not allowed; allowed: 0 to 10 kWh")
+    if not (0 <= args.forward < 1e9 and 0 <= args.reverse < 1e9):
+        parser.error("--forward and --reverse must be kWh from 0 to 1e9")
     try:
         start = parse_start(args.start)
     except ValueError:
         parser.error(f"--start {args.start!r} is neither epoch seconds nor an ISO date/time")
     profile = HouseholdProfile(solar_peak_w=args.solar_peak, seed=args.seed)
-    model = MeterModel(profile, start, local_offset(start), resolution_kwh=args.resolution)
+    model = MeterModel(profile, start, local_offset(start), forward_kwh=args.forward, reverse_kwh=args.reverse,
+                       resolution_kwh=args.resolution)
 
     async def run() -> None:
         meter = SimulatedGridMeter(args.name, model, time_scale=args.time_scale, rate_hz=args.rate,

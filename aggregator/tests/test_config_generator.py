@@ -231,6 +231,9 @@ def test_screenshot_of_a_filled_config(page: Any) -> None:
 
 
 SEMANTIC_CASES = [
+    {"gridBatteries": [{"meter": 31, "startDate": "2024-01-01", "serviceName": B + "g2", "deviceInstance": 7},
+                       {"meter": 32, "startDate": "2024-01-01", "serviceName": B + "g3", "deviceInstance": 7},
+                       {"meter": 33, "startDate": "2024-01-01", "serviceName": B + "g2"}]},
     {"excludedServices": [B + "x"], "primaryServices": [B + "x"]},
     {"auxiliaryServices": {B + "x": []}, "virtualBatteries": {B + "v": [B + "x"]}},
     {"virtualBatteries": {B + "v1": [B + "x"], B + "v2": [B + "x"]}},
@@ -301,6 +304,10 @@ MODEL_CASES = {
     "this site is in peers": coop(siteId="s1", peers={"s2": {"capacityKwh": 10}}),
     # EnergyOptions
     "a report endpoint beyond loopback needs a token": {"energy": {"httpPort": 8088, "httpBind": "0.0.0.0"}},
+    # GridBatterySettings
+    "start readings go together": {"gridBatteries": [{"meter": 30, "startDate": "2024-01-01", "startImportKwh": 5}]},
+    "start level within the capacity": {"gridBatteries": [
+        {"meter": 30, "startDate": "2024-01-01", "capacityKwh": 5, "startLevelKwh": 6.5}]},
     "a bad field hides the model's rule": coop(enabled=True, broker={"host": "x", "tls": False}, siteId="bad id"),
     # AdapterSpec, DbusRef, MqttRef
     "adapter: neither": dispatcher(batteries=[battery(measured={})]),

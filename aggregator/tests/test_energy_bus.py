@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from aggregator.aggregate import preferred_instance
 from aggregator.bus import client
 
 from .conftest import REPO, Busctl, Processes
@@ -205,15 +206,15 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
     try:
         state = tmp_path / "state"
         settings = {"meter": f"com.victronenergy.grid.{meter_name}", "capacityKwh": 100, "startDate": "2020-01-01",
-                    "serviceName": grid, "maxPowerKw": 100000}
+                    "startLevelKwh": 0, "serviceName": grid, "maxPowerKw": 100000}
         local = await start_settings(tmp_path / "settings.json")  # as on a GX: localsettings assigns instances
         agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(state), gridBatteries=[settings])
         await bank.value_is(grid, "/GridBattery/Status", "ok")
-        # Its device instance is reserved in localsettings like the aggregate's own (the configured one).
+        # Its device instance is reserved in localsettings like the aggregate's own (one derived from its name).
         await eventually(lambda: f"batteryaggregator_{grid.rsplit('.', 1)[-1]}" in
                          (tmp_path / "settings.json").read_text(), timeout=10)
-        assert "battery:100" in (tmp_path / "settings.json").read_text()
-        assert await bank.read(grid, "/DeviceInstance") == 100
+        assert f"battery:{preferred_instance(grid)}" in (tmp_path / "settings.json").read_text()
+        assert await bank.read(grid, "/DeviceInstance") == preferred_instance(grid)
 
         async def exporting() -> bool:
             return (await bank.read(grid, "/GridBattery/LevelKwh") or 0) > 0
@@ -442,3 +443,68 @@ async def test_daily_energy_follows_the_time_zone_set_on_the_gx(processes: Proce
         bank.close()
     finally:
         local.service.close()
+
+
+# ---- issue 21: Homey flow cards for Sessy batteries --------------------------------------------------------
+
+async def test_sessy_reports_typos_rollbacks_twins_decimal_commas_and_the_energy_table(
+        processes: Processes, tmp_path: Path, busctl: Busctl, bus_address: str) -> None:
+    """The service as a process; reports by the CLI and HTTP as a Homey flow sends them; read back with busctl
+    and `battery-aggregator energy`."""
+    bank = Bank()
+    await bank.add("a", Soc=50.0, InstalledCapacity=100.0)  # no counters, no current: 0 kWh
+    port = _free_port()
+    state = tmp_path / "state"
+    agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(state),
+                                 # reports seconds apart here, not 15 minutes: the power bound must not bind
+                                 energy={"httpPort": port, "members": {"sessy": {"capacityKwh": 5,
+                                                                                 "maxPowerKw": 100000}}})
+    await bank.value_is(agg, "/Batteries/0/State", "online")
+
+    async def sessy(charged: str, discharged: str = "1678,79", soc: str = "61") -> subprocess.CompletedProcess[str]:
+        return await acli(bus_address, "report", "sessy", "--charged", charged, "--discharged", discharged,
+                          "--soc", soc, "--service", agg)
+
+    # The decimal comma of the Sessy screen, in the CLI and over HTTP.
+    first = await sessy("2011,12")
+    assert first.returncode == 0 and "2011.120 kWh charged, 1678.790 kWh discharged" in first.stdout, first
+    await _totals_are(busctl, agg, 2011.12, 1678.79)
+    thousands = await sessy("2.011,2")
+    assert thousands.returncode == 1 and "a decimal comma (2010,66), no thousands separators" in thousands.stderr
+    # 2019.12 for 2011.12: more than a 5 kWh battery can take; refused, and the next correct report is taken.
+    typo = await sessy("2019,12")
+    assert typo.returncode == 1 and "cannot fit in a battery of 5 kWh" in typo.stderr, typo.stderr
+    code, body = await arequest(port, "/report", {"id": "sessy", "charged": "2011,35", "discharged": "1678,79",
+                                                  "soc": "61,5"})
+    assert code == 200 and body["ok"], body
+    await _totals_are(busctl, agg, 2011.35, 1678.79)
+    await bank.value_is(agg, "/Energy/External/0/Soc", 61.5)
+    # A typo small enough to be possible is taken, then rolled back by the next report; the row says so.
+    assert (await sessy("2013,35")).returncode == 0
+    await _totals_are(busctl, agg, 2013.35, 1678.79)
+    fixed = await sessy("2011,5")
+    assert fixed.returncode == 0 and "was rolled back" in fixed.stdout, fixed
+    await _totals_are(busctl, agg, 2011.5, 1678.79)
+    assert "(charged 2013.35, discharged 1678.79 kWh) was rolled back" in \
+        await bank.read(agg, "/Energy/External/0/LastCorrection")
+    await bank.value_is(agg, "/Energy/Status", "reports rolled back or taken on confirmation: sessy")
+    # The same battery in a second flow under another id: warned, on the bus and in the answer.
+    twin = await acli(bus_address, "report", "sessy-copy", "--charged", "2011,5", "--discharged", "1678,79",
+                      "--soc", "61", "--service", agg)
+    assert twin.returncode == 0 and "warning: sessy reported the same totals" in twin.stdout, twin
+    status = await bank.read(agg, "/Energy/Status")
+    assert "the same totals under two ids (one battery counted twice?): sessy, sessy-copy" in status, status
+    assert (await acli(bus_address, "report", "--remove", "sessy-copy", "--service", agg)).returncode == 0
+
+    # `energy`: the rows, the totals over all batteries and the average level the aggregate published.
+    await bank.value_is(agg, "/Energy/AverageSoc", 55.5)  # (50 + 61) / 2
+    proc.terminate()  # a clean stop saves
+    assert proc.wait(timeout=10) == 0
+    shown = await acli(bus_address, "energy", "--state-dir", str(state))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any(line.startswith("sessy ") and line.endswith(" 61.0") for line in lines), lines
+    assert any(line.startswith("total (2 batteries)") and "2011.500" in line and "1678.790" in line
+               for line in lines), lines
+    assert "average level 55.5 % (weighted by capacity" in lines[-1] and "of 2 batteries, at " in lines[-1], lines
+    bank.close()

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.config import ConfigError, EnergyOptions, parse_config
-from aggregator.energy import EnergyLedger, ReportConflict, ReportError
+from aggregator.energy import EnergyLedger, ReportConflict, ReportError, beyond_capacity, parse_report
 from aggregator.energy_service import CHARGED, DISCHARGED, EnergyTracker
 from aggregator.local_time import zone_named
 
@@ -122,36 +122,40 @@ def test_two_batteries_under_one_id_are_a_conflict_naming_the_id(tmp_path):
         assert "'garage' gets the totals of two batteries" in str(exc) and "report running totals" not in str(exc)
     assert values(t)["/Energy/Status"] == "two batteries report under one id: garage"
     assert values(t)[CHARGED] == 103.5  # the series that was taken first, not a mix
-    clocks.advance(901)
+    clocks.advance(2251)
     assert "two batteries" not in values(t)["/Energy/Status"]  # no conflicting report for externalStaleAfter
 
 
 def test_two_series_where_the_second_was_taken_by_a_long_gap_are_a_conflict(tmp_path):
-    """Hours apart, the other battery's total looks like a plausible jump and is taken; the series that then
-    falls 'below' is named a conflict, not 'report running totals'."""
+    """Hours apart, the other battery's total looks like a plausible jump and is taken; the first series then
+    rolls it back once (it could have been a typo), and the next time the two series alternate it is named a
+    conflict, not 'report running totals'."""
     clocks = Clocks()
-    t = tracker(tmp_path, clocks)
+    t = tracker(tmp_path, clocks, externalMaxPowerKw=60)
     report(t, "garage", 100.0, 80.0)
     clocks.advance(5 * 3600)
     report(t, "garage", 500.0, 400.0)
+    clocks.advance(3600)
+    assert "was rolled back" in report(t, "garage", 101.0, 81.0)
     messages = []
-    for i in range(3):
+    for i in range(2):
         clocks.advance(3600)
         with pytest.raises(ReportError) as err:
-            report(t, "garage", 101.0 + i, 81.0 + i)
+            report(t, "garage", 501.0 + i, 401.0 + i)
         messages.append(str(err.value))
         clocks.advance(3600)
-        report(t, "garage", 501.0 + i, 401.0 + i)
-    assert "report running totals" in messages[0]
-    assert all("gets the totals of two batteries" in m for m in messages[1:]), messages
+        report(t, "garage", 102.0 + i, 82.0 + i)
+    assert "more than 60 kW allows" in messages[0]
+    assert "gets the totals of two batteries" in messages[1] and "report running totals" not in messages[1]
+    assert values(t)[CHARGED] == 103.0
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(0.0, 5.0), min_size=1, max_size=20), st.lists(st.booleans(), min_size=20, max_size=20),
+@given(st.lists(st.floats(0.0, 0.8), min_size=1, max_size=20), st.lists(st.booleans(), min_size=20, max_size=20),
        st.floats(1e3, 1e5))
 def test_typos_never_cost_a_correct_report(increments, typo_at, typo_factor):
-    """Between correct running totals, any typo (a digit too many) is refused and every correct report is taken:
-    the totals end as the last correct report."""
+    """Between correct running totals (each within the default 10 kW in the 300 s since the last), any typo (a
+    digit too many) is refused and every correct report is taken: the totals end as the last correct report."""
     clocks = Clocks()
     t = tracker(Path(tempfile.mkdtemp()), clocks)  # not tmp_path: hypothesis runs the body many times
     charged = 901.1
@@ -185,7 +189,7 @@ def test_external_rows_survive_a_restart(tmp_path):
     assert (out["/Energy/External/0/Id"], out["/Energy/External/1/Id"]) == ("c", "b")
     assert (out["/Energy/External/1/Soc"], out["/Energy/External/1/State"]) == (70.0, "online")
     assert (out[CHARGED], out[DISCHARGED]) == (21.0, 7.0)
-    clocks.advance(301)  # stale counts from the report, not from the restart
+    clocks.advance(1651)  # stale counts from the report, not from the restart
     assert values(again)["/Energy/External/1/State"] == "stale"
     clocks.advance(60)
     report(again, "b", 20.5, 6.0)  # the anchor survived: only the increase counts
@@ -250,7 +254,7 @@ def test_max_external_bounds_the_published_paths(tmp_path):
         except ReportError:
             refused += 1
     assert refused == 200 - 32
-    assert len([p for p in values(t) if p.startswith("/Energy/External/")]) == 32 * 6
+    assert len([p for p in values(t) if p.startswith("/Energy/External/")]) == 32 * 7
 
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "192.168.1.5", "::", "gx.local"])
@@ -302,3 +306,250 @@ def test_a_ledger_copy_is_independent():
     twin = ledger.copy()
     twin.add(T0 + 60, 1.5, 1.0)
     assert (ledger.charged_kwh, twin.charged_kwh) == (0.0, 0.5) and ledger.counters() == (1.0, 1.0)
+
+
+# ---- issue 21: reports bounded by the battery, outliers rolled back, twins, decimal commas ------------------
+
+QUARTER = 900.0  # a Homey flow reports every 15 minutes
+
+
+def test_a_typo_beyond_the_power_of_the_battery_is_refused_and_the_next_report_taken(tmp_path):
+    """2019.12 kWh for 2011.12 a quarter later was taken (the bound was 60 kW x 2 whatever the battery); then
+    every correct report was refused as 'below the last reported total' and the ledger stayed 8 kWh high."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "sessy", 2011.12, 1678.79)
+    clocks.advance(QUARTER)
+    with pytest.raises(ReportError, match=r"charged \+8 kWh in 900 s .* more than 10 kW allows; refused"):
+        report(t, "sessy", 2019.12, 1678.79)
+    for charged in (2011.35, 2011.6, 2011.9):
+        clocks.advance(QUARTER)
+        report(t, "sessy", charged, 1678.79)
+    assert values(t)[CHARGED] == pytest.approx(2011.9)
+    assert values(t)["/Energy/Status"] == "ok"
+
+
+def test_a_typo_that_cannot_fit_in_the_battery_is_refused_however_long_since_the_last_report(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks, members={"sessy": {"capacityKwh": 5}})
+    report(t, "sessy", 2011.12, 1678.79)
+    clocks.advance(3 * 3600)  # three hours: 10 kW would allow 60 kWh
+    with pytest.raises(ReportError, match=r"cannot fit in a battery of 5 kWh \(energy.members.sessy.capacityKwh\)"):
+        report(t, "sessy", 2019.12, 1678.79)
+    clocks.advance(QUARTER)
+    report(t, "sessy", 2015.0, 1676.0 + 3.5)  # 3.9 in and 0.7 out in 3 h: fits in 5 kWh
+    assert values(t)[CHARGED] == pytest.approx(2015.0)
+
+
+def test_a_per_battery_power_bound_from_the_config(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks, members={"sessy": {"maxPowerKw": 2.2}})
+    report(t, "sessy", 100.0, 50.0)
+    clocks.advance(QUARTER)
+    with pytest.raises(ReportError, match="more than 2.2 kW allows"):
+        report(t, "sessy", 101.5, 50.0)  # 6 kW for a quarter
+    clocks.advance(QUARTER)
+    report(t, "sessy", 100.8, 50.0)
+
+
+def test_an_outlier_within_the_bounds_is_rolled_back_by_the_next_report(tmp_path):
+    """A typo small enough to be possible (2011.92 for 2011.12) is taken; the next report, below it but going
+    on from 2011.12, rolls it back: the ledger is as if it never came, and says what happened."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks, members={"sessy": {"counterKind": "total"}})
+    report(t, "sessy", 2011.12, 1678.79)
+    clocks.advance(QUARTER)
+    report(t, "sessy", 2011.3, 1678.79)
+    before = t.ledgers["sessy"].to_dict()
+    clocks.advance(QUARTER)
+    report(t, "sessy", 2011.92, 1678.79)  # the typo
+    clocks.advance(QUARTER)
+    answer = report(t, "sessy", 2011.5, 1678.9)
+    assert "the report of 2024-06-01" in answer and "(charged 2011.92, discharged 1678.79 kWh) was rolled back" \
+        in answer
+    ledger = t.ledgers["sessy"]
+    assert ledger.charged_kwh == pytest.approx(2011.5) and ledger.discharged_kwh == pytest.approx(1678.9)
+    assert sum(c for c, _ in ledger.days.values()) == pytest.approx(0.38)  # 2011.12 -> 2011.5, on its day
+    assert ledger.counters() == (2011.5, 1678.9)
+    assert before["charged"] < ledger.charged_kwh
+    out = values(t)
+    assert "was rolled back" in out["/Energy/External/0/LastCorrection"]
+    assert out["/Energy/Status"] == "reports rolled back or taken on confirmation: sessy"
+    clocks.advance(QUARTER)
+    report(t, "sessy", 2011.7, 1678.9)  # and on it goes
+    assert values(t)[CHARGED] == pytest.approx(2011.7)
+    clocks.advance(2251)
+    out = values(t)
+    assert out["/Energy/Status"] != "ok"  # stale now; but the rollback is no longer news
+    assert "rolled back" not in out["/Energy/Status"] and "rolled back" in out["/Energy/External/0/LastCorrection"]
+
+
+def with_a_possible_typo(tmp_path) -> tuple[EnergyTracker, Clocks]:
+    """A tracker that took 2011.12 kWh, then a quarter later the typo 2011.92 (possible in the time)."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "sessy", 2011.12, 1678.79)
+    clocks.advance(QUARTER)
+    report(t, "sessy", 2011.92, 1678.79)
+    return t, clocks
+
+
+def test_an_outlier_confirmed_by_the_next_report_stays(tmp_path):
+    t, clocks = with_a_possible_typo(tmp_path)
+    clocks.advance(QUARTER)
+    report(t, "sessy", 2012.1, 1678.79)  # goes on from 2011.92: it was real
+    with pytest.raises(ReportError, match="below the last reported total 2012.1 kWh"):
+        report(t, "sessy", 2011.5, 1678.79)  # only the last report can be rolled back
+    assert values(t)[CHARGED] == pytest.approx(2012.1)
+    assert values(t)["/Energy/Status"] == "ok"
+
+
+def test_a_real_jump_beyond_the_bounds_is_taken_when_the_next_report_confirms_it(tmp_path):
+    """A reporter that was away (or a battery charged beyond its configured power) is not locked out: the
+    second report that agrees with the refused one confirms it."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks, members={"sessy": {"maxPowerKw": 2.2}})
+    report(t, "sessy", 100.0, 50.0)
+    clocks.advance(QUARTER)
+    with pytest.raises(ReportError):
+        report(t, "sessy", 103.0, 50.0)
+    clocks.advance(QUARTER)
+    answer = report(t, "sessy", 103.4, 50.0)
+    assert "although beyond the bounds: the report before it said the same" in answer
+    assert values(t)[CHARGED] == pytest.approx(103.4)
+    assert "taken on confirmation" in values(t)["/Energy/Status"]
+
+
+def test_two_batteries_that_roll_each_other_back_are_a_conflict(tmp_path):
+    """Two batteries with close totals under one id: each report is possible after the other's, so each
+    rolls the other back; the second time that happens it is named a conflict."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "garage", 100.0, 80.0)
+    clocks.advance(QUARTER)
+    report(t, "garage", 100.6, 80.0)  # the other battery
+    clocks.advance(QUARTER)
+    assert "rolled back" in report(t, "garage", 100.2, 80.1)
+    clocks.advance(QUARTER)
+    report(t, "garage", 100.9, 80.0)  # the other battery again, going on from its 100.6
+    clocks.advance(QUARTER)
+    assert "rolled back" in report(t, "garage", 100.4, 80.2)  # twice could still be two typos
+    clocks.advance(QUARTER)
+    report(t, "garage", 101.1, 80.0)
+    clocks.advance(QUARTER)
+    with pytest.raises(ReportConflict, match="'garage' gets the totals of two batteries"):
+        report(t, "garage", 100.5, 80.2)
+    assert "two batteries report under one id: garage" in values(t)["/Energy/Status"]
+
+
+def test_typos_a_report_apart_are_each_rolled_back(tmp_path):
+    """Typos are not a series (their totals do not go on from each other): each is rolled back, no conflict."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "sessy", 2011.12, 1678.79)
+    for typo, good in ((2013.0, 2011.3), (2012.5, 2011.4), (2011.92, 2011.6), (2011.78, 2011.7), (2011.9, 2011.8)):
+        clocks.advance(QUARTER)
+        report(t, "sessy", typo, 1678.79)
+        clocks.advance(QUARTER)
+        assert "rolled back" in report(t, "sessy", good, 1678.79)
+    assert values(t)[CHARGED] == pytest.approx(2011.8)
+
+
+def test_the_way_back_survives_a_restart(tmp_path):
+    t, clocks = with_a_possible_typo(tmp_path)
+    t.save()
+    clocks.advance(QUARTER)
+    again = tracker(tmp_path, clocks)
+    assert "rolled back" in report(again, "sessy", 2011.4, 1678.79)
+    assert values(again)[CHARGED] == pytest.approx(2011.4)
+    again.save()
+    third = tracker(tmp_path, clocks)
+    assert "rolled back" in values(third)["/Energy/External/0/LastCorrection"]
+
+
+def test_a_first_report_is_not_rolled_back_by_a_delta(tmp_path):
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "shed", 100.0, 50.0)
+    clocks.advance(60)
+    with pytest.raises(ReportError, match="below the last reported total"):
+        report(t, "shed", 0.2, 50.0)
+
+
+def test_one_battery_reported_under_two_ids_is_named(tmp_path):
+    """The source document's own troubleshooting case: the same battery in two flows, counted twice."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    report(t, "sessy-1", 2010.66, 1678.79)
+    report(t, "other", 10.0, 4.0)
+    answer = report(t, "sessy-copy", 2010.66, 1678.79)
+    assert "warning: sessy-1 reported the same totals: one battery under two ids is counted twice" in answer
+    out = values(t)
+    assert out["/Energy/Status"] == "the same totals under two ids (one battery counted twice?): sessy-1, sessy-copy"
+    clocks.advance(QUARTER)
+    report(t, "sessy-1", 2011.0, 1678.79)
+    report(t, "sessy-copy", 2011.0, 1678.79)
+    assert "sessy-1, sessy-copy" in values(t)["/Energy/Status"]
+    t.remove_external("sessy-copy")
+    assert values(t)["/Energy/Status"] == "ok"
+    report(t, "zero-a", 0.0, 0.0)
+    report(t, "zero-b", 0.0, 0.0)  # two new batteries: nothing to tell them apart yet, no warning
+    assert values(t)["/Energy/Status"] == "ok"
+
+
+def test_a_battery_reporting_every_quarter_does_not_flap_to_stale(tmp_path):
+    """externalStaleAfter was 900 s, the usual report interval: a report a few seconds late made it stale."""
+    clocks = Clocks()
+    t = tracker(tmp_path, clocks)
+    charged = 100.0
+    report(t, "sessy", charged, 50.0)
+    for late in (5, 60, 300, 0, 120):
+        clocks.advance(QUARTER + late)
+        assert values(t)["/Energy/External/0/State"] == "online"
+        charged += 0.3
+        report(t, "sessy", charged, 50.0)
+    clocks.advance(2 * QUARTER)  # one report missed: still there
+    assert values(t)["/Energy/External/0/State"] == "online"
+    clocks.advance(QUARTER)  # two missed: stale
+    assert values(t)["/Energy/External/0/State"] == "stale"
+
+
+@pytest.mark.parametrize("text,number", [("2010,66", 2010.66), (" 2010,66 ", 2010.66), ("2010.66", 2010.66),
+                                         ("0,5", 0.5), ("1,234", 1.234), ("12", 12.0)])
+def test_a_decimal_comma_is_read(tmp_path, text, number):
+    assert parse_report(id="x", charged=text, discharged="1,5", soc="61,5").charged == number
+    assert parse_report(id="x", charged=text, discharged="1,5", soc="61,5").soc == 61.5
+
+
+@pytest.mark.parametrize("text", ["1,234.5", "1.234,5", "1,2,3", "2 010,66", "1_000", ",", ""])
+def test_thousands_separators_are_refused_naming_the_rule(text):
+    with pytest.raises(ReportError, match=r"charged: .* is not a number; allowed: a number >= 0 and < 10000000 "
+                                          r"kWh, written with a decimal point \(2010.66\) or a decimal comma"):
+        parse_report(id="x", charged=text, discharged=0, soc=50)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 3), st.floats(0, 3), st.floats(60, 90000)), min_size=1, max_size=8))
+def test_undo_sets_a_ledger_back_exactly(steps):
+    ledger = EnergyLedger("x", "total", timezone.utc)
+    now, charged, discharged = T0, 10.0, 5.0
+    ledger.add(now, charged, discharged)
+    for up, down, seconds in steps:
+        before = ledger.copy()
+        now, charged, discharged = now + seconds, charged + up, discharged + down
+        ledger.add(now, charged, discharged, max_power_kw=1e9)
+        record = json.loads(json.dumps(ledger.undo_record(before)))  # as saved
+        assert ledger.undo(record).to_dict() == before.to_dict()
+
+
+def test_beyond_capacity_allows_what_a_battery_can_do():
+    ledger = EnergyLedger("b", "total")
+    ledger.add(T0, 100.0, 100.0)
+    fits = [(106.2, 100.0), (100.0, 105.1), (130.0, 120.0), (100.0, 100.0)]
+    beyond = [(106.8, 100.0), (100.0, 105.3), (108.0, 100.5)]
+    for charged, discharged in fits:
+        assert beyond_capacity(ledger, parse_report(id="b", charged=charged, discharged=discharged, soc=5), 5) is None
+    for charged, discharged in beyond:
+        assert "cannot fit in a battery of 5 kWh" in beyond_capacity(
+            ledger, parse_report(id="b", charged=charged, discharged=discharged, soc=5), 5)
+    assert beyond_capacity(ledger, parse_report(id="b", charged=200, discharged=100, soc=5), None) is None

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.monitor import WatchedService
-from aggregator.grid_battery import (GridBattery, GridBatteryConfig, history_rows_csv, parse_month_day,
-                                     resolution_of)
+from aggregator.grid_battery import (PROFILE_HEADER, GridBattery, GridBatteryConfig, ProfileSlot, history_rows_csv,
+                                     parse_month_day, profile_csv_line, resolution_of)
 from aggregator.grid_battery_service import GridBatterySettingsError, parse_settings, resolve_meter
 from aggregator.simulator.grid_meter import HouseholdProfile, MeterModel
 
@@ -68,8 +68,9 @@ def test_nothing_counts_before_the_start_date():
     b.update(at(6, 1, 10), 0.0, 0.0)
     b.update(at(6, 1, 20), 0.0, 5.0)
     assert b.level_kwh == 0.0 and b.charged_kwh == 0.0
-    b.update(at(6, 2, 10), 0.0, 7.0)  # only what came after the last sample before the start
-    assert b.level_kwh == pytest.approx(2.0)
+    b.update(at(6, 2, 10), 0.0, 7.0)  # of the 2 kWh since the last sample before the start, the part after it
+    assert b.level_kwh == pytest.approx(2.0 * 10 / 14)
+    assert b.exact and "the meter's counters at 2024-06-01 20:00, before the start date" in b.origin
 
 
 def test_battery_power_is_zero_when_full_or_empty():
@@ -443,3 +444,185 @@ def test_without_limits_the_level_is_export_minus_import(steps):
         level = max(0.0, level + exported - imported)
         b.update(now, forward, reverse)
     assert b.level_kwh == pytest.approx(level, abs=1e-6)
+
+
+# ---- issue 21: where counting starts, the one-time reset, the load profile ---------------------------------
+
+def test_a_start_today_after_export_says_what_is_not_counted():
+    """startDate today with 1.2 kWh already exported: the level started at 0 with status ok."""
+    b = battery(capacity=0.0, start=date(2024, 6, 1))
+    b.update(at(6, 1, 10), 50.0, 101.2)
+    assert b.level_kwh == 0.0 and not b.exact
+    assert b.origin == ("the first sample, 2024-06-01 10:00: the energy from 2024-06-01 to then is not counted "
+                        "(configure startImportKwh and startExportKwh, or startLevelKwh)")
+
+
+def test_the_meter_reading_at_the_start_counts_the_energy_before_the_first_sample():
+    b = battery(capacity=0.0, start=date(2024, 6, 1), start_reading=(49.5, 100.0))
+    b.update(at(6, 1, 10), 50.0, 101.2)
+    assert b.level_kwh == pytest.approx(0.7) and b.exact
+    assert (b.charged_kwh, b.discharged_kwh) == pytest.approx((1.2, 0.5))
+    assert b.origin == "the meter's counters on 2024-06-01 00:00 (startImportKwh 49.5, startExportKwh 100)"
+    b.update(at(6, 1, 11), 50.0, 102.0)
+    assert b.level_kwh == pytest.approx(1.5)
+
+
+def test_a_start_date_in_the_past_is_counted_from_the_reading_or_said():
+    """A startDate months ago was accepted and ignored: the level started at the first sample, status ok."""
+    late = battery(capacity=0.0, start=date(2024, 1, 1))
+    late.update(at(6, 1, 10), 3000.0, 4000.0)
+    assert not late.exact and "the energy from 2024-01-01 to then is not counted" in late.origin
+    known = battery(capacity=0.0, start=date(2024, 1, 1), start_reading=(2500.0, 3000.0), start_level_kwh=12.0)
+    known.update(at(6, 1, 10), 3000.0, 4000.0)
+    assert known.exact and known.level_kwh == pytest.approx(12.0 + 1000.0 - 500.0)
+    assert known.origin.endswith(", level 12 kWh (startLevelKwh)")
+
+
+def test_a_configured_start_level_is_the_level_at_the_first_sample():
+    b = battery(capacity=10.0, start=date(2024, 1, 1), start_level_kwh=4.5)
+    b.update(at(6, 1, 10), 3000.0, 4000.0)
+    assert b.exact and b.level_kwh == 4.5 and b.origin == "the first sample, 2024-06-01 10:00, level 4.5 kWh " \
+        "(startLevelKwh)"
+    b.update(at(6, 1, 11), 3000.0, 4001.0)
+    assert b.level_kwh == pytest.approx(5.5)
+    small = battery(capacity=3.0, start_level_kwh=4.5)
+    small.update(at(6, 1, 10), 0.0, 0.0)
+    assert small.level_kwh == 3.0
+
+
+def test_a_first_sample_just_after_midnight_misses_nothing_worth_saying():
+    b = battery(start=date(2024, 6, 1))
+    b.update(at(6, 1, 0.1), 10.0, 10.0)
+    assert b.exact and b.origin == "the first sample, 2024-06-01 00:06"
+
+
+def test_a_late_start_is_forgotten_at_the_next_reset():
+    b = battery(capacity=0.0, start=date(2024, 1, 1), reset=(7, 1))
+    b.update(at(6, 1, 10), 0.0, 0.0)
+    assert not b.exact
+    b.update(at(7, 1, 1), 0.0, 5.0)  # the reset, then this sample's energy
+    assert b.exact and b.origin == "the reset on 2024-07-01" and b.level_kwh == 5.0
+
+
+def test_a_reset_between_the_start_and_the_first_sample():
+    b = battery(capacity=0.0, start=date(2024, 1, 1), reset=(3, 1), start_reading=(0.0, 0.0))
+    b.update(at(6, 1, 10), 100.0, 300.0)
+    assert b.level_kwh == 0.0 and b.last_reset == date(2024, 3, 1) and not b.exact
+    assert "after the reset on 2024-03-01: the energy from 2024-03-01 to then is not counted" in b.origin
+
+
+def test_the_one_time_reset_empties_the_battery_once():
+    b = battery(capacity=100.0, start=date(2024, 1, 1), reset_once=date(2024, 6, 2))
+    b.update(at(6, 1, 0), 0.0, 0.0)
+    b.update(at(6, 1, 14), 0.0, 30.0)
+    assert b.level_kwh == pytest.approx(30.0)
+    b.update(at(6, 2, 9), 0.0, 31.0)
+    assert b.level_kwh == pytest.approx(1.0) and b.forfeited_kwh == pytest.approx(30.0)
+    assert b.last_reset == date(2024, 6, 2)
+    again, reason = GridBattery.from_dict(json.loads(json.dumps(b.to_dict())), b.config)
+    assert reason is None
+    again.update(at(6, 3, 9), 0.0, 35.0)  # after a restart: not again
+    assert again.level_kwh == pytest.approx(5.0) and conserved(again) == pytest.approx(again.level_kwh)
+
+
+def test_the_one_time_reset_with_a_yearly_one():
+    b = battery(capacity=0.0, start=date(2024, 1, 1), reset=(1, 1), reset_once=date(2024, 6, 2))
+    b.update(at(6, 1, 0), 0.0, 0.0)
+    b.update(at(6, 3, 0), 0.0, 10.0)
+    assert b.last_reset == date(2024, 6, 2)
+    b.update(at(12, 31, 12), 0.0, 20.0)
+    assert b.level_kwh == pytest.approx(20.0)
+    b.update(at(1, 1, 12, year=2025), 0.0, 21.0)
+    assert b.last_reset == date(2025, 1, 1) and b.level_kwh == pytest.approx(1.0)
+    old = battery(capacity=0.0, start=date(2024, 7, 1), reset_once=date(2024, 6, 2))
+    old.update(at(7, 2, 0), 0.0, 0.0)
+    old.update(at(7, 2, 5), 0.0, 3.0)
+    assert old.last_reset is None and old.level_kwh == 3.0  # a one-time reset before the start date: nothing
+
+
+def test_a_changed_start_is_a_new_start():
+    b = battery(capacity=0.0, start=date(2024, 6, 1))
+    b.update(at(6, 1, 10), 0.0, 0.0)
+    b.update(at(6, 1, 12), 0.0, 3.0)
+    same, reason = GridBattery.from_dict(b.to_dict(), b.config)
+    assert reason is None and same.started and same.origin == b.origin and not same.exact
+    moved, reason = GridBattery.from_dict(b.to_dict(), battery(capacity=0.0, start=date(2024, 6, 1),
+                                                               start_level_kwh=2.0).config)
+    assert reason and "saved for the start" in reason and moved.level_kwh == 0.0 and not moved.started
+
+
+def test_the_load_profile_has_a_slot_per_quarter_hour():
+    b = battery(capacity=0.0, start=date(2024, 6, 1))
+    b.update(at(6, 1, 0), 10.0, 10.0)
+    for minute in range(5, 50, 5):  # 0.1 kWh exported and 0.02 imported every 5 minutes
+        b.update(at(6, 1, minute / 60), 10.0 + 0.02 * minute / 5, 10.0 + 0.1 * minute / 5)
+    slots = b.take_closed_slots()
+    assert [s.start for s in slots] == [at(6, 1, 0), at(6, 1, 0.25), at(6, 1, 0.5)]
+    assert [round(s.export_kwh, 6) for s in slots] == [0.2, 0.3, 0.3]
+    assert [round(s.import_kwh, 6) for s in slots] == [0.04, 0.06, 0.06]
+    assert slots[-1].level_kwh == pytest.approx(0.8 - 0.16)  # at its last sample, 00:40
+    assert b.take_closed_slots() == []
+    # The energy of a sample's interval lands in the slot the sample arrives in (meters send every second).
+    assert b.slot.start == at(6, 1, 0.75) and b.slot.export_kwh == pytest.approx(0.1)
+    assert profile_csv_line(slots[1], UTC) == "2024-06-01T00:15+00:00,0.060,0.300,0.400"
+    assert PROFILE_HEADER == "start,import_kwh,export_kwh,level_kwh"
+
+
+def test_the_slot_in_progress_survives_a_restart_and_the_pending_slots_are_bounded():
+    b = battery(capacity=0.0, start=date(2024, 6, 1))
+    b.update(at(6, 1, 0), 10.0, 10.0)
+    b.update(at(6, 1, 0.1), 10.0, 10.5)
+    again, _ = GridBattery.from_dict(json.loads(json.dumps(b.to_dict())), b.config)
+    assert again.slot == ProfileSlot(at(6, 1, 0), 0.0, 0.5, 0.5)
+    again.update(at(6, 1, 0.2), 10.0, 10.7)
+    assert again.slot.export_kwh == pytest.approx(0.7)
+    for quarter in range(1, 1000):
+        again.update(at(6, 1, quarter / 4), 10.0, 10.7 + quarter * 0.01)
+    assert len(again.closed_slots) == 2 * 96
+
+
+def test_the_profile_file_is_bounded_and_never_writes_a_slot_twice(tmp_path):
+    from aggregator.grid_battery_service import PROFILE_FILE, ProfileFile, profile_csv
+
+    path = tmp_path / PROFILE_FILE
+    writer = ProfileFile(path, max_bytes=2000)
+    slots = [ProfileSlot(at(6, 1, 0) + 900 * i, 0.1, 0.2, 1.0) for i in range(200)]
+    for i in range(0, 200, 10):
+        writer.append(slots[i:i + 10], UTC)
+    rotated = path.with_name(PROFILE_FILE + ".1")
+    assert path.stat().st_size < 2000 + 500 and rotated.stat().st_size < 2000 + 500
+    again = ProfileFile(path, max_bytes=2000)  # a restart whose state is older than the file
+    again.append(slots[195:], UTC)
+    rows = profile_csv(tmp_path).splitlines()
+    assert rows[0] == PROFILE_HEADER and rows[-1].startswith("2024-06-03T01:45+00:00,0.100,0.200,1.000")
+    starts = [row.split(",")[0] for row in rows[1:]]
+    assert len(starts) == len(set(starts)) and starts == sorted(starts)
+    assert len(rows) - 1 < 200  # the oldest rows went with the rotation
+
+
+def test_two_grid_batteries_need_no_device_instances_of_their_own():
+    from aggregator.config import parse_config
+
+    two = {"gridBatteries": [{"meter": 30, "startDate": "2024-01-01"},
+                             {"meter": 31, "startDate": "2024-01-01", "serviceName": "com.victronenergy.battery.g2"}]}
+    assert [g.deviceInstance for g in parse_config(two).gridBatteries] == [None, None]
+    two["gridBatteries"][0]["deviceInstance"] = two["gridBatteries"][1]["deviceInstance"] = 7
+    assert len(parse_config(two).gridBatteries) == 2  # asked for twice: localsettings moves one on, a warning
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"startImportKwh": 5}, "startImportKwh and startExportKwh go together"),
+    ({"startExportKwh": 5}, "startImportKwh and startExportKwh go together"),
+    ({"capacityKwh": 5, "startLevelKwh": 6}, "startLevelKwh 6 is more than capacityKwh 5"),
+    ({"startLevelKwh": -1}, "startLevelKwh"),
+    ({"resetOnce": "2024-02-30"}, "resetOnce"),
+])
+def test_bad_start_settings_name_the_keys(data, expected):
+    with pytest.raises(GridBatterySettingsError, match=expected):
+        parse_settings({"meter": 30, "startDate": "2024-01-01", **data})
+
+
+def test_start_settings_reach_the_battery():
+    config = parse_settings({"meter": 30, "startDate": "2024-01-01", "startImportKwh": 1, "startExportKwh": 2.5,
+                             "startLevelKwh": 3, "resetOnce": "2024-06-01"}).battery_config()
+    assert (config.start_reading, config.start_level_kwh, config.reset_once) == ((1.0, 2.5), 3.0, date(2024, 6, 1))

@@ -173,8 +173,8 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
     origin = time.time()
     processes.start_module("aggregator.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
                   "--rate", "10", "--device-instance", "31")
-    config = json.dumps({"meter": 31, "capacityKwh": 0, "startDate": "2023-01-01", "deviceInstance": 102,
-                         "serviceName": battery})
+    config = json.dumps({"meter": 31, "capacityKwh": 0, "startDate": "2023-01-01", "startLevelKwh": 0,
+                         "deviceInstance": 102, "serviceName": battery})
     state_dir = tmp_path / "state"
     args = ("--config", config, "--state-dir", str(state_dir), "--save-interval", "0.2", "--time-scale",
             str(scale), "--clock-origin", str(origin), "--clock-epoch", str(parse_start(start)))
@@ -235,8 +235,8 @@ async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busc
     processes.start_module("aggregator.simulator.grid_meter", "--name", f"q{tag}", "--time-scale", "0",
                            "--start", start, "--rate", "20", "--resolution", str(resolution),
                            "--device-instance", "40")
-    settings = GridBatterySettings(meter=40, capacityKwh=0, startDate=date(2023, 1, 1), serviceName=battery,
-                                   deviceInstance=103)  # maxPowerKw: the default 100
+    settings = GridBatterySettings(meter=40, capacityKwh=0, startDate=date(2023, 1, 1), startLevelKwh=0,
+                                   serviceName=battery, deviceInstance=103)  # maxPowerKw: the default 100
     clock = SimClock(parse_start(start), scale)
     service = GridBatteryService(await connect(), settings, tmp_path, clock, save_interval=60.0)
     await service.start()
@@ -281,7 +281,8 @@ async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processe
         processes.start_module("aggregator.simulator.grid_meter", "--name", "tz", "--rate", "5",
                                "--device-instance", "41", env=utc)
         state_dir = tmp_path / "state" / "grid" / "gridtz"
-        config = json.dumps({"meter": 41, "startDate": "2020-01-01", "serviceName": battery, "deviceInstance": 104})
+        config = json.dumps({"meter": 41, "startDate": "2020-01-01", "startLevelKwh": 0, "serviceName": battery,
+                             "deviceInstance": 104})
         proc = processes.start_module("aggregator.grid_battery_service", "--config", config, "--state-dir",
                                       str(state_dir), "--save-interval", "0.2", env=utc)
         await on_bus(busctl, battery)
@@ -307,5 +308,160 @@ async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processe
         assert exported.returncode == 0, exported.stderr
         last = exported.stdout.splitlines()[-1]
         assert last.startswith(dates[1] + "T"), last  # the last sample's time, in the user's zone
+    finally:
+        local.service.close()
+
+
+# ---- issue 21: smart-me's virtual battery --------------------------------------------------------------------
+
+async def test_a_new_grid_battery_keeps_its_level_after_a_kill_9_before_the_first_periodic_save(
+        processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
+    """2.00 -> 0.10 kWh after a kill -9 at 100 s: nothing was saved before the first 180 s, so the restart had
+    no anchor and counted from its own first sample. Now the first sample is saved at once."""
+    battery, meter = "com.victronenergy.battery.gridnew", "com.victronenergy.grid.new"
+    scale, start = 3600.0, "2023-06-21T10:00"
+    origin = time.time()
+    processes.start_module("aggregator.simulator.grid_meter", "--name", "new", "--time-scale", str(scale),
+                           "--start", start, "--rate", "10", "--device-instance", "42")
+    config = json.dumps({"meter": 42, "startDate": "2023-06-21", "startLevelKwh": 0, "serviceName": battery})
+    state_dir = tmp_path / "state"
+    args = ("--config", config, "--state-dir", str(state_dir), "--time-scale", str(scale), "--clock-origin",
+            str(origin), "--clock-epoch", str(parse_start(start)))  # the default save interval: 180 s
+    first = processes.start_module("aggregator.grid_battery_service", *args)
+    await on_bus(busctl, battery)
+    await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LevelKwh"), 2.0), timeout=15)
+    await on_bus(busctl, meter)
+    assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
+    await asyncio.sleep(0.4)
+    level = await value(busctl, battery, "/GridBattery/LevelKwh")
+    first.send_signal(signal.SIGKILL)
+    assert await asyncio.get_running_loop().run_in_executor(None, first.wait) == -signal.SIGKILL
+    assert (state_dir / STATE_FILE).exists()
+
+    async def gone() -> bool:
+        return battery not in (await busctl.arun("list", "--no-pager", "--acquired", check=False)).stdout
+    await eventually(gone, timeout=5)
+    processes.start_module("aggregator.grid_battery_service", *args)
+    await on_bus(busctl, battery)
+    # The meter's counters since the saved first sample: the whole level again.
+    await eventually(lambda: _near(value(busctl, battery, "/GridBattery/LevelKwh"), level), timeout=10)
+
+
+async def test_the_start_reading_counts_what_was_exported_before_the_first_sample(
+        processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
+    """startDate today and 1.2 kWh already exported: the level started at 0 with status ok. Given the meter's
+    counters at the start, they count; without them the status says what is missing."""
+    start = "2023-06-21T10:00"
+    for name, instance in (("rd", "43"), ("nr", "44")):
+        processes.start_module("aggregator.simulator.grid_meter", "--name", name, "--time-scale", "0",
+                               "--start", start, "--rate", "5", "--device-instance", instance,
+                               "--forward", "50", "--reverse", "101.2")
+    read = GridBatterySettings(meter=43, startDate=date(2023, 6, 21), startImportKwh=49.5, startExportKwh=100,
+                               serviceName="com.victronenergy.battery.gridrd")
+    unread = GridBatterySettings(meter=44, startDate=date(2023, 6, 21), serviceName="com.victronenergy.battery.gridnr")
+    services = [GridBatteryService(await connect(), settings, tmp_path / settings.serviceName, SimClock(
+        parse_start(start), 1.0)) for settings in (read, unread)]
+    for service in services:
+        await service.start()
+    try:
+        rd, nr = (s.serviceName for s in (read, unread))
+        await eventually(lambda: _is(value(busctl, rd, "/GridBattery/Status"), "ok"), timeout=10)
+        assert await value(busctl, rd, "/GridBattery/LevelKwh") == pytest.approx(0.7)  # 1.2 out, 0.5 in
+        assert await value(busctl, rd, "/GridBattery/Start") == \
+            "the meter's counters on 2023-06-21 00:00 (startImportKwh 49.5, startExportKwh 100)"
+
+        async def late() -> bool:
+            return str(await value(busctl, nr, "/GridBattery/Status")).startswith("started late")
+        await eventually(late, timeout=10)
+        assert await value(busctl, nr, "/GridBattery/Status") == (
+            "started late: counting from the first sample, 2023-06-21 10:00: the energy from 2023-06-21 to then "
+            "is not counted (configure startImportKwh and startExportKwh, or startLevelKwh)")
+        assert await value(busctl, nr, "/GridBattery/LevelKwh") == 0.0
+    finally:
+        for service in services:
+            await service.stop()
+
+
+async def test_a_new_day_is_saved_at_once_the_one_time_reset_and_the_load_profile(
+        processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
+    """Saved on the first sample and on the change of day (not only every save interval, here an hour); the
+    one-time reset date empties the battery at its midnight; the 15-minute profile is written and exported."""
+    battery, meter, start = "com.victronenergy.battery.gridday", "com.victronenergy.grid.day", "2023-06-21T23:35"
+    scale = 180.0  # three simulated minutes a second
+    processes.start_module("aggregator.simulator.grid_meter", "--name", "day", "--time-scale", "0",
+                           "--start", start, "--rate", "5", "--device-instance", "45")
+    settings = GridBatterySettings(meter=45, startDate=date(2023, 6, 21), startLevelKwh=5, capacityKwh=10,
+                                   resetOnce=date(2023, 6, 22), serviceName=battery)
+    clock = SimClock(parse_start(start), scale)
+    state_dir = tmp_path / "grid" / "gridday"
+    service = GridBatteryService(await connect(), settings, state_dir, clock, save_interval=3600.0)
+    await service.start()
+    try:
+        await on_bus(busctl, meter)
+        await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=10)
+        saved = json.loads((state_dir / STATE_FILE).read_text())  # the first sample is on disk at once
+        assert saved["battery"]["started"] and saved["battery"]["import"][0] is not None
+        assert await value(busctl, battery, "/GridBattery/LevelKwh") == 5.0
+        clock.resume()
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(scale)) == 0
+
+        def days() -> list[str]:
+            return [row[0] for row in json.loads((state_dir / STATE_FILE).read_text())["battery"]["history"]]
+        await eventually(lambda: days() == ["2023-06-21", "2023-06-22"], timeout=15)  # saved at the new day
+        assert service.battery.last_reset == date(2023, 6, 22) and service.battery.forfeited_kwh > 4
+        await eventually(lambda: _is(value(busctl, battery, "/GridBattery/LevelKwh"), 0.0), timeout=5)
+        await eventually(lambda: clock() > parse_start("2023-06-22T00:20"), timeout=15)
+        assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
+        clock.pause()
+    finally:
+        await service.stop()
+    rows = (state_dir / "load_profile.csv").read_text().splitlines()
+    assert rows[0] == "start,import_kwh,export_kwh,level_kwh"
+    starts = [row.split(",")[0][:16] for row in rows[1:]]
+    # The finished slots; the one in progress (00:15) is in the state and goes on after a restart.
+    assert starts == ["2023-06-21T23:30", "2023-06-21T23:45", "2023-06-22T00:00"], starts
+    assert json.loads((state_dir / STATE_FILE).read_text())["battery"]["slot"][0] == parse_start("2023-06-22T00:15")
+    for row in rows[1:]:
+        imported, exported, level = (float(x) for x in row.split(",")[1:])
+        assert 0.02 < imported < 0.6 and exported == 0.0 and 0 <= level <= 5  # a June night's load
+    exported = await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
+        [sys.executable, "-m", "aggregator", "grid-battery", "--profile", "--name", battery, "--state-dir",
+         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=30))
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.splitlines() == rows
+
+
+async def test_two_grid_batteries_get_their_own_instances_and_keep_their_custom_names(
+        processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
+    """A second grid battery was refused: both asked for deviceInstance 100. Now localsettings gives each its
+    own, and /CustomName is kept there like the aggregate's."""
+    from .test_aggregate import start_settings
+
+    store = tmp_path / "settings.json"
+    local = await start_settings(store)
+    try:
+        for name, instance in (("two1", "46"), ("two2", "47")):
+            processes.start_module("aggregator.simulator.grid_meter", "--name", name, "--time-scale", "0",
+                                   "--rate", "2", "--device-instance", instance)
+        first, second = "com.victronenergy.battery.gridtwo1", "com.victronenergy.battery.gridtwo2"
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({
+            "serviceName": "com.victronenergy.battery.aggtwo", "stateDir": str(tmp_path / "state"),
+            "startupBatteryWait": 1, "gridBatteries": [
+                {"meter": 46, "startDate": "2023-01-01", "serviceName": first},
+                {"meter": 47, "startDate": "2023-01-01", "serviceName": second}]}))
+        daemon = processes.start("run", "--config", str(config))
+        await on_bus(busctl, first)
+        await on_bus(busctl, second)
+        instances = {await value(busctl, name, "/DeviceInstance") for name in (first, second)}
+        assert len(instances) == 2, instances
+        assert await set_value(busctl, second, "/CustomName", "s", "Saldering") == 0
+        await eventually(lambda: "Saldering" in store.read_text(), timeout=10)
+        daemon.terminate()
+        assert await asyncio.get_running_loop().run_in_executor(None, daemon.wait) == 0
+        processes.start("run", "--config", str(config))
+        await on_bus(busctl, second)
+        await eventually(lambda: _is(value(busctl, second, "/CustomName"), "Saldering"), timeout=10)
+        assert {await value(busctl, name, "/DeviceInstance") for name in (first, second)} == instances
     finally:
         local.service.close()
