@@ -229,17 +229,20 @@ def test_guard_corrects_an_underestimated_share_at_once(caplog: pytest.LogCaptur
 
 def test_control_publishes_smoothed_limits_and_member_rows() -> None:
     control = ChargeControl(config(cclMode="battery+dvcc"))
+    # b forbids charging and carries nothing while a charges: its switch is open, it leaves the sum.
     members = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0, "/Info/MaxDischargeCurrent": 150.0,
-                                      "/Info/MaxChargeVoltage": 55.2, "/Io/AllowToCharge": 1}, True),
+                                      "/Info/MaxChargeVoltage": 55.2, "/Io/AllowToCharge": 1,
+                                      "/Dc/0/Current": 20.0}, True),
                MemberInput("b", "B", {"/Info/MaxChargeCurrent": 50.0, "/Info/MaxDischargeCurrent": 80.0,
-                                      "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0}, True)]
+                                      "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0,
+                                      "/Dc/0/Current": 0.0}, True)]
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 0.0)
     # After start the CCL ramps up from 0 (the default 2 A/s); the DCL starts at its target.
     assert out.ccl == 0.0 and control.ramping and "DVCC user limit" in out.charge_limitation
     assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == 20.0
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 100.0)
     assert out.ccl == 80.0 and not control.ramping
-    assert out.dcl == pytest.approx(160.0)  # count: 80 / 0.5
+    assert out.dcl == pytest.approx(140.0)  # count, from the operating point: -20 A + 80 A / 0.5
     assert out.cvl == pytest.approx(55.2)
     assert out.members["b"]["ChargeLimit"] == 0.0
     assert out.members["a"]["Share"] == 1.0
@@ -289,7 +292,7 @@ def test_while_a_member_limit_is_unknown_the_bank_limit_never_rises(start: list[
         assert out.ccl <= control.ccl_target + 0.05  # published at 0.1 A
         if unknown:
             assert control.ccl_target <= before + 1e-9, (state, before, control.ccl_target)
-            assert out.alarm == 2 and any("held" in n for n in out.notes)
+            assert out.alarm == 2 and any("held" in n.text for n in out.notes)
         else:
             assert out.alarm == 0
         if all(ccl is None or not fresh or not present for ccl, fresh, present in state):
