@@ -407,15 +407,14 @@ class ChargeControl:
             held = min(known) if known else (None if key == VOLTAGE else 0.0)
             self._holding.add(key)
             _LOG.warning("the %s limit of %s is unknown: the bank's %s limit is held at %s %s and may only fall "
-                         "until it is known again", word, ", ".join(unknown), word,
-                         "?" if held is None else f"{held:g}", unit)
+                         "until it is known again", word, ", ".join(unknown), word, _shown(held, key), unit)
         if key == VOLTAGE:
             # No voltage to fall from yet: the lowest known from now on.
             held = value if held is None else held if value is None else min(held, value)
         else:
             held = 0.0 if value is None else min(held, value)  # type: ignore[type-var]
         self._held[key] = self._battery_limit[key] = held
-        shown = "" if held is None else f" at {held:g} {unit}"
+        shown = "" if held is None else f" at {_shown(held, key)} {unit}"
         names = ", ".join(unknown)
         notes.append(Note(f"{word} limit held{shown}: limit of {names} unknown",
                           f"{word} limit held: limit of {names} unknown"))
@@ -613,6 +612,11 @@ def _plain(method: str) -> str:
 
 def _label(members: list[MemberInput], name: str) -> str:
     return next((m.label for m in members if m.name == name), name)
+
+
+def _shown(value: float | None, key: str) -> str:
+    """A limit as readers see it published (0.1 A, 1 mV)."""
+    return "?" if value is None else f"{round(value, 3 if key == VOLTAGE else 1):g}"
 
 
 def _word(direction: str) -> str:
