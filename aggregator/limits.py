@@ -6,9 +6,10 @@ The bank current may rise until the first member reaches its own limit:
 
     limit_bank = min over members able to take current of  limit_k / s_k
 
-where the shares are renormalised over those members. A member whose BMS forbids the direction (its FETs
-are open) carries nothing and leaves the sum; one whose data is stale, or that publishes no limit, is
-counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
+where the shares are renormalised over those members. A member whose BMS forbids the direction leaves the
+sum here, as one whose switch is open carries nothing (whether it is, its current tells: see
+connection_evidence, and charge_control for what follows); one whose data is stale, or that publishes no
+limit, is counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
 zeroing it. Nobody allowed -> 0; no data at all -> None (invalid).
 """
 from __future__ import annotations
