@@ -508,6 +508,17 @@ def test_a_cvl_hold_during_a_voltage_ramp_holds_the_published_value() -> None:
     assert control.update(members, DvccLimits(), 9.0).cvl == pytest.approx(54.2)
 
 
+def test_a_single_member_with_an_invalid_cvl_keeps_its_last_one() -> None:
+    """Alone in the bank: the CVL stays what it was (invalid, DVCC would charge at the chargers' own voltage)."""
+    control = ChargeControl(config())
+    control.update([MemberInput("a", "A", {"/Info/MaxChargeVoltage": 55.2}, True)], DvccLimits(), 0.0)
+    out = control.update([MemberInput("a", "A", {"/Info/MaxChargeVoltage": None}, True)], DvccLimits(), 1.0)
+    assert out.cvl == 55.2 and out.alarm == 2
+    assert out.notes[0].text == "charge voltage limit held at 55.2 V: limit of A unknown"
+    out = control.update([MemberInput("a", "A", {"/Info/MaxChargeVoltage": 55.2}, True)], DvccLimits(), 2.0)
+    assert out.cvl == 55.2 and out.alarm == 0 and not out.notes
+
+
 def test_status_keys_stay_while_a_held_value_falls() -> None:
     control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
     for t in (0.0, 0.5):  # from 0 after start, at 1000 A/s
@@ -524,16 +535,17 @@ def test_status_keys_stay_while_a_held_value_falls() -> None:
 
 # ---- one pack under two services ----------------------------------------------------------------------------------
 
-_SERVICE = st.tuples(st.fixed_dictionaries({}, optional={"/Info/MaxChargeCurrent": st.one_of(st.none(),
-                                                                                              st.floats(0, 300)),
-                                                         "/Io/AllowToCharge": st.sampled_from([0, 1, None])}),
-                     st.booleans())
+_LIMIT = st.one_of(st.none(), st.floats(0, 300))
+_SERVICE = st.tuples(st.fixed_dictionaries({}, optional={
+    "/Info/MaxChargeCurrent": _LIMIT, "/Info/MaxDischargeCurrent": _LIMIT, "/Info/MaxChargeVoltage": _LIMIT,
+    "/Io/AllowToCharge": st.sampled_from([0, 1, None])}), st.booleans())
 
 
-@given(st.lists(_SERVICE, min_size=2, max_size=3))
-def test_one_pack_takes_the_lowest_limit_and_an_unknown_one_of_either_service(services: list[tuple]) -> None:
+@given(st.lists(_SERVICE, min_size=2, max_size=3),
+       st.sampled_from(["/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage"]))
+def test_one_pack_takes_the_lowest_limit_and_an_unknown_one_of_either_service(services: list[tuple],
+                                                                              path: str) -> None:
     values = one_pack(services)
-    path = "/Info/MaxChargeCurrent"
     publishing = [(v, fresh) for v, fresh in services if path in v]
     known = [v[path] for v, fresh in publishing if fresh and v[path] is not None]
     if any(not fresh or v[path] is None for v, fresh in publishing):
