@@ -739,9 +739,10 @@ class Aggregator:
                 inputs[index] = MemberInput(chosen.name, chosen.label, values, True, chosen.updated)
 
     def _limited_value(self, path: str) -> Any:
-        merged = self.merge.compute_path(path)
+        """A path the limits have a say in: 0 while they clear the flag, at least their alarm once raised."""
         if path in self._limit_flags:
             return 0
+        merged = self.merge.compute_path(path)
         if path in self._limit_alarms:
             return max(merged or 0, self._limit_alarms[path])  # once raised, back to 0 (ok) rather than invalid
         return merged
@@ -899,7 +900,8 @@ class Aggregator:
 
     async def _watch_staleness(self) -> None:
         """Every second: members that stay on the bus but stop updating become stale (the limits count them
-        as carrying nothing); rising limits continue their ramp; learned state is saved now and then."""
+        as carrying nothing); rising limits continue their ramp and due probes start; learned state is saved now
+        and then."""
         stale_after = self.config.limits.staleAfter
         saved_at = self.clock()
         while True:
