@@ -22,7 +22,7 @@ from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
 from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
 from .bus.watch import PathWatcher
-from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput
+from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
 from .components import Components, same_components
 from .config import Config
 from .energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
@@ -50,11 +50,6 @@ DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
 STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
 MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
-# Our alarm while a member's current limit is unknown and the bank's is held: the BMS link is the usual cause.
-LIMIT_ALARM = "/Alarms/BmsCable"
-# Paths where, of one pack seen through two drivers, the lowest value counts (limits; 0 = forbidden).
-LOWEST_OF_DUPLICATES = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage",
-                        "/Io/AllowToCharge", "/Io/AllowToDischarge")
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 PROBE_TIMEOUT = 5.0  # seconds a quiet member has to answer a probe (at most staleAfter)
@@ -215,10 +210,11 @@ class Aggregator:
         self._warned_refs: set[str] = set()
         self._have_voltage = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._status = ""
         self._membership_reasons: list[str] = []
-        self._limit_notes: tuple[str, ...] = ()
-        self._limit_alarm = 0
+        self._status_key: tuple[str, ...] | None = None  # what the status is about, without its live values
+        self._limit_notes: tuple[Note, ...] = ()
+        self._limit_alarms: dict[str, int] = {}  # ours, at least what is published (path -> level)
+        self._limit_flags: dict[str, int] = {}  # ours, at most what is published (path -> 0)
         self.control = ChargeControl(config)
         self.dvcc = DvccLimits()
         self.watcher: PathWatcher | None = None
@@ -619,8 +615,8 @@ class Aggregator:
         values.pop("/History/DischargedEnergy", None)
         if values.get("/Dc/0/Voltage") is not None:
             self._have_voltage.set()
-        if self._limit_alarm and LIMIT_ALARM in values:
-            values[LIMIT_ALARM] = self._limit_alarm_value()  # the members' alarm, or ours while a limit is held
+        for path in (self._limit_alarms.keys() | self._limit_flags.keys()) & values.keys():
+            values[path] = self._limited_value(path)  # the members' alarm or flag, or ours while a limit is held
         if self._membership_changed:
             self._membership_changed = False
             self._limits_dirty = True
@@ -749,9 +745,12 @@ class Aggregator:
         values["/Info/MaxDischargeCurrent"] = out.dcl
         values["/Info/MaxChargeVoltage"] = out.cvl
         values["/Info/ChargeLimitation"] = out.charge_limitation
-        if out.alarm != self._limit_alarm:
-            self._limit_alarm = out.alarm
-            values[LIMIT_ALARM] = self._limit_alarm_value()
+        alarms = {path: level for path, level in out.alarms.items() if level or path in self._limit_alarms}
+        changed = {p for p in alarms.keys() | self._limit_alarms.keys() if alarms.get(p) != self._limit_alarms.get(p)}
+        changed |= out.flags.keys() ^ self._limit_flags.keys()
+        self._limit_alarms, self._limit_flags = alarms, out.flags
+        for path in changed:
+            values[path] = self._limited_value(path)
         if out.notes != self._limit_notes:
             self._limit_notes = out.notes
             self._publish_status(values)
@@ -761,30 +760,29 @@ class Aggregator:
                 self._limit_rows_changed.add(name)  # only these keys: the rest of the row is unchanged
 
     def _lowest_of_duplicates(self, inputs: list[MemberInput]) -> None:
-        """The service standing for a pack seen through two drivers takes the lowest of their limits: the
-        driver that reads the BMS more cautiously (or more recently) is the one to believe."""
+        """The service standing for a pack seen through two drivers takes the lowest of their limits, and a limit
+        either has unknown is unknown (see one_pack)."""
         by_name = {i.name: n for n, i in enumerate(inputs)}
         for duplicate in self.energy.duplicates.values():
             index = by_name.get(duplicate.chosen)
             if index is None:
                 continue
             chosen = inputs[index]
-            others = [self.merge.members[s].values for s in duplicate.services
-                      if s != duplicate.chosen and s in self.merge.members and s in self.members
-                      and self.members[s].state == ONLINE]
-            if not others:
-                continue
-            values = dict(chosen.values) if chosen.fresh else dict(others[0])
-            for path in LOWEST_OF_DUPLICATES:
-                numbers = [v for v in (chosen.values.get(path) if chosen.fresh else None,
-                                       *(o.get(path) for o in others)) if v is not None]
-                if numbers:
-                    values[path] = min(numbers)
-            inputs[index] = MemberInput(chosen.name, chosen.label, values, True, chosen.updated)
+            # The pack's other services still in the bank (a dropped one is no longer the pack's).
+            others = [(self.merge.members[s].values, self.members[s].state == ONLINE) for s in duplicate.services
+                      if s != duplicate.chosen and s in self.merge.members and s in self.members]
+            if others and (chosen.fresh or any(fresh for _, fresh in others)):
+                values = one_pack([(chosen.values, chosen.fresh), *others])
+                inputs[index] = MemberInput(chosen.name, chosen.label, values, True, chosen.updated)
 
-    def _limit_alarm_value(self) -> int:
-        merged = self.merge.compute_path(LIMIT_ALARM)
-        return max(merged or 0, self._limit_alarm)  # once raised, back to 0 (ok) rather than invalid
+    def _limited_value(self, path: str) -> Any:
+        """A path the limits have a say in: 0 while they clear the flag, at least their alarm once raised."""
+        if path in self._limit_flags:
+            return 0
+        merged = self.merge.compute_path(path)
+        if path in self._limit_alarms:
+            return max(merged or 0, self._limit_alarms[path])  # once raised, back to 0 (ok) rather than invalid
+        return merged
 
     def _on_setting_change(self, service: str, path: str, value: Any) -> None:
         if path == TIME_ZONE_PATH:
@@ -929,12 +927,14 @@ class Aggregator:
         merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)
 
     def _publish_status(self, merged: dict[str, Any]) -> None:
-        reasons = self._membership_reasons + list(self._limit_notes)
+        reasons = self._membership_reasons + [n.text for n in self._limit_notes]
         status = "; ".join(reasons) or "ok"
-        if status != self._status:
+        # Logged when what it is about changes, not at every value it shows (a held limit that falls).
+        key = tuple(self._membership_reasons) + tuple(n.key for n in self._limit_notes)
+        if key != self._status_key:
             # While members are still appearing at start-up, status changes are expected: INFO until then.
             (_LOG.warning if reasons and self.registered else _LOG.info)("status: %s", status)
-            self._status = status
+            self._status_key = key
         merged["/Aggregator/Status"] = status
 
     def _set_state(self, name: str, state: MemberState, new: str, why: str) -> None:
@@ -981,15 +981,15 @@ class Aggregator:
             self._schedule_flush()
 
     async def _watch_staleness(self) -> None:
-        """Every second: members silent for staleAfter are probed (see _probe); rising limits continue their
-        ramp; learned state is saved now and then."""
+        """Every second: members silent for staleAfter are asked whether they are alive (see _probe); rising
+        limits continue their ramp and the limits' due checks run; learned state is saved now and then."""
         saved_at = self.clock()
         while True:
             await asyncio.sleep(1.0)
             stale_after = self.config.limits.staleAfter  # a reload may change it
             timeout = min(PROBE_TIMEOUT, stale_after)
             now = self.clock()
-            if self.control.ramping or self._limits_due:
+            if self.control.ticking or self._limits_due:
                 self._limits_dirty = True
                 self._schedule_flush()
             if self._lazy_rows:

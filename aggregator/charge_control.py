@@ -10,11 +10,12 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .config import Config
-from .limits import (CHARGE, DISCHARGE, BankLimit, DvccLimits, LimitSmoother, MemberLimits, ShareLearner,
-                     apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit, over_current)
+from .limits import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, DvccLimits, LimitSmoother, MemberLimits,
+                     ShareLearner, apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit,
+                     connection_evidence, forbids, over_current, test_current_limit, share_weights)
 
 _LOG = logging.getLogger("aggregator.limits")
 
@@ -35,7 +36,22 @@ class MemberInput:
     updated: bool = True  # its current was reported since the last complete sample
 
 
-_LIMIT_PATH = {CHARGE: "/Info/MaxChargeCurrent", DISCHARGE: "/Info/MaxDischargeCurrent"}
+VOLTAGE = "voltage"  # the charge voltage limit's key next to CHARGE and DISCHARGE
+_LIMIT_PATH = {CHARGE: "/Info/MaxChargeCurrent", DISCHARGE: "/Info/MaxDischargeCurrent",
+               VOLTAGE: "/Info/MaxChargeVoltage"}
+_FLAG_PATH = {CHARGE: "/Io/AllowToCharge", DISCHARGE: "/Io/AllowToDischarge"}
+# Our alarms: a member's limit unknown (the BMS link is the usual cause), and a member that forbids a direction
+# still taking current in it.
+UNKNOWN_LIMIT_ALARM = "/Alarms/BmsCable"
+FORBIDDEN_CURRENT_ALARM = {CHARGE: "/Alarms/HighChargeCurrent", DISCHARGE: "/Alarms/HighDischargeCurrent"}
+ALARM = 2
+# A test current's evidence that a member is disconnected must last this long: a connected member's current may be
+# reported a moment after the others'.
+DISCONNECT_CONFIRM = 3.0
+# What a member that forbids a direction is taken to be, from its current: still connected (the bank is held at
+# 0 A), unknown (the bank may carry a test current's small current until the current tells), or disconnected (it leaves
+# the sum).
+HELD, PROBING, OUT = "held", "probing", "out"
 # The current-vs-power sign check: only currents this large vote (a few W of noise around 0 A say nothing),
 # and a member is suspected after this many net votes (and cleared when they are back to 0).
 SIGN_CHECK_MIN_CURRENT = 2.0
@@ -43,6 +59,28 @@ SIGN_CHECK_VOTES = 3
 # A learned marginal share below this says the member's current falls when the bank's rises: impossible for a
 # pack in parallel, so its sign is wrong.
 NEGATIVE_SHARE = -0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A line of /Aggregator/Status: `text` as shown, with the live values; `key` what it is about, without them
+    (the status is logged when the keys change, not at every value)."""
+
+    text: str
+    key: str
+
+
+@dataclass(slots=True)
+class _Episode:
+    """A member forbidding one direction, from the moment it forbids until it allows again."""
+
+    label: str
+    state: str  # HELD, PROBING or OUT
+    since: float  # when it entered that state
+    carried: bool = False  # seen taking current in the direction it forbids (the alarm), until seen disconnected
+    cap: float = 0.0  # while probing: the bank current allowed
+    disconnected_at: float | None = None  # while probing: since when the currents say it is disconnected
+    warned: bool = False  # its taking current was logged
 
 
 @dataclass(slots=True)
@@ -53,10 +91,17 @@ class LimitOutputs:
     charge_limitation: str
     # per member: Share, InternalResistance, OpenCircuitVoltage, ChargeLimit, DischargeLimit
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Why the limits are not what the members' values alone would give (for /Aggregator/Status), and the
-    # alarm that goes with it (/Alarms/BmsCable: 2 while a member's limit is unknown).
-    notes: tuple[str, ...] = ()
-    alarm: int = 0
+    # Why the limits are not what the members' values alone would give (for /Aggregator/Status), the alarms that
+    # go with it (path -> level; at least this is published), and the flags it clears (path -> 0 while a member
+    # that forbids the direction still takes current in it).
+    notes: tuple[Note, ...] = ()
+    alarms: dict[str, int] = field(default_factory=dict)
+    flags: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def alarm(self) -> int:
+        """The unknown-limit alarm."""
+        return self.alarms.get(UNKNOWN_LIMIT_ALARM, 0)
 
 
 class ChargeControl:
@@ -67,6 +112,7 @@ class ChargeControl:
         opts = config.limits
         self.tolerance = opts.overCurrentTolerance
         self.tau = opts.shareTimeConstant
+        self.test_current_interval = opts.testCurrentInterval
         self.learner = ShareLearner(tau=opts.shareTimeConstant)
         # Resolutions: half the step of the published values (0.1 A, 1 mV), see _round below.
         # The CCL ramps up from 0 after start: a restart must not jump to a limit that was not ramped to. The
@@ -87,11 +133,14 @@ class ChargeControl:
         self.ccl_target: float | None = None
         self.dcl_target: float | None = None
         self.cvl_target: float | None = None
-        # Members that publish a current limit, by direction (name -> label): once one has, its limit being
-        # unknown (invalid, stale, vanished) holds the bank's limit, since the pack is still in parallel.
-        self.publishers: dict[str, dict[str, str]] = {CHARGE: {}, DISCHARGE: {}}
-        self._held: dict[str, float | None] = {CHARGE: None, DISCHARGE: None}
-        self._battery_limit: dict[str, float | None] = {CHARGE: None, DISCHARGE: None}  # last, before DVCC
+        # Members that publish a limit, by limit (name -> label): once one has, its limit being unknown (invalid,
+        # stale, vanished) holds the bank's limit, since the pack is still in parallel.
+        self.publishers: dict[str, dict[str, str]] = {CHARGE: {}, DISCHARGE: {}, VOLTAGE: {}}
+        self._held: dict[str, float | None] = {CHARGE: None, DISCHARGE: None, VOLTAGE: None}
+        self._battery_limit: dict[str, float | None] = {CHARGE: None, DISCHARGE: None, VOLTAGE: None}  # before DVCC
+        self._holding: set[str] = set()  # the limits held meanwhile
+        # Members that forbid a direction, by direction.
+        self.episodes: dict[str, dict[str, _Episode]] = {CHARGE: {}, DISCHARGE: {}}
         self._sign_votes: dict[str, int] = {}  # net votes of the current-vs-power check, per member
         self._by_power: set[str] = set()  # suspected by that check: kept until its votes are back to 0
         self.inverted: dict[str, str] = {}  # member -> why its current's sign looks wrong
@@ -106,6 +155,7 @@ class ChargeControl:
             new.adopt(prev)
         self.floors, self._floor_at, self._guarded = old.floors, old._floor_at, old._guarded
         self.publishers, self._held, self._battery_limit = old.publishers, old._held, old._battery_limit
+        self.episodes, self._holding = old.episodes, old._holding
         self._sign_votes, self._by_power, self.inverted = old._sign_votes, old._by_power, old.inverted
         self.samples = old.samples
 
@@ -141,8 +191,10 @@ class ChargeControl:
             # current while the bank charges, and left as is it would blind the guard to that member.
             currents = {n: -c if n in self.inverted else c for n, c in currents.items()}  # type: ignore[operator]
             bank = sum(currents.values())  # type: ignore[arg-type]
-        rows = [(m.name, currents[m.name], m.values.get("/Info/MaxChargeCurrent"),
-                 m.values.get("/Info/MaxDischargeCurrent")) for m in members]
+        # A member that forbids a direction and still takes current in it is not underestimated: the bank is held
+        # for it (see _forbidden); its share when it takes part again is what it was.
+        rows = [(m.name, currents[m.name], _guarded_limit(m.values, CHARGE), _guarded_limit(m.values, DISCHARGE))
+                for m in members]
         seen = set()
         for name, d, share in over_current(rows, bank, self.tolerance):
             seen.add((name, d))
@@ -204,6 +256,8 @@ class ChargeControl:
         """A member left the bank on purpose (config): its unknown limit no longer holds the bank's."""
         for publishers in self.publishers.values():
             publishers.pop(name, None)
+        for episodes in self.episodes.values():
+            episodes.pop(name, None)
         self._sign_votes.pop(name, None)
         self._by_power.discard(name)
         self.inverted.pop(name, None)
@@ -238,25 +292,37 @@ class ChargeControl:
         """The limits to publish now (smoothed), with the reason and the per-member figures. `charge_wait`: why
         charging must wait (batteries whose limits are not known yet at start): the CCL is 0 meanwhile."""
         limits = [self.member_limits(m) for m in members]
-        notes: list[str] = []
+        notes: list[Note] = []
         if self.inverted:
-            notes.append("current sign looks inverted: " + "; ".join(
-                f"{_label(members, n)}: {why}" for n, why in sorted(self.inverted.items())))
-        ccl = self._bank_limit(members, limits, CHARGE, notes)
-        dcl = self._bank_limit(members, limits, DISCHARGE, notes)
+            names = sorted(self.inverted.items())
+            notes.append(Note("current sign looks inverted: " + "; ".join(
+                f"{_label(members, n)}: {why}" for n, why in names),
+                "current sign looks inverted: " + ", ".join(_label(members, n) for n, _ in names)))
+        ccl = self._bank_limit(members, limits, CHARGE, notes, now)
+        dcl = self._bank_limit(members, limits, DISCHARGE, notes, now)
         self.ccl_target, ccl_reason = apply_ccl_mode(ccl, self.ccl_mode, dvcc)
         if charge_wait is not None:
             self.ccl_target, ccl_reason = 0.0, charge_wait
         self.dcl_target = dcl.value
         cvl_value, cvl_reason = charge_voltage_limit(limits, self.cvl_mode)
+        cvl_value, cvl_reason = self._hold_unknown(members, limits, VOLTAGE, cvl_value, cvl_reason, notes)
         self.cvl_target, cvl_reason = apply_cvl_mode(cvl_value, cvl_reason, self.cvl_mode, dvcc)
+        alarms = {UNKNOWN_LIMIT_ALARM: ALARM if self._holding else 0}
+        flags = {}
+        for direction in (CHARGE, DISCHARGE):
+            episodes = self.episodes[direction].values()
+            alarms[FORBIDDEN_CURRENT_ALARM[direction]] = \
+                ALARM if any(e.carried and e.state != OUT for e in episodes) else 0
+            if any(e.state == HELD for e in episodes):
+                flags[_FLAG_PATH[direction]] = 0
         out = LimitOutputs(
             ccl=_round(self.ccl_smoother.update(self.ccl_target, now), 1),
             dcl=_round(self.dcl_smoother.update(self.dcl_target, now), 1),
             cvl=_round(self.cvl_smoother.update(self.cvl_target, now), 3),
             charge_limitation=ccl_reason,
             notes=tuple(notes),
-            alarm=2 if self._held[CHARGE] is not None or self._held[DISCHARGE] is not None else 0,
+            alarms=alarms,
+            flags=flags,
         )
         for m, lim in zip(members, limits):
             estimate = self.ir[m.name].estimate() if m.name in self.ir else None
@@ -274,6 +340,13 @@ class ChargeControl:
         """Whether a published limit is still rising toward its target (the caller ticks until it is not)."""
         return self.ccl_smoother.ramping or self.dcl_smoother.ramping or self.cvl_smoother.ramping
 
+    @property
+    def ticking(self) -> bool:
+        """Whether the limits change with time alone: a ramp, a test current that is due, a test current's evidence being
+        confirmed. The caller recomputes once a second while this holds."""
+        return self.ramping or any(e.state == HELD or e.disconnected_at is not None
+                                   for episodes in self.episodes.values() for e in episodes.values())
+
     def bank_limit(self, members: list[MemberInput], direction: str) -> BankLimit:
         return self._shares_limit([self.member_limits(m) for m in members], direction)
 
@@ -286,45 +359,194 @@ class ChargeControl:
                                   operating_point=not untrusted)
 
     def _bank_limit(self, members: list[MemberInput], limits: list[MemberLimits], direction: str,
-                    notes: list[str]) -> BankLimit:
-        """The bank's limit in one direction, held while a member that publishes one has an unknown limit.
+                    notes: list[Note], now: float) -> BankLimit:
+        """The bank's limit in one direction: from the members that take part, held while a member's limit is
+        unknown, and held at 0 A while a member that forbids the direction still takes current in it."""
+        episodes = self._forbidden(members, limits, direction, now)
+        if episodes:  # whatever they are, they leave the shares; the holds below decide what they mean
+            flag = "allow_charge" if direction == CHARGE else "allow_discharge"
+            limits = [dataclasses.replace(lim, **{flag: 0}) if lim.name in episodes else lim for lim in limits]
+        bank = self._shares_limit(limits, direction)
+        value, reason = self._hold_unknown(members, limits, direction, bank.value, bank.reason, notes)
+        if value != bank.value or reason != bank.reason:
+            bank = dataclasses.replace(bank, value=value, reason=reason)
+        return self._hold_forbidden(bank, direction, notes)
+
+    def _hold_unknown(self, members: list[MemberInput], limits: list[MemberLimits], key: str,
+                      value: float | None, reason: str, notes: list[Note]) -> tuple[float | None, str]:
+        """A limit (`key`: a direction, or VOLTAGE), held while a member that publishes one has it unknown.
 
         Such a member (limit invalid, stale, or gone from the bus) is still in parallel and still takes its
         share; counting it as carrying nothing would scale the others back up to the whole bank and raise
-        the limit past what it may take. So until it is known again the bank's limit may only fall (from
-        what it was when the member became unknown), and with no member's limit known it is 0."""
-        bank = self._shares_limit(limits, direction)
-        path = _LIMIT_PATH[direction]
-        publishers = self.publishers[direction]
+        the current limit past what it may take, and leaving its voltage out raises the bank's CVL to the
+        others'. So until it is known again the bank's limit may only fall, from the lower of what was computed
+        and what was published when the member became unknown (a hold during a ramp holds what readers see,
+        not the target). With no member's current limit known it is 0."""
+        path = _LIMIT_PATH[key]
+        publishers = self.publishers[key]
         unknown: list[str] = []
         present = set()
         for m, lim in zip(members, limits):
             present.add(m.name)
-            if path in m.values or lim.limit(direction) is not None:  # an invalid value still says it has one
+            own = lim.cvl if key == VOLTAGE else lim.limit(key)  # type: ignore[arg-type]
+            if path in m.values or own is not None:  # an invalid value still says it has one
                 publishers[m.name] = m.label
-            if m.name in publishers and (not m.fresh or (lim.limit(direction) is None
-                                                         and lim.allowed(direction) != 0)):
+            if m.name in publishers and (not m.fresh or (
+                    own is None and (key == VOLTAGE or lim.allowed(key) != 0))):  # type: ignore[arg-type]
                 unknown.append(m.label)
         unknown += [label for name, label in publishers.items() if name not in present]
-        word = "charge" if direction == CHARGE else "discharge"
+        word, unit = (("charge voltage", "V") if key == VOLTAGE else
+                      ("charge" if key == CHARGE else "discharge", "A"))
         if not unknown:
-            if self._held[direction] is not None:
+            if key in self._holding:
                 _LOG.info("every member's %s limit is known again: the bank's limit is no longer held", word)
-            self._held[direction] = None
-            self._battery_limit[direction] = bank.value
+                self._holding.discard(key)
+            self._held[key] = None
+            self._battery_limit[key] = value
+            return value, reason
+        held = self._held[key]
+        if key not in self._holding:
+            published = self._smoother(key).value
+            known = [v for v in (self._battery_limit[key], published) if v is not None]
+            held = min(known) if known else (None if key == VOLTAGE else 0.0)
+            self._holding.add(key)
+            _LOG.warning("the %s limit of %s is unknown: the bank's %s limit is held at %s %s and may only fall "
+                         "until it is known again", word, ", ".join(unknown), word, _shown(held, key), unit)
+        if key == VOLTAGE:
+            # No voltage to fall from yet: the lowest known from now on.
+            held = value if held is None else held if value is None else min(held, value)
+        else:
+            held = 0.0 if value is None else min(held, value)  # type: ignore[type-var]
+        self._held[key] = self._battery_limit[key] = held
+        shown = "" if held is None else f" at {_shown(held, key)} {unit}"
+        names = ", ".join(unknown)
+        notes.append(Note(f"{word} limit held{shown}: limit of {names} unknown",
+                          f"{word} limit held: limit of {names} unknown"))
+        why = f"held{shown} while the {word} limit of {names} is unknown"
+        return held, (f"{reason}; {why}" if value is not None and held is not None and value <= held else why)
+
+    def _smoother(self, key: str) -> LimitSmoother:
+        return {CHARGE: self.ccl_smoother, DISCHARGE: self.dcl_smoother, VOLTAGE: self.cvl_smoother}[key]
+
+    # ---- a member that forbids a direction ---------------------------------------------------------
+
+    def _forbidden(self, members: list[MemberInput], limits: list[MemberLimits], direction: str,
+                   now: float) -> dict[str, _Episode]:
+        """Follow the members that forbid `direction` (AllowTo* 0, or a limit of 0) by what their currents say.
+
+        A BMS that forbids a direction may open its switch (the pack carries nothing: it leaves the sum and the
+        others go on) or keep its contactor closed, as many CAN BMSes do when cold or full (the pack still takes
+        its share: the bank must carry nothing, about 0 A for packs in parallel). Drivers publish no state of
+        the power switch (dbus-serialbattery's AllowToCharge is its FET and its own charge control together), so
+        the currents decide:
+        - it takes current that way (more than the noise): still connected, the bank is held at 0 A, and
+          `testCurrentInterval` after the last current it took (at 0 A no current tells anything) a test current begins;
+        - nothing tells (the bank carries too little, its current is unknown): probing, the bank may carry at
+          most the small current at which the pack, if connected, would take TEST_CURRENT_MULTIPLE x the noise;
+        - it takes none while the others take enough that it would, for DISCONNECT_CONFIRM s while probing (at
+          once when it starts forbidding): disconnected, it leaves the sum until it takes current again."""
+        episodes = self.episodes[direction]
+        forbidding = {lim.name: lim for lim in limits if forbids(lim, direction)}  # type: ignore[arg-type]
+        ing = "charging" if direction == CHARGE else "discharging"
+        present = {m.name for m in members}
+        for name in [n for n in episodes if n not in forbidding]:
+            episode = episodes.pop(name)
+            if episode.warned:
+                _LOG.info("%s %s: the bank's %s limit is no longer held for it", episode.label,
+                          f"allows {ing} again" if name in present else "left", _word(direction))
+        if not forbidding:
+            return episodes
+        sign = 1.0 if direction == CHARGE else -1.0
+        currents: dict[str, float] = {}
+        for m in members:
+            current = m.values.get("/Dc/0/Current")
+            if m.fresh and current is not None:
+                currents[m.name] = -sign * current if m.name in self.inverted else sign * current
+        shares = self._full_shares(limits, direction)
+        for name, lim in forbidding.items():
+            own = currents.get(name)
+            share = shares.get(name)
+            evidence = connection_evidence(own, sum(c for n, c in currents.items() if n != name), share)
+            episode = episodes.get(name)
+            if episode is None:
+                state = HELD if evidence == CARRYING else OUT if evidence == DISCONNECTED else PROBING
+                episode = episodes[name] = _Episode(lim.label, state, now)
+                if state == PROBING:
+                    _LOG.info("%s forbids %s and no current shows yet whether it is still connected: the bank's "
+                              "%s current is at most %g A until one does", lim.label, ing, _word(direction),
+                              test_current_limit(share))
+            episode.label, episode.cap = lim.label, test_current_limit(share)
+            if evidence == CARRYING:  # the test current is due `testCurrentInterval` after the last current it took
+                episode.state, episode.since, episode.disconnected_at = HELD, now, None
+                if not episode.carried:
+                    episode.carried = True
+                    self._log_carrying(episode, direction, own)
+            elif episode.state == HELD:
+                if now - episode.since >= self.test_current_interval:
+                    episode.state, episode.since = PROBING, now
+                    _LOG.debug("%s: probing whether it still takes %s current", lim.label, _word(direction))
+            elif episode.state == PROBING:
+                if evidence != DISCONNECTED:
+                    episode.disconnected_at = None
+                elif episode.disconnected_at is None:
+                    episode.disconnected_at = now
+                elif now - episode.disconnected_at >= DISCONNECT_CONFIRM:
+                    episode.state, episode.since, episode.disconnected_at = OUT, now, None
+                    (_LOG.info if episode.carried else _LOG.debug)(
+                        "%s forbids %s and takes no %s current while the others do: it is disconnected and leaves "
+                        "the sum", lim.label, ing, _word(direction))
+                    episode.carried = False
+        return episodes
+
+    def _log_carrying(self, episode: _Episode, direction: str, current: float | None) -> None:
+        if episode.warned:  # once per episode: it may take current again after being seen disconnected
+            _LOG.debug("%s takes %s current again", episode.label, _word(direction))
+            return
+        episode.warned = True
+        if direction == CHARGE:
+            _LOG.warning("%s forbids charging but still takes %.1f A of charge current: the bank's charge limit is "
+                         "held at 0 A until it allows charging again or is seen disconnected", episode.label,
+                         current or 0.0)
+        else:
+            _LOG.warning("%s forbids discharging but still takes %.1f A of discharge current: the bank's discharge "
+                         "limit is held at 0 A, which switches the inverter off, until it allows discharging again "
+                         "or is seen disconnected", episode.label, current or 0.0)
+
+    def _full_shares(self, limits: list[MemberLimits], direction: str) -> dict[str, float]:
+        """Each fresh member's share of the bank current if every one of them took part."""
+        fresh = [lim for lim in limits if lim.fresh]
+        if not fresh:
+            return {}
+        method = _plain(self.method) if self.inverted else self.method
+        weights, _ = share_weights(fresh, method, direction)  # type: ignore[arg-type]
+        total = sum(weights.values())
+        return {name: w / total for name, w in weights.items()} if total > 0 else {}
+
+    def _hold_forbidden(self, bank: BankLimit, direction: str, notes: list[Note]) -> BankLimit:
+        episodes = [e for e in self.episodes[direction].values() if e.state != OUT]
+        if not episodes:
             return bank
-        held = self._held[direction]
-        if held is None:
-            held = self._battery_limit[direction] or 0.0
-            _LOG.warning("the %s limit of %s is unknown: the bank's %s limit is held at %g A and may only fall "
-                         "until it is known again", word, ", ".join(unknown), word, held)
-        value = 0.0 if bank.value is None else min(held, bank.value)
-        self._held[direction] = self._battery_limit[direction] = value
-        notes.append(f"{word} limit held at {value:g} A: limit of {', '.join(unknown)} unknown")
-        reason = f"held at {value:g} A while the {word} limit of {', '.join(unknown)} is unknown"
-        if bank.value is not None and bank.value <= value:
-            reason = f"{bank.reason}; {reason}"
-        return dataclasses.replace(bank, value=value, reason=reason)
+        word = _word(direction)
+        ing = "charging" if direction == CHARGE else "discharging"
+        key = f"{word} limit held: " + ", ".join(sorted(e.label for e in episodes)) + f" forbid {ing}"
+        held = sorted(e.label for e in episodes if e.state == HELD)
+        if held:
+            names = ", ".join(held)
+            why = f"{names} {_verb(held, 'forbid')} {ing} and still {_verb(held, 'take')} {word} current"
+            off = " (which switches the inverter off)" if direction == DISCHARGE else ""
+            notes.append(Note(f"{word} limit held at 0 A{off}: {why}", key))
+            return dataclasses.replace(bank, value=0.0, reason=f"held at 0 A{off}: {why}")
+        if not bank.value:
+            return bank  # nobody else takes current that way: nothing to test with
+        probing = sorted(e.label for e in episodes)
+        cap = min(e.cap for e in episodes)
+        names = ", ".join(probing)
+        why = (f"at most {cap:g} A while probing whether {names}, which {_verb(probing, 'forbid')} {ing}, still "
+               f"{_verb(probing, 'take')} {word} current")
+        notes.append(Note(f"{word} limit {why}", key))
+        if bank.value > cap:
+            return dataclasses.replace(bank, value=cap, reason=why)
+        return bank
 
     # ---- state -------------------------------------------------------------------------------------
 
@@ -340,6 +562,29 @@ class ChargeControl:
         ir = state.get("ir")
         if isinstance(ir, dict):
             self._ir_state = dict(ir)
+
+
+# Paths where, of one pack seen through two drivers, the lowest value counts (limits; 0 = forbidden).
+LOWEST_OF_DUPLICATES = ("/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage",
+                        "/Io/AllowToCharge", "/Io/AllowToDischarge")
+
+
+def one_pack(services: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
+    """The values of one pack that several services publish (its values, and whether the service is fresh),
+    the service standing for it first: that one's values (the first fresh one's while it is stale), with the
+    lowest of each limit and flag: the driver that reads the BMS more cautiously is the one to believe. A limit
+    one of them publishes (the path exists) but has unknown (invalid, or that service stale) is unknown for
+    the pack, since the other's alone could be the higher: the bank's limit is then held as for any member."""
+    base = next((values for values, fresh in services if fresh), services[0][0])
+    out = dict(base)
+    for path in LOWEST_OF_DUPLICATES:
+        numbers = [v[path] for v, fresh in services if fresh and v.get(path) is not None]
+        if path in _LIMIT_PATH.values() and any(path in v and (not fresh or v.get(path) is None)
+                                                for v, fresh in services):
+            out[path] = None
+        elif numbers:
+            out[path] = min(numbers)
+    return out
 
 
 def _ir_factory(config: Config) -> Any:
@@ -371,6 +616,25 @@ def _plain(method: str) -> str:
 
 def _label(members: list[MemberInput], name: str) -> str:
     return next((m.label for m in members if m.name == name), name)
+
+
+def _shown(value: float | None, key: str) -> str:
+    """A limit as readers see it published (0.1 A, 1 mV)."""
+    return "?" if value is None else f"{round(value, 3 if key == VOLTAGE else 1):g}"
+
+
+def _word(direction: str) -> str:
+    return "charge" if direction == CHARGE else "discharge"
+
+
+def _verb(names: list[str], verb: str) -> str:
+    return verb if len(names) > 1 else verb + "s"
+
+
+def _guarded_limit(values: Mapping[str, Any], direction: str) -> float | None:
+    """A member's limit as the over-current guard sees it: none where it forbids the direction."""
+    limit = values.get(_LIMIT_PATH[direction])
+    return None if values.get(_FLAG_PATH[direction]) == 0 or (limit is not None and limit <= 0) else limit
 
 
 def _learned_or_none(learner: ShareLearner, name: str) -> float | None:

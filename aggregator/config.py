@@ -51,6 +51,9 @@ class LimitOptions(BaseModel):
                                      "and over-current corrections fade")
     staleAfter: float = Field(60.0, gt=0, le=3600, description="seconds without an update before a member is "
                               "stale (counted as carrying nothing in the limits)")
+    testCurrentInterval: float = Field(60.0, gt=0, le=3600, description="seconds the bank's limit stays at 0 A for a "
+                                 "member that forbids the direction but still takes current in it, before a small "
+                                 "test current shows whether it is still connected")
 
 
 class MemberEnergyOptions(BaseModel):

@@ -6,9 +6,10 @@ The bank current may rise until the first member reaches its own limit:
 
     limit_bank = min over members able to take current of  limit_k / s_k
 
-where the shares are renormalised over those members. A member whose BMS forbids the direction (its FETs
-are open) carries nothing and leaves the sum; one whose data is stale, or that publishes no limit, is
-counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
+where the shares are renormalised over those members. A member whose BMS forbids the direction leaves the
+sum here, as one whose switch is open carries nothing (whether it is, its current tells: see
+connection_evidence, and charge_control for what follows); one whose data is stale, or that publishes no
+limit, is counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
 zeroing it. Nobody allowed -> 0; no data at all -> None (invalid).
 """
 from __future__ import annotations
@@ -134,6 +135,42 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     if left_out:
         reason += "; counted as carrying nothing: " + ", ".join(left_out)
     return BankLimit(value, member.name, reason, shares, used)
+
+
+# A member's current within this of 0 A says nothing: the offset of a BMS at rest (CAN resolution 0.1 A, cheap
+# shunts within about 1 A). A pack whose switch is open reads within it whatever the bank carries, so it is an
+# absolute figure, not a share of the bank current.
+NOISE_CURRENT = 1.0
+# A test current allows the bank the current at which a pack that forbids the direction, if it is still connected,
+# would carry this many times the noise: enough to tell, little for the pack.
+TEST_CURRENT_MULTIPLE = 3.0
+CARRYING, DISCONNECTED = "carrying", "disconnected"
+
+
+def forbids(member: MemberLimits, direction: Direction) -> bool:
+    """The member's BMS forbids the direction: its flag is 0 or its limit is 0."""
+    limit = member.limit(direction)
+    return member.allowed(direction) == 0 or (limit is not None and limit <= 0)
+
+
+def connection_evidence(own: float | None, others: float, share: float | None,
+                        noise: float = NOISE_CURRENT) -> str | None:
+    """What the currents say of a member that forbids a direction, all currents in that direction (positive =
+    flowing that way): CARRYING it still takes current that way; DISCONNECTED it takes none while the others
+    take enough that, connected at its `share` of the bank, it would carry twice the noise; None: nothing tells
+    (the bank carries too little, or its current is unknown)."""
+    if own is None:
+        return None
+    if own > noise:
+        return CARRYING
+    if share is not None and 0 < share < 1 and share / (1 - share) * others >= 2 * noise:
+        return DISCONNECTED
+    return None
+
+
+def test_current_limit(share: float | None, noise: float = NOISE_CURRENT) -> float:
+    """The bank current a test current allows: the member, connected at its share, would carry TEST_CURRENT_MULTIPLE x noise."""
+    return TEST_CURRENT_MULTIPLE * noise / share if share and share > 0 else TEST_CURRENT_MULTIPLE * noise
 
 
 def charge_voltage_limit(members: Sequence[MemberLimits], mode: str) -> tuple[float | None, str]:

@@ -293,13 +293,15 @@ async def test_absurd_and_mistyped_member_values_are_ignored(processes: Processe
 
 async def test_one_member_opening_its_fets_does_not_zero_the_bank(processes: Processes, tmp_path: Path) -> None:
     bank = Bank()
-    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
-    b = await bank.add("b", Info__MaxChargeCurrent=80.0, Io__AllowToCharge=1)
+    a = await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=20.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=80.0, Io__AllowToCharge=1, Dc__0__Current=20.0)
     agg, _ = start_aggregator(processes, tmp_path, bank, limits={"rampUpRate": 1000})  # no ramp from 0 at start
     # Equal capacities, no learned shares yet: 50% each, and b's 80 A binds: 160 A for the bank.
     await bank.value_is(agg, "/Info/MaxChargeCurrent", 160.0)
-    b.set_value("/Io/AllowToCharge", 0)
-    # b's FETs are open: a takes everything, and only a's own limit counts (a drop goes out at once).
+    b.set_values({"/Io/AllowToCharge": 0, "/Dc/0/Current": 0.0})
+    a.set_value("/Dc/0/Current", 40.0)
+    # b's FETs are open (it carries nothing while a charges): a takes everything, and only a's own limit counts
+    # (a drop goes out at once).
     await bank.value_is(agg, "/Info/MaxChargeCurrent", 100.0)
     assert await bank.read(agg, "/Io/AllowToCharge") == 1
     bank.members["a"].set_value("/Io/AllowToCharge", 0)

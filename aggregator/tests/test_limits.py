@@ -5,10 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.charge_control import ChargeControl, MemberInput
+from aggregator.charge_control import ChargeControl, MemberInput, one_pack
 from aggregator.config import parse_config
-from aggregator.limits import (CHARGE, DISCHARGE, DvccLimits, LimitSmoother, MemberLimits, ShareLearner,
-                               apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit)
+from aggregator.limits import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, NOISE_CURRENT, DvccLimits, LimitSmoother,
+                               MemberLimits, ShareLearner, apply_ccl_mode, apply_cvl_mode, bank_current_limit,
+                               charge_voltage_limit, connection_evidence)
 
 
 def m(name: str, **kw: object) -> MemberLimits:
@@ -229,17 +230,20 @@ def test_guard_corrects_an_underestimated_share_at_once(caplog: pytest.LogCaptur
 
 def test_control_publishes_smoothed_limits_and_member_rows() -> None:
     control = ChargeControl(config(cclMode="battery+dvcc"))
+    # b forbids charging and carries nothing while a charges: its switch is open, it leaves the sum.
     members = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0, "/Info/MaxDischargeCurrent": 150.0,
-                                      "/Info/MaxChargeVoltage": 55.2, "/Io/AllowToCharge": 1}, True),
+                                      "/Info/MaxChargeVoltage": 55.2, "/Io/AllowToCharge": 1,
+                                      "/Dc/0/Current": 20.0}, True),
                MemberInput("b", "B", {"/Info/MaxChargeCurrent": 50.0, "/Info/MaxDischargeCurrent": 80.0,
-                                      "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0}, True)]
+                                      "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0,
+                                      "/Dc/0/Current": 0.0}, True)]
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 0.0)
     # After start the CCL ramps up from 0 (the default 2 A/s); the DCL starts at its target.
     assert out.ccl == 0.0 and control.ramping and "DVCC user limit" in out.charge_limitation
     assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == 20.0
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 100.0)
     assert out.ccl == 80.0 and not control.ramping
-    assert out.dcl == pytest.approx(160.0)  # count: 80 / 0.5
+    assert out.dcl == pytest.approx(140.0)  # count, from the operating point: -20 A + 80 A / 0.5
     assert out.cvl == pytest.approx(55.2)
     assert out.members["b"]["ChargeLimit"] == 0.0
     assert out.members["a"]["Share"] == 1.0
@@ -289,7 +293,7 @@ def test_while_a_member_limit_is_unknown_the_bank_limit_never_rises(start: list[
         assert out.ccl <= control.ccl_target + 0.05  # published at 0.1 A
         if unknown:
             assert control.ccl_target <= before + 1e-9, (state, before, control.ccl_target)
-            assert out.alarm == 2 and any("held" in n for n in out.notes)
+            assert out.alarm == 2 and any("held" in n.text for n in out.notes)
         else:
             assert out.alarm == 0
         if all(ccl is None or not fresh or not present for ccl, fresh, present in state):
@@ -358,3 +362,196 @@ def test_power_and_current_of_opposite_signs_mark_a_member_until_they_agree() ->
     for t in range(3, 10):
         control.observe(members(1.0), float(t))
     assert not control.inverted
+
+
+# ---- a member that forbids a direction --------------------------------------------------------------------------
+
+@given(own=st.one_of(st.none(), st.floats(-50, 50)), others=st.floats(-200, 200), share=st.floats(0.01, 1.0))
+def test_connection_evidence(own: float | None, others: float, share: float) -> None:
+    """Current above the noise: still connected. None within it while the others carry enough that, connected, it
+    would carry twice the noise: disconnected. Anything else tells nothing; alone in the bank, never disconnected."""
+    evidence = connection_evidence(own, others, share)
+    if own is None:
+        assert evidence is None
+    elif own > NOISE_CURRENT:
+        assert evidence == CARRYING
+    elif share < 1 and share / (1 - share) * others >= 2 * NOISE_CURRENT:
+        assert evidence == DISCONNECTED
+    else:
+        assert evidence is None
+    assert connection_evidence(0.0, others, 1.0) is None
+
+
+def _pair(b_current: float, a_current: float, allow_b: int = 0, ccl_b: float = 0.0) -> list[MemberInput]:
+    return [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0, "/Io/AllowToCharge": 1,
+                                   "/Dc/0/Current": a_current}, True),
+            MemberInput("b", "B", {"/Info/MaxChargeCurrent": ccl_b, "/Io/AllowToCharge": allow_b,
+                                   "/Dc/0/Current": b_current}, True)]
+
+
+def test_a_forbidding_member_is_held_then_tested_then_left_out() -> None:
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0, "testCurrentInterval": 10}))
+    control.update(_pair(30.0, 30.0, allow_b=1, ccl_b=80.0), DvccLimits(), 0.0)
+    assert control.update(_pair(30.0, 30.0, allow_b=1, ccl_b=80.0), DvccLimits(), 0.5).ccl == 160.0
+    out = control.update(_pair(30.0, 30.0), DvccLimits(), 1.0)  # b forbids and still takes 30 A
+    assert out.ccl == 0.0 and out.alarms["/Alarms/HighChargeCurrent"] == 2 and out.flags == {"/Io/AllowToCharge": 0}
+    assert out.charge_limitation == "held at 0 A: B forbids charging and still takes charge current"
+    assert control.update(_pair(0.0, 0.0), DvccLimits(), 10.5).ccl == 0.0  # nothing tells: held
+    assert control.ticking  # the test current is due with time alone
+    out = control.update(_pair(0.0, 0.0), DvccLimits(), 11.5)  # 10 s after the last current it took: a test current
+    assert "probing" in out.charge_limitation and out.flags == {} and out.alarms["/Alarms/HighChargeCurrent"] == 2
+    assert control.update(_pair(0.0, 0.0), DvccLimits(), 11.6).ccl == 6.0  # (ramped from 0)
+    out = control.update(_pair(0.0, 6.0), DvccLimits(), 12.0)  # a takes it all: b's switch is open...
+    assert out.ccl == 6.0  # ...if that lasts
+    assert control.update(_pair(0.0, 6.0), DvccLimits(), 14.0).ccl == 6.0
+    out = control.update(_pair(0.0, 6.0), DvccLimits(), 15.5)
+    assert out.alarms["/Alarms/HighChargeCurrent"] == 0 and not out.notes
+    assert control.update(_pair(0.0, 6.0), DvccLimits(), 15.6).ccl == 100.0  # a's own (ramped)
+    assert control.update(_pair(2.0, 40.0), DvccLimits(), 16.0).ccl == 0.0  # it takes current again: held
+
+
+def test_a_member_that_forbids_with_nothing_flowing_gets_a_test_current_and_one_seen_disconnected_leaves_at_once() -> None:
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    control.update(_pair(0.0, 0.0, allow_b=1, ccl_b=80.0), DvccLimits(), 0.0)
+    out = control.update(_pair(0.0, 0.0), DvccLimits(), 1.0)
+    assert out.ccl == 6.0 and out.alarms["/Alarms/HighChargeCurrent"] == 0  # nothing seen taking current yet
+    other = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    other.update(_pair(0.0, 20.0, allow_b=1, ccl_b=80.0), DvccLimits(), 0.0)
+    assert other.update(_pair(0.0, 20.0), DvccLimits(), 1.0).ccl == 100.0  # its FETs opened: a alone
+
+
+def test_a_forbidding_member_discharging_holds_the_dcl_and_says_the_inverter_goes_off() -> None:
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    members = [MemberInput("a", "A", {"/Info/MaxDischargeCurrent": 100.0, "/Dc/0/Current": -20.0}, True),
+               MemberInput("b", "B", {"/Info/MaxDischargeCurrent": 100.0, "/Io/AllowToDischarge": 0,
+                                      "/Dc/0/Current": -20.0}, True)]
+    out = control.update(members, DvccLimits(), 0.0)
+    assert out.dcl == 0.0 and out.alarms["/Alarms/HighDischargeCurrent"] == 2
+    assert out.flags == {"/Io/AllowToDischarge": 0}
+    assert "switches the inverter off" in out.notes[0].text
+
+
+_STEPS = st.lists(st.tuples(st.sampled_from([0, 1]), st.floats(-5, 40), st.floats(-5, 60), st.floats(0, 3)),
+                  min_size=1, max_size=25)
+
+
+@given(steps=_STEPS, interval=st.floats(0.5, 20))
+@settings(max_examples=200, deadline=None)
+def test_a_member_that_forbids_charging_and_takes_current_gets_0_at_once(steps: list[tuple], interval: float) -> None:
+    """Whatever the currents and flags do: in any update where a member that forbids charging is seen taking more
+    than the noise, the published CCL is 0 A, with the alarm; while a test current runs it is at most its cap."""
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0, "testCurrentInterval": interval}))
+    now = 0.0
+    for allow, b_current, a_current, dt in steps:
+        now += dt
+        out = control.update(_pair(b_current, a_current, allow_b=allow, ccl_b=80.0), DvccLimits(), now)
+        assert out.ccl is not None and 0.0 <= out.ccl <= 200.0
+        if not allow and b_current > NOISE_CURRENT:
+            assert out.ccl == 0.0 and out.alarms["/Alarms/HighChargeCurrent"] == 2
+        if not allow and any("probing" in n.text for n in out.notes):
+            assert out.ccl <= 6.0 + 1e-9
+        if allow:
+            assert out.alarms["/Alarms/HighChargeCurrent"] == 0 and out.flags == {}
+
+
+# ---- the CVL hold, a hold during a ramp, the status keys ---------------------------------------------------------
+
+@given(start=st.lists(st.floats(50, 60), min_size=3, max_size=3), steps=st.lists(_MEMBER_STATES, max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_while_a_member_cvl_is_unknown_the_bank_cvl_never_rises(start: list[float], steps: list[list[tuple]]) -> None:
+    control = ChargeControl(config(limits={"voltageRampUpRate": 10, "voltageHysteresis": 0}))
+    names = ("a", "b", "c")
+
+    def inputs(state: list[tuple]) -> list[MemberInput]:
+        return [MemberInput(n, n.upper(), {"/Info/MaxChargeVoltage": None if cvl is None else 50 + cvl / 30}, fresh)
+                for n, (cvl, fresh, present) in zip(names, state) if present]
+
+    control.update([MemberInput(n, n.upper(), {"/Info/MaxChargeVoltage": v}, True) for n, v in zip(names, start)],
+                   DvccLimits(), 0.0)
+    before = control.cvl_target
+    assert before is not None
+    for t, state in enumerate(steps, start=1):
+        unknown = any(cvl is None or not fresh or not present for cvl, fresh, present in state)
+        out = control.update(inputs(state), DvccLimits(), float(t))
+        if unknown:
+            assert control.cvl_target is not None and control.cvl_target <= before + 1e-9, (state, before)
+            assert out.alarm == 2 and any("charge voltage limit held" in n.text for n in out.notes)
+        else:
+            assert out.alarm == 0
+        before = control.cvl_target
+
+
+def test_a_hold_during_the_start_ramp_holds_the_published_value() -> None:
+    control = ChargeControl(config(limits={"rampUpRate": 10}))
+    both = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": 100.0}, True),
+            MemberInput("b", "B", {"/Info/MaxChargeCurrent": 100.0}, True)]
+    control.update(both, DvccLimits(), 0.0)
+    control.update(both, DvccLimits(), 1.0)  # the ramp starts
+    assert control.update(both, DvccLimits(), 3.0).ccl == 30.0  # on the way to 200 A
+    unknown = [MemberInput("a", "A", {"/Info/MaxChargeCurrent": None}, True), both[1]]
+    for t in (4.0, 5.0, 10.0):
+        out = control.update(unknown, DvccLimits(), t)
+        assert out.ccl == 30.0 and control.ccl_target == 30.0
+    assert "charge limit held at 30 A" in out.notes[0].text
+
+
+def test_a_cvl_hold_during_a_voltage_ramp_holds_the_published_value() -> None:
+    control = ChargeControl(config(limits={"voltageRampUpRate": 0.1, "voltageHysteresis": 0}))
+    members = [MemberInput("a", "A", {"/Info/MaxChargeVoltage": 54.0}, True),
+               MemberInput("b", "B", {"/Info/MaxChargeVoltage": 56.0}, True)]
+    control.update(members, DvccLimits(), 0.0)
+    members[0] = MemberInput("a", "A", {"/Info/MaxChargeVoltage": 55.0}, True)
+    control.update(members, DvccLimits(), 1.0)  # a rise of 1 V: ramped at 0.1 V/s
+    assert control.update(members, DvccLimits(), 3.0).cvl == pytest.approx(54.2)
+    members[0] = MemberInput("a", "A", {"/Info/MaxChargeVoltage": None}, True)
+    assert control.update(members, DvccLimits(), 4.0).cvl == pytest.approx(54.2)
+    assert control.update(members, DvccLimits(), 9.0).cvl == pytest.approx(54.2)
+
+
+def test_a_single_member_with_an_invalid_cvl_keeps_its_last_one() -> None:
+    """Alone in the bank: the CVL stays what it was (invalid, DVCC would charge at the chargers' own voltage)."""
+    control = ChargeControl(config())
+    control.update([MemberInput("a", "A", {"/Info/MaxChargeVoltage": 55.2}, True)], DvccLimits(), 0.0)
+    out = control.update([MemberInput("a", "A", {"/Info/MaxChargeVoltage": None}, True)], DvccLimits(), 1.0)
+    assert out.cvl == 55.2 and out.alarm == 2
+    assert out.notes[0].text == "charge voltage limit held at 55.2 V: limit of A unknown"
+    out = control.update([MemberInput("a", "A", {"/Info/MaxChargeVoltage": 55.2}, True)], DvccLimits(), 2.0)
+    assert out.cvl == 55.2 and out.alarm == 0 and not out.notes
+
+
+def test_status_keys_stay_while_a_held_value_falls() -> None:
+    control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
+    for t in (0.0, 0.5):  # from 0 after start, at 1000 A/s
+        control.update([MemberInput("a", "A", {"/Info/MaxChargeCurrent": 10.0}, True),
+                        MemberInput("b", "B", {"/Info/MaxChargeCurrent": 100.0}, True)], DvccLimits(), t)
+    seen = set()
+    for t, limit in enumerate((19.0, 15.0, 11.0), start=1):
+        out = control.update([MemberInput("a", "A", {"/Info/MaxChargeCurrent": None}, True),
+                              MemberInput("b", "B", {"/Info/MaxChargeCurrent": limit}, True)], DvccLimits(), float(t))
+        assert out.notes[0].text == f"charge limit held at {limit:g} A: limit of A unknown"
+        seen.add(out.notes[0].key)
+    assert seen == {"charge limit held: limit of A unknown"}
+
+
+# ---- one pack under two services ----------------------------------------------------------------------------------
+
+_LIMIT = st.one_of(st.none(), st.floats(0, 300))
+_SERVICE = st.tuples(st.fixed_dictionaries({}, optional={
+    "/Info/MaxChargeCurrent": _LIMIT, "/Info/MaxDischargeCurrent": _LIMIT, "/Info/MaxChargeVoltage": _LIMIT,
+    "/Io/AllowToCharge": st.sampled_from([0, 1, None])}), st.booleans())
+
+
+@given(st.lists(_SERVICE, min_size=2, max_size=3),
+       st.sampled_from(["/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Info/MaxChargeVoltage"]))
+def test_one_pack_takes_the_lowest_limit_and_an_unknown_one_of_either_service(services: list[tuple],
+                                                                              path: str) -> None:
+    values = one_pack(services)
+    publishing = [(v, fresh) for v, fresh in services if path in v]
+    known = [v[path] for v, fresh in publishing if fresh and v[path] is not None]
+    if any(not fresh or v[path] is None for v, fresh in publishing):
+        assert values[path] is None  # unknown for the pack: the bank's limit is held
+    elif known:
+        assert values[path] == min(known)
+    flags = [v["/Io/AllowToCharge"] for v, fresh in services if fresh and v.get("/Io/AllowToCharge") is not None]
+    if flags:
+        assert values["/Io/AllowToCharge"] == min(flags)  # a 0 of either forbids

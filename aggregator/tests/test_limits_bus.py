@@ -143,14 +143,15 @@ async def test_ccl_is_share_aware_by_capacity_and_by_count(processes: Processes,
 # ---- 2. AllowToCharge / AllowToDischarge -----------------------------------------------------------------------
 
 async def test_a_member_forbidding_a_direction_leaves_the_sum(processes: Processes, tmp_path: Path) -> None:
+    """A member that forbids a direction and carries nothing in it while the others do has its switch open: it
+    leaves the sum, and the others go on."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=100.0, Info__MaxDischargeCurrent=150.0, Io__AllowToCharge=1,
-                       Io__AllowToDischarge=1)
+                       Io__AllowToDischarge=1, Dc__0__Current=10.0)
     b = await bank.add("b", Info__MaxChargeCurrent=80.0, Info__MaxDischargeCurrent=120.0, Io__AllowToCharge=1,
-                       Io__AllowToDischarge=1)
-    agg, _ = run(processes, tmp_path, bank, limits=FAST)
-    await bank.value_is(agg, CCL, 160.0)  # equal capacities: b's 80 A at a 50% share
-    await bank.value_is(agg, DCL, 240.0)
+                       Io__AllowToDischarge=1, Dc__0__Current=0.0)
+    agg, _ = run(processes, tmp_path, bank, currentRatioMethod="count", limits=FAST)
+    await bank.value_is(agg, CCL, 160.0)  # equal shares: b's 80 A at a 50% share
     row = await rows(bank, agg, 2)
 
     b.set_value("/Io/AllowToCharge", 0)
@@ -158,19 +159,31 @@ async def test_a_member_forbidding_a_direction_leaves_the_sum(processes: Process
     assert await bank.read(agg, f"/Batteries/{row['b']}/ChargeLimit") == 0.0
     assert await bank.read(agg, f"/Batteries/{row['a']}/ChargeLimit") == 100.0
     assert await bank.read(agg, "/Io/AllowToCharge") == 1
-    assert await bank.read(agg, DCL) == 240.0  # discharging is untouched
+    assert await bank.read(agg, "/Alarms/HighChargeCurrent") in (None, 0)
+    assert "held" not in await bank.read(agg, "/Aggregator/Status")
     a.set_value("/Io/AllowToCharge", 0)
     await bank.value_is(agg, CCL, 0.0)
     assert await bank.read(agg, "/Io/AllowToCharge") == 0
-    assert "no member allows charging" in await bank.read(agg, "/Info/ChargeLimitation")
     a.set_value("/Io/AllowToCharge", 1)
     b.set_value("/Io/AllowToCharge", 1)
     await bank.value_is(agg, CCL, 160.0)
 
-    a.set_value("/Io/AllowToDischarge", 0)
+    a.set_value("/Dc/0/Current", -40.0)  # discharging now: a carries it all
+    await bank.value_is(agg, DCL, 240.0)  # b's 120 A at a 50% share
+    await bank.value_is(agg, CCL, 120.0)  # from the operating point: -40 A + (80 - 0) A / 0.5
+    b.set_value("/Io/AllowToDischarge", 0)
+    await bank.value_is(agg, DCL, 150.0)  # a's own: the inverter is not switched off for b
+    assert await bank.read(agg, f"/Batteries/{row['b']}/DischargeLimit") == 0.0
+    assert await bank.read(agg, "/Io/AllowToDischarge") == 1
+    assert await bank.read(agg, "/Alarms/HighDischargeCurrent") in (None, 0)
+    assert await bank.read(agg, CCL) == 120.0
+    b.set_value("/Io/AllowToDischarge", 1)
+    await bank.value_is(agg, DCL, 240.0)
+    a.set_values({"/Dc/0/Current": 0.0, "/Io/AllowToDischarge": 0})
+    b.set_value("/Dc/0/Current", -40.0)
     await bank.value_is(agg, DCL, 120.0)  # b's own
     assert await bank.read(agg, f"/Batteries/{row['a']}/DischargeLimit") == 0.0
-    assert await bank.read(agg, CCL) == 160.0
+    await bank.value_is(agg, CCL, 160.0)  # -40 A + (100 - 0) A / 0.5
     b.set_value("/Io/AllowToDischarge", 0)
     await bank.value_is(agg, DCL, 0.0)
     assert await bank.read(agg, "/Io/AllowToDischarge") == 0
