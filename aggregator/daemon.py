@@ -12,13 +12,14 @@ logged and the running one kept.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .aggregate import Aggregator, unique_id
+from .aggregate import Aggregator, bind_custom_name, unique_id
 from .bus.settings import LocalSettings
 from .bus.lib import LIBRARY, connect
 from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
@@ -75,12 +76,14 @@ class GridBatteries:
         await self.stop()
         self.settings = wanted
         reserve = None if settings is None else _instance_reserver(settings)
+        bind_name = None if settings is None else functools.partial(bind_custom_name, settings)
 
         for grid_settings in config.gridBatteries:
             service = None
             try:
                 service = GridBatteryService(await connect(self.bus_address), grid_settings,
-                                             grid_state_dir(config.stateDir, grid_settings), reserve_instance=reserve)
+                                             grid_state_dir(config.stateDir, grid_settings), reserve_instance=reserve,
+                                             bind_name=bind_name)
                 await service.start()
             except Exception as exc:  # the name is taken, say: the aggregate goes on without it
                 _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)

@@ -134,16 +134,21 @@ def _kwh(value: float | None) -> float | None:
 
 
 ReserveInstance = Callable[[str, int], Awaitable[int]]
+# Adds a writeable /CustomName kept in localsettings to a service; returns what ends that.
+BindName = Callable[[VeService], Awaitable[Callable[[], None]]]
 
 
 class GridBatteryService:
     def __init__(self, bus: MessageBus, settings: GridBatterySettings, state_dir: str | Path,
                  clock: Clock = time.time, *, save_interval: float = DEFAULT_SAVE_INTERVAL,
-                 reserve_instance: ReserveInstance | None = None) -> None:
+                 reserve_instance: ReserveInstance | None = None, bind_name: BindName | None = None) -> None:
         """`reserve_instance(service name, preferred)`: the device instance as localsettings assigns it (so
-        the GX's device list resolves collisions); without it, the configured deviceInstance."""
+        the GX's device list resolves collisions); without it, the configured deviceInstance. `bind_name`
+        keeps the /CustomName in localsettings; without it, the name lasts until the process ends."""
         self.bus = bus
         self.reserve_instance = reserve_instance
+        self.bind_name = bind_name
+        self._unbind_name: Callable[[], None] | None = None
         self.settings = settings
         self.clock = clock
         self.save_interval = save_interval
@@ -171,6 +176,10 @@ class GridBatteryService:
             connection=f"Grid meter {self.settings.meter}", device_instance=instance,
             product_id=GRID_BATTERY_PRODUCT_ID, product_name=GRID_BATTERY_PRODUCT_NAME,
         )
+        if self.bind_name is not None:
+            self._unbind_name = await self.bind_name(service)
+        else:
+            service.add_path("/CustomName", "", writeable=True, value_types=(str,))
         for path in ("/Soc", "/Capacity", "/InstalledCapacity", "/Dc/0/Power", "/Dc/0/Voltage", "/Dc/0/Current",
                      "/History/ChargedEnergy", "/History/DischargedEnergy"):
             service.add_path(path, None, text=text_format(path))
@@ -198,6 +207,9 @@ class GridBatteryService:
             self.zone = None
         if self.monitor is not None:
             await self.monitor.stop()
+        if self._unbind_name is not None:
+            self._unbind_name()
+            self._unbind_name = None
         if self.service is not None:
             self.service.close()
             self.service = None

@@ -214,6 +214,11 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
                          (tmp_path / "settings.json").read_text(), timeout=10)
         assert "battery:100" in (tmp_path / "settings.json").read_text()
         assert await bank.read(grid, "/DeviceInstance") == 100
+        # Its /CustomName is kept in localsettings too, as our other services' are.
+        assert await client.set_value(bank.reader, grid, "/CustomName", "Net metering") == 0
+        await eventually(lambda: json.loads((tmp_path / "settings.json").read_text()).get(
+            f"/Settings/BatteryAggregator/batteryaggregator_{grid.rsplit('.', 1)[-1]}/CustomName") == "Net metering",
+            timeout=10)
 
         async def exporting() -> bool:
             return (await bank.read(grid, "/GridBattery/LevelKwh") or 0) > 0
