@@ -180,8 +180,12 @@ async def test_primary_auxiliary_and_excluded(processes: Processes, tmp_path: Pa
     assert await bank.read(agg, "/Dc/0/Temperature") == 21.0  # nobody else has one: auxiliary fills it
     assert await bank.read(agg, "/InstalledCapacity") == 200.0  # only a and b are members
     assert await bank.read(agg, "/System/NrOfBatteries") == 2
-    # Charge limits never come from a primary or auxiliary service.
+    # Charge limits never come from a primary or auxiliary service, nor does the aggregate's identity.
     assert await bank.read(agg, "/Info/MaxChargeCurrent") is None
+    for path, own in (("/ProductName", "Battery Aggregator"), ("/CustomName", ""),
+                      ("/Serial", "batteryaggregator_" + agg.rsplit(".", 1)[-1])):
+        assert await bank.read(agg, path) == own, path
+    assert await bank.read(agg, "/DeviceInstance") != await bank.read(bank.name("meta"), "/DeviceInstance")
     # The shunt changes: the aggregate follows.
     bank.members["shunt"].set_value("/Dc/0/Current", -3.0)
     await bank.value_is(agg, "/Dc/0/Current", -3.0)
