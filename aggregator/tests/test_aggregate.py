@@ -93,6 +93,21 @@ class Bank:
             self.reader.disconnect()
 
 
+async def watch_signals(bus_address: str, service: str) -> asyncio.subprocess.Process:
+    """dbus-monitor on every signal of the service's connection (read its stdout after terminating it)."""
+    bus = await connect()
+    try:
+        owner = (await client.call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner", "s",
+                                   [service], interface="org.freedesktop.DBus")).body[0]
+    finally:
+        bus.disconnect()
+    monitor = await asyncio.create_subprocess_exec(
+        "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    await asyncio.sleep(0.5)
+    return monitor
+
+
 def start_aggregator(processes: Processes, tmp_path: Path, bank: Bank, suffix: str = "agg",
                      **config: Any) -> tuple[str, Any]:
     name = bank.name(suffix)
@@ -301,12 +316,7 @@ async def test_serial_charge_cycles_and_values_at_their_resolution(processes: Pr
     assert items["/Dc/0/Voltage"]["Value"] == {"type": "d", "data": 53.12}
     rows = [n for n in (0, 1) if items[f"/Batteries/{n}/Service"]["Value"]["data"] == bank.name("a")]
     assert items[f"/Batteries/{rows[0]}/Soc"]["Value"] == {"type": "d", "data": 60.2}
-    owner = (await client.call(await connect(), "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner",
-                               "s", [agg], interface="org.freedesktop.DBus")).body[0]
-    monitor = await asyncio.create_subprocess_exec(
-        "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    await asyncio.sleep(0.5)
+    monitor = await watch_signals(bus_address, agg)
     for power in (-2000.0, -2000.3, -2000.8):  # the bank's -4729.6 .. -4730.4 W: the same watt
         a.set_value("/Dc/0/Power", power)
         await asyncio.sleep(0.1)
@@ -458,12 +468,7 @@ async def test_a_burst_is_published_as_one_itemschanged(processes: Processes, tm
     a = await bank.add("a")
     agg, _ = start_aggregator(processes, tmp_path, bank)
     await bank.value_is(agg, "/Connected", 1)
-    owner = (await client.call(await connect(), "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner",
-                               "s", [agg], interface="org.freedesktop.DBus")).body[0]
-    monitor = await asyncio.create_subprocess_exec(
-        "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    await asyncio.sleep(0.5)
+    monitor = await watch_signals(bus_address, agg)
     a.set_values({"/Soc": 77.0, "/Dc/0/Voltage": 51.1, "/Dc/0/Current": -9.0, "/InstalledCapacity": 120.0})
     await bank.value_is(agg, "/Soc", 77.0)
     await asyncio.sleep(0.3)
