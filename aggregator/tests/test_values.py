@@ -210,10 +210,17 @@ def test_bounded_cuts_texts_and_lists_and_keeps_what_fits() -> None:
     assert oversize(bounded({str(i): ["y" * 2000] * 300 for i in range(300)})) is None
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.recursive(st.none() | st.floats() | st.text(max_size=3000),
-                    lambda inner: st.lists(inner, max_size=300) | st.dictionaries(st.text(max_size=2000), inner,
-                                                                                 max_size=30), max_leaves=400))
+# Large values cheaply: a character or a value repeated up to past each limit.
+_long_text = st.tuples(st.characters(exclude_categories=("Cs",)), st.integers(0, 3000)).map(lambda t: t[0] * t[1])
+_sized = st.recursive(
+    st.none() | st.floats() | _text | _long_text,
+    lambda inner: (st.tuples(inner, st.integers(0, 400)).map(lambda t: [t[0]] * t[1])
+                   | st.lists(inner, max_size=5) | st.dictionaries(_text | _long_text, inner, max_size=5)),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_sized)
 def test_bounded_is_always_within_the_limits_and_publishable(value: Any) -> None:
     cut = bounded(value)
     assert oversize(cut) is None
