@@ -27,7 +27,7 @@ _INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 # SetValue return codes of the BusItem contract.
 SET_OK = 0
-SET_NOT_WRITEABLE = 1  # also: a value of the wrong type
+SET_NOT_WRITEABLE = 1  # also: a value with no form of the item's type
 SET_REJECTED = 2  # the service's own check said no (also: a value larger than values.oversize allows)
 CUT_LOG_INTERVAL = 600.0  # seconds: one log line per path whose value had to be cut
 
