@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import __version__
-from .battery_paths import text_format
+from .battery_paths import resolution, text_format
 from .bus.lib import connect, soon
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
+from .bus.values import MAX_TEXT
 from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
 from .bus.watch import PathWatcher
 from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
@@ -32,8 +34,8 @@ from .limits import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
                          assign_roles, resolve)
-from .merge import LIMIT_PATHS, Merge, MergeOptions, first_valid
-from .sanitize import check_values
+from .merge import LIMIT_PATHS, MODULES_OFFLINE, RULES, MemberView, Merge, MergeOptions, first_valid
+from .sanitize import check_value, check_values
 
 _LOG = logging.getLogger("aggregator")
 
@@ -61,6 +63,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _OWN_PATHS = frozenset({"/Mgmt/ProcessName", "/Mgmt/ProcessVersion", "/Mgmt/Connection", "/DeviceInstance",
                         "/ProductId", "/ProductName", "/FirmwareVersion", "/HardwareVersion", "/Connected",
                         "/CustomName", CHAIN_PATH})
+TIME_TO_GO = "/TimeToGo"
+_TIME_TO_GO_INPUTS = frozenset(RULES[TIME_TO_GO].inputs)
 
 # /Batteries/<n>/<key>: the member path each column shows (None: filled by the aggregator).
 BREAKDOWN: dict[str, str | None] = {
@@ -71,6 +75,7 @@ BREAKDOWN: dict[str, str | None] = {
     "Share": None, "InternalResistance": None, "OpenCircuitVoltage": None, "ChargeLimit": None,
     "DischargeLimit": None,
 }
+_ROW_DIGITS = {"InternalResistance": 5}  # ohms: 10 micro-ohms (the others follow their text formats)
 _BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/Current", "Power": "/Dc/0/Power",
                    "Capacity": "/Capacity", "MaxChargeCurrent": "/Info/MaxChargeCurrent",
                    "MaxDischargeCurrent": "/Info/MaxDischargeCurrent", "ChargeLimit": "/Info/MaxChargeCurrent",
@@ -99,6 +104,24 @@ def unique_id(service_name: str) -> str:
     return "batteryaggregator_" + service_name.rsplit(".", 1)[-1]
 
 
+def add_battery_path(service: VeService, path: str, value: Any, kind: str | None = None) -> None:
+    """A battery path with the text format and resolution of its kind (a battery path; the path itself by
+    default); the charge limits as the controller computed them (it rounds them itself)."""
+    kind = path if kind is None else kind
+    service.add_path(path, value, text=text_format(kind), digits=None if kind in LIMIT_PATHS else resolution(kind))
+
+
+def custom_name_setting(service_name: str) -> str:
+    return f"/Settings/BatteryAggregator/{unique_id(service_name)}/CustomName"
+
+
+async def bind_custom_name(settings: LocalSettings, service: VeService) -> Callable[[], None]:
+    """A writeable /CustomName kept in localsettings, as Victron's services keep theirs; returns the unbinding."""
+    path = custom_name_setting(service.name)
+    await settings.add(Setting(path, ""))
+    return settings.bind(service, "/CustomName", path)
+
+
 async def publish_battery(settings: LocalSettings, name: str, product_name: str, product_id: int,
                           connection: str, bus_address: str | None) -> VeService:
     """A new battery service of ours on its own connection, with the mandatory paths, a reserved device
@@ -108,9 +131,7 @@ async def publish_battery(settings: LocalSettings, name: str, product_name: str,
     service.add_mandatory_paths(process_name="battery-aggregator", process_version=__version__,
                                 connection=connection, device_instance=instance, product_id=product_id,
                                 product_name=product_name, firmware_version=__version__, hardware_version=None)
-    custom_name = f"/Settings/BatteryAggregator/{unique_id(name)}/CustomName"
-    await settings.add(Setting(custom_name, ""))
-    settings.bind(service, "/CustomName", custom_name)
+    await bind_custom_name(settings, service)
     return service
 
 
@@ -173,10 +194,22 @@ class VirtualBattery:
             self._hook_paths = produced
             sources = sorted(members + hook_sources, key=lambda e: e[0])
         ordered = [(values, wanted) for _, values, wanted in sources]
-        return {path: first_valid(ordered, path) for path in dirty if path not in _OWN_PATHS}
+        out = {path: first_valid(ordered, path) for path in dirty if path not in _OWN_PATHS}
+        if TIME_TO_GO in dirty or not _TIME_TO_GO_INPUTS.isdisjoint(dirty):
+            # A member's own estimate wins; else the aggregate's rule over this battery's values.
+            out[TIME_TO_GO] = first_valid(ordered, TIME_TO_GO)
+            if out[TIME_TO_GO] is None:
+                view = MemberView(self.name, "", {p: first_valid(ordered, p) for p in _TIME_TO_GO_INPUTS})
+                out[TIME_TO_GO] = RULES[TIME_TO_GO].compute([view], MergeOptions())
+        return out
 
     def has_voltage(self) -> bool:
         return any(values.get("/Dc/0/Voltage") is not None for _, values, _ in self.members.values())
+
+    def label(self) -> str:
+        """Its name for people, as a member's: its CustomName, else its product name."""
+        name = self.service["/CustomName"] if self.service is not None and "/CustomName" in self.service else None
+        return name if isinstance(name, str) and name else VIRTUAL_PRODUCT_NAME
 
 
 class Aggregator:
@@ -215,6 +248,7 @@ class Aggregator:
         self._limit_notes: tuple[Note, ...] = ()
         self._limit_alarms: dict[str, int] = {}  # ours, at least what is published (path -> level)
         self._limit_flags: dict[str, int] = {}  # ours, at most what is published (path -> 0)
+        self._absent = 0  # expected batteries that are not on the bus at all
         self.control = ChargeControl(config)
         self.dvcc = DvccLimits()
         self.watcher: PathWatcher | None = None
@@ -260,6 +294,8 @@ class Aggregator:
         for vb in self.virtuals.values():
             vb.service = await publish_battery(self.settings, vb.name, VIRTUAL_PRODUCT_NAME, VIRTUAL_PRODUCT_ID,
                                                f"Virtual battery of {len(vb.refs)} services", self.bus_address)
+            add_battery_path(vb.service, TIME_TO_GO, None)
+            self.settings.watch(custom_name_setting(vb.name), lambda _p, _v, name=vb.name: self._relabel(name))
         self.monitor = ServiceMonitor(bus, [BATTERY_PREFIX], exclude={self.name, *self.virtuals},
                                       on_added=self._on_added, on_removed=self._on_removed,
                                       on_changed=self._on_changed)
@@ -288,7 +324,7 @@ class Aggregator:
                 or not same_components(self.config, config):
             return False
         self.config = config
-        self.merge.options = MergeOptions(capacity=config.capacity)
+        self.merge.options = dataclasses.replace(self.merge.options, capacity=config.capacity)
         self.merge.dirty.update(self.merge.paths)
         self.role_config = role_config(config)
         for name, entries in virtual_battery_specs(config).items():
@@ -364,16 +400,15 @@ class Aggregator:
     # ---- the published paths -------------------------------------------------------------------------
 
     def _add_aggregate_paths(self, service: VeService) -> None:
-        for path in self.merge.paths:
-            service.add_path(path, None, text=text_format(path))
-        for path in sorted(LIMIT_PATHS):
-            service.add_path(path, None, text=text_format(path))
+        for path in [*self.merge.paths, *sorted(LIMIT_PATHS)]:
+            add_battery_path(service, path, None)
+        service.add_path("/Serial", unique_id(self.name))  # stable, and distinct per service on a bus
         service.add_path("/Info/ChargeLimitation", None)
         service.add_path("/System/NrOfBatteries", 0)
         service.add_path("/System/BatteriesParallel", 0)
         service.add_path("/Alarms/MissingBatteries", 0 if self.config.expectedBatteries else None)
         service.add_path("/Aggregator/Status", "starting")
-        service.add_path("/Aggregator/Unresolved", [])
+        service.add_path("/Aggregator/Unresolved", json_list_text([]))
         service.add_path("/Aggregator/Tasks", None)
         service.add_path(CHAIN_PATH, [self.name])
         service.add_path("/LogLevel", self.config.logLevel, writeable=True, value_types=(str,),
@@ -466,6 +501,9 @@ class Aggregator:
                 self.energy.sample(name, self.merge.members[name].values, clean)
             if "/Serial" in clean:
                 self._identify(name)
+            if "/CustomName" in changes or "/ProductName" in changes:
+                self.merge.set_label(name, member_label(service))
+                self._dirty_rows.add(name)
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
@@ -477,14 +515,29 @@ class Aggregator:
                 elif state.state == ONLINE:
                     self._set_state(name, state, STALE, "it says it lost its device (/Connected 0)")
         elif role in (PRIMARY, AUXILIARY):
-            self.merge.update_source(name, check_values(changes)[0])
+            self.merge.update_source(name, self._checked(name, changes))
         elif role == VIRTUAL_MEMBER:
             vb = self.virtuals.get(self.roles.virtual_of.get(name, ""))
             if vb is not None:
-                vb.update_member(name, check_values(changes)[0])
+                vb.update_member(name, self._checked(name, changes))
         if "/CustomName" in changes or "/Serial" in changes or CHAIN_PATH in changes:
             self._reclassify()
         self._schedule_flush()
+
+    def _checked(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """A service's values with the refused ones (absurd, mistyped, too large) as None, and logged."""
+        clean, refused = check_values(values)
+        if refused:
+            self._log_refused(name, refused)
+        return clean
+
+    def _relabel(self, name: str) -> None:
+        """Our virtual battery was renamed: its row and the cell ids that name it follow."""
+        vb = self.virtuals.get(name)
+        if vb is not None and name in self.members:
+            self.merge.set_label(name, vb.label())
+            self._dirty_rows.add(name)
+            self._schedule_flush()
 
     def _log_refused(self, name: str, refused: dict[str, str]) -> None:
         now = self.clock()
@@ -540,10 +593,8 @@ class Aggregator:
         watched = self.monitor.services.get(name)
         if role is None or watched is None:
             return
-        clean, refused = check_values(watched.values)
+        clean = self._checked(name, watched.values)
         if role == MEMBER:
-            if refused:
-                self._log_refused(name, refused)
             self.merge.set_member(name, member_label(watched), clean)
             state = self.members.get(name)
             if state is None:
@@ -609,6 +660,8 @@ class Aggregator:
             return
         for vb in self.virtuals.values():
             self._flush_virtual(vb)
+        if self._membership_changed:
+            self.merge.set_offline(frozenset(n for n, s in self.members.items() if s.state != ONLINE))
         values = self.merge.compute()
         # The energy totals are ours (per identity, monotonic), not the members' sum: _publish_energy sets them.
         values.pop("/History/ChargedEnergy", None)
@@ -621,6 +674,8 @@ class Aggregator:
             self._membership_changed = False
             self._limits_dirty = True
             self._membership_paths(service, values)
+        if MODULES_OFFLINE in values and self._absent:
+            values[MODULES_OFFLINE] = (values[MODULES_OFFLINE] or 0) + self._absent
         if self._limits_dirty:
             self._limits_dirty = False
             self._update_limits(values)
@@ -644,7 +699,7 @@ class Aggregator:
             self._limit_rows_changed.clear()
             for path, value in values.items():
                 if path not in service:
-                    service.add_path(path, value, text=text_format(path))
+                    add_battery_path(service, path, value)
                 else:
                     service.set_value(path, value)
 
@@ -657,12 +712,12 @@ class Aggregator:
                 if path in vb.service:
                     vb.service.set_value(path, value)
                 elif value is not None:
-                    vb.service.add_path(path, value, text=text_format(path))
+                    add_battery_path(vb.service, path, value)
         # Our virtual battery is a member of the aggregate, standing for its members.
         if vb.name in self.members or vb.has_voltage() or vb.members:
             if vb.name not in self.members:
                 self.members[vb.name] = MemberState(self._free_slot(), last_update=self.clock())
-                self.merge.set_member(vb.name, vb.name.rsplit(".", 1)[-1],
+                self.merge.set_member(vb.name, vb.label(),
                                       {p: vb.service[p] for p in vb.service.paths()})
                 self._identify(vb.name)
                 self._membership_changed = True
@@ -831,7 +886,7 @@ class Aggregator:
                 if path in service:
                     service.set_value(path, value)
                 else:
-                    service.add_path(path, value, text=text_format(text_key(path)))
+                    add_battery_path(service, path, value, text_key(path))
 
     def _take_report(self, fields: Any) -> str:
         """An external battery's report (D-Bus method or HTTP); ReportError goes back to the caller."""
@@ -868,7 +923,8 @@ class Aggregator:
                 else:
                     value = limit_row.get(key) if present else None
                 if not service.set_value_if_present(path, value):
-                    service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")))
+                    service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")),
+                                     digits=_ROW_DIGITS.get(key, resolution(_BREAKDOWN_TEXT.get(key, ""))))
 
     def _stands_for(self, name: str) -> str:
         """The member that stands for the battery a duplicate publishes."""
@@ -890,9 +946,10 @@ class Aggregator:
         online = [n for n, s in self.members.items() if s.state == ONLINE and n not in duplicates]
         expected = self.config.expectedBatteries
         missing = max(0, expected - len(online)) if expected else 0
-        offline = self.merge.compute_path("/System/NrOfModulesOffline")
-        merged["/System/NrOfModulesOffline"] = (offline or 0) + missing if (offline is not None or missing) \
-            else None
+        # Expected batteries not on the bus at all count as one offline module each (the stale ones' modules
+        # are offline in the merge already).
+        self._absent = max(0, expected - len(present)) if expected else 0
+        merged[MODULES_OFFLINE] = self.merge.compute_path(MODULES_OFFLINE)
         merged["/System/NrOfBatteries"] = len(present)
         merged["/System/BatteriesParallel"] = len(present)
         merged["/Alarms/MissingBatteries"] = (1 if missing else 0) if expected else None
@@ -900,7 +957,8 @@ class Aggregator:
         chain = [self.name]
         for name in present:
             watched = self.monitor.services.get(name) if self.monitor is not None else None
-            member_chain = watched.values.get(CHAIN_PATH) if watched is not None else None
+            member_chain = check_value(CHAIN_PATH, watched.values.get(CHAIN_PATH))[0] if watched is not None \
+                else None
             if isinstance(member_chain, list):
                 chain += [c for c in member_chain if isinstance(c, str) and c not in chain]
         merged[CHAIN_PATH] = chain
@@ -924,7 +982,7 @@ class Aggregator:
             reasons.append("no member batteries")
         self._membership_reasons = reasons
         self._publish_status(merged)
-        merged["/Aggregator/Unresolved"] = list(self.roles.unresolved)
+        merged["/Aggregator/Unresolved"] = json_list_text(self.roles.unresolved)
 
     def _publish_status(self, merged: dict[str, Any]) -> None:
         reasons = self._membership_reasons + [n.text for n in self._limit_notes]
@@ -1009,12 +1067,24 @@ class Aggregator:
 
 
 def member_label(service: WatchedService) -> str:
-    """A short name for people: the CustomName, else the product name, else the service suffix."""
+    """A short name for people: the CustomName, else the product name, else the service suffix (a name too
+    large to publish is no name)."""
     for path in ("/CustomName", "/ProductName"):
-        value = service.values.get(path)
+        value = check_value(path, service.values.get(path))[0]
         if isinstance(value, str) and value:
             return value
     return service.name.rsplit(".", 1)[-1]
+
+
+def json_list_text(items: list[str]) -> str:
+    """A list of texts as one JSON text ('[]' when empty: an empty array reads as invalid through Victron's MQTT
+    bridge), within the size limit: the items that fit, then how many more there are."""
+    kept = list(items)
+    text = json.dumps(kept, ensure_ascii=False)
+    while len(text) > MAX_TEXT and kept:
+        kept.pop()
+        text = json.dumps(kept + [f"+{len(items) - len(kept)} more"], ensure_ascii=False)
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,12 @@
-"""The battery paths of Victron's D-Bus contract with the text format of each (units matter in dbus-spy)."""
+"""The battery paths of Victron's D-Bus contract with the text format of each (units matter in dbus-spy).
+
+A fixed-point format is also the path's resolution: our battery services publish a float rounded to the
+decimals it shows, so a change nobody can see is not signalled again and again."""
 from __future__ import annotations
 
 from typing import Any
 
-from .bus.values import TextFormat
+from .bus.values import TextFormat, format_digits
 
 
 def time_to_go_text(seconds: Any) -> str:
@@ -43,8 +46,15 @@ TEXT_FORMATS: dict[str, TextFormat] = {
     "/History/ChargedEnergy": _KWH,
     "/History/DischargedEnergy": _KWH,
     "/History/TotalAhDrawn": _AH,
+    "/History/ChargeCycles": "{:.0f}".format,
 }
 
 
 def text_format(path: str) -> TextFormat | None:
     return TEXT_FORMATS.get(path)
+
+
+def resolution(path: str) -> int | None:
+    """The decimals a float of this path is published with: those its text format shows; None (as given)
+    for a path without a fixed-point format."""
+    return format_digits(TEXT_FORMATS.get(path))

@@ -32,7 +32,7 @@ from .battery_paths import text_format
 from .bus.lib import MessageBus, connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
-from .bus.settings import LocalSettings, Setting
+from .bus.settings import LocalSettings
 from .energy import local_date
 from .grid_battery import (PROFILE_HEADER, GridBattery, GridBatteryConfig, HistoryRow, ProfileSlot, history_rows_csv,
                            parse_month_day, profile_csv_line)
@@ -236,6 +236,7 @@ class GridBatteryService:
         name) and a /CustomName that is not kept."""
         self.bus = bus
         self.local_settings = local_settings
+        self._unbind_name: Callable[[], None] | None = None
         self.settings = settings
         self.clock = clock
         self.save_interval = save_interval
@@ -255,7 +256,7 @@ class GridBatteryService:
     # ---- life cycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from .aggregate import preferred_instance, unique_id  # the aggregate imports this module
+        from .aggregate import bind_custom_name, preferred_instance, unique_id  # the aggregate imports this module
 
         self._load()
         name = self.settings.serviceName
@@ -271,9 +272,7 @@ class GridBatteryService:
             product_id=GRID_BATTERY_PRODUCT_ID, product_name=GRID_BATTERY_PRODUCT_NAME,
         )
         if self.local_settings is not None:  # kept in localsettings like the aggregate's own name
-            custom_name = f"/Settings/BatteryAggregator/{unique_id(name)}/CustomName"
-            await self.local_settings.add(Setting(custom_name, ""))
-            self.local_settings.bind(service, "/CustomName", custom_name)
+            self._unbind_name = await bind_custom_name(self.local_settings, service)
         else:
             service.add_path("/CustomName", "", writeable=True, value_types=(str,))
         for path in ("/Soc", "/Capacity", "/InstalledCapacity", "/Dc/0/Power", "/Dc/0/Voltage", "/Dc/0/Current",
@@ -304,6 +303,9 @@ class GridBatteryService:
             self.zone = None
         if self.monitor is not None:
             await self.monitor.stop()
+        if self._unbind_name is not None:
+            self._unbind_name()
+            self._unbind_name = None
         if self.service is not None:
             self.service.close()
             self.service = None

@@ -6,6 +6,7 @@ member has a value for is None (published invalid), never 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -16,6 +17,11 @@ LIMIT_PATHS = frozenset({"/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", 
 IDLE_CURRENT = 0.5
 CHARGE_MODE_ORDER = ("Bulk", "Absorption", "Float")
 TRANSITION = "Transition"
+MODULES_ONLINE, MODULES_OFFLINE = "/System/NrOfModulesOnline", "/System/NrOfModulesOffline"
+# A service's own identity: never taken from an auxiliary or primary service (the aggregate has its own).
+IDENTITY_PATHS = frozenset({"/Mgmt/ProcessName", "/Mgmt/ProcessVersion", "/Mgmt/Connection", "/DeviceInstance",
+                            "/ProductId", "/ProductName", "/FirmwareVersion", "/HardwareVersion", "/Connected",
+                            "/CustomName", "/Serial", "/Aggregator/Chain"})
 
 
 @dataclass(slots=True)
@@ -30,6 +36,9 @@ class MemberView:
 @dataclass(frozen=True, slots=True)
 class MergeOptions:
     capacity: float | None = None  # `capacity` of the config: installed Ah when members do not publish it
+    # Members not online now (stale, or gone within reconnectTimeout): their last values still count, but
+    # their modules are offline, so that online + offline modules stay the bank's modules.
+    offline: frozenset[str] = frozenset()
 
 
 Compute = Callable[[Sequence[MemberView], MergeOptions], Any]
@@ -230,6 +239,41 @@ def _seconds_to_empty(currents: Any, remaining_ah: Callable[[], float | None], s
     return None if remaining is None else round(remaining / -current * 3600.0)
 
 
+def _modules(members: Iterable[tuple[str, Any, Any]], offline: frozenset[str]) -> tuple[Any, Any]:
+    """(modules online, modules offline) from (member, its online count, its offline count): a member that is
+    not online has all its modules offline. None where no member has a count."""
+    online = off = None
+    for name, on, off_count in members:
+        if on is None and off_count is None:
+            continue
+        if name in offline:
+            on, off_count = 0, (on or 0) + (off_count or 0)
+        if on is not None:
+            online = (online or 0) + on
+        if off_count is not None:
+            off = (off or 0) + off_count
+    return online, off
+
+
+def _module_rule(index: int) -> Rule:
+    def compute(members: Sequence[MemberView], options: MergeOptions) -> Any:
+        counts = [(m.name, *(v if _is_number(v := m.values.get(p)) else None for p in (MODULES_ONLINE,
+                                                                                      MODULES_OFFLINE)))
+                  for m in members]
+        return _modules(counts, options.offline)[index]
+
+    def column(columns: dict[str, Column], members: dict[str, MemberView], options: MergeOptions) -> Any:
+        on, off = columns[MODULES_ONLINE], columns[MODULES_OFFLINE]
+        if not options.offline:  # the common case: plain sums
+            values = (on if index == 0 else off).values()
+            return sum(values) if values else None
+        return _modules(((n, on.get(n), off.get(n)) for n in members if n in on or n in off),
+                        options.offline)[index]
+    description = ("sum of online members" if index == 0
+                   else "sum of members, with every module of a member that is not online")
+    return Rule((MODULES_ONLINE, MODULES_OFFLINE), compute, description, column)
+
+
 def _allowed(flag: str) -> Rule:
     """1 when any member allows (one BMS opening its FETs does not stop the bank), 0 when none does."""
     return _any(flag, "1 when any member allows")
@@ -257,10 +301,11 @@ _SOC = _weighted_by_capacity("/Soc")
 def _build_rules() -> dict[str, Rule]:
     rules: dict[str, Rule] = {}
     for path in ("/Dc/0/Current", "/Dc/0/Power", "/Capacity", "/ConsumedAmphours", "/History/ChargedEnergy",
-                 "/History/DischargedEnergy", "/History/TotalAhDrawn", "/System/NrOfModulesOnline",
-                 "/System/NrOfModulesOffline", "/System/NrOfModulesBlockingCharge",
+                 "/History/DischargedEnergy", "/History/TotalAhDrawn", "/System/NrOfModulesBlockingCharge",
                  "/System/NrOfModulesBlockingDischarge"):
         rules[path] = _sum(path)
+    rules[MODULES_ONLINE] = _module_rule(0)
+    rules[MODULES_OFFLINE] = _module_rule(1)
     rules["/InstalledCapacity"] = Rule(("/InstalledCapacity",), _installed_capacity, "sum, or `capacity`",
                                        _installed_capacity_column)
     rules["/Dc/0/Voltage"] = _mean("/Dc/0/Voltage")
@@ -269,6 +314,7 @@ def _build_rules() -> dict[str, Rule]:
     rules["/System/NrOfCellsPerBattery"] = _max("/System/NrOfCellsPerBattery")
     rules["/Soc"] = _SOC
     rules["/Soh"] = _weighted_by_capacity("/Soh")
+    rules["/History/ChargeCycles"] = _weighted_by_capacity("/History/ChargeCycles")
     rules["/TimeToGo"] = Rule(("/Dc/0/Current", "/Capacity", "/Soc", "/InstalledCapacity"), _time_to_go,
                               "remaining Ah / discharge current", _time_to_go_column)
     rules["/System/MinCellVoltage"], rules["/System/MinVoltageCellId"] = _extreme_cell(
@@ -323,7 +369,7 @@ class Merge:
     def paths(self) -> list[str]:
         """Every aggregate path: the table plus whatever auxiliary and primary sources contribute."""
         extra = {p for _, paths, values in self.auxiliary + self.primary for p in (paths or values)}
-        return list(self.rules) + sorted(extra - set(self.rules))
+        return list(self.rules) + sorted(extra - set(self.rules) - IDENTITY_PATHS)
 
     # ---- members ---------------------------------------------------------------------------------------
 
@@ -384,8 +430,25 @@ class Merge:
 
     # ---- auxiliary and primary sources ------------------------------------------------------------------
 
+    def set_offline(self, names: frozenset[str]) -> None:
+        """The members that are not online now (see MergeOptions.offline)."""
+        if names != self.options.offline:
+            self.options = dataclasses.replace(self.options, offline=names)
+            self.dirty.update((MODULES_ONLINE, MODULES_OFFLINE))
+
+    def set_label(self, name: str, label: str) -> None:
+        """A member was renamed: the cell ids that name it follow."""
+        member = self.members.get(name)
+        if member is not None and member.label != label:
+            member.label = label
+            self.dirty.update(p for p, rule in self.rules.items() if p.endswith("CellId"))
+
     def set_source(self, role: str, name: str, paths: Iterable[str] | None, values: dict[str, Any] | None) -> None:
-        """Declare (values not None) or forget (None) an auxiliary or primary source. `paths` None = all."""
+        """Declare (values not None) or forget (None) an auxiliary or primary source. `paths` None = all but
+        the identity paths."""
+        if values is not None:
+            values = {p: v for p, v in values.items() if p not in IDENTITY_PATHS}
+        wanted_paths = frozenset(paths) - IDENTITY_PATHS if paths else None  # empty: nothing wanted
         table = self.auxiliary if role == "auxiliary" else self.primary
         for i, (source, wanted, current) in enumerate(table):
             if source == name:
@@ -397,8 +460,8 @@ class Merge:
                     self.dirty.update(wanted or values)
                 return
         if values is not None:
-            table.append((name, frozenset(paths) if paths else None, dict(values)))
-            self.dirty.update(frozenset(paths) if paths else values)
+            table.append((name, wanted_paths, dict(values)))
+            self.dirty.update(values if wanted_paths is None else wanted_paths)
 
     def order_sources(self, role: str, names: Sequence[str]) -> None:
         """Sources are consulted in config order, whatever order they appeared on the bus in."""
@@ -407,6 +470,8 @@ class Merge:
         table.sort(key=lambda entry: rank.get(entry[0], len(rank)))
 
     def update_source(self, name: str, changes: dict[str, Any]) -> None:
+        if not IDENTITY_PATHS.isdisjoint(changes):
+            changes = {p: v for p, v in changes.items() if p not in IDENTITY_PATHS}
         for table in (self.auxiliary, self.primary):
             for source, wanted, values in table:
                 if source == name:
@@ -414,7 +479,7 @@ class Merge:
                     self.dirty.update(p for p in changes if wanted is None or p in wanted)
 
     def _sourced(self, path: str) -> bool:
-        return any(wanted is None or path in wanted for _, wanted, _ in self.auxiliary + self.primary)
+        return path not in IDENTITY_PATHS and any(wanted is None or path in wanted for _, wanted, _ in self.auxiliary + self.primary)
 
     # ---- computing ----------------------------------------------------------------------------------
 

@@ -1,12 +1,15 @@
 """Member values checked before they are merged: wrong types and absurd values become "no value".
 
 Pure. A BMS that publishes NaN, a string for a current, a negative capacity or SoC 150 must not move the
-aggregate: such a value is treated as missing, never as zero, and reported so the caller can log it.
+aggregate: such a value is treated as missing, never as zero, and reported so the caller can log it. A text or
+list beyond the size limits is refused too: republished, it would make our messages too large for the bus.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from .bus.values import oversize
 
 # Plausible ranges of numeric battery paths. Beyond them a value is a fault, not a measurement.
 NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
@@ -53,12 +56,17 @@ def check_value(path: str, value: Any) -> tuple[Any, str | None]:
     """(value to use, reason it was refused or None). None is a valid "no value" and passes silently."""
     if value is None:
         return None, None
+    kind = type(value)
+    if kind is not float and kind is not int:  # numbers, the common case, have no size to check
+        too_large = oversize(value)
+        if too_large is not None:
+            return None, f"too large: {too_large}"
     bounds = NUMERIC_BOUNDS.get(path)
     if bounds is None and path.startswith(ALARM_PREFIX):
         bounds = (0, 2)
     if bounds is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, f"not a number: {value!r}"
+            return None, f"not a number: {_short(value)}"
         if not math.isfinite(value):
             return None, f"not finite: {value!r}"
         lo, hi = bounds
@@ -66,8 +74,14 @@ def check_value(path: str, value: Any) -> tuple[Any, str | None]:
             return None, f"{value!r} is outside {lo:g}..{hi:g}"
         return value, None
     if path in TEXT_PATHS and not isinstance(value, str):
-        return None, f"not text: {value!r}"
+        return None, f"not text: {_short(value)}"
     return value, None
+
+
+def _short(value: Any) -> str:
+    """A value as a log line may show it: never longer than a line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "\u2026"
 
 
 def check_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

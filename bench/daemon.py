@@ -140,7 +140,8 @@ async def publisher(members: int, rate: float, burst: bool, duration: float) -> 
                       "/System/MaxCellVoltage": 3.32 + wobble / 100}
             if i == 0:
                 seq += 1
-                values["/Dc/0/Temperature"] = PROBE_BASE + (seq % 50000) / 1000.0
+                # In steps of the aggregate's temperature resolution (0.1 degC): a smaller step is no change.
+                values["/Dc/0/Temperature"] = round(PROBE_BASE + (seq % 500) / 10.0, 1)
                 sent.append((values["/Dc/0/Temperature"], time.monotonic()))
             s.set_values(values)
             updates += 1

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .lib import Message, MessageBus, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant, raw_sender
 from .wire import BUSITEM, ItemsChangedEncoder
-from .values import INVALID_TEXT, TextFormat, product_id_text, same_value, text_of, unwrap, wrap
+from .values import (INVALID_TEXT, NOT_CONVERTIBLE, TextFormat, bounded, converted, oversize, product_id_text,
+                     same_value, text_of, unwrap, wrap)
 
 _LOG = logging.getLogger(__name__)
 
@@ -25,12 +27,9 @@ _INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 # SetValue return codes of the BusItem contract.
 SET_OK = 0
-SET_NOT_WRITEABLE = 1  # also: a value of the wrong type
-SET_REJECTED = 2  # the service's own check said no
-# The longest text (characters) and list another process may write: a 20 MB /CustomName made us republish it
-# in every GetItems and signal until the bus dropped our connection.
-MAX_WRITTEN_TEXT = 1024
-MAX_WRITTEN_ITEMS = 256
+SET_NOT_WRITEABLE = 1  # also: a value with no form of the item's type
+SET_REJECTED = 2  # the service's own check said no (also: a value larger than values.oversize allows)
+CUT_LOG_INTERVAL = 600.0  # seconds: one log line per path whose value had to be cut
 
 _NO_REPLY_EXPECTED = MessageFlag.NO_REPLY_EXPECTED
 _ITEMS_CHANGED = ItemsChangedEncoder(BUSITEM)
@@ -79,6 +78,7 @@ class Item:
     description: str
     value_types: tuple[type, ...] | None
     text: str
+    digits: int | None = None  # a float is published rounded to this many decimals
     _variant: Variant | None = None
 
     def assign(self, value: Any) -> None:
@@ -118,6 +118,7 @@ class VeService:
         # False: calls are swallowed unanswered, as by a process that is frozen (the simulator's "freeze").
         self.answering = True
         self._send_raw = raw_sender(bus)
+        self._cut_logged: dict[str, float] = {}
         bus.add_message_handler(self._handle)
 
     def add_method(self, interface: str, member: str, handler: Callable[[Message], Message]) -> None:
@@ -139,9 +140,13 @@ class VeService:
         on_change: OnChange | None = None,
         description: str = "",
         value_types: Iterable[type] | None = None,
+        digits: int | None = None,
     ) -> None:
         """Add a leaf. `text` is a formatter or a format string ('{:.2f}V'); `on_change(path, value)` returns
-        False to reject a SetValue (code 2); `value_types` restricts what SetValue accepts (else code 1)."""
+        False to reject a SetValue (code 2); `value_types` restricts what SetValue accepts (a value of another
+        type is converted when it can be, else code 1). With `digits`, the floats set here are published rounded
+        to that many decimals: a change below the resolution is no change, and sends no signal (a value
+        written over the bus is kept as written)."""
         if not path.startswith("/") or path == "/" or path.endswith("/") or "//" in path:
             raise ValueError(f"not a BusItem leaf path: {path!r}")
         if path in self._items:
@@ -157,8 +162,8 @@ class VeService:
         if text is None and path == "/ProductId":
             text = product_id_text
         types = tuple(value_types) if value_types is not None else None
-        item = Item(path, None, text, writeable, on_change, description, types, INVALID_TEXT)
-        item.assign(value)
+        item = Item(path, None, text, writeable, on_change, description, types, INVALID_TEXT, digits)
+        item.assign(self._publishable(item, value))
         self._items[path] = item
         for node in _nodes_above(path):
             self._nodes.setdefault(node, {})[path] = None
@@ -224,12 +229,30 @@ class VeService:
     def set_value(self, path: str, value: Any) -> bool:
         """Set one value; emits PropertiesChanged (or joins the open batch). Returns whether it changed."""
         item = self._items[path]
+        value = self._publishable(item, value)
         if same_value(item.value, value):
             return False
         item.assign(value)
         if self._registered:
             self._changed(item)
         return True
+
+    def _publishable(self, item: Item, value: Any) -> Any:
+        """The value as it is published: a float at the item's resolution, a text or list cut to the size
+        limits (whatever its source: a setting, a member, our own composition)."""
+        kind = type(value)
+        if kind is float:
+            digits = item.digits
+            return value if digits is None else round(value, digits) + 0.0  # + 0.0: no "-0.0"
+        if kind is str or kind is list or kind is dict or kind is tuple:
+            cut = bounded(value)
+            if cut is not value:
+                now = time.monotonic()
+                if now - self._cut_logged.get(item.path, -CUT_LOG_INTERVAL) >= CUT_LOG_INTERVAL:
+                    self._cut_logged[item.path] = now
+                    _LOG.warning("%s: %s cut to the size limit: %s", self.name, item.path, oversize(value))
+            return cut
+        return value
 
     def set_value_if_present(self, path: str, value: Any) -> bool:
         """set_value() when the path exists; False (and nothing done) when it does not."""
@@ -398,18 +421,13 @@ class VeService:
             value = unwrap(variant)
         except Exception:  # malformed variant content
             return SET_NOT_WRITEABLE
-        if isinstance(value, str) and len(value) > MAX_WRITTEN_TEXT or \
-                isinstance(value, (list, dict)) and len(value) > MAX_WRITTEN_ITEMS:
-            _LOG.warning("%s: refused a write of %s: %d %s is more than the %d allowed", self.name, item.path,
-                         len(value), "characters" if isinstance(value, str) else "items",
-                         MAX_WRITTEN_TEXT if isinstance(value, str) else MAX_WRITTEN_ITEMS)
+        too_large = oversize(value)
+        if too_large is not None:
+            _LOG.warning("%s: refused a write of %s: %s", self.name, item.path, too_large)
             return SET_REJECTED
-        if value is not None and item.value_types is not None:
-            if type(value) is bool and bool not in item.value_types:
-                return SET_NOT_WRITEABLE
-            if float in item.value_types and type(value) is int and int not in item.value_types:
-                value = float(value)  # an int written to a float path is the same quantity
-            if not isinstance(value, item.value_types):
+        if item.value_types is not None:
+            value = converted(value, item.value_types)
+            if value is NOT_CONVERTIBLE:
                 return SET_NOT_WRITEABLE
         if same_value(item.value, value):
             return SET_OK

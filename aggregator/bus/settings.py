@@ -157,12 +157,24 @@ class LocalSettings:
             return preferred
         return parsed[1]
 
-    def bind(self, service: VeService, path: str, setting_path: str) -> None:
-        """Keep a writeable service path (such as /CustomName) and a declared setting the same both ways."""
+    def unwatch(self, path: str, watcher: Watcher) -> None:
+        watchers = self._watchers.get(path, [])
+        if watcher in watchers:
+            watchers.remove(watcher)
+
+    def bind(self, service: VeService, path: str, setting_path: str) -> Callable[[], None]:
+        """Keep a writeable service path (such as /CustomName) and a declared setting the same both ways; a
+        SetValue is converted to the setting's type, as localsettings does. Returns what ends the binding (for
+        a service that stops before this client does)."""
+        default = self._declared[setting_path].default
         service.add_path(path, self.values.get(setting_path), writeable=True,
                          on_change=lambda _p, value: self._write_soon(setting_path, value),
-                         value_types=(str,) if isinstance(self._declared[setting_path].default, str) else None)
-        self.watch(setting_path, lambda _p, value: service.set_value(path, value))
+                         value_types=(type(default),) if type(default) in (str, int, float) else None)
+
+        def follow(_p: str, value: Any) -> None:
+            service.set_value(path, value)
+        self.watch(setting_path, follow)
+        return lambda: self.unwatch(setting_path, follow)
 
     def _write_soon(self, path: str, value: Any) -> bool:
         asyncio.get_running_loop().create_task(self.set(path, value))

@@ -93,6 +93,21 @@ class Bank:
             self.reader.disconnect()
 
 
+async def watch_signals(bus_address: str, service: str) -> asyncio.subprocess.Process:
+    """dbus-monitor on every signal of the service's connection (read its stdout after terminating it)."""
+    bus = await connect()
+    try:
+        owner = (await client.call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner", "s",
+                                   [service], interface="org.freedesktop.DBus")).body[0]
+    finally:
+        bus.disconnect()
+    monitor = await asyncio.create_subprocess_exec(
+        "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    await asyncio.sleep(0.5)
+    return monitor
+
+
 def start_aggregator(processes: Processes, tmp_path: Path, bank: Bank, suffix: str = "agg",
                      **config: Any) -> tuple[str, Any]:
     name = bank.name(suffix)
@@ -180,8 +195,12 @@ async def test_primary_auxiliary_and_excluded(processes: Processes, tmp_path: Pa
     assert await bank.read(agg, "/Dc/0/Temperature") == 21.0  # nobody else has one: auxiliary fills it
     assert await bank.read(agg, "/InstalledCapacity") == 200.0  # only a and b are members
     assert await bank.read(agg, "/System/NrOfBatteries") == 2
-    # Charge limits never come from a primary or auxiliary service.
+    # Charge limits never come from a primary or auxiliary service, nor does the aggregate's identity.
     assert await bank.read(agg, "/Info/MaxChargeCurrent") is None
+    for path, own in (("/ProductName", "Battery Aggregator"), ("/CustomName", ""),
+                      ("/Serial", "batteryaggregator_" + agg.rsplit(".", 1)[-1])):
+        assert await bank.read(agg, path) == own, path
+    assert await bank.read(agg, "/DeviceInstance") != await bank.read(bank.name("meta"), "/DeviceInstance")
     # The shunt changes: the aggregate follows.
     bank.members["shunt"].set_value("/Dc/0/Current", -3.0)
     await bank.value_is(agg, "/Dc/0/Current", -3.0)
@@ -197,10 +216,13 @@ async def test_name_and_serial_references_follow_the_bus(processes: Processes, t
                                                                               "name:Shunt of " + bank.tag])
     await bank.value_is(agg, "/Dc/0/Current", 5.0)
     assert "unresolved: name:Shunt of" in await bank.read(agg, "/Aggregator/Status")
+    # A JSON text: an empty array would read as invalid through Victron's MQTT bridge.
+    assert json.loads(await bank.read(agg, "/Aggregator/Unresolved")) == ["name:Shunt of " + bank.tag]
     # A service renamed to the excluded CustomName is excluded from then on.
     bank.members["a"].set_value("/CustomName", "Shunt of " + bank.tag)
     await bank.value_is(agg, "/Dc/0/Current", None)
     assert await bank.read(agg, "/Aggregator/Status") == "no member batteries"
+    assert await bank.read(agg, "/Aggregator/Unresolved") == "[]"
     await bank.add("c", Dc__0__Current=2.0)
     await bank.value_is(agg, "/Dc/0/Current", 2.0)
     assert proc.poll() is None
@@ -227,6 +249,8 @@ async def test_virtual_battery_merges_first_valid_and_applies_hooks(processes: P
     assert await bank.read(vb, "/Info/MaxChargeCurrent") == 64.0
     assert await bank.read(vb, "/Info/MaxDischargeCurrent") == 150.0
     assert await bank.read(vb, "/ProductName") == "Virtual Battery"
+    # No member publishes /TimeToGo: computed like the aggregate's, 80 % of 100 Ah at 12 A.
+    assert await bank.read(vb, "/TimeToGo") == 24000
     bank.members["bms"].set_value("/Dc/0/Voltage", 52.2)
     await bank.value_is(vb, "/Info/MaxChargeCurrent", 32.0)
     # The aggregate counts the virtual battery once and its members not at all.
@@ -234,8 +258,78 @@ async def test_virtual_battery_merges_first_valid_and_applies_hooks(processes: P
     assert await bank.read(agg, "/System/NrOfBatteries") == 2
     instances = {await bank.read(n, "/DeviceInstance") for n in (agg, vb)}
     assert len(instances) == 2
+    # Its row is named like any member's: its CustomName, else its product name (not its service suffix).
+    row = [n for n in (0, 1) if await bank.read(agg, f"/Batteries/{n}/Service") == vb][0]
+    assert await bank.read(agg, f"/Batteries/{row}/Name") == "Virtual Battery"
+    assert (await busctl.acall_json(vb, "/CustomName", "SetValue", "v", "s", "Rack A"))["data"] == [0]
+    await bank.value_is(agg, f"/Batteries/{row}/Name", "Rack A")
+    bank.members["shunt"].set_value("/Dc/0/Current", 5.0)
+    await bank.value_is(vb, "/TimeToGo", None)  # charging
     bank.close()
     settings.service.close()
+
+
+async def test_modules_online_and_offline_add_up_while_a_member_is_stale(processes: Processes, tmp_path: Path) -> None:
+    """A stale member's last online count was still summed: 3 online + 1 offline with 3 batteries. Its modules
+    count as offline until it is back (or dropped); expected batteries not on the bus at all add one each."""
+    bank = Bank()
+    modules = {"System__NrOfModulesOnline": 2, "System__NrOfModulesOffline": 0}
+    await bank.add("a", **modules)
+    await bank.add("b", **modules)
+    c = await bank.add("c", **modules)
+    agg, _ = start_aggregator(processes, tmp_path, bank, reconnectTimeout=30, expectedBatteries=4)
+    await bank.value_is(agg, "/System/NrOfBatteries", 3)
+    assert await bank.read(agg, "/System/NrOfModulesOnline") == 6
+    assert await bank.read(agg, "/System/NrOfModulesOffline") == 1  # the fourth battery is missing
+    c.close()  # stale while it may come back
+    await bank.value_is(agg, "/System/NrOfModulesOnline", 4)
+    assert await bank.read(agg, "/System/NrOfModulesOffline") == 3
+    assert await bank.read(agg, "/System/NrOfBatteries") == 3
+    # A module count that changes while another member is stale keeps the missing battery counted.
+    bank.members["a"].set_value("/System/NrOfModulesOffline", 1)
+    bank.members["a"].set_value("/System/NrOfModulesOnline", 1)
+    await bank.value_is(agg, "/System/NrOfModulesOffline", 4)
+    assert await bank.read(agg, "/System/NrOfModulesOnline") == 3
+    await bank.add("c", **modules)
+    await bank.value_is(agg, "/System/NrOfModulesOnline", 5)
+    assert await bank.read(agg, "/System/NrOfModulesOffline") == 2
+    bank.close()
+
+
+async def test_serial_charge_cycles_and_values_at_their_resolution(processes: Processes, tmp_path: Path,
+                                                                     busctl: Busctl, bus_address: str) -> None:
+    """Members and virtual batteries have a /Serial and /History/ChargeCycles, the aggregate had neither. And
+    read through Victron's MQTT bridge, its doubles went out unrounded (Soc 60.182758620689654, a power
+    alternating -4729.8 / -4729.700000000001): one displayed value published again and again."""
+    bank = Bank()
+    a = await bank.add("a", InstalledCapacity=100.0, History__ChargeCycles=100, Soc=60.182758620689654,
+                       Dc__0__Power=-2000.1, Dc__0__Voltage=53.123456)
+    await bank.add("b", InstalledCapacity=300.0, History__ChargeCycles=300, Soc=60.182758620689654,
+                   Dc__0__Power=-2729.600000000001, Dc__0__Voltage=53.123456)
+    agg, _ = start_aggregator(processes, tmp_path, bank)
+    await bank.value_is(agg, "/System/NrOfBatteries", 2)
+    items = (await busctl.acall_json(agg, "/", "GetItems"))["data"][0]
+    assert items["/Serial"]["Value"] == {"type": "s", "data": "batteryaggregator_" + agg.rsplit(".", 1)[-1]}
+    assert items["/History/ChargeCycles"]["Value"] == {"type": "d", "data": 250.0}  # weighted by capacity
+    assert items["/Soc"]["Value"] == {"type": "d", "data": 60.2} and items["/Soc"]["Text"]["data"] == "60.2%"
+    assert items["/Dc/0/Power"]["Value"] == {"type": "d", "data": -4730.0}
+    assert items["/Dc/0/Voltage"]["Value"] == {"type": "d", "data": 53.12}
+    rows = [n for n in (0, 1) if items[f"/Batteries/{n}/Service"]["Value"]["data"] == bank.name("a")]
+    assert items[f"/Batteries/{rows[0]}/Soc"]["Value"] == {"type": "d", "data": 60.2}
+    monitor = await watch_signals(bus_address, agg)
+    for power in (-2000.0, -2000.3, -2000.8):  # the bank's -4729.6 .. -4730.4 W: the same watt
+        a.set_value("/Dc/0/Power", power)
+        await asyncio.sleep(0.1)
+    a.set_value("/Soc", 60.19)
+    await asyncio.sleep(0.5)
+    a.set_value("/Dc/0/Power", -2010.0)
+    await bank.value_is(agg, "/Dc/0/Power", -4740.0)
+    await asyncio.sleep(0.3)
+    monitor.terminate()
+    out = (await monitor.communicate())[0].decode()
+    assert out.count('string "/Dc/0/Power"') == 1, out  # only the change of -10 W went out
+    assert 'string "/Soc"' not in out
+    bank.close()
 
 
 async def test_member_vanishes_and_returns_with_reconnect_timeout(processes: Processes, tmp_path: Path) -> None:
@@ -351,8 +445,11 @@ async def test_writeable_paths_and_custom_name_persisted(processes: Processes, t
     await bank.add("a")
     agg, proc = start_aggregator(processes, tmp_path, bank)
     await bank.value_is(agg, "/Connected", 1)
+    # dbus-spy sends a number typed into a text field as int32: it is that text, as Victron's services take it.
+    assert (await busctl.acall_json(agg, "/CustomName", "SetValue", "v", "i", "3"))["data"] == [0]
+    await bank.value_is(agg, "/CustomName", "3")
+    assert (await busctl.acall_json(agg, "/CustomName", "SetValue", "v", "as", "1", "x"))["data"] == [1]
     assert (await busctl.acall_json(agg, "/CustomName", "SetValue", "v", "s", "Shed bank"))["data"] == [0]
-    assert (await busctl.acall_json(agg, "/CustomName", "SetValue", "v", "i", "3"))["data"] == [1]
     assert (await busctl.acall_json(agg, "/LogLevel", "SetValue", "v", "s", "DEBUG"))["data"] == [0]
     assert (await busctl.acall_json(agg, "/LogLevel", "SetValue", "v", "s", "LOUD"))["data"] == [2]
     assert (await busctl.acall_json(agg, "/Soc", "SetValue", "v", "d", "5"))["data"] == [1]
@@ -373,12 +470,7 @@ async def test_a_burst_is_published_as_one_itemschanged(processes: Processes, tm
     a = await bank.add("a")
     agg, _ = start_aggregator(processes, tmp_path, bank)
     await bank.value_is(agg, "/Connected", 1)
-    owner = (await client.call(await connect(), "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner",
-                               "s", [agg], interface="org.freedesktop.DBus")).body[0]
-    monitor = await asyncio.create_subprocess_exec(
-        "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    await asyncio.sleep(0.5)
+    monitor = await watch_signals(bus_address, agg)
     a.set_values({"/Soc": 77.0, "/Dc/0/Voltage": 51.1, "/Dc/0/Current": -9.0, "/InstalledCapacity": 120.0})
     await bank.value_is(agg, "/Soc", 77.0)
     await asyncio.sleep(0.3)

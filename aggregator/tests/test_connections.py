@@ -3,13 +3,15 @@ status 2, so the supervisor restarts it, instead of it living on with no battery
 make our messages too large are refused. Each test runs its own dbus-daemon with a small message size limit."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from aggregator.bus import client
+from aggregator.bus import client, service as service_module
 from aggregator.bus.lib import connect
 from aggregator.privatebus import PrivateBus
 
@@ -29,6 +31,15 @@ def small_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
             yield bus, processes
         finally:
             processes.stop_all()
+
+
+@contextlib.contextmanager
+def like_victrons_library(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Our services cut what they publish to the size limits; Victron's library (localsettings, battery drivers)
+    does not: a test's member or localsettings publishing a huge value is made so with the cut switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(service_module, "bounded", lambda value: value)
+        yield
 
 
 def start(processes: Processes, tmp_path: Path, bank: Bank) -> tuple[str, object]:
@@ -55,6 +66,67 @@ async def test_a_huge_custom_name_is_refused_and_the_service_stays(small_bus: tu
     assert proc.poll() is None  # type: ignore[attr-defined]
     assert "more than the 1024 allowed" in processes.output(proc)  # type: ignore[arg-type]
     writer.disconnect()
+    bank.close()
+
+
+async def test_a_huge_custom_name_in_localsettings_is_cut_and_the_service_stays(
+        small_bus: tuple[PrivateBus, Processes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write limit covered SetValue on our own paths only: a name written into localsettings was published
+    as is, and our next GetItems reply was larger than the bus allows (the bus dropped us: exit 2, and since
+    the setting stays, again after every restart)."""
+    from aggregator.aggregate import custom_name_setting
+    from aggregator.simulator.localsettings import serve
+
+    _, processes = small_bus
+    stand_in = await serve()
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=50.0)
+    agg, proc = start(processes, tmp_path, bank)
+    await bank.value_is(agg, "/System/NrOfBatteries", 1)
+    huge = "N" * 30000  # localsettings' own signal of it (value and text) still fits the bus
+    with like_victrons_library(monkeypatch):
+        assert stand_in.set(custom_name_setting(agg), huge) == 0
+    await bank.value_is(agg, "/CustomName", huge[:1023] + "\u2026")
+    reader = await connect()
+    items = await client.get_items(reader, agg)  # the reply that was too large
+    assert items["/CustomName"] == huge[:1023] + "\u2026"
+    assert proc.poll() is None  # type: ignore[attr-defined]
+    assert "/CustomName cut to the size limit" in processes.output(proc)  # type: ignore[arg-type]
+    reader.disconnect()
+    bank.close()
+    stand_in.service.close()
+
+
+async def test_a_member_with_a_huge_custom_name_is_not_republished(small_bus: tuple[PrivateBus, Processes],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's 25 kB /CustomName went into its row's Name and every cell id naming it: our signal was larger
+    than the bus allows, the bus dropped our connection, and with the member still there we crash-looped. A
+    value too large to publish is refused like an absurd one: the member is named by its product name."""
+    _, processes = small_bus
+    bank = Bank()
+    with like_victrons_library(monkeypatch):
+        await bank.add("a", Info__MaxChargeCurrent=50.0, System__MinCellVoltage=3.30, System__MinVoltageCellId="C3",
+                       System__MaxCellVoltage=3.35, System__MaxVoltageCellId="C7", CustomName="M" * 25000)
+    await bank.add("b", Info__MaxChargeCurrent=50.0, System__MinCellVoltage=3.31, System__MaxCellVoltage=3.34)
+    agg, proc = start(processes, tmp_path, bank)
+    await bank.value_is(agg, "/System/NrOfBatteries", 2)
+    reader = await connect()
+    items = await client.get_items(reader, agg)
+    names = {items[f"/Batteries/{n}/Service"]: items[f"/Batteries/{n}/Name"] for n in (0, 1)}
+    assert names == {bank.name("a"): "Pack a", bank.name("b"): "Pack b"}
+    assert items["/System/MinVoltageCellId"] == "Pack a C3"
+    await asyncio.sleep(1.0)
+    assert proc.poll() is None  # type: ignore[attr-defined]
+    log = processes.output(proc)  # type: ignore[arg-type]
+    assert f"ignoring /CustomName of {bank.name('a')}: too large" in log
+    assert "M" * 100 not in log  # nor is it copied into the log
+    # A name of a sane size is taken again, and a rename reaches the row and the cell ids.
+    bank.members["a"].set_value("/CustomName", "Rack 1")
+    await bank.value_is(agg, "/System/MinVoltageCellId", "Rack 1 C3")
+    row = next(n for n in (0, 1) if items[f"/Batteries/{n}/Service"] == bank.name("a"))
+    await bank.value_is(agg, f"/Batteries/{row}/Name", "Rack 1")
+    reader.disconnect()
     bank.close()
 
 

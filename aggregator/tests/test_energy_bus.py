@@ -215,6 +215,11 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
                          (tmp_path / "settings.json").read_text(), timeout=10)
         assert f"battery:{preferred_instance(grid)}" in (tmp_path / "settings.json").read_text()
         assert await bank.read(grid, "/DeviceInstance") == preferred_instance(grid)
+        # Its /CustomName is kept in localsettings too, as our other services' are.
+        assert await client.set_value(bank.reader, grid, "/CustomName", "Net metering") == 0
+        await eventually(lambda: json.loads((tmp_path / "settings.json").read_text()).get(
+            f"/Settings/BatteryAggregator/batteryaggregator_{grid.rsplit('.', 1)[-1]}/CustomName") == "Net metering",
+            timeout=10)
 
         async def exporting() -> bool:
             return (await bank.read(grid, "/GridBattery/LevelKwh") or 0) > 0

@@ -88,6 +88,10 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
         assert await value(busctl, battery, "/InstalledCapacity") == pytest.approx(200000 / 51.2, abs=0.01)
         assert await value(busctl, battery, "/DeviceInstance") == 101
         assert await value(busctl, battery, "/ProductId") == GRID_BATTERY_PRODUCT_ID
+        # A /CustomName like every battery's (kept in localsettings when the service runs it: test_energy_bus).
+        assert await value(busctl, battery, "/CustomName") == ""
+        assert await set_value(busctl, battery, "/CustomName", "s", "Net metering") == 0
+        assert await value(busctl, battery, "/CustomName") == "Net metering"
 
         processes.start_module("aggregator.simulator.grid_meter", "--name", "house", "--time-scale", "0",
                       "--start", "2023-01-01", "--rate", "20")

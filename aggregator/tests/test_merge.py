@@ -8,7 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from aggregator.merge import LIMIT_PATHS, RULES, Merge, MergeOptions, first_valid
+from aggregator.merge import (IDENTITY_PATHS, LIMIT_PATHS, MODULES_OFFLINE, MODULES_ONLINE, RULES, Merge, MergeOptions,
+                              first_valid)
 from aggregator.sanitize import check_value, check_values
 
 
@@ -104,6 +105,45 @@ def test_sum_rules(path):
     assert merged({}, {})[path] is None
 
 
+def test_modules_of_a_member_that_is_not_online_are_offline():
+    merge = Merge()
+    for name in ("a", "b", "c"):
+        merge.set_member(name, name.upper(), {MODULES_ONLINE: 2, MODULES_OFFLINE: 0})
+    merge.set_member("d", "D", {MODULES_ONLINE: 1, MODULES_OFFLINE: 1})
+    merge.set_member("e", "E", {})  # publishes no counts: it adds to neither
+    out = merge.compute_all()
+    assert (out[MODULES_ONLINE], out[MODULES_OFFLINE]) == (7, 1)
+    merge.set_offline(frozenset({"c", "d", "e"}))
+    out = merge.compute()
+    # Its last online count is not summed: online + offline stays the bank's 8 modules.
+    assert (out[MODULES_ONLINE], out[MODULES_OFFLINE]) == (4, 4)
+    merge.set_offline(frozenset({"a", "b", "c", "d"}))
+    assert (merge.compute_path(MODULES_ONLINE), merge.compute_path(MODULES_OFFLINE)) == (0, 8)
+    merge.set_offline(frozenset())
+    assert (merge.compute_path(MODULES_ONLINE), merge.compute_path(MODULES_OFFLINE)) == (7, 1)
+    assert merged({}, {})[MODULES_ONLINE] is None  # no counts at all: invalid, never 0
+
+
+def test_charge_cycles_are_weighted_by_capacity():
+    out = merged({"/History/ChargeCycles": 100, "/InstalledCapacity": 100.0},
+                 {"/History/ChargeCycles": 300, "/InstalledCapacity": 300.0}, {"/InstalledCapacity": 50.0})
+    assert out["/History/ChargeCycles"] == 250.0
+
+
+def test_sources_never_give_the_aggregate_their_identity():
+    merge = Merge()
+    merge.set_member("a", "A", {"/Soc": 50.0})
+    merge.set_source("auxiliary", "aux", None, {"/Dc/0/Temperature": 20.0, "/Serial": "AUX-1", "/DeviceInstance": 9,
+                                                "/CustomName": "Aux", "/ProductName": "Shunt"})
+    merge.set_source("primary", "pri", ["/Soc", "/Serial"], {"/Soc": 40.0, "/Serial": "PRI-1"})
+    out = merge.compute_all()
+    assert out["/Dc/0/Temperature"] == 20.0 and out["/Soc"] == 40.0
+    assert IDENTITY_PATHS.isdisjoint(out) and IDENTITY_PATHS.isdisjoint(merge.paths)
+    merge.update_member("a", {"/CustomName": "Pack A"})
+    merge.update_source("aux", {"/CustomName": "Renamed", "/Dc/0/Temperature": 21.0})
+    assert merge.compute() == {"/Dc/0/Temperature": 21.0}
+
+
 def test_installed_capacity_config_overrides_members():
     assert merged({"/InstalledCapacity": 100.0}, {"/InstalledCapacity": 100.0}, capacity=560)[
         "/InstalledCapacity"] == 560
@@ -176,6 +216,16 @@ def test_no_member_value_is_invalid_never_zero():
 def test_bad_values_become_none_with_a_reason(path, value):
     good, reason = check_value(path, value)
     assert good is None and reason
+
+
+def test_values_too_large_to_publish_are_refused_and_the_reason_stays_short():
+    for path, value in [("/CustomName", "x" * 400_000), ("/Serial", "s" * 1025), ("/Aggregator/Chain", ["a"] * 300),
+                        ("/Anything", {"k": "v" * 2000})]:
+        good, reason = check_value(path, value)
+        assert good is None and "too large" in reason and len(reason) < 100, (path, reason)
+    assert check_value("/CustomName", "x" * 1024) == ("x" * 1024, None)
+    good, reason = check_value("/Soc", ["a" * 500] * 10)
+    assert good is None and len(reason) < 100  # a long wrong value is not copied into the log
 
 
 def test_check_values_keeps_good_values_and_reports_bad_ones():
@@ -357,6 +407,7 @@ operation = st.one_of(
     st.tuples(st.just("update"), st.integers(0, 4), st.dictionaries(st.sampled_from(column_paths), column_value)),
     st.tuples(st.just("remove"), st.integers(0, 4), st.just({})),
     st.tuples(st.just("count"), st.integers(0, 4), st.booleans()),
+    st.tuples(st.just("offline"), st.integers(0, 4), st.booleans()),
 )
 
 
@@ -379,6 +430,8 @@ def test_column_rules_equal_their_definition(operations, capacity):
             merge.set_counted(name, values)
             if name in merge.members:  # only members can be left uncounted
                 uncounted = uncounted - {name} | (set() if values else {name})
+        elif kind == "offline":
+            merge.set_offline(merge.options.offline - {name} | ({name} if values else set()))
         else:
             merge.remove_member(name)
         uncounted &= set(merge.members)

@@ -238,6 +238,42 @@ async def test_setvalue_codes(busctl: Any) -> None:
         service.close()
 
 
+async def test_setvalue_converts_to_the_item_type_as_victrons_library_does(busctl: Any) -> None:
+    """dbus-spy sends a number typed into a text field as int32; Victron's BusItem library converts a write to
+    the item's type (str(123)), and so does localsettings: the value is taken, as that type."""
+    service = await make_service()
+    seen: list[Any] = []
+    service.add_path("/Name", "", writeable=True, value_types=(str,))
+    service.add_path("/Count", 1, writeable=True, value_types=(int,), on_change=lambda _p, v: seen.append(v) or True)
+    service.add_path("/Level", 1.0, writeable=True, value_types=(float,))
+    name = service.name
+
+    async def set_(path: str, *sig_and_value: str) -> int:
+        return (await busctl.acall_json(name, path, "SetValue", "v", *sig_and_value))["data"][0]
+
+    async def get(path: str) -> tuple[str, Any]:
+        return value_of(await busctl.acall_json(name, path, "GetValue"))
+
+    try:
+        for sig, written, published in [("i", "123", "123"), ("d", "1.5", "1.5"), ("s", "Shed", "Shed")]:
+            assert await set_("/Name", sig, written) == 0
+            assert await get("/Name") == ("s", published)
+        for sig, written, published in [("s", "12", 12), ("d", "2", 2), ("i", "3", 3)]:
+            assert await set_("/Count", sig, written) == 0
+            assert await get("/Count") == ("i", published)
+        assert seen == [12, 2, 3]  # the service's check sees the converted value
+        for sig, written, published in [("s", "2.5", 2.5), ("i", "3", 3.0)]:
+            assert await set_("/Level", sig, written) == 0
+            assert await get("/Level") == ("d", published)
+        # What has no value of the type is still refused with code 1, the value unchanged.
+        for path, sig_and_value in [("/Name", ("b", "true")), ("/Name", ("as", "1", "x")), ("/Count", ("d", "2.5")),
+                                    ("/Count", ("s", "two")), ("/Level", ("s", "nan")), ("/Level", ("b", "false"))]:
+            assert await set_(path, *sig_and_value) == 1, (path, sig_and_value)
+        assert (await get("/Name"), await get("/Count"), await get("/Level")) == (("s", "Shed"), ("i", 3), ("d", 3.0))
+    finally:
+        service.close()
+
+
 # ---- calls without an interface header, errors, description, introspection ---------------------------------
 
 async def test_calls_without_interface_are_answered_like_with_it() -> None:
@@ -401,6 +437,50 @@ async def test_setvalue_from_another_client_emits_propertieschanged(bus_address:
             signals = await monitor.signals()
         assert [(p, m) for p, m, _ in signals] == [("/Dc/0/Voltage", "PropertiesChanged")]
         assert "double 49.5" in signals[0][2] and '"49.50V"' in signals[0][2]
+    finally:
+        service.close()
+
+
+async def test_floats_are_published_at_their_resolution(bus_address: str, busctl: Any) -> None:
+    """Read through Victron's MQTT bridge, 60.182758620689654 went out as is, and a power alternating between
+    -4729.8 and -4729.700000000001 went out at every change: one displayed value published again and again."""
+    service = await make_service()
+    service.add_path("/Soc1", None, text="{:.1f}%", digits=1)
+    service.add_path("/Power", -4729.8, text="{:.0f}W", digits=0)
+    try:
+        service.set_value("/Soc1", 60.182758620689654)
+        assert value_of(await busctl.acall_json(service.name, "/Soc1", "GetValue")) == ("d", 60.2)
+        assert value_of(await busctl.acall_json(service.name, "/Power", "GetValue")) == ("d", -4730.0)
+        async with Monitor(bus_address, service.bus.unique_name) as monitor:
+            for power in (-4729.700000000001, -4729.8, -4730.4, -4729.5000001):
+                assert service.set_value("/Power", power) is False  # the same watt: no change
+            assert service.set_value("/Soc1", 60.21) is False
+            signals = await monitor.signals()
+        assert signals == []
+        async with Monitor(bus_address, service.bus.unique_name) as monitor:
+            assert service.set_value("/Power", -4731.2) is True
+            assert service.set_value("/Soc1", -0.04) is True
+            signals = await monitor.signals()
+        assert [p for p, _, _ in signals] == ["/Power", "/Soc1"]
+        assert "double -4731" in signals[0][2] and '"-4731W"' in signals[0][2]
+        assert '"0.0%"' in signals[1][2]  # not "-0.0%"
+        assert service["/Dc/0/Voltage"] == 53.2  # a path without a resolution is published as given
+    finally:
+        service.close()
+
+
+async def test_what_we_publish_is_cut_to_the_size_limits(busctl: Any) -> None:
+    """Whatever sets it (a setting, a member, our own composition), a text or list we publish stays within
+    the limits: a 5 MB text republished in every signal made the bus drop our connection."""
+    service = await make_service(**{"/Text": "", "/List": []})
+    try:
+        service.set_value("/Text", "x" * 5_000_000)
+        service.set_value("/List", [f"com.victronenergy.battery.m{i}" for i in range(1000)])
+        items = (await busctl.acall_json(service.name, "/", "GetItems"))["data"][0]
+        text = items["/Text"]["Value"]["data"]
+        assert len(text) == 1024 and text.endswith("\u2026") and items["/Text"]["Text"]["data"] == text
+        assert len(items["/List"]["Value"]["data"]) == 256
+        assert service.set_value("/Text", "x" * 5_000_000) is False  # the same cut value: no signal again
     finally:
         service.close()
 

@@ -234,7 +234,11 @@ async def test_bind_custom_name_persists(busctl: Any, tmp_path: Path) -> None:
         assert await set_(busctl, name, "/CustomName", "s", "House bank") == 0
         await eventually(lambda: _eq(get(busctl, setting), "House bank"), timeout=5)
         assert json.loads(store.read_text())[setting] == "House bank"
-        assert await set_(busctl, name, "/CustomName", "i", "5") == 1  # a string path
+        # A number typed into the text field (dbus-spy sends it as int32) is that text, as localsettings takes it.
+        assert await set_(busctl, name, "/CustomName", "i", "5") == 0
+        await eventually(lambda: _eq(get(busctl, setting), "5"), timeout=5)
+
+        assert await set_(busctl, name, "/CustomName", "b", "true") == 1  # a boolean is no text
 
         # a change in the settings reaches the service path
         assert await set_(busctl, SETTINGS_SERVICE, setting, "s", "Shed") == 0

@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.lib import Message, Variant
-from aggregator.bus.values import INVALID, INVALID_TEXT, fmt, product_id_text, same_value, text_of, unwrap, wrap
+from aggregator.bus.values import (INVALID, INVALID_TEXT, MAX_ITEMS, MAX_TEXT, NOT_CONVERTIBLE, bounded,
+                                   converted, fmt, format_digits, oversize, product_id_text, same_value, text_of,
+                                   unwrap, wrap)
 
 # dbus-next's own unmarshaller: what a peer would read from the wire.
 from dbus_next._private.unmarshaller import Unmarshaller  # noqa: E402
@@ -183,3 +185,74 @@ def test_text_of_never_fails_for_a_unit_formatter(value: Any) -> None:
         assert text == value
     else:
         assert text.endswith("V")
+
+
+# ---- size limits -------------------------------------------------------------------------------------------
+
+def test_oversize_names_what_is_too_large() -> None:
+    assert oversize("x" * MAX_TEXT) is None and oversize(1.5) is None and oversize(None) is None
+    assert "1025 characters is more than the 1024 allowed" in oversize("x" * (MAX_TEXT + 1))
+    assert oversize(list(range(MAX_ITEMS))) is None
+    assert "257 items" in oversize(list(range(MAX_ITEMS + 1)))
+    assert "characters" in oversize(["ok", "x" * (MAX_TEXT + 1)])  # at any depth
+    assert "characters" in oversize({"a": {"b": "x" * (MAX_TEXT + 1)}})
+    assert "in all" in oversize(["x" * MAX_TEXT] * 20)  # each one fits, all together do not
+    assert "in all" in oversize([["x" * 100] * 200] * 200)
+
+
+def test_bounded_cuts_texts_and_lists_and_keeps_what_fits() -> None:
+    fine = ["a", {"b": 1}]
+    assert bounded(fine) is fine and bounded("abc") == "abc" and bounded(2.5) == 2.5
+    cut = bounded("x" * 5_000_000)
+    assert len(cut) == MAX_TEXT and cut.endswith("\u2026")
+    assert len(bounded(list(range(1000)))) == MAX_ITEMS
+    assert oversize(bounded(["x" * 5000] * 5000)) is None
+    assert oversize(bounded({str(i): ["y" * 2000] * 300 for i in range(300)})) is None
+
+
+# Large values cheaply: a character or a value repeated up to past each limit.
+_long_text = st.tuples(st.characters(exclude_categories=("Cs",)), st.integers(0, 3000)).map(lambda t: t[0] * t[1])
+_sized = st.recursive(
+    st.none() | st.floats() | _text | _long_text,
+    lambda inner: (st.tuples(inner, st.integers(0, 400)).map(lambda t: [t[0]] * t[1])
+                   | st.lists(inner, max_size=5) | st.dictionaries(_text | _long_text, inner, max_size=5)),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_sized)
+def test_bounded_is_always_within_the_limits_and_publishable(value: Any) -> None:
+    cut = bounded(value)
+    assert oversize(cut) is None
+    wrap(cut)  # still a value D-Bus can carry
+    if oversize(value) is None:
+        assert cut is value
+
+
+# ---- SetValue conversion -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, types, expected", [
+    (123, (str,), "123"), (1.5, (str,), "1.5"), ("x", (str,), "x"),
+    (3, (float,), 3.0), ("2.5", (float,), 2.5), (" 7 ", (float,), 7.0), ("12", (int,), 12), (2.0, (int,), 2),
+    ("3", (int, float), 3), ("3.5", (int, float), 3.5), (None, (str,), None), (None, (int,), None),
+])
+def test_a_written_value_becomes_the_item_type(value: Any, types: tuple[type, ...], expected: Any) -> None:
+    got = converted(value, types)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("value, types", [
+    (True, (str,)), (True, (int,)), (False, (float,)), ([1], (str,)), ({"a": 1}, (str,)),
+    ("x", (int,)), ("nan", (float,)), ("inf", (float,)), (2.5, (int,)), (math.nan, (int,)), ("1.5", (int,)),
+])
+def test_what_cannot_be_converted_is_refused(value: Any, types: tuple[type, ...]) -> None:
+    assert converted(value, types) is NOT_CONVERTIBLE
+
+
+# ---- resolution --------------------------------------------------------------------------------------------
+
+def test_format_digits() -> None:
+    assert format_digits("{:.2f}V") == 2 and format_digits("{:.0f}W".format) == 0
+    assert format_digits("{:.3f}") == 3 and format_digits("{:>8.1f} A") == 1
+    for not_fixed in (None, "{}", "{:d}", "{:.1f} {:.2f}", str, lambda v: f"{v:.1f}"):
+        assert format_digits(not_fixed) is None
