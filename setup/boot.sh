@@ -26,18 +26,20 @@ if [ "${1:-}" = --background ]; then
     exit 0
 fi
 
-# One check at a time (the boot and PackageManager's reinstall may start one each); a lock older than
-# 10 minutes was left by a power cut.
+# One check at a time (the boot and PackageManager's reinstall may start one each). A lock whose process is
+# gone (a power cut), or older than 10 minutes, is stale.
 LOCK=$APP/.boot.lock
 if ! mkdir "$LOCK" 2>/dev/null; then
-    if [ -n "$(find "$LOCK" -maxdepth 0 -mmin +10 2>/dev/null)" ]; then
-        rm -rf "$LOCK" && mkdir "$LOCK" || exit 1
-    else
+    holder=$(cat "$LOCK/pid" 2>/dev/null)
+    if [ -z "$(find "$LOCK" -maxdepth 0 -mmin +10 2>/dev/null)" ] &&
+        { [ -z "$holder" ] || kill -0 "$holder" 2>/dev/null; }; then
         say "another boot check is running"
         exit 0
     fi
+    rm -rf "$LOCK" && mkdir "$LOCK" || exit 1
 fi
-trap 'rmdir "$LOCK" 2>/dev/null' EXIT
+echo $$ > "$LOCK/pid"
+trap 'rm -rf "$LOCK"' EXIT
 trap 'exit 1' INT TERM
 
 down() {  # keep the service down and say why where the user looks

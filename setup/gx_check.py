@@ -2,7 +2,7 @@
 """The ARM check (`./run.sh gx-check`): install the release as a GX would, without pip or network, on 32-bit
 (armhf) and 64-bit (arm64) ARM, and read the aggregate it publishes over D-Bus.
 
-For each CPU: a Debian bookworm root (Python 3.11, no pip) made by debootstrap and run under qemu-user-static,
+For each CPU: a Debian bookworm root (Python 3.11, no pip; --suite trixie: 3.13) made by debootstrap and run under qemu-user-static,
 cached in ~/.cache/battery-aggregator/gx-roots (the first run takes about 15 minutes; later ones reuse it).
 In it: the release built here is unpacked and setup/install.sh run; the root's own dbus-daemon is started; a
 simulated bank (three packs, run on this machine by `battery-aggregator simulate`) joins that bus; the
@@ -33,7 +33,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "battery-aggregator"
-SUITE = "bookworm"
+SUITES = ("bookworm", "trixie")  # Python 3.11 and 3.13 (no Debian release has 3.12, Venus OS v3.60's)
 ROOTS = {"armhf": ("armv7l", "qemu-arm"), "arm64": ("aarch64", "qemu-aarch64")}
 SERVICE = "com.victronenergy.battery.aggregator"
 PACKS = 3
@@ -84,16 +84,16 @@ def need_tools() -> None:
             raise CheckFailed(f"binfmt_misc has no {name}: this machine cannot run ARM binaries")
 
 
-def debian_root(arch: str) -> Path:
+def debian_root(suite: str, arch: str) -> Path:
     """The cached root for arch, made once (minbase + python3 + dbus-daemon: no pip)."""
-    root = CACHE / "gx-roots" / f"{SUITE}-{arch}"
+    root = CACHE / "gx-roots" / f"{suite}-{arch}"
     if (root / "usr/bin/python3").exists():
         return root
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    say(f"debootstrap {SUITE} {arch} into {root} (once; about 10 minutes)")
-    proc = run(["debootstrap", f"--arch={arch}", "--variant=minbase", "--include=python3,dbus-daemon", SUITE,
+    say(f"debootstrap {suite} {arch} into {root} (once; about 10 minutes)")
+    proc = run(["debootstrap", f"--arch={arch}", "--variant=minbase", "--include=python3,dbus-daemon", suite,
                 str(tmp), "http://deb.debian.org/debian"], timeout=3600)
     if proc.returncode:
         raise CheckFailed(f"debootstrap {arch} failed: {proc.stdout[-800:]}{proc.stderr[-800:]}")
@@ -161,9 +161,9 @@ def wait_for(what: str, probe, timeout: float):
     raise CheckFailed(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def check_root(arch: str, archive: Path) -> None:
+def check_root(suite: str, arch: str, archive: Path) -> None:
     machine, _ = ROOTS[arch]
-    root = debian_root(arch)
+    root = debian_root(suite, arch)
     reset_root(root)
     out = chroot(root, "uname -m; python3 -c 'import sys; print(sys.version.split()[0])'; "
                        "python3 -m pip --version >/dev/null 2>&1 && echo pip || echo no-pip")
@@ -171,6 +171,7 @@ def check_root(arch: str, archive: Path) -> None:
     say(f"{arch}: root {root.name}: {' '.join(got)}")
     if got[:1] != [machine] or "no-pip" not in got:
         raise CheckFailed(f"{arch}: expected {machine} without pip, got {got}")
+    expected_lib = "cp" + "".join(got[1].split(".")[:2]) + "-" + machine
 
     (root / "tmp/release").mkdir(parents=True)
     with tarfile.open(archive) as tar:
@@ -185,7 +186,7 @@ def check_root(arch: str, archive: Path) -> None:
     say(f"{arch}: install.sh: exit 0, lib/current -> {lib}, /service/battery-aggregator -> {link}")
     optional = [line for line in proc.stdout.splitlines() if line.startswith("optional")]
     say(f"{arch}: {'; '.join(optional) or 'no optional packages'}")
-    if not status.startswith("OK") or lib != f"cp311-{machine}":
+    if not status.startswith("OK") or lib != expected_lib:
         raise CheckFailed(f"{arch}: STATUS {status!r}, lib {lib}")
 
     proc = chroot(root, "cd /tmp/release && /data/battery-aggregator/check_config.sh; "
@@ -230,7 +231,7 @@ def check_root(arch: str, archive: Path) -> None:
         if proc.returncode or not lines:
             raise CheckFailed(f"{arch}: battery-aggregator status: {proc.stdout}{proc.stderr}")
         say(f"{arch}: `battery-aggregator status` in the root: {lines[0][:90]}")
-        for line in lines[1:6]:
+        for line in lines[1:9]:
             print(f"           {line[:100]}")
         if procs[-1].poll() is not None:
             raise CheckFailed(f"{arch}: the service exited: {log.read_text()[-2000:]}")
@@ -249,6 +250,8 @@ def check_root(arch: str, archive: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="armhf,arm64", help="Debian roots to check (default armhf,arm64)")
+    parser.add_argument("--suite", default="bookworm", choices=SUITES,
+                        help="Debian release of the roots: bookworm (Python 3.11, default) or trixie (3.13)")
     parser.add_argument("--release", type=Path, help="an already built battery-aggregator-*.tar.gz")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in check_wheel_tags(archive):
                 say(f"wheel tags: {line}")
             for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
-                check_root(arch, archive)
+                check_root(args.suite, arch, archive)
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         say(f"FAILED: {exc}")
         return 1

@@ -662,3 +662,18 @@ def test_blind_install_beside_batteryaggregator_needs_the_flag_file(root, env, a
     subprocess.run(["sh", str(hook)], env=e, check=True, timeout=120)
     assert "exit status 0" in (root / "media/sda1/battery-aggregator-install.log").read_text()
     assert not (root / "data/BatteryAggregator").exists() and (root / OPTIONS / "FORCE_REMOVE").exists()
+
+
+def test_boot_check_takes_over_a_lock_left_by_a_power_cut(root, env):
+    install(root, env)
+    shutil.rmtree(root / "service")
+    lock = app(root) / ".boot.lock"
+    lock.mkdir()
+    (lock / "pid").write_text("999999\n")  # no such process any more
+    proc = subprocess.run([app(root) / "setup" / "boot.sh"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (root / "service" / NAME).is_symlink() and not lock.exists()
+    lock.mkdir()
+    (lock / "pid").write_text(f"{os.getpid()}\n")  # a check that is still running: leave it alone
+    proc = subprocess.run([app(root) / "setup" / "boot.sh"], env=env, capture_output=True, text=True, timeout=60)
+    assert "another boot check is running" in proc.stdout and lock.exists()
