@@ -189,11 +189,12 @@ def check_root(suite: str, arch: str, archive: Path) -> None:
     if not status.startswith("OK") or lib != expected_lib:
         raise CheckFailed(f"{arch}: STATUS {status!r}, lib {lib}")
 
-    proc = chroot(root, "cd /tmp/release && /data/battery-aggregator/check_config.sh; "
+    proc = chroot(root, f"cd {release} && ./check_config.sh; "
                         "cd / && echo '{\"currentRatioMethod\": \"ir\"}' > /tmp/ir.json && "
                         "/data/battery-aggregator/check_config.sh /tmp/ir.json")
     checked = proc.stdout.strip().splitlines()
-    say(f"{arch}: check_config.sh: {checked[0] if checked else proc.stderr.strip()}; with ir: "
+    say(f"{arch}: check_config.sh (in the unpacked release): {checked[0] if checked else proc.stderr.strip()}; "
+        "with ir: "
         f"{checked[1][:70] + '...' if len(checked) > 1 else ''}")
     if not checked or checked[0] != "OK":
         raise CheckFailed(f"{arch}: check_config.sh: {proc.stdout}{proc.stderr}")

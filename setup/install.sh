@@ -99,10 +99,19 @@ battery-aggregator reads unchanged: $CONFIG. Nothing was installed."
 fi
 remove_our_old_package
 
-# 3. Stop a running service while its files are replaced (started again once the check passes).
+# 3. Stop a running service while its files are replaced (started again once the check passes, and also
+#    if this install fails on the way: a failed update leaves the running version running).
+SVC_STOPPED=0
 if [ "$NO_START" = 0 ] && [ -e "$LINK" ] && have svc; then
-    svc -d "$LINK" 2>/dev/null
+    svc -d "$LINK" 2>/dev/null && SVC_STOPPED=1
 fi
+restart_if_failed() {
+    status=$?
+    if [ "$status" != 0 ] && [ "$SVC_STOPPED" = 1 ] && [ -L "$LINK" ]; then
+        svc -u "$LINK" 2>/dev/null && warn "this install failed; the service runs on as it was"
+    fi
+}
+trap restart_if_failed EXIT
 
 # 4. The app: each part is copied next to the old one and swapped in, so a failure leaves the old install whole.
 mkdir -p "$APP" || die 1 "cannot create $APP"

@@ -677,3 +677,18 @@ def test_boot_check_takes_over_a_lock_left_by_a_power_cut(root, env):
     (lock / "pid").write_text(f"{os.getpid()}\n")  # a check that is still running: leave it alone
     proc = subprocess.run([app(root) / "setup" / "boot.sh"], env=env, capture_output=True, text=True, timeout=60)
     assert "another boot check is running" in proc.stdout and lock.exists()
+
+
+def test_a_failed_update_starts_the_running_version_again(root, env, tmp_path):
+    calls = fake_svc(env, tmp_path)
+    run(INSTALL, "--root", root, env=env)
+    cp = Path(env["PATH"].split(":")[0]) / "cp"  # the copy of the new app fails (a full /data, say)
+    cp.write_text('#!/bin/sh\ncase "$*" in *aggregator.new*) echo "cp: No space left on device" >&2; exit 1 ;; esac\n'
+                  'exec /bin/cp "$@"\n')
+    cp.chmod(0o755)
+    calls.write_text("")
+    proc = run(INSTALL, "--root", root, env=env, check=False)
+    assert proc.returncode == 1 and "the previous install is unchanged" in proc.stderr
+    assert "the service runs on as it was" in proc.stderr
+    assert calls.read_text().splitlines() == [f"-d {root}/service/{NAME}", f"-u {root}/service/{NAME}"]
+    assert (app(root) / "aggregator" / "__init__.py").is_file() and (root / "service" / NAME).is_symlink()
