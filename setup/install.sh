@@ -192,6 +192,12 @@ mkdir -p "$LOGDIR" 2>/dev/null || true
 # 6. The boot check from /data/rc.local (/service is rebuilt in RAM at boot, and a firmware update may bring
 #    another Python). It runs in the background so the boot does not wait for it.
 mkdir -p "$ROOT/data" || die 1 "cannot create $ROOT/data"
+if [ ! -f "$RCLOCAL" ] && [ -f "$RCLOCAL.disabled" ]; then
+    # The user switched off third-party boot hooks (Settings, General, Modification checks): respect that, and
+    # have the line there for when they are switched on again.
+    RCLOCAL=$RCLOCAL.disabled
+    warn "boot hooks are disabled ($RCLOCAL): after a reboot battery-aggregator does not start until they are enabled again (Settings > General > Modification checks)"
+fi
 [ -f "$RCLOCAL" ] || printf '#!/bin/sh\n' > "$RCLOCAL" || die 1 "cannot create $RCLOCAL"
 BOOT_LINE="if [ -x $APP/setup/boot.sh ]; then $APP/setup/boot.sh --background; fi  $MARKER"
 # Drop our old line (whatever its paths), then add it once: before a final "exit" if the file has one.

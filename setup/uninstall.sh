@@ -68,7 +68,7 @@ if [ -d "$SVCDIR" ] && [ "$NO_STOP" = 0 ]; then
 fi
 
 # 2. Our lines in rc.local and root's .profile (everything else in them stays as it is).
-for file in "$RCLOCAL" "$USER_PROFILE"; do
+for file in "$RCLOCAL" "$RCLOCAL.disabled" "$USER_PROFILE"; do
     if [ -f "$file" ] && grep -F -q "$MARKER" "$file"; then
         grep -F -v "$MARKER" "$file" > "$file.new"
         cat "$file.new" > "$file" && rm -f "$file.new" || die 1 "cannot update $file"
@@ -109,7 +109,7 @@ if [ "$PURGE" = 1 ]; then
 else
     [ -e "$CONFIG" ] && say "kept the config: $CONFIG"
     [ -d "$STATE_DIR" ] && say "kept the learned state (energy totals, shares, grid batteries): $STATE_DIR"
-    say "(./setup/uninstall.sh --purge removes them; installing again uses them)"
+    say "(a release's setup/uninstall.sh --purge removes them; installing again uses them)"
 fi
 say "battery-aggregator is uninstalled"
 exit 0

@@ -692,3 +692,16 @@ def test_a_failed_update_starts_the_running_version_again(root, env, tmp_path):
     assert "the service runs on as it was" in proc.stderr
     assert calls.read_text().splitlines() == [f"-d {root}/service/{NAME}", f"-u {root}/service/{NAME}"]
     assert (app(root) / "aggregator" / "__init__.py").is_file() and (root / "service" / NAME).is_symlink()
+
+
+def test_disabled_boot_hooks_stay_disabled(root, env):
+    """Venus OS can switch third-party boot hooks off by renaming rc.local: the install does not undo that."""
+    disabled = root / "data/rc.local.disabled"
+    disabled.parent.mkdir(parents=True)
+    disabled.write_text("#!/bin/sh\necho mine\n")
+    proc = install(root, env)
+    assert not (root / "data/rc.local").exists()
+    assert len(lines_with(disabled, MARKER)) == 1 and "echo mine" in disabled.read_text()
+    assert "boot hooks are disabled" in proc.stderr and "Modification checks" in proc.stderr
+    uninstall(root, env)
+    assert lines_with(disabled, MARKER) == [] and "echo mine" in disabled.read_text()
