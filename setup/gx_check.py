@@ -7,7 +7,10 @@ cached in ~/.cache/battery-aggregator/gx-roots (the first run takes about 15 min
 In it: the release built here is unpacked and setup/install.sh run; the root's own dbus-daemon is started; a
 simulated bank (three packs, run on this machine by `battery-aggregator simulate`) joins that bus; the
 installed service starts from its run script; and the aggregate is read over the bus twice: by dbus-send here and
-by `battery-aggregator status` inside the root. check_config.sh runs from the package directory there too.
+by `battery-aggregator status` inside the root. check_config.sh runs from the unpacked release there too.
+--firmware-update trixie then moves the installed /data into a trixie root (Python 3.13), as a firmware update
+with another Python would leave it, runs the boot check there (it repairs the dependencies from the bundle,
+offline) and reads the aggregate again.
 
 The release is the default one (Python 3.11, 3.12 and 3.13, armv7l and aarch64): the wheels for 3.12 (Venus OS
 v3.60+) and 3.13 cannot run here, so their tags are checked instead (every target has all its wheels, each built
@@ -161,7 +164,7 @@ def wait_for(what: str, probe, timeout: float):
     raise CheckFailed(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def check_root(suite: str, arch: str, archive: Path) -> None:
+def check_root(suite: str, arch: str, archive: Path, firmware_update: str | None = None) -> None:
     machine, _ = ROOTS[arch]
     root = debian_root(suite, arch)
     reset_root(root)
@@ -199,6 +202,33 @@ def check_root(suite: str, arch: str, archive: Path) -> None:
     if not checked or checked[0] != "OK":
         raise CheckFailed(f"{arch}: check_config.sh: {proc.stdout}{proc.stderr}")
 
+    serve_and_read(root, arch)
+    if firmware_update:
+        carry_over(root, arch, firmware_update)
+    reset_root(root)
+
+
+def carry_over(old_root: Path, arch: str, suite: str) -> None:
+    """A firmware update that brings another Python: the same /data under another root, then the boot check."""
+    machine, _ = ROOTS[arch]
+    root = debian_root(suite, arch)
+    reset_root(root)
+    shutil.copytree(old_root / "data", root / "data", symlinks=True)
+    version = chroot(root, "python3 -c 'import sys; print(\"%d%d\" % sys.version_info[:2])'").stdout.strip()
+    say(f"{arch}: firmware update: the installed /data moved to a {suite} root (Python {version[0]}.{version[1:]}); "
+        "no /service link, no network")
+    proc = chroot(root, "/data/battery-aggregator/setup/boot.sh", timeout=900)
+    lib = os.readlink(root / "data/battery-aggregator/lib/current")
+    say(f"{arch}: boot.sh: exit {proc.returncode}, lib/current -> {lib}, "
+        f"{(root / 'data/battery-aggregator/STATUS').read_text().split(':')[0]}")
+    if proc.returncode or lib != f"cp{version}-{machine}" or not (root / "service/battery-aggregator").is_symlink():
+        raise CheckFailed(f"{arch}: the boot check after the update failed:\n{proc.stdout}\n{proc.stderr}")
+    serve_and_read(root, arch)
+    reset_root(root)
+
+
+def serve_and_read(root: Path, arch: str) -> None:
+    """The root's dbus-daemon, a simulated bank from here, the installed service; the aggregate read back."""
     (root / "run/gx-check").mkdir(parents=True)
     (root / "run/gx-check/bus.conf").write_text(BUS_CONF)
     address = f"unix:path={root}/run/gx-check/bus"
@@ -245,7 +275,6 @@ def check_root(suite: str, arch: str, archive: Path) -> None:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-    reset_root(root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default="bookworm", choices=SUITES,
                         help="Debian release of the roots: bookworm (Python 3.11, default) or trixie (3.13)")
     parser.add_argument("--release", type=Path, help="an already built battery-aggregator-*.tar.gz")
+    parser.add_argument("--firmware-update", choices=SUITES, metavar="SUITE",
+                        help="then move the installed /data to a root of SUITE (another Python) and check that the "
+                             "boot check repairs it offline, e.g. --firmware-update trixie")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("gx-check needs root (chroot, debootstrap)", file=sys.stderr)
@@ -265,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in check_wheel_tags(archive):
                 say(f"wheel tags: {line}")
             for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
-                check_root(args.suite, arch, archive)
+                check_root(args.suite, arch, archive, args.firmware_update)
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         say(f"FAILED: {exc}")
         return 1
