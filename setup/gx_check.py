@@ -220,7 +220,7 @@ def carry_over(old_root: Path, arch: str, suite: str) -> None:
     proc = chroot(root, "/data/battery-aggregator/setup/boot.sh", timeout=900)
     lib = os.readlink(root / "data/battery-aggregator/lib/current")
     say(f"{arch}: boot.sh: exit {proc.returncode}, lib/current -> {lib}, "
-        f"{(root / 'data/battery-aggregator/STATUS').read_text().split(':')[0]}")
+        f"STATUS {(root / 'data/battery-aggregator/STATUS').read_text().split(' (')[0]}")
     if proc.returncode or lib != f"cp{version}-{machine}" or not (root / "service/battery-aggregator").is_symlink():
         raise CheckFailed(f"{arch}: the boot check after the update failed:\n{proc.stdout}\n{proc.stderr}")
     serve_and_read(root, arch)
