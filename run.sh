@@ -2,7 +2,8 @@
 # The project's two commands on a fresh Debian machine:
 #   ./run.sh demo   set up (once) and run the demo: a private bus, the simulated bank and the aggregator, live
 #   ./run.sh test   set up (once) and run the whole test suite
-# Other commands: ./run.sh setup | bench [ARGS] | shell
+# Other commands: ./run.sh setup | bench [ARGS] | shell | gx-check (install the release on ARM under qemu: see
+# setup/gx_check.py; needs root; the first run builds two Debian roots in ~/.cache, about 15 minutes)
 # Set-up installs what is missing: python3 with venv and dbus-daemon/dbus-send/busctl from apt (as root or
 # with sudo), and a virtual environment in .venv with the project and its test dependencies.
 set -euo pipefail
@@ -47,5 +48,6 @@ case "$cmd" in
     test) setup; exec .venv/bin/python -m pytest "$@" ;;
     bench) setup; exec .venv/bin/python -m aggregator.bench "$@" ;;
     shell) setup; exec bash --rcfile <(echo '. .venv/bin/activate') ;;
-    *) echo "usage: ./run.sh demo|test|setup|bench|shell" >&2; exit 2 ;;
+    gx-check) setup; exec .venv/bin/python setup/gx_check.py "$@" ;;
+    *) echo "usage: ./run.sh demo|test|setup|bench|shell|gx-check" >&2; exit 2 ;;
 esac

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import signal
 import sys
+from typing import Any, Callable
 
 from . import __version__
 
@@ -76,6 +78,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return main(args.scenario, args.duration, args.refresh)
 
 
+def device_warnings(config: Any, installed: Callable[[str], bool]) -> list[str]:
+    """What a valid config asks of this device that it cannot do, an optional package being missing here."""
+    warnings = []
+    if not installed("numpy"):
+        if config.currentRatioMethod == "ir":
+            warnings.append('currentRatioMethod is "ir", but numpy is not installed on this device: the IR '
+                            "estimator is off and the shares fall back to capacity (32-bit ARM GX devices have "
+                            'no numpy; "share" learns the split from the measured currents)')
+        if config.dispatcher.batteries:
+            warnings.append("dispatcher.batteries is set, but numpy is not installed on this device: the "
+                            "dispatcher does not run")
+    if not installed("aiomqtt") and config.coop.enabled:
+        warnings.append("coop.enabled is true, but aiomqtt is not installed on this device: the cooperative "
+                        "does not run")
+    return warnings
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .config import DEFAULT_CONFIG_PATH, check_config_file
 
@@ -88,6 +111,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"error: {error}")
         print(f"{path}: {len(result.errors)} error(s)")
         return 1
+    for warning in device_warnings(result.config, _installed):
+        print(f"warning: {warning}")
     print("OK")
     if args.live:
         from .live import print_live_roles

@@ -136,8 +136,9 @@ class Config(BaseModel):
     expectedBatteries: int | None = Field(None, ge=1, le=256, description="how many members should be online")
     limits: LimitOptions = Field(default_factory=LimitOptions, description="stability and safety settings of "
                                  "the charge limits")
-    stateDir: str = Field("/data/battery-aggregator", min_length=1, description="where learned shares and IR "
-                          "estimates are kept across restarts")
+    stateDir: str = Field("/data/setupOptions/BatteryAggregator/state", min_length=1, description="where the "
+                          "learned state (shares, IR estimates, energy totals, grid batteries) is kept across "
+                          "restarts and reinstalls, outside the app directory")
     energy: EnergyOptions = Field(default_factory=EnergyOptions, description="energy totals per battery and "
                                   "external batteries")
     gridBatteries: list[GridBatterySettings] = Field(default_factory=list, description="virtual batteries fed by "

@@ -22,7 +22,7 @@ from aggregator.privatebus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
 ASYNC_TIMEOUT = 60.0
-# The production stateDir (/data/battery-aggregator): on a GX, or a PC where the service is installed, it holds
+# The production stateDir (its default in the config model): on a GX, or a PC where the service is installed, it holds
 # the real learned shares, energy and the cooperative's ledger. No test may write there; every test gives its
 # configs a stateDir under tmp_path. Taken from the model, so the guard follows the default if it moves.
 PRODUCTION_STATE_DIR = Path(Config().stateDir)

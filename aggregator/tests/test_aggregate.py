@@ -114,7 +114,7 @@ def start_aggregator(processes: Processes, tmp_path: Path, bank: Bank, suffix: s
     config.setdefault("serviceName", name)
     config.setdefault("startupBatteryWait", 5)
     config.setdefault("reconnectTimeout", 0)
-    config.setdefault("stateDir", str(tmp_path / "state"))  # never the production /data/battery-aggregator
+    config.setdefault("stateDir", str(tmp_path / "state"))  # never the production stateDir
     path = tmp_path / f"{suffix}.json"
     path.write_text(json.dumps(config))
     return name, processes.start("run", "--config", str(path), "--log-level", "DEBUG")
