@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .coop.settings import CoopSettings, is_loopback
 from .dispatch.settings import DispatcherConfig
 from .grid_battery_service import GridBatterySettings
-from .validation import (JsonFileError, at, format_messages, integers_as_ints, json_positions, key_path, read_json,
-                         validation_messages)
+from .validation import (JsonFileError, at, format_messages, integers_as_ints, json_positions, key_path,
+                         parse_json_text, read_text, validation_messages)
 
 DEFAULT_CONFIG_PATH = "/data/setupOptions/BatteryAggregator/config.json"
 DEFAULT_SERVICE_NAME = "com.victronenergy.battery.aggregator"
@@ -339,11 +339,10 @@ class CheckResult:
 def check_config_file(path: str | Path) -> CheckResult:
     """Everything the checker and the daemon want to know of a config file, never raising."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        data = read_json(path)
-    except (OSError, JsonFileError) as exc:
-        message = str(exc) if isinstance(exc, JsonFileError) else f"cannot read {path}: {exc}"
-        return CheckResult(None, [message], [])
+        text = read_text(path)
+        data = parse_json_text(text)
+    except JsonFileError as exc:
+        return CheckResult(None, [str(exc) if str(exc).startswith("cannot read") else f"{path}: {exc}"], [])
     positions = json_positions(text)
     try:
         config = validate_document(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,17 +15,80 @@ class JsonFileError(ValueError):
     """A JSON file could not be read or parsed; the message names the file, line and column."""
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
 def _duplicate_keys_rejected(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise _DuplicateKey(key)
         seen[key] = value
     return seen
 
 
-def _not_json(word: str) -> Any:
-    raise ValueError(f"{word} is not JSON (a number must be finite)")
+class _NotJson(ValueError):
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+def _outside_strings(text: str) -> Iterable[int]:
+    """The offsets of a JSON text that are not inside a string."""
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        else:
+            yield i
+
+
+def _not_json(text: str) -> Any:
+    def refuse(word: str) -> Any:
+        offset = next((i for i in _outside_strings(text) if text.startswith(word, i)), 0)
+        raise _NotJson(f"{word} is not a JSON number", offset)
+    return refuse
+
+
+def _first_duplicate(text: str) -> tuple[str, int] | None:
+    """The first key, in the order of the text, that an object has twice, and where its second one starts
+    (the decoder meets the inner objects first; the page reads in the order of the text)."""
+    decoder = json.JSONDecoder()
+    stack: list[set[str] | None] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            word, end = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+            rest = text[end:].lstrip(" \t\r\n")
+            if stack and stack[-1] is not None and rest.startswith(":"):
+                if word in stack[-1]:
+                    return word, i
+                stack[-1].add(word)
+            i = end
+            continue
+        if ch in "{[":
+            stack.append(set() if ch == "{" else None)
+        elif ch in "}]" and stack:
+            stack.pop()
+        elif ch not in " \t\r\n,:":
+            try:
+                _, i = decoder.raw_decode(text, i)
+                continue
+            except ValueError:
+                pass
+        i += 1
+    return None
 
 
 def _line_column(text: str, offset: int) -> tuple[int, int]:
@@ -49,22 +113,33 @@ def parse_json_text(text: str) -> Any:
     """Decode a config text: a duplicate key is an error (the second would silently win otherwise), as is NaN
     or Infinity (not JSON); a syntax error says where, and what is probably wrong."""
     try:
-        return json.loads(text, object_pairs_hook=_duplicate_keys_rejected, parse_constant=_not_json)
+        return json.loads(text, object_pairs_hook=_duplicate_keys_rejected, parse_constant=_not_json(text))
     except json.JSONDecodeError as err:
         hint = json_hint(text, err.pos)
         raise JsonFileError(f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
                             + (f" (hint: {hint})" if hint else "")) from None
-    except ValueError as err:
-        raise JsonFileError(str(err)) from None
+    except _NotJson as err:
+        line, column = _line_column(text, err.offset)
+        raise JsonFileError(f"invalid JSON at line {line} column {column}: {err}") from None
+    except _DuplicateKey as err:
+        key, offset = _first_duplicate(text) or (err.key, 0)
+        line, column = _line_column(text, offset)
+        raise JsonFileError(f"invalid JSON at line {line} column {column}: duplicate key {key!r}") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A JSON file's text (without a byte order mark, as some editors write one: a browser drops it too)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
+    except OSError as err:
+        raise JsonFileError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise JsonFileError(f"cannot read {path}: not UTF-8 text (byte {err.start})") from None
 
 
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file (parse_json_text); the error names the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise JsonFileError(f"cannot read {path}: {err.strerror or err}") from None
+    text = read_text(path)
     try:
         return parse_json_text(text)
     except JsonFileError as err:
@@ -192,6 +267,9 @@ def _step(schema: dict[str, Any], node: dict[str, Any], part: Any) -> dict[str, 
     props = node.get("properties") or {}
     if part in props:
         return _resolve(schema, props[part])
+    for pattern, value in (node.get("patternProperties") or {}).items():
+        if re.search(pattern, str(part)):
+            return _resolve(schema, value)
     extra = node.get("additionalProperties")
     return _resolve(schema, extra) if isinstance(extra, dict) else {}
 
@@ -248,6 +326,8 @@ def read_loc(schema: dict[str, Any], loc: tuple[Any, ...], data: Any) -> tuple[t
             continue
         node = _unwrap(schema, node, _value_at(data, path)) if node else node
         part = parts.pop(0)
+        if part == "[key]":  # pydantic's mark of an error in a dict's key: the key path ends at the key
+            continue
         node = _step(schema, node, part) if node else {}
         path += (part,)
     return path, tags

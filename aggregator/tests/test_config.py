@@ -294,7 +294,7 @@ def test_unknown_keys_get_the_closest_allowed_key(tmp_path: Path, text: str, exp
     ('{\n  // the bank\n  "capacity": 100\n}', "line 2 column 3: Expecting property name enclosed in double "
                                               "quotes (hint: JSON has no comments: remove the comment)"),
     ('{"capacity": 100 /* Ah */}', "(hint: JSON has no comments: remove the comment)"),
-    ('{"capacity": NaN}', "NaN is not JSON"),
+    ('{"capacity": NaN}', "line 1 column 14: NaN is not a JSON number"),
     ('{"capacity": 100 100}', "line 1 column 18: Expecting ',' delimiter"),
 ])
 def test_json_mistakes_get_a_hint(tmp_path: Path, text: str, expected: str) -> None:
