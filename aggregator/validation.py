@@ -53,11 +53,28 @@ def _outside_strings(text: str) -> Iterable[int]:
             yield i
 
 
+def _where(text: str, token: str) -> int:
+    return next((i for i in _outside_strings(text) if text.startswith(token, i)), 0)
+
+
 def _not_json(text: str) -> Any:
     def refuse(word: str) -> Any:
-        offset = next((i for i in _outside_strings(text) if text.startswith(word, i)), 0)
-        raise _NotJson(f"{word} is not a JSON number", offset)
+        raise _NotJson(f"{word} is not a JSON number", _where(text, word))
     return refuse
+
+
+def _finite(text: str, kind: type) -> Any:
+    """A number of the text, refused when no float holds it (1e400): a browser reads it as Infinity."""
+    def number(token: str) -> Any:
+        try:
+            value = kind(token)
+            if math.isfinite(float(value)):
+                return value
+        except (OverflowError, ValueError):  # ValueError: more digits than int() takes
+            pass
+        raise _NotJson(f"{token[:20]}{'...' if len(token) > 20 else ''} is out of the range of a number",
+                       _where(text, token))
+    return number
 
 
 def _first_duplicate(text: str) -> tuple[str, int] | None:
@@ -109,22 +126,47 @@ def json_hint(text: str, offset: int) -> str:
     return ""
 
 
+MAX_DEPTH = 64  # a config is a few levels deep; the decoder would run out of stack on thousands
+
+
+def _too_deep(text: str) -> int | None:
+    depth = 0
+    for i in _outside_strings(text):
+        if text[i] in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return i
+        elif text[i] in "]}":
+            depth -= 1
+    return None
+
+
 def parse_json_text(text: str) -> Any:
-    """Decode a config text: a duplicate key is an error (the second would silently win otherwise), as is NaN
-    or Infinity (not JSON); a syntax error says where, and what is probably wrong."""
+    """Decode a config text: a duplicate key is an error (the second would silently win otherwise), as are NaN,
+    Infinity and numbers beyond a float (not JSON a browser reads), and nesting beyond MAX_DEPTH; the first
+    mistake in the text is named with its line and column, and what is probably wrong."""
+    problem: tuple[int, str] | None = None
+    data = None
     try:
-        return json.loads(text, object_pairs_hook=_duplicate_keys_rejected, parse_constant=_not_json(text))
+        data = json.loads(text, object_pairs_hook=_duplicate_keys_rejected, parse_constant=_not_json(text),
+                          parse_float=_finite(text, float), parse_int=_finite(text, int))
+    except RecursionError:  # far deeper than MAX_DEPTH: found below
+        pass
     except json.JSONDecodeError as err:
         hint = json_hint(text, err.pos)
-        raise JsonFileError(f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-                            + (f" (hint: {hint})" if hint else "")) from None
+        problem = (err.pos, err.msg + (f" (hint: {hint})" if hint else ""))
     except _NotJson as err:
-        line, column = _line_column(text, err.offset)
-        raise JsonFileError(f"invalid JSON at line {line} column {column}: {err}") from None
+        problem = (err.offset, str(err))
     except _DuplicateKey as err:
         key, offset = _first_duplicate(text) or (err.key, 0)
-        line, column = _line_column(text, offset)
-        raise JsonFileError(f"invalid JSON at line {line} column {column}: duplicate key {key!r}") from None
+        problem = (offset, f"duplicate key {key!r}")
+    deep = _too_deep(text)
+    if deep is not None and (problem is None or deep <= problem[0]):
+        problem = (deep, f"nested more than {MAX_DEPTH} levels deep")
+    if problem is not None:
+        line, column = _line_column(text, problem[0])
+        raise JsonFileError(f"invalid JSON at line {line} column {column}: {problem[1]}")
+    return data
 
 
 def read_text(path: str | Path) -> str:

@@ -296,6 +296,11 @@ def test_unknown_keys_get_the_closest_allowed_key(tmp_path: Path, text: str, exp
     ('{"capacity": 100 /* Ah */}', "(hint: JSON has no comments: remove the comment)"),
     ('{"capacity": NaN}', "line 1 column 14: NaN is not a JSON number"),
     ('{"capacity": 100 100}', "line 1 column 18: Expecting ',' delimiter"),
+    # what a browser cannot read either, and what would exhaust the decoder: errors, never a crash
+    ('{"classes": {"x": {"v": -1e999}}}', "line 1 column 25: -1e999 is out of the range of a number"),
+    ('{"capacity": 1' + "0" * 5000 + "}", "line 1 column 14: 10000000000000000000... is out of the range"),
+    ("[" * 100000, "line 1 column 65: nested more than 64 levels deep"),
+    ('{"a": 1,}' + "[" * 100, "line 1 column 9: Expecting property name enclosed in double quotes (hint:"),
 ])
 def test_json_mistakes_get_a_hint(tmp_path: Path, text: str, expected: str) -> None:
     errors = check_text(tmp_path, text)

@@ -477,6 +477,11 @@ AGREEMENT_CASES: dict[str, Any] = {
     "not an object": "[1, 2]",
     "empty": "",
     "a byte order mark": '\ufeff{"logLevel": "DEBUG"}',
+    "a number beyond a float": '{"capacity": 1e400}',
+    "a number beyond a float where anything goes": '{"classes": {"hooks.FixedValueHook": {"value": -1e999}}}',
+    "an integer beyond a float": '{"expectedBatteries": 1' + "0" * 400 + "}",
+    "nested too deep": '{"classes": ' + '{"a": ' * 70 + "1" + "}" * 71,
+    "a mistake before the nesting": '{"capacity": 1,}' + "[" * 70,
     **{f"rule: {name}": data for name, data in MODEL_CASES.items()},
     **{f"semantic {n}": data for n, data in enumerate(SEMANTIC_CASES)},
 }
@@ -570,7 +575,8 @@ def field_cases() -> dict[str, Any]:
 
     def resolve(node: dict[str, Any]) -> dict[str, Any]:
         while "$ref" in node:
-            node = {**schema["$defs"][node["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+            target = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+            node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return node
 
     def wrap(path: list[Any], value: Any) -> Any:
@@ -619,14 +625,16 @@ def field_cases() -> dict[str, Any]:
         if node.get("type") == "object" and node.get("properties"):
             props = node["properties"]
             first = next(iter(props))
-            cases[f"{name}: a typo of {first}"] = wrap(path, {first[:1] + first[2:] if len(first) > 3 else first + "x": 1})
+            typo = first[:1] + first[2:] if len(first) > 3 else first + "x"
+            cases[f"{name}: a typo of {first}"] = wrap(path, {typo: 1})
             cases[f"{name}: {first} in capitals"] = wrap(path, {first.upper(): 1})
             for key, sub in props.items():
                 walk(sub, path + [key], depth + 1)
         elif node.get("type") == "array" and isinstance(node.get("items"), dict):
             walk(node["items"], path + [0], depth + 1)
         elif node.get("type") == "object":
-            values = node.get("additionalProperties") or next(iter((node.get("patternProperties") or {}).values()), None)
+            patterns = list((node.get("patternProperties") or {}).values())
+            values = node.get("additionalProperties") or (patterns[0] if patterns else None)
             if isinstance(values, dict):
                 walk(values, path + ["site_1" if node.get("patternProperties") else B + "x"], depth + 1)
 
@@ -677,7 +685,8 @@ def model_validators() -> set[str]:
                 return
             seen.add(tp)
             decorators = tp.__pydantic_decorators__
-            found.update(f"{tp.__name__}.{name}" for name in [*decorators.field_validators, *decorators.model_validators])
+            names = [*decorators.field_validators, *decorators.model_validators]
+            found.update(f"{tp.__name__}.{name}" for name in names)
             for name, field in tp.model_fields.items():
                 found.update(f"{tp.__name__}.{name}:{type(m).__name__}" for m in field.metadata
                              if type(m).__name__ in ("AfterValidator", "BeforeValidator", "PlainValidator",
@@ -711,7 +720,8 @@ def test_every_key_has_an_editor_and_no_edit_is_dropped(page: Any) -> None:
     from selenium.webdriver.support.ui import Select
 
     open_all(page)
-    values = page.execute_script("return [...document.querySelectorAll('#form input, #form textarea')].map(e => e.value)")
+    values = page.execute_script("return [...document.querySelectorAll('#form input, #form textarea')]"
+                                 ".map(e => e.value)")
     assert "undefined" not in values
     # every flag of the schema is a checkbox that shows its default
     for loc, default in ((["dispatcher", "enabled"], False), (["coop", "enabled"], False),
@@ -836,8 +846,8 @@ def test_on_a_phone_the_sections_fold_and_export_is_at_hand(page: Any) -> None:
         viewport = page.execute_script("return window.innerHeight")
         for y in (0, height // 2, height):  # the bar with Export, Copy and Download stays in view
             page.execute_script("window.scrollTo(0, arguments[0])", y)
-            top, bottom = page.execute_script("const r = document.getElementById('bar-download').getBoundingClientRect();"
-                                              "return [r.top, r.bottom]")
+            top, bottom = page.execute_script("const r = document.getElementById('bar-download')"
+                                              ".getBoundingClientRect(); return [r.top, r.bottom]")
             assert 0 <= top and bottom <= viewport, (y, top, bottom)
         page.find_element("css selector", "#bar a[href='#export-h']").click()
         top = page.execute_script("return document.getElementById('export').getBoundingClientRect().top")
