@@ -612,10 +612,12 @@ def field_cases() -> dict[str, Any]:
         if choices:
             real = [b for b in choices if b.get("type") != "null"]
             cases[f"{name} = [true]"] = wrap(path, [True])  # no choice takes it
-            for b in real:
-                if b.get("type") in ("object", "array"):
-                    walk(b, path, depth)
-            return
+            if len(real) > 1:
+                for b in real:
+                    if b.get("type") in ("object", "array"):
+                        walk(b, path, depth)
+                return
+            node = {**real[0], **{k: v for k, v in node.items() if k in ("default", "description")}}  # X or null
         if path and "default" in node:
             cases[f"{name} = its default"] = wrap(path, node["default"])
         for n, value in enumerate(bad_values(node) if path else []):
