@@ -7,11 +7,24 @@ import importlib.util
 import logging
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 from . import __version__
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_BUS_HINT = ("On a GX these commands use the system bus there; for `./run.sh demo`, first export the "
+             "DBUS_SESSION_BUS_ADDRESS the demo shows.")
+
+
+def _on_bus(command: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run a command that talks to the bus; no bus is a message (which bus, what to do), not a traceback."""
+    from .bus.lib import BusUnreachable
+
+    try:
+        return asyncio.run(main())
+    except BusUnreachable as exc:
+        print(f"battery-aggregator {command}: {exc}. {_BUS_HINT}", file=sys.stderr)
+        return 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -68,7 +81,7 @@ def _cmd_fault(args: argparse.Namespace) -> int:
             print(f"battery-aggregator fault: the simulator refused {args.kind!r} (code {code})", file=sys.stderr)
         return 0 if code == 0 else 1
 
-    return asyncio.run(main())
+    return _on_bus("fault", main)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -117,7 +130,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.live:
         from .live import print_live_roles
 
-        return asyncio.run(print_live_roles(result.config))
+        config = result.config
+        return _on_bus("check --live", lambda: print_live_roles(config))
     return 0
 
 
@@ -125,7 +139,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .status import status
 
     try:
-        return asyncio.run(status(args.service, args.watch, args.interval))
+        return _on_bus("status", lambda: status(args.service, args.watch, args.interval))
     except KeyboardInterrupt:
         return 0
 
@@ -133,7 +147,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .status import dump
 
-    return asyncio.run(dump(args.file))
+    return _on_bus("dump", lambda: dump(args.file))
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -204,7 +218,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(reply.body[0])
         return 0
 
-    return asyncio.run(main())
+    return _on_bus("report", main)
 
 
 def _state_dir(args: argparse.Namespace) -> str | None:

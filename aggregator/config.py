@@ -6,6 +6,7 @@ are the users' camelCase names, so existing files load unchanged.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -15,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .coop.settings import CoopSettings, is_loopback
 from .dispatch.settings import DispatcherConfig
 from .grid_battery_service import GridBatterySettings
-from .validation import (JsonFileError, at, format_messages, format_validation_error, json_positions, key_path,
-                         read_json, validation_messages)
+from .validation import (JsonFileError, at, format_messages, integers_as_ints, json_positions, key_path,
+                         parse_json_text, read_text, validation_messages)
 
 DEFAULT_CONFIG_PATH = "/data/setupOptions/BatteryAggregator/config.json"
 DEFAULT_SERVICE_NAME = "com.victronenergy.battery.aggregator"
@@ -313,13 +314,33 @@ def semantic_errors(config: Config) -> list[str]:
     return [i.text() for i in semantic_issues(config) if i.severity == "error"]
 
 
+def validate_document(data: Any) -> Config:
+    """The model from decoded JSON, judged as JSON and as config.schema.json says: strictly, so a number
+    written as a string ("60") or a flag as 1 is an error, not silently converted (the config page and
+    editors that read the schema refuse them too). Raises ValidationError."""
+    from .schema import config_schema
+
+    return Config.model_validate_json(json.dumps(integers_as_ints(config_schema(), data), allow_nan=False),
+                                      strict=True)
+
+
+def schema_messages(err: ValidationError, data: Any,
+                    positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> list[str]:
+    """The model's errors, their key paths read through the JSON schema (as the config page reads them)."""
+    from .schema import config_schema
+
+    return validation_messages(err, positions=positions, schema=config_schema(), data=data)
+
+
 def parse_config(data: Any, source: str = "config",
                  positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> Config:
     """Validate decoded JSON; ConfigError lists every error with its key path (and line/column if known)."""
     try:
-        config = Config.model_validate(data)
+        config = validate_document(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, positions=positions)) from None
+        raise ConfigError(format_messages(source, schema_messages(err, data, positions))) from None
+    except ValueError as err:  # NaN or Infinity: not JSON
+        raise ConfigError(f"invalid {source}: {err}") from None
     errors = [i.text(positions) for i in semantic_issues(config) if i.severity == "error"]
     if errors:
         raise ConfigError(format_messages(source, errors))
@@ -336,16 +357,15 @@ class CheckResult:
 def check_config_file(path: str | Path) -> CheckResult:
     """Everything the checker and the daemon want to know of a config file, never raising."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        data = read_json(path)
-    except (OSError, JsonFileError) as exc:
-        message = str(exc) if isinstance(exc, JsonFileError) else f"cannot read {path}: {exc}"
-        return CheckResult(None, [message], [])
+        text = read_text(path)
+        data = parse_json_text(text)
+    except JsonFileError as exc:
+        return CheckResult(None, [str(exc) if str(exc).startswith("cannot read") else f"{path}: {exc}"], [])
     positions = json_positions(text)
     try:
-        config = Config.model_validate(data)
+        config = validate_document(data)
     except ValidationError as err:
-        return CheckResult(None, validation_messages(err, positions=positions), [])
+        return CheckResult(None, schema_messages(err, data, positions), [])
     issues = semantic_issues(config)
     errors = [i.text(positions) for i in issues if i.severity == "error"]
     warnings = [i.text(positions) for i in issues if i.severity == "warning"]

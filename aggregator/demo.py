@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,13 +92,14 @@ async def _live(address: str, children: _Children, duration: float | None, refre
         loop.add_signal_handler(sig, stop.set)
     tty = sys.stdout.isatty()
     started = time.monotonic()
+    footer = "\n".join(["", f"Logs in {workdir}.", *status_hint(address)])
     while not stop.is_set():
         bank = control.services.get(CONTROL_SERVICE)
         dead = children.dead()
         title = (f"battery-aggregator demo — private bus, {len(batteries.services)} battery services"
-                 f"{' — STOPPED: ' + ', '.join(dead) if dead else ''} — logs in {workdir} — Ctrl-C to quit")
+                 f"{' — STOPPED: ' + ', '.join(dead) if dead else ''} — Ctrl-C to quit")
         screen = render(batteries.services.values(), last_update, bank.values if bank else None, title)
-        sys.stdout.write(("\x1b[H\x1b[2J" if tty else "\n") + screen + "\n")
+        sys.stdout.write(("\x1b[H\x1b[2J" if tty else "\n") + screen + "\n" + footer + "\n")
         sys.stdout.flush()
         if duration is not None and time.monotonic() - started >= duration:
             break
@@ -108,6 +111,29 @@ async def _live(address: str, children: _Children, duration: float | None, refre
     await control.stop()
     bus.disconnect()
     return 0
+
+
+def cli_command() -> str:
+    """How to run this installation's command line from the current directory."""
+    script = Path(sys.executable).with_name("battery-aggregator")
+    if not script.exists():
+        return shlex.join([sys.executable, "-m", "aggregator"])
+    found = shutil.which("battery-aggregator")
+    if found and Path(found).resolve() == script.resolve():
+        return "battery-aggregator"
+    try:
+        relative = script.relative_to(Path.cwd())
+        return shlex.quote(str(relative) if len(relative.parts) > 1 else f"./{relative}")
+    except ValueError:
+        return shlex.quote(str(script))
+
+
+def status_hint(address: str) -> list[str]:
+    """The demo's bus is private: how to read it from another shell with `status` (and dump, check --live)."""
+    bus = address.split(",guid=", 1)[0]  # the guid only pins the server: not needed to connect
+    return ["Read it as on a GX, from another shell (status, dump, check --live):",
+            f"  export DBUS_SESSION_BUS_ADDRESS={shlex.quote(bus)}",
+            f"  {cli_command()} status"]
 
 
 def main(scenario: str = "default", duration: float | None = None, refresh: float = 1.0) -> int:

@@ -1,6 +1,7 @@
 """A live table of the battery services on the bus, for the demo (and later `status --watch`)."""
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import Any, Iterable
 
@@ -10,10 +11,13 @@ AGGREGATE_PRODUCT = "Battery Aggregator"
 VIRTUAL_PRODUCT = "Virtual Battery"
 GRID_PRODUCT = "Grid battery"
 STALE_AFTER = 5.0  # seconds without an update before a row is marked stale
+WIDTH = 100  # the screen fits a terminal of 100 columns (every row would wrap otherwise)
 
+# (title, width, numeric): numbers are right-aligned, text is cut to its width so the columns stay put
 _COLUMNS = (
-    ("Service", 30), ("Name", 16), ("SoC", 7), ("Voltage", 8), ("Current", 8), ("Power", 7),
-    ("Temp", 6), ("CCL", 7), ("DCL", 7), ("Mode", 10), ("State", 7),
+    ("Service", 18, False), ("Name", 15, False), ("SoC", 6, True), ("Voltage", 7, True), ("Current", 7, True),
+    ("Power", 6, True), ("Temp", 4, True), ("CCL", 5, True), ("DCL", 5, True), ("Mode", 10, False),
+    ("State", 6, False),
 )
 
 
@@ -28,7 +32,7 @@ def member_row(service: WatchedService, age: float) -> list[str]:
     state = "stale" if age > STALE_AFTER else "online"
     return [
         service.name.removeprefix("com.victronenergy."),
-        str(v.get("/CustomName") or v.get("/ProductName") or "")[:16],
+        str(v.get("/CustomName") or v.get("/ProductName") or ""),
         _num(v.get("/Soc"), "{:.1f}%"),
         _num(v.get("/Dc/0/Voltage"), "{:.2f}V"),
         _num(v.get("/Dc/0/Current"), "{:+.1f}A"),
@@ -36,9 +40,24 @@ def member_row(service: WatchedService, age: float) -> list[str]:
         _num(v.get("/Dc/0/Temperature"), "{:.0f}C"),
         _num(v.get("/Info/MaxChargeCurrent"), "{:.0f}A"),
         _num(v.get("/Info/MaxDischargeCurrent"), "{:.0f}A"),
-        str(v.get("/Info/ChargeMode") or "---")[:10],
+        str(v.get("/Info/ChargeMode") or "---"),
         state,
     ]
+
+
+def _fit(cell: str, width: int, numeric: bool) -> str:
+    if len(cell) > width:
+        return cell if numeric else cell[:width - 1] + "…"  # a long number is shown whole: never a wrong value
+    return cell.rjust(width) if numeric else cell.ljust(width)
+
+
+def format_row(cells: list[str]) -> str:
+    return " ".join(_fit(cell, width, numeric) for cell, (_, width, numeric) in zip(cells, _COLUMNS)).rstrip()
+
+
+def wrap(text: str) -> list[str]:
+    """A line of prose within WIDTH columns (continued lines indented)."""
+    return textwrap.wrap(text, WIDTH, subsequent_indent="  ", break_on_hyphens=False) or [""]
 
 
 def render(services: Iterable[WatchedService], last_update: dict[str, float], bank: dict[str, Any] | None,
@@ -46,8 +65,9 @@ def render(services: Iterable[WatchedService], last_update: dict[str, float], ba
     """The whole screen as text: batteries on the bus, then virtual batteries, then the aggregate, then the
     simulator's truth. A member of a virtual battery is marked, as the aggregate counts the virtual one."""
     now = time.monotonic() if now is None else now
-    header = "  ".join(name.ljust(width) for name, width in _COLUMNS)
-    lines = [title, "", header, "-" * len(header)]
+    header = format_row([name for name, _, _ in _COLUMNS])
+    rule = "-" * len(" ".join(name.ljust(width) for name, width, _ in _COLUMNS))
+    lines = [*wrap(title), "", header, rule]
     def rank(s: WatchedService) -> tuple[int, str]:
         product = s.values.get("/ProductName")
         return (3 if product == AGGREGATE_PRODUCT else 2 if product == GRID_PRODUCT
@@ -59,18 +79,18 @@ def render(services: Iterable[WatchedService], last_update: dict[str, float], ba
     previous_rank = 0
     for service in services:
         if rank(service)[0] != previous_rank:
-            lines.append("-" * len(header))
+            lines.append(rule)
             previous_rank = rank(service)[0]
         row = member_row(service, now - last_update.get(service.name, now))
-        lines.append("  ".join(cell.ljust(width)[:max(width, len(cell))] for cell, (_, width) in zip(row, _COLUMNS)))
+        lines.append(format_row(row))
     lines += energy_lines(services)
     if bank:
-        lines += ["", "Simulator (the physical truth): bus {} at {}, requested {}, simulated time {}".format(
+        lines += ["", *wrap("Simulator (the physical truth): bus {} at {}, requested {}, simulated time {}".format(
             _num(bank.get("/Bank/Voltage"), "{:.2f}V"), _num(bank.get("/Bank/Current"), "{:+.1f}A"),
-            _num(bank.get("/Bank/RequestedCurrent"), "{:+.1f}A"), _num(bank.get("/SimTime"), "{:.0f}s"))]
+            _num(bank.get("/Bank/RequestedCurrent"), "{:+.1f}A"), _num(bank.get("/SimTime"), "{:.0f}s")))]
         faults = [f"{p.split('/')[2]}: {v}" for p, v in sorted(bank.items()) if p.endswith("/Fault") and v]
         if faults:
-            lines.append("Faults: " + ", ".join(faults))
+            lines += wrap("Faults: " + ", ".join(faults))
     return "\n".join(lines)
 
 
@@ -82,13 +102,13 @@ def energy_lines(services: Iterable[WatchedService]) -> list[str]:
         product = v.get("/ProductName")
         if product == AGGREGATE_PRODUCT and "/Energy/Status" in v:
             text = "Energy of {}: charged {}, discharged {}; level {} (capacity-weighted), {} (average); {}"
-            lines.append(text.format(
+            lines += wrap(text.format(
                 service.name.removeprefix("com.victronenergy."), _num(v.get("/History/ChargedEnergy"), "{:.3f} kWh"),
                 _num(v.get("/History/DischargedEnergy"), "{:.3f} kWh"),
                 _num(v.get("/Energy/CapacityWeightedSoc"), "{:.1f}%"), _num(v.get("/Energy/AverageSoc"), "{:.1f}%"),
                 v.get("/Energy/Status") or "---"))
         elif product == GRID_PRODUCT:
-            lines.append("Grid battery {}: level {} ({}), exported {}, imported {}; {}".format(
+            lines += wrap("Grid battery {}: level {} ({}), exported {}, imported {}; {}".format(
                 service.name.removeprefix("com.victronenergy."), _num(v.get("/GridBattery/LevelKwh"), "{:.2f} kWh"),
                 _num(v.get("/Soc"), "{:.1f}%"), _num(v.get("/History/ChargedEnergy"), "{:.2f} kWh"),
                 _num(v.get("/History/DischargedEnergy"), "{:.2f} kWh"), v.get("/GridBattery/Status") or "---"))

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,13 @@ from .config import Config
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "config.schema.json"
 
 
+@functools.lru_cache(maxsize=1)
+def _generated() -> dict[str, Any]:
+    return Config.model_json_schema()
+
+
 def config_schema() -> dict[str, Any]:
-    schema = Config.model_json_schema()
+    schema = copy.deepcopy(_generated())
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "battery-aggregator config.json",

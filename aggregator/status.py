@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from .bus import client
-from .bus.lib import connect
+from .bus.lib import connect, which_bus
 from .bus.monitor import ServiceMonitor
 from .config import DEFAULT_SERVICE_NAME
 
@@ -102,7 +102,11 @@ async def status(service: str | None, watch: bool, interval: float = 1.0) -> int
                 await asyncio.sleep(interval)
                 continue
             print(text)
-            return 0 if all("not on the bus" not in s for s in screens) else 1
+            if any("not on the bus" in s for s in screens):
+                print(f"Is the service running on {which_bus()}? (--service names another aggregate)",
+                      file=sys.stderr)
+                return 1
+            return 0
     finally:
         bus.disconnect()
 

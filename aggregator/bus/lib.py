@@ -17,14 +17,14 @@ if _choice == "dbus-fast":
     from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant  # type: ignore[import-not-found]
     from dbus_fast.aio import MessageBus  # type: ignore[import-not-found]
     from dbus_fast.constants import NameFlag, RequestNameReply  # type: ignore[import-not-found]
-    from dbus_fast.errors import DBusError  # type: ignore[import-not-found]
+    from dbus_fast.errors import AuthError, DBusError  # type: ignore[import-not-found]
 
     LIBRARY = "dbus-fast"
 else:
     from dbus_next import BusType, MessageFlag, MessageType, Variant
     from dbus_next.aio import MessageBus
     from dbus_next.constants import NameFlag, RequestNameReply
-    from dbus_next.errors import DBusError
+    from dbus_next.errors import AuthError, DBusError
 
     from . import wire
 
@@ -32,8 +32,8 @@ else:
     LIBRARY = "dbus-next"
 
 __all__ = [
-    "LIBRARY", "BusType", "DBusError", "Message", "MessageFlag", "MessageBus", "MessageType", "NameFlag", "RequestNameReply",
-    "Variant", "bus_type_from_env", "connect", "raw_sender", "soon",
+    "LIBRARY", "BusType", "BusUnreachable", "DBusError", "Message", "MessageFlag", "MessageBus", "MessageType",
+    "NameFlag", "RequestNameReply", "Variant", "bus_type_from_env", "connect", "raw_sender", "soon", "which_bus",
 ]
 
 
@@ -68,14 +68,29 @@ class _FullBufferTolerantSocket:
         return getattr(self._sock, name)
 
 
+class BusUnreachable(ConnectionError):
+    """connect() found no bus to talk to; the message names which bus (and address) it tried."""
+
+
+def which_bus(bus_address: str | None = None) -> str:
+    address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    if address:
+        return f"the D-Bus at {address.split(',guid=', 1)[0]}" + ("" if bus_address else " (DBUS_SESSION_BUS_ADDRESS)")
+    return "the D-Bus system bus (DBUS_SESSION_BUS_ADDRESS is not set)"
+
+
 async def connect(bus_address: str | None = None, coalesce: bool = False) -> MessageBus:
     """Open one connection. Each published service needs its own (monitors map a sender to one service).
     `coalesce`: at high message rates, read in batches rather than message by message (wire.install; the
     connection that watches the members)."""
-    if bus_address:
-        bus = await MessageBus(bus_address=bus_address).connect()
-    else:
-        bus = await MessageBus(bus_type=bus_type_from_env()).connect()
+    try:
+        if bus_address:
+            bus = await MessageBus(bus_address=bus_address).connect()
+        else:
+            bus = await MessageBus(bus_type=bus_type_from_env()).connect()
+    except (OSError, ValueError, AuthError) as exc:  # no socket, refused, a malformed address, auth refused
+        raise BusUnreachable(f"cannot reach {which_bus(bus_address)}: {exc.strerror or exc}"
+                             if isinstance(exc, OSError) else f"cannot reach {which_bus(bus_address)}: {exc}") from exc
     writer = getattr(bus, "_writer", None)
     if writer is not None and not isinstance(writer.sock, _FullBufferTolerantSocket):
         try:

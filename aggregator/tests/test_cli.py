@@ -81,6 +81,75 @@ def test_demo_shows_the_bank_live_and_cleans_up(tmp_path: Path) -> None:
     assert "member com.victronenergy.battery.sim_a (" in (logs / "aggregator.log").read_text()
 
 
+def test_the_demo_screen_fits_100_columns() -> None:
+    from aggregator.bus.monitor import WatchedService
+    from aggregator.liveview import AGGREGATE_PRODUCT, GRID_PRODUCT, VIRTUAL_PRODUCT, render
+
+    def battery(name: str, product: str, **values: object) -> WatchedService:
+        return WatchedService(f"com.victronenergy.battery.{name}", ":1.1", 1, {
+            "/ProductName": product, "/Soc": 100.0, "/Dc/0/Voltage": 53.2, "/Dc/0/Current": -150.5,
+            "/Dc/0/Power": -8006.6, "/Dc/0/Temperature": 45.0, "/Info/MaxChargeCurrent": 1000.0,
+            "/Info/MaxDischargeCurrent": 1000.0, "/Info/ChargeMode": "Absorption", **values})
+
+    services = [battery("socketcan_can0_vecan0_di512_uc1234", "Pylontech",
+                        **{"/CustomName": "Rack left, upper shelf"}),
+                battery("virtual_c", VIRTUAL_PRODUCT), battery("aggregator", AGGREGATE_PRODUCT, **{
+                    "/Energy/Status": "ok: 3 batteries counted", "/History/ChargedEnergy": 12345.678,
+                    "/History/DischargedEnergy": 12000.5, "/Energy/CapacityWeightedSoc": 55.5,
+                    "/Energy/AverageSoc": 56.25}),
+                battery("grid", GRID_PRODUCT, **{"/GridBattery/LevelKwh": 12.5, "/GridBattery/Status": "ok"})]
+    bank = {"/Bank/Voltage": 53.2, "/Bank/Current": -150.5, "/Bank/RequestedCurrent": -150.5, "/SimTime": 86400,
+            "/Packs/sim_a/Fault": "freeze", "/Packs/sim_b/Fault": "absurd", "/Packs/sim_c/Fault": "fets_open"}
+    title = ("battery-aggregator demo — private bus, 4 battery services — STOPPED: simulator, grid-meter — "
+             "Ctrl-C to quit")
+    screen = render(services, {s.name: 0.0 for s in services}, bank, title, now=1.0)
+    assert max(len(line) for line in screen.splitlines()) <= 100, screen
+    rows = [line for line in screen.splitlines() if line.startswith("battery.")]
+    assert len(rows) == 4 and all("-8007W" in row and "1000A" in row and "online" in row for row in rows), screen
+    assert rows[0].startswith("battery.socketcan… Rack left, upp… ")  # cut, and marked as cut
+    assert "Faults: sim_a: freeze, sim_b: absurd, sim_c: fets_open" in screen.replace("\n  ", " ")
+
+
+def test_the_demo_says_how_to_read_its_bus_and_that_command_works(tmp_path: Path) -> None:
+    import re
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    demo = subprocess.Popen([sys.executable, "-m", "aggregator", "demo", "--duration", "60", "--refresh", "0.5"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert demo.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 30
+        while "battery.aggregator " not in seen.rsplit("battery-aggregator demo", 1)[-1]:
+            assert time.monotonic() < deadline, seen
+            seen += demo.stdout.readline()
+        hint = re.search(r"from another shell.*:\n  (export DBUS_SESSION_BUS_ADDRESS=\S+)\n  (.+ status)\n", seen)
+        assert hint, seen
+        # what a newcomer does: paste the two lines into another shell
+        result = subprocess.run(["sh", "-c", f"{hint.group(1)}; {hint.group(2)}"], cwd=REPO, capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "com.victronenergy.battery.aggregator" in result.stdout and "battery.sim_a" in result.stdout
+    finally:
+        demo.terminate()
+        demo.wait(timeout=20)
+
+
+def test_commands_without_a_bus_say_which_bus_and_what_to_do(tmp_path: Path) -> None:
+    nowhere = f"unix:path={tmp_path}/no-bus"
+    for args in (("status",), ("dump", str(tmp_path / "d.json")), ("fault", "sim_a", "freeze")):
+        result = _cli(*args, env=dict(os.environ, DBUS_SESSION_BUS_ADDRESS=nowhere))
+        assert result.returncode == 1, result
+        assert "Traceback" not in result.stderr, result.stderr
+        assert f"battery-aggregator {args[0]}: cannot reach the D-Bus at {nowhere}" in result.stderr
+        assert "DBUS_SESSION_BUS_ADDRESS the demo shows" in result.stderr
+    env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS="not-an-address")
+    result = _cli("status", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "not-an-address" in result.stderr
+
+
 async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path: Path) -> None:
     import asyncio
 

@@ -100,8 +100,8 @@ def error_of(data: Any) -> str:
     ({"expectedBatteries": 0}, ["expectedBatteries", "0"]),
     ({"serviceName": "com.victronenergy.solarcharger.x"}, ["serviceName", "com.victronenergy.solarcharger.x",
                                                           "pattern"]),
-    ({"excludedServices": "com.victronenergy.battery.x"}, ["excludedServices", "valid list"]),
-    ({"primaryServices": 5}, ["primaryServices", "list", "dictionary", "5"]),
+    ({"excludedServices": "com.victronenergy.battery.x"}, ["excludedServices", "valid array"]),
+    ({"primaryServices": 5}, ["primaryServices", "array", "object", "5"]),
     ({"virtualBatteries": {B + "v": {B + "a": "/Soc"}}}, ['virtualBatteries."com.victronenergy.battery.v"',
                                                          "'/Soc'"]),
     ({"exludedServices": []}, ["exludedServices", "unknown key"]),
@@ -240,3 +240,69 @@ def test_errors_carry_line_and_column(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "cvlMode" in str(info.value) and "'maximal'" in str(info.value) and "line 3, column 14" in str(info.value)
+
+
+def check_text(tmp_path: Path, text: str) -> list[str]:
+    from aggregator.config import check_config_file
+
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    return check_config_file(path).errors
+
+
+@pytest.mark.parametrize("text,expected", [
+    # judged as the schema says: a string is no number, 1 is no flag; 3.0 is an integer in JSON Schema
+    ('{"reconnectTimeout": "60"}', ["reconnectTimeout: Input should be a valid number (got '60')"]),
+    ('{"coop": {"enabled": 1}}', ["coop.enabled: Input should be a valid boolean (got 1)"]),
+    ('{"capacity": true}', ["capacity: Input should be a valid number (got True)"]),
+    ('{"expectedBatteries": 3.5}', ["expectedBatteries: Input should be a valid integer (got 3.5)"]),
+    ('{"expectedBatteries": 3.0, "energy": {"httpPort": 8080.0}}', []),
+    # a failed union shows the choice the value's type picks: the list form names the bad member only
+    ('{"virtualBatteries": {"com.victronenergy.battery.v": ["com.victronenergy.battery.a", 1]}}',
+     ['virtualBatteries."com.victronenergy.battery.v"[1]: Input should be a valid string (got 1)']),
+    ('{"primaryServices": {"serial:A": "/Soc"}}', ['primaryServices."serial:A": Input should be a valid array']),
+    ('{"gridBatteries": [{"meter": [30], "startDate": "2024-01-01"}]}',
+     ["gridBatteries[0].meter: Input should be a valid string", "gridBatteries[0].meter: Input should be a valid "
+      "integer"]),
+])
+def test_values_are_judged_as_the_schema_says(tmp_path: Path, text: str, expected: list[str]) -> None:
+    errors = [e.rsplit(" (line ", 1)[0] for e in check_text(tmp_path, text)]
+    assert [e.split(" (got ")[0] for e in errors] == [e.split(" (got ")[0] for e in expected]
+    assert errors == expected or all(" (got " not in e for e in expected)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"reconectTimeout": 5}', "reconectTimeout: unknown key: did you mean reconnectTimeout? (got 5)"),
+    ('{"ServiceName": "x"}', "ServiceName: unknown key: did you mean serviceName? (keys are case-sensitive)"),
+    ('{"limits": {"rampUprate": 1}}', "limits.rampUprate: unknown key: did you mean rampUpRate? (keys are"),
+    ('{"coop": {"broker": {"hots": "x"}}}', "coop.broker.hots: unknown key: did you mean host?"),
+    ('{"energy": {"members": {"serial:A": {"counterkind": "daily"}}}}',
+     'energy.members."serial:A".counterkind: unknown key: did you mean counterKind?'),
+    ('{"dispatcher": {"batteries": [{"nme": "a"}]}}', "dispatcher.batteries[0].nme: unknown key: did you mean name?"),
+    ('{"frobnicate": 1}', "frobnicate: unknown key (extra keys are not allowed) (got 1)"),
+])
+def test_unknown_keys_get_the_closest_allowed_key(tmp_path: Path, text: str, expected: str) -> None:
+    errors = check_text(tmp_path, text)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"logLevel": "INFO",}', "line 1 column 21: Expecting property name enclosed in double quotes (hint: JSON "
+                              "allows no comma before }: remove the comma at line 1 column 20)"),
+    ('{\n  "excludedServices": [\n    "serial:A",\n  ]\n}',
+     "line 4 column 3: Expecting value (hint: JSON allows no comma before ]: remove the comma at line 3 column 15)"),
+    ('{\n  // the bank\n  "capacity": 100\n}', "line 2 column 3: Expecting property name enclosed in double "
+                                              "quotes (hint: JSON has no comments: remove the comment)"),
+    ('{"capacity": 100 /* Ah */}', "(hint: JSON has no comments: remove the comment)"),
+    ('{"capacity": NaN}', "line 1 column 14: NaN is not a JSON number"),
+    ('{"capacity": 100 100}', "line 1 column 18: Expecting ',' delimiter"),
+    # what a browser cannot read either, and what would exhaust the decoder: errors, never a crash
+    ('{"classes": {"x": {"v": -1e999}}}', "line 1 column 25: -1e999 is out of the range of a number"),
+    ('{"capacity": 1' + "0" * 5000 + "}", "line 1 column 14: 10000000000000000000... is out of the range"),
+    ("[" * 100000, "line 1 column 65: nested more than 64 levels deep"),
+    ('{"a": 1,}' + "[" * 100, "line 1 column 9: Expecting property name enclosed in double quotes (hint:"),
+])
+def test_json_mistakes_get_a_hint(tmp_path: Path, text: str, expected: str) -> None:
+    errors = check_text(tmp_path, text)
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert "(hint:" not in errors[0] or "(hint:" in expected
