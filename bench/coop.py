@@ -18,7 +18,8 @@ The liar case (--liar): two honest 10 kWh sites at 80 and 70 % on a quiet night 
 member, registered with 10 kWh, that always claims to be empty: plainly (its level never moves, it uses
 nothing), or hiding the energy it is sent as load it imports (its claims then add up, and only the daily bound
 on what one peer may draw stops it). Reported: the honest sites' levels, what they delivered for it, and
-what they say about it. Asserted: together they lose at most a third of their stored energy to it.
+what they say about it. Asserted: they lose at most a third of their stored energy to the plain liar, and no
+more than the day's bound (maxDailyDrawPercent of its capacity) to the other.
 
 Reported: the spread of the levels (max - min over the sites) averaged over time, with and without
 cooperation; the energy exchanged; the fleet's grid import and export; curtailed production; how long the
@@ -240,7 +241,9 @@ async def site_process(cfg: dict[str, Any]) -> None:
     account = ledger.accounts[spec.site_id]
     result = {"site": spec.site_id, "rows": rows, "account": asdict(account), "late_steps": late_steps,
               "rejected": dict(site.rejected) if site else {}, "connects": site.connects if site else 0,
-              "ignored": dict(site.ignored) if site else {}}
+              "ignored": dict(site.ignored) if site else {},
+              "last_rejection": dict(site.last_rejection) if site else {},
+              "capped": site.capped(clock()) if site else {}, "stale": site.stale if site else 0}
     Path(cfg["out"]).write_text(json.dumps(result))
 
 
@@ -267,14 +270,20 @@ def faulty_site(base: type, fault: str | None, settings: Any, clock: Any, scale:
 
         async def _drain(self) -> None:
             assert self._queue is not None
+            sending: set[asyncio.Task[None]] = set()
             while True:
                 due, topic, payload, retain, qos = await self._queue.get()
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
-                if self._client is not None:
-                    try:
-                        await self._client.publish(topic, payload, qos=qos, retain=retain)
-                    except Exception:  # noqa: BLE001 - lost with the link, like on a real one
-                        pass
+                if self._client is not None:  # not awaited: a delay, not a queue that grows behind each ack
+                    task = asyncio.create_task(self._publish_late(self._client, topic, payload, retain, qos))
+                    sending.add(task)
+                    task.add_done_callback(sending.discard)
+
+        async def _publish_late(self, client: Any, topic: str, payload: Any, retain: bool, qos: int) -> None:
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain)
+            except Exception:  # noqa: BLE001 - lost with the link, like on a real one
+                pass
 
     class Nonsense(base):  # type: ignore[misc, valid-type]
         """For an hour, states a sane peer must not believe."""
@@ -356,7 +365,22 @@ def analyse(specs: list[SiteSpec], results: list[dict[str, Any]]) -> dict[str, A
             # States of sites that sent no nonsense, refused all the same (a jump rule too tight for real batteries)
             "rejected_honest": sum(count for r in results for site, count in r["rejected"].items()
                                    if site not in {s.site_id for s in specs if s.fault == "nonsense"}),
-            "peers_seen": rows[:, :, 5]}
+            "stale": sum(r["stale"] for r in results),
+            "peers_seen": rows[:, :, 5], "largest_daily_draw": largest_daily_draw(specs, rows)}
+
+
+def largest_daily_draw(specs: list[SiteSpec], rows: Any) -> float:
+    """The most one site drew from the fleet (its transfer imports) in one simulated day, in % of its capacity:
+    what the honest sites need of maxDailyDrawPercent."""
+    import numpy as np
+
+    day = (rows[0, :, 0] // DAY).astype(int)
+    most = 0.0
+    for i, spec in enumerate(specs):
+        if spec.fault is None:
+            drawn = np.bincount(day, weights=np.maximum(rows[i, :, 3], 0.0)) * STEP / HOUR / 1000.0
+            most = max(most, float(drawn.max()) / spec.capacity_kwh * 100.0)
+    return most
 
 
 def reconvergence(specs: list[SiteSpec], a: dict[str, Any], fault_start: float) -> tuple[float, float, float | None]:
@@ -410,6 +434,7 @@ def liar_specs(fault: str) -> list[SiteSpec]:
 
 def liar_case(scale: float, hours: float) -> bool:
     """Both kinds of liar; True when the honest sites kept at least two thirds of their energy each time."""
+    from aggregator.coop.settings import CoopSettings
     from aggregator.mqttbroker import MosquittoBroker
 
     print(f"## A registered peer that always claims 0 %: {hours:g} h, two honest 10 kWh sites\n")
@@ -426,15 +451,17 @@ def liar_case(scale: float, hours: float) -> bool:
         honest = [(s, r) for s, r in zip(specs, results) if s.fault is None]
         levels = ", ".join(f"{s.initial_level:.0f} -> {r['rows'][-1][1]:.0f} %" for s, r in honest)
         delivered = sum(r["account"]["transfer_export"] for _, r in honest)
-        said = "; ".join(sorted({why for _, r in honest for site, why in r["ignored"].items() if site == "liar"}))
+        said = sorted({why for _, r in honest for site, why in r["ignored"].items() if site == "liar"})
+        said += sorted({f"drew the day's bound from the fleet ({r['capped']['liar']:.1f} kWh)" for _, r in honest
+                        if "liar" in r["capped"]})
         print(f"| {'plain' if fault == 'liar' else 'hides it as load'} | {levels} | {delivered:.1f} | "
-              f"{said or '(nothing)'} |")
+              f"{'; '.join(said) or '(nothing)'} |")
         stored_before = sum(s.capacity_kwh * s.initial_level / 100 for s, _ in honest)
-        if delivered > stored_before / 3:
+        bound = CoopSettings.model_fields["maxDailyDrawPercent"].default / 100 * 10.0 * math.ceil(hours / 24)
+        if delivered > (stored_before / 3 if fault == "liar" else bound + 0.5):
+            print(f"FAIL: the liar ({fault}) drew {delivered:.1f} kWh")
             ok = False
     print()
-    if not ok:
-        print("FAIL: a liar drained more than a third of the honest sites' energy")
     return ok
 
 
@@ -513,7 +540,10 @@ def main() -> int:
           f"average while away, {at_return:.1f} at its return, back within {CONVERGED_WITHIN:g} pts after {back}")
     print(f"- site02 publishes {LINK_DELAY_S / 60:g} min late throughout; site03 sent nonsense for an hour: "
           f"{coop['rejected']} messages rejected by its peers ({coop['rejected_honest']} of honest sites)")
-    print(f"- steps that fell behind the shared clock by > {PUBLISH_S:g} s: {coop['late_steps']}")
+    print(f"- the most an honest site drew from the fleet in a day: {coop['largest_daily_draw']:.0f} % of its "
+          "capacity")
+    print(f"- steps that fell behind the shared clock by > {PUBLISH_S:g} s: {coop['late_steps']}; states older "
+          f"than the peer timeout when they arrived (dropped): {coop['stale']}")
     print(f"- machine: {machine()}")
     print(f"- plot: {args.plot}")
     ok = True
@@ -529,6 +559,11 @@ def main() -> int:
         ok = False
     if coop["rejected_honest"]:
         print(f"FAIL: {coop['rejected_honest']} states of honest sites were refused")
+        nonsense = {s.site_id for s in specs if s.fault == "nonsense"}
+        for r in coop_results:
+            for site, why in r["last_rejection"].items():
+                if site not in nonsense:
+                    print(f"  {r['site']} refused {site}: {why}")
         ok = False
     return 0 if ok else 1
 

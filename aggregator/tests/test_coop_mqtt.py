@@ -501,3 +501,97 @@ async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: M
         await runtime.stop()
         service.close()
         await _clear(broker, "site-a")
+
+
+# --- a site's judgement of its peers, messages handed in as the broker would (a simulated clock) ----------
+
+def _local(hour: int) -> float:
+    """A moment today at `hour` local time: a simulated night that stays within one calendar day."""
+    return time.mktime(time.localtime()[:3] + (hour, 0, 0, 0, 0, -1))
+
+
+def _offline_site(site: str, clock: Callable[[], float], **extra: Any) -> CoopSite:
+    """A CoopSite that is never connected: the tests hand it the broker's messages with handle()."""
+    data = {"enabled": True, "siteId": site, "broker": {"host": "127.0.0.1", "tls": False},
+            "curtail": {"adapter": "none"}, "peerTimeoutSeconds": 300}
+    return CoopSite(parse_coop(data | extra), clock=clock)
+
+
+async def test_a_registered_peer_that_always_claims_empty_does_not_drain_the_others(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two honest 10 kWh sites at 80 and 70 % on a quiet night, and a registered member that always claims
+    0 %: in 6 simulated hours the honest sites went to 10 % each, 13 kWh delivered into it. Its claims must
+    add up (its level has to move with the energy it is sent): it is refused, and the site says why."""
+    now = [_local(1)]
+    registry = {"peers": {s: {"capacityKwh": 10} for s in ("site-a", "site-b", "liar")}, "maxChargeW": 4000,
+                "maxDischargeW": 4000}
+    sites = {name: _offline_site(name, lambda: now[0], **registry) for name in ("site-a", "site-b")}
+    stored, delivered = {"site-a": 8.0, "site-b": 7.0}, 0.0
+    for _ in range(6 * 60):
+        states = {name: PeerState(name, 10 * kwh, kwh, 10.0, 0.0, 0.0, 0.0, now[0]) for name, kwh in stored.items()}
+        states["liar"] = PeerState("liar", 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, now[0])
+        for name, site in sites.items():
+            for other, peer_state in states.items():
+                if other != name:
+                    await site.handle(f"coop/{other}/state", json.dumps(peer_state.to_wire()).encode())
+        for name, site in sites.items():
+            target = await site.step(states[name], 0.0)
+            stored[name] = max(0.0, min(10.0, stored[name] + target.battery_w / 60_000))
+            delivered += max(0.0, -target.transfer_w) / 60_000
+        now[0] += 60
+    assert delivered < 2.5, f"{delivered:.1f} kWh delivered into the liar"
+    assert stored["site-a"] > 6.5 and stored["site-b"] > 6.0, stored
+    for site in sites.values():
+        assert site.ignored["liar"].startswith("its claims do not add up: the fleet sent it 2.0 kWh today")
+    assert "coop: ignoring coop/liar/state: its claims do not add up" in caplog.text
+
+
+async def test_back_dated_states_do_not_pass_the_level_jump_check() -> None:
+    """90 % stamped two hours ago, then 0 % stamped now: both were admitted (the fleet's average 75 -> 50 %)."""
+    now = [_local(12)]
+    site = _offline_site("site-b", lambda: now[0], peerTimeoutSeconds=120)
+    await site.step(state("site-b", 60.0, timestamp=now[0]), 0.0)
+    await site.handle("coop/site-a/state", json.dumps(state("site-a", 90.0, timestamp=now[0]).to_wire()).encode())
+    assert site.fleet().level == pytest.approx(75.0)  # type: ignore[union-attr]
+    now[0] += 1
+    back_dated = state("site-a", 90.0, timestamp=now[0] - 7200)
+    await site.handle("coop/site-a/state", json.dumps(back_dated.to_wire()).encode())
+    now[0] += 1
+    await site.handle("coop/site-a/state", json.dumps(state("site-a", 0.0, timestamp=now[0]).to_wire()).encode())
+    assert site.fleet().level == pytest.approx(75.0)  # type: ignore[union-attr]
+    assert "level jumped from 90.0 to 0.0 % in 2 s" in site.ignored["site-a"]
+    assert site.stale == 1  # the back-dated state was dropped: the 90 % that arrived 2 s before stayed believed
+    # A stamp far ahead of our clock is refused too.
+    await site.handle("coop/site-a/state", json.dumps(state("site-a", 90.0, timestamp=now[0] + 600).to_wire()).encode())
+    assert "600 s in the future" in site.ignored["site-a"]
+
+
+async def test_production_runs_again_as_soon_as_the_battery_is_used() -> None:
+    """Production came back only 300 s after it was stopped, even while the battery discharged 800 W."""
+    now = [_local(12)]
+    sent: list[bool] = []
+
+    class Adapter:
+        async def apply(self, curtailed: bool) -> None:
+            sent.append(curtailed)
+
+    site = CoopSite(parse_coop({"enabled": True, "siteId": "site-a", "broker": {"host": "127.0.0.1", "tls": False},
+                                "curtail": {"adapter": "none"}}), clock=lambda: now[0], curtail_adapter=Adapter())
+    await site.step(state("site-a", 99.5, timestamp=now[0], production=3000, consumption=500), 2000.0)
+    assert site.curtailment.curtailed and sent == [True]
+    now[0] += 20
+    await site.step(state("site-a", 99.4, timestamp=now[0], consumption=800), -800.0)
+    assert not site.curtailment.curtailed and sent == [True, False]
+
+
+async def test_a_hostile_payload_is_not_logged_in_full(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused message used to be quoted whole in the log (10 kB lines); the topic names no site either."""
+    site = _offline_site("site-b", time.time)
+    hostile = dict(state("site-a", 50.0).to_wire(), level="x" * 3900)
+    await site.handle("coop/site-a/state", json.dumps(hostile).encode())
+    await site.handle("coop/" + "y" * 10_000 + "/state", json.dumps(state("site-a", 50.0).to_wire()).encode())
+    assert site.rejected["site-a"] == 1 and site.rejected["?"] == 1
+    assert set(site.ignored) <= {"site-a", "?"}  # no key of 10 000 characters kept
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all(len(line) < 400 for line in lines), [len(line) for line in lines]
+    assert "level is not a number ('xxxx" in lines[0]
