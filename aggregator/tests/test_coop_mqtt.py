@@ -595,3 +595,120 @@ async def test_a_hostile_payload_is_not_logged_in_full(caplog: pytest.LogCapture
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all(len(line) < 400 for line in lines), [len(line) for line in lines]
     assert "level is not a number ('xxxx" in lines[0]
+
+
+# --- three households on GXes of their own, end to end ----------------------------------------------------
+
+def _throughput(start: dict[str, float], end: dict[str, float]) -> float:
+    """kWh through the household's meters between two readings of its truth."""
+    return sum(abs(end[p] - start[p]) for p in ("/Energy/Load", "/Energy/Stored", "/Energy/Production"))
+
+
+async def _households_metered(coop: Any, least_wh: float) -> dict[str, Any]:
+    """Run the households until each metered `least_wh` of throughput, stop their aggregators (which saves the
+    ledgers) and return the truth over that time, the states read over MQTT and the system values beside them."""
+    from aggregator.bus import client as bus_client
+    from aggregator.bus.lib import connect
+    from aggregator.simulator.household import SYSTEM_SERVICE, TRUTH_PREFIX
+
+    aggregate = "com.victronenergy.battery.aggregator"
+    buses = {name: await connect(address) for name, address in coop.info()["sites"].items()}
+
+    async def read(name: str, service: str) -> dict[str, Any]:
+        return await bus_client.get_items(buses[name], service)
+
+    async def metering(name: str) -> bool:  # the cooperative stepped once: it meters from the next step on
+        try:
+            return isinstance((await read(name, aggregate)).get("/Coop/OwnTarget"), (int, float))
+        except bus_client.CallError:
+            return False
+
+    out: dict[str, Any] = {"truth": {}, "states": {}, "system": {}}
+    try:
+        start: dict[str, dict[str, float]] = {}
+        deadline = time.monotonic() + 90
+        while len(start) < len(buses):
+            for name in buses:
+                if name not in start and await metering(name):
+                    start[name] = await read(name, TRUTH_PREFIX + name)
+            assert time.monotonic() < deadline, f"the cooperative did not start at {set(buses) - set(start)}"
+            await asyncio.sleep(0.2)
+        # What a peer reads over MQTT, and the household's system calculator read on its bus at that moment.
+        broker = coop.info()["broker"]
+        tls = ssl.create_default_context(cafile=broker["caFile"])
+        async with aiomqtt.Client(broker["host"], broker["port"], username=broker["username"],
+                                  password=broker["password"], tls_context=tls, timeout=10) as mqtt:
+            await mqtt.subscribe("coop/+/state", qos=1)
+            async with asyncio.timeout(30):
+                async for message in mqtt.messages:
+                    peer_state = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    name = peer_state["siteId"]
+                    if message.retain or name in out["states"]:
+                        continue  # a fresh state, not the one retained from before
+                    out["states"][name] = peer_state
+                    out["system"][name] = await read(name, SYSTEM_SERVICE)
+                    if len(out["states"]) == len(buses):
+                        break
+        done: set[str] = set()
+        while len(done) < len(buses):
+            for name in set(buses) - done:
+                now = await read(name, TRUTH_PREFIX + name)
+                if _throughput(start[name], now) >= least_wh / 1000:
+                    aggregator = dict(coop.children[name].procs)["aggregator"]
+                    aggregator.terminate()
+                    assert await asyncio.to_thread(aggregator.wait, 30) == 0
+                    end = await read(name, TRUTH_PREFIX + name)
+                    out["truth"][name] = {k: end[k] - start[name][k] for k in end if k.startswith("/Energy/")}
+                    done.add(name)
+            assert time.monotonic() < deadline + 240, f"too little metered at {set(buses) - done}"
+            await asyncio.sleep(0.5)
+    finally:
+        for bus in buses.values():
+            bus.disconnect()
+    return out
+
+
+def test_each_household_meters_v_equals_p_plus_l_minus_t_end_to_end(tmp_path: Path) -> None:
+    """Three households on one broker, each a GX of its own: the household simulator publishes Victron's
+    system calculator (what the cooperative reads) and the truth; the aggregator runs the dispatcher and the
+    cooperative. What each site meters from the bus matches what its household did, its use adds up
+    (V = P + L - T), the transfers are metered where they happened, and its state on MQTT carries its
+    system calculator's values."""
+    import csv
+    import io
+
+    from aggregator.demo import Cooperative
+
+    coop = Cooperative(tmp_path / "coop", publish_seconds=1.0)
+    try:
+        coop.start()
+        seen = asyncio.run(_households_metered(coop, least_wh=12.0))
+    finally:
+        coop.stop()
+    for name, peer_state in seen["states"].items():
+        system = seen["system"][name]
+        # Panels and load swing slowly; the grid follows the battery's every step, so it is checked in the ledger.
+        for key, path in (("productionW", "/Ac/PvOnGrid/L1/Power"), ("consumptionW", "/Ac/Consumption/L1/Power")):
+            assert peer_state[key] == pytest.approx(system[path], rel=0.1, abs=50), (name, key, peer_state, system)
+    ledgers = {}
+    for name, truth in seen["truth"].items():
+        result = subprocess.run([sys.executable, "-m", "aggregator", "coop", "--csv", "--state-dir",
+                                 str(tmp_path / "coop" / name / "state")], capture_output=True, text=True, cwd=REPO,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        (row,) = list(csv.DictReader(io.StringIO(result.stdout)))
+        metered = {k: float(v) for k, v in row.items() if k != "site"}
+        ledgers[name] = metered
+        throughput = truth["/Energy/Load"] + abs(truth["/Energy/Stored"]) + truth["/Energy/Production"]
+        close = {"rel": 0.0, "abs": 0.15 * throughput + 0.001}
+        assert metered["production_kwh"] == pytest.approx(truth["/Energy/Production"], **close), (name, metered, truth)
+        assert metered["load_kwh"] == pytest.approx(truth["/Energy/Load"], **close), (name, metered, truth)
+        assert metered["stored_kwh"] == pytest.approx(truth["/Energy/Stored"], **close), (name, metered, truth)
+        assert metered["import_kwh"] == pytest.approx(truth["/Energy/Import"], **close), (name, metered, truth)
+        assert metered["export_kwh"] == pytest.approx(truth["/Energy/Export"], **close), (name, metered, truth)
+        # V = P + L - T from what the site read on its own bus, each moment: the paths and their signs agree.
+        assert abs(metered["balance_error_kwh"]) <= 0.03 * throughput + 0.0005, (name, metered)
+        assert metered["use_kwh"] == pytest.approx(metered["load_kwh"] + metered["stored_kwh"], abs=1e-3)
+    # The one far above the average delivered for the fleet, the one far below took it.
+    assert ledgers["rivendell"]["transfer_export_kwh"] > 0 and ledgers["rivendell"]["transfer_import_kwh"] == 0
+    assert ledgers["shire"]["transfer_import_kwh"] > 0 and ledgers["shire"]["transfer_export_kwh"] == 0
