@@ -31,6 +31,7 @@ from typing import Any
 from .bus import client
 from .bus.lib import Variant, connect
 from .bus.monitor import ServiceMonitor, WatchedService
+from .energy_service import ENERGY_INTERFACE
 from .liveview import coop_lines, dispatcher_lines, external_lines, render
 from .mqttbroker import MosquittoBroker
 from .privatebus import PrivateBus
@@ -172,7 +173,8 @@ def coop_site_config(house: CoopHousehold, broker: MosquittoBroker, password: st
         "serviceName": AGGREGATE, "stateDir": str(state_dir), "startupBatteryWait": 10,
         "dispatcher": {"enabled": True, "cycleSeconds": 1.0, "batteries": [{
             "name": name,
-            "setpoint": {"dbus": {"service": f"com.victronenergy.acsystem.{name}", "path": "/Ess/InverterPowerSetpoint"}},
+            "setpoint": {"dbus": {"service": f"com.victronenergy.acsystem.{name}",
+                                  "path": "/Ess/InverterPowerSetpoint"}},
             "measured": {"dbus": {"service": battery, "path": "/Dc/0/Power"}},
             "soc": {"dbus": {"service": battery, "path": "/Soc"}},
             "capacityWh": house.capacity_wh, "maxChargeW": COOP_MAX_POWER_W, "maxDischargeW": COOP_MAX_POWER_W}]},
@@ -273,7 +275,7 @@ class _Features:
             for battery in self.reporting:
                 try:
                     reply = await client.call(self.bus, AGGREGATE, "/", "Report", "a{sv}",
-                                              [battery.advance(REPORT_PERIOD_S)], interface="org.batteryaggregator.Energy")
+                                              [battery.advance(REPORT_PERIOD_S)], interface=ENERGY_INTERFACE)
                     answers.append(str(reply.body[0]))
                 except client.CallError as exc:
                     answers.append(f"{battery.id}: {str(exc).split(': ', 1)[-1]}")

@@ -37,6 +37,11 @@ discharge power, and the grid connection's limit. The result is the battery's ta
 (self-consumption + transfer), the input of the power dispatcher.
 
 `gain` and `deadband` are fleet parameters: every site must use the same values, or the sums are not zero.
+
+What a site believes (FleetView): a peer's state counts when it is sane (check_peer), within what the
+cooperative knows of the peer and what a battery can do (admit: rates judged by when states arrive), and
+when its claims add up with the energy the fleet sent it (PeerBooks, per calendar day). What the fleet
+delivers for one site in a day is bounded (`daily_draw_percent`, a fleet parameter like gain).
 """
 from __future__ import annotations
 

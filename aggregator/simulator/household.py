@@ -30,7 +30,6 @@ import math
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from .. import __version__
 from ..bus.lib import connect
