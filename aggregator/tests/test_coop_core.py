@@ -544,7 +544,7 @@ def test_publish_on_change() -> None:
 def test_settings_defaults_and_clear_messages() -> None:
     s = parse_coop({"enabled": True, "siteId": "rivendell", "broker": {"host": "mqtt.coop.example"}})
     assert s.broker is not None and s.broker.tls and s.broker.port == 8883 and s.username == "rivendell"
-    assert s.site_settings().full_percent == 99.0
+    assert s.site_settings().full_percent == 99.0 and s.site_settings().daily_draw_percent == 100.0
     assert not parse_coop({}).enabled
     assert s.peer_policy().registered is None and s.peer_policy().max_capacity_kwh == 100.0
     listed = parse_coop({"siteId": "a", "peers": {"a": {"capacityKwh": 10}, "b": {"capacityKwh": 13.5}}})
@@ -563,6 +563,7 @@ def test_settings_defaults_and_clear_messages() -> None:
         ({"peers": {"a": {"capacityKwh": 5000}}}, "peers.a.capacityKwh"),
         ({"siteId": "c", "peers": {"a": {"capacityKwh": 10}}}, "siteId 'c' is not in peers"),
         ({"maxPeerCapacityKwh": 0}, "maxPeerCapacityKwh"),
+        ({"maxDailyDrawPercent": 0}, "maxDailyDrawPercent"),
     ]
     for data, message in cases:
         with pytest.raises(CoopSettingsError) as err:

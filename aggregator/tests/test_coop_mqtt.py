@@ -712,3 +712,48 @@ def test_each_household_meters_v_equals_p_plus_l_minus_t_end_to_end(tmp_path: Pa
     # The one far above the average delivered for the fleet, the one far below took it.
     assert ledgers["rivendell"]["transfer_export_kwh"] > 0 and ledgers["rivendell"]["transfer_import_kwh"] == 0
     assert ledgers["shire"]["transfer_import_kwh"] > 0 and ledgers["shire"]["transfer_export_kwh"] == 0
+
+
+async def test_dbus_names_a_site_that_drew_the_days_bound(broker: MosquittoBroker, busctl: Any) -> None:
+    """A peer whose claims add up (a load takes what it is sent) but draws the day's bound: it gets nothing
+    more, and /Coop/Status names it."""
+    from aggregator.bus.lib import connect
+    from aggregator.bus.service import VeService
+    from aggregator.coop.runtime import CoopRuntime
+
+    name = "com.victronenergy.battery.coop_bound_test"
+    service = VeService(await connect(), name)
+    service.add_mandatory_paths(process_name="t", process_version="1", connection="t", device_instance=292,
+                                product_id=1, product_name="Coop test")
+    for path, value in (("/Soc", 80.0), ("/InstalledCapacity", 200.0), ("/Dc/0/Power", 0.0),
+                        ("/Dc/0/Voltage", 50.0)):  # 10 kWh at 80 %
+        service.add_path(path, value)
+    settings = settings_for(broker, "site-b", curtail={"adapter": "none"}, maxDailyDrawPercent=0.01)  # 1 Wh
+    runtime = CoopRuntime(settings, service, service.bus, cycle_s=0.2)
+    await service.register()
+    await runtime.start()
+
+    async def read(path: str) -> Any:
+        reply = await busctl.acall_json(name, f"/Coop/{path}", "GetValue")
+        return reply["data"][0]["data"]
+
+    try:
+        await until(runtime.site.connected.is_set, what="connected")
+        async with client(broker, "site-a", USERS["site-a"]) as peer:
+            await peer.publish("coop/site-a/status", b"online", qos=1, retain=True)
+            deadline = time.monotonic() + 20
+            while True:
+                heavy = state("site-a", 10.0, consumption=3000)
+                await peer.publish("coop/site-a/state", json.dumps(dict(heavy.to_wire(), gridW=3000)), qos=1,
+                                   retain=True)
+                await asyncio.sleep(0.3)
+                status = await read("Status")
+                if "drew the day's bound from the fleet: site-a" in status:
+                    break
+                assert time.monotonic() < deadline, f"/Coop/Status never named the bound: {status}"
+        assert await read("Transfer") == 0 and await read("PeersOnline") == 1  # believed, but sent nothing more
+        assert "ignoring" not in status
+    finally:
+        await runtime.stop()
+        service.close()
+        await _clear(broker, "site-a")
