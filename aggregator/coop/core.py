@@ -241,12 +241,13 @@ def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy, now:
 # A peer's claims must add up. Every site computes every site's transfer from the same states, so each knows
 # what the fleet delivers for a peer that imports. That energy has to show in the peer's claims: as a rise of
 # its level, or as its own use (load beyond its production). A peer that is sent energy while its level stays
-# put and it uses nothing (one that always claims 0 % would drain the others) is not believed. At least half
+# put and it uses nothing (one that always claims 0 % would drain the others) is not believed. Only a part
 # must show: the peer's own limits (charge power, grid connection) may let it take less than the fleet
-# computed for it, and batteries and inverters lose some. The books are kept per calendar day, and what the
+# computed for it, the others compute it from states that lag (a peer whose link dropped counts until it is
+# stale, while it takes nothing), and batteries and inverters lose some. The books are kept per calendar day, and what the
 # fleet delivers for one site in a day is bounded as well: claims that add up can still be invented (a load
 # that takes exactly what it is sent), and the bound limits what such a peer costs the others.
-ADD_UP_SHARE = 0.5  # of the energy sent, at least this much must show as its rise or its use
+ADD_UP_SHARE = 0.4  # of the energy sent, at least this much must show as its rise or its use
 ADD_UP_SLACK = 10.0  # % of its capacity: a BMS resynchronising its SoC, a late state
 
 

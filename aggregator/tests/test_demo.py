@@ -5,14 +5,12 @@ import asyncio
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import aiomqtt
 import pytest
 
 from aggregator.bus import client
@@ -20,7 +18,7 @@ from aggregator.bus.lib import connect
 from aggregator.demo import COOP_HOUSEHOLDS, DISPATCH_TARGETS_W
 from aggregator.mqttbroker import find_mosquitto
 
-from .helpers import REPO
+from .helpers import REPO, coop_states
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 AGGREGATE = "com.victronenergy.battery.aggregator"
@@ -89,12 +87,8 @@ async def _read_everything(info: dict[str, Any]) -> dict[str, Any]:
         for b in sites.values():
             b.disconnect()
     # Over MQTT, as the cooperative's read-only user: every household's state.
-    broker = info["coop"]["broker"]
-    tls = ssl.create_default_context(cafile=broker["caFile"])
     states: dict[str, dict[str, Any]] = {}
-    async with aiomqtt.Client(broker["host"], broker["port"], username=broker["username"],
-                              password=broker["password"], tls_context=tls, timeout=10) as mqtt:
-        await mqtt.subscribe("coop/+/state", qos=1)
+    async with coop_states(info["coop"]["broker"]) as mqtt:
         async with asyncio.timeout(30):
             async for message in mqtt.messages:
                 state = json.loads(bytes(message.payload))  # type: ignore[arg-type]
