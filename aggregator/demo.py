@@ -249,7 +249,6 @@ class _Features:
         self.coop = coop
         self.reporting = reporting_batteries()
         self.report_status = "no report sent yet"
-        self.target_w: float | None = None
         self.coop_monitors: dict[str, ServiceMonitor] = {}
         self.coop_buses: list[Any] = []
 
@@ -294,7 +293,6 @@ class _Features:
             if code != 0:
                 await asyncio.sleep(1.0)
                 continue
-            self.target_w = target
             await asyncio.sleep(DISPATCH_STEP_S)
             target = next(targets)
 
