@@ -601,11 +601,11 @@ async def test_a_hostile_payload_is_not_logged_in_full(caplog: pytest.LogCapture
     hostile = dict(state("site-a", 50.0).to_wire(), level="x" * 3900)
     await site.handle("coop/site-a/state", json.dumps(hostile).encode())
     await site.handle("coop/" + "y" * 10_000 + "/state", json.dumps(state("site-a", 50.0).to_wire()).encode())
+    lines = [r.getMessage() for r in caplog.records]
+    assert all(len(line) < 400 for line in lines), [len(line) for line in lines]
+    assert len(lines) == 2 and "level is not a number ('xxxx" in lines[0]
     assert site.rejected["site-a"] == 1 and site.rejected["?"] == 1
     assert set(site.ignored) <= {"site-a", "?"}  # no key of 10 000 characters kept
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and all(len(line) < 400 for line in lines), [len(line) for line in lines]
-    assert "level is not a number ('xxxx" in lines[0]
 
 
 # --- three households on GXes of their own, end to end ----------------------------------------------------
