@@ -88,7 +88,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main
 
     logging.basicConfig(level="WARNING", format=_LOG_FORMAT)
-    return main(args.scenario, args.duration, args.refresh)
+    return main(args.scenario, args.duration, args.refresh, everything=args.all)
 
 
 def device_warnings(config: Any, installed: Callable[[str], bool]) -> list[str]:
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenario", default="default", help="simulator scenario (default: default)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     demo.add_argument("--refresh", type=float, default=1.0, help="seconds between screen updates")
+    demo.add_argument("--all", action="store_true", help="the side features too: energy reports arriving, the "
+                      "grid battery, the dispatcher following a target, and a cooperative of three households (a "
+                      "private bus each) on one mosquitto")
     demo.set_defaults(func=_cmd_demo)
     check = sub.add_parser("check", help="check a config.json (what check_config.sh runs)",
                            description="Validate a config.json against the schema and the semantic checks (a "

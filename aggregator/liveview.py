@@ -113,3 +113,62 @@ def energy_lines(services: Iterable[WatchedService]) -> list[str]:
                 _num(v.get("/Soc"), "{:.1f}%"), _num(v.get("/History/ChargedEnergy"), "{:.2f} kWh"),
                 _num(v.get("/History/DischargedEnergy"), "{:.2f} kWh"), v.get("/GridBattery/Status") or "---"))
     return [""] + lines if lines else []
+
+
+def _rows(values: dict[str, Any], prefix: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The numbered rows under `prefix` (/Energy/External/<k>/..., /Dispatcher/Batteries/<i>/...) as dicts."""
+    rows: dict[int, dict[str, Any]] = {}
+    for path, value in values.items():
+        if path.startswith(prefix):
+            index, _, key = path[len(prefix):].partition("/")
+            if index.isdigit() and key in keys:
+                rows.setdefault(int(index), {})[key] = value
+    return [rows[i] for i in sorted(rows)]
+
+
+def external_lines(values: dict[str, Any], last_reports: str) -> list[str]:
+    """The batteries reported from outside D-Bus, as the aggregate counts them, and how the last reports went."""
+    lines = ["", f"Energy reports (every few seconds; last answers: {last_reports[:160]})"]
+    rows = [r for r in _rows(values, "/Energy/External/", ("Id", "State", "Soc", "ChargedEnergy",
+                                                           "DischargedEnergy")) if r.get("Id")]
+    for r in rows:
+        lines.append("  {:<12} {:<8} level {}, charged {}, discharged {}".format(
+            str(r["Id"])[:12], str(r.get("State") or "---")[:8], _num(r.get("Soc"), "{:.2f}%"),
+            _num(r.get("ChargedEnergy"), "{:.4f} kWh"), _num(r.get("DischargedEnergy"), "{:.4f} kWh")))
+    if not rows:
+        lines.append("  (none counted yet)")
+    return lines
+
+
+def dispatcher_lines(values: dict[str, Any]) -> list[str]:
+    """The dispatcher's target, what the batteries achieve, and what it learned of each."""
+    if "/Dispatcher/TargetPower" not in values:
+        return ["", "Dispatcher: not running yet"]
+    lines = ["", "Dispatcher: target {}, achieved {} ({}); {}".format(
+        _num(values.get("/Dispatcher/TargetPower"), "{:+.0f} W"), _num(values.get("/Dispatcher/AchievedPower"),
+                                                                       "{:+.0f} W"),
+        "saturated" if values.get("/Dispatcher/Saturated") else "within the limits",
+        str(values.get("/Dispatcher/Status") or "---")[:80])]
+    for r in _rows(values, "/Dispatcher/Batteries/", ("Name", "Setpoint", "Measured", "Gain", "ChargeLimit",
+                                                        "DischargeLimit", "Status")):
+        lines.append("  {:<12} asked {:>8}, gives {:>8}, gain {}, limits +{} / -{}; {}".format(
+            str(r.get("Name"))[:12], _num(r.get("Setpoint"), "{:+.0f} W"), _num(r.get("Measured"), "{:+.0f} W"),
+            _num(r.get("Gain"), "{:.2f}"), _num(r.get("ChargeLimit"), "{:.0f} W"),
+            _num(r.get("DischargeLimit"), "{:.0f} W"), str(r.get("Status") or "---")[:40]))
+    return lines
+
+
+def coop_lines(sites: dict[str, dict[str, Any]], broker_port: int) -> list[str]:
+    """Each household of the cooperative as its own GX shows it (/Coop/* of its aggregate)."""
+    averages = {round(v["/Coop/AverageLevel"], 1) for v in sites.values()
+                if isinstance(v.get("/Coop/AverageLevel"), (int, float))}
+    lines = ["", "Cooperative: {} households on one broker (127.0.0.1:{}), fleet average {}".format(
+        len(sites), broker_port, " / ".join(f"{a:.1f}%" for a in sorted(averages)) or "---"),
+        "  {:<10} {:>7} {:>9} {:>9} {:>9} {:>5}  {}".format("site", "level", "battery", "target", "transfer",
+                                                           "peers", "status")]
+    for name, v in sorted(sites.items()):
+        lines.append("  {:<10} {:>7} {:>9} {:>9} {:>9} {:>5}  {}".format(
+            name[:10], _num(v.get("/Coop/OwnLevel"), "{:.1f}%"), _num(v.get("/Dc/0/Power"), "{:+.0f}W"),
+            _num(v.get("/Coop/OwnTarget"), "{:+.0f}W"), _num(v.get("/Coop/Transfer"), "{:+.0f}W"),
+            _num(v.get("/Coop/PeersOnline"), "{:.0f}"), str(v.get("/Coop/Status") or "starting")[:70]))
+    return lines

@@ -14,6 +14,13 @@ range, or a sane-looking 1000 kWh at 0 %, beyond the capacity the sites' registr
 sites then run without cooperation (self-consumption only, no network; at 4x the speed, which changes
 nothing but the wall time).
 
+The liar case (--liar): two honest 10 kWh sites at 80 and 70 % on a quiet night (no sun, no load) and a third
+member, registered with 10 kWh, that always claims to be empty: plainly (its level never moves, it uses
+nothing), or hiding the energy it is sent as load it imports (its claims then add up, and only the daily bound
+on what one peer may draw stops it). Reported: the honest sites' levels, what they delivered for it, and
+what they say about it. Asserted: they lose at most a third of their stored energy to the plain liar, and no
+more than the day's bound (maxDailyDrawPercent of its capacity) to the other.
+
 Reported: the spread of the levels (max - min over the sites) averaged over time, with and without
 cooperation; the energy exchanged; the fleet's grid import and export; curtailed production; how long the
 site that was offline takes to come back within reach of the average. Asserted: cooperation at least halves
@@ -54,6 +61,8 @@ DEADBAND = 2.0
 GAIN = 20.0  # W per point per kWh: a time constant of 10 / GAIN h = 30 min
 NONCOOP_SPEEDUP = 4.0
 CONVERGED_WITHIN = DEADBAND + 1.0  # percentage points from the fleet's average
+LIARS = ("liar", "liar-load")
+LIAR_HOURS = 6.0
 
 
 @dataclass(frozen=True)
@@ -209,12 +218,16 @@ async def site_process(cfg: dict[str, Any]) -> None:
         load = house.load_w(t)
         production = 0.0 if curtail.curtailed else available
         own = PeerState(spec.site_id, battery.level, battery.stored, spec.capacity_kwh, production, load, grid_w, t)
+        if spec.fault in LIARS:  # it claims an empty battery, whatever it is sent
+            claimed = max(0.0, site.last_target.transfer_w) if spec.fault == "liar-load" and site and \
+                site.last_target else 0.0
+            own = PeerState(spec.site_id, 0.0, 0.0, spec.capacity_kwh, 0.0, claimed, claimed, t)
         if site is not None:
             target = await site.step(own, battery_w)
         else:
             target = site_target(own, None, rules)
             curtail.update(own.level, battery_w, t)
-        battery_w = battery.apply(target.battery_w, STEP)
+        battery_w = battery.apply(target.battery_w, STEP) if spec.fault not in LIARS else 0.0
         grid_w = load - production + battery_w
         ledger.record(spec.site_id, STEP, production_w=production, load_w=load, battery_w=battery_w, grid_w=grid_w,
                       transfer_w=target.transfer_w)
@@ -227,7 +240,10 @@ async def site_process(cfg: dict[str, Any]) -> None:
         await asyncio.wait({run}, timeout=5)
     account = ledger.accounts[spec.site_id]
     result = {"site": spec.site_id, "rows": rows, "account": asdict(account), "late_steps": late_steps,
-              "rejected": dict(site.rejected) if site else {}, "connects": site.connects if site else 0}
+              "rejected": dict(site.rejected) if site else {}, "connects": site.connects if site else 0,
+              "ignored": dict(site.ignored) if site else {},
+              "last_rejection": dict(site.last_rejection) if site else {},
+              "capped": site.capped(clock()) if site else {}, "stale": site.stale if site else 0}
     Path(cfg["out"]).write_text(json.dumps(result))
 
 
@@ -254,14 +270,20 @@ def faulty_site(base: type, fault: str | None, settings: Any, clock: Any, scale:
 
         async def _drain(self) -> None:
             assert self._queue is not None
+            sending: set[asyncio.Task[None]] = set()
             while True:
                 due, topic, payload, retain, qos = await self._queue.get()
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
-                if self._client is not None:
-                    try:
-                        await self._client.publish(topic, payload, qos=qos, retain=retain)
-                    except Exception:  # noqa: BLE001 - lost with the link, like on a real one
-                        pass
+                if self._client is not None:  # not awaited: a delay, not a queue that grows behind each ack
+                    task = asyncio.create_task(self._publish_late(self._client, topic, payload, retain, qos))
+                    sending.add(task)
+                    task.add_done_callback(sending.discard)
+
+        async def _publish_late(self, client: Any, topic: str, payload: Any, retain: bool, qos: int) -> None:
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain)
+            except Exception:  # noqa: BLE001 - lost with the link, like on a real one
+                pass
 
     class Nonsense(base):  # type: ignore[misc, valid-type]
         """For an hour, states a sane peer must not believe."""
@@ -343,7 +365,22 @@ def analyse(specs: list[SiteSpec], results: list[dict[str, Any]]) -> dict[str, A
             # States of sites that sent no nonsense, refused all the same (a jump rule too tight for real batteries)
             "rejected_honest": sum(count for r in results for site, count in r["rejected"].items()
                                    if site not in {s.site_id for s in specs if s.fault == "nonsense"}),
-            "peers_seen": rows[:, :, 5]}
+            "stale": sum(r["stale"] for r in results),
+            "peers_seen": rows[:, :, 5], "largest_daily_draw": largest_daily_draw(specs, rows)}
+
+
+def largest_daily_draw(specs: list[SiteSpec], rows: Any) -> float:
+    """The most one site drew from the fleet (its transfer imports) in one simulated day, in % of its capacity:
+    what the honest sites need of maxDailyDrawPercent."""
+    import numpy as np
+
+    day = (rows[0, :, 0] // DAY).astype(int)
+    most = 0.0
+    for i, spec in enumerate(specs):
+        if spec.fault is None:
+            drawn = np.bincount(day, weights=np.maximum(rows[i, :, 3], 0.0)) * STEP / HOUR / 1000.0
+            most = max(most, float(drawn.max()) / spec.capacity_kwh * 100.0)
+    return most
 
 
 def reconvergence(specs: list[SiteSpec], a: dict[str, Any], fault_start: float) -> tuple[float, float, float | None]:
@@ -386,6 +423,48 @@ def plot(path: Path, specs: list[SiteSpec], alone: dict[str, Any], coop: dict[st
     plt.close(fig)
 
 
+def liar_specs(fault: str) -> list[SiteSpec]:
+    """The issue's case: two honest 10 kWh sites at 80 and 70 % on a quiet night, and a registered liar."""
+    quiet = dict(capacity_kwh=10.0, max_power_w=4000.0, pv_kwp=0.0, orientation_h=0.0, daily_load_kwh=0.0,
+                 ev_probability=0.0)
+    return [SiteSpec("site00", "pw-honest-0", 11, initial_level=80.0, fault=None, **quiet),  # type: ignore[arg-type]
+            SiteSpec("site01", "pw-honest-1", 12, initial_level=70.0, fault=None, **quiet),  # type: ignore[arg-type]
+            SiteSpec("liar", "pw-liar", 13, initial_level=50.0, fault=fault, **quiet)]  # type: ignore[arg-type]
+
+
+def liar_case(scale: float, hours: float) -> bool:
+    """Both kinds of liar; True when the honest sites kept at least two thirds of their energy each time."""
+    from aggregator.coop.settings import CoopSettings
+    from aggregator.mqttbroker import MosquittoBroker
+
+    print(f"## A registered peer that always claims 0 %: {hours:g} h, two honest 10 kWh sites\n")
+    print("| liar | honest levels (start -> end) | delivered for the fleet kWh | what the honest sites say |")
+    print("|---|---|---|---|")
+    ok = True
+    for fault in LIARS:
+        specs = liar_specs(fault)
+        with tempfile.TemporaryDirectory(prefix="coop-liar-") as tmp, \
+                MosquittoBroker(users={s.site_id: s.password for s in specs},
+                                acl=(REPO / "setup" / "coop" / "acl.example").read_text(), tls=True) as broker:
+            results = run_fleet(specs, coop=True, scale=scale, duration=hours * HOUR, weather_seed=1,
+                                workdir=Path(tmp), gain=GAIN, broker=broker)
+        honest = [(s, r) for s, r in zip(specs, results) if s.fault is None]
+        levels = ", ".join(f"{s.initial_level:.0f} -> {r['rows'][-1][1]:.0f} %" for s, r in honest)
+        delivered = sum(r["account"]["transfer_export"] for _, r in honest)
+        said = sorted({why for _, r in honest for site, why in r["ignored"].items() if site == "liar"})
+        said += sorted({f"drew the day's bound from the fleet ({r['capped']['liar']:.1f} kWh)" for _, r in honest
+                        if "liar" in r["capped"]})
+        print(f"| {'plain' if fault == 'liar' else 'hides it as load'} | {levels} | {delivered:.1f} | "
+              f"{'; '.join(said) or '(nothing)'} |")
+        stored_before = sum(s.capacity_kwh * s.initial_level / 100 for s, _ in honest)
+        bound = CoopSettings.model_fields["maxDailyDrawPercent"].default / 100 * 10.0 * math.ceil(hours / 24)
+        if delivered > (stored_before / 3 if fault == "liar" else bound + 0.5):
+            print(f"FAIL: the liar ({fault}) drew {delivered:.1f} kWh")
+            ok = False
+    print()
+    return ok
+
+
 def machine() -> str:
     cpu = platform.processor() or ""
     try:
@@ -403,11 +482,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--days", type=float, default=7.0)
-    parser.add_argument("--scale", type=float, default=4000.0, help="simulated seconds per wall second")
+    parser.add_argument("--scale", type=float, help="simulated seconds per wall second (default 4000, --quick "
+                        "6000, --liar 2000; lower on a busy machine, where sites fall behind the shared clock)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--gain", type=float, default=GAIN, help="gainWPerPercentKwh of every site")
     parser.add_argument("--quick", action="store_true", help="5 sites, 1 day, scale 6000 (well under a minute)")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "coop_levels.png")
+    parser.add_argument("--liar", action="store_true", help="the case of a registered peer that always claims "
+                        f"0 %% ({LIAR_HOURS:g} simulated hours)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -415,8 +497,11 @@ def main() -> int:
         globals()["GAIN"] = cfg["gain"]
         asyncio.run(site_process(cfg))
         return 0
+    if args.liar:
+        return 0 if liar_case(args.scale or 2000.0, LIAR_HOURS) else 1
     if args.quick:
-        args.sites, args.days, args.scale = 5, 1.0, 6000.0
+        args.sites, args.days, args.scale = 5, 1.0, args.scale or 6000.0
+    args.scale = args.scale or 4000.0
     if not 5 <= args.sites <= 20:
         parser.error("--sites must be 5 to 20")
     from aggregator.mqttbroker import MosquittoBroker
@@ -457,7 +542,10 @@ def main() -> int:
           f"average while away, {at_return:.1f} at its return, back within {CONVERGED_WITHIN:g} pts after {back}")
     print(f"- site02 publishes {LINK_DELAY_S / 60:g} min late throughout; site03 sent nonsense for an hour: "
           f"{coop['rejected']} messages rejected by its peers ({coop['rejected_honest']} of honest sites)")
-    print(f"- steps that fell behind the shared clock by > {PUBLISH_S:g} s: {coop['late_steps']}")
+    print(f"- the most an honest site drew from the fleet in a day: {coop['largest_daily_draw']:.0f} % of its "
+          "capacity")
+    print(f"- steps that fell behind the shared clock by > {PUBLISH_S:g} s: {coop['late_steps']}; states older "
+          f"than the peer timeout when they arrived (dropped): {coop['stale']}")
     print(f"- machine: {machine()}")
     print(f"- plot: {args.plot}")
     ok = True
@@ -473,6 +561,11 @@ def main() -> int:
         ok = False
     if coop["rejected_honest"]:
         print(f"FAIL: {coop['rejected_honest']} states of honest sites were refused")
+        nonsense = {s.site_id for s in specs if s.fault == "nonsense"}
+        for r in coop_results:
+            for site, why in r["last_rejection"].items():
+                if site not in nonsense:
+                    print(f"  {r['site']} refused {site}: {why}")
         ok = False
     return 0 if ok else 1
 

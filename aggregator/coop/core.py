@@ -37,14 +37,19 @@ discharge power, and the grid connection's limit. The result is the battery's ta
 (self-consumption + transfer), the input of the power dispatcher.
 
 `gain` and `deadband` are fleet parameters: every site must use the same values, or the sums are not zero.
+
+What a site believes (FleetView): a peer's state counts when it is sane (check_peer), within what the
+cooperative knows of the peer and what a battery can do (admit: rates judged by when states arrive), and
+when its claims add up with the energy the fleet sent it (PeerBooks, per calendar day). What the fleet
+delivers for one site in a day is bounded (`daily_draw_percent`, a fleet parameter like gain).
 """
 from __future__ import annotations
 
 import csv
 import math
 import re
-from dataclasses import dataclass, field, fields
-from typing import IO, Any, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import IO, Any, Callable, Hashable, Iterable, Mapping
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _SITE_ID = re.compile(SITE_ID_PATTERN)
@@ -53,7 +58,7 @@ _SITE_ID = re.compile(SITE_ID_PATTERN)
 MAX_CAPACITY_KWH = 1000.0
 MAX_POWER_W = 500_000.0
 LEVEL_TOLERANCE = 5.0  # percentage points allowed between the reported level and stored/capacity
-MAX_CLOCK_SKEW_S = 120.0  # a timestamp further in the future than this is a broken clock
+MAX_CLOCK_SKEW_S = 120.0  # a timestamp further ahead of our clock than this is a broken clock (or a lie)
 WIRE_KEYS = ("siteId", "level", "storedKwh", "capacityKwh", "productionW", "consumptionW", "gridW", "timestamp")
 MAX_JSON_DEPTH = 4  # a state is one flat object; deeper JSON is not one (and deep enough crashes the parser)
 
@@ -93,12 +98,23 @@ class Rejected:
 
     site_id: str | None
     reason: str
+    stale: bool = False  # only too old when it arrived: no lie, it could not count anyway
+
+
+def is_site_id(text: str) -> bool:
+    return _SITE_ID.fullmatch(text) is not None
+
+
+def _quoted(value: Any, limit: int = 40) -> str:
+    """A value a peer sent, for a reason: its repr, cut short (a reason ends up in a log line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _number(data: Mapping[str, Any], key: str) -> float:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key} is not a number ({value!r})")
+        raise ValueError(f"{key} is not a number ({_quoted(value)})")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{key} is not finite ({value!r})")
@@ -111,10 +127,10 @@ def check_peer(data: Any, now: float, expected_site: str | None = None) -> PeerS
     if not isinstance(data, Mapping):
         return Rejected(expected_site, "not a JSON object")
     site = data.get("siteId")
-    if not isinstance(site, str) or not _SITE_ID.match(site):
-        return Rejected(expected_site, f"bad siteId {site!r}")
+    if not isinstance(site, str) or not is_site_id(site):
+        return Rejected(expected_site, f"bad siteId {_quoted(site)}")
     if expected_site is not None and site != expected_site:
-        return Rejected(expected_site, f"siteId {site!r} in the topic of {expected_site!r}")
+        return Rejected(expected_site, f"siteId {_quoted(site)} in the topic of {expected_site!r}")
     missing = [k for k in WIRE_KEYS if k not in data]
     if missing:
         return Rejected(site, f"missing {', '.join(missing)}")
@@ -186,12 +202,15 @@ MAX_CAPACITY_STEP = 2.0  # without a registry: a capacity more than doubling at 
 class PeerPolicy:
     registered: Mapping[str, float] | None = None  # site -> capacity kWh; None: any site may take part
     max_capacity_kwh: float = 100.0  # without a registry: the most any one site may claim
-    timeout_s: float = 120.0  # a believed state older than this is no reference for a capacity step
+    timeout_s: float = 120.0  # a state older than this is stale, and no reference for a capacity step
 
 
-def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy) -> PeerState | Rejected:
-    """A sane peer state (from check_peer) -> itself if it may count, else why not. `believed`: the last
-    state of this site that was admitted (None at first)."""
+def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy, now: float,
+          believed_at: float | None = None) -> PeerState | Rejected:
+    """A sane peer state (from check_peer) that arrived at `now` (our clock) -> itself if it may count, else
+    why not. `believed`: the last state of this site that was admitted, which arrived at `believed_at` (None:
+    unknown, taken as now). Rates are judged by when states arrive, not by their timestamps, which the sender
+    chooses: a state stamped hours ago would otherwise make any jump after it look slow."""
     site, capacity = state.site_id, state.capacity_kwh
     if policy.registered is not None:
         registered = policy.registered.get(site)
@@ -202,9 +221,13 @@ def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy) -> P
     elif capacity > policy.max_capacity_kwh:
         return Rejected(site, f"capacity {capacity:g} kWh beyond the bound of {policy.max_capacity_kwh:g} kWh "
                         "(no registry of members)")
+    age = now - state.timestamp
+    if age > policy.timeout_s:
+        return Rejected(site, f"stamped {age:.0f} s before it arrived (older than the peer timeout of "
+                        f"{policy.timeout_s:g} s)", stale=True)
     if believed is None:
         return state
-    dt = max(0.0, state.timestamp - believed.timestamp)  # reordered messages: measured as simultaneous
+    dt = max(0.0, now - (now if believed_at is None else believed_at))
     allowed = LEVEL_JUMP_SLACK + MAX_LEVEL_RATE_PER_H * dt / 3600.0
     if abs(state.level - believed.level) > allowed:
         return Rejected(site, f"level jumped from {believed.level:.1f} to {state.level:.1f} % in {dt:.0f} s "
@@ -213,6 +236,62 @@ def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy) -> P
             and capacity > believed.capacity_kwh * MAX_CAPACITY_STEP):
         return Rejected(site, f"capacity jumped from {believed.capacity_kwh:g} to {capacity:g} kWh")
     return state
+
+
+# A peer's claims must add up. Every site computes every site's transfer from the same states, so each knows
+# what the fleet delivers for a peer that imports. That energy has to show in the peer's claims: as a rise of
+# its level, or as its own use (load beyond its production). A peer that is sent energy while its level stays
+# put and it uses nothing (one that always claims 0 % would drain the others) is not believed. Only a part
+# must show: the peer's own limits (charge power, grid connection) may let it take less than the fleet
+# computed for it, the others compute it from states that lag (a peer whose link dropped counts until it is
+# stale, while it takes nothing), and batteries and inverters lose some. The books are kept per calendar day, and what the
+# fleet delivers for one site in a day is bounded as well: claims that add up can still be invented (a load
+# that takes exactly what it is sent), and the bound limits what such a peer costs the others.
+ADD_UP_SHARE = 0.4  # of the energy sent, at least this much must show as its rise or its use
+ADD_UP_SLACK = 10.0  # % of its capacity: a BMS resynchronising its SoC, a late state
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBooks:
+    """What the fleet sent one site on one day and what its claims show of it."""
+
+    day: Hashable
+    opening_fill: float  # its level (stored/capacity, %) when the books opened
+    capacity_kwh: float  # as it last claimed
+    sent_kwh: float = 0.0  # the fleet's deliveries for it: its share of the imports, as this site computed them
+    used_kwh: float = 0.0  # its claimed load beyond its production
+
+    def rise_kwh(self, state: PeerState) -> float:
+        """Its level's rise since the books opened, in kWh of its present capacity (a pack going offline
+        lowers its capacity, not its level)."""
+        return (state.fill - self.opening_fill) * state.capacity_kwh / 100.0
+
+    def unexplained_kwh(self, state: PeerState) -> float:
+        """The part of the energy it had to show that its claims do not show (<= 0: they add up)."""
+        return ADD_UP_SHARE * self.sent_kwh - max(0.0, self.rise_kwh(state) + self.used_kwh)
+
+
+def book(books: PeerBooks | None, state: PeerState, transfer_w: float, seconds: float, day: Hashable) -> PeerBooks:
+    """Add `seconds` during which the fleet computed `transfer_w` for the site (+ import) and the site claimed
+    `state`. A new day opens new books."""
+    if books is None or books.day != day:
+        books = PeerBooks(day, state.fill, state.capacity_kwh)
+    h = seconds / 3_600_000.0  # W*s -> kWh
+    return replace(books, capacity_kwh=state.capacity_kwh, sent_kwh=books.sent_kwh + max(transfer_w, 0.0) * h,
+                   used_kwh=books.used_kwh + max(state.consumption_w - state.production_w, 0.0) * h)
+
+
+def does_not_add_up(books: PeerBooks, state: PeerState) -> str | None:
+    """Why the site's claims are not believed, or None."""
+    if books.unexplained_kwh(state) <= ADD_UP_SLACK / 100.0 * state.capacity_kwh:
+        return None
+    return (f"its claims do not add up: the fleet sent it {books.sent_kwh:.1f} kWh today, its level rose "
+            f"{books.rise_kwh(state):.1f} kWh and it used {books.used_kwh:.1f} kWh")
+
+
+def daily_draw_kwh(books: PeerBooks, settings: SiteSettings) -> float:
+    """The most the fleet delivers for this site in a day."""
+    return settings.daily_draw_percent / 100.0 * books.capacity_kwh
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +336,7 @@ class SiteSettings:
     grid_limit_w: float = 5750.0  # the connection (25 A at 230 V)
     full_percent: float = 99.0  # no import for the fleet at or above this level
     reserve_percent: float = 10.0  # no delivery to the fleet at or below this level
+    daily_draw_percent: float = 100.0  # of a site's capacity: the most the fleet delivers for it in a day
 
 
 def raw_transfer(site: PeerState, fleet: Fleet, gain: float) -> float:
@@ -276,9 +356,12 @@ def wanted_transfer(site: PeerState, fleet: Fleet, settings: SiteSettings) -> fl
     return settings.gain_w_per_percent_kwh * site.capacity_kwh * beyond
 
 
-def fleet_transfers(fleet: Fleet, settings: SiteSettings) -> dict[str, float]:
-    """Every site's transfer after pairing (step 3): imports and deliveries scaled to match, sum zero."""
+def fleet_transfers(fleet: Fleet, settings: SiteSettings, capped: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Every site's transfer after pairing (step 3): imports and deliveries scaled to match, sum zero. A site
+    in `capped` has drawn its day's bound: it imports nothing more (it may still deliver)."""
     wanted = {s.site_id: wanted_transfer(s, fleet, settings) for s in fleet.sites}
+    for site in capped & wanted.keys():
+        wanted[site] = min(wanted[site], 0.0)
     imports = math.fsum(w for w in wanted.values() if w > 0)
     exports = -math.fsum(w for w in wanted.values() if w < 0)
     if imports <= 0 or exports <= 0:
@@ -299,7 +382,8 @@ def _clip(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
 
 
-def site_target(own: PeerState, fleet: Fleet | None, settings: SiteSettings) -> SiteTarget:
+def site_target(own: PeerState, fleet: Fleet | None, settings: SiteSettings,
+                capped: frozenset[str] = frozenset()) -> SiteTarget:
     """The battery's target power: self-consumption plus the site's share of the fleet's transfers, within
     the site's own limits."""
     surplus = own.production_w - own.consumption_w
@@ -307,9 +391,11 @@ def site_target(own: PeerState, fleet: Fleet | None, settings: SiteSettings) -> 
     grid0 = -surplus + base  # what the battery cannot take or give goes to the grid
     if fleet is None or fleet.site(own.site_id) is None or len(fleet.sites) < 2:
         return SiteTarget(base, 0.0, grid0, "alone: self-consumption")
-    transfer = fleet_transfers(fleet, settings)[own.site_id]
+    transfer = fleet_transfers(fleet, settings, capped)[own.site_id]
     reason = "balanced" if transfer == 0 else ("below the average: import" if transfer > 0
                                                else "above the average: deliver")
+    if own.site_id in capped and transfer == 0 and wanted_transfer(own, fleet, settings) > 0:
+        reason = "drew the day's bound from the fleet"
     if transfer > 0 and own.level >= settings.full_percent:
         transfer, reason = 0.0, "full"
     if transfer < 0 and own.level <= settings.reserve_percent:
@@ -323,11 +409,101 @@ def site_target(own: PeerState, fleet: Fleet | None, settings: SiteSettings) -> 
     return SiteTarget(base + limited, limited, grid0 + limited, reason)
 
 
+class FleetView:
+    """What one site believes of the cooperative: the peers' states it admitted and when they arrived, why
+    the others are not believed, and every site's books for the day (its own too: the day's bound applies to
+    it as every other site computes it). Feed it the peers' messages with `receive()` and the own state with
+    `step()` each control cycle; the clock is passed in."""
+
+    def __init__(self, site_id: str, settings: SiteSettings, policy: PeerPolicy,
+                 day_of: Callable[[float], Hashable]) -> None:
+        self.site_id = site_id
+        self.settings = settings
+        self.policy = policy
+        self.day_of = day_of  # our clock -> the calendar day the books belong to
+        self.peers: dict[str, PeerState] = {}  # believed
+        self.heard_at: dict[str, float] = {}  # when each believed state arrived (our clock)
+        self.offline: set[str] = set()
+        self.ignored: dict[str, str] = {}  # site -> why its latest state is not believed (until one is)
+        self.books: dict[str, PeerBooks] = {}
+        self.own: PeerState | None = None
+        self._transfers: dict[str, float] = {}  # computed at the last step, in force until the next
+        self._booked_at: float | None = None
+
+    def receive(self, site: str, data: Any, now: float) -> PeerState | Rejected:
+        """A peer's decoded state, arrived at `now`: believed (and counted) or not, and why."""
+        result = check_peer(data, now, site)
+        if isinstance(result, PeerState):
+            result = admit(result, self.peers.get(site), self.policy, now, self.heard_at.get(site))
+        if isinstance(result, PeerState) and site in self.books:
+            why = does_not_add_up(self.books[site], result)
+            if why is not None:
+                self.peers.pop(site, None)  # its last believed claim is the one that does not add up
+                result = Rejected(site, why)
+        if isinstance(result, Rejected):
+            if not result.stale:  # a stale state is dropped: the believed one stays, and so does its reason
+                self.ignored[site] = result.reason
+        else:
+            self.peers[site] = result
+            self.heard_at[site] = now
+            self.ignored.pop(site, None)
+        return result
+
+    def leave(self, site: str) -> None:
+        """The site's retained state was cleared: it left the cooperative (its books stay for the day)."""
+        self.peers.pop(site, None)
+        self.heard_at.pop(site, None)
+        self.ignored.pop(site, None)
+
+    def fleet(self, now: float) -> Fleet | None:
+        states = [p for site, p in self.peers.items() if site not in self.offline]
+        if self.own is not None:
+            states.append(self.own)
+        return fleet_average(states, now, self.policy.timeout_s)
+
+    def peers_online(self, now: float) -> list[str]:
+        """Other sites that count now: online and fresh."""
+        return sorted(site for site, p in self.peers.items() if site not in self.offline
+                      and is_fresh(p, now, self.policy.timeout_s))
+
+    def capped(self, now: float) -> frozenset[str]:
+        """The sites that drew the day's bound from the fleet."""
+        day = self.day_of(now)
+        return frozenset(site for site, b in self.books.items()
+                         if b.day == day and b.sent_kwh >= daily_draw_kwh(b, self.settings))
+
+    def step(self, own: PeerState, now: float) -> tuple[SiteTarget, list[Rejected]]:
+        """Book the time since the last step at the transfers then in force, drop the peers whose claims no
+        longer add up, and compute our target. Returns the target and the peers dropped now."""
+        self.own = own
+        day = self.day_of(now)
+        fleet = self.fleet(now)
+        if fleet is not None and self._booked_at is not None:
+            seconds = min(max(0.0, now - self._booked_at), self.policy.timeout_s)  # no energy for a long gap
+            for state in fleet.sites:
+                site = state.site_id
+                self.books[site] = book(self.books.get(site), state, self._transfers.get(site, 0.0), seconds, day)
+        self._booked_at = now
+        dropped = []
+        for site, state in list(self.peers.items()):
+            why = does_not_add_up(self.books[site], state) if site in self.books else None
+            if why is not None:
+                del self.peers[site]
+                self.ignored[site] = why
+                dropped.append(Rejected(site, why))
+        if dropped:
+            fleet = self.fleet(now)
+        capped = self.capped(now)
+        together = fleet is not None and len(fleet.sites) >= 2 and fleet.site(own.site_id) is not None
+        self._transfers = fleet_transfers(fleet, self.settings, capped) if together and fleet else {}
+        return site_target(own, fleet, self.settings, capped), dropped
+
+
 class Curtailment:
-    """Stop local production when the battery is full; start it again when the level drops below
-    `release_percent`, or as soon as the battery is used (discharging by more than `discharge_release_w`) but
-    not sooner than `min_hold_s` after stopping: without the hold a full battery and a small load would
-    switch the panels every control step."""
+    """Stop local production when the battery is full; run it again as soon as the battery is used
+    (discharging by more than `discharge_release_w`) or its level drops below `release_percent`. Once running
+    again it is not stopped for `min_hold_s`: without the hold a full battery and a small load would switch
+    the panels every control step."""
 
     def __init__(self, full_percent: float = 99.0, release_percent: float = 97.0,
                  discharge_release_w: float = 100.0, min_hold_s: float = 300.0) -> None:
@@ -338,15 +514,15 @@ class Curtailment:
         self.discharge_release_w = discharge_release_w
         self.min_hold_s = min_hold_s
         self.curtailed = False
-        self.since: float | None = None
+        self.since: float | None = None  # of the last change
 
     def update(self, level: float, battery_w: float, now: float) -> bool:
-        if not self.curtailed:
-            if level >= self.full_percent:
-                self.curtailed, self.since = True, now
-        elif level < self.release_percent or (
-                battery_w < -self.discharge_release_w and now - (self.since or now) >= self.min_hold_s):
-            self.curtailed, self.since = False, now
+        if self.curtailed:
+            if level < self.release_percent or battery_w < -self.discharge_release_w:
+                self.curtailed, self.since = False, now
+        elif (level >= self.full_percent and battery_w >= -self.discharge_release_w
+              and (self.since is None or now - self.since >= self.min_hold_s)):
+            self.curtailed, self.since = True, now
         return self.curtailed
 
 

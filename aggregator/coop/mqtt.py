@@ -28,17 +28,28 @@ from typing import Any, Callable, Protocol
 
 import aiomqtt
 
-from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, PeerState, PublishGate, Rejected, SiteTarget, admit,
-                   check_peer, fleet_average, is_fresh, json_depth, site_target)
+from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
+                   is_site_id, json_depth, site_target)
 from .settings import CoopSettings
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 4096  # a state is ~250 bytes; anything far larger is not one
+MAX_LOGGED = 200  # characters of a peer's text (a reason quoting its values, a topic) in a log line or status
 
 
 def _shape(reason: str) -> str:
     return re.sub(r"[-+]?\d[\d.e+-]*", "#", reason)
+
+
+def capped_text(text: str, limit: int = MAX_LOGGED) -> str:
+    """At most `limit` characters of a text a peer controls, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def calendar_day(now: float) -> str:
+    """The books' day: the local calendar day."""
+    return time.strftime("%Y-%m-%d", time.localtime(now))
 
 
 class CurtailAdapter(Protocol):
@@ -90,7 +101,8 @@ class CoopSite:
 
     def __init__(self, settings: CoopSettings, *, clock: Callable[[], float] = time.time, time_scale: float = 1.0,
                  reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0,
-                 curtail_adapter: CurtailAdapter | None = None, announce_offline_on_stop: bool = True) -> None:
+                 curtail_adapter: CurtailAdapter | None = None, announce_offline_on_stop: bool = True,
+                 day_of: Callable[[float], Any] = calendar_day) -> None:
         if not settings.enabled or settings.siteId is None or settings.broker is None:
             raise ValueError("CoopSite needs an enabled coop section with siteId and broker")
         self.settings = settings
@@ -116,11 +128,13 @@ class CoopSite:
         if curtail_adapter is None and c.adapter == "mqtt":
             curtail_adapter = MqttCurtailAdapter(self, self.curtail_topic)
         self.curtail_adapter = curtail_adapter
-        self.peers: dict[str, PeerState] = {}
-        self.offline: set[str] = set()
+        self.view = FleetView(self.site_id, self.site_settings, self.peer_policy, day_of)
+        self.peers = self.view.peers  # believed states
+        self.offline = self.view.offline
+        self.ignored = self.view.ignored  # site -> why its latest state was not believed (until one is)
         self.rejected: Counter[str] = Counter()  # by site id ("?" when unknown)
         self.last_rejection: dict[str, str] = {}
-        self.ignored: dict[str, str] = {}  # site -> why its latest state was not believed (until one is)
+        self.stale = 0  # states that were too old when they arrived (dropped: they could not count)
         self.unreadable = 0  # messages that failed in a way no check foresaw (logged with their topic)
         self._last_unreadable: tuple[str, type] | None = None
         self.own: PeerState | None = None
@@ -140,29 +154,36 @@ class CoopSite:
             self._changed.set()
 
     def fleet(self, now: float | None = None) -> Fleet | None:
-        now = self.clock() if now is None else now
-        states = [p for site, p in self.peers.items() if site not in self.offline]
-        if self.own is not None:
-            states.append(self.own)
-        return fleet_average(states, now, self.settings.peerTimeoutSeconds)
+        self.view.own = self.own
+        return self.view.fleet(self.clock() if now is None else now)
 
     def peers_online(self, now: float | None = None) -> list[str]:
         """Other sites that count now: online and fresh."""
-        now = self.clock() if now is None else now
-        return sorted(site for site, p in self.peers.items() if site not in self.offline
-                      and is_fresh(p, now, self.settings.peerTimeoutSeconds))
+        return self.view.peers_online(self.clock() if now is None else now)
 
     def target(self, now: float | None = None) -> SiteTarget:
+        """Our target from what we believe now (step() also keeps the books)."""
         if self.own is None:
             raise RuntimeError("no own state yet (call update_own or step first)")
-        self.last_target = site_target(self.own, self.fleet(now), self.site_settings)
+        now = self.clock() if now is None else now
+        self.last_target = site_target(self.own, self.fleet(now), self.site_settings, self.view.capped(now))
         return self.last_target
 
+    def capped(self, now: float | None = None) -> dict[str, float]:
+        """The sites that drew the day's bound from the fleet, with the kWh they drew."""
+        capped = self.view.capped(self.clock() if now is None else now)
+        return {site: self.view.books[site].sent_kwh for site in sorted(capped)}
+
     async def step(self, own: PeerState, battery_w: float) -> SiteTarget:
-        """One control cycle: share our state, compute our target, stop or run production. `battery_w` is
-        the battery's present power (+ charging), which releases curtailment when the battery is used."""
+        """One control cycle: share our state, keep the books, compute our target, stop or run production.
+        `battery_w` is the battery's present power (+ charging), which releases curtailment when the battery
+        is used."""
         self.update_own(own)
-        target = self.target()  # freshness by the clock, which peers' timestamps are checked against too
+        # Freshness and the books by our clock, which peers' states are judged by when they arrive, too.
+        target, dropped = self.view.step(own, self.clock())
+        for rejected in dropped:
+            self._reject(rejected)
+        self.last_target = target
         self.curtailment.update(own.level, battery_w, own.timestamp)
         await self._send_curtailment()
         return target
@@ -289,7 +310,8 @@ class CoopSite:
                 # every site. Its sender is not known here for sure, so the topic names it.
                 self.unreadable += 1
                 if self._last_unreadable != (topic, type(err)):  # not once per message of a chatty peer
-                    log.warning("coop: ignoring a message on %s: %s: %s", topic, type(err).__name__, err)
+                    log.warning("coop: ignoring a message on %s: %s: %s", capped_text(topic, 80),
+                                type(err).__name__, capped_text(str(err)))
                 self._last_unreadable = (topic, type(err))
 
     async def handle(self, topic: str, payload: bytes) -> None:
@@ -303,6 +325,10 @@ class CoopSite:
         site, _, kind = topic[len(self.prefix) + 1:].partition("/")
         if site == self.site_id:
             return  # our own retained messages
+        if not is_site_id(site):  # no site has such an id: a key we would keep, a text we would log
+            if kind == "state":
+                self._reject(Rejected(None, f"a state under a topic that names no site ({capped_text(topic, 80)})"))
+            return
         if kind == "status":
             if payload == b"offline":
                 self.offline.add(site)
@@ -313,8 +339,7 @@ class CoopSite:
 
     def _on_state(self, site: str, payload: bytes) -> None:
         if not payload:  # the retained state was cleared: the site left the cooperative
-            self.peers.pop(site, None)
-            self.ignored.pop(site, None)
+            self.view.leave(site)
             return
         if len(payload) > MAX_PAYLOAD:
             self._reject(Rejected(site, f"{len(payload)} bytes, not a state (at most {MAX_PAYLOAD})"))
@@ -328,23 +353,22 @@ class CoopSite:
         except (ValueError, UnicodeDecodeError, RecursionError):
             self._reject(Rejected(site, "not JSON"))
             return
-        result = check_peer(data, self.clock(), site)
-        if isinstance(result, PeerState):
-            result = admit(result, self.peers.get(site), self.peer_policy)
-        if isinstance(result, Rejected):
+        result = self.view.receive(site, data, self.clock())
+        if isinstance(result, Rejected) and result.stale:  # a slow link, a retained state of a site long gone
+            self.stale += 1
+            log.debug("coop: dropping %s/%s/state: %s", self.prefix, site, result.reason)
+        elif isinstance(result, Rejected):
             self._reject(result)
-        else:
-            self.peers[site] = result
-            self.ignored.pop(site, None)
 
     def _reject(self, rejected: Rejected) -> None:
         site = rejected.site_id or "?"
+        reason = capped_text(rejected.reason)  # it may quote what the peer sent: a log line stays a line
         self.rejected[site] += 1
-        self.ignored[site] = rejected.reason
+        self.ignored[site] = reason
         # Once per new kind of reason, not per message: the numbers in a reason change with every message.
-        if _shape(self.last_rejection.get(site, "")) != _shape(rejected.reason):
-            log.warning("coop: ignoring %s/%s/state: %s", self.prefix, site, rejected.reason)
-        self.last_rejection[site] = rejected.reason
+        if _shape(self.last_rejection.get(site, "")) != _shape(reason):
+            log.warning("coop: ignoring %s/%s/state: %s", self.prefix, site, reason)
+        self.last_rejection[site] = reason
 
     # --- Home Assistant -----------------------------------------------------------------------------------
 

@@ -159,6 +159,10 @@ class CoopRuntime:
             status += "; ignoring " + ", ".join(f"{site} ({why})" for site, why in ignored[:3])
             if len(ignored) > 3:
                 status += f" and {len(ignored) - 3} more"
+        capped = self.site.capped(now)
+        if capped:
+            status += "; drew the day's bound from the fleet: " + ", ".join(
+                f"{site} ({kwh:.1f} kWh)" for site, kwh in list(capped.items())[:3])
         if self.dispatcher is not None and not self.dispatcher.set_target(target.battery_w):
             status = f"{status}; the dispatcher refused {target.battery_w:.0f} W"
         self._publish(target, status, own.level)

@@ -69,7 +69,9 @@ class CurtailSettings(BaseModel):
     releasePercent: float = Field(97.0, ge=0, lt=100, description="run again below this level")
     dischargeReleaseW: float = Field(100.0, ge=0, le=100_000, description="or as soon as the battery "
                                      "discharges by more than this (W)")
-    minHoldSeconds: float = Field(300.0, ge=0, le=86400, description="but not sooner than this after stopping")
+    minHoldSeconds: float = Field(300.0, ge=0, le=86400, description="once running again, production is not "
+                                  "stopped for this long (a full battery and a small load would switch it "
+                                  "every control step)")
 
     @model_validator(mode="after")
     def _consistent(self) -> CurtailSettings:
@@ -124,6 +126,9 @@ class CoopSettings(BaseModel):
     maxPeerCapacityKwh: float = Field(100.0, gt=0, le=MAX_CAPACITY_KWH, description="without a peers list: the "
                                       "largest capacity (kWh) a peer may claim; a larger claim is ignored, or "
                                       "one peer could pull the fleet's average to its own level")
+    maxDailyDrawPercent: float = Field(100.0, gt=0, le=1000, description="the most the fleet delivers for one "
+                                       "site in a calendar day, in % of that site's capacity (a site whose "
+                                       "claims add up can still invent a load); same value at every site")
     curtail: CurtailSettings = Field(default_factory=CurtailSettings)
     homeAssistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
 
@@ -157,8 +162,7 @@ class CoopSettings(BaseModel):
         return SiteSettings(gain_w_per_percent_kwh=self.gainWPerPercentKwh, deadband_percent=self.deadbandPercent,
                             max_charge_w=self.maxChargeW, max_discharge_w=self.maxDischargeW,
                             grid_limit_w=self.gridLimitW, full_percent=self.curtail.fullPercent,
-                            reserve_percent=self.reservePercent)
-
+                            reserve_percent=self.reservePercent, daily_draw_percent=self.maxDailyDrawPercent)
 
     def peer_policy(self) -> PeerPolicy:
         registered = {site: entry.capacityKwh for site, entry in self.peers.items()} if self.peers else None

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,3 +68,18 @@ class CallWatch:
         self.task.cancel()
         self.proc.kill()
         await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def coop_states(broker: dict[str, Any]) -> AsyncIterator[Any]:
+    """An MQTT client of a demo cooperative's broker (demo.json's "broker": host, port, caFile and its
+    read-only user), subscribed to every site's state."""
+    import ssl
+
+    import aiomqtt
+
+    tls = ssl.create_default_context(cafile=broker["caFile"])
+    async with aiomqtt.Client(broker["host"], broker["port"], username=broker["username"],
+                              password=broker["password"], tls_context=tls, timeout=10) as mqtt:
+        await mqtt.subscribe("coop/+/state", qos=1)
+        yield mqtt

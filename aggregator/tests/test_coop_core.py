@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.coop.core import (CAPACITY_TOLERANCE, LEVEL_JUMP_SLACK, MAX_LEVEL_RATE_PER_H, Curtailment, Ledger,
-                                  PeerPolicy, PeerState, PublishGate, Rejected, SiteSettings, admit, check_peer,
-                                  fleet_average, fleet_transfers, json_depth, raw_transfer, site_target,
-                                  wanted_transfer)
+from aggregator.coop.core import (ADD_UP_SHARE, ADD_UP_SLACK, CAPACITY_TOLERANCE, LEVEL_JUMP_SLACK,
+                                  MAX_LEVEL_RATE_PER_H, Curtailment, FleetView, Ledger, PeerBooks, PeerPolicy,
+                                  PeerState, PublishGate, Rejected, SiteSettings, admit, book, check_peer,
+                                  does_not_add_up, fleet_average, fleet_transfers, json_depth, raw_transfer,
+                                  site_target, wanted_transfer)
 from aggregator.coop.settings import CoopSettingsError, parse_coop
 
 NOW = 1_000_000.0
@@ -121,30 +122,31 @@ REGISTRY = PeerPolicy(registered={"a": 10.0, "b": 13.5, "liar": 10.0})
 
 
 def test_a_claim_beyond_the_registered_capacity_or_of_an_unknown_site_is_not_believed() -> None:
-    assert admit(peer("a", 50, 10.9), None, REGISTRY) == peer("a", 50, 10.9)  # Ah x V moves with the voltage
-    assert admit(peer("a", 50, 4.0), None, REGISTRY) == peer("a", 50, 4.0)  # less: a pack offline
-    result = admit(peer("liar", 0, 1000), None, REGISTRY)
+    assert admit(peer("a", 50, 10.9), None, REGISTRY, NOW) == peer("a", 50, 10.9)  # Ah x V moves with the voltage
+    assert admit(peer("a", 50, 4.0), None, REGISTRY, NOW) == peer("a", 50, 4.0)  # less: a pack offline
+    result = admit(peer("liar", 0, 1000), None, REGISTRY, NOW)
     assert result == Rejected("liar", "capacity 1000 kWh beyond its registered 10 kWh")
-    assert admit(peer("stranger", 50), None, REGISTRY) == Rejected("stranger", "not a registered member of the "
-                                                                               "cooperative")
+    assert admit(peer("stranger", 50), None, REGISTRY, NOW) == Rejected("stranger", "not a registered member of "
+                                                                                    "the cooperative")
     open_fleet = PeerPolicy(max_capacity_kwh=100.0)
-    assert admit(peer("x", 0, 100), None, open_fleet) == peer("x", 0, 100)
-    result = admit(peer("x", 0, 1000), None, open_fleet)
+    assert admit(peer("x", 0, 100), None, open_fleet, NOW) == peer("x", 0, 100)
+    result = admit(peer("x", 0, 1000), None, open_fleet, NOW)
     assert isinstance(result, Rejected) and "beyond the bound of 100 kWh" in result.reason
 
 
 def test_a_level_that_jumps_is_not_believed_until_physics_allows_it() -> None:
-    before = peer("a", 60)
-    assert admit(peer("a", 55, age=-30), before, REGISTRY) == peer("a", 55, age=-30)
-    result = admit(peer("a", 0, age=-30), before, REGISTRY)
+    before = peer("a", 60)  # arrived at NOW
+    assert admit(peer("a", 55, age=-30), before, REGISTRY, NOW + 30, NOW) == peer("a", 55, age=-30)
+    result = admit(peer("a", 0, age=-30), before, REGISTRY, NOW + 30, NOW)
     assert isinstance(result, Rejected) and "level jumped from 60.0 to 0.0 % in 30 s" in result.reason
     # An hour later any level is reachable: a peer that was refused comes back by itself.
-    assert admit(peer("a", 0, age=-3600), before, REGISTRY) == peer("a", 0, age=-3600)
+    assert admit(peer("a", 0, age=-3600), before, REGISTRY, NOW + 3600, NOW) == peer("a", 0, age=-3600)
     # Without a registry a capacity that more than doubles at once is not believed either.
     open_fleet = PeerPolicy(max_capacity_kwh=100.0, timeout_s=120)
-    result = admit(peer("a", 60, 90, age=-30), peer("a", 60, 10), open_fleet)
+    result = admit(peer("a", 60, 90, age=-30), peer("a", 60, 10), open_fleet, NOW + 30, NOW)
     assert isinstance(result, Rejected) and "capacity jumped from 10 to 90 kWh" in result.reason
-    assert admit(peer("a", 60, 15, age=-30), peer("a", 60, 10), open_fleet) == peer("a", 60, 15, age=-30)
+    assert admit(peer("a", 60, 15, age=-30), peer("a", 60, 10), open_fleet, NOW + 30, NOW) == peer("a", 60, 15,
+                                                                                                    age=-30)
 
 
 @given(st.lists(st.tuples(st.floats(1, 3600), st.floats(-1, 1)), max_size=50), st.floats(0, 100))
@@ -154,14 +156,14 @@ def test_a_real_battery_is_always_believed(steps: list[tuple[float, float]], sta
     for dt, fraction in steps:
         level = min(100.0, max(0.0, believed.level + fraction * MAX_LEVEL_RATE_PER_H * dt / 3600))
         state = PeerState("a", level, 10 * level / 100, 10, 0, 0, 0, believed.timestamp + dt)
-        assert admit(state, believed, REGISTRY) == state
+        assert admit(state, believed, REGISTRY, state.timestamp, believed.timestamp) == state
         believed = state
 
 
 @given(st.floats(0, 1000, exclude_min=True), st.floats(0, 100), st.floats(0, 3600), st.floats(0, 100))
 def test_a_jump_beyond_the_allowance_is_refused(capacity: float, level: float, dt: float, before: float) -> None:
     state = PeerState("a", level, capacity * level / 100, capacity, 0, 0, 0, NOW + dt)
-    result = admit(state, peer("a", before), PeerPolicy(max_capacity_kwh=1000))
+    result = admit(state, peer("a", before), PeerPolicy(max_capacity_kwh=1000), NOW + dt, NOW)
     if abs(level - before) > LEVEL_JUMP_SLACK + MAX_LEVEL_RATE_PER_H * dt / 3600:
         assert isinstance(result, Rejected)
 
@@ -174,7 +176,7 @@ def test_a_liar_pulls_the_average_no_more_than_an_empty_site_of_its_registered_s
     registered = {s.site_id: 13.5 for s in sites} | {"liar": 10.0}
     policy = PeerPolicy(registered=registered)
     believed = None if earlier is None else peer("liar", earlier, 10.0, age=30)
-    claim = admit(peer("liar", claimed_level, claimed_kwh), believed, policy)
+    claim = admit(peer("liar", claimed_level, claimed_kwh), believed, policy, NOW, NOW - 30)
     counted = sites + ([claim] if isinstance(claim, PeerState) else [] if believed is None else [believed])
     fleet = fleet_average(counted, NOW, 120)
     assert fleet is not None
@@ -182,6 +184,149 @@ def test_a_liar_pulls_the_average_no_more_than_an_empty_site_of_its_registered_s
     capacity = math.fsum(s.capacity_kwh for s in sites)
     floor = 100 * stored / (capacity + 10.0 * (1 + CAPACITY_TOLERANCE))
     assert fleet.level >= floor - 1e-9
+
+
+def test_rates_are_judged_by_arrival_and_old_or_future_stamps_are_refused() -> None:
+    """Back-dating: 90 % stamped two hours ago, then 0 % stamped now, made the jump look two hours slow."""
+    policy = PeerPolicy(registered={"a": 10.0}, timeout_s=7200)  # a long timeout: the stamps alone pass
+    believed = PeerState("a", 90, 9, 10, 0, 0, 0, NOW - 7000)  # stamped long ago, arrived at NOW
+    assert admit(believed, None, policy, NOW) == believed
+    result = admit(peer("a", 0), believed, policy, NOW + 1, NOW)  # stamped now, arrived a second later
+    assert isinstance(result, Rejected) and "level jumped from 90.0 to 0.0 % in 1 s" in result.reason
+    # Stamps outside the window are refused whatever the level: older than the peer timeout on arrival, or
+    # further ahead of our clock than the skew allows.
+    old = admit(PeerState("a", 50, 5, 10, 0, 0, 0, NOW - 7300), None, policy, NOW)
+    assert isinstance(old, Rejected) and "stamped 7300 s before it arrived" in old.reason and old.stale
+    future = check_peer(dict(peer("a", 50).to_wire(), timestamp=NOW + 600), NOW, "a")
+    assert isinstance(future, Rejected) and "600 s in the future" in future.reason
+
+
+def test_back_dating_through_the_fleet_view_leaves_the_average_alone() -> None:
+    view = FleetView("b", LOOSE, PeerPolicy(registered={"a": 10.0, "b": 10.0}), day_of=lambda t: 0)
+    assert isinstance(view.receive("a", peer("a", 90).to_wire(), NOW), PeerState)
+    view.step(peer("b", 60), NOW)
+    stale = PeerState("a", 90, 9, 10, 0, 0, 0, NOW + 10 - 7200).to_wire()
+    result = view.receive("a", stale, NOW + 10)
+    assert isinstance(result, Rejected) and result.stale and "a" not in view.ignored  # dropped, 90 % stays
+    lie = PeerState("a", 0, 0, 10, 0, 0, 0, NOW + 11).to_wire()
+    assert isinstance(view.receive("a", lie, NOW + 11), Rejected)
+    fleet = view.fleet(NOW + 11)
+    assert fleet is not None and fleet.level == pytest.approx(75.0)
+    assert "level jumped from 90.0 to 0.0 %" in view.ignored["a"]
+
+
+# --- a peer's books: its claims must add up ------------------------------------------------------------
+
+def test_energy_sent_must_show_as_a_rise_or_as_use() -> None:
+    start = peer("a", 20)  # 10 kWh at 20 %
+    books = book(None, start, 0.0, 0.0, day=1)
+    assert books == PeerBooks(1, 20.0, 10.0)
+    books = book(books, start, 3000.0, 3600, day=1)  # the fleet delivered 3 kWh for it
+    assert books.sent_kwh == pytest.approx(3.0) and books.used_kwh == 0
+    why = does_not_add_up(books, start)  # and its level did not move: 1.5 kWh unexplained > 1 kWh slack
+    assert why == "its claims do not add up: the fleet sent it 3.0 kWh today, its level rose 0.0 kWh and it used " \
+                  "0.0 kWh"
+    assert does_not_add_up(books, peer("a", 25)) is None  # 0.5 kWh of the 1.5 shows: within the slack
+    assert does_not_add_up(books, peer("a", 35)) is None  # 1.5 kWh stored
+    # A load beyond its production explains it as well.
+    busy = peer("a", 20, consumption=2000)
+    assert does_not_add_up(book(books, busy, 0.0, 3600, day=1), busy) is None
+    # A pack going offline lowers the capacity, not the level: no rise is lost.
+    smaller = PeerState("a", 35, 2.45, 7.0, 0, 0, 0, NOW)
+    assert books.rise_kwh(smaller) == pytest.approx(1.05)
+    # A new day opens new books.
+    assert book(books, start, 0.0, 60, day=2) == PeerBooks(2, 20.0, 10.0)
+
+
+@given(st.lists(st.tuples(st.floats(0, 5000), st.floats(0, 900), st.floats(ADD_UP_SHARE, 1.0), st.floats(0, 1)),
+                max_size=40), st.floats(2, 50))
+def test_a_peer_that_takes_what_it_is_sent_is_always_believed(
+        steps: list[tuple[float, float, float, float]], capacity: float) -> None:
+    """A real battery: of every kWh sent it stores a part (at least the share; losses, its own limits) and its
+    load uses some of it. Its claims always add up."""
+    stored, consumption = 0.0, 0.0
+    state = PeerState("a", 0.0, 0.0, capacity, 0.0, 0.0, 0.0, NOW)
+    books = book(None, state, 0.0, 0.0, day=1)
+    for transfer, seconds, taken, share_used in steps:
+        books = book(books, state, transfer, seconds, day=1)  # the interval at the last claimed load
+        stored += (taken * transfer - consumption) * seconds / 3_600_000
+        stored = min(stored, capacity)
+        if stored >= capacity:  # a full battery is not sent more: it is above any average
+            break
+        consumption = share_used * taken * transfer  # its load takes part of what comes in
+        state = PeerState("a", 100 * stored / capacity, stored, capacity, 0.0, consumption, 0.0, NOW)
+        assert does_not_add_up(books, state) is None
+
+
+@given(st.lists(st.tuples(st.floats(0, 10000), st.floats(0, 900)), max_size=40), st.floats(2, 50),
+       st.floats(0, 100))
+def test_a_peer_whose_level_stays_put_is_refused_once_it_took_twice_the_slack(
+        steps: list[tuple[float, float]], capacity: float, level: float) -> None:
+    state = PeerState("liar", level, capacity * level / 100, capacity, 0.0, 0.0, 0.0, NOW)
+    books = book(None, state, 0.0, 0.0, day=1)
+    for transfer, seconds in steps:
+        books = book(books, state, transfer, seconds, day=1)
+        refused = does_not_add_up(books, state) is not None
+        assert refused == (ADD_UP_SHARE * books.sent_kwh > ADD_UP_SLACK / 100 * capacity)
+
+
+@given(fleets, st.floats(0, 10), st.data())
+def test_capped_sites_import_nothing_and_transfers_still_sum_to_zero(sites: list[PeerState], deadband: float,
+                                                                     data: st.DataObject) -> None:
+    fleet = fleet_average(sites, NOW, 60)
+    assert fleet is not None
+    capped = frozenset(data.draw(st.sets(st.sampled_from([s.site_id for s in sites]))))
+    transfers = fleet_transfers(fleet, SiteSettings(deadband_percent=deadband), capped)
+    scale = sum(abs(t) for t in transfers.values()) + 1.0
+    assert abs(math.fsum(transfers.values())) <= 1e-9 * scale
+    assert all(transfers[site] <= 0 for site in capped)
+
+
+def _night(liar_load: bool, hours: float = 6.0) -> tuple[dict[str, float], float, FleetView]:
+    """The issue's case on the pure core: two honest 10 kWh sites at 80 and 70 % on a quiet night and a
+    registered member that always claims 0 % (and, with liar_load, a load that takes exactly what it is
+    sent). Every site sees the others' states of the last minute. Returns the honest levels at the end,
+    what they delivered, and site a's view."""
+    rules = SiteSettings(max_charge_w=4000, max_discharge_w=4000)
+    registry = PeerPolicy(registered={"a": 10.0, "b": 10.0, "liar": 10.0})
+    views = {site: FleetView(site, rules, registry, day_of=lambda t: 0) for site in ("a", "b")}
+    stored = {"a": 8.0, "b": 7.0}
+    delivered, liar_took = 0.0, 0.0
+    for minute in range(int(hours * 60)):
+        now = NOW + 60 * minute
+        states = {site: PeerState(site, 10 * kwh, kwh, 10.0, 0.0, 0.0, 0.0, now) for site, kwh in stored.items()}
+        states["liar"] = PeerState("liar", 0.0, 0.0, 10.0, 0.0, liar_took, liar_took, now)
+        for site, view in views.items():
+            for other, state in states.items():
+                if other != site:
+                    view.receive(other, state.to_wire(), now)
+        for site, view in views.items():
+            target, _ = view.step(states[site], now)
+            power = max(-4000.0, min(4000.0, target.battery_w))
+            stored[site] = max(0.0, min(10.0, stored[site] + power / 60_000))
+            delivered += max(0.0, -target.transfer_w) / 60_000
+        liar_took = max(0.0, views["a"]._transfers.get("liar", 0.0)) if liar_load else 0.0
+    return {site: 10 * kwh for site, kwh in stored.items()}, delivered, views["a"]
+
+
+def test_a_peer_that_always_claims_empty_does_not_drain_the_fleet() -> None:
+    """Before: in 6 hours the honest sites went 80 -> 10 % and 70 -> 10 %, 13 kWh into the liar."""
+    levels, delivered, view = _night(liar_load=False)
+    assert delivered <= ADD_UP_SLACK / 100 * 10 / ADD_UP_SHARE + 0.1  # refused once its claims do not add up
+    assert levels["a"] > 65 and levels["b"] > 60  # and the two balance between themselves
+    assert abs(levels["a"] - levels["b"]) < 5
+    assert "its claims do not add up" in view.ignored["liar"] and "liar" not in view.peers
+
+
+def test_what_one_peer_draws_in_a_day_is_bounded() -> None:
+    """A liar whose claims add up (it says a load takes what it is sent) draws no more than the day's bound."""
+    levels, delivered, view = _night(liar_load=True)
+    bound = SiteSettings().daily_draw_percent / 100 * 10
+    assert delivered <= bound + 0.1
+    assert "liar" in view.capped(NOW + 6 * 3600) and "liar" not in view.ignored
+    target = site_target(view.peers["liar"], view.fleet(view.peers["liar"].timestamp), view.settings,
+                         view.capped(NOW))
+    assert target.transfer_w == 0 and target.reason == "drew the day's bound from the fleet"
 
 
 # --- the fleet average ---------------------------------------------------------------------------------
@@ -326,29 +471,37 @@ def test_alone_or_without_a_fleet_the_site_does_self_consumption() -> None:
 
 # --- curtailment ---------------------------------------------------------------------------------------
 
-def test_curtailment_hysteresis() -> None:
+def test_curtailment_stops_at_full_and_runs_again_as_soon_as_the_battery_is_used() -> None:
     c = Curtailment(full_percent=99, release_percent=97, discharge_release_w=100, min_hold_s=300)
     assert not c.update(98.9, 2000, 0)
     assert c.update(99.0, 2000, 10)  # full: stop production
-    assert c.update(98.0, 0, 20)  # between the two levels: stays stopped
-    assert c.update(98.0, -500, 100)  # used, but within the hold time
-    assert not c.update(98.0, -500, 310)  # used after the hold: production again
-    assert not c.update(98.5, 500, 320)
-    assert c.update(99.2, 500, 330)
-    assert not c.update(96.9, 0, 331)  # below the release level: at once
+    assert c.update(98.0, 0, 20)  # between the two levels and not used: stays stopped
+    assert c.update(98.0, -50, 30)  # a trickle within the threshold: stays stopped
+    assert not c.update(98.5, -800, 40)  # used: production at once (30 s after it stopped, not 300)
+    assert not c.update(99.2, 500, 60)  # full again, but production just restarted: it runs for the hold
+    assert not c.update(99.2, 500, 339)
+    assert c.update(99.2, 500, 340)  # the hold is over: stop
+    assert not c.update(96.9, 0, 341)  # below the release level: at once
+    assert not c.update(99.5, -500, 700)  # full but in use: production runs
     with pytest.raises(ValueError):
         Curtailment(full_percent=97, release_percent=97)
 
 
 @given(st.lists(st.tuples(st.floats(0, 100), st.floats(-5000, 5000)), max_size=200))
-def test_curtailment_never_runs_at_full_nor_stops_below_release(steps: list[tuple[float, float]]) -> None:
+def test_curtailment_runs_when_used_and_stops_no_sooner_than_the_hold(steps: list[tuple[float, float]]) -> None:
     c = Curtailment(99, 97, 100, 300)
+    started: float | None = None  # when production last started again
     for i, (level, power) in enumerate(steps):
-        curtailed = c.update(level, power, i * 60.0)
-        if level >= 99 and not curtailed:
-            raise AssertionError("running at full")
-        if level < 97:
-            assert not curtailed
+        now, was = i * 60.0, c.curtailed
+        curtailed = c.update(level, power, now)
+        if level < 97 or power < -100:
+            assert not curtailed  # used, or below the release level: production runs, whatever the hold
+        if curtailed and not was:
+            assert level >= 99 and (started is None or now - started >= 300)
+        if not curtailed and level >= 99 and power >= -100:  # full and unused: it runs only during the hold
+            assert started is not None and now - started < 300
+        if was and not curtailed:
+            started = now
 
 
 # --- the ledger ------------------------------------------------------------------------------------------
@@ -391,7 +544,7 @@ def test_publish_on_change() -> None:
 def test_settings_defaults_and_clear_messages() -> None:
     s = parse_coop({"enabled": True, "siteId": "rivendell", "broker": {"host": "mqtt.coop.example"}})
     assert s.broker is not None and s.broker.tls and s.broker.port == 8883 and s.username == "rivendell"
-    assert s.site_settings().full_percent == 99.0
+    assert s.site_settings().full_percent == 99.0 and s.site_settings().daily_draw_percent == 100.0
     assert not parse_coop({}).enabled
     assert s.peer_policy().registered is None and s.peer_policy().max_capacity_kwh == 100.0
     listed = parse_coop({"siteId": "a", "peers": {"a": {"capacityKwh": 10}, "b": {"capacityKwh": 13.5}}})
@@ -410,6 +563,7 @@ def test_settings_defaults_and_clear_messages() -> None:
         ({"peers": {"a": {"capacityKwh": 5000}}}, "peers.a.capacityKwh"),
         ({"siteId": "c", "peers": {"a": {"capacityKwh": 10}}}, "siteId 'c' is not in peers"),
         ({"maxPeerCapacityKwh": 0}, "maxPeerCapacityKwh"),
+        ({"maxDailyDrawPercent": 0}, "maxDailyDrawPercent"),
     ]
     for data, message in cases:
         with pytest.raises(CoopSettingsError) as err:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiomqtt
 import pytest
@@ -20,6 +21,8 @@ from aggregator.coop.core import PeerState, fleet_average, fleet_transfers
 from aggregator.coop.mqtt import CoopSite
 from aggregator.coop.settings import BrokerSettings, CoopSettingsError, parse_coop
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto, free_port, make_test_certificates
+
+from .helpers import coop_states
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP = REPO / "setup" / "coop"
@@ -458,21 +461,21 @@ async def test_a_lying_peer_does_not_drain_the_others(broker: MosquittoBroker, r
         await _clear(broker, "site-a")
 
 
-async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: MosquittoBroker, busctl: Any) -> None:
-    """The whole path on the service: the liar's claim arrives over the broker, and what busctl reads on our
-    /Coop/* paths is our own level as the average, no transfer, and the reason the peer does not count."""
+@contextlib.asynccontextmanager
+async def _site_b_on_the_bus(broker: MosquittoBroker, busctl: Any, name: str, device_instance: int,
+                             battery: dict[str, float], **extra: Any) -> AsyncIterator[Callable[[str], Any]]:
+    """site-b's cooperative on a service of our own with these battery values, connected; yields a reader of
+    its /Coop/<path> with busctl. site-a's retained state is cleared at the end."""
     from aggregator.bus.lib import connect
     from aggregator.bus.service import VeService
     from aggregator.coop.runtime import CoopRuntime
 
-    name = "com.victronenergy.battery.coop_liar_test"
     service = VeService(await connect(), name)
-    service.add_mandatory_paths(process_name="t", process_version="1", connection="t", device_instance=291,
-                                product_id=1, product_name="Coop test")
-    for path, value in (("/Soc", 60.0), ("/InstalledCapacity", 1000.0), ("/Dc/0/Voltage", 50.0),  # 50 kWh
-                        ("/Dc/0/Power", 0.0)):
+    service.add_mandatory_paths(process_name="t", process_version="1", connection="t",
+                                device_instance=device_instance, product_id=1, product_name="Coop test")
+    for path, value in battery.items():
         service.add_path(path, value)
-    runtime = CoopRuntime(settings_for(broker, "site-b", curtail={"adapter": "none"}), service, service.bus,
+    runtime = CoopRuntime(settings_for(broker, "site-b", curtail={"adapter": "none"}, **extra), service, service.bus,
                           cycle_s=0.2)
     await service.register()
     await runtime.start()
@@ -483,6 +486,18 @@ async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: M
 
     try:
         await until(runtime.site.connected.is_set, what="connected")
+        yield read
+    finally:
+        await runtime.stop()
+        service.close()
+        await _clear(broker, "site-a")
+
+
+async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: MosquittoBroker, busctl: Any) -> None:
+    """The whole path on the service: the liar's claim arrives over the broker, and what busctl reads on our
+    /Coop/* paths is our own level as the average, no transfer, and the reason the peer does not count."""
+    battery = {"/Soc": 60.0, "/InstalledCapacity": 1000.0, "/Dc/0/Voltage": 50.0, "/Dc/0/Power": 0.0}  # 50 kWh
+    async with _site_b_on_the_bus(broker, busctl, "com.victronenergy.battery.coop_liar_test", 291, battery) as read:
         async with client(broker, "site-a", USERS["site-a"]) as liar:
             await liar.publish("coop/site-a/status", b"online", qos=1, retain=True)
             deadline = time.monotonic() + 10
@@ -497,7 +512,232 @@ async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: M
         assert "capacity 1000 kWh beyond the bound of 100 kWh" in seen["Status"]
         assert seen["AverageLevel"] == pytest.approx(60.0)  # the liar's 0 % did not pull it down
         assert seen["Transfer"] == 0 and seen["PeersOnline"] == 0  # nothing delivered to it
+
+
+# --- a site's judgement of its peers, messages handed in as the broker would (a simulated clock) ----------
+
+def _local(hour: int) -> float:
+    """A moment today at `hour` local time: a simulated night that stays within one calendar day."""
+    return time.mktime(time.localtime()[:3] + (hour, 0, 0, 0, 0, -1))
+
+
+def _offline_site(site: str, clock: Callable[[], float], **extra: Any) -> CoopSite:
+    """A CoopSite that is never connected: the tests hand it the broker's messages with handle()."""
+    data = {"enabled": True, "siteId": site, "broker": {"host": "127.0.0.1", "tls": False},
+            "curtail": {"adapter": "none"}, "peerTimeoutSeconds": 300}
+    return CoopSite(parse_coop(data | extra), clock=clock)
+
+
+async def test_a_registered_peer_that_always_claims_empty_does_not_drain_the_others(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two honest 10 kWh sites at 80 and 70 % on a quiet night, and a registered member that always claims
+    0 %: in 6 simulated hours the honest sites went to 10 % each, 13 kWh delivered into it. Its claims must
+    add up (its level has to move with the energy it is sent): it is refused, and the site says why."""
+    now = [_local(1)]
+    registry = {"peers": {s: {"capacityKwh": 10} for s in ("site-a", "site-b", "liar")}, "maxChargeW": 4000,
+                "maxDischargeW": 4000}
+    sites = {name: _offline_site(name, lambda: now[0], **registry) for name in ("site-a", "site-b")}
+    stored, delivered = {"site-a": 8.0, "site-b": 7.0}, 0.0
+    for _ in range(6 * 60):
+        states = {name: PeerState(name, 10 * kwh, kwh, 10.0, 0.0, 0.0, 0.0, now[0]) for name, kwh in stored.items()}
+        states["liar"] = PeerState("liar", 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, now[0])
+        for name, site in sites.items():
+            for other, peer_state in states.items():
+                if other != name:
+                    await site.handle(f"coop/{other}/state", json.dumps(peer_state.to_wire()).encode())
+        for name, site in sites.items():
+            target = await site.step(states[name], 0.0)
+            stored[name] = max(0.0, min(10.0, stored[name] + target.battery_w / 60_000))
+            delivered += max(0.0, -target.transfer_w) / 60_000
+        now[0] += 60
+    assert delivered < 3.0, f"{delivered:.1f} kWh delivered into the liar"
+    assert stored["site-a"] > 6.5 and stored["site-b"] > 6.0, stored
+    for site in sites.values():
+        assert site.ignored["liar"].startswith("its claims do not add up: the fleet sent it 2.5 kWh today")
+    assert "coop: ignoring coop/liar/state: its claims do not add up" in caplog.text
+
+
+async def test_back_dated_states_do_not_pass_the_level_jump_check() -> None:
+    """90 % stamped two hours ago, then 0 % stamped now: both were admitted (the fleet's average 75 -> 50 %)."""
+    now = [_local(12)]
+    site = _offline_site("site-b", lambda: now[0], peerTimeoutSeconds=120)
+    await site.step(state("site-b", 60.0, timestamp=now[0]), 0.0)
+    await site.handle("coop/site-a/state", json.dumps(state("site-a", 90.0, timestamp=now[0]).to_wire()).encode())
+    assert site.fleet().level == pytest.approx(75.0)  # type: ignore[union-attr]
+    now[0] += 1
+    back_dated = state("site-a", 90.0, timestamp=now[0] - 7200)
+    await site.handle("coop/site-a/state", json.dumps(back_dated.to_wire()).encode())
+    now[0] += 1
+    await site.handle("coop/site-a/state", json.dumps(state("site-a", 0.0, timestamp=now[0]).to_wire()).encode())
+    assert site.fleet().level == pytest.approx(75.0)  # type: ignore[union-attr]
+    assert "level jumped from 90.0 to 0.0 % in 2 s" in site.ignored["site-a"]
+    assert site.stale == 1  # the back-dated state was dropped: the 90 % that arrived 2 s before stayed believed
+    # A stamp far ahead of our clock is refused too.
+    await site.handle("coop/site-a/state", json.dumps(state("site-a", 90.0, timestamp=now[0] + 600).to_wire()).encode())
+    assert "600 s in the future" in site.ignored["site-a"]
+
+
+async def test_production_runs_again_as_soon_as_the_battery_is_used() -> None:
+    """Production came back only 300 s after it was stopped, even while the battery discharged 800 W."""
+    now = [_local(12)]
+    sent: list[bool] = []
+
+    class Adapter:
+        async def apply(self, curtailed: bool) -> None:
+            sent.append(curtailed)
+
+    site = CoopSite(parse_coop({"enabled": True, "siteId": "site-a", "broker": {"host": "127.0.0.1", "tls": False},
+                                "curtail": {"adapter": "none"}}), clock=lambda: now[0], curtail_adapter=Adapter())
+    await site.step(state("site-a", 99.5, timestamp=now[0], production=3000, consumption=500), 2000.0)
+    assert site.curtailment.curtailed and sent == [True]
+    now[0] += 20
+    await site.step(state("site-a", 99.4, timestamp=now[0], consumption=800), -800.0)
+    assert not site.curtailment.curtailed and sent == [True, False]
+
+
+async def test_a_hostile_payload_is_not_logged_in_full(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused message used to be quoted whole in the log (10 kB lines); the topic names no site either."""
+    site = _offline_site("site-b", time.time)
+    hostile = dict(state("site-a", 50.0).to_wire(), level="x" * 3900)
+    await site.handle("coop/site-a/state", json.dumps(hostile).encode())
+    await site.handle("coop/" + "y" * 10_000 + "/state", json.dumps(state("site-a", 50.0).to_wire()).encode())
+    lines = [r.getMessage() for r in caplog.records]
+    assert all(len(line) < 400 for line in lines), [len(line) for line in lines]
+    assert len(lines) == 2 and "level is not a number ('xxxx" in lines[0]
+    assert site.rejected["site-a"] == 1 and site.rejected["?"] == 1
+    assert set(site.ignored) <= {"site-a", "?"}  # no key of 10 000 characters kept
+
+
+# --- three households on GXes of their own, end to end ----------------------------------------------------
+
+def _throughput(start: dict[str, float], end: dict[str, float]) -> float:
+    """kWh through the household's meters between two readings of its truth."""
+    return sum(abs(end[p] - start[p]) for p in ("/Energy/Load", "/Energy/Stored", "/Energy/Production"))
+
+
+async def _households_metered(coop: Any, least_wh: float) -> dict[str, Any]:
+    """Run the households until each metered `least_wh` of throughput, stop their aggregators (which saves the
+    ledgers) and return the truth over that time, the states read over MQTT and the system values beside them."""
+    from aggregator.bus import client as bus_client
+    from aggregator.bus.lib import connect
+    from aggregator.simulator.household import SYSTEM_SERVICE, TRUTH_PREFIX
+
+    aggregate = "com.victronenergy.battery.aggregator"
+    buses = {name: await connect(address) for name, address in coop.info()["sites"].items()}
+
+    async def read(name: str, service: str) -> dict[str, Any]:
+        return await bus_client.get_items(buses[name], service)
+
+    async def metering(name: str) -> bool:  # the cooperative stepped once: it meters from the next step on
+        try:
+            return isinstance((await read(name, aggregate)).get("/Coop/OwnTarget"), (int, float))
+        except bus_client.CallError:
+            return False
+
+    out: dict[str, Any] = {"truth": {}, "states": {}, "system": {}}
+    try:
+        start: dict[str, dict[str, float]] = {}
+        deadline = time.monotonic() + 90
+        while len(start) < len(buses):
+            for name in buses:
+                if name not in start and await metering(name):
+                    start[name] = await read(name, TRUTH_PREFIX + name)
+            assert time.monotonic() < deadline, f"the cooperative did not start at {set(buses) - set(start)}"
+            await asyncio.sleep(0.2)
+        # What a peer reads over MQTT, and the household's system calculator read on its bus at that moment.
+        async with coop_states(coop.info()["broker"]) as mqtt:
+            async with asyncio.timeout(30):
+                async for message in mqtt.messages:
+                    peer_state = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    name = peer_state["siteId"]
+                    if message.retain or name in out["states"]:
+                        continue  # a fresh state, not the one retained from before
+                    out["states"][name] = peer_state
+                    out["system"][name] = await read(name, SYSTEM_SERVICE)
+                    if len(out["states"]) == len(buses):
+                        break
+        done: set[str] = set()
+        while len(done) < len(buses):
+            for name in set(buses) - done:
+                now = await read(name, TRUTH_PREFIX + name)
+                if _throughput(start[name], now) >= least_wh / 1000:
+                    aggregator = dict(coop.children[name].procs)["aggregator"]
+                    aggregator.terminate()
+                    assert await asyncio.to_thread(aggregator.wait, 30) == 0
+                    end = await read(name, TRUTH_PREFIX + name)
+                    out["truth"][name] = {k: end[k] - start[name][k] for k in end if k.startswith("/Energy/")}
+                    done.add(name)
+            assert time.monotonic() < deadline + 240, f"too little metered at {set(buses) - done}"
+            await asyncio.sleep(0.5)
     finally:
-        await runtime.stop()
-        service.close()
-        await _clear(broker, "site-a")
+        for bus in buses.values():
+            bus.disconnect()
+    return out
+
+
+def test_each_household_meters_v_equals_p_plus_l_minus_t_end_to_end(tmp_path: Path) -> None:
+    """Three households on one broker, each a GX of its own: the household simulator publishes Victron's
+    system calculator (what the cooperative reads) and the truth; the aggregator runs the dispatcher and the
+    cooperative. What each site meters from the bus matches what its household did, its use adds up
+    (V = P + L - T), the transfers are metered where they happened, and its state on MQTT carries its
+    system calculator's values."""
+    import csv
+    import io
+
+    from aggregator.demo import Cooperative
+
+    coop = Cooperative(tmp_path / "coop", publish_seconds=1.0)
+    try:
+        coop.start()
+        seen = asyncio.run(_households_metered(coop, least_wh=12.0))
+    finally:
+        coop.stop()
+    for name, peer_state in seen["states"].items():
+        system = seen["system"][name]
+        # Panels and load swing slowly; the grid follows the battery's every step, so it is checked in the ledger.
+        for key, path in (("productionW", "/Ac/PvOnGrid/L1/Power"), ("consumptionW", "/Ac/Consumption/L1/Power")):
+            assert peer_state[key] == pytest.approx(system[path], rel=0.1, abs=50), (name, key, peer_state, system)
+    ledgers = {}
+    for name, truth in seen["truth"].items():
+        result = subprocess.run([sys.executable, "-m", "aggregator", "coop", "--csv", "--state-dir",
+                                 str(tmp_path / "coop" / name / "state")], capture_output=True, text=True, cwd=REPO,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        (row,) = list(csv.DictReader(io.StringIO(result.stdout)))
+        metered = {k: float(v) for k, v in row.items() if k != "site"}
+        ledgers[name] = metered
+        throughput = truth["/Energy/Load"] + abs(truth["/Energy/Stored"]) + truth["/Energy/Production"]
+        close = {"rel": 0.0, "abs": 0.15 * throughput + 0.001}
+        assert metered["production_kwh"] == pytest.approx(truth["/Energy/Production"], **close), (name, metered, truth)
+        assert metered["load_kwh"] == pytest.approx(truth["/Energy/Load"], **close), (name, metered, truth)
+        assert metered["stored_kwh"] == pytest.approx(truth["/Energy/Stored"], **close), (name, metered, truth)
+        assert metered["import_kwh"] == pytest.approx(truth["/Energy/Import"], **close), (name, metered, truth)
+        assert metered["export_kwh"] == pytest.approx(truth["/Energy/Export"], **close), (name, metered, truth)
+        # V = P + L - T from what the site read on its own bus, each moment: the paths and their signs agree.
+        assert abs(metered["balance_error_kwh"]) <= 0.03 * throughput + 0.0005, (name, metered)
+        assert metered["use_kwh"] == pytest.approx(metered["load_kwh"] + metered["stored_kwh"], abs=1e-3)
+    # The one far above the average delivered for the fleet, the one far below took it.
+    assert ledgers["rivendell"]["transfer_export_kwh"] > 0 and ledgers["rivendell"]["transfer_import_kwh"] == 0
+    assert ledgers["shire"]["transfer_import_kwh"] > 0 and ledgers["shire"]["transfer_export_kwh"] == 0
+
+
+async def test_dbus_names_a_site_that_drew_the_days_bound(broker: MosquittoBroker, busctl: Any) -> None:
+    """A peer whose claims add up (a load takes what it is sent) but draws the day's bound: it gets nothing
+    more, and /Coop/Status names it."""
+    battery = {"/Soc": 80.0, "/InstalledCapacity": 200.0, "/Dc/0/Power": 0.0, "/Dc/0/Voltage": 50.0}  # 10 kWh
+    async with _site_b_on_the_bus(broker, busctl, "com.victronenergy.battery.coop_bound_test", 292, battery,
+                                  maxDailyDrawPercent=0.01) as read:  # 1 Wh
+        async with client(broker, "site-a", USERS["site-a"]) as peer:
+            await peer.publish("coop/site-a/status", b"online", qos=1, retain=True)
+            deadline = time.monotonic() + 20
+            while True:
+                heavy = state("site-a", 10.0, consumption=3000)
+                await peer.publish("coop/site-a/state", json.dumps(dict(heavy.to_wire(), gridW=3000)), qos=1,
+                                   retain=True)
+                await asyncio.sleep(0.3)
+                status = await read("Status")
+                if "drew the day's bound from the fleet: site-a" in status:
+                    break
+                assert time.monotonic() < deadline, f"/Coop/Status never named the bound: {status}"
+        assert await read("Transfer") == 0 and await read("PeersOnline") == 1  # believed, but sent nothing more
+        assert "ignoring" not in status
