@@ -32,7 +32,7 @@ from typing import Any
 
 from .bus import client
 from .bus.lib import Variant, connect
-from .bus.monitor import ServiceMonitor, WatchedService
+from .bus.monitor import ServiceMonitor
 from .energy_service import ENERGY_INTERFACE
 from .liveview import coop_lines, dispatcher_lines, external_lines, render
 from .mqttbroker import MosquittoBroker
@@ -310,12 +310,7 @@ class _Features:
 async def _live(address: str, children: _Children, duration: float | None, refresh: float, workdir: Path,
                 coop: Cooperative | None = None) -> int:
     bus = await connect(address)
-    last_update: dict[str, float] = {}
-
-    def touched(service: WatchedService, *_: Any) -> None:
-        last_update[service.name] = time.monotonic()
-
-    batteries = ServiceMonitor(bus, [BATTERY_PREFIX], on_added=touched, on_changed=touched)
+    batteries = ServiceMonitor(bus, [BATTERY_PREFIX])
     control = ServiceMonitor(bus, [CONTROL_SERVICE], require_device_instance=False)
     await batteries.start()
     await control.start()
@@ -333,7 +328,7 @@ async def _live(address: str, children: _Children, duration: float | None, refre
         dead = children.dead() + (coop.dead() if coop is not None else [])
         title = (f"battery-aggregator demo — private bus, {len(batteries.services)} battery services"
                  f"{' — STOPPED: ' + ', '.join(dead) if dead else ''} — Ctrl-C to quit")
-        screen = render(batteries.services.values(), last_update, bank.values if bank else None, title)
+        screen = render(batteries.services.values(), bank.values if bank else None, title)
         if features is not None:
             aggregate = batteries.services.get(AGGREGATE)
             screen += "\n" + "\n".join(features.lines(aggregate.values if aggregate else None))

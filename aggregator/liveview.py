@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import textwrap
-import time
 from typing import Any, Iterable
 
 from .bus.monitor import WatchedService
@@ -10,7 +9,6 @@ from .bus.monitor import WatchedService
 AGGREGATE_PRODUCT = "Battery Aggregator"
 VIRTUAL_PRODUCT = "Virtual Battery"
 GRID_PRODUCT = "Grid battery"
-STALE_AFTER = 5.0  # seconds without an update before a row is marked stale
 WIDTH = 100  # the screen fits a terminal of 100 columns (every row would wrap otherwise)
 
 # (title, width, numeric): numbers are right-aligned, text is cut to its width so the columns stay put
@@ -27,9 +25,27 @@ def _num(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def member_row(service: WatchedService, age: float) -> list[str]:
+def member_states(services: Iterable[WatchedService]) -> dict[str, str]:
+    """service name -> its State as the aggregates' rows say (online, stale, lost, duplicate). Victron services
+    signal only changes, so how long a service has been quiet says nothing: the aggregate asks, we read it."""
+    states: dict[str, str] = {}
+    for service in services:
+        v = service.values
+        if v.get("/ProductName") != AGGREGATE_PRODUCT:
+            continue
+        for path, name in v.items():
+            if path.startswith("/Batteries/") and path.endswith("/Service") and isinstance(name, str):
+                state = v.get(path[:-len("Service")] + "State")
+                if isinstance(state, str):
+                    states[name] = state
+    return states
+
+
+def member_row(service: WatchedService, state: str | None = None) -> list[str]:
+    """One row; `state` is what the aggregate says of it, else whether it says it has its device."""
     v = service.values
-    state = "stale" if age > STALE_AFTER else "online"
+    if state is None:
+        state = "online" if v.get("/Connected") != 0 else "no device"
     return [
         service.name.removeprefix("com.victronenergy."),
         str(v.get("/CustomName") or v.get("/ProductName") or ""),
@@ -60,11 +76,11 @@ def wrap(text: str) -> list[str]:
     return textwrap.wrap(text, WIDTH, subsequent_indent="  ", break_on_hyphens=False) or [""]
 
 
-def render(services: Iterable[WatchedService], last_update: dict[str, float], bank: dict[str, Any] | None,
-           title: str, now: float | None = None) -> str:
+def render(services: Iterable[WatchedService], bank: dict[str, Any] | None, title: str) -> str:
     """The whole screen as text: batteries on the bus, then virtual batteries, then the aggregate, then the
-    simulator's truth. A member of a virtual battery is marked, as the aggregate counts the virtual one."""
-    now = time.monotonic() if now is None else now
+    simulator's truth. A member's State is the aggregate's (online, stale, lost, duplicate)."""
+    services = list(services)
+    states = member_states(services)
     header = format_row([name for name, _, _ in _COLUMNS])
     rule = "-" * len(" ".join(name.ljust(width) for name, width, _ in _COLUMNS))
     lines = [*wrap(title), "", header, rule]
@@ -81,7 +97,7 @@ def render(services: Iterable[WatchedService], last_update: dict[str, float], ba
         if rank(service)[0] != previous_rank:
             lines.append(rule)
             previous_rank = rank(service)[0]
-        row = member_row(service, now - last_update.get(service.name, now))
+        row = member_row(service, states.get(service.name))
         lines.append(format_row(row))
     lines += energy_lines(services)
     if bank:

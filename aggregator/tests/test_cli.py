@@ -81,6 +81,18 @@ def test_demo_shows_the_bank_live_and_cleans_up(tmp_path: Path) -> None:
     assert "member com.victronenergy.battery.sim_a (" in (logs / "aggregator.log").read_text()
 
 
+def test_the_demo_shows_a_quiet_bank_online_as_the_aggregate_does(tmp_path: Path) -> None:
+    """Victron services signal only changes: the demo's own table marked every pack of a bank at rest stale after
+    5 s without a signal. It shows the aggregate's verdict (which asks a quiet member)."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    result = _cli("demo", "--scenario", "quiet", "--duration", "12", "--refresh", "1", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.split("battery-aggregator demo")[-1]
+    rows = [line for line in last.splitlines() if line.startswith("battery.sim_")]
+    assert len(rows) == 3 and all(row.endswith("online") for row in rows), last
+
+
 def test_the_demo_screen_fits_100_columns() -> None:
     from aggregator.bus.monitor import WatchedService
     from aggregator.liveview import AGGREGATE_PRODUCT, GRID_PRODUCT, VIRTUAL_PRODUCT, render
@@ -94,6 +106,7 @@ def test_the_demo_screen_fits_100_columns() -> None:
     services = [battery("socketcan_can0_vecan0_di512_uc1234", "Pylontech",
                         **{"/CustomName": "Rack left, upper shelf"}),
                 battery("virtual_c", VIRTUAL_PRODUCT), battery("aggregator", AGGREGATE_PRODUCT, **{
+                    "/Batteries/0/Service": "com.victronenergy.battery.virtual_c", "/Batteries/0/State": "stale",
                     "/Energy/Status": "ok: 3 batteries counted", "/History/ChargedEnergy": 12345.678,
                     "/History/DischargedEnergy": 12000.5, "/Energy/CapacityWeightedSoc": 55.5,
                     "/Energy/AverageSoc": 56.25}),
@@ -102,10 +115,13 @@ def test_the_demo_screen_fits_100_columns() -> None:
             "/Packs/sim_a/Fault": "freeze", "/Packs/sim_b/Fault": "absurd", "/Packs/sim_c/Fault": "fets_open"}
     title = ("battery-aggregator demo — private bus, 4 battery services — STOPPED: simulator, grid-meter — "
              "Ctrl-C to quit")
-    screen = render(services, {s.name: 0.0 for s in services}, bank, title, now=1.0)
+    screen = render(services, bank, title)
     assert max(len(line) for line in screen.splitlines()) <= 100, screen
     rows = [line for line in screen.splitlines() if line.startswith("battery.")]
-    assert len(rows) == 4 and all("-8007W" in row and "1000A" in row and "online" in row for row in rows), screen
+    assert len(rows) == 4 and all("-8007W" in row and "1000A" in row for row in rows), screen
+    states = {row.split()[0]: row.split()[-1] for row in rows}
+    assert states == {"battery.socketcan…": "online", "battery.virtual_c": "stale", "battery.aggregator": "online",
+                      "battery.grid": "online"}, screen  # the aggregate's word for its members
     assert rows[0].startswith("battery.socketcan… Rack left, upp… ")  # cut, and marked as cut
     assert "Faults: sim_a: freeze, sim_b: absurd, sim_c: fets_open" in screen.replace("\n  ", " ")
 
