@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .. import __version__
+from ..bounded import bounded_repr
 from ..bus.lib import MessageBus, connect
 from ..bus.service import VeService
 from . import hass
@@ -319,7 +320,7 @@ class DispatcherRuntime:
             return "the target follows the grid meter (mode gridZero)"
         number = as_number(value)
         if number is None:
-            return f"{value!r} is not a finite number of watts"
+            return f"{bounded_repr(value)} is not a finite number of watts"
         low, high = self.fleet_range()
         if not low - 1e-6 <= number <= high + 1e-6:
             return f"{number:g} W is outside the fleet's limits {low:g}..{high:g} W"
@@ -371,7 +372,7 @@ class DispatcherRuntime:
         elif text in ("OFF", "0", "FALSE"):
             self.set_enabled(False)
         else:
-            _LOG.warning("MQTT enabled: %r is not ON or OFF", text)
+            _LOG.warning("MQTT enabled: %s is not ON or OFF", bounded_repr(text))
         self.service.set_value(f"{self.prefix}/Enabled", int(self.enabled))
         self._published.pop(self.topics.state("enabled") if self.topics else "", None)
 

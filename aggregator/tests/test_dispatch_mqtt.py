@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -218,6 +219,36 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
         for task in devices:
             task.cancel()
         await asyncio.gather(*devices, return_exceptions=True)
+
+
+async def test_a_hostile_command_is_logged_by_its_beginning_and_size(broker: MosquittoBroker, bus_address: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    config = _config(broker.port)
+    config["serviceName"] = "org.batteryaggregator.dispatcher_hostile"
+    runtime, service = await _runtime(config)
+    try:
+        assert runtime.mqtt is not None
+        await asyncio.wait_for(runtime.mqtt.connected.wait(), 10)
+        huge = "A" * 10240
+        with caplog.at_level(logging.WARNING, logger="aggregator.dispatch"):
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="watcher", password=USERS["watcher"]) as c:
+                await c.publish(f"{PREFIX}/target_power/set", huge, qos=1)
+                await c.publish(f"{PREFIX}/enabled/set", "X" * 10240, qos=1)
+                await c.publish(f"{PREFIX}/target_power/set", b"\xff\xfe" * 5000, qos=1)
+
+            def logged() -> list[str]:
+                lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()
+                         or "is not ON or OFF" in r.getMessage()]
+                return lines if len(lines) >= 3 else []
+
+            lines = await eventually(logged)
+        for line in lines:
+            assert len(line) < 300, line[:400]
+        assert any("(10240 characters)" in line and "AAAA" in line for line in lines), lines
+        assert service["/Dispatcher/TargetPower"] == 0.0 and service["/Dispatcher/Enabled"] == 1
+    finally:
+        await runtime.stop()
+        service.close()
 
 
 async def test_tls_broker_and_wrong_password(bus_address: str) -> None:
