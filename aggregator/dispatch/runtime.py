@@ -417,13 +417,18 @@ class DispatcherRuntime:
             return
         low, high = self.fleet_range()
         self._hass_range = (low, high)
+        commands = self.config.mqtt is not None and self.config.mqtt.commands_refused() is None
+        if only_target and not commands:
+            return
         messages = [hass.target_number(ctx, low, high)] if only_target else \
             hass.discovery_messages(ctx, [b.name for b in self.batteries], low, high)
-        if self.config.mqtt is not None and self.config.mqtt.commands_refused() is not None:
-            # No controls without a command path: Home Assistant would show a number and a switch that do nothing.
-            messages = [(t, p) for t, p in messages if "command_topic" not in p]
         for topic, payload in messages:
-            await self.mqtt.publish(topic, json.dumps(payload), retain=True, qos=1)
+            if "command_topic" in payload and not commands:
+                # No controls without a command path: Home Assistant would show a number and a switch that do
+                # nothing. Ones a run with commands left on the broker (retained) are removed.
+                await self.mqtt.publish(*hass.removal(topic), retain=True, qos=1)
+            else:
+                await self.mqtt.publish(topic, json.dumps(payload), retain=True, qos=1)
 
     # ---- publishing ----------------------------------------------------------------------------------------------
 

@@ -221,6 +221,75 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
         await asyncio.gather(*devices, return_exceptions=True)
 
 
+SWITCH_TOPIC = "homeassistant/switch/battery_dispatcher/enabled/config"
+
+
+async def _retained(port: int, pattern: str, user: str | None = "watcher") -> dict[str, bytes]:
+    """What the broker keeps retained under `pattern`, as a client subscribing now receives it."""
+    found: dict[str, bytes] = {}
+    password = USERS[user] if user else None
+    async with aiomqtt.Client("127.0.0.1", port, username=user, password=password) as client:
+        await client.subscribe(pattern)
+        try:
+            async with asyncio.timeout(1.0):  # retained messages arrive at once; then the broker is quiet
+                async for message in client.messages:
+                    if message.retain:
+                        found[message.topic.value] = bytes(message.payload)
+        except TimeoutError:
+            pass
+    return found
+
+
+async def test_home_assistant_controls_leave_when_commands_are_turned_off(broker: MosquittoBroker,
+                                                                         bus_address: str) -> None:
+    async def run(name: str, **mqtt: Any) -> dict[str, bytes]:
+        config = _config(broker.port, **mqtt)
+        config["serviceName"] = f"org.batteryaggregator.dispatcher_{name}"
+        async with Watcher(broker.port, ["homeassistant/#"]) as watcher:
+            runtime, service = await _runtime(config)
+
+            def sent(topic: str) -> bool:  # by this run: live, not the retained copy of a previous run's
+                return topic in watcher.messages and not watcher.messages[topic][1]
+
+            try:
+                # discovery is sent once connected: the controls' config topics get a message either way
+                await eventually(lambda: sent(NUMBER_TOPIC) and sent(SWITCH_TOPIC))
+            finally:
+                await runtime.stop()
+                service.close()
+        return await _retained(broker.port, "homeassistant/#")
+
+    with_commands = await run("on")
+    assert NUMBER_TOPIC in with_commands and SWITCH_TOPIC in with_commands
+    # turned off by the config: the controls a previous run left retained on the broker are removed (an empty
+    # retained payload deletes them), the sensors stay
+    never = await run("never", acceptCommands="never")
+    assert NUMBER_TOPIC not in never and SWITCH_TOPIC not in never, sorted(never)
+    assert "homeassistant/sensor/battery_dispatcher/soc/config" in never
+    # ... and so without credentials (on a broker that lets anyone in)
+    with MosquittoBroker() as open_broker:
+        async with aiomqtt.Client("127.0.0.1", open_broker.port) as client:
+            for topic, payload in with_commands.items():  # what an earlier run with commands left there
+                await client.publish(topic, payload, qos=1, retain=True)
+        config = _config(open_broker.port)
+        del config["mqtt"]["username"], config["mqtt"]["password"]
+        config["serviceName"] = "org.batteryaggregator.dispatcher_anonymous"
+        runtime, service = await _runtime(config)
+        try:
+            async def gone() -> bool:
+                kept = await _retained(open_broker.port, "homeassistant/#", user=None)
+                return NUMBER_TOPIC not in kept and SWITCH_TOPIC not in kept and len(kept) >= 10
+
+            await eventually(gone, timeout=10)
+        finally:
+            await runtime.stop()
+            service.close()
+    # commands back: the controls are published again
+    back = await run("back")
+    assert json.loads(back[NUMBER_TOPIC])["command_topic"] == f"{PREFIX}/target_power/set"
+    assert json.loads(back[SWITCH_TOPIC])["command_topic"] == f"{PREFIX}/enabled/set"
+
+
 async def test_a_hostile_command_is_logged_by_its_beginning_and_size(broker: MosquittoBroker, bus_address: str,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     config = _config(broker.port)
