@@ -471,12 +471,13 @@ class DispatcherRuntime:
                 values[f"{p}/Batteries/{i}/{key}"] = value
         self.service.set_values(values)
         if self.mqtt is not None and self.mqtt.connected.is_set():
-            self._publish_mqtt(values, rows, achieved, soc)
+            self._publish_mqtt(values, rows, achieved, soc, readings)
 
     def _publish_mqtt(self, values: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]], achieved: float | None,
-                      soc: float | None) -> None:
+                      soc: float | None, readings: Mapping[str, BatteryReading]) -> None:
         assert self.topics is not None
         t, p = self.topics, self.prefix
+        capacity, remaining = fleet_energy_kwh(readings)
         states: dict[str, Any] = {
             t.state("target_power"): values[f"{p}/TargetPower"],
             t.state("requested_power"): values[f"{p}/TargetPower"],
@@ -489,6 +490,8 @@ class DispatcherRuntime:
             t.state("correction"): values[f"{p}/Correction"],
             t.state("saturated"): values[f"{p}/Saturated"],
             t.state("soc"): _round(soc, 1),
+            t.state("capacity"): _round(capacity, 2),
+            t.state("remaining_energy"): _round(remaining, 2),
         }
         keys = {"Setpoint": "setpoint", "Measured": "measured", "Gain": "gain", "ChargeLimit": "charge_limit",
                 "DischargeLimit": "discharge_limit", "Soc": "soc", "Status": "status"}
@@ -551,6 +554,18 @@ def _combined_soc(readings: Any) -> float | None:
         total = sum(c for _, c in weighted)
         return sum(s * c for s, c in weighted) / total
     return sum(r.soc for r in with_soc) / len(with_soc)
+
+
+def fleet_energy_kwh(readings: Mapping[str, BatteryReading]) -> tuple[float | None, float | None]:
+    """(combined capacity, energy stored now) in kWh over the batteries that know their capacity. The stored
+    energy is unknown while one of them does not report its SoC (a sum without it would look like a loss)."""
+    sized = [r for r in readings.values() if r.capacity_wh is not None and r.capacity_wh > 0]
+    if not sized:
+        return None, None
+    capacity = sum(r.capacity_wh for r in sized) / 1000.0  # type: ignore[misc]
+    if any(r.soc is None for r in sized):
+        return capacity, None
+    return capacity, sum(r.soc * r.capacity_wh for r in sized) / 100.0 / 1000.0  # type: ignore[operator]
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:

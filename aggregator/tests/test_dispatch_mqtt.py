@@ -14,7 +14,8 @@ import pytest
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
 from aggregator.dispatch import hass
-from aggregator.dispatch.runtime import DispatcherRuntime
+from aggregator.dispatch.controller import BatteryReading
+from aggregator.dispatch.runtime import DispatcherRuntime, fleet_energy_kwh
 from aggregator.dispatch.settings import parse_dispatcher_config
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
 from aggregator.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
@@ -175,6 +176,13 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
             switch = json.loads(configs["homeassistant/switch/battery_dispatcher/enabled/config"][0])
             assert switch["command_topic"] == f"{PREFIX}/enabled/set"
             assert "homeassistant/sensor/battery_dispatcher/b_discharge_limit/config" in configs
+            # what Home Assistant users expect of batteries: the combined capacity, the energy stored, each SoC
+            for object_id, unit, device_class in (("capacity", "kWh", "energy_storage"),
+                                                  ("remaining_energy", "kWh", "energy_storage"),
+                                                  ("a_soc", "%", "battery"), ("b_soc", "%", "battery")):
+                data = json.loads(configs[f"homeassistant/sensor/battery_dispatcher/{object_id}/config"][0])
+                assert (data["unit_of_measurement"], data["device_class"], data["state_class"]) == \
+                    (unit, device_class, "measurement"), object_id
 
             # ---- the target from MQTT; the batteries are read and commanded over MQTT
             await eventually(lambda: watcher.text(f"{PREFIX}/enabled") == "ON")
@@ -192,6 +200,17 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
                 return True
 
             await eventually(delivered, timeout=25, interval=0.25)
+
+            def stored() -> bool:  # two simulated 5 kWh batteries at about 50 %
+                a_soc = watcher.number(f"{PREFIX}/batteries/a/soc")
+                soc = watcher.number(f"{PREFIX}/soc")
+                remaining = watcher.number(f"{PREFIX}/remaining_energy")
+                assert watcher.number(f"{PREFIX}/capacity") == 10.0
+                assert a_soc is not None and 45.0 < a_soc <= 50.0, a_soc
+                assert soc is not None and remaining is not None and abs(remaining - 10.0 * soc / 100) < 0.05
+                return True
+
+            await eventually(stored, timeout=5)
             assert watcher.text(f"{PREFIX}/batteries/b/status") in ("ok", "learning", "limited")
 
             # ---- the broker restarts: the runtime lives on, the batteries go stale meanwhile, all comes back
@@ -362,5 +381,24 @@ def test_discovery_payloads_are_what_home_assistant_reads() -> None:
         "ba/d/batteries/pack_a/setpoint"
     soc = by_topic["homeassistant/sensor/battery_dispatcher/soc/config"]
     assert (soc["device_class"], soc["unit_of_measurement"], soc["state_class"]) == ("battery", "%", "measurement")
+    capacity = by_topic["homeassistant/sensor/battery_dispatcher/capacity/config"]
+    assert (capacity["device_class"], capacity["unit_of_measurement"], capacity["state_topic"]) == \
+        ("energy_storage", "kWh", "ba/d/capacity")
+    assert by_topic["homeassistant/sensor/battery_dispatcher/remaining_energy/config"]["state_topic"] == \
+        "ba/d/remaining_energy"
+    assert by_topic["homeassistant/sensor/battery_dispatcher/pack_b_soc/config"]["state_topic"] == \
+        "ba/d/batteries/pack_b/soc"
     assert hass.removal("homeassistant/sensor/x/y/config") == ("homeassistant/sensor/x/y/config", "")
     assert hass.slug("Pack A/1 #") == "pack_a_1"
+
+
+def test_fleet_energy_counts_what_is_known_and_never_a_partial_sum() -> None:
+    def r(name: str, soc: float | None, capacity: float | None) -> BatteryReading:
+        return BatteryReading(name, 0.0, 0.0, soc=soc, capacity_wh=capacity)
+
+    assert fleet_energy_kwh({"a": r("a", 50.0, 5000.0), "b": r("b", 80.0, 10000.0)}) == (15.0, 10.5)
+    # a battery without SoC: its capacity counts, the stored energy is unknown (not 2.5 kWh: a false loss)
+    assert fleet_energy_kwh({"a": r("a", 50.0, 5000.0), "b": r("b", None, 10000.0)}) == (15.0, None)
+    # one without a capacity is in neither
+    assert fleet_energy_kwh({"a": r("a", 50.0, 5000.0), "b": r("b", 80.0, None)}) == (5.0, 2.5)
+    assert fleet_energy_kwh({"a": r("a", 50.0, None)}) == (None, None)
