@@ -28,6 +28,7 @@ from .faults import FaultSettings, MeterCheck
 from .model import CHARGE, DISCHARGE, BatteryModel, Direction, ModelSettings
 
 STATE_VERSION = 1
+DECIDING_WEIGHT = 1e6  # water-filling weight factor of a battery whose provisional limit is being decided
 WEIGHTS = ("capacity", "energy", "equal")
 
 
@@ -424,7 +425,7 @@ class Dispatcher:
         weights: dict[str, float] = {}
         for name, r in active.items():
             configured = self._configured(r)[direction]
-            caps[name] = self._models[name].limit(direction, r.soc, configured)
+            caps[name] = self._models[name].available(direction, r.soc, configured)
             check = self._checks.get(name)
             if check is not None and check.probation:
                 caps[name] = min(caps[name], check.settings.probation_w)  # back from a meter fault: on trial
@@ -462,6 +463,7 @@ class Dispatcher:
         than last cycle."""
         caps, weights = self._caps_and_weights(direction, active)
         saturated = amount > sum(caps.values()) + 1.0
+        self._pin_deciding(amount, direction, active, caps, weights)
         held_caps = {n: (min(c, self._allocation.get(n, 0.0)) if n in held else c) for n, c in caps.items()}
         if sum(held_caps.values()) >= amount:  # holding only while the others can take the rest
             caps = held_caps
@@ -471,6 +473,25 @@ class Dispatcher:
             if not small:
                 return alloc, saturated
             caps[min(small, key=lambda k: alloc[k])] = 0.0
+
+    def _pin_deciding(self, amount: float, direction: Direction, active: Mapping[str, BatteryReading],
+                      caps: Mapping[str, float], weights: dict[str, float]) -> None:
+        """A battery at a provisional limit, undecided between a limit and a gain, is asked clearly more than
+        that limit to tell them apart (BatteryModel.request_for). A gain then delivers more than predicted, the
+        observer takes that surplus off the need, its share falls below the limit, the request falls with it,
+        and no steady window ever forms. So while its share (with its own surplus) reaches the limit, it gets
+        the limit first and the surplus is corrected on the others."""
+        sign = 1.0 if direction == CHARGE else -1.0
+        deciding = [n for n, r in active.items()
+                    if self._models[n].deciding(direction, r.soc, self._configured(r)[direction])]
+        if not deciding:
+            return
+        shares = water_fill(amount, caps, weights)
+        tol = self.settings.model.tolerance_w
+        for name in deciding:
+            surplus = max(0.0, sign * self._correction.get(name, 0.0))
+            if shares[name] + surplus >= caps[name] - tol:
+                weights[name] *= DECIDING_WEIGHT
 
     def _probing(self, direction: Direction, allocation: Mapping[str, float],
                  active: Mapping[str, BatteryReading]) -> set[str]:

@@ -124,11 +124,19 @@ def _power(ctx: HassContext, object_id: str, name: str, state_topic: str) -> Dis
     return sensor(ctx, object_id, name, state_topic, unit="W", device_class="power", state_class="measurement")
 
 
+def _energy(ctx: HassContext, object_id: str, name: str, state_topic: str) -> Discovery:
+    """Energy held (or holdable): Home Assistant's stored-energy class, not the metered `energy` one."""
+    return sensor(ctx, object_id, name, state_topic, unit="kWh", device_class="energy_storage",
+                  state_class="measurement")
+
+
 def fleet_sensors(ctx: HassContext) -> list[Discovery]:
     t = ctx.topics
     return [
         sensor(ctx, "soc", "Combined SoC", t.state("soc"), unit="%", device_class="battery",
                state_class="measurement"),
+        _energy(ctx, "capacity", "Combined capacity", t.state("capacity")),
+        _energy(ctx, "remaining_energy", "Remaining energy", t.state("remaining_energy")),
         _power(ctx, "power", "Combined power", t.state("power")),
         _power(ctx, "requested_power", "Requested power", t.state("requested_power")),
         _power(ctx, "achieved_power", "Achieved power", t.state("achieved_power")),
@@ -139,10 +147,12 @@ def fleet_sensors(ctx: HassContext) -> list[Discovery]:
 
 
 def battery_sensors(ctx: HassContext, name: str) -> list[Discovery]:
-    """Per battery: setpoint, measured power, learned limits, learned gain, status."""
+    """Per battery: SoC, setpoint, measured power, learned limits, learned gain, status."""
     t = ctx.topics
     b = slug(name)
     return [
+        sensor(ctx, f"{b}_soc", f"{name} SoC", t.battery(name, "soc"), unit="%", device_class="battery",
+               state_class="measurement"),
         _power(ctx, f"{b}_setpoint", f"{name} setpoint", t.battery(name, "setpoint")),
         _power(ctx, f"{b}_measured", f"{name} power", t.battery(name, "measured")),
         sensor(ctx, f"{b}_charge_limit", f"{name} learned charge limit", t.battery(name, "charge_limit"),

@@ -12,6 +12,12 @@ hypotheses predict the same power, and the limit is the safe one: the rest goes 
 second window at a different request decides: the same delivery whatever was asked is a limit, the same
 fraction of any request is a gain.
 
+The second window must come at a clearly different request: after an undecided window the battery is asked
+1.3x what that window asked (the probe, its limit plus a little, would be about the same request for a weak gain,
+and windows there would only lower the "limit"), and the dispatcher gives it its provisional limit first so the
+request stays put until the window forms. At the configured limit no larger request exists: a window there
+leaves the limit standing (both hypotheses predict the same there).
+
 A ceiling shows before a steady window does: three measurements heading (Aitken's extrapolation, checked
 against the fitted lag) or sitting clearly short of every request make a provisional limit at once (the plateau).
 Its request is kept until a steady window there confirms the delivery, then 1.3x is asked: the same delivery is a
@@ -40,6 +46,9 @@ GLOBAL_BAND = -1  # limits learned while the SoC is unknown
 TEMP_BAND_STRIDE = 1000
 TEMP_BAND_FLOOR_C = -20.0
 TEMP_BANDS = 9  # -20..70 degC in 10 degC steps; colder or hotter fall in the end bands
+# An undecided shortfall (limit or gain?) is asked this much more than the window that showed it: far enough
+# apart for two windows to tell the same delivery from the same fraction beyond the noise.
+DECIDING_STEP = 1.3
 
 
 def direction_of(power_w: float) -> Direction:
@@ -157,6 +166,21 @@ class BatteryModel:
         configured = max(0.0, configured_w)
         return configured if learned is None else _clamp(learned, 0.0, configured)
 
+    def available(self, direction: Direction, soc: float | None, configured_w: float) -> float:
+        """The most it is predicted to deliver in this direction: its limit, or its gain times the largest
+        request it may be sent (a battery that gives 60 % of what it is asked gives 60 % of the configured
+        limit at most)."""
+        configured = max(0.0, configured_w)
+        return min(self.limit(direction, soc, configured), self.gain * configured)
+
+    def deciding(self, direction: Direction, soc: float | None, configured_w: float) -> bool:
+        """A provisional limit at this SoC, undecided after a steady window at it: the next window, at a clearly
+        larger request, tells a limit from a gain."""
+        last = self._last_window.get(direction)
+        return (self.pending[direction] and last is not None
+                and not (self._from_plateau[direction] and last.t < self._plateau_t[direction])
+                and self.limited(direction, soc, configured_w))
+
     def limited(self, direction: Direction, soc: float | None, configured_w: float) -> bool:
         """True when a learned limit below the configured one applies."""
         learned = self.learned_limit(direction, soc)
@@ -182,14 +206,18 @@ class BatteryModel:
             probe = max(self.settings.probe_frac * limit, self.settings.probe_w)
             request = max(limit / self.gain, limit + probe)
             last = self._last_window.get(d)
-            if self.pending[d] and self._from_plateau[d]:
-                if last is None or last.t < self._plateau_t[d]:
-                    # a plateau is only provisional (limit or gain?): the request it was seen at is kept until a
-                    # steady window there confirms what it delivers (the others get the rest meanwhile) ...
-                    request = max(request, self._plateau_request[d])
-                else:
-                    # ... then clearly more than that is asked, so the next window tells them apart
-                    request = max(request, 1.3 * self._plateau_request[d])
+            if self.deciding(d, soc, cap):
+                # After an undecided window, clearly more than it asked, so the next one tells a limit (the same
+                # delivery) from a gain (the same fraction). The probe alone asks the limit plus a little, which
+                # for a weak gain is about what the window asked: every window there would deliver the same
+                # fraction of the same request, and none would ever decide.
+                assert last is not None
+                request = max(request, DECIDING_STEP * abs(last.request_w),
+                              DECIDING_STEP * self._plateau_request[d] if self._from_plateau[d] else 0.0)
+            elif self.pending[d] and self._from_plateau[d]:
+                # a plateau is only provisional (limit or gain?): the request it was seen at is kept until a
+                # steady window there confirms what it delivers (the others get the rest meanwhile)
+                request = max(request, self._plateau_request[d])
         else:
             request = amount / self.gain
         return sign_of(d) * min(request, cap)
@@ -407,6 +435,7 @@ class BatteryModel:
             self._set_limit(d, band, final, cap)
             return "limit"
         if (self.limited(d, soc, cap) and not (self.pending[d] and self._from_plateau[d])
+                and not self.deciding(d, soc, cap)  # (its next steady window decides: limit or gain)
                 and max(g0, g1, g2) - min(g0, g1, g2) <= flat
                 and final > limit + gap and min(self.gain * smallest, cap) > limit + gap):
             # at a probe, settled clearly above the learned limit: it recovered (at least this far)
@@ -453,7 +482,9 @@ class BatteryModel:
                 self._from_plateau[d] = False
                 return "gain"
             self._set_limit(d, w.band, got, cap)
-            if verdict == "limit":
+            if verdict == "limit" or asked >= cap - tol:
+                # (at the configured limit no request further up can tell them apart, and there a limit and a
+                # gain predict the same: the limit stands; a shortfall at a smaller request reopens it)
                 self.pending[d] = False
                 self._from_plateau[d] = False
             return None

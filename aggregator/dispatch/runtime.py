@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .. import __version__
+from ..bounded import bounded_repr
 from ..bus.lib import MessageBus, connect
 from ..bus.service import VeService
 from . import hass
@@ -319,7 +320,7 @@ class DispatcherRuntime:
             return "the target follows the grid meter (mode gridZero)"
         number = as_number(value)
         if number is None:
-            return f"{value!r} is not a finite number of watts"
+            return f"{bounded_repr(value)} is not a finite number of watts"
         low, high = self.fleet_range()
         if not low - 1e-6 <= number <= high + 1e-6:
             return f"{number:g} W is outside the fleet's limits {low:g}..{high:g} W"
@@ -371,7 +372,7 @@ class DispatcherRuntime:
         elif text in ("OFF", "0", "FALSE"):
             self.set_enabled(False)
         else:
-            _LOG.warning("MQTT enabled: %r is not ON or OFF", text)
+            _LOG.warning("MQTT enabled: %s is not ON or OFF", bounded_repr(text))
         self.service.set_value(f"{self.prefix}/Enabled", int(self.enabled))
         self._published.pop(self.topics.state("enabled") if self.topics else "", None)
 
@@ -416,13 +417,18 @@ class DispatcherRuntime:
             return
         low, high = self.fleet_range()
         self._hass_range = (low, high)
+        commands = self.config.mqtt is not None and self.config.mqtt.commands_refused() is None
+        if only_target and not commands:
+            return
         messages = [hass.target_number(ctx, low, high)] if only_target else \
             hass.discovery_messages(ctx, [b.name for b in self.batteries], low, high)
-        if self.config.mqtt is not None and self.config.mqtt.commands_refused() is not None:
-            # No controls without a command path: Home Assistant would show a number and a switch that do nothing.
-            messages = [(t, p) for t, p in messages if "command_topic" not in p]
         for topic, payload in messages:
-            await self.mqtt.publish(topic, json.dumps(payload), retain=True, qos=1)
+            if "command_topic" in payload and not commands:
+                # No controls without a command path: Home Assistant would show a number and a switch that do
+                # nothing. Ones a run with commands left on the broker (retained) are removed.
+                await self.mqtt.publish(*hass.removal(topic), retain=True, qos=1)
+            else:
+                await self.mqtt.publish(topic, json.dumps(payload), retain=True, qos=1)
 
     # ---- publishing ----------------------------------------------------------------------------------------------
 
@@ -465,12 +471,13 @@ class DispatcherRuntime:
                 values[f"{p}/Batteries/{i}/{key}"] = value
         self.service.set_values(values)
         if self.mqtt is not None and self.mqtt.connected.is_set():
-            self._publish_mqtt(values, rows, achieved, soc)
+            self._publish_mqtt(values, rows, achieved, soc, readings)
 
     def _publish_mqtt(self, values: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]], achieved: float | None,
-                      soc: float | None) -> None:
+                      soc: float | None, readings: Mapping[str, BatteryReading]) -> None:
         assert self.topics is not None
         t, p = self.topics, self.prefix
+        capacity, remaining = fleet_energy_kwh(readings)
         states: dict[str, Any] = {
             t.state("target_power"): values[f"{p}/TargetPower"],
             t.state("requested_power"): values[f"{p}/TargetPower"],
@@ -483,6 +490,8 @@ class DispatcherRuntime:
             t.state("correction"): values[f"{p}/Correction"],
             t.state("saturated"): values[f"{p}/Saturated"],
             t.state("soc"): _round(soc, 1),
+            t.state("capacity"): _round(capacity, 2),
+            t.state("remaining_energy"): _round(remaining, 2),
         }
         keys = {"Setpoint": "setpoint", "Measured": "measured", "Gain": "gain", "ChargeLimit": "charge_limit",
                 "DischargeLimit": "discharge_limit", "Soc": "soc", "Status": "status"}
@@ -545,6 +554,18 @@ def _combined_soc(readings: Any) -> float | None:
         total = sum(c for _, c in weighted)
         return sum(s * c for s, c in weighted) / total
     return sum(r.soc for r in with_soc) / len(with_soc)
+
+
+def fleet_energy_kwh(readings: Mapping[str, BatteryReading]) -> tuple[float | None, float | None]:
+    """(combined capacity, energy stored now) in kWh over the batteries that know their capacity. The stored
+    energy is unknown while one of them does not report its SoC (a sum without it would look like a loss)."""
+    sized = [r for r in readings.values() if r.capacity_wh is not None and r.capacity_wh > 0]
+    if not sized:
+        return None, None
+    capacity = sum(r.capacity_wh for r in sized) / 1000.0  # type: ignore[misc]
+    if any(r.soc is None for r in sized):
+        return capacity, None
+    return capacity, sum(r.soc * r.capacity_wh for r in sized) / 100.0 / 1000.0  # type: ignore[operator]
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:

@@ -493,6 +493,16 @@ def _mixed(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
                          [LearnTarget(10.0, "a", "gain", 0.92), LearnTarget(2000.0, "c", "charge_limit", 1000.0)])
 
 
+def _weak_gain(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
+    """A delivers 60 % of what it is asked (1500 W at its configured 2500 W); first a small demand, where one
+    steady window cannot tell its shortfall from a limit, then 3500 W, which needs all of A's 1500 W."""
+    a = _jitter(rng, SimBatteryParams("a", gain=0.6, max_discharge_w=1500.0, configured_discharge_w=2500.0))
+    b = _jitter(rng, SimBatteryParams("b", max_discharge_w=3000.0))
+    demand = steps(times, [(10.0, 400.0), (150.0, 3100.0), (300.0, -1500.0), (400.0, 1500.0)])
+    return ScenarioSetup([a, b], demand + demand_noise(rng, times, 3.0),
+                         learn=[LearnTarget(10.0, "a", "gain", 0.6)])
+
+
 def _frozen_meter(rng: np.random.Generator, times: np.ndarray) -> ScenarioSetup:
     """B's meter freezes at 120 s: its value keeps coming, fresh but constant, whatever B does."""
     bats = [_jitter(rng, SimBatteryParams(n)) for n in "ab"]
@@ -523,6 +533,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("silent", "a battery goes silent and returns", 480.0, _silent),
     Scenario("full_empty", "filling up and running empty", 2400.0, _full_empty),
     Scenario("mixed", "an hour of household demand, solar, clouds", 3600.0, _mixed),
+    Scenario("weak_gain", "one battery gives 60 % of what it is asked; 400 W, then 3500 W", 480.0, _weak_gain),
     Scenario("frozen_meter", "a meter freezes (fresh but constant)", 540.0, _frozen_meter),
     Scenario("inverted_meter", "a meter counts the other way round", 420.0, _inverted_meter),
     Scenario("noisy_meter", "+-10 % meter noise", 480.0, _noisy_meter),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
 from aggregator.dispatch import hass
-from aggregator.dispatch.runtime import DispatcherRuntime
+from aggregator.dispatch.controller import BatteryReading
+from aggregator.dispatch.runtime import DispatcherRuntime, fleet_energy_kwh
 from aggregator.dispatch.settings import parse_dispatcher_config
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
 from aggregator.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
@@ -174,6 +176,13 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
             switch = json.loads(configs["homeassistant/switch/battery_dispatcher/enabled/config"][0])
             assert switch["command_topic"] == f"{PREFIX}/enabled/set"
             assert "homeassistant/sensor/battery_dispatcher/b_discharge_limit/config" in configs
+            # what Home Assistant users expect of batteries: the combined capacity, the energy stored, each SoC
+            for object_id, unit, device_class in (("capacity", "kWh", "energy_storage"),
+                                                  ("remaining_energy", "kWh", "energy_storage"),
+                                                  ("a_soc", "%", "battery"), ("b_soc", "%", "battery")):
+                data = json.loads(configs[f"homeassistant/sensor/battery_dispatcher/{object_id}/config"][0])
+                assert (data["unit_of_measurement"], data["device_class"], data["state_class"]) == \
+                    (unit, device_class, "measurement"), object_id
 
             # ---- the target from MQTT; the batteries are read and commanded over MQTT
             await eventually(lambda: watcher.text(f"{PREFIX}/enabled") == "ON")
@@ -191,6 +200,17 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
                 return True
 
             await eventually(delivered, timeout=25, interval=0.25)
+
+            def stored() -> bool:  # two simulated 5 kWh batteries at about 50 %
+                a_soc = watcher.number(f"{PREFIX}/batteries/a/soc")
+                soc = watcher.number(f"{PREFIX}/soc")
+                remaining = watcher.number(f"{PREFIX}/remaining_energy")
+                assert watcher.number(f"{PREFIX}/capacity") == 10.0
+                assert a_soc is not None and 45.0 < a_soc <= 50.0, a_soc
+                assert soc is not None and remaining is not None and abs(remaining - 10.0 * soc / 100) < 0.05
+                return True
+
+            await eventually(stored, timeout=5)
             assert watcher.text(f"{PREFIX}/batteries/b/status") in ("ok", "learning", "limited")
 
             # ---- the broker restarts: the runtime lives on, the batteries go stale meanwhile, all comes back
@@ -218,6 +238,105 @@ async def test_dispatch_over_mqtt_with_discovery_and_a_broker_restart(broker: Mo
         for task in devices:
             task.cancel()
         await asyncio.gather(*devices, return_exceptions=True)
+
+
+SWITCH_TOPIC = "homeassistant/switch/battery_dispatcher/enabled/config"
+
+
+async def _retained(port: int, pattern: str, user: str | None = "watcher") -> dict[str, bytes]:
+    """What the broker keeps retained under `pattern`, as a client subscribing now receives it."""
+    found: dict[str, bytes] = {}
+    password = USERS[user] if user else None
+    async with aiomqtt.Client("127.0.0.1", port, username=user, password=password) as client:
+        await client.subscribe(pattern)
+        try:
+            async with asyncio.timeout(1.0):  # retained messages arrive at once; then the broker is quiet
+                async for message in client.messages:
+                    if message.retain:
+                        found[message.topic.value] = bytes(message.payload)
+        except TimeoutError:
+            pass
+    return found
+
+
+async def test_home_assistant_controls_leave_when_commands_are_turned_off(broker: MosquittoBroker,
+                                                                         bus_address: str) -> None:
+    async def run(name: str, **mqtt: Any) -> dict[str, bytes]:
+        config = _config(broker.port, **mqtt)
+        config["serviceName"] = f"org.batteryaggregator.dispatcher_{name}"
+        async with Watcher(broker.port, ["homeassistant/#"]) as watcher:
+            runtime, service = await _runtime(config)
+
+            def sent(topic: str) -> bool:  # by this run: live, not the retained copy of a previous run's
+                return topic in watcher.messages and not watcher.messages[topic][1]
+
+            try:
+                # discovery is sent once connected: the controls' config topics get a message either way
+                await eventually(lambda: sent(NUMBER_TOPIC) and sent(SWITCH_TOPIC))
+            finally:
+                await runtime.stop()
+                service.close()
+        return await _retained(broker.port, "homeassistant/#")
+
+    with_commands = await run("on")
+    assert NUMBER_TOPIC in with_commands and SWITCH_TOPIC in with_commands
+    # turned off by the config: the controls a previous run left retained on the broker are removed (an empty
+    # retained payload deletes them), the sensors stay
+    never = await run("never", acceptCommands="never")
+    assert NUMBER_TOPIC not in never and SWITCH_TOPIC not in never, sorted(never)
+    assert "homeassistant/sensor/battery_dispatcher/soc/config" in never
+    # ... and so without credentials (on a broker that lets anyone in)
+    with MosquittoBroker() as open_broker:
+        async with aiomqtt.Client("127.0.0.1", open_broker.port) as client:
+            for topic, payload in with_commands.items():  # what an earlier run with commands left there
+                await client.publish(topic, payload, qos=1, retain=True)
+        config = _config(open_broker.port)
+        del config["mqtt"]["username"], config["mqtt"]["password"]
+        config["serviceName"] = "org.batteryaggregator.dispatcher_anonymous"
+        runtime, service = await _runtime(config)
+        try:
+            async def gone() -> bool:
+                kept = await _retained(open_broker.port, "homeassistant/#", user=None)
+                return NUMBER_TOPIC not in kept and SWITCH_TOPIC not in kept and len(kept) >= 10
+
+            await eventually(gone, timeout=10)
+        finally:
+            await runtime.stop()
+            service.close()
+    # commands back: the controls are published again
+    back = await run("back")
+    assert json.loads(back[NUMBER_TOPIC])["command_topic"] == f"{PREFIX}/target_power/set"
+    assert json.loads(back[SWITCH_TOPIC])["command_topic"] == f"{PREFIX}/enabled/set"
+
+
+async def test_a_hostile_command_is_logged_by_its_beginning_and_size(broker: MosquittoBroker, bus_address: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    config = _config(broker.port)
+    config["serviceName"] = "org.batteryaggregator.dispatcher_hostile"
+    runtime, service = await _runtime(config)
+    try:
+        assert runtime.mqtt is not None
+        await asyncio.wait_for(runtime.mqtt.connected.wait(), 10)
+        huge = "A" * 10240
+        with caplog.at_level(logging.WARNING, logger="aggregator.dispatch"):
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="watcher", password=USERS["watcher"]) as c:
+                await c.publish(f"{PREFIX}/target_power/set", huge, qos=1)
+                await c.publish(f"{PREFIX}/enabled/set", "X" * 10240, qos=1)
+                await c.publish(f"{PREFIX}/target_power/set", b"\xff\xfe" * 5000, qos=1)
+
+            def logged() -> list[str]:
+                lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()
+                         or "is not ON or OFF" in r.getMessage()]
+                return lines if len(lines) >= 3 else []
+
+            lines = await eventually(logged)
+        for line in lines:
+            assert len(line) < 300, line[:400]
+        assert any("(10240 characters)" in line and "AAAA" in line for line in lines), lines
+        assert service["/Dispatcher/TargetPower"] == 0.0 and service["/Dispatcher/Enabled"] == 1
+    finally:
+        await runtime.stop()
+        service.close()
 
 
 async def test_tls_broker_and_wrong_password(bus_address: str) -> None:
@@ -262,5 +381,24 @@ def test_discovery_payloads_are_what_home_assistant_reads() -> None:
         "ba/d/batteries/pack_a/setpoint"
     soc = by_topic["homeassistant/sensor/battery_dispatcher/soc/config"]
     assert (soc["device_class"], soc["unit_of_measurement"], soc["state_class"]) == ("battery", "%", "measurement")
+    capacity = by_topic["homeassistant/sensor/battery_dispatcher/capacity/config"]
+    assert (capacity["device_class"], capacity["unit_of_measurement"], capacity["state_topic"]) == \
+        ("energy_storage", "kWh", "ba/d/capacity")
+    assert by_topic["homeassistant/sensor/battery_dispatcher/remaining_energy/config"]["state_topic"] == \
+        "ba/d/remaining_energy"
+    assert by_topic["homeassistant/sensor/battery_dispatcher/pack_b_soc/config"]["state_topic"] == \
+        "ba/d/batteries/pack_b/soc"
     assert hass.removal("homeassistant/sensor/x/y/config") == ("homeassistant/sensor/x/y/config", "")
     assert hass.slug("Pack A/1 #") == "pack_a_1"
+
+
+def test_fleet_energy_counts_what_is_known_and_never_a_partial_sum() -> None:
+    def r(name: str, soc: float | None, capacity: float | None) -> BatteryReading:
+        return BatteryReading(name, 0.0, 0.0, soc=soc, capacity_wh=capacity)
+
+    assert fleet_energy_kwh({"a": r("a", 50.0, 5000.0), "b": r("b", 80.0, 10000.0)}) == (15.0, 10.5)
+    # a battery without SoC: its capacity counts, the stored energy is unknown (not 2.5 kWh: a false loss)
+    assert fleet_energy_kwh({"a": r("a", 50.0, 5000.0), "b": r("b", None, 10000.0)}) == (15.0, None)
+    # one without a capacity is in neither
+    assert fleet_energy_kwh({"a": r("a", 50.0, 5000.0), "b": r("b", 80.0, None)}) == (5.0, 2.5)
+    assert fleet_energy_kwh({"a": r("a", 50.0, None)}) == (None, None)
