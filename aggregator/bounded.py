@@ -30,3 +30,9 @@ def bounded_repr(value: Any, limit: int = SHOWN_CHARS) -> str:
         return text
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def bounded_text(text: str, limit: int = 200) -> str:
+    """At most `limit` characters of a text someone else controls (a topic, a reason quoting their values),
+    saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"

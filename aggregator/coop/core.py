@@ -51,6 +51,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import IO, Any, Callable, Hashable, Iterable, Mapping
 
+from ..bounded import bounded_repr
+
 SITE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _SITE_ID = re.compile(SITE_ID_PATTERN)
 
@@ -105,16 +107,10 @@ def is_site_id(text: str) -> bool:
     return _SITE_ID.fullmatch(text) is not None
 
 
-def _quoted(value: Any, limit: int = 40) -> str:
-    """A value a peer sent, for a reason: its repr, cut short (a reason ends up in a log line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _number(data: Mapping[str, Any], key: str) -> float:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key} is not a number ({_quoted(value)})")
+        raise ValueError(f"{key} is not a number ({bounded_repr(value)})")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{key} is not finite ({value!r})")
@@ -128,9 +124,9 @@ def check_peer(data: Any, now: float, expected_site: str | None = None) -> PeerS
         return Rejected(expected_site, "not a JSON object")
     site = data.get("siteId")
     if not isinstance(site, str) or not is_site_id(site):
-        return Rejected(expected_site, f"bad siteId {_quoted(site)}")
+        return Rejected(expected_site, f"bad siteId {bounded_repr(site)}")
     if expected_site is not None and site != expected_site:
-        return Rejected(expected_site, f"siteId {_quoted(site)} in the topic of {expected_site!r}")
+        return Rejected(expected_site, f"siteId {bounded_repr(site)} in the topic of {expected_site!r}")
     missing = [k for k in WIRE_KEYS if k not in data]
     if missing:
         return Rejected(site, f"missing {', '.join(missing)}")

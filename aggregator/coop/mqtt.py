@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 
 import aiomqtt
 
+from ..bounded import bounded_text
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)
 from .settings import CoopSettings
@@ -40,11 +41,6 @@ MAX_LOGGED = 200  # characters of a peer's text (a reason quoting its values, a 
 
 def _shape(reason: str) -> str:
     return re.sub(r"[-+]?\d[\d.e+-]*", "#", reason)
-
-
-def capped_text(text: str, limit: int = MAX_LOGGED) -> str:
-    """At most `limit` characters of a text a peer controls, saying how much was left out."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def calendar_day(now: float) -> str:
@@ -310,8 +306,8 @@ class CoopSite:
                 # every site. Its sender is not known here for sure, so the topic names it.
                 self.unreadable += 1
                 if self._last_unreadable != (topic, type(err)):  # not once per message of a chatty peer
-                    log.warning("coop: ignoring a message on %s: %s: %s", capped_text(topic, 80),
-                                type(err).__name__, capped_text(str(err)))
+                    log.warning("coop: ignoring a message on %s: %s: %s", bounded_text(topic, 80),
+                                type(err).__name__, bounded_text(str(err), MAX_LOGGED))
                 self._last_unreadable = (topic, type(err))
 
     async def handle(self, topic: str, payload: bytes) -> None:
@@ -327,7 +323,7 @@ class CoopSite:
             return  # our own retained messages
         if not is_site_id(site):  # no site has such an id: a key we would keep, a text we would log
             if kind == "state":
-                self._reject(Rejected(None, f"a state under a topic that names no site ({capped_text(topic, 80)})"))
+                self._reject(Rejected(None, f"a state under a topic that names no site ({bounded_text(topic, 80)})"))
             return
         if kind == "status":
             if payload == b"offline":
@@ -362,7 +358,7 @@ class CoopSite:
 
     def _reject(self, rejected: Rejected) -> None:
         site = rejected.site_id or "?"
-        reason = capped_text(rejected.reason)  # it may quote what the peer sent: a log line stays a line
+        reason = bounded_text(rejected.reason, MAX_LOGGED)  # it may quote what the peer sent: a log line stays a line
         self.rejected[site] += 1
         self.ignored[site] = reason
         # Once per new kind of reason, not per message: the numbers in a reason change with every message.
