@@ -71,9 +71,10 @@ class ChargeControl:
         # Resolutions: half the step of the published values (0.1 A, 1 mV), see _round below.
         # The CCL ramps up from 0 after start: a restart must not jump to a limit that was not ramped to. The
         # DCL does not (a DCL of 0 switches the inverter off and drops the loads); both ramp up from 0 after
-        # an unknown limit made them 0.
-        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, from_zero=True)
-        self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05)
+        # an unknown limit made them 0. Their ramps scale with the bank (rampUpTime); the CVL's does not.
+        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, from_zero=True,
+                                          rise_time=opts.rampUpTime)
+        self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, rise_time=opts.rampUpTime)
         self.cvl_smoother = LimitSmoother(opts.voltageRampUpRate, opts.voltageHysteresis, 0.0005)
         self.floors: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
         self._floor_at = 0.0

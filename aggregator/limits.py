@@ -207,8 +207,12 @@ def apply_cvl_mode(value: float | None, reason: str, mode: str, dvcc: DvccLimits
 
 
 class LimitSmoother:
-    """Publish a limit that drops at once but rises at most `rise_rate` A/s, and ignores rises smaller than
-    `hysteresis` A, so DVCC does not hunt. Drops are never held back: that would be unsafe.
+    """Publish a limit that drops at once but rises gradually, and ignores rises smaller than `hysteresis`,
+    so DVCC does not hunt. Drops are never held back: that would be unsafe.
+
+    A rise goes at `rise_rate` per second or, with `rise_time`, at target / `rise_time` per second when that
+    is faster: whatever the size of the bank, a rise (even from 0) reaches its target within `rise_time`
+    seconds and the next update; a small one sooner, at `rise_rate`.
 
     A ramp starts when a rise is first seen (however long the limit was quiet before) and, once started,
     goes all the way to its target: the hysteresis only decides whether a rise starts. The caller keeps
@@ -217,8 +221,9 @@ class LimitSmoother:
     target in that moment would be carried by the ramp past the hysteresis)."""
 
     def __init__(self, rise_rate: float, hysteresis: float, resolution: float = 0.0,
-                 from_zero: bool = False) -> None:
+                 from_zero: bool = False, rise_time: float | None = None) -> None:
         self.rise_rate = rise_rate
+        self.rise_time = rise_time
         self.hysteresis = hysteresis
         self.resolution = resolution
         # from_zero: the first value after start or after None (invalid) ramps up from 0 instead of jumping
@@ -242,7 +247,8 @@ class LimitSmoother:
             self.value = target
             self.ramping = False
         elif self.ramping:
-            self.value = min(target, self.value + self.rise_rate * max(0.0, now - last))
+            rate = self.rise_rate if self.rise_time is None else max(self.rise_rate, target / self.rise_time)
+            self.value = min(target, self.value + rate * max(0.0, now - last))
             if target - self.value <= self.resolution:
                 self.value = target
             self.ramping = self.value < target

@@ -189,6 +189,62 @@ def test_a_ramp_that_reads_as_its_target_has_ended() -> None:
     assert smoother.update(150.6, 21.5) == 150.0  # below the hysteresis: held
 
 
+def test_a_large_bank_ramps_up_within_the_rise_time_and_a_small_one_at_the_rise_rate() -> None:
+    """At 2 A/s alone, 2824 A took 23.5 minutes from 0; with a rise time of 30 s it takes 30 s, and a 20 A bank
+    still rises at 2 A/s (10 s), not at 20 A / 30 s."""
+    big = LimitSmoother(rise_rate=2.0, hysteresis=1.0, resolution=0.05, from_zero=True, rise_time=30.0)
+    assert big.update(2824.0, 0.0) == 0.0 and big.ramping
+    values = [big.update(2824.0, float(t)) for t in range(1, 31)]
+    assert values[0] == pytest.approx(2824.0 / 30)
+    assert values[-1] == 2824.0 and not big.ramping
+    small = LimitSmoother(rise_rate=2.0, hysteresis=1.0, resolution=0.05, from_zero=True, rise_time=30.0)
+    small.update(20.0, 0.0)
+    assert [small.update(20.0, float(t)) for t in (1, 5, 10)] == [2.0, 10.0, 20.0]
+    assert not small.ramping
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.05, 5.0), st.one_of(st.none(), st.floats(0.0, 5000.0))), min_size=1,
+                max_size=40),
+       st.floats(0.1, 50.0), st.floats(0.0, 20.0), st.floats(1.0, 120.0), st.booleans())
+def test_a_smoothed_limit_never_exceeds_its_target_drops_at_once_and_rises_monotonically(
+        steps, rise_rate, hysteresis, rise_time, from_zero) -> None:
+    """Whatever the targets: never above the target, a drop (or None) at once, a rise never faster than the
+    larger of the rise rate and target / rise time, never a fall while the target does not fall."""
+    smoother = LimitSmoother(rise_rate, hysteresis, 0.05, from_zero=from_zero, rise_time=rise_time)
+    now, last, last_target = 0.0, None, None
+    for dt, target in steps:
+        now += dt
+        value = smoother.update(target, now)
+        if target is None:
+            assert value is None
+        elif value is not None:
+            assert value <= target + 1e-9
+            if last is not None:
+                if target <= last:
+                    assert value == target  # a drop goes out at once
+                else:
+                    assert last <= value <= last + max(rise_rate, target / rise_time) * dt + 1e-6
+            if last_target is not None and target >= last_target and last is not None:
+                assert value >= last - 1e-9
+        last, last_target = value, target
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.0, 10000.0), st.floats(0.0, 10000.0), st.floats(0.1, 50.0), st.floats(1.0, 120.0),
+       st.floats(0.2, 2.0))
+def test_a_ramp_reaches_a_steady_target_within_the_rise_time(start, target, rise_rate, rise_time, tick) -> None:
+    smoother = LimitSmoother(rise_rate, 1.0, 0.05, rise_time=rise_time)
+    smoother.update(start, 0.0)
+    expected = start if start < target < start + 1.0 else target  # a rise below the hysteresis is not made
+    now = 0.0
+    while now < rise_time + 2 * tick + 1e-9:
+        now += tick
+        if smoother.update(target, now) == expected:
+            break
+    assert smoother.value == expected, (smoother.value, now)
+
+
 # ---- the learner and the guard -------------------------------------------------------------------------
 
 def test_share_learner_follows_a_change_and_reports_its_error() -> None:
@@ -234,9 +290,10 @@ def test_control_publishes_smoothed_limits_and_member_rows() -> None:
                MemberInput("b", "B", {"/Info/MaxChargeCurrent": 50.0, "/Info/MaxDischargeCurrent": 80.0,
                                       "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0}, True)]
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 0.0)
-    # After start the CCL ramps up from 0 (the default 2 A/s); the DCL starts at its target.
+    # After start the CCL ramps up from 0 (80 A in the default 30 s: faster than the 2 A/s floor); the DCL
+    # starts at its target.
     assert out.ccl == 0.0 and control.ramping and "DVCC user limit" in out.charge_limitation
-    assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == 20.0
+    assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == pytest.approx(26.7)
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 100.0)
     assert out.ccl == 80.0 and not control.ramping
     assert out.dcl == pytest.approx(160.0)  # count: 80 / 0.5

@@ -297,6 +297,28 @@ async def test_a_ramp_reaches_its_target(processes: Processes, tmp_path: Path) -
         bank.close()
 
 
+async def test_a_large_bank_ramps_up_from_0_within_the_ramp_time(processes: Processes, tmp_path: Path) -> None:
+    """After a start the CCL ramps up from 0; at 2 A/s alone, a bank whose limit is 2824 A (64 packs' worth) took
+    23.5 minutes to get there. By default it takes at most 30 s (rampUpTime), whatever the bank, and still
+    rises step by step."""
+    bank = Bank()
+    for k in range(8):
+        await bank.add(f"p{k}", Info__MaxChargeCurrent=353.0, Io__AllowToCharge=1)
+    agg, _ = run(processes, tmp_path, bank)  # the default limits
+    await bank.value_is(agg, "/System/NrOfBatteries", 8)
+    seen = await sample(bank, agg, CCL, 2824.0, timeout=45, interval=0.5)
+    values = [v for _, v in seen]
+    try:
+        assert values[-1] == 2824.0, seen
+        assert values == sorted(values), seen
+        assert values[0] < 0.2 * 2824.0 and len(set(values)) >= 10, seen  # a ramp, not a jump
+        assert seen[-1][0] - seen[0][0] <= 30.0 + 3.0, seen
+        for (t0, v0), (t1, v1) in zip(seen, seen[1:]):
+            assert v1 - v0 <= 2824.0 / 30.0 * (t1 - t0 + 1.0) + 1.0, seen  # the service steps once a second
+    finally:
+        bank.close()
+
+
 # ---- 5. DVCC -----------------------------------------------------------------------------------------------------
 
 async def test_dvcc_user_limits_are_followed_live(processes: Processes, tmp_path: Path) -> None:
