@@ -360,8 +360,13 @@ class ChargeControl:
                 ALARM if any(e.carried and e.state != OUT for e in episodes) else 0
             if any(e.state == HELD for e in episodes):
                 flags[_FLAG_PATH[direction]] = 0
+        ccl_published = _round(self.ccl_smoother.update(self.ccl_target, now), 1)
+        if self.ccl_smoother.ramping and self.ccl_target is not None:
+            # Say what a reader sees: a CCL below the limit named after it is on its way up, not held there.
+            ccl_reason = (f"rising to {self.ccl_target:.1f} A at {self.ccl_smoother.rate(self.ccl_target):.1f} A/s "
+                          f"(a limit rises gradually so the chargers follow smoothly); limit: {ccl_reason}")
         out = LimitOutputs(
-            ccl=_round(self.ccl_smoother.update(self.ccl_target, now), 1),
+            ccl=ccl_published,
             dcl=_round(self.dcl_smoother.update(self.dcl_target, now), 1),
             cvl=_round(self.cvl_smoother.update(self.cvl_target, now), 3),
             charge_limitation=ccl_reason,

@@ -305,6 +305,10 @@ class LimitSmoother:
         """Carry on from another smoother (a config reload makes a new one): no jump to the new target."""
         self.value, self.ramping, self._at = other.value, other.ramping, other._at
 
+    def rate(self, target: float) -> float:
+        """How fast a ramp to `target` rises (per second)."""
+        return self.rise_rate if self.rise_time is None else max(self.rise_rate, target / self.rise_time)
+
     def update(self, target: float | None, now: float) -> float | None:
         last, self._at = self._at, now
         if self.from_zero and self.value is None and target is not None and target > 0:
@@ -315,8 +319,7 @@ class LimitSmoother:
             self.value = target
             self.ramping = False
         elif self.ramping:
-            rate = self.rise_rate if self.rise_time is None else max(self.rise_rate, target / self.rise_time)
-            self.value = min(target, self.value + rate * max(0.0, now - last))
+            self.value = min(target, self.value + self.rate(target) * max(0.0, now - last))
             if target - self.value <= self.resolution:
                 self.value = target
             self.ramping = self.value < target

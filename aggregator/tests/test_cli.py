@@ -188,7 +188,7 @@ async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path
     out = await eventually(ready, timeout=30, interval=0.5)
     for pack in ("battery.sim_a", "battery.sim_b", "battery.sim_c"):
         assert pack in out
-    assert "online" in out and "CCL" in out and "limited by:" in out
+    assert "online" in out and "CCL" in out and "charge limit:" in out
     assert "Aggregate of 3 batteries" in out
     dump_file = tmp_path / "dump.json"
     result = await loop.run_in_executor(None, lambda: _cli("dump", str(dump_file), timeout=30))

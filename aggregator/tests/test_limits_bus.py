@@ -421,7 +421,8 @@ async def test_over_current_guard_raises_the_share_and_logs_once(processes: Proc
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1, Dc__0__Current=60.0)
     b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=40.0)
-    agg, proc = run(processes, tmp_path, bank, limits=FAST)
+    # Capacity shares (0.5 each): the guard's correction, not the learner, is what is seen here.
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", limits=FAST)
     row = await rows(bank, agg, 2)
 
     async def guarded() -> bool:
@@ -430,7 +431,7 @@ async def test_over_current_guard_raises_the_share_and_logs_once(processes: Proc
 
     await eventually(guarded, timeout=10)
     # a was seen carrying 60% of the bank current: its share is 0.6 now (50 A / 0.6 = 83.3 A for a rise), and the
-    # 10 A it carries above its limit are taken back at its share as learned (capacity: 0.5), not as raised:
+    # 10 A it carries above its limit are taken back at its share as known (capacity: 0.5), not as raised:
     # 100 A - 10 A / 0.5. Had it taken them back at 0.6 (83.3 A), a would carry 51.7 A with a 0.5 share.
     assert await bank.read(agg, CCL) == pytest.approx(80.0, abs=0.05)
     assert await bank.read(agg, f"/Batteries/{row['a']}/Share") >= 0.6 - 1e-4
@@ -720,4 +721,21 @@ async def test_a_sign_inverted_member_current_does_not_blind_the_guard(processes
         assert "looks sign-inverted" in processes.output(proc)
     finally:
         readings.cancel()
+    bank.close()
+
+
+async def test_quiet_members_teach_the_split_and_a_rising_limit_says_so(processes: Processes, tmp_path: Path) -> None:
+    """Shares are learned from complete samples: every member's current read anew since the last one. Victron
+    services signal only changes, so a member whose current stays put sends nothing: it never counted, and a bank
+    at a steady current never learned its split (the shares stayed at the capacity fallback). A current unchanged
+    for a few seconds is its current. And while the CCL rises, /Info/ChargeLimitation says so in words."""
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=30.0)
+    await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=10.0)
+    agg, _ = run(processes, tmp_path, bank, currentRatioMethod="share", limits={"rampUpRate": 2, "rampUpTime": 600})
+    row = await rows(bank, agg, 2)
+    await bank.value_is(agg, f"/Batteries/{row['a']}/Share", 0.75)  # 30 of 40 A, not the 0.5 of capacity
+    await bank.value_is(agg, f"/Batteries/{row['b']}/Share", 0.25)
+    limitation = await bank.read(agg, CCL.replace("MaxChargeCurrent", "ChargeLimitation"))
+    assert limitation.startswith("rising to ") and " A at 2.0 A/s" in limitation, limitation
     bank.close()
