@@ -213,6 +213,37 @@ def test_committed_schema_is_generated_from_the_model_and_valid() -> None:
         assert "description" in spec, f"{key} has no description"
 
 
+def test_every_key_of_every_section_has_a_meaning() -> None:
+    from aggregator.schema import config_schema
+
+    schema = config_schema()
+    missing = [f"{name}.{key}" for name, section in [("", schema), *schema["$defs"].items()]
+               for key, spec in section.get("properties", {}).items() if not spec.get("description")]
+    assert not missing, f"keys without a description in the model: {missing}"
+
+
+def test_committed_configuration_reference_is_generated_from_the_model() -> None:
+    from aggregator.schema import DOCS_FILE, config_reference
+
+    assert DOCS_FILE.read_text() == config_reference(), "run `battery-aggregator schema --write`"
+
+
+def test_the_configuration_reference_gives_every_key_its_type_default_and_meaning() -> None:
+    from aggregator.schema import config_reference
+
+    text = config_reference()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
+    assert rows["reconnectTimeout"] == ("| `reconnectTimeout` | number, >= 0, <= 86400 | `60.0` | seconds a vanished "
+                                        "member is kept |")
+    assert "| `limits` | object: [`limits`](#limits) | see [`limits`](#limits) |" in rows["limits"]
+    assert "| `meter` | text or integer | required |" in rows["meter"]
+    assert "object: [`adapter`](#adapter) or `null` | `null` | state of charge (%) |" in rows["soc"]
+    assert "`[]`" in rows["primaryServices"] and "`{}`" in rows["virtualBatteries"]
+    assert "&lt;topicPrefix&gt;/&lt;siteId&gt;/state" in rows["topicPrefix"]  # not an HTML tag on GitHub
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert "`dispatcher.batteries[]`" in headings and "`adapter`" in headings and "`coop.peers.<key>`" in headings
+
+
 def test_path_typos_are_errors_with_a_suggestion_and_unknown_paths_warnings(tmp_path) -> None:
     from aggregator.config import check_config_file
 
