@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="publish a simulated battery bank on D-Bus",
                          description="Publish the packs of a scenario as com.victronenergy.battery.<name> services, "
                                      "driven by physics (parallel LiFePO4 packs). SCENARIO is a name of a bundled "
-                                     "scenario (default, solar_day, faults) or a path to a JSON file. Faults can be "
-                                     "injected at run time with `battery-aggregator fault`.")
+                                     "scenario (default, solar_day, faults, quiet) or a path to a JSON file. Faults "
+                                     "can be injected at run time with `battery-aggregator fault`.")
     sim.add_argument("scenario", nargs="?", default="default", metavar="SCENARIO")
     sim.add_argument("--packs", type=int, help="publish this many packs (the scenario's packs repeated)")
     sim.add_argument("--rate", type=float, help="publish rate in Hz (overrides the scenario)")
