@@ -41,7 +41,9 @@ class IrOptions(BaseModel):
 class LimitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rampUpRate: float = Field(2.0, gt=0, le=1000, description="A/s a current limit may rise by (drops are "
-                              "immediate), so DVCC does not hunt")
+                              "immediate), so DVCC does not hunt; faster when rampUpTime asks for it")
+    rampUpTime: float = Field(30.0, gt=0, le=3600, description="seconds a current limit takes at most to rise "
+                              "from 0 to its target: a large bank rises faster than rampUpRate")
     hysteresis: float = Field(1.0, ge=0, le=100, description="A: a current limit rises only by at least this")
     voltageRampUpRate: float = Field(0.05, gt=0, le=10, description="V/s the charge voltage limit may rise by")
     voltageHysteresis: float = Field(0.02, ge=0, le=5, description="V: the charge voltage limit rises only by "
