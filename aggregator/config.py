@@ -76,8 +76,8 @@ class MemberEnergyOptions(BaseModel):
 class EnergyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     members: dict[str, MemberEnergyOptions] = Field(default_factory=dict, description="per battery, keyed by a "
-                                                    "service reference, its /Serial or a reported id: its id and "
-                                                    "counter kind")
+                                                    "service reference, its /Serial or a reported id: its id, its "
+                                                    "counter kind and the bounds of its reports")
     httpPort: int | None = Field(None, ge=1, le=65535, description="port of the HTTP endpoint for external "
                                  "reports (POST /report); null = off")
     httpBind: str = Field("127.0.0.1", min_length=1, description="address the HTTP endpoint listens on")

@@ -24,6 +24,14 @@ def test_help_explains_each_command() -> None:
     assert "SCENARIO" in _cli("simulate", "--help").stdout
 
 
+def test_simulate_help_names_every_bundled_scenario() -> None:
+    from aggregator.simulator.scenario import available_scenarios
+
+    text = " ".join(_cli("simulate", "--help").stdout.split())
+    missing = [name for name in available_scenarios() if name not in text]
+    assert not missing, missing
+
+
 def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"currentRatioMethod": "magic", "reconnectTimeout": 30}))
