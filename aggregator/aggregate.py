@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 from . import __version__
 from .battery_paths import resolution, text_format
+from .bounded import MAX_TEXT
 from .bus.lib import connect, soon
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
-from .bus.values import MAX_TEXT
 from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
 from .bus.watch import PathWatcher
 from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack

@@ -4,9 +4,11 @@ A fixed-point format is also the path's resolution: our battery services publish
 decimals it shows, so a change nobody can see is not signalled again and again."""
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
-from .bus.values import TextFormat, format_digits
+if TYPE_CHECKING:
+    from .bus.values import TextFormat
 
 
 def time_to_go_text(seconds: Any) -> str:
@@ -58,3 +60,16 @@ def resolution(path: str) -> int | None:
     """The decimals a float of this path is published with: those its text format shows; None (as given)
     for a path without a fixed-point format."""
     return format_digits(TEXT_FORMATS.get(path))
+
+
+_FIXED_POINT = re.compile(r"^[^{]*\{:[^{}]*\.(\d+)f\}[^{]*$")
+
+
+def format_digits(text: TextFormat | str | None) -> int | None:
+    """The decimals a fixed-point text format shows ('{:.2f}V' -> 2), from the string or its bound .format;
+    None for anything else."""
+    template = text if isinstance(text, str) else getattr(text, "__self__", None)
+    if not isinstance(template, str):
+        return None
+    match = _FIXED_POINT.match(template)
+    return int(match.group(1)) if match else None

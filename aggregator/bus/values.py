@@ -7,20 +7,12 @@ is an empty `au`, lists of anything else are `av` and dicts `a{sv}`.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable
 
+from ..bounded import MAX_ITEMS, MAX_SIZE, MAX_TEXT, bounded, oversize  # noqa: F401 (part of this API)
 from .lib import Variant
 
 TextFormat = Callable[[Any], str]
-
-# The largest value we publish or take from another process (a write, a member's value): a 20 MB /CustomName
-# was republished in every GetItems and signal until the bus dropped our connection. A text counts its
-# characters; a list or dict its items, and the whole value its characters and items together.
-MAX_TEXT = 1024
-MAX_ITEMS = 256
-MAX_SIZE = 16384
-_CUT = "\u2026"  # what ends a text that was cut
 
 INVALID = Variant("ai", [])
 INVALID_TEXT = "---"
@@ -138,78 +130,6 @@ def product_id_text(value: Any) -> str:
     return f"0x{value:X}" if isinstance(value, int) else str(value)
 
 
-# ---- size limits -----------------------------------------------------------------------------------------
-
-def oversize(value: Any) -> str | None:
-    """Why a value is too large to publish, or None: a text over MAX_TEXT characters, a list or dict over
-    MAX_ITEMS items, or more than MAX_SIZE characters and items in all (at any depth)."""
-    kind = type(value)
-    if kind is str:
-        return f"{len(value)} characters is more than the {MAX_TEXT} allowed" if len(value) > MAX_TEXT else None
-    if kind is not list and kind is not tuple and kind is not dict:
-        return None
-    return _oversize_container(value, [MAX_SIZE])
-
-
-def _oversize_container(value: Any, budget: list[int]) -> str | None:
-    if len(value) > MAX_ITEMS:
-        return f"{len(value)} items is more than the {MAX_ITEMS} allowed"
-    members = [*value.keys(), *value.values()] if type(value) is dict else value
-    for member in members:
-        kind = type(member)
-        budget[0] -= 1
-        if kind is str:
-            if len(member) > MAX_TEXT:
-                return f"a text of {len(member)} characters is more than the {MAX_TEXT} allowed"
-            budget[0] -= len(member)
-        elif kind is list or kind is tuple or kind is dict:
-            reason = _oversize_container(member, budget)
-            if reason is not None:
-                return reason
-        if budget[0] < 0:
-            return f"more than {MAX_SIZE} characters and items in all"
-    return None
-
-
-def bounded(value: Any) -> Any:
-    """The value cut to the size limits (see oversize): texts end in an ellipsis, lists and dicts keep their
-    first items. Values within the limits come back as they are (the same object)."""
-    if oversize(value) is None:
-        return value
-    return _cut(value, [MAX_SIZE])
-
-
-def _cut(value: Any, budget: list[int]) -> Any:
-    """`value` within what is left of the budget (its container has counted it as an item already)."""
-    kind = type(value)
-    if kind is str:
-        room = min(MAX_TEXT, budget[0])
-        if len(value) > room:
-            value = value[:max(0, room - 1)] + _CUT
-        budget[0] -= len(value)
-        return value
-    if kind is list or kind is tuple:
-        out = []
-        for member in value[:MAX_ITEMS]:
-            if budget[0] < 2:  # room for the item and something of it
-                break
-            budget[0] -= 1
-            out.append(_cut(member, budget))
-        return out
-    if kind is dict:
-        cut_dict = {}
-        for key, member in list(value.items())[:MAX_ITEMS]:
-            if budget[0] < 4:
-                break
-            budget[0] -= 2
-            key = _cut(key, budget)
-            if key in cut_dict or budget[0] < 1:
-                break
-            cut_dict[key] = _cut(member, budget)
-        return cut_dict
-    return value
-
-
 # ---- what a writer sends, as the item's type ---------------------------------------------------------------
 
 _NO = object()
@@ -256,18 +176,3 @@ def _number(text: str) -> Any:
     except ValueError:
         return _NO
     return number if math.isfinite(number) else _NO
-
-
-# ---- resolution ----------------------------------------------------------------------------------------------
-
-_FIXED_POINT = re.compile(r"^[^{]*\{:[^{}]*\.(\d+)f\}[^{]*$")
-
-
-def format_digits(text: TextFormat | str | None) -> int | None:
-    """The decimals a fixed-point text format shows ('{:.2f}V' -> 2), from the string or its bound .format;
-    None for anything else."""
-    template = text if isinstance(text, str) else getattr(text, "__self__", None)
-    if not isinstance(template, str):
-        return None
-    match = _FIXED_POINT.match(template)
-    return int(match.group(1)) if match else None

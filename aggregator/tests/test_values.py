@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.lib import Message, Variant
+from aggregator.battery_paths import format_digits
 from aggregator.bus.values import (INVALID, INVALID_TEXT, MAX_ITEMS, MAX_TEXT, NOT_CONVERTIBLE, bounded,
-                                   converted, fmt, format_digits, oversize, product_id_text, same_value, text_of,
-                                   unwrap, wrap)
+                                   converted, fmt, oversize, product_id_text, same_value, text_of, unwrap, wrap)
 
 # dbus-next's own unmarshaller: what a peer would read from the wire.
 from dbus_next._private.unmarshaller import Unmarshaller  # noqa: E402
