@@ -179,9 +179,9 @@ class Issue:
 
 def known_paths() -> frozenset[str]:
     """Battery paths of Victron's contract and of our aggregate: what a path in a config should be."""
-    from .battery_paths import TEXT_FORMATS
-    from .merge import RULES
-    from .sanitize import NUMERIC_BOUNDS, TEXT_PATHS
+    from .battery.paths import TEXT_FORMATS
+    from .battery.merge import RULES
+    from .battery.sanitize import NUMERIC_BOUNDS, TEXT_PATHS
 
     extra = {"/Dc/1/Voltage", "/Dc/0/MidVoltage", "/Dc/0/MidVoltageDeviation", "/Info/ChargeRequest",
              "/Info/ChargeLimitation", "/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent",
@@ -224,7 +224,7 @@ def path_issue(path: Any, loc: tuple[Any, ...], known: frozenset[str]) -> Issue 
 def semantic_issues(config: Config) -> list[Issue]:
     """Mistakes the types alone cannot catch: a service in two roles, malformed references, bad hooks, paths
     that are typos of battery paths."""
-    from .hooks import HookConfigError, build_hook
+    from .battery.hooks import HookConfigError, build_hook
 
     issues: list[Issue] = []
     claimed: dict[str, str] = {}

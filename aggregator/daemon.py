@@ -17,7 +17,7 @@ import os
 import signal
 from pathlib import Path
 
-from .aggregate import Aggregator
+from .battery.service import Aggregator
 from .bus.settings import LocalSettings
 from .bus.lib import LIBRARY, connect
 from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__
-from .battery_paths import text_format
+from .battery.paths import text_format
 from .bus.lib import MessageBus, connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
@@ -256,7 +256,7 @@ class GridBatteryService:
     # ---- life cycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from .aggregate import bind_custom_name, preferred_instance, unique_id  # the aggregate imports this module
+        from .battery.service import bind_custom_name, preferred_instance, unique_id  # the aggregate imports us
 
         self._load()
         name = self.settings.serviceName

@@ -1,11 +1,11 @@
 """What a config would do on the bus now: every battery service and the role it would get (check --live)."""
 from __future__ import annotations
 
-from .aggregate import BATTERY_PREFIX, role_config
+from .battery.service import BATTERY_PREFIX, role_config
 from .bus.lib import connect
 from .bus.monitor import ServiceMonitor
 from .config import Config
-from .membership import ServiceInfo, assign_roles
+from .battery.membership import ServiceInfo, assign_roles
 
 
 async def print_live_roles(config: Config) -> int:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aggregator.charge_control import ChargeControl, MemberInput  # noqa: E402
 from aggregator.config import parse_config  # noqa: E402
 from aggregator.limits import DvccLimits  # noqa: E402
-from aggregator.sanitize import check_values  # noqa: E402
+from aggregator.battery.sanitize import check_values  # noqa: E402
 from aggregator.simulator.physics import Bank, Pack, PackParams  # noqa: E402
 
 PACKS = [

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 def shared_data() -> dict:
     """What the page's checks share with the Python checker: known battery paths, hook classes and options."""
     from aggregator.config import DEFAULT_SERVICE_NAME, REFERENCE_FORMS, known_paths
-    from aggregator.hooks import HOOK_CLASSES
+    from aggregator.battery.hooks import HOOK_CLASSES
 
     hooks = {}
     for name, cls in HOOK_CLASSES.items():

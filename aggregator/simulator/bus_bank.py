@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..battery_paths import text_format
+from ..battery.paths import text_format
 from ..bus.lib import LIBRARY, MessageBus, connect
 from ..bus.service import VeService
 from ..bus.settings import LocalSettings

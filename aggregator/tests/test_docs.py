@@ -90,7 +90,7 @@ def test_user_pages_hold_no_development_evidence(page: Path) -> None:
 
 def test_the_feature_pages_cover_every_aggregate_path_and_config_key() -> None:
     from aggregator.config import Config
-    from aggregator.merge import RULES
+    from aggregator.battery.merge import RULES
 
     paths_page = (REPO / "docs" / "aggregated-battery.md").read_text(encoding="utf-8")
     missing_paths = [p for p in RULES if f"`{p}`" not in paths_page and f"{p}`" not in paths_page]

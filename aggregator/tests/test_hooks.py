@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.hooks import (CustomChargingHook, CustomNameHook, FixedValueHook, HookConfigError,
-                              TemperatureChargingHook, build_hook, hook_class, look_up, parse_table)
+from aggregator.battery.hooks import (CustomChargingHook, CustomNameHook, FixedValueHook, HookConfigError,
+                                      TemperatureChargingHook, build_hook, hook_class, look_up, parse_table)
 
 CCLS = {"46": 128, "51": 64, "52": 32, "52.5": 0}
 DCLS = {"44": 0, "46": 100, "48": 200}

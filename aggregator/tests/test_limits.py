@@ -14,7 +14,7 @@ from aggregator.config import parse_config
 from aggregator.limits import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, NOISE_CURRENT, DvccLimits, LimitSmoother,
                                MemberLimits, ShareLearner, apply_ccl_mode, apply_cvl_mode, bank_current_limit,
                                charge_voltage_limit, connection_evidence, over_current)
-from aggregator.sanitize import check_values
+from aggregator.battery.sanitize import check_values
 from aggregator.simulator.physics import Bank, Pack, PackParams
 
 

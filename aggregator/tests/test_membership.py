@@ -1,8 +1,8 @@
 """Pure tests of role assignment and reference resolution (aggregator/membership.py)."""
 from __future__ import annotations
 
-from aggregator.membership import (AUXILIARY, EXCLUDED, LOOP, MEMBER, OWN, PRIMARY, VIRTUAL_MEMBER, RoleConfig,
-                                   ServiceInfo, assign_roles, resolve)
+from aggregator.battery.membership import (AUXILIARY, EXCLUDED, LOOP, MEMBER, OWN, PRIMARY, VIRTUAL_MEMBER, RoleConfig,
+                                           ServiceInfo, assign_roles, resolve)
 
 B = "com.victronenergy.battery."
 OURS = B + "aggregator"

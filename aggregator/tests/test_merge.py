@@ -8,9 +8,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from aggregator.merge import (IDENTITY_PATHS, LIMIT_PATHS, MODULES_OFFLINE, MODULES_ONLINE, RULES, Merge, MergeOptions,
-                              first_valid)
-from aggregator.sanitize import check_value, check_values
+from aggregator.battery.merge import (IDENTITY_PATHS, LIMIT_PATHS, MODULES_OFFLINE, MODULES_ONLINE, RULES, Merge,
+                                      MergeOptions, first_valid)
+from aggregator.battery.sanitize import check_value, check_values
 
 
 def merged(*members: dict[str, Any], capacity: float | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.lib import Message, Variant
-from aggregator.battery_paths import format_digits
+from aggregator.battery.paths import format_digits
 from aggregator.bus.values import (INVALID, INVALID_TEXT, MAX_ITEMS, MAX_TEXT, NOT_CONVERTIBLE, bounded,
                                    converted, fmt, oversize, product_id_text, same_value, text_of, unwrap, wrap)
 

@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .bus.values import TextFormat
+    from ..bus.values import TextFormat
 
 
 def time_to_go_text(seconds: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .bounded import oversize
+from ..bounded import oversize
 
 # Plausible ranges of numeric battery paths. Beyond them a value is a fault, not a measurement.
 NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {

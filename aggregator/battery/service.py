@@ -16,21 +16,21 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__
-from .battery_paths import resolution, text_format
-from .bounded import MAX_TEXT
-from .bus.lib import connect, soon
-from .bus.monitor import ServiceMonitor, WatchedService
-from .bus.service import VeService
-from .bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
-from .bus.watch import PathWatcher
-from .charge_control import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
-from .components import Components, same_components
-from .config import Config
-from .energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
-from .grid_battery_service import GRID_BATTERY_PRODUCT_ID
-from .local_time import TIME_ZONE_PATH
-from .limits import DvccLimits
+from .. import __version__
+from .paths import resolution, text_format
+from ..bounded import MAX_TEXT
+from ..bus.lib import connect, soon
+from ..bus.monitor import ServiceMonitor, WatchedService
+from ..bus.service import VeService
+from ..bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
+from ..bus.watch import PathWatcher
+from ..charge_control import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
+from ..components import Components, same_components
+from ..config import Config
+from ..energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
+from ..grid_battery_service import GRID_BATTERY_PRODUCT_ID
+from ..local_time import TIME_ZONE_PATH
+from ..limits import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
                          assign_roles, resolve)
@@ -868,7 +868,7 @@ class Aggregator:
         self._schedule_flush()
 
     def _load_state(self) -> None:
-        from .state import StateStore
+        from ..state import StateStore
 
         path = os.path.join(self.config.stateDir, unique_id(self.name) + ".json")
         self._store = StateStore(path)
