@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.charge_control import ChargeControl, MemberInput  # noqa: E402
+from aggregator.limits.controller import ChargeControl, MemberInput  # noqa: E402
 from aggregator.config import parse_config  # noqa: E402
-from aggregator.limits import DvccLimits  # noqa: E402
+from aggregator.limits.formulas import DvccLimits  # noqa: E402
 from aggregator.battery.sanitize import check_values  # noqa: E402
 from aggregator.simulator.physics import Bank, Pack, PackParams  # noqa: E402
 

@@ -24,13 +24,13 @@ from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
 from ..bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
 from ..bus.watch import PathWatcher
-from ..charge_control import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
+from ..limits.controller import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
 from ..components import Components, same_components
 from ..config import Config
 from ..energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
 from ..grid_battery_service import GRID_BATTERY_PRODUCT_ID
 from ..local_time import TIME_ZONE_PATH
-from ..limits import DvccLimits
+from ..limits.formulas import DvccLimits
 from .hooks import Hook, build_hook
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
                          assign_roles, resolve)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import aggregator.ir as ir
-from aggregator.ir import EstimatorUnavailable, IrEstimate, IrEstimator, numpy_available
+import aggregator.limits.ir as ir
+from aggregator.limits.ir import EstimatorUnavailable, IrEstimate, IrEstimator, numpy_available
 from aggregator.simulator.physics import Bank, Pack, PackParams
 
 OCV = 53.2

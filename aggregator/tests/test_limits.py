@@ -9,11 +9,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from aggregator.charge_control import ChargeControl, MemberInput, one_pack
+from aggregator.limits.controller import ChargeControl, MemberInput, one_pack
 from aggregator.config import parse_config
-from aggregator.limits import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, NOISE_CURRENT, DvccLimits, LimitSmoother,
-                               MemberLimits, ShareLearner, apply_ccl_mode, apply_cvl_mode, bank_current_limit,
-                               charge_voltage_limit, connection_evidence, over_current)
+from aggregator.limits.formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, NOISE_CURRENT, DvccLimits,
+                                        LimitSmoother, MemberLimits, apply_ccl_mode, apply_cvl_mode,
+                                        bank_current_limit, charge_voltage_limit, connection_evidence, over_current)
+from aggregator.limits.shares import ShareLearner
 from aggregator.battery.sanitize import check_values
 from aggregator.simulator.physics import Bank, Pack, PackParams
 

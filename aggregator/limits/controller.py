@@ -10,12 +10,15 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .config import Config
-from .limits import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, DvccLimits, LimitSmoother, MemberLimits,
-                     ShareLearner, apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit,
-                     connection_evidence, forbids, over_current, test_current_limit, share_weights)
+from .formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, DvccLimits, LimitSmoother, MemberLimits,
+                       apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit, connection_evidence,
+                       forbids, over_current, share_weights, test_current_limit)
+from .shares import ShareLearner
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 _LOG = logging.getLogger("aggregator.limits")
 
