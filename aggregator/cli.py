@@ -175,8 +175,9 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .bus import client
     from .bus.lib import Variant, connect
-    from .energy import ReportError, parse_report
-    from .energy_service import ENERGY_INTERFACE
+    from .features.energy.core import ReportError
+    from .features.energy.report import parse_report
+    from .features.energy.runtime import ENERGY_INTERFACE
 
     if args.remove is not None:
         if args.id is not None or any(v is not None for v in (args.charged, args.discharged, args.soc,
@@ -237,8 +238,8 @@ def _state_dir(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_energy(args: argparse.Namespace) -> int:
-    from .energy import energy_csv
-    from .energy_service import energy_table, load_ledgers
+    from .features.energy.core import energy_csv
+    from .features.energy.runtime import energy_table, load_ledgers
 
     state_dir = _state_dir(args)
     if state_dir is None:

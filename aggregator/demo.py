@@ -33,7 +33,7 @@ from typing import Any
 from .bus import client
 from .bus.lib import Variant, connect
 from .bus.monitor import ServiceMonitor
-from .energy_service import ENERGY_INTERFACE
+from .features.energy.runtime import ENERGY_INTERFACE
 from .liveview import coop_lines, dispatcher_lines, external_lines, render
 from .mqttbroker import MosquittoBroker
 from .privatebus import PrivateBus

@@ -33,7 +33,7 @@ from .bus.lib import MessageBus, connect
 from .bus.monitor import ServiceMonitor, WatchedService
 from .bus.service import VeService
 from .bus.settings import LocalSettings
-from .energy import local_date
+from .local_time import local_date
 from .grid_battery import (PROFILE_HEADER, GridBattery, GridBatteryConfig, HistoryRow, ProfileSlot, history_rows_csv,
                            parse_month_day, profile_csv_line)
 from .local_time import TimeZoneFollower, zone_named

@@ -8,7 +8,7 @@ caller already runs; `TimeZoneFollower` runs a watcher of its own for a connecti
 from __future__ import annotations
 
 import logging
-from datetime import tzinfo
+from datetime import date, datetime, time, tzinfo
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -74,3 +74,14 @@ class TimeZoneFollower:
 
     async def stop(self) -> None:
         await self._watcher.stop()
+
+
+# ---- local calendar --------------------------------------------------------------------------------------
+
+def local_date(ts: float, tz: tzinfo | None = None) -> date:
+    return datetime.fromtimestamp(ts, tz).date()
+
+
+def local_midnight(day: date, tz: tzinfo | None = None) -> float:
+    """Epoch seconds of the local midnight that starts `day`."""
+    return datetime.combine(day, time(), tzinfo=tz).timestamp()

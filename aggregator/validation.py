@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import re
@@ -448,3 +449,13 @@ def format_messages(source: str, lines: list[str]) -> str:
 def format_validation_error(err: ValidationError, source: str, union_tags: set[str] = frozenset(),  # type: ignore[assignment]
                             positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> str:
     return format_messages(source, validation_messages(err, union_tags, positions))
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.x.x.x or ::1 (the config generator page mirrors this in isLoopback)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -27,7 +27,7 @@ from ..bus.watch import PathWatcher
 from ..limits.controller import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
 from ..components import Components, same_components
 from ..config import Config
-from ..energy_service import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
+from ..features.energy.runtime import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
 from ..grid_battery_service import GRID_BATTERY_PRODUCT_ID
 from ..local_time import TIME_ZONE_PATH
 from ..limits.formulas import DvccLimits

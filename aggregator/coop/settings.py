@@ -8,27 +8,16 @@ camelCase keys like the rest of config.json; unknown keys are errors. Example (s
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from ..validation import format_validation_error
+from ..validation import format_validation_error, is_loopback
 from .core import MAX_CAPACITY_KWH, SITE_ID_PATTERN, PeerPolicy, SiteSettings
 
 SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]
 
 TOPIC_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"  # no wildcards, no empty levels
-
-
-def is_loopback(host: str) -> bool:
-    """localhost, 127.x.x.x or ::1 (the config generator page mirrors this in isLoopback)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BrokerSettings(BaseModel):

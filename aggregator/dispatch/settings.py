@@ -13,8 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from ..coop.settings import is_loopback  # one definition: the config generator page mirrors it
-from ..validation import format_validation_error
+from ..validation import format_validation_error, is_loopback
 
 DEFAULT_SERVICE_NAME = "org.batteryaggregator.dispatcher"
 

@@ -430,7 +430,7 @@ def test_the_page_formats_floats_as_python(page: Any, value: float) -> None:
                                   "::ffff:127.0.0.1", "1::1", ":::1", "0:0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST",
                                   "mqtt.example"])
 def test_the_page_knows_loopback_hosts_as_python(page: Any, host: str) -> None:
-    from aggregator.coop.settings import is_loopback
+    from aggregator.validation import is_loopback
 
     assert page.execute_script("return isLoopback(arguments[0])", host) is is_loopback(host)
 

@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.energy import (
-    DEFAULT_MAX_GAP, HISTORY_DAYS, Duplicate, EnergyLedger, ReportError, average_level, capacity_weighted_level,
-    energy_csv, find_duplicates, identity_of, parse_report, split_by_day, total_energy, trapezoid_split,
-)
+from aggregator.features.energy.core import (DEFAULT_MAX_GAP, HISTORY_DAYS, EnergyLedger, ReportError, average_level,
+                                             capacity_weighted_level, energy_csv, split_by_day, total_energy,
+                                             trapezoid_split)
+from aggregator.battery.identity import Duplicate, find_duplicates, identity_of
+from aggregator.features.energy.report import parse_report
 
 UTC = timezone.utc
 T0 = datetime(2024, 6, 1, 10, 0, tzinfo=UTC).timestamp()

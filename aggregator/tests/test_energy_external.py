@@ -13,9 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.config import ConfigError, EnergyOptions, parse_config
-from aggregator.energy import EnergyLedger, ReportConflict, ReportError, beyond_capacity, parse_report
-from aggregator.energy_service import CHARGED, DISCHARGED, EnergyTracker
+from aggregator.config import ConfigError, parse_config
+from aggregator.features.energy.settings import EnergyOptions
+from aggregator.features.energy.core import EnergyLedger, ReportConflict, ReportError, beyond_capacity
+from aggregator.features.energy.report import parse_report
+from aggregator.features.energy.runtime import CHARGED, DISCHARGED, EnergyTracker
 from aggregator.local_time import zone_named
 
 T0 = datetime(2024, 6, 1, 10, 0, tzinfo=timezone.utc).timestamp()

@@ -23,15 +23,16 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .bus.lib import Message
-from .bus.service import VeService
-from .bus.values import unwrap
-from .config import EnergyOptions, MemberEnergyOptions
-from .energy import (REANCHORED, CounterKind, Duplicate, EnergyLedger, ExternalReport, ReportConflict, ReportError,
-                     ReportSeries, average_level, beyond_capacity, capacity_weighted_level, find_duplicates,
-                     identity_of, parse_report, report_regression, same_totals, total_energy)
-from .local_time import TimeZoneSetting
-from .state import StateStore
+from ...bus.lib import Message
+from ...bus.service import VeService
+from ...bus.values import unwrap
+from .settings import EnergyOptions, MemberEnergyOptions
+from .core import (REANCHORED, CounterKind, EnergyLedger, ReportConflict, ReportError, ReportSeries, average_level,
+                   beyond_capacity, capacity_weighted_level, report_regression, same_totals, total_energy)
+from ...battery.identity import Duplicate, find_duplicates, identity_of
+from .report import ExternalReport, parse_report
+from ...local_time import TimeZoneSetting
+from ...state import StateStore
 
 _LOG = logging.getLogger("aggregator.energy")
 

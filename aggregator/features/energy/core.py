@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, tzinfo
-from typing import Any, Iterable, Literal, Mapping
+from datetime import date, timedelta, tzinfo
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from ...local_time import local_date, local_midnight
 
-from .validation import validation_messages
+if TYPE_CHECKING:
+    from .report import ExternalReport
 
 __all__ = [
-    "CounterKind", "Duplicate", "EnergyLedger", "ExternalReport", "ReportConflict", "ReportError", "ReportSeries",
-    "average_level", "beyond_capacity", "capacity_weighted_level", "decimal_number", "energy_csv", "find_duplicates",
-    "identity_of", "local_date", "local_midnight", "parse_report", "report_regression", "same_totals",
-    "split_by_day", "total_energy", "trapezoid_split",
+    "CounterKind", "EnergyLedger", "ReportConflict", "ReportError", "ReportSeries", "average_level",
+    "beyond_capacity", "capacity_weighted_level", "energy_csv", "report_regression", "same_totals", "split_by_day",
+    "total_energy", "trapezoid_split",
 ]
 
 CounterKind = Literal["total", "daily"]
@@ -54,26 +53,6 @@ REPORT_JITTER_KWH = 0.05  # a reported total this much below the last is roundin
 ROLLED_BACK_KEPT = 4  # rolled-back reports looked at to tell a second battery from typos
 EFFICIENCY_FLOOR = 0.8  # no battery stores less of what it is charged with, or gives less of what it stored
 REANCHORED = "rejected, counting from the new value on"  # a refused report says instead that nothing moved
-
-
-def identity_of(serial: str | None, configured_id: str | None, service_name: str) -> str:
-    """Who a member is across restarts and renames: its serial, else the id the user gave it, else its
-    D-Bus name (which changes when a tty number does, hence last)."""
-    for candidate in (serial, configured_id):
-        if isinstance(candidate, str) and candidate.strip():
-            return candidate.strip()
-    return service_name
-
-
-# ---- local calendar --------------------------------------------------------------------------------------
-
-def local_date(ts: float, tz: tzinfo | None = None) -> date:
-    return datetime.fromtimestamp(ts, tz).date()
-
-
-def local_midnight(day: date, tz: tzinfo | None = None) -> float:
-    """Epoch seconds of the local midnight that starts `day`."""
-    return datetime.combine(day, time(), tzinfo=tz).timestamp()
 
 
 def split_by_day(t0: float, t1: float, energy: float, tz: tzinfo | None = None) -> list[tuple[date, float]]:
@@ -422,36 +401,6 @@ def capacity_weighted_level(pairs: Iterable[tuple[Any, Any]]) -> float | None:
     return sum(soc * cap for soc, cap in weighted) / total if total else None
 
 
-@dataclass(frozen=True, slots=True)
-class Duplicate:
-    """One battery seen under several services, and the one whose values are used."""
-
-    identity: str
-    services: tuple[str, ...]
-    chosen: str
-
-
-def find_duplicates(identities: Mapping[str, str],
-                    first_seen: Mapping[str, float] | None = None) -> dict[str, Duplicate]:
-    """Identities reachable under more than one service ({service: identity} in).
-
-    The service used is the one seen first (smallest `first_seen`), so a second driver that starts later
-    for the same pack never takes over; without a time (or on a tie) the lowest name, so the choice is the
-    same on every run."""
-    by_identity: dict[str, list[str]] = {}
-    for service, identity in identities.items():
-        by_identity.setdefault(identity, []).append(service)
-    seen = first_seen or {}
-    out: dict[str, Duplicate] = {}
-    for identity, services in by_identity.items():
-        if len(services) < 2:
-            continue
-        ordered = tuple(sorted(services))
-        chosen = min(ordered, key=lambda s: (seen.get(s, math.inf), s))
-        out[identity] = Duplicate(identity, ordered, chosen)
-    return out
-
-
 def energy_csv(ledgers: Iterable[EnergyLedger]) -> str:
     """`energy --csv`: one row per identity and day, kWh with 3 decimals, oldest first."""
     lines = ["identity,date,charged_kwh,discharged_kwh"]
@@ -468,7 +417,7 @@ def _csv_field(text: str) -> str:
 
 # ---- external (non-D-Bus) members --------------------------------------------------------------------
 
-_REPORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
 
 
 class ReportError(ValueError):
@@ -552,78 +501,6 @@ def _two_batteries(identity: str, taken: float | None, other: float) -> str:
             f"(`battery-aggregator report --remove {identity}` starts this id again)")
 
 
-DECIMAL_RULE = "a decimal point (2010.66) or a decimal comma (2010,66), no thousands separators"
-
-
-def decimal_number(text: str) -> float:
-    """A number as typed, also with the decimal comma of a Dutch or German screen: exactly one comma and no
-    dot is a decimal comma ('2010,66' -> 2010.66). A comma beside a dot, or several commas, is a thousands
-    separator, which cannot be told from a decimal comma in every case ('1,234'): refused. ValueError."""
-    cleaned = text.strip()
-    if cleaned.count(",") == 1 and "." not in cleaned:
-        cleaned = cleaned.replace(",", ".")
-    if "," in cleaned or "_" in cleaned:
-        raise ValueError(text)
-    return float(cleaned)
-
-
-def _number(value: Any, low: float, high: float, *, low_open: bool, unit: str) -> float:
-    allowed = f"a number {'>' if low_open else '>='} {low:g} and < {high:.0f}{unit}"
-    if isinstance(value, str):
-        try:
-            value = decimal_number(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number; allowed: {allowed}, written with {DECIMAL_RULE}") \
-                from None
-    if not _finite(value):
-        raise ValueError(f"{value!r} is not allowed; allowed: {allowed}")
-    if value < low or (low_open and value == low) or value >= high:
-        raise ValueError(f"{value:g} is out of range; allowed: {allowed}")
-    return float(value)
-
-
-class ExternalReport(BaseModel):
-    """`report ID --charged KWH --discharged KWH --soc PCT [--capacity AH]`: a battery that is not on D-Bus."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    charged: float
-    discharged: float
-    soc: float
-    capacity: float | None = None
-    reset: bool = False  # the reporter's counters really restarted: a step back is a restart, not a mistake
-
-    @field_validator("id", mode="before")
-    @classmethod
-    def _id(cls, value: Any) -> str:
-        if not isinstance(value, str) or not _REPORT_ID.fullmatch(value):
-            raise ValueError(f"{value!r} is not allowed; allowed: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
-        return value
-
-    @field_validator("charged", "discharged", mode="before")
-    @classmethod
-    def _energy(cls, value: Any) -> float:
-        return _number(value, 0, KWH_LIMIT, low_open=False, unit=" kWh")
-
-    @field_validator("soc", mode="before")
-    @classmethod
-    def _soc(cls, value: Any) -> float:
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            number = _number(value, 0, math.inf, low_open=False, unit="")
-            if number <= 100:
-                return number
-            raise ValueError(f"{number:g} is out of range; allowed: a number from 0 to 100 (%)")
-        raise ValueError(f"{value!r} is not allowed; allowed: a number from 0 to 100 (%)")
-
-    @field_validator("capacity", mode="before")
-    @classmethod
-    def _capacity(cls, value: Any) -> float | None:
-        if value is None:
-            return None
-        return _number(value, 0, 1e6, low_open=True, unit=" Ah")
-
-
 def report_regression(ledger: EnergyLedger, report: ExternalReport) -> str | None:
     """Why a report cannot be taken as running totals: a "total" counter below the last report is a delta (the
     energy since the last report) or a restart the reporter did not announce (`reset`); None when fine."""
@@ -671,10 +548,3 @@ def same_totals(totals: Mapping[str, tuple[float | None, float | None]]) -> list
     return sorted(tuple(sorted(ids)) for ids in groups.values() if len(ids) > 1)
 
 
-def parse_report(**fields: Any) -> ExternalReport:
-    """Check a report's fields; ReportError with one message per bad field ('soc: 150 is out of range;
-    allowed: a number from 0 to 100 (%) (got 150)')."""
-    try:
-        return ExternalReport(**fields)
-    except ValidationError as err:
-        raise ReportError(validation_messages(err)) from None
