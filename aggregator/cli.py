@@ -275,8 +275,8 @@ def _cmd_coop(args: argparse.Namespace) -> int:
 
 def _cmd_grid_battery(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
-    from .daemon import grid_state_dir
-    from .grid_battery_service import GridBatterySettings, history_csv, profile_csv
+    from .features.grid_battery.runtime import grid_state_dir, history_csv, profile_csv
+    from .features.grid_battery.settings import GridBatterySettings
 
     try:
         config = load_config(args.config)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .coop.settings import CoopSettings
 from .dispatch.settings import DispatcherConfig
 from .features.energy.settings import EnergyOptions
-from .grid_battery_service import GridBatterySettings
+from .features.grid_battery.settings import GridBatterySettings
 from .limits.settings import IrOptions, LimitOptions
 from .validation import (JsonFileError, at, format_messages, integers_as_ints, json_positions, key_path,
                          parse_json_text, read_text, validation_messages)

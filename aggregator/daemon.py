@@ -18,10 +18,9 @@ import signal
 from pathlib import Path
 
 from .battery.service import Aggregator
-from .bus.settings import LocalSettings
-from .bus.lib import LIBRARY, connect
+from .bus.lib import LIBRARY
 from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
-from .grid_battery_service import GridBatterySettings, GridBatteryService
+from .features.grid_battery.runtime import GridBatteries
 from .state import StateStore
 
 _LOG = logging.getLogger("aggregator")
@@ -44,49 +43,6 @@ def load(path: str | None) -> tuple[CheckResult, str]:
 def remember_good(path: str, config: Config) -> None:
     """Keep the good config next to the file, atomically (the next bad edit falls back to it)."""
     StateStore(last_good_path(path)).save(config.model_dump(mode="json", exclude_unset=True))
-
-
-def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
-    """One directory per grid battery (its state file has a fixed name), named after its service."""
-    return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
-
-
-class GridBatteries:
-    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own."""
-
-    def __init__(self, bus_address: str | None) -> None:
-        self.bus_address = bus_address
-        self.running: list[GridBatteryService] = []
-        self.settings: tuple[list[GridBatterySettings], str] = ([], "")
-
-    async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
-        """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
-        device instances and keeps their /CustomName like the aggregate's own."""
-        wanted = (list(config.gridBatteries), config.stateDir)
-        if wanted == self.settings:
-            return
-        await self.stop()
-        self.settings = wanted
-        for grid_settings in config.gridBatteries:
-            service = None
-            try:
-                service = GridBatteryService(await connect(self.bus_address), grid_settings,
-                                             grid_state_dir(config.stateDir, grid_settings), local_settings=settings)
-                await service.start()
-            except Exception as exc:  # the name is taken, say: the aggregate goes on without it
-                _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)
-                if service is not None:
-                    await service.stop()
-                    service.bus.disconnect()
-                continue
-            self.running.append(service)
-            _LOG.info("grid battery %s follows the meter %s", grid_settings.serviceName, grid_settings.meter)
-
-    async def stop(self) -> None:
-        for service in self.running:
-            await service.stop()  # closes its connection too
-        self.running = []
-        self.settings = ([], "")
 
 
 def _report(result: CheckResult, source: str) -> None:

@@ -2,8 +2,8 @@
 
 On a GX, Linux runs in UTC and the zone the user chose lives in localsettings as an Olson name
 ("Europe/Amsterdam"). Dates (daily energy buckets, CSV rows, a grid battery's reset day) must follow it.
-`zone_named` is pure; `TimeZoneSetting` turns the setting's values into zones, fed by a PathWatcher the
-caller already runs; `TimeZoneFollower` runs a watcher of its own for a connection that has none.
+Pure: `zone_named` and `TimeZoneSetting` turn the setting's values into zones (a PathWatcher the caller runs
+feeds them); `local_date` and `local_midnight` are the local calendar.
 """
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from datetime import date, datetime, time, tzinfo
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .bus.lib import MessageBus
-from .bus.watch import PathWatcher
 
-__all__ = ["SETTINGS_SERVICE", "TIME_ZONE_PATH", "TimeZoneFollower", "TimeZoneSetting", "zone_named"]
+__all__ = ["SETTINGS_SERVICE", "TIME_ZONE_PATH", "TimeZoneSetting", "local_date", "local_midnight", "zone_named"]
 
 SETTINGS_SERVICE = "com.victronenergy.settings"
 TIME_ZONE_PATH = "/Settings/System/TimeZone"
@@ -59,21 +57,6 @@ class TimeZoneSetting:
             _LOG.info("dates follow the time zone %s", name)
         self.name = name
         self.on_zone(zone, name)
-
-
-class TimeZoneFollower:
-    """A TimeZoneSetting with a PathWatcher of its own, for a connection that watches nothing else."""
-
-    def __init__(self, bus: MessageBus, on_zone: Callable[[tzinfo | None, str | None], None]) -> None:
-        self.setting = TimeZoneSetting(on_zone)
-        self._watcher = PathWatcher(bus, lambda _service, _path, value: self.setting.changed(value))
-        self._watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
-
-    async def start(self) -> None:
-        await self._watcher.start()
-
-    async def stop(self) -> None:
-        await self._watcher.stop()
 
 
 # ---- local calendar --------------------------------------------------------------------------------------

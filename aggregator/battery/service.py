@@ -28,7 +28,7 @@ from ..limits.controller import LIMIT_INPUTS, ChargeControl, MemberInput, Note, 
 from ..components import Components, same_components
 from ..config import Config
 from ..features.energy.runtime import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
-from ..grid_battery_service import GRID_BATTERY_PRODUCT_ID
+from ..features.grid_battery.runtime import GRID_BATTERY_PRODUCT_ID
 from ..local_time import TIME_ZONE_PATH
 from ..limits.formulas import DvccLimits
 from .hooks import Hook, build_hook

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.bus.monitor import WatchedService
-from aggregator.grid_battery import (PROFILE_HEADER, GridBattery, GridBatteryConfig, ProfileSlot, history_rows_csv,
-                                     parse_month_day, profile_csv_line, resolution_of)
-from aggregator.grid_battery_service import GridBatterySettingsError, parse_settings, resolve_meter
+from aggregator.features.grid_battery.core import (PROFILE_HEADER, GridBattery, GridBatteryConfig, ProfileSlot,
+                                                   history_rows_csv, parse_month_day, profile_csv_line, resolution_of)
+from aggregator.features.grid_battery.settings import GridBatterySettingsError, parse_settings
+from aggregator.features.grid_battery.runtime import resolve_meter
 from aggregator.simulator.grid_meter import HouseholdProfile, MeterModel
 
 UTC = timezone.utc
@@ -582,7 +583,7 @@ def test_the_slot_in_progress_survives_a_restart_and_the_pending_slots_are_bound
 
 
 def test_the_profile_file_is_bounded_and_never_writes_a_slot_twice(tmp_path):
-    from aggregator.grid_battery_service import PROFILE_FILE, ProfileFile, profile_csv
+    from aggregator.features.grid_battery.runtime import PROFILE_FILE, ProfileFile, profile_csv
 
     path = tmp_path / PROFILE_FILE
     writer = ProfileFile(path, max_bytes=2000)

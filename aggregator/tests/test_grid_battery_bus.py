@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from aggregator.bus.lib import connect
-from aggregator.grid_battery_service import (GRID_BATTERY_PRODUCT_ID, STATE_FILE, GridBatteryService,
-                                             GridBatterySettings, history_csv)
+from aggregator.features.grid_battery.runtime import (GRID_BATTERY_PRODUCT_ID, STATE_FILE, GridBatteryService,
+                                                      history_csv)
+from aggregator.features.grid_battery.settings import GridBatterySettings
 from aggregator.simulator.grid_meter import parse_start
 
 from .conftest import REPO, Busctl, Processes
@@ -182,7 +183,7 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
     state_dir = tmp_path / "state"
     args = ("--config", config, "--state-dir", str(state_dir), "--save-interval", "0.2", "--time-scale",
             str(scale), "--clock-origin", str(origin), "--clock-epoch", str(parse_start(start)))
-    first = processes.start_module("aggregator.grid_battery_service", *args)
+    first = processes.start_module("aggregator.features.grid_battery.runtime", *args)
     await on_bus(busctl, battery)
     await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LevelKwh"), 2.0), timeout=15)
     assert await value(busctl, battery, "/Soc") is None  # unlimited: no percentage
@@ -205,7 +206,7 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
         return battery not in (await busctl.arun("list", "--no-pager", "--acquired", check=False)).stdout
     await eventually(gone, timeout=5)
 
-    second = processes.start_module("aggregator.grid_battery_service", *args)
+    second = processes.start_module("aggregator.features.grid_battery.runtime", *args)
     await on_bus(busctl, battery)
     assert await value(busctl, battery, "/GridBattery/LevelKwh") == level  # loaded before the name is taken
     await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
@@ -219,7 +220,7 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
 
 
 def test_a_bad_config_exits_1_naming_the_keys(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "aggregator.grid_battery_service", "--config",
+    result = subprocess.run([sys.executable, "-m", "aggregator.features.grid_battery.runtime", "--config",
                              '{"meter": "com.victronenergy.battery.x", "capacityKwh": -1}', "--state-dir",
                              str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=30)
     assert result.returncode == 1
@@ -287,7 +288,7 @@ async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processe
         state_dir = tmp_path / "state" / "grid" / "gridtz"
         config = json.dumps({"meter": 41, "startDate": "2020-01-01", "startLevelKwh": 0, "serviceName": battery,
                              "deviceInstance": 104})
-        proc = processes.start_module("aggregator.grid_battery_service", "--config", config, "--state-dir",
+        proc = processes.start_module("aggregator.features.grid_battery.runtime", "--config", config, "--state-dir",
                                       str(state_dir), "--save-interval", "0.2", env=utc)
         await on_bus(busctl, battery)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=10)
@@ -331,7 +332,7 @@ async def test_a_new_grid_battery_keeps_its_level_after_a_kill_9_before_the_firs
     state_dir = tmp_path / "state"
     args = ("--config", config, "--state-dir", str(state_dir), "--time-scale", str(scale), "--clock-origin",
             str(origin), "--clock-epoch", str(parse_start(start)))  # the default save interval: 180 s
-    first = processes.start_module("aggregator.grid_battery_service", *args)
+    first = processes.start_module("aggregator.features.grid_battery.runtime", *args)
     await on_bus(busctl, battery)
     await eventually(lambda: _above(value(busctl, battery, "/GridBattery/LevelKwh"), 2.0), timeout=15)
     await on_bus(busctl, meter)
@@ -345,7 +346,7 @@ async def test_a_new_grid_battery_keeps_its_level_after_a_kill_9_before_the_firs
     async def gone() -> bool:
         return battery not in (await busctl.arun("list", "--no-pager", "--acquired", check=False)).stdout
     await eventually(gone, timeout=5)
-    processes.start_module("aggregator.grid_battery_service", *args)
+    processes.start_module("aggregator.features.grid_battery.runtime", *args)
     await on_bus(busctl, battery)
     # The meter's counters since the saved first sample: the whole level again.
     await eventually(lambda: _near(value(busctl, battery, "/GridBattery/LevelKwh"), level), timeout=10)

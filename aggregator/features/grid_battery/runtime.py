@@ -7,7 +7,7 @@ state in `<state_dir>/grid_battery.json`: saved atomically on the first sample (
 counts from), at each new day, every `save_interval` seconds and on stop, so a kill -9 loses nothing the
 meter's counters do not cover. The 15-minute load profile goes to `<state_dir>/load_profile.csv` (bounded).
 
-    python -m aggregator.grid_battery_service --config JSON_OR_FILE --state-dir DIR
+    python -m aggregator.features.grid_battery.runtime --config JSON_OR_FILE --state-dir DIR
 """
 from __future__ import annotations
 
@@ -23,26 +23,26 @@ import time
 from dataclasses import replace
 from datetime import date, datetime, tzinfo
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ... import __version__
+from ...battery.paths import text_format
+from ...bus.lib import MessageBus, connect
+from ...bus.monitor import ServiceMonitor, WatchedService
+from ...bus.service import VeService
+from ...bus.settings import SETTINGS_SERVICE, LocalSettings
+from ...bus.watch import PathWatcher
+from .core import (PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot, history_rows_csv,
+                   profile_csv_line)
+from ...local_time import TIME_ZONE_PATH, TimeZoneSetting, local_date, zone_named
+from ...state import StateStore
+from .settings import GRID_PREFIX, GridBatterySettings, parse_settings
 
-from . import __version__
-from .battery.paths import text_format
-from .bus.lib import MessageBus, connect
-from .bus.monitor import ServiceMonitor, WatchedService
-from .bus.service import VeService
-from .bus.settings import LocalSettings
-from .local_time import local_date
-from .grid_battery import (PROFILE_HEADER, GridBattery, GridBatteryConfig, HistoryRow, ProfileSlot, history_rows_csv,
-                           parse_month_day, profile_csv_line)
-from .local_time import TimeZoneFollower, zone_named
-from .state import StateStore
-from .validation import format_validation_error
+if TYPE_CHECKING:
+    from ...config import Config
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.grid_battery_service")
 
-GRID_PREFIX = "com.victronenergy.grid."
 STATE_FILE = "grid_battery.json"
 PROFILE_FILE = "load_profile.csv"
 PROFILE_MAX_BYTES = 1 << 20  # some 250 days of 15-minute rows; one older file of that size is kept besides
@@ -54,93 +54,6 @@ STATUS_OK = "ok"
 
 Clock = Callable[[], float]
 
-
-# ---- settings ------------------------------------------------------------------------------------------
-
-class GridBatterySettingsError(ValueError):
-    """The settings cannot be used; the message names the key, the value and what is allowed."""
-
-
-class GridBatterySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    meter: str | int = Field(..., description="the grid meter: a com.victronenergy.grid.* service name, "
-                             "name:<CustomName or ProductName>, or its device instance")
-    capacityKwh: float = Field(0.0, ge=0, lt=1e6, description="kWh the grid battery holds; 0 = unlimited")
-    startDate: date = Field(..., description="the day counting starts (YYYY-MM-DD)")
-    startImportKwh: float | None = Field(None, ge=0, lt=1e9, description="the meter's /Ac/Energy/Forward at "
-                                         "00:00 on startDate (with startExportKwh): the energy since then counts "
-                                         "even when the service starts later")
-    startExportKwh: float | None = Field(None, ge=0, lt=1e9, description="the meter's /Ac/Energy/Reverse at "
-                                         "00:00 on startDate (with startImportKwh)")
-    startLevelKwh: float | None = Field(None, ge=0, lt=1e6, description="the level counting starts from: at "
-                                        "00:00 on startDate with startImportKwh/startExportKwh, else at the "
-                                        "first sample (e.g. what smart-me shows then); null = 0")
-    resetDate: str | None = Field(None, description="MM-DD: every year on that day the level returns to 0; "
-                                  "null = never")
-    resetOnce: date | None = Field(None, description="YYYY-MM-DD: on that day the level returns to 0, once; "
-                                   "null = never")
-    serviceName: str = Field("com.victronenergy.battery.grid", pattern=r"^com\.victronenergy\.battery\.[A-Za-z0-9_]+$",
-                             description="D-Bus name of the grid battery")
-    nominalVoltage: float = Field(51.2, gt=0, le=1000, description="V for the Ah values and the current")
-    deviceInstance: int | None = Field(None, ge=0, le=65535, description="the device instance asked of "
-                                       "localsettings (which gives another when it is taken); null = one "
-                                       "derived from serviceName")
-    maxPowerKw: float = Field(100.0, gt=0, le=100000, description="the grid connection's largest power: meter "
-                              "counters moving faster are rejected as impossible")
-
-    @field_validator("meter")
-    @classmethod
-    def _meter(cls, value: str | int) -> str | int:
-        if isinstance(value, int):
-            if value < 0:
-                raise ValueError("a device instance must be >= 0")
-            return value
-        text = value.strip()
-        if text.isdigit():
-            return int(text)
-        if text.startswith(GRID_PREFIX) and len(text) > len(GRID_PREFIX):
-            return text
-        if text.startswith("name:") and text[5:].strip():
-            return text
-        raise ValueError(f"{value!r} is not a meter reference; allowed: a {GRID_PREFIX}* service name, "
-                         f"name:<CustomName or ProductName>, or a device instance number")
-
-    @field_validator("resetDate")
-    @classmethod
-    def _reset_date(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_month_day(value)
-        return value
-
-    @model_validator(mode="after")
-    def _start(self) -> "GridBatterySettings":
-        if (self.startImportKwh is None) != (self.startExportKwh is None):
-            raise ValueError("startImportKwh and startExportKwh go together: the meter's import and export "
-                             "counters at 00:00 on startDate (or neither)")
-        if self.startLevelKwh is not None and 0 < self.capacityKwh < self.startLevelKwh:
-            raise ValueError(f"startLevelKwh {self.startLevelKwh:g} is more than capacityKwh {self.capacityKwh:g}")
-        return self
-
-    def battery_config(self) -> GridBatteryConfig:
-        reading = None if self.startImportKwh is None or self.startExportKwh is None else \
-            (self.startImportKwh, self.startExportKwh)
-        return GridBatteryConfig(
-            capacity_kwh=self.capacityKwh, start_date=self.startDate,
-            reset_day=parse_month_day(self.resetDate) if self.resetDate else None, reset_once=self.resetOnce,
-            start_reading=reading, start_level_kwh=self.startLevelKwh,
-            nominal_voltage=self.nominalVoltage, max_power_kw=self.maxPowerKw,
-        )
-
-
-def parse_settings(data: Any, source: str = "grid battery settings") -> GridBatterySettings:
-    try:
-        return GridBatterySettings.model_validate(data)
-    except ValidationError as err:
-        raise GridBatterySettingsError(format_validation_error(err, source)) from None
-
-
-# ---- the meter -------------------------------------------------------------------------------------------
 
 def meter_matches(reference: str | int, service: WatchedService) -> bool:
     if isinstance(reference, int):
@@ -227,6 +140,21 @@ def profile_csv(state_dir: str | Path) -> str:
     return "\n".join([PROFILE_HEADER, *rows]) + "\n"
 
 
+class TimeZoneFollower:
+    """A TimeZoneSetting with a PathWatcher of its own, for a connection that watches nothing else."""
+
+    def __init__(self, bus: MessageBus, on_zone: Callable[[tzinfo | None, str | None], None]) -> None:
+        self.setting = TimeZoneSetting(on_zone)
+        self._watcher = PathWatcher(bus, lambda _service, _path, value: self.setting.changed(value))
+        self._watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
+
+    async def start(self) -> None:
+        await self._watcher.start()
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
+
+
 class GridBatteryService:
     def __init__(self, bus: MessageBus, settings: GridBatterySettings, state_dir: str | Path,
                  clock: Clock = time.time, *, save_interval: float = DEFAULT_SAVE_INTERVAL,
@@ -256,7 +184,7 @@ class GridBatteryService:
     # ---- life cycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from .battery.service import bind_custom_name, preferred_instance, unique_id  # the aggregate imports us
+        from ...battery.service import bind_custom_name, preferred_instance, unique_id  # the aggregate imports us
 
         self._load()
         name = self.settings.serviceName
@@ -441,6 +369,49 @@ class GridBatteryService:
             "/GridBattery/Start": battery.origin,
             "/GridBattery/Status": self.status(),
         })
+
+
+def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
+    """One directory per grid battery (its state file has a fixed name), named after its service."""
+    return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
+
+
+class GridBatteries:
+    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own."""
+
+    def __init__(self, bus_address: str | None) -> None:
+        self.bus_address = bus_address
+        self.running: list[GridBatteryService] = []
+        self.settings: tuple[list[GridBatterySettings], str] = ([], "")
+
+    async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
+        """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
+        device instances and keeps their /CustomName like the aggregate's own."""
+        wanted = (list(config.gridBatteries), config.stateDir)
+        if wanted == self.settings:
+            return
+        await self.stop()
+        self.settings = wanted
+        for grid_settings in config.gridBatteries:
+            service = None
+            try:
+                service = GridBatteryService(await connect(self.bus_address), grid_settings,
+                                             grid_state_dir(config.stateDir, grid_settings), local_settings=settings)
+                await service.start()
+            except Exception as exc:  # the name is taken, say: the aggregate goes on without it
+                _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)
+                if service is not None:
+                    await service.stop()
+                    service.bus.disconnect()
+                continue
+            self.running.append(service)
+            _LOG.info("grid battery %s follows the meter %s", grid_settings.serviceName, grid_settings.meter)
+
+    async def stop(self) -> None:
+        for service in self.running:
+            await service.stop()  # closes its connection too
+        self.running = []
+        self.settings = ([], "")
 
 
 def history_csv(state_dir: str | Path) -> str:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from typing import Any
 
-from .local_time import local_date, local_midnight
+from ...local_time import local_date, local_midnight
 
 __all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "ProfileSlot", "history_rows_csv", "parse_month_day",
            "profile_csv_line", "resolution_of", "reset_occurrence", "PROFILE_HEADER"]
