@@ -25,7 +25,7 @@ class Components:
         self.coop: Any = None
         if config.dispatcher.batteries:
             try:
-                from .dispatch.runtime import DispatcherRuntime
+                from .features.dispatcher.runtime import DispatcherRuntime
 
                 store = StateStore(os.path.join(config.stateDir, "dispatcher.json"))
                 self.dispatcher = DispatcherRuntime(config.dispatcher, service, bus=bus, save_state=store.save,

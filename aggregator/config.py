@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .coop.settings import CoopSettings
-from .dispatch.settings import DispatcherConfig
+from .features.dispatcher.settings import DispatcherConfig
 from .features.energy.settings import EnergyOptions
 from .features.grid_battery.settings import GridBatterySettings
 from .limits.settings import IrOptions, LimitOptions

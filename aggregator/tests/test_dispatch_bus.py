@@ -17,8 +17,8 @@ import pytest
 from aggregator.bus import client
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
-from aggregator.dispatch.runtime import DispatcherRuntime
-from aggregator.dispatch.settings import parse_dispatcher_config
+from aggregator.features.dispatcher.runtime import DispatcherRuntime
+from aggregator.features.dispatcher.settings import parse_dispatcher_config
 
 from .conftest import REPO, Busctl
 from .helpers import eventually
@@ -252,14 +252,14 @@ def test_runtime_runs_alone_and_refuses_a_bad_config(tmp_path: Path, bus_address
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dispatcher": {"enabled": True, "cycleSeconds": 0}}))
     env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus_address)
-    result = subprocess.run([sys.executable, "-m", "aggregator.dispatch.runtime", "--config", str(bad)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config", str(bad)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "cycleSeconds" in result.stderr and "0.1" in result.stderr
 
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"dispatcher": _config(enabled=False, serviceName="org.batteryaggregator.dispatcher2")}))
-    proc = subprocess.Popen([sys.executable, "-m", "aggregator.dispatch.runtime", "--config", str(good)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config", str(good)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         busctl = Busctl(bus_address)

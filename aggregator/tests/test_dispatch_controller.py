@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.dispatch.controller import (BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target,
-                                            water_fill)
-from aggregator.dispatch.model import CHARGE, DISCHARGE, BatteryModel
+from aggregator.features.dispatcher.core.controller import (BatteryReading, Dispatcher, DispatcherSettings,
+                                                            grid_zero_target, water_fill)
+from aggregator.features.dispatcher.core.model import CHARGE, DISCHARGE, BatteryModel
 
 from .helpers import load_script
 

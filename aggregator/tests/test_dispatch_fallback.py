@@ -23,8 +23,8 @@ import pytest
 from aggregator.bus import client
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
-from aggregator.dispatch.runtime import DispatcherRuntime
-from aggregator.dispatch.settings import parse_dispatcher_config
+from aggregator.features.dispatcher.runtime import DispatcherRuntime
+from aggregator.features.dispatcher.settings import parse_dispatcher_config
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
 from aggregator.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
 
@@ -49,7 +49,7 @@ class Dispatcher:
         self.log = tmp / "dispatcher.log"
         env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus_address, PYTHONUNBUFFERED="1")
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "aggregator.dispatch.runtime", "--config",
+            self.proc = subprocess.Popen([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config",
                                           str(self.path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def kill9(self) -> None:

@@ -9,8 +9,9 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 
-from aggregator.dispatch.controller import BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target
-from aggregator.dispatch.faults import FROZEN, INVERTED, FaultSettings, MeterCheck
+from aggregator.features.dispatcher.core.controller import (BatteryReading, Dispatcher, DispatcherSettings,
+                                                            grid_zero_target)
+from aggregator.features.dispatcher.core.faults import FROZEN, INVERTED, FaultSettings, MeterCheck
 
 from .helpers import load_script
 

@@ -13,10 +13,10 @@ import pytest
 
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
-from aggregator.dispatch import hass
-from aggregator.dispatch.controller import BatteryReading
-from aggregator.dispatch.runtime import DispatcherRuntime, fleet_energy_kwh
-from aggregator.dispatch.settings import parse_dispatcher_config
+from aggregator.mqtt import hass
+from aggregator.features.dispatcher.core.controller import BatteryReading
+from aggregator.features.dispatcher.runtime import DispatcherRuntime, fleet_energy_kwh
+from aggregator.features.dispatcher.settings import parse_dispatcher_config
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
 from aggregator.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from aggregator.dispatch.settings import (AdapterSpec, DispatcherConfig, DispatcherConfigError, dispatcher_settings,
-                                          parse_dispatcher_config)
+from aggregator.features.dispatcher.settings import (AdapterSpec, DispatcherConfig, DispatcherConfigError,
+                                                     dispatcher_settings, parse_dispatcher_config)
 
 
 def _battery(name: str = "A", **overrides: Any) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .controller import (BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target, water_fill)
-from .faults import FROZEN, INVERTED
-from .model import CHARGE, DISCHARGE
+from .core.controller import BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target, water_fill
+from .core.faults import FROZEN, INVERTED
+from .core.model import CHARGE, DISCHARGE
 
 SIM_DT_S = 0.1
 CONTROL_PERIOD_S = 0.5

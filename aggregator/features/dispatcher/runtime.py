@@ -21,17 +21,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .. import __version__
-from ..bounded import bounded_repr
-from ..bus.lib import MessageBus, connect
-from ..bus.service import VeService
-from . import hass
-from .adapters import (DbusReadings, MqttLink, MqttSetpoint, Reading, Setpoint, as_number, make_reading,
+from ... import __version__
+from ...bounded import bounded_repr
+from ...bus.lib import MessageBus, connect
+from ...bus.service import VeService
+from ...mqtt import hass
+from ...mqtt.link import MqttLink
+from .adapters import (DbusReadings, MqttSetpoint, Reading, Setpoint, as_number, dispatcher_link, make_reading,
                        make_setpoint)
-from .controller import BatteryReading, DispatchResult, Dispatcher, grid_zero_target
+from .core.controller import BatteryReading, DispatchResult, Dispatcher, grid_zero_target
 from .settings import BatterySettings, DispatcherConfig, dispatcher_settings
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.dispatch.runtime")
 
 PREFIX = "/Dispatcher"
 GRID_POWER_PATH = "/Ac/Power"
@@ -124,7 +125,7 @@ class DispatcherRuntime:
         self.mqtt: MqttLink | None = None
         if config.mqtt is not None:
             self.topics = hass.Topics(config.mqtt.topicPrefix)
-            self.mqtt = MqttLink(config.mqtt, availability_topic=self.topics.availability, clock=clock)
+            self.mqtt = dispatcher_link(config.mqtt, self.topics.availability, clock)
         self.batteries = [self._build(b) for b in config.batteries]
         self.grid: Reading | None = None
         if config.mode == "gridZero":
@@ -586,7 +587,7 @@ def _payload(value: Any) -> str:
 
 async def run_alone(config: DispatcherConfig, stop: asyncio.Event, *, state_file: str | None = None,
                     bus_address: str | None = None) -> None:
-    from ..state import StateStore
+    from ...state import StateStore
 
     store = StateStore(state_file) if state_file else None
     bus = await connect(bus_address)
@@ -610,7 +611,7 @@ async def run_alone(config: DispatcherConfig, stop: asyncio.Event, *, state_file
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from ..validation import JsonFileError, read_json
+    from ...validation import JsonFileError, read_json
     from .settings import DispatcherConfigError, parse_dispatcher_config
 
     parser = argparse.ArgumentParser(prog="python -m aggregator.dispatch.runtime",

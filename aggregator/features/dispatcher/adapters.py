@@ -11,24 +11,18 @@ import asyncio
 import json
 import logging
 import math
-import os
-import ssl
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
-try:
-    import aiomqtt
-except ImportError:  # a GX without the optional MQTT wheels: D-Bus adapters still work
-    aiomqtt = None  # type: ignore[assignment]
-
-from ..bus import client
-from ..bus.client import CallError
-from ..bus.lib import MessageBus
-from ..bus.service import SET_NOT_WRITEABLE, SET_OK
-from ..bus.watch import PathWatcher
+from ...bus import client
+from ...bus.client import CallError
+from ...bus.lib import MessageBus
+from ...bus.service import SET_NOT_WRITEABLE, SET_OK
+from ...bus.watch import PathWatcher
+from ...mqtt.link import MqttLink
 from .settings import AdapterSpec, MqttSettings
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.dispatch.adapters")
 
 Clock = Callable[[], float]
 
@@ -268,211 +262,6 @@ class DbusSetpoint(Setpoint):
 
 # ---- MQTT ------------------------------------------------------------------------------------------------
 
-MessageHandler = Callable[[bytes, bool], None]
-ConnectHook = Callable[[], Awaitable[None]]
-
-AVAILABLE = "online"
-NOT_AVAILABLE = "offline"
-
-
-class MqttLink:
-    """One aiomqtt client shared by every MQTT adapter, reconnecting with back-off.
-
-    While connected, `availability_topic` says "online" (retained); the broker's last will says "offline" when
-    we vanish. Subscriptions are made again and `on_connect` hooks run (discovery, retained states) after every
-    reconnect; on a loss every MQTT reading is marked stale.
-    """
-
-    initial_backoff_s = 1.0
-    max_backoff_s = 30.0
-
-    def __init__(self, settings: MqttSettings, *, availability_topic: str | None = None,
-                 clock: Clock = time.monotonic) -> None:
-        if aiomqtt is None:
-            raise ImportError("the dispatcher's mqtt settings need the Python package aiomqtt (install it, or "
-                              "remove 'mqtt' and use D-Bus adapters)")
-        self.settings = settings
-        self.availability_topic = availability_topic
-        self.clock = clock
-        self.connected = asyncio.Event()
-        self.connections = 0  # successful connects so far (tests and the status use it)
-        self._client: aiomqtt.Client | None = None
-        self._handlers: dict[str, list[MessageHandler]] = {}
-        self._readings: list[MqttReading] = []
-        self._connect_hooks: list[ConnectHook] = []
-        self._wills: list[tuple[str, str, Callable[[], None] | None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._guards: list[asyncio.Task[None]] = []
-        self._stopping = False
-        self.guards_connected = 0  # will connections up now (tests and the status use it)
-
-    # ---- declaring -----------------------------------------------------------------------------------
-
-    def subscribe(self, topic: str, handler: MessageHandler) -> None:
-        self._handlers.setdefault(topic, []).append(handler)
-        client_ = self._client
-        if client_ is not None and len(self._handlers[topic]) == 1:
-            asyncio.get_running_loop().create_task(self._subscribe_quietly(client_, topic))
-
-    def reading(self, label: str, topic: str, json_key: str | None = None, scale: float = 1.0) -> MqttReading:
-        reading = MqttReading(label, topic, json_key, scale)
-        self._readings.append(reading)
-        self.subscribe(topic, lambda payload, retained: reading.on_message(payload, retained, self.clock()))
-        return reading
-
-    def on_connect(self, hook: ConnectHook) -> None:
-        self._connect_hooks.append(hook)
-
-    def add_will(self, topic: str, payload: str, on_connect: Callable[[], None] | None = None) -> None:
-        """A last will: `payload` (not retained) goes to `topic` when we vanish without a clean disconnect
-        (kill -9, a crash, a lost link). A client has one will, and the main one says "offline", so each will gets
-        a connection of its own. `on_connect` runs after each (re)connect of it: the will may have fired meanwhile."""
-        self._wills.append((topic, payload, on_connect))
-
-    # ---- running -------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stopping = False
-        loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._run())
-        self._guards = [loop.create_task(self._guard(i, *will)) for i, will in enumerate(self._wills)]
-
-    async def stop(self) -> None:
-        self._stopping = True
-        client_ = self._client
-        if client_ is not None and self.availability_topic is not None:
-            # A clean disconnect does not fire the will: say "offline" ourselves.
-            try:
-                await client_.publish(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True, timeout=2)
-            except Exception:
-                pass
-        # A clean disconnect of the will connections does not fire their wills: the runtime wrote 0 itself.
-        for task in [self._task, *self._guards]:
-            if task is None:
-                continue
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._task = None
-        self._guards = []
-
-    async def publish(self, topic: str, payload: str | bytes, *, retain: bool = False, qos: int = 0) -> bool:
-        """Publish if connected; False when the message could not be handed to the broker."""
-        client_ = self._client
-        if client_ is None:
-            return False
-        try:
-            await client_.publish(topic, payload, qos=qos, retain=retain, timeout=5)
-        except Exception as exc:  # aiomqtt.MqttError and what paho raises on a dying socket
-            _LOG.debug("publish to %s failed: %s", topic, exc)
-            return False
-        return True
-
-    def _make_client(self, will: Any = None, suffix: str = "") -> aiomqtt.Client:
-        s = self.settings
-        if will is None and self.availability_topic is not None:
-            will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
-        tls_params = None
-        if s.tls:
-            tls_params = aiomqtt.TLSParameters(ca_certs=s.caFile, certfile=s.certFile, keyfile=s.keyFile,
-                                               cert_reqs=ssl.CERT_REQUIRED)
-        identifier = (s.clientId or f"battery-aggregator-dispatcher-{os.getpid()}") + suffix
-        return aiomqtt.Client(
-            s.host, s.port, username=s.username, password=s.password, will=will, tls_params=tls_params,
-            identifier=identifier[:64] if suffix else identifier, keepalive=30, timeout=10,
-        )
-
-    async def _guard(self, index: int, topic: str, payload: str, on_connect: Callable[[], None] | None) -> None:
-        """Hold the connection that carries one will; reconnect with back-off."""
-        delay = self.initial_backoff_s
-        will = aiomqtt.Will(topic, payload, qos=1, retain=False)
-        while not self._stopping:
-            up = False
-            try:
-                async with self._make_client(will, f"-will{index}") as client_:
-                    up = True
-                    self.guards_connected += 1
-                    delay = self.initial_backoff_s
-                    if on_connect is not None:
-                        on_connect()
-                    async for _ in client_.messages:  # nothing subscribed: this ends when the link does
-                        pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _LOG.debug("MQTT: the will connection for %s: %s", topic, exc)
-            finally:
-                if up:
-                    self.guards_connected -= 1
-            if self._stopping:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
-
-    async def _run(self) -> None:
-        delay = self.initial_backoff_s
-        failing = False
-        while not self._stopping:
-            try:
-                async with self._make_client() as client_:
-                    self._client = client_
-                    for topic in list(self._handlers):
-                        await client_.subscribe(topic, qos=1)
-                    if self.availability_topic is not None:
-                        await client_.publish(self.availability_topic, AVAILABLE, qos=1, retain=True)
-                    self.connections += 1
-                    self.connected.set()
-                    _LOG.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
-                    failing = False
-                    delay = self.initial_backoff_s
-                    for hook in self._connect_hooks:
-                        try:
-                            await hook()
-                        except aiomqtt.MqttError:
-                            raise
-                        except Exception:
-                            _LOG.exception("MQTT: a connect hook failed")
-                    async for message in client_.messages:
-                        self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # refused, unreachable, TLS, lost: all mean "try again later"
-                if not failing:
-                    _LOG.warning("MQTT: no connection to %s:%d (%s); retrying with back-off",
-                                 self.settings.host, self.settings.port, exc)
-                failing = True
-            finally:
-                self._client = None
-                if self.connected.is_set():
-                    self.connected.clear()
-                    for reading in self._readings:
-                        reading.mark_stale()
-            if self._stopping:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
-
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        payload = message.payload
-        if isinstance(payload, str):
-            payload = payload.encode()
-        elif not isinstance(payload, (bytes, bytearray)):
-            payload = b"" if payload is None else str(payload).encode()
-        for handler in self._handlers.get(message.topic.value, ()):
-            try:
-                handler(bytes(payload), bool(message.retain))
-            except Exception:
-                _LOG.exception("MQTT: the handler of %s failed", message.topic.value)
-
-    async def _subscribe_quietly(self, client_: aiomqtt.Client, topic: str) -> None:
-        try:
-            await client_.subscribe(topic, qos=1)
-        except Exception as exc:
-            _LOG.debug("subscribe to %s failed: %s (done again on reconnect)", topic, exc)
-
-
 class MqttSetpoint(Setpoint):
     """Publishes the setpoint on a command topic: a plain number, or {json_key: number}. Not retained: a device
     that restarts must not act on an old command."""
@@ -498,6 +287,23 @@ class MqttSetpoint(Setpoint):
         return sent
 
 
+def dispatcher_link(settings: MqttSettings, availability_topic: str, clock: Clock = time.monotonic) -> MqttLink:
+    """The dispatcher's link to its broker: its client id and its log lines are the dispatcher's."""
+    return MqttLink(settings, availability_topic=availability_topic, clock=clock,
+                    client_id="battery-aggregator-dispatcher", log=_LOG,
+                    missing="the dispatcher's mqtt settings need the Python package aiomqtt (install it, or remove "
+                            "'mqtt' and use D-Bus adapters)")
+
+
+def mqtt_reading(link: MqttLink, label: str, topic: str, json_key: str | None = None,
+                 scale: float = 1.0) -> MqttReading:
+    """A reading of a state topic; stale when the link is lost (nothing says what it holds meanwhile)."""
+    reading = MqttReading(label, topic, json_key, scale)
+    link.subscribe(topic, lambda payload, retained: reading.on_message(payload, retained, link.clock()))
+    link.on_lost(reading.mark_stale)
+    return reading
+
+
 # ---- building ------------------------------------------------------------------------------------------
 
 def make_reading(label: str, spec: AdapterSpec, dbus: DbusReadings | None, mqtt: MqttLink | None,
@@ -511,7 +317,7 @@ def make_reading(label: str, spec: AdapterSpec, dbus: DbusReadings | None, mqtt:
     assert spec.mqtt is not None
     if mqtt is None:
         raise ValueError(f"{label}: an MQTT reading without a broker (the mqtt section)")
-    return mqtt.reading(label, spec.mqtt.topic, spec.mqtt.jsonKey, scale)
+    return mqtt_reading(mqtt, label, spec.mqtt.topic, spec.mqtt.jsonKey, scale)
 
 
 def make_setpoint(label: str, spec: AdapterSpec, bus: MessageBus | None, mqtt: MqttLink | None, *, sign: int,

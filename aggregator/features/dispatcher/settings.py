@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from ..validation import format_validation_error, is_loopback
+from ...validation import format_validation_error, is_loopback
 
 DEFAULT_SERVICE_NAME = "org.batteryaggregator.dispatcher"
 
@@ -299,7 +299,7 @@ class DispatcherConfig(BaseModel):
 
 
 def _topic_level(name: str) -> str:
-    from .hass import slug
+    from ...mqtt.hass import slug
 
     return slug(name)
 
@@ -331,7 +331,7 @@ _CONTROLLER_FIELDS = {
 
 def dispatcher_settings(config: DispatcherConfig) -> Any:
     """The controller's DispatcherSettings for this section (fields it does not know are left at defaults)."""
-    from .controller import DispatcherSettings
+    from .core.controller import DispatcherSettings
 
     known = {f.name for f in dataclasses.fields(DispatcherSettings)}
     values = {field: getattr(config, key) for key, field in _CONTROLLER_FIELDS.items() if field in known}
