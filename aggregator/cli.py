@@ -253,7 +253,7 @@ def _cmd_energy(args: argparse.Namespace) -> int:
 
 
 def _cmd_coop(args: argparse.Namespace) -> int:
-    from .coop.runtime import load_ledger
+    from .features.coop.runtime import load_ledger
 
     state_dir = _state_dir(args)
     if state_dir is None:

@@ -34,7 +34,7 @@ class Components:
                 _LOG.error("the dispatcher cannot run: %s", exc)
         if config.coop.enabled:
             try:
-                from .coop.runtime import CoopRuntime
+                from .features.coop.runtime import CoopRuntime
 
                 self.coop = CoopRuntime(config.coop, service, bus, dispatcher=self.dispatcher,
                                         state_dir=config.stateDir)

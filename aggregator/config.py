@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .coop.settings import CoopSettings
+from .features.coop.settings import CoopSettings
 from .features.dispatcher.settings import DispatcherConfig
 from .features.energy.settings import EnergyOptions
 from .features.grid_battery.settings import GridBatterySettings

@@ -47,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aggregator.coop.core import (Curtailment, Ledger, PeerState, SiteSettings, site_target)  # noqa: E402
+from aggregator.features.coop.core import Curtailment, Ledger, PeerState, SiteSettings, site_target  # noqa: E402
 
 STEP = 60.0  # simulated seconds per physics step
 HOUR = 3600.0
@@ -161,8 +161,8 @@ class Battery:
 # --- one site, in its own process ---------------------------------------------------------------------
 
 async def site_process(cfg: dict[str, Any]) -> None:
-    from aggregator.coop.mqtt import CoopSite
-    from aggregator.coop.settings import parse_coop
+    from aggregator.features.coop.site import CoopSite
+    from aggregator.features.coop.settings import parse_coop
 
     spec = SiteSpec(**cfg["spec"])
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)  # where is a stuck site?
@@ -434,7 +434,7 @@ def liar_specs(fault: str) -> list[SiteSpec]:
 
 def liar_case(scale: float, hours: float) -> bool:
     """Both kinds of liar; True when the honest sites kept at least two thirds of their energy each time."""
-    from aggregator.coop.settings import CoopSettings
+    from aggregator.features.coop.settings import CoopSettings
     from aggregator.mqttbroker import MosquittoBroker
 
     print(f"## A registered peer that always claims 0 %: {hours:g} h, two honest 10 kWh sites\n")

@@ -17,7 +17,7 @@ import pytest
 from aggregator.bus.lib import connect
 from aggregator.bus import client
 from aggregator.bus.service import VeService
-from aggregator.coop.mqtt import CoopSite
+from aggregator.features.coop.site import CoopSite
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
 
 from .conftest import REPO, Processes

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.coop.core import (ADD_UP_SHARE, ADD_UP_SLACK, CAPACITY_TOLERANCE, LEVEL_JUMP_SLACK,
-                                  MAX_LEVEL_RATE_PER_H, Curtailment, FleetView, Ledger, PeerBooks, PeerPolicy,
-                                  PeerState, PublishGate, Rejected, SiteSettings, admit, book, check_peer,
-                                  does_not_add_up, fleet_average, fleet_transfers, json_depth, raw_transfer,
-                                  site_target, wanted_transfer)
-from aggregator.coop.settings import CoopSettingsError, parse_coop
+from aggregator.features.coop.core import (ADD_UP_SHARE, ADD_UP_SLACK, CAPACITY_TOLERANCE, LEVEL_JUMP_SLACK,
+                                           MAX_LEVEL_RATE_PER_H, Curtailment, FleetView, Ledger, PeerBooks, PeerPolicy,
+                                           PeerState, PublishGate, Rejected, SiteSettings, admit, book, check_peer,
+                                           does_not_add_up, fleet_average, fleet_transfers, json_depth, raw_transfer,
+                                           site_target, wanted_transfer)
+from aggregator.features.coop.settings import CoopSettingsError, parse_coop
 
 NOW = 1_000_000.0
 LOOSE = SiteSettings(max_charge_w=1e9, max_discharge_w=1e9, grid_limit_w=1e9, full_percent=100.0,

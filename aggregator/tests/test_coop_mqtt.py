@@ -17,9 +17,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import aiomqtt
 import pytest
 
-from aggregator.coop.core import PeerState, fleet_average, fleet_transfers
-from aggregator.coop.mqtt import CoopSite
-from aggregator.coop.settings import BrokerSettings, CoopSettingsError, parse_coop
+from aggregator.features.coop.core import PeerState, fleet_average, fleet_transfers
+from aggregator.features.coop.site import CoopSite
+from aggregator.features.coop.settings import BrokerSettings, CoopSettingsError, parse_coop
 from aggregator.mqttbroker import MosquittoBroker, find_mosquitto, free_port, make_test_certificates
 
 from .helpers import coop_states
@@ -140,8 +140,8 @@ async def test_sites_see_each_other_and_agree_on_the_average(broker: MosquittoBr
 
 WORKER = """
 import asyncio, json, sys
-from aggregator.coop.mqtt import CoopSite
-from aggregator.coop.settings import parse_coop
+from aggregator.features.coop.site import CoopSite
+from aggregator.features.coop.settings import parse_coop
 
 async def main():
     site = CoopSite(parse_coop(json.loads(sys.argv[1])))
@@ -340,7 +340,7 @@ async def test_the_example_broker_config_runs(tmp_path: Path) -> None:
 async def test_the_dbus_curtailment_adapter_writes_the_path(bus_address: str) -> None:
     from aggregator.bus.lib import connect
     from aggregator.bus.service import VeService
-    from aggregator.coop.mqtt import DbusCurtailAdapter
+    from aggregator.features.coop.site import DbusCurtailAdapter
 
     charger = VeService(await connect(), "com.victronenergy.solarcharger.coop_test")
     charger.add_mandatory_paths(process_name="t", process_version="1", connection="t", device_instance=290,
@@ -468,7 +468,7 @@ async def _site_b_on_the_bus(broker: MosquittoBroker, busctl: Any, name: str, de
     its /Coop/<path> with busctl. site-a's retained state is cleared at the end."""
     from aggregator.bus.lib import connect
     from aggregator.bus.service import VeService
-    from aggregator.coop.runtime import CoopRuntime
+    from aggregator.features.coop.runtime import CoopRuntime
 
     service = VeService(await connect(), name)
     service.add_mandatory_paths(process_name="t", process_version="1", connection="t",

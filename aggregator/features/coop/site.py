@@ -21,19 +21,19 @@ import json
 import logging
 import random
 import re
-import ssl
 import time
 from collections import Counter
 from typing import Any, Callable, Protocol
 
 import aiomqtt
 
-from ..bounded import bounded_text
+from ...bounded import bounded_text
+from ...mqtt.link import client_tls
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)
 from .settings import CoopSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aggregator.coop.mqtt")
 
 MAX_PAYLOAD = 4096  # a state is ~250 bytes; anything far larger is not one
 MAX_LOGGED = 200  # characters of a peer's text (a reason quoting its values, a topic) in a log line or status
@@ -76,7 +76,7 @@ class DbusCurtailAdapter:
         self.released_value = released_value
 
     async def apply(self, curtailed: bool) -> None:
-        from ..bus.client import set_value  # D-Bus only where it is used: the MQTT side runs without it
+        from ...bus.client import set_value  # D-Bus only where it is used: the MQTT side runs without it
 
         value = self.curtailed_value if curtailed else self.released_value
         code = await set_value(self.bus, self.service, self.path, value)
@@ -196,17 +196,12 @@ class CoopSite:
 
     # --- the MQTT side ----------------------------------------------------------------------------------
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        if not self.broker.tls:
-            return None
-        return ssl.create_default_context(cafile=self.broker.caFile)
-
     def _make_client(self) -> aiomqtt.Client:
         return aiomqtt.Client(
             self.broker.host, self.broker.port, username=self.settings.username, password=self.broker.password,
             identifier=f"coop-{self.site_id}", keepalive=self.broker.keepaliveSeconds,
             will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
-            tls_context=self._tls_context(), timeout=10)
+            tls_context=client_tls(self.broker), timeout=10)
 
     async def run(self) -> None:
         """Connect, and reconnect after a lost link with back-off (doubling, with jitter) until cancelled."""

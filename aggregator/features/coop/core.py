@@ -51,7 +51,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import IO, Any, Callable, Hashable, Iterable, Mapping
 
-from ..bounded import bounded_repr
+from ...bounded import bounded_repr
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _SITE_ID = re.compile(SITE_ID_PATTERN)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from ..validation import format_validation_error, is_loopback
+from ...validation import format_validation_error, is_loopback
 from .core import MAX_CAPACITY_KWH, SITE_ID_PATTERN, PeerPolicy, SiteSettings
 
 SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]

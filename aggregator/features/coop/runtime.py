@@ -14,14 +14,14 @@ import os
 import time
 from typing import Any, Callable, Protocol
 
-from ..bus import client
-from ..bus.service import VeService
-from ..state import StateStore
+from ...bus import client
+from ...bus.service import VeService
+from ...state import StateStore
 from .core import Account, Ledger, PeerState, SiteTarget
-from .mqtt import CoopSite, DbusCurtailAdapter
+from .site import CoopSite, DbusCurtailAdapter
 from .settings import CoopSettings
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.coop.runtime")
 
 SYSTEM = "com.victronenergy.system"
 PREFIX = "/Coop"
