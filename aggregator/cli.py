@@ -28,7 +28,7 @@ def _on_bus(command: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run
+    from .host.daemon import run
 
     logging.basicConfig(level=args.log_level or "INFO", format=_LOG_FORMAT)
     return asyncio.run(run(args.config, exit_delay=args.exit_delay, log_level=args.log_level))

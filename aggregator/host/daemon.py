@@ -17,11 +17,11 @@ import os
 import signal
 from pathlib import Path
 
-from .battery.service import Aggregator
-from .bus.lib import LIBRARY
-from .config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
-from .features.grid_battery.runtime import GridBatteries
-from .state import StateStore
+from ..battery.service import Aggregator
+from ..bus.lib import LIBRARY
+from ..config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
+from ..features.grid_battery.runtime import GridBatteries
+from ..state import StateStore
 
 _LOG = logging.getLogger("aggregator")
 FILE_CHECK_INTERVAL = 5.0
