@@ -46,7 +46,7 @@ case "$cmd" in
     setup) setup ;;
     demo) setup; exec .venv/bin/python -m aggregator demo "$@" ;;
     test) setup; exec .venv/bin/python -m pytest "$@" ;;
-    bench) setup; exec .venv/bin/python -m aggregator.bench "$@" ;;
+    bench) setup; exec .venv/bin/python -m aggregator_dev.bench "$@" ;;
     shell) setup; exec bash --rcfile <(echo '. .venv/bin/activate') ;;
     gx-check) setup; exec .venv/bin/python setup/gx_check.py "$@" ;;
     *) echo "usage: ./run.sh demo|test|setup|bench|shell|gx-check" >&2; exit 2 ;;

@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aggregator.bench import machine, read_json_line  # noqa: E402
+from aggregator_dev.bench import machine, read_json_line  # noqa: E402
 from aggregator.privatebus import PrivateBus  # noqa: E402
 
 BASELINE = REPO / "bench" / "baseline.json"

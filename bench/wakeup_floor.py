@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.bench import machine  # noqa: E402
+from aggregator_dev.bench import machine  # noqa: E402
 
 
 async def _read(sock: socket.socket) -> int:

@@ -1,6 +1,6 @@
 """Benchmark of the bus layer: N members publishing at R Hz, watched by our monitor.
 
-    python -m aggregator.bench [--members 16] [--rate 2] [--paths 8] [--duration 10]   (or ./run.sh bench ...)
+    python -m aggregator_dev.bench [--members 16] [--rate 2] [--paths 8] [--duration 10]   (or ./run.sh bench ...)
 
 Three processes on a private dbus-daemon: a publisher (N services, each on its own connection, sending one
 ItemsChanged with `--paths` changed values per update), a watcher (our ServiceMonitor, the client side the
@@ -42,7 +42,7 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    from .bus.lib import LIBRARY
+    from aggregator.bus.lib import LIBRARY
 
     versions = ", ".join(f"{lib} {_version(lib)}" for lib in (LIBRARY, "pydantic", "numpy"))
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {versions}"
@@ -58,8 +58,8 @@ def _version(dist: str) -> str:
 # ---- roles -----------------------------------------------------------------------------------------------
 
 async def _publisher(members: int, rate: float, paths: int, duration: float) -> dict[str, Any]:
-    from .bus.lib import connect
-    from .bus.service import VeService
+    from aggregator.bus.lib import connect
+    from aggregator.bus.service import VeService
 
     services = []
     for i in range(members):
@@ -94,8 +94,8 @@ async def _publisher(members: int, rate: float, paths: int, duration: float) -> 
 
 
 async def _watcher(members: int, duration: float) -> dict[str, Any]:
-    from .bus.lib import connect
-    from .bus.monitor import ServiceMonitor, WatchedService
+    from aggregator.bus.lib import connect
+    from aggregator.bus.monitor import ServiceMonitor, WatchedService
 
     latencies: list[float] = []
     started_at = time.monotonic()
@@ -125,7 +125,7 @@ async def _watcher(members: int, duration: float) -> dict[str, Any]:
 
 def _start_role(role: str, args: argparse.Namespace, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "aggregator.bench", "--role", role, "--members", str(args.members), "--rate",
+        [sys.executable, "-m", "aggregator_dev.bench", "--role", role, "--members", str(args.members), "--rate",
          str(args.rate), "--paths", str(args.paths), "--duration", str(args.duration)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -140,7 +140,7 @@ def read_json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .privatebus import PrivateBus
+    from aggregator.privatebus import PrivateBus
 
     with PrivateBus() as bus:
         env = bus.env()
@@ -191,7 +191,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aggregator.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m aggregator_dev.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--rate", type=float, default=2.0, help="updates per member per second")
     parser.add_argument("--paths", type=int, default=8, help="changed paths per update")
