@@ -34,9 +34,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(run(args.config, exit_delay=args.exit_delay, log_level=args.log_level))
 
 
+def _without_dev_tools(command: str) -> bool:
+    """The simulator and the demo are development tools: a GX install does not have them. Says so (True)."""
+    if importlib.util.find_spec("aggregator_dev") is not None:
+        return False
+    print(f"battery-aggregator {command}: a development tool, not part of this install; run it from a checkout "
+          "of the project (./run.sh setup)", file=sys.stderr)
+    return True
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulator.bus_bank import simulate
-    from .simulator.scenario import ScenarioError, load_scenario, with_pack_count
+    if _without_dev_tools("simulate"):
+        return 2
+    from aggregator_dev.simulator.bus_bank import simulate
+    from aggregator_dev.simulator.scenario import ScenarioError, load_scenario, with_pack_count
 
     logging.basicConfig(level=args.log_level or "INFO", format=_LOG_FORMAT)
     try:
@@ -62,9 +73,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fault(args: argparse.Namespace) -> int:
+    if _without_dev_tools("fault"):
+        return 2
+    from aggregator_dev.simulator.bus_bank import CONTROL_SERVICE
+
     from .bus import client
     from .bus.lib import connect
-    from .simulator.bus_bank import CONTROL_SERVICE
 
     async def main() -> int:
         bus = await connect()
@@ -85,7 +99,9 @@ def _cmd_fault(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main
+    if _without_dev_tools("demo"):
+        return 2
+    from aggregator_dev.demo import main
 
     logging.basicConfig(level="WARNING", format=_LOG_FORMAT)
     return main(args.scenario, args.duration, args.refresh, everything=args.all)

@@ -140,7 +140,7 @@ def read_json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from aggregator.privatebus import PrivateBus
+    from aggregator_dev.privatebus import PrivateBus
 
     with PrivateBus() as bus:
         env = bus.env()

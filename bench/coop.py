@@ -435,7 +435,7 @@ def liar_specs(fault: str) -> list[SiteSpec]:
 def liar_case(scale: float, hours: float) -> bool:
     """Both kinds of liar; True when the honest sites kept at least two thirds of their energy each time."""
     from aggregator.features.coop.settings import CoopSettings
-    from aggregator.mqttbroker import MosquittoBroker
+    from aggregator_dev.mqttbroker import MosquittoBroker
 
     print(f"## A registered peer that always claims 0 %: {hours:g} h, two honest 10 kWh sites\n")
     print("| liar | honest levels (start -> end) | delivered for the fleet kWh | what the honest sites say |")
@@ -504,7 +504,7 @@ def main() -> int:
     args.scale = args.scale or 4000.0
     if not 5 <= args.sites <= 20:
         parser.error("--sites must be 5 to 20")
-    from aggregator.mqttbroker import MosquittoBroker
+    from aggregator_dev.mqttbroker import MosquittoBroker
 
     specs = make_specs(args.sites, args.seed)
     duration = args.days * DAY

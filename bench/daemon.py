@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aggregator_dev.bench import machine, read_json_line  # noqa: E402
-from aggregator.privatebus import PrivateBus  # noqa: E402
+from aggregator_dev.privatebus import PrivateBus  # noqa: E402
 
 BASELINE = REPO / "bench" / "baseline.json"
 SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True), "idle": (16, 0.05, False)}

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.features.dispatcher.simulation import CONTROLLERS, FAULT_SCENARIOS, SCENARIOS, Metrics, run  # noqa: E402
+from aggregator_dev.dispatch_simulation import CONTROLLERS, FAULT_SCENARIOS, SCENARIOS, Metrics, run  # noqa: E402
 
 METRICS = [  # (field, column title, format)
     ("settle_s", "settle s", "{:.1f}"),

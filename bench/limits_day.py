@@ -37,7 +37,7 @@ from aggregator.limits.controller import ChargeControl, MemberInput  # noqa: E40
 from aggregator.config import parse_config  # noqa: E402
 from aggregator.limits.formulas import DvccLimits  # noqa: E402
 from aggregator.battery.sanitize import check_values  # noqa: E402
-from aggregator.simulator.physics import Bank, Pack, PackParams  # noqa: E402
+from aggregator_dev.simulator.physics import Bank, Pack, PackParams  # noqa: E402
 
 PACKS = [
     PackParams(name="A 280Ah", service="a", capacity_ah=280, r_mohm=6, soc=20, temperature_c=22,

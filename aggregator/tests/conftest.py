@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from aggregator.config import Config
-from aggregator.privatebus import PrivateBus
+from aggregator_dev.privatebus import PrivateBus
 
 
 REPO = Path(__file__).resolve().parents[2]

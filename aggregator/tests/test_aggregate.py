@@ -14,7 +14,7 @@ import pytest
 from aggregator.bus import client
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
-from aggregator.privatebus import PrivateBus
+from aggregator_dev.privatebus import PrivateBus
 
 from .conftest import Busctl, Processes
 from .helpers import eventually
@@ -32,7 +32,7 @@ def bus_address(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 async def start_settings(store: Path | None = None) -> Any:
     """Victron's localsettings stand-in on the test's bus: on a GX it is always there."""
-    from aggregator.simulator.localsettings import serve
+    from aggregator_dev.simulator.localsettings import serve
 
     return await serve(str(store) if store else None)
 

@@ -24,8 +24,19 @@ def test_help_explains_each_command() -> None:
     assert "SCENARIO" in _cli("simulate", "--help").stdout
 
 
+def test_the_development_commands_say_they_are_not_installed_where_the_dev_tools_are_not() -> None:
+    """A GX install ships the service, not aggregator_dev: simulate, fault and demo say so instead of a traceback."""
+    for command in (["simulate"], ["fault", "0", "quiet"], ["demo", "--duration", "1"]):
+        code = ("import sys; sys.modules['aggregator_dev'] = None; from aggregator.cli import main; "
+                f"raise SystemExit(main({command!r}))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "a development tool, not part of this install" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_simulate_help_names_every_bundled_scenario() -> None:
-    from aggregator.simulator.scenario import available_scenarios
+    from aggregator_dev.simulator.scenario import available_scenarios
 
     text = " ".join(_cli("simulate", "--help").stdout.split())
     missing = [name for name in available_scenarios() if name not in text]
@@ -103,7 +114,7 @@ def test_the_demo_shows_a_quiet_bank_online_as_the_aggregate_does(tmp_path: Path
 
 def test_the_demo_screen_fits_100_columns() -> None:
     from aggregator.bus.monitor import WatchedService
-    from aggregator.liveview import AGGREGATE_PRODUCT, GRID_PRODUCT, VIRTUAL_PRODUCT, render
+    from aggregator_dev.liveview import AGGREGATE_PRODUCT, GRID_PRODUCT, VIRTUAL_PRODUCT, render
 
     def battery(name: str, product: str, **values: object) -> WatchedService:
         return WatchedService(f"com.victronenergy.battery.{name}", ":1.1", 1, {

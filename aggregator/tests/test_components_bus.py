@@ -18,7 +18,7 @@ from aggregator.bus.lib import connect
 from aggregator.bus import client
 from aggregator.bus.service import VeService
 from aggregator.features.coop.site import CoopSite
-from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
+from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto
 
 from .conftest import REPO, Processes
 from .helpers import eventually

@@ -441,7 +441,7 @@ def test_the_page_knows_loopback_hosts_as_python(page: Any, host: str) -> None:
 # mirrored in the page, which MIRRORED_VALIDATORS lists (test_the_page_mirrors_every_validator_of_the_model).
 
 def _demo_config() -> dict[str, Any]:
-    from aggregator.demo import DEMO_CONFIG
+    from aggregator_dev.demo import DEMO_CONFIG
 
     return DEMO_CONFIG
 

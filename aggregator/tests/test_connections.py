@@ -13,7 +13,7 @@ import pytest
 
 from aggregator.bus import client, service as service_module
 from aggregator.bus.lib import connect
-from aggregator.privatebus import PrivateBus
+from aggregator_dev.privatebus import PrivateBus
 
 from .conftest import Processes
 from .helpers import eventually
@@ -75,7 +75,7 @@ async def test_a_huge_custom_name_in_localsettings_is_cut_and_the_service_stays(
     as is, and our next GetItems reply was larger than the bus allows (the bus dropped us: exit 2, and since
     the setting stays, again after every restart)."""
     from aggregator.battery.service import custom_name_setting
-    from aggregator.simulator.localsettings import serve
+    from aggregator_dev.simulator.localsettings import serve
 
     _, processes = small_bus
     stand_in = await serve()

@@ -20,7 +20,7 @@ import pytest
 from aggregator.features.coop.core import PeerState, fleet_average, fleet_transfers
 from aggregator.features.coop.site import CoopSite
 from aggregator.features.coop.settings import BrokerSettings, CoopSettingsError, parse_coop
-from aggregator.mqttbroker import MosquittoBroker, find_mosquitto, free_port, make_test_certificates
+from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto, free_port, make_test_certificates
 
 from .helpers import coop_states
 
@@ -620,7 +620,7 @@ async def _households_metered(coop: Any, least_wh: float) -> dict[str, Any]:
     ledgers) and return the truth over that time, the states read over MQTT and the system values beside them."""
     from aggregator.bus import client as bus_client
     from aggregator.bus.lib import connect
-    from aggregator.simulator.household import SYSTEM_SERVICE, TRUTH_PREFIX
+    from aggregator_dev.simulator.household import SYSTEM_SERVICE, TRUTH_PREFIX
 
     aggregate = "com.victronenergy.battery.aggregator"
     buses = {name: await connect(address) for name, address in coop.info()["sites"].items()}
@@ -684,7 +684,7 @@ def test_each_household_meters_v_equals_p_plus_l_minus_t_end_to_end(tmp_path: Pa
     import csv
     import io
 
-    from aggregator.demo import Cooperative
+    from aggregator_dev.demo import Cooperative
 
     coop = Cooperative(tmp_path / "coop", publish_seconds=1.0)
     try:

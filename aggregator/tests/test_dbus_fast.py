@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aggregator.bus.lib import connect
 from aggregator.bus.monitor import ServiceMonitor
-from aggregator.simulator.bus_bank import CONTROL_SERVICE
+from aggregator_dev.simulator.bus_bank import CONTROL_SERVICE
 
 from .conftest import Busctl, Processes
 from .helpers import eventually

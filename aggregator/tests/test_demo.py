@@ -15,8 +15,8 @@ import pytest
 
 from aggregator.bus import client
 from aggregator.bus.lib import connect
-from aggregator.demo import COOP_HOUSEHOLDS, DISPATCH_TARGETS_W
-from aggregator.mqttbroker import find_mosquitto
+from aggregator_dev.demo import COOP_HOUSEHOLDS, DISPATCH_TARGETS_W
+from aggregator_dev.mqttbroker import find_mosquitto
 
 from .helpers import REPO, coop_states
 

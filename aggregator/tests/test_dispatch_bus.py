@@ -75,7 +75,7 @@ class Sims:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.address, PYTHONUNBUFFERED="1")
         log = open(self.tmp / f"sim_{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "aggregator.simulator.controllable", "--name", name,
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator_dev.simulator.controllable", "--name", name,
                                  "--layout", "generic", "--rate", "10", "--lag", "1.0", *args],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc

@@ -25,8 +25,8 @@ from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
 from aggregator.features.dispatcher.runtime import DispatcherRuntime
 from aggregator.features.dispatcher.settings import parse_dispatcher_config
-from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
-from aggregator.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
+from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto
+from aggregator_dev.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
 
 from .conftest import REPO
 from .helpers import eventually

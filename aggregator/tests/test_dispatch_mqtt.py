@@ -17,8 +17,8 @@ from aggregator.mqtt import hass
 from aggregator.features.dispatcher.core.controller import BatteryReading
 from aggregator.features.dispatcher.runtime import DispatcherRuntime, fleet_energy_kwh
 from aggregator.features.dispatcher.settings import parse_dispatcher_config
-from aggregator.mqttbroker import MosquittoBroker, find_mosquitto
-from aggregator.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
+from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto
+from aggregator_dev.simulator.controllable import ControllableBattery, ControllableOnBus, ControllableParams, run_mqtt
 
 from .helpers import eventually
 

@@ -200,7 +200,7 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
     meter_name = f"{bank.tag}meter"
     grid = bank.name("grid")
     env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus_address)
-    meter = subprocess.Popen([sys.executable, "-m", "aggregator.simulator.grid_meter", "--name", meter_name,
+    meter = subprocess.Popen([sys.executable, "-m", "aggregator_dev.simulator.grid_meter", "--name", meter_name,
                               "--time-scale", "600", "--start", "2024-06-21T09:00", "--rate", "5"],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -51,7 +51,7 @@ def rss_kib(pid: int) -> int:
 
 
 async def test_losing_the_bus_ends_the_daemon_promptly_with_status_2(processes: Processes, tmp_path: Path) -> None:
-    from aggregator.privatebus import PrivateBus
+    from aggregator_dev.privatebus import PrivateBus
 
     with PrivateBus() as own_bus:
         name = "com.victronenergy.battery.lonely"

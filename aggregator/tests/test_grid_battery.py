@@ -14,7 +14,7 @@ from aggregator.features.grid_battery.core import (PROFILE_HEADER, GridBattery, 
                                                    history_rows_csv, parse_month_day, profile_csv_line, resolution_of)
 from aggregator.features.grid_battery.settings import GridBatterySettingsError, parse_settings
 from aggregator.features.grid_battery.runtime import resolve_meter
-from aggregator.simulator.grid_meter import HouseholdProfile, MeterModel
+from aggregator_dev.simulator.grid_meter import HouseholdProfile, MeterModel
 
 UTC = timezone.utc
 HOUR = 3600.0

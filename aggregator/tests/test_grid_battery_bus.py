@@ -25,7 +25,7 @@ from aggregator.bus.lib import connect
 from aggregator.features.grid_battery.runtime import (GRID_BATTERY_PRODUCT_ID, STATE_FILE, GridBatteryService,
                                                       history_csv)
 from aggregator.features.grid_battery.settings import GridBatterySettings
-from aggregator.simulator.grid_meter import parse_start
+from aggregator_dev.simulator.grid_meter import parse_start
 
 from .conftest import REPO, Busctl, Processes
 from .helpers import eventually
@@ -94,7 +94,7 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
         assert await set_value(busctl, battery, "/CustomName", "s", "Net metering") == 0
         assert await value(busctl, battery, "/CustomName") == "Net metering"
 
-        processes.start_module("aggregator.simulator.grid_meter", "--name", "house", "--time-scale", "0",
+        processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "house", "--time-scale", "0",
                       "--start", "2023-01-01", "--rate", "20")
         await on_bus(busctl, meter)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
@@ -176,7 +176,7 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
     meter = "com.victronenergy.grid.k9"
     scale, start = 3600.0, "2023-06-21T10:00"
     origin = time.time()
-    processes.start_module("aggregator.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
+    processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
                   "--rate", "10", "--device-instance", "31")
     config = json.dumps({"meter": 31, "capacityKwh": 0, "startDate": "2023-01-01", "startLevelKwh": 0,
                          "deviceInstance": 102, "serviceName": battery})
@@ -237,7 +237,7 @@ async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busc
     tag = str(resolution).replace(".", "")
     battery, meter = f"com.victronenergy.battery.gridq{tag}", f"com.victronenergy.grid.q{tag}"
     start = "2023-06-21T12:00"  # summer noon: ~4 kW export
-    processes.start_module("aggregator.simulator.grid_meter", "--name", f"q{tag}", "--time-scale", "0",
+    processes.start_module("aggregator_dev.simulator.grid_meter", "--name", f"q{tag}", "--time-scale", "0",
                            "--start", start, "--rate", "20", "--resolution", str(resolution),
                            "--device-instance", "40")
     settings = GridBatterySettings(meter=40, capacityKwh=0, startDate=date(2023, 1, 1), startLevelKwh=0,
@@ -275,7 +275,7 @@ async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processe
     zone in localsettings' /Settings/System/TimeZone, follow a change of it, and the CSV shows its times."""
     from zoneinfo import ZoneInfo
 
-    from aggregator.simulator.localsettings import serve
+    from aggregator_dev.simulator.localsettings import serve
 
     first_zone, second_zone = ("Etc/GMT-14", "Etc/GMT+12") if time.gmtime().tm_hour >= 12 else \
         ("Etc/GMT+12", "Etc/GMT-14")  # now on other dates than each other and than UTC
@@ -283,7 +283,7 @@ async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processe
     try:
         assert local.add("/Settings/System/TimeZone", first_zone, "s") == 0
         battery, utc = "com.victronenergy.battery.gridtz", {"TZ": "UTC"}
-        processes.start_module("aggregator.simulator.grid_meter", "--name", "tz", "--rate", "5",
+        processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "tz", "--rate", "5",
                                "--device-instance", "41", env=utc)
         state_dir = tmp_path / "state" / "grid" / "gridtz"
         config = json.dumps({"meter": 41, "startDate": "2020-01-01", "startLevelKwh": 0, "serviceName": battery,
@@ -326,7 +326,7 @@ async def test_a_new_grid_battery_keeps_its_level_after_a_kill_9_before_the_firs
     battery, meter = "com.victronenergy.battery.gridnew", "com.victronenergy.grid.new"
     scale, start = 3600.0, "2023-06-21T10:00"
     origin = time.time()
-    processes.start_module("aggregator.simulator.grid_meter", "--name", "new", "--time-scale", str(scale),
+    processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "new", "--time-scale", str(scale),
                            "--start", start, "--rate", "10", "--device-instance", "42")
     config = json.dumps({"meter": 42, "startDate": "2023-06-21", "startLevelKwh": 0, "serviceName": battery})
     state_dir = tmp_path / "state"
@@ -358,7 +358,7 @@ async def test_the_start_reading_counts_what_was_exported_before_the_first_sampl
     counters at the start, they count; without them the status says what is missing."""
     start = "2023-06-21T10:00"
     for name, instance in (("rd", "43"), ("nr", "44")):
-        processes.start_module("aggregator.simulator.grid_meter", "--name", name, "--time-scale", "0",
+        processes.start_module("aggregator_dev.simulator.grid_meter", "--name", name, "--time-scale", "0",
                                "--start", start, "--rate", "5", "--device-instance", instance,
                                "--forward", "50", "--reverse", "101.2")
     read = GridBatterySettings(meter=43, startDate=date(2023, 6, 21), startImportKwh=49.5, startExportKwh=100,
@@ -393,7 +393,7 @@ async def test_a_new_day_is_saved_at_once_the_one_time_reset_and_the_load_profil
     one-time reset date empties the battery at its midnight; the 15-minute profile is written and exported."""
     battery, meter, start = "com.victronenergy.battery.gridday", "com.victronenergy.grid.day", "2023-06-21T23:35"
     scale = 180.0  # three simulated minutes a second
-    processes.start_module("aggregator.simulator.grid_meter", "--name", "day", "--time-scale", "0",
+    processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "day", "--time-scale", "0",
                            "--start", start, "--rate", "5", "--device-instance", "45")
     settings = GridBatterySettings(meter=45, startDate=date(2023, 6, 21), startLevelKwh=5, capacityKwh=10,
                                    resetOnce=date(2023, 6, 22), serviceName=battery)
@@ -446,7 +446,7 @@ async def test_two_grid_batteries_get_their_own_instances_and_keep_their_custom_
     local = await start_settings(store)
     try:
         for name, instance in (("two1", "46"), ("two2", "47")):
-            processes.start_module("aggregator.simulator.grid_meter", "--name", name, "--time-scale", "0",
+            processes.start_module("aggregator_dev.simulator.grid_meter", "--name", name, "--time-scale", "0",
                                    "--rate", "2", "--device-instance", instance)
         first, second = "com.victronenergy.battery.gridtwo1", "com.victronenergy.battery.gridtwo2"
         config = tmp_path / "config.json"

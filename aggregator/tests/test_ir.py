@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import aggregator.limits.ir as ir
 from aggregator.limits.ir import EstimatorUnavailable, IrEstimate, IrEstimator, numpy_available
-from aggregator.simulator.physics import Bank, Pack, PackParams
+from aggregator_dev.simulator.physics import Bank, Pack, PackParams
 
 OCV = 53.2
 R = 0.008

@@ -16,7 +16,7 @@ from aggregator.limits.formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTE
                                         bank_current_limit, charge_voltage_limit, connection_evidence, over_current)
 from aggregator.limits.shares import ShareLearner
 from aggregator.battery.sanitize import check_values
-from aggregator.simulator.physics import Bank, Pack, PackParams
+from aggregator_dev.simulator.physics import Bank, Pack, PackParams
 
 
 def m(name: str, **kw: object) -> MemberLimits:

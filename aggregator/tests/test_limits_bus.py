@@ -18,8 +18,8 @@ from aggregator.bus import client
 from aggregator.bus.lib import Variant, connect
 from aggregator.bus.service import VeService
 from aggregator.bus.settings import LocalSettings, Setting
-from aggregator.simulator.physics import Bank as PhysicsBank
-from aggregator.simulator.physics import Pack
+from aggregator_dev.simulator.physics import Bank as PhysicsBank
+from aggregator_dev.simulator.physics import Pack
 
 from .conftest import Busctl, Processes
 from .helpers import CallWatch, eventually

@@ -12,24 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-from aggregator.simulator.physics import (  # noqa: E402
-    CELL_OCV_SOC,
-    Bank,
-    Pack,
-    PackParams,
-    cell_ocv,
-    cell_soc_from_ocv,
-    daily,
-    make_profile,
-    steps,
-)
-from aggregator.simulator.scenario import (  # noqa: E402
-    SCENARIO_DIR,
-    ScenarioError,
-    available_scenarios,
-    load_scenario,
-    parse_scenario,
-)
+from aggregator_dev.simulator.physics import (CELL_OCV_SOC, Bank, Pack, PackParams, cell_ocv, cell_soc_from_ocv, daily,
+                                              make_profile, steps)
+from aggregator_dev.simulator.scenario import (SCENARIO_DIR, ScenarioError, available_scenarios, load_scenario,
+                                               parse_scenario)
 
 
 def mkpack(service: str, cap: float = 100.0, r: float = 10.0, soc: float = 50.0, **kw) -> Pack:

@@ -12,7 +12,7 @@ from typing import Any
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
 from aggregator.bus.settings import SETTINGS_INTERFACE, SETTINGS_SERVICE, LocalSettings, Setting, device_instance_path
-from aggregator.simulator.localsettings import SettingsStandIn, serve
+from aggregator_dev.simulator.localsettings import SettingsStandIn, serve
 
 from .helpers import eventually
 

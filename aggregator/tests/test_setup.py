@@ -170,6 +170,7 @@ def test_install_writes_app_command_service_boot_line_and_config(root, env):
     a = app(root)
     assert (a / "aggregator" / "__init__.py").is_file()
     assert not (a / "aggregator" / "tests").exists()
+    assert not (a / "aggregator_dev").exists() and not (a / "aggregator" / "simulator").exists()
     assert os.access(a / "check_config.sh", os.X_OK)
     assert os.access(a / "setup" / "boot.sh", os.X_OK) and (a / "setup" / "wheels.py").is_file()
     assert (a / "VERSION").read_text().strip() == __version__
@@ -607,6 +608,9 @@ def test_release_archive_members(archives):
                  "CHANGELOG.md", "docs/configuration.md", "docs/install.md"):
         assert f"{top}/{name}" in members, name
     assert not any("/tests/" in n or "__pycache__" in n or "gx_check" in n for n in members)
+    # The development tools (simulator, demo, private bus, broker, benchmarks) are not the GX's.
+    dev = ("aggregator_dev", "/simulator/", "/demo.py", "/liveview.py", "/privatebus.py", "/mqttbroker.py", "/bench.py")
+    assert not [n for n in members if any(d in n for d in dev)]
     for name in ("setup/install.sh", "setup/boot.sh", "setup/uninstall.sh", "setup/setuphelper/setup",
                  "check_config.sh"):
         assert members[f"{top}/{name}"].mode & 0o111, name

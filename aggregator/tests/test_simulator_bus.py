@@ -13,7 +13,7 @@ import pytest
 from aggregator.bus import client
 from aggregator.bus.lib import connect
 from aggregator.bus.monitor import ServiceMonitor
-from aggregator.simulator.bus_bank import CONTROL_SERVICE
+from aggregator_dev.simulator.bus_bank import CONTROL_SERVICE
 
 from .conftest import REPO, Busctl, Processes
 from .helpers import eventually

@@ -31,12 +31,12 @@ import signal
 import time
 from dataclasses import dataclass
 
-from .. import __version__
-from ..bus.lib import connect
-from ..bus.service import VeService
+from aggregator import __version__
+from aggregator.bus.lib import connect
+from aggregator.bus.service import VeService
 from .controllable import ControllableBattery, ControllableOnBus, ControllableParams
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.simulator.household")
 
 SYSTEM_SERVICE = "com.victronenergy.system"
 TRUTH_PREFIX = "com.batteryaggregator.household."

@@ -30,10 +30,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .bus import client
-from .bus.lib import Variant, connect
-from .bus.monitor import ServiceMonitor
-from .features.energy.runtime import ENERGY_INTERFACE
+from aggregator.bus import client
+from aggregator.bus.lib import Variant, connect
+from aggregator.bus.monitor import ServiceMonitor
+from aggregator.features.energy.runtime import ENERGY_INTERFACE
 from .liveview import coop_lines, dispatcher_lines, external_lines, render
 from .mqttbroker import MosquittoBroker
 from .privatebus import PrivateBus
@@ -213,7 +213,7 @@ class Cooperative:
             env = bus.env(_child_env())
             site_dir = self.workdir / name
             children = self.children[name] = _Children(site_dir, env)
-            children.start("household", "aggregator.simulator.household", "--name", name, "--capacity",
+            children.start("household", "aggregator_dev.simulator.household", "--name", name, "--capacity",
                            str(house.capacity_wh), "--soc", str(house.soc), "--pv", str(house.pv_w), "--load",
                            str(house.load_w), "--max-power", str(COOP_MAX_POWER_W), "--period", str(90 + 30 * i))
             config = coop_site_config(house, self.broker, self.passwords[name], site_dir / "state",
@@ -390,14 +390,14 @@ def main(scenario: str = "default", duration: float | None = None, refresh: floa
     children = _Children(workdir, private_bus.env(_child_env()))
     coop = Cooperative(workdir / "coop") if everything else None
     try:
-        children.start("localsettings", "aggregator.simulator.localsettings", "--store", str(workdir / "settings.json"))
+        children.start("localsettings", "aggregator_dev.simulator.localsettings", "--store", str(workdir / "settings.json"))
         children.start("simulator", "aggregator", "simulate", scenario)
         morning = datetime.now().replace(hour=8, minute=0, second=0, microsecond=0).isoformat()
-        children.start("grid-meter", "aggregator.simulator.grid_meter", "--name", "demo", "--time-scale",
+        children.start("grid-meter", "aggregator_dev.simulator.grid_meter", "--name", "demo", "--time-scale",
                        str(GRID_TIME_SCALE), "--start", morning, "--solar-peak", str(GRID_SOLAR_PEAK_W))
         if everything:
             for i, (name, args) in enumerate(DISPATCHED):
-                children.start(f"controllable-{name}", "aggregator.simulator.controllable", "--name", name,
+                children.start(f"controllable-{name}", "aggregator_dev.simulator.controllable", "--name", name,
                                "--layout", "generic", "--device-instance", str(60 + i), *args)
         children.start("aggregator", "aggregator", "run", "--config", str(workdir / "config.json"))
         info: dict[str, Any] = {"bus": address, "aggregate": AGGREGATE}

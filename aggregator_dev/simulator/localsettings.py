@@ -16,12 +16,12 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from ..bus.lib import Message, connect
-from ..bus.service import BUSITEM, VeService
-from ..bus.settings import SETTINGS_INTERFACE, SETTINGS_SERVICE, parse_class_and_instance
-from ..bus.values import unwrap, wrap
+from aggregator.bus.lib import Message, connect
+from aggregator.bus.service import BUSITEM, VeService
+from aggregator.bus.settings import SETTINGS_INTERFACE, SETTINGS_SERVICE, parse_class_and_instance
+from aggregator.bus.values import unwrap, wrap
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.simulator.localsettings")
 
 # localsettings' result codes
 OK = 0

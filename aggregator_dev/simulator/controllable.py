@@ -36,11 +36,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import __version__
-from ..bus.lib import connect
-from ..bus.service import VeService
+from aggregator import __version__
+from aggregator.bus.lib import connect
+from aggregator.bus.service import VeService
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.simulator.controllable")
 
 SIM_PRODUCT_ID = 0xB0F1
 LAYOUTS = ("acsystem", "generic")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Iterable
 
-from .bus.monitor import WatchedService
+from aggregator.bus.monitor import WatchedService
 
 AGGREGATE_PRODUCT = "Battery Aggregator"
 VIRTUAL_PRODUCT = "Virtual Battery"

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..validation import JsonFileError, format_validation_error, read_json
+from aggregator.validation import JsonFileError, format_validation_error, read_json
 from .physics import Bank, Pack, PackParams, make_profile
 
 __all__ = [

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from .. import __version__
-from ..bus.lib import MessageBus, connect
-from ..bus.service import VeService
+from aggregator import __version__
+from aggregator.bus.lib import MessageBus, connect
+from aggregator.bus.service import VeService
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.simulator.grid_meter")
 
 GRID_PREFIX = "com.victronenergy.grid."
 GRID_METER_PRODUCT_ID = 0xB0F2  # ours, like the simulated packs' 0xB0F0

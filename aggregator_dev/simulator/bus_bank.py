@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import __version__
-from ..battery.paths import text_format
-from ..bus.lib import LIBRARY, MessageBus, connect
-from ..bus.service import VeService
-from ..bus.settings import LocalSettings
+from aggregator import __version__
+from aggregator.battery.paths import text_format
+from aggregator.bus.lib import LIBRARY, MessageBus, connect
+from aggregator.bus.service import VeService
+from aggregator.bus.settings import LocalSettings
 from .physics import Pack
 from .scenario import Scenario
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("aggregator.simulator.bus_bank")
 
 BATTERY_PREFIX = "com.victronenergy.battery."
 CONTROL_SERVICE = "org.batteryaggregator.simulator"

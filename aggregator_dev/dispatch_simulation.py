@@ -16,9 +16,10 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .core.controller import BatteryReading, Dispatcher, DispatcherSettings, grid_zero_target, water_fill
-from .core.faults import FROZEN, INVERTED
-from .core.model import CHARGE, DISCHARGE
+from aggregator.features.dispatcher.core.controller import (BatteryReading, Dispatcher, DispatcherSettings,
+                                                            grid_zero_target, water_fill)
+from aggregator.features.dispatcher.core.faults import FROZEN, INVERTED
+from aggregator.features.dispatcher.core.model import CHARGE, DISCHARGE
 
 SIM_DT_S = 0.1
 CONTROL_PERIOD_S = 0.5
