@@ -1,7 +1,8 @@
 """What a config would do on the bus now: every battery service and the role it would get (check --live)."""
 from __future__ import annotations
 
-from .battery.service import BATTERY_PREFIX, role_config
+from .battery.publish import BATTERY_PREFIX
+from .battery.virtual import role_config
 from .bus.lib import connect
 from .bus.monitor import ServiceMonitor
 from .config import Config

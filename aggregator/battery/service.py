@@ -7,44 +7,38 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import json
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import __version__
-from .paths import resolution, text_format
-from ..bounded import MAX_TEXT
 from ..bus.lib import connect, soon
 from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
-from ..bus.settings import SETTINGS_SERVICE, LocalSettings, Setting
+from ..bus.settings import SETTINGS_SERVICE, LocalSettings
 from ..bus.watch import PathWatcher
-from ..limits.controller import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
 from ..components import Components, same_components
 from ..config import Config
 from ..features.energy.runtime import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
 from ..features.grid_battery.runtime import GRID_BATTERY_PRODUCT_ID
-from ..local_time import TIME_ZONE_PATH
+from ..limits.controller import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
 from ..limits.formulas import DvccLimits
-from .hooks import Hook, build_hook
-from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, RoleConfig, Roles, ServiceInfo,
-                         assign_roles, resolve)
-from .merge import LIMIT_PATHS, MODULES_OFFLINE, RULES, MemberView, Merge, MergeOptions, first_valid
+from ..local_time import TIME_ZONE_PATH
+from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, Roles, ServiceInfo, assign_roles,
+                         resolve)
+from .merge import LIMIT_PATHS, MODULES_OFFLINE, Merge, MergeOptions
+from .publish import (BATTERY_PREFIX, add_battery_path, custom_name_setting, json_list_text, member_label,
+                      publish_battery, unique_id)
+from .rows import DUPLICATE, LOST, ONLINE, STALE, write_limit_keys, write_row
 from .sanitize import check_value, check_values
+from .virtual import TIME_TO_GO, VIRTUAL_PRODUCT_NAME, VirtualBattery, role_config, virtual_battery_specs
 
 _LOG = logging.getLogger("aggregator")
 
-BATTERY_PREFIX = "com.victronenergy.battery."
 AGGREGATE_PRODUCT_ID = 0xBA01  # ours; outside the ids DVCC applies vendor quirks to
 VIRTUAL_PRODUCT_ID = 0xBA02
 AGGREGATE_PRODUCT_NAME = "Battery Aggregator"
-VIRTUAL_PRODUCT_NAME = "Virtual Battery"
-PREFERRED_INSTANCE = 200
 SYSTEM_SERVICE = "com.victronenergy.system"
 DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
               (SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeVoltage"),
@@ -62,82 +56,6 @@ STEADY_CURRENT = 5.0
 START_READ_WAIT = 1.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-# Paths of a service itself, never copied from a member into a virtual battery.
-_OWN_PATHS = frozenset({"/Mgmt/ProcessName", "/Mgmt/ProcessVersion", "/Mgmt/Connection", "/DeviceInstance",
-                        "/ProductId", "/ProductName", "/FirmwareVersion", "/HardwareVersion", "/Connected",
-                        "/CustomName", CHAIN_PATH})
-TIME_TO_GO = "/TimeToGo"
-_TIME_TO_GO_INPUTS = frozenset(RULES[TIME_TO_GO].inputs)
-
-# /Batteries/<n>/<key>: the member path each column shows (None: filled by the aggregator).
-BREAKDOWN: dict[str, str | None] = {
-    "Service": None, "Name": None, "State": None, "Serial": "/Serial", "Soc": "/Soc", "Voltage": "/Dc/0/Voltage",
-    "Current": "/Dc/0/Current", "Power": "/Dc/0/Power", "Capacity": "/Capacity",
-    "MaxChargeCurrent": "/Info/MaxChargeCurrent", "MaxDischargeCurrent": "/Info/MaxDischargeCurrent",
-    # Filled from the charge-limit controller:
-    "Share": None, "InternalResistance": None, "OpenCircuitVoltage": None, "ChargeLimit": None,
-    "DischargeLimit": None,
-}
-_ROW_DIGITS = {"InternalResistance": 5}  # ohms: 10 micro-ohms (the others follow their text formats)
-_BREAKDOWN_TEXT = {"Soc": "/Soc", "Voltage": "/Dc/0/Voltage", "Current": "/Dc/0/Current", "Power": "/Dc/0/Power",
-                   "Capacity": "/Capacity", "MaxChargeCurrent": "/Info/MaxChargeCurrent",
-                   "MaxDischargeCurrent": "/Info/MaxDischargeCurrent", "ChargeLimit": "/Info/MaxChargeCurrent",
-                   "DischargeLimit": "/Info/MaxDischargeCurrent", "OpenCircuitVoltage": "/Dc/0/Voltage"}
-ONLINE, STALE, LOST = "online", "stale", "lost"
-DUPLICATE = "duplicate"  # a row's State: the battery is counted through another member (see _sync_duplicates)
-
-
-_ROW_IDENTITY = frozenset({"Service", "Name", "State"})  # the row keys that are not the controller's
-
-
-@functools.lru_cache(maxsize=256)
-def _row_paths(slot: int) -> tuple[tuple[str, str, str | None], ...]:
-    """(path, key, member path or None) of a member row: built once per slot, not per refresh."""
-    return tuple((f"/Batteries/{slot}/{key}", key, source) for key, source in BREAKDOWN.items())
-
-
-def preferred_instance(service_name: str) -> int:
-    """Spread over 200..263 by name, so two of our services rarely ask for the same instance even while
-    localsettings (which resolves collisions) is absent."""
-    return PREFERRED_INSTANCE + zlib.crc32(unique_id(service_name).encode()) % 64
-
-
-def unique_id(service_name: str) -> str:
-    """Stable id for localsettings (device instance, CustomName): from the service name, never a tty."""
-    return "batteryaggregator_" + service_name.rsplit(".", 1)[-1]
-
-
-def add_battery_path(service: VeService, path: str, value: Any, kind: str | None = None) -> None:
-    """A battery path with the text format and resolution of its kind (a battery path; the path itself by
-    default); the charge limits as the controller computed them (it rounds them itself)."""
-    kind = path if kind is None else kind
-    service.add_path(path, value, text=text_format(kind), digits=None if kind in LIMIT_PATHS else resolution(kind))
-
-
-def custom_name_setting(service_name: str) -> str:
-    return f"/Settings/BatteryAggregator/{unique_id(service_name)}/CustomName"
-
-
-async def bind_custom_name(settings: LocalSettings, service: VeService) -> Callable[[], None]:
-    """A writeable /CustomName kept in localsettings, as Victron's services keep theirs; returns the unbinding."""
-    path = custom_name_setting(service.name)
-    await settings.add(Setting(path, ""))
-    return settings.bind(service, "/CustomName", path)
-
-
-async def publish_battery(settings: LocalSettings, name: str, product_name: str, product_id: int,
-                          connection: str, bus_address: str | None) -> VeService:
-    """A new battery service of ours on its own connection, with the mandatory paths, a reserved device
-    instance and a persisted /CustomName. Paths are added by the caller; register() is the caller's too."""
-    service = VeService(await connect(bus_address), name)
-    instance = await settings.reserve_device_instance(unique_id(name), "battery", preferred_instance(name))
-    service.add_mandatory_paths(process_name="battery-aggregator", process_version=__version__,
-                                connection=connection, device_instance=instance, product_id=product_id,
-                                product_name=product_name, firmware_version=__version__, hardware_version=None)
-    await bind_custom_name(settings, service)
-    return service
-
-
 @dataclass(slots=True)
 class MemberState:
     slot: int
@@ -147,73 +65,6 @@ class MemberState:
     probed_at: float = -1e9  # when a probe last started
     probing: bool = False
     current_at: float = -1e9  # when its current last changed
-
-
-class VirtualBattery:
-    """One `virtualBatteries` entry: per path, the first listed source with a valid value wins, where the
-    sources are its members and hooks in config order (FixedValueHook before all)."""
-
-    def __init__(self, name: str, entries: list[VirtualEntry]) -> None:
-        self.name = name
-        self.refs = [(i, e.ref, e.paths) for i, e in enumerate(entries) if e.hook is None]
-        self.hooks = [(-1 if e.hook.always_wins else i, e.hook) for i, e in enumerate(entries) if e.hook is not None]
-        self.members: dict[str, tuple[int, dict[str, Any], frozenset[str] | None]] = {}
-        self.service: VeService | None = None
-        self.dirty: set[str] = set()
-        self.registered = False
-        self._hook_paths: set[str] = set()
-
-    def ref_index(self, service: ServiceInfo, services: list[ServiceInfo]) -> tuple[int, frozenset[str] | None]:
-        for index, ref, wanted in self.refs:
-            if service.name in resolve(ref, services):
-                return index, wanted
-        return len(self.refs) + len(self.hooks), None
-
-    def set_member(self, name: str, index: int, values: dict[str, Any], wanted: frozenset[str] | None) -> None:
-        self.members[name] = (index, dict(values), wanted)
-        self.dirty.update(p for p in values if p not in _OWN_PATHS)
-
-    def update_member(self, name: str, changes: dict[str, Any]) -> None:
-        entry = self.members.get(name)
-        if entry is not None:
-            entry[1].update(changes)
-            self.dirty.update(p for p in changes if p not in _OWN_PATHS)
-
-    def remove_member(self, name: str) -> None:
-        entry = self.members.pop(name, None)
-        if entry is not None:
-            self.dirty.update(p for p in entry[1] if p not in _OWN_PATHS)
-
-    def compute(self) -> dict[str, Any]:
-        dirty, self.dirty = self.dirty, set()
-        members = [(i, values, wanted) for i, values, wanted in self.members.values()]
-        sources = sorted(members, key=lambda e: e[0])
-        if self.hooks:
-            # Hooks read the members' merge (the first member with a value), then stand in the list too.
-            member_sources = [(v, w) for _, v, w in sources]
-            merged = {p: first_valid(member_sources, p) for v, _ in member_sources for p in v}
-            hook_sources = [(i, hook.outputs(merged), None) for i, hook in self.hooks]
-            produced = {p for _, out, _ in hook_sources for p in out}
-            dirty |= produced | self._hook_paths  # a path a hook stopped setting falls back to the members
-            self._hook_paths = produced
-            sources = sorted(members + hook_sources, key=lambda e: e[0])
-        ordered = [(values, wanted) for _, values, wanted in sources]
-        out = {path: first_valid(ordered, path) for path in dirty if path not in _OWN_PATHS}
-        if TIME_TO_GO in dirty or not _TIME_TO_GO_INPUTS.isdisjoint(dirty):
-            # A member's own estimate wins; else the aggregate's rule over this battery's values.
-            out[TIME_TO_GO] = first_valid(ordered, TIME_TO_GO)
-            if out[TIME_TO_GO] is None:
-                view = MemberView(self.name, "", {p: first_valid(ordered, p) for p in _TIME_TO_GO_INPUTS})
-                out[TIME_TO_GO] = RULES[TIME_TO_GO].compute([view], MergeOptions())
-        return out
-
-    def has_voltage(self) -> bool:
-        return any(values.get("/Dc/0/Voltage") is not None for _, values, _ in self.members.values())
-
-    def label(self) -> str:
-        """Its name for people, as a member's: its CustomName, else its product name."""
-        name = self.service["/CustomName"] if self.service is not None and "/CustomName" in self.service else None
-        return name if isinstance(name, str) and name else VIRTUAL_PRODUCT_NAME
 
 
 class Aggregator:
@@ -920,23 +771,9 @@ class Aggregator:
         values = member.values if member is not None else {}
         watched = self.monitor.services.get(name) if self.monitor is not None else None
         label = member.label if member is not None else (member_label(watched) if watched else name)
-        present = state.state != LOST
-        limit_row = self._limit_rows.get(name, {})
-        with service.batch():
-            for path, key, source in _row_paths(state.slot):
-                if source is not None:
-                    value = values.get(source) if present else None
-                elif key == "Service":
-                    value = name
-                elif key == "Name":
-                    value = label
-                elif key == "State":
-                    value = DUPLICATE if name in self._duplicates and state.state != LOST else state.state
-                else:
-                    value = limit_row.get(key) if present else None
-                if not service.set_value_if_present(path, value):
-                    service.add_path(path, value, text=text_format(_BREAKDOWN_TEXT.get(key, "")),
-                                     digits=_ROW_DIGITS.get(key, resolution(_BREAKDOWN_TEXT.get(key, ""))))
+        shown = DUPLICATE if name in self._duplicates and state.state != LOST else state.state
+        write_row(service, state.slot, name, label, shown, values if state.state != LOST else None,
+                  self._limit_rows.get(name, {}))
 
     def _stands_for(self, name: str) -> str:
         """The member that stands for the battery a duplicate publishes."""
@@ -945,12 +782,8 @@ class Aggregator:
     def _limit_keys(self, service: VeService, name: str) -> None:
         """The controller's keys of a member row, after a limit computation changed them."""
         state = self.members.get(name)
-        if state is None or state.state == LOST:
-            return
-        limit_row = self._limit_rows.get(name, {})
-        for path, key, source in _row_paths(state.slot):
-            if source is None and key not in _ROW_IDENTITY:
-                service.set_value_if_present(path, limit_row.get(key))
+        if state is not None and state.state != LOST:
+            write_limit_keys(service, state.slot, self._limit_rows.get(name, {}))
 
     def _membership_paths(self, service: VeService, merged: dict[str, Any]) -> None:
         duplicates = self._duplicates
@@ -1076,61 +909,3 @@ class Aggregator:
                     self._spawn(self._probe(name, state, timeout))
             if self._membership_changed:
                 self._schedule_flush()
-
-
-def member_label(service: WatchedService) -> str:
-    """A short name for people: the CustomName, else the product name, else the service suffix (a name too
-    large to publish is no name)."""
-    for path in ("/CustomName", "/ProductName"):
-        value = check_value(path, service.values.get(path))[0]
-        if isinstance(value, str) and value:
-            return value
-    return service.name.rsplit(".", 1)[-1]
-
-
-def json_list_text(items: list[str]) -> str:
-    """A list of texts as one JSON text ('[]' when empty: an empty array reads as invalid through Victron's MQTT
-    bridge), within the size limit: the items that fit, then how many more there are."""
-    kept = list(items)
-    text = json.dumps(kept, ensure_ascii=False)
-    while len(text) > MAX_TEXT and kept:
-        kept.pop()
-        text = json.dumps(kept + [f"+{len(items) - len(kept)} more"], ensure_ascii=False)
-    return text
-
-
-@dataclass(frozen=True, slots=True)
-class VirtualEntry:
-    """One entry of a virtual battery's list: a member reference (with its paths, None = all) or a hook."""
-
-    ref: str
-    paths: frozenset[str] | None = None
-    hook: Hook | None = None
-
-
-def role_config(config: Config) -> RoleConfig:
-    def refs(spec: Any) -> tuple[str, ...]:
-        return tuple(spec) if isinstance(spec, (list, dict)) else ()
-
-    virtual = {name: tuple(e.ref for e in entries if e.hook is None)
-               for name, entries in virtual_battery_specs(config).items()}
-    # Our grid batteries are listed as excluded, so `check --live` shows them so.
-    excluded = tuple(config.excludedServices) + tuple(g.serviceName for g in config.gridBatteries)
-    return RoleConfig(own_names=frozenset({config.serviceName}), excluded=excluded,
-                      primary=refs(config.primaryServices), auxiliary=refs(config.auxiliaryServices),
-                      virtual_members=virtual)
-
-
-def virtual_battery_specs(config: Config) -> dict[str, list[VirtualEntry]]:
-    """name -> its entries in config order, from either form (list, or member -> paths)."""
-    specs = {}
-    for name, spec in config.virtualBatteries.items():
-        items = spec.items() if isinstance(spec, dict) else ((ref, []) for ref in spec)
-        entries = []
-        for ref, paths in items:
-            if ref.startswith("class:"):
-                entries.append(VirtualEntry(ref, None, build_hook(ref[len("class:"):], config.classes)))
-            else:
-                entries.append(VirtualEntry(ref, frozenset(paths) if paths else None))
-        specs[name] = entries
-    return specs

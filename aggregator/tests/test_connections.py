@@ -74,7 +74,7 @@ async def test_a_huge_custom_name_in_localsettings_is_cut_and_the_service_stays(
     """The write limit covered SetValue on our own paths only: a name written into localsettings was published
     as is, and our next GetItems reply was larger than the bus allows (the bus dropped us: exit 2, and since
     the setting stays, again after every restart)."""
-    from aggregator.battery.service import custom_name_setting
+    from aggregator.battery.publish import custom_name_setting
     from aggregator_dev.simulator.localsettings import serve
 
     _, processes = small_bus

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aggregator.battery.service import preferred_instance
+from aggregator.battery.publish import preferred_instance
 from aggregator.bus import client
 
 from .conftest import REPO, Busctl, Processes

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ... import __version__
 from ...battery.paths import text_format
+from ...battery.publish import bind_custom_name, preferred_instance, unique_id
 from ...bus.lib import MessageBus, connect
 from ...bus.monitor import ServiceMonitor, WatchedService
 from ...bus.service import VeService
@@ -184,8 +185,6 @@ class GridBatteryService:
     # ---- life cycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from ...battery.service import bind_custom_name, preferred_instance, unique_id  # the aggregate imports us
-
         self._load()
         name = self.settings.serviceName
         service = VeService(self.bus, name)
