@@ -165,7 +165,7 @@ async def test_faults_injected_at_run_time(simulator: Any, busctl: Busctl, proce
 
 def test_a_bad_scenario_is_refused_with_the_key_and_value(tmp_path: Path, bus_address: str) -> None:
     bad = tmp_path / "bad.json"
-    scenario = json.loads((REPO / "aggregator/simulator/scenarios/default.json").read_text())
+    scenario = json.loads((REPO / "aggregator_dev/simulator/scenarios/default.json").read_text())
     scenario["packs"][1]["soc"] = 150
     bad.write_text(json.dumps(scenario))
     result = subprocess.run([sys.executable, "-m", "aggregator", "simulate", str(bad)], capture_output=True,

@@ -1,6 +1,6 @@
 """Scenario files for the simulator: pydantic v2 models + loader.
 
-``load_scenario("default")`` reads ``aggregator/simulator/scenarios/default.json``;
+``load_scenario("default")`` reads ``aggregator_dev/simulator/scenarios/default.json``;
 any other argument is treated as a path. Every problem is reported as a
 :class:`ScenarioError` naming the key path, the bad value and what is allowed.
 """
