@@ -18,13 +18,13 @@ from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
 from ..bus.settings import SETTINGS_SERVICE, LocalSettings
 from ..bus.watch import PathWatcher
-from ..components import Components, same_components
 from ..config import Config
-from ..features.energy.runtime import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
+from ..features import standard_features
+from ..features.base import Feature
+from ..features.energy.feature import EnergyFeature
 from ..features.grid_battery.runtime import GRID_BATTERY_PRODUCT_ID
 from ..limits.controller import LIMIT_INPUTS, ChargeControl, MemberInput, Note, one_pack
 from ..limits.formulas import DvccLimits
-from ..local_time import TIME_ZONE_PATH
 from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER, Roles, ServiceInfo, assign_roles,
                          resolve)
 from .merge import LIMIT_PATHS, MODULES_OFFLINE, Merge, MergeOptions
@@ -69,7 +69,7 @@ class MemberState:
 
 class Aggregator:
     def __init__(self, config: Config, bus_address: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, features: list[Feature] | None = None) -> None:
         self.config = config
         self.bus_address = bus_address
         self.clock = clock
@@ -116,9 +116,17 @@ class Aggregator:
         self._limits_at = -1e9  # when the limits were last computed
         self._limits_due = False  # measurements changed since: the next tick recomputes
         self._store: Any = None
-        self.energy = EnergyTracker(config.energy, config.stateDir)
-        self._http: ReportHttpServer | None = None
-        self.components: Components | None = None
+        # The energy feature is the aggregate's own: its tracker also says which service stands for a pack seen
+        # twice (see _sync_duplicates). The others come from the host (the standard set by default).
+        self.energy_feature = EnergyFeature(config)
+        self.energy = self.energy_feature.tracker
+        self.features: list[Feature] = [self.energy_feature,
+                                        *(standard_features(config) if features is None else features)]
+        self._readers = [f for f in self.features if f.reads]  # the hot path asks only these
+        self._setting_readers: dict[tuple[str, str], list[Feature]] = {}
+        for feature in self.features:
+            for watched in feature.watches:
+                self._setting_readers.setdefault(watched, []).append(feature)
         # Batteries on the bus at start that have not answered their first read yet: each may be a member whose
         # limits are unknown, so the CCL stays 0 until they answer or their read times out.
         self._awaiting: set[str] = set()
@@ -130,23 +138,19 @@ class Aggregator:
         self.settings = LocalSettings(bus)
         await self.settings.start()
         self._load_state()
-        self.energy.load()
+        for feature in self.features:
+            feature.load()
+        # One watcher for every setting we and the features follow, as each watcher's handler sees every member
+        # signal on this connection.
         self.watcher = PathWatcher(bus, self._on_setting_change)
-        for service, path in DVCC_PATHS:
+        for service, path in [*DVCC_PATHS, *self._setting_readers]:
             self.watcher.watch(service, path)
-        # Dates in the user's zone, not the process's (UTC on a GX): one watcher for every setting we follow, as
-        # each watcher's handler sees every member signal on this connection.
-        self.watcher.watch(SETTINGS_SERVICE, TIME_ZONE_PATH)
         await self.watcher.start()
         self.service = await publish_battery(self.settings, self.name, AGGREGATE_PRODUCT_NAME, AGGREGATE_PRODUCT_ID,
                                              "Aggregate of 0 batteries", self.bus_address)
         self._add_aggregate_paths(self.service)
-        add_report_methods(self.service, self._take_report, self._remove_report)
-        self.components = Components(self.config, self.service, bus)
-        if self.config.energy.httpPort is not None:
-            self._http = ReportHttpServer(self._take_report, self.config.energy.httpBind, self.config.energy.httpPort,
-                                          remove=self._remove_report, token=lambda: self.energy.options.httpToken)
-            await self._http.start()
+        for feature in self.features:  # their paths too before we register: a first GetItems sees them
+            await feature.mount(self.service, bus, self)
         for vb in self.virtuals.values():
             vb.service = await publish_battery(self.settings, vb.name, VIRTUAL_PRODUCT_NAME, VIRTUAL_PRODUCT_ID,
                                                f"Virtual battery of {len(vb.refs)} services", self.bus_address)
@@ -167,7 +171,8 @@ class Aggregator:
         # fed to the merge directly rather than through the bus, so they are not watched.
         self._reclassify()
         self._flush()
-        await self.components.start()
+        for feature in self.features:
+            await feature.start()
         self._spawn(self._register_when_ready())
         self._spawn(self._watch_staleness())
 
@@ -175,9 +180,7 @@ class Aggregator:
         """Apply a new config in place; False when it renames published services (the caller restarts)."""
         if config.serviceName != self.name or set(config.virtualBatteries) != set(self.virtuals) \
                 or config.stateDir != self.config.stateDir \
-                or (config.energy.httpPort, config.energy.httpBind) != (self.config.energy.httpPort,
-                                                                       self.config.energy.httpBind) \
-                or not same_components(self.config, config):
+                or any(feature.needs_restart(self.config, config) for feature in self.features):
             return False
         self.config = config
         self.merge.options = dataclasses.replace(self.merge.options, capacity=config.capacity)
@@ -191,7 +194,8 @@ class Aggregator:
             for member in list(vb.members):  # re-enter with the new order and paths
                 vb.remove_member(member)
                 self.roles.roles.pop(member, None)
-        self.energy.reconfigure(config.energy, self._member_values)
+        for feature in self.features:
+            feature.reconfigure(config, self)
         old_control, self.control = self.control, ChargeControl(config)
         self.control.adopt(old_control)  # learned shares, held limits and the ramps go on: no jump on reload
         logging.getLogger().setLevel(config.logLevel)
@@ -229,12 +233,9 @@ class Aggregator:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self.components is not None:
-            await self.components.stop()
+        for feature in reversed(self.features):
+            await feature.stop()
         self._save_state()
-        self.energy.save()
-        if self._http is not None:
-            await self._http.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         for state in self.members.values():
@@ -353,8 +354,9 @@ class Aggregator:
                     # Every member has reported since the last sample: learn from this complete sample now
                     # rather than at the next tick, by when some member may have moved on again.
                     self._limits_dirty = True
-            if not ENERGY_INPUTS.isdisjoint(clean):
-                self.energy.sample(name, self.merge.members[name].values, clean)
+            for feature in self._readers:
+                if not feature.reads.isdisjoint(clean):
+                    feature.on_member(name, self.merge.members[name].values, clean)
             if "/Serial" in clean:
                 self._identify(name)
             if "/CustomName" in changes or "/ProductName" in changes:
@@ -590,8 +592,9 @@ class Aggregator:
                     self._set_state(vb.name, state, ONLINE, "its members update again")
                 if "/Dc/0/Current" in clean:
                     self._reported.add(vb.name)
-                if not ENERGY_INPUTS.isdisjoint(clean):
-                    self.energy.sample(vb.name, self.merge.members[vb.name].values, clean)
+                for feature in self._readers:
+                    if not feature.reads.isdisjoint(clean):
+                        feature.on_member(vb.name, self.merge.members[vb.name].values, clean)
                 if "/Serial" in clean:
                     self._identify(vb.name)
                 self._note_limit_inputs(clean)
@@ -703,8 +706,10 @@ class Aggregator:
         return merged
 
     def _on_setting_change(self, service: str, path: str, value: Any) -> None:
-        if path == TIME_ZONE_PATH:
-            self.energy.time_zone.changed(value)
+        readers = self._setting_readers.get((service, path))
+        if readers:
+            for feature in readers:
+                feature.on_setting(service, path, value)
             return
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if path == "/Control/Dvcc":
@@ -734,34 +739,19 @@ class Aggregator:
 
     # ---- energy -----------------------------------------------------------------------------------------
 
-    def _member_values(self, name: str) -> dict[str, Any]:
+    # ---- what the features read (features.base.Bank) --------------------------------------------------------
+
+    def member_rows(self) -> list[tuple[str, int, bool]]:
+        return [(name, state.slot, state.state == ONLINE) for name, state in self.members.items()]
+
+    def member_values(self, name: str) -> dict[str, Any]:
         member = self.merge.members.get(name)
         return member.values if member is not None else {}
 
-    def _publish_energy(self) -> None:
-        """The energy paths, at most every second (the ledgers change with every sample; nobody needs more)."""
-        service = self.service
-        if service is None:
-            return
-        rows = [(name, state.slot, state.state == ONLINE) for name, state in self.members.items()]
-        with service.batch():
-            for path, value in self.energy.values(rows, self._member_values).items():
-                if path in service:
-                    service.set_value(path, value)
-                else:
-                    add_battery_path(service, path, value, text_key(path))
-
-    def _take_report(self, fields: Any) -> str:
-        """An external battery's report (D-Bus method or HTTP); ReportError goes back to the caller."""
-        text = self.energy.report(fields)
-        self._publish_energy()  # reports are rare: show it now rather than at the next tick
-        return text
-
-    def _remove_report(self, identity: Any) -> str:
-        """Forget an external battery (D-Bus Remove, HTTP POST /remove); ReportError when it is not one."""
-        text = self.energy.remove_external(identity)
-        self._publish_energy()
-        return text
+    def save(self) -> None:
+        """What the features keep, now (the host's exit that skips stop: the bus is gone)."""
+        for feature in self.features:
+            feature.save()
 
     def _breakdown_row(self, service: VeService, name: str) -> None:
         state = self.members.get(name)
@@ -900,8 +890,8 @@ class Aggregator:
             if now - saved_at >= STATE_SAVE_INTERVAL:
                 saved_at = now
                 self._save_state()
-            self.energy.tick()
-            self._publish_energy()
+            for feature in self.features:
+                feature.tick()
             for name, state in self.members.items():
                 if state.drop is None and state.state != LOST and not state.probing \
                         and now - max(state.last_update, state.probed_at) > stale_after:

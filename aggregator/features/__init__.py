@@ -1,0 +1,21 @@
+"""The side features of the service, each a package of its own (core, settings, runtime, and the Feature that
+mounts it): energy, grid_battery, dispatcher and coop. base.py is the interface they share.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .base import Feature
+
+
+def standard_features(config: Config) -> list[Feature]:
+    """The features mounted on the aggregate's service besides its energy feature, in the order they start (and
+    stop in reverse). The cooperative hands its battery target to the dispatcher when that runs: wired here, so
+    neither imports the other. (The grid batteries publish services of their own: the host runs them.)"""
+    from .coop.feature import CoopFeature
+    from .dispatcher.feature import DispatcherFeature
+
+    dispatcher = DispatcherFeature(config)
+    return [dispatcher, CoopFeature(config, lambda: dispatcher.runtime)]

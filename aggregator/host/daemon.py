@@ -154,9 +154,8 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
     if lost is not None:
         _LOG.error("%s; exiting so the supervisor restarts us", lost)
         stopped.cancel()
-        aggregator.energy.save()
-        for service in grid.running:
-            service.save()
+        aggregator.save()
+        grid.save()
         return 2
     lost_task.cancel()
     await grid.stop()

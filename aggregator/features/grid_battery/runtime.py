@@ -37,6 +37,7 @@ from .core import (PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot, history
                    profile_csv_line)
 from ...local_time import TIME_ZONE_PATH, TimeZoneSetting, local_date, zone_named
 from ...state import StateStore
+from ..base import Feature
 from .settings import GRID_PREFIX, GridBatterySettings, parse_settings
 
 if TYPE_CHECKING:
@@ -375,8 +376,13 @@ def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
     return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
 
 
-class GridBatteries:
-    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own."""
+class GridBatteries(Feature):
+    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own. The host runs them
+    (they are services of their own, not paths on the aggregate's): `apply` starts what a config asks for and
+    keeps what it still asks for, across reloads and restarts of the aggregate."""
+
+    name = "grid_battery"
+    publishes = ("com.victronenergy.battery.<gridBatteries[].serviceName>",)
 
     def __init__(self, bus_address: str | None) -> None:
         self.bus_address = bus_address
@@ -411,6 +417,10 @@ class GridBatteries:
             await service.stop()  # closes its connection too
         self.running = []
         self.settings = ([], "")
+
+    def save(self) -> None:
+        for service in self.running:
+            service.save()
 
 
 def history_csv(state_dir: str | Path) -> str:

@@ -1,0 +1,78 @@
+"""The Feature interface: how a side feature is mounted on the service, the same way for every one.
+
+In the spirit of the delegates of Victron's dbus-systemcalc-py, a feature declares what it reads and what it
+publishes and is called at fixed points; the aggregate service loops over its features and knows none of them by
+name:
+
+    reads        member paths: `on_member` is called when a member's change touches one of them
+    watches      (service, path) settings of other services: `on_setting` gets their values
+    publishes    the paths (prefixes) it owns on the aggregate's service, or the services it publishes
+    load         its saved state, before anything is published
+    mount        adds its paths and methods to the aggregate's service before that registers (a client's first
+                 GetItems sees them)
+    start, stop  its tasks, after the first flush and at the end
+    tick         once a second
+    save         its state now (the host asks at an exit that skips stop)
+    needs_restart  whether a new config can be applied in place (False) or needs the service restarted
+    reconfigure  applies a new config in place
+
+A feature imports no other feature: the host wires those that work together (the cooperative sets the
+dispatcher's target through a protocol the cooperative declares).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from ..bus.service import VeService
+    from ..config import Config
+
+
+class Bank(Protocol):
+    """What a feature may read of the aggregate: its members and their sanitized values."""
+
+    def member_rows(self) -> list[tuple[str, int, bool]]:
+        """(service name, row slot, online) of every member."""
+        ...
+
+    def member_values(self, name: str) -> Mapping[str, Any]:
+        ...
+
+
+class Feature:
+    """A side feature; every hook does nothing unless the feature overrides it."""
+
+    name = "feature"
+    reads: frozenset[str] = frozenset()
+    watches: tuple[tuple[str, str], ...] = ()
+    publishes: tuple[str, ...] = ()
+
+    def load(self) -> None:
+        pass
+
+    async def mount(self, service: VeService, bus: Any, bank: Bank) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def on_member(self, name: str, values: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+        pass
+
+    def on_setting(self, service: str, path: str, value: Any) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+    def needs_restart(self, old: Config, new: Config) -> bool:
+        return False
+
+    def reconfigure(self, config: Config, bank: Bank) -> None:
+        pass
