@@ -8,7 +8,8 @@ from ...battery.publish import add_battery_path
 from ...bus.settings import SETTINGS_SERVICE
 from ...local_time import TIME_ZONE_PATH
 from ..base import Bank, Feature
-from .runtime import ENERGY_INPUTS, EnergyTracker, ReportHttpServer, add_report_methods, text_key
+from .endpoint import ReportHttpServer, add_report_methods
+from .runtime import ENERGY_INPUTS, EnergyTracker, text_key
 
 if TYPE_CHECKING:
     from ...bus.service import VeService
