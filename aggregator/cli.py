@@ -85,7 +85,8 @@ def _cmd_fault(args: argparse.Namespace) -> int:
         try:
             base = f"/Packs/{args.pack}"
             await client.set_value(bus, CONTROL_SERVICE, base + "/FaultDuration", float(args.duration or 0))
-            code = await client.set_value(bus, CONTROL_SERVICE, base + "/Fault", "" if args.kind == "clear" else args.kind)
+            kind = "" if args.kind == "clear" else args.kind
+            code = await client.set_value(bus, CONTROL_SERVICE, base + "/Fault", kind)
         except client.CallError as exc:
             print(f"battery-aggregator fault: {exc} (is the simulator running?)", file=sys.stderr)
             return 1
@@ -281,7 +282,8 @@ def _cmd_coop(args: argparse.Namespace) -> int:
     if not ledger.accounts:
         print(f"no cooperative metering kept under {state_dir} yet")
         return 0
-    print(f"{'site and month':<24} {'P kWh':>9} {'L kWh':>9} {'T kWh':>9} {'V kWh':>9} {'fleet in':>9} {'fleet out':>9}")
+    print(f"{'site and month':<24} {'P kWh':>9} {'L kWh':>9} {'T kWh':>9} {'V kWh':>9} {'fleet in':>9} "
+          f"{'fleet out':>9}")
     for key in sorted(ledger.accounts):
         a = ledger.accounts[key]
         print(f"{key:<24} {a.production:>9.2f} {a.grid_import:>9.2f} {a.grid_export:>9.2f} {a.use:>9.2f} "
@@ -356,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     fault = sub.add_parser("fault", help="inject a fault into a running simulator",
                            description="Inject a fault into one pack of a running simulator: quiet (its values "
                                        "stand still: it signals nothing but answers, a battery at rest), freeze (a "
-                                       "frozen process: neither signals nor answers), vanish (leaves the bus), invalid (measured values invalid), absurd "
+                                       "frozen process: neither signals nor answers), vanish (leaves the bus), invalid "
+                                       "(measured values invalid), absurd "
                                        "(NaN, strings, negative capacity, SoC 150), slow (answers calls late), "
                                        "fets_open (the BMS opens its FETs); clear ends all faults of the pack.")
     fault.add_argument("pack", help="the pack's service suffix, e.g. sim_b")

@@ -390,7 +390,8 @@ def main(scenario: str = "default", duration: float | None = None, refresh: floa
     children = _Children(workdir, private_bus.env(_child_env()))
     coop = Cooperative(workdir / "coop") if everything else None
     try:
-        children.start("localsettings", "aggregator_dev.simulator.localsettings", "--store", str(workdir / "settings.json"))
+        children.start("localsettings", "aggregator_dev.simulator.localsettings", "--store",
+                       str(workdir / "settings.json"))
         children.start("simulator", "aggregator", "simulate", scenario)
         morning = datetime.now().replace(hour=8, minute=0, second=0, microsecond=0).isoformat()
         children.start("grid-meter", "aggregator_dev.simulator.grid_meter", "--name", "demo", "--time-scale",

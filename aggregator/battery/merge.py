@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeGuard, cast
 
 # The charge limits are computed by the limits module from the members alone: not here, and a primary or
 # auxiliary service never sets them.
@@ -58,7 +58,7 @@ class Rule:
     column: ColumnCompute | None = None
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[float]:
     """Ints and floats are numbers; a bool, text or list in a numeric path counts as no value."""
     kind = type(v)
     return kind is float or kind is int
@@ -260,7 +260,7 @@ def _module_rule(index: int) -> Rule:
         counts = [(m.name, *(v if _is_number(v := m.values.get(p)) else None for p in (MODULES_ONLINE,
                                                                                       MODULES_OFFLINE)))
                   for m in members]
-        return _modules(counts, options.offline)[index]
+        return _modules(cast(list[tuple[str, Any, Any]], counts), options.offline)[index]
 
     def column(columns: dict[str, Column], members: dict[str, MemberView], options: MergeOptions) -> Any:
         on, off = columns[MODULES_ONLINE], columns[MODULES_OFFLINE]
@@ -479,7 +479,8 @@ class Merge:
                     self.dirty.update(p for p in changes if wanted is None or p in wanted)
 
     def _sourced(self, path: str) -> bool:
-        return path not in IDENTITY_PATHS and any(wanted is None or path in wanted for _, wanted, _ in self.auxiliary + self.primary)
+        return path not in IDENTITY_PATHS and any(wanted is None or path in wanted
+                                                  for _, wanted, _ in self.auxiliary + self.primary)
 
     # ---- computing ----------------------------------------------------------------------------------
 

@@ -498,7 +498,8 @@ class Aggregator:
         for ref in roles.unresolved:
             if ref not in self._warned_refs:
                 self._warned_refs.add(ref)
-                (_LOG.warning if self.registered else _LOG.info)("the config refers to %s, which matches no battery service on the bus (yet)", ref)
+                (_LOG.warning if self.registered else _LOG.info)(
+                    "the config refers to %s, which matches no battery service on the bus (yet)", ref)
         self._warned_refs &= set(roles.unresolved)
         for ref in roles.ambiguous:
             _LOG.warning("%s matches more than one battery service; all of them are used", ref)

@@ -66,7 +66,8 @@ class VirtualBattery:
             # Hooks read the members' merge (the first member with a value), then stand in the list too.
             member_sources = [(v, w) for _, v, w in sources]
             merged = {p: first_valid(member_sources, p) for v, _ in member_sources for p in v}
-            hook_sources = [(i, hook.outputs(merged), None) for i, hook in self.hooks]
+            hook_sources: list[tuple[int, dict[str, Any], frozenset[str] | None]] = [
+                (i, hook.outputs(merged), None) for i, hook in self.hooks]
             produced = {p for _, out, _ in hook_sources for p in out}
             dirty |= produced | self._hook_paths  # a path a hook stopped setting falls back to the members
             self._hook_paths = produced

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, DvccLimits, LimitSmoother, MemberLimits,
-                       apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit, connection_evidence,
-                       forbids, over_current, share_weights, test_current_limit)
+from .formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, Direction, DvccLimits, LimitSmoother,
+                       MemberLimits, apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit,
+                       connection_evidence, forbids, over_current, share_weights, test_current_limit)
 from .shares import ShareLearner
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class ChargeControl:
         self.cvl_smoother = LimitSmoother(opts.voltageRampUpRate, opts.voltageHysteresis, 0.0005)
         self.floors: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
         self._floor_at = 0.0
-        self._guarded: set[tuple[str, str]] = set()
+        self._guarded: set[tuple[str, Direction]] = set()
         self.ir: dict[str, Any] = {}
         self._ir_state: dict[str, Any] = {}
         self._ir_factory = None
@@ -395,8 +395,8 @@ class ChargeControl:
 
     @property
     def ticking(self) -> bool:
-        """Whether the limits change with time alone: a ramp, a test current that is due, a test current's evidence being
-        confirmed. The caller recomputes once a second while this holds."""
+        """Whether the limits change with time alone: a ramp, a test current that is due, a test current's evidence
+        being confirmed. The caller recomputes once a second while this holds."""
         return self.ramping or any(e.state == HELD or e.disconnected_at is not None
                                    for episodes in self.episodes.values() for e in episodes.values())
 
@@ -417,8 +417,7 @@ class ChargeControl:
         unknown, and held at 0 A while a member that forbids the direction still takes current in it."""
         episodes = self._forbidden(members, limits, direction, now)
         if episodes:  # whatever they are, they leave the shares; the holds below decide what they mean
-            flag = "allow_charge" if direction == CHARGE else "allow_discharge"
-            limits = [dataclasses.replace(lim, **{flag: 0}) if lim.name in episodes else lim for lim in limits]
+            limits = [_forbidding(lim, direction) if lim.name in episodes else lim for lim in limits]
         bank = self._shares_limit(limits, direction)
         value, reason = self._hold_unknown(members, limits, direction, bank.value, bank.reason, notes)
         if value != bank.value or reason != bank.reason:
@@ -520,14 +519,14 @@ class ChargeControl:
             own = currents.get(name)
             share = shares.get(name)
             evidence = connection_evidence(own, sum(c for n, c in currents.items() if n != name), share)
-            episode = episodes.get(name)
-            if episode is None:
+            if name not in episodes:
                 state = HELD if evidence == CARRYING else OUT if evidence == DISCONNECTED else PROBING
-                episode = episodes[name] = _Episode(lim.label, state, now)
+                episodes[name] = _Episode(lim.label, state, now)
                 if state == PROBING:
                     _LOG.info("%s forbids %s and no current shows yet whether it is still connected: the bank's "
                               "%s current is at most %g A until one does", lim.label, ing, _word(direction),
                               test_current_limit(share))
+            episode = episodes[name]
             episode.label, episode.cap = lim.label, test_current_limit(share)
             if evidence == CARRYING:  # the test current is due `testCurrentInterval` after the last current it took
                 episode.state, episode.since, episode.disconnected_at = HELD, now, None
@@ -652,7 +651,8 @@ def _ir_factory(config: Config) -> Any:
     opts = config.ir
 
     def make(state: Any) -> Any:
-        kwargs = {"max_relative_error": opts.maxPercentageError, "min_voltage_change": opts.minVoltageChange}
+        kwargs: dict[str, Any] = {"max_relative_error": opts.maxPercentageError,
+                                  "min_voltage_change": opts.minVoltageChange}
         return IrEstimator.from_state(state, **kwargs) if isinstance(state, dict) else IrEstimator(**kwargs)
 
     return make
@@ -684,7 +684,14 @@ def _verb(names: list[str], verb: str) -> str:
     return verb if len(names) > 1 else verb + "s"
 
 
-def _guarded_limit(values: Mapping[str, Any], direction: str) -> float | None:
+def _forbidding(limits: MemberLimits, direction: str) -> MemberLimits:
+    """A member's limits as one that forbids the direction (it leaves the shares)."""
+    if direction == CHARGE:
+        return dataclasses.replace(limits, allow_charge=0)
+    return dataclasses.replace(limits, allow_discharge=0)
+
+
+def _guarded_limit(values: Mapping[str, Any], direction: Direction) -> float | None:
     """A member's limit as the over-current guard sees it: none where it forbids the direction."""
     limit = values.get(_LIMIT_PATH[direction])
     return None if values.get(_FLAG_PATH[direction]) == 0 or (limit is not None and limit <= 0) else limit

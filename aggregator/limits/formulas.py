@@ -200,7 +200,8 @@ def connection_evidence(own: float | None, others: float, share: float | None,
 
 
 def test_current_limit(share: float | None, noise: float = NOISE_CURRENT) -> float:
-    """The bank current a test current allows: the member, connected at its share, would carry TEST_CURRENT_MULTIPLE x noise."""
+    """The bank current a test current allows: the member, connected at its share, would carry
+    TEST_CURRENT_MULTIPLE x noise."""
     return TEST_CURRENT_MULTIPLE * noise / share if share and share > 0 else TEST_CURRENT_MULTIPLE * noise
 
 

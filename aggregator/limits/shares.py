@@ -5,7 +5,7 @@ Pure: values in, values out; the controller feeds it complete samples and saves 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 from .formulas import CHARGE, DISCHARGE, Direction
 
@@ -173,10 +173,10 @@ class _WeightedShares:
     def to_state(self) -> dict[str, object]:
         return {"num": [[n, d, v] for (n, d), v in self.num.items()], "den": dict(self.den)}
 
-    def load_state(self, state: Mapping[str, object]) -> None:
+    def load_state(self, state: Mapping[str, Any]) -> None:
         try:
-            num = {(str(n), str(d)): float(v) for n, d, v in state.get("num", [])}  # type: ignore[union-attr]
-            den = {str(d): float(v) for d, v in dict(state.get("den", {})).items()}  # type: ignore[arg-type]
+            num = {(str(n), str(d)): float(v) for n, d, v in state.get("num", [])}
+            den = {str(d): float(v) for d, v in dict(state.get("den", {})).items()}
         except (TypeError, ValueError):
             return
         if all(math.isfinite(v) and v >= 0 for v in den.values()) and all(math.isfinite(v) for v in num.values()):

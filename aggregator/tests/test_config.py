@@ -73,7 +73,8 @@ def test_defaults():
         assert config.serviceName == DEFAULT_SERVICE_NAME == "com.victronenergy.battery.aggregator"
         assert config.excludedServices == [] and config.primaryServices == [] and config.auxiliaryServices == []
         assert config.capacity is None and config.virtualBatteries == {} and config.classes == {}
-        assert config.currentRatioMethod == "share"  # the learned shares: see the simulated day in docs/charge-limits.md
+        # the learned shares: see the simulated day in docs/charge-limits.md
+        assert config.currentRatioMethod == "share"
         assert config.ir.maxPercentageError == 0.1 and config.ir.minVoltageChange == 0.02
         assert config.cclMode == "battery+dvcc" and config.cvlMode == "max_when_balancing"
         assert config.logLevel == "INFO" and config.reconnectTimeout == 60 and config.startupBatteryWait == 30

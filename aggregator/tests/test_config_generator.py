@@ -226,7 +226,8 @@ def test_live_validation_names_key_value_and_what_is_allowed(page: Any) -> None:
     import_json(page, json.dumps({
         "virtualBatteries": {"virtual1": ["ttyS1", "class:hooks.Nope"],
                              B + "v": ["class:hooks.CustomChargingHook#b", "name:B"]},
-        "classes": {"hooks.CustomChargingHook#b": {"ccls": {"fifty": 10}}, "hooks.FixedValueHook": {"path": "/Dc/0/Volt"}}}))
+        "classes": {"hooks.CustomChargingHook#b": {"ccls": {"fifty": 10}},
+                    "hooks.FixedValueHook": {"path": "/Dc/0/Volt"}}}))
     text = problems(page)
     assert "'virtual1' must be com.victronenergy.battery.<name>" in text
     assert 'virtualBatteries.virtual1[0]: \'ttyS1\' is not a full service name' in text

@@ -252,14 +252,16 @@ def test_runtime_runs_alone_and_refuses_a_bad_config(tmp_path: Path, bus_address
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dispatcher": {"enabled": True, "cycleSeconds": 0}}))
     env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus_address)
-    result = subprocess.run([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config", str(bad)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config", str(bad)],
+                            cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "cycleSeconds" in result.stderr and "0.1" in result.stderr
 
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"dispatcher": _config(enabled=False, serviceName="org.batteryaggregator.dispatcher2")}))
-    proc = subprocess.Popen([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config", str(good)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator.features.dispatcher.runtime", "--config", str(good)],
+                            cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         busctl = Busctl(bus_address)

@@ -176,7 +176,8 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
     meter = "com.victronenergy.grid.k9"
     scale, start = 3600.0, "2023-06-21T10:00"
     origin = time.time()
-    processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale), "--start", start,
+    processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "k9", "--time-scale", str(scale),
+                           "--start", start,
                   "--rate", "10", "--device-instance", "31")
     config = json.dumps({"meter": 31, "capacityKwh": 0, "startDate": "2023-01-01", "startLevelKwh": 0,
                          "deviceInstance": 102, "serviceName": battery})

@@ -521,7 +521,8 @@ def test_a_negative_learned_share_says_the_current_sign_is_wrong(caplog: pytest.
     for t in range(40):
         bank = 20.0 + 10.0 * (t % 5)
         members = [MemberInput(n, n.upper(), {"/Dc/0/Current": share * bank, "/Info/MaxChargeCurrent": 100.0,
-                                              "/InstalledCapacity": 100.0}, True) for n, share in (("a", 0.6), ("b", -0.4))]
+                                              "/InstalledCapacity": 100.0}, True)
+                   for n, share in (("a", 0.6), ("b", -0.4))]
         control.observe(members, float(t))
     assert "b" in control.inverted and "a" not in control.inverted
     assert control.bank_limit(members, CHARGE).method == "capacity"
@@ -592,7 +593,8 @@ def test_a_forbidding_member_is_held_then_tested_then_left_out() -> None:
     assert control.update(_pair(2.0, 40.0), DvccLimits(), 16.0).ccl == 0.0  # it takes current again: held
 
 
-def test_a_member_that_forbids_with_nothing_flowing_gets_a_test_current_and_one_seen_disconnected_leaves_at_once() -> None:
+def test_a_member_that_forbids_with_nothing_flowing_gets_a_test_current_and_one_seen_disconnected_leaves_at_once(
+        ) -> None:
     control = ChargeControl(config(limits={"rampUpRate": 1000, "hysteresis": 0}))
     control.update(_pair(0.0, 0.0, allow_b=1, ccl_b=80.0), DvccLimits(), 0.0)
     out = control.update(_pair(0.0, 0.0), DvccLimits(), 1.0)

@@ -72,7 +72,8 @@ def test_split_follows_inverse_resistance_when_ocv_equal():
 
 
 def test_bus_voltage_consistent_with_each_pack():
-    packs = [mkpack("a", cap=280, r=6, soc=60), mkpack("b", cap=200, r=9, soc=30, soh=85), mkpack("c", cap=100, r=12, soc=95)]
+    packs = [mkpack("a", cap=280, r=6, soc=60), mkpack("b", cap=200, r=9, soc=30, soh=85),
+             mkpack("c", cap=100, r=12, soc=95)]
     bank = Bank(packs)
     for i_total in (-150.0, -10.0, 0.0, 25.0, 120.0):
         s = bank.solve(i_total)
@@ -82,7 +83,8 @@ def test_bus_voltage_consistent_with_each_pack():
 
 
 def test_charge_conservation_over_many_steps():
-    packs = [mkpack("a", cap=280, r=6, soc=60), mkpack("b", cap=200, r=9, soc=40, soh=85), mkpack("c", cap=100, r=12, soc=70)]
+    packs = [mkpack("a", cap=280, r=6, soc=60), mkpack("b", cap=200, r=9, soc=40, soh=85),
+             mkpack("c", cap=100, r=12, soc=70)]
     bank = Bank(packs)
     prof = steps([[0, 60], [100, -90], [250, 30], [400, -20]], period=500)
     before = sum(ah(p) for p in packs)

@@ -315,7 +315,8 @@ async def test_unknown_path_is_an_error(bus_address: str, busctl: Any) -> None:
         result = await adbus_send(bus_address, f"--dest={service.name}", "/Dc/0/Nope", f"{BUSITEM}.GetValue")
         assert result.returncode != 0
         assert "org.freedesktop.DBus.Error.UnknownObject" in result.stderr
-        result = await adbus_send(bus_address, f"--dest={service.name}", "/Nope", f"{BUSITEM}.SetValue", "variant:int32:1")
+        result = await adbus_send(bus_address, f"--dest={service.name}", "/Nope", f"{BUSITEM}.SetValue",
+                                  "variant:int32:1")
         assert "org.freedesktop.DBus.Error.UnknownObject" in result.stderr
         # and the service still answers
         assert value_of(await busctl.acall_json(service.name, "/Soc", "GetValue")) == ("i", 62)

@@ -142,8 +142,10 @@ class SimulatedBank:
                 continue
             service.set_values(self._values_of(member))
         if self.control is not None:
-            self.control.set_values({"/Bank/Voltage": round(state.voltage, 3), "/Bank/Current": round(state.i_actual, 2),
-                                     "/Bank/RequestedCurrent": round(requested, 2), "/SimTime": round(self.sim_time, 1)})
+            self.control.set_values({"/Bank/Voltage": round(state.voltage, 3),
+                                     "/Bank/Current": round(state.i_actual, 2),
+                                     "/Bank/RequestedCurrent": round(requested, 2),
+                                     "/SimTime": round(self.sim_time, 1)})
 
     def _values_of(self, member: PackOnBus) -> dict[str, Any]:
         values = member.pack.values()

@@ -81,7 +81,8 @@ class StepsProfile(_Strict):
             if t < 0:
                 raise ValueError(f"step {idx} time {t!r} must be >= 0")
             if prev is not None and t < prev:
-                raise ValueError(f"step {idx} time {t!r} is before the previous one ({prev!r}); times must be non-decreasing")
+                raise ValueError(f"step {idx} time {t!r} is before the previous one ({prev!r}); times must be "
+                                 "non-decreasing")
             prev = t
         return v
 
@@ -139,7 +140,8 @@ class Scenario(_Strict):
         services = [p.service for p in self.packs]
         for idx, f in enumerate(self.faults):
             if f.pack not in services:
-                raise ValueError(f"faults[{idx}].pack: unknown pack {f.pack!r}; allowed: {', '.join(map(repr, services))}")
+                raise ValueError(f"faults[{idx}].pack: unknown pack {f.pack!r}; allowed: "
+                                 f"{', '.join(map(repr, services))}")
         return self
 
     # -- convenience -----------------------------------------------------------
@@ -183,7 +185,8 @@ def _resolve(path_or_name: str | Path) -> Path:
         cand = SCENARIO_DIR / f"{s}.json"
         if cand.exists():
             return cand
-        raise ScenarioError(f"unknown scenario {s!r}; allowed: {', '.join(available_scenarios()) or '(none)'} or a path to a .json file")
+        allowed = ", ".join(available_scenarios()) or "(none)"
+        raise ScenarioError(f"unknown scenario {s!r}; allowed: {allowed} or a path to a .json file")
     raise ScenarioError(f"scenario file not found: {s}")
 
 

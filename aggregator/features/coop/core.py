@@ -240,8 +240,8 @@ def admit(state: PeerState, believed: PeerState | None, policy: PeerPolicy, now:
 # put and it uses nothing (one that always claims 0 % would drain the others) is not believed. Only a part
 # must show: the peer's own limits (charge power, grid connection) may let it take less than the fleet
 # computed for it, the others compute it from states that lag (a peer whose link dropped counts until it is
-# stale, while it takes nothing), and batteries and inverters lose some. The books are kept per calendar day, and what the
-# fleet delivers for one site in a day is bounded as well: claims that add up can still be invented (a load
+# stale, while it takes nothing), and batteries and inverters lose some. The books are kept per calendar day, and
+# what the fleet delivers for one site in a day is bounded as well: claims that add up can still be invented (a load
 # that takes exactly what it is sent), and the bound limits what such a peer costs the others.
 ADD_UP_SHARE = 0.4  # of the energy sent, at least this much must show as its rise or its use
 ADD_UP_SLACK = 10.0  # % of its capacity: a BMS resynchronising its SoC, a late state

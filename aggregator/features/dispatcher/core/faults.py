@@ -10,8 +10,8 @@ a window with enough change of the setpoint:
   time. Only below: a battery at its limit delivers the same whatever more is asked, but any battery can deliver
   less. A meter that repeats itself while more is asked makes the battery a suspect: it is asked
   `test_below_w` less than its meter shows for `max_delay_s`, which tells the two apart (costing a saturated
-  battery that much for a few seconds). (A refusing battery's meter shows its noise; one that reads exactly 0 while refusing is held too, which
-  costs nothing: it was not delivering.)
+  battery that much for a few seconds). (A refusing battery's meter shows its noise; one that reads exactly 0 while
+  refusing is held too, which costs nothing: it was not delivering.)
 - inverted: the measurement moved against the setpoint (a clearly negative regression slope, strongly
   correlated) and mostly shows the other direction than asked: a meter or a measuredSign that counts the other
   way round. (A battery whose limit tapers while more is asked also moves against its setpoint, but in the
