@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -22,6 +23,10 @@ from .validation import (JsonFileError, at, format_messages, integers_as_ints, j
                          parse_json_text, read_text, validation_messages)
 
 DEFAULT_CONFIG_PATH = "/data/setupOptions/BatteryAggregator/config.json"
+DEFAULT_STATE_DIR = "/data/setupOptions/BatteryAggregator/state"
+# A root of its own for the default stateDir (a test session's, a developer's): the learned state of a GX is never
+# touched there. Unset, as on a GX, the default is DEFAULT_STATE_DIR.
+STATE_ROOT_ENV = "BATTERY_AGGREGATOR_STATE_ROOT"
 DEFAULT_SERVICE_NAME = "com.victronenergy.battery.aggregator"
 
 # A list of services, or service -> list of paths (an empty list means all paths).
@@ -67,7 +72,7 @@ class Config(BaseModel):
     expectedBatteries: int | None = Field(None, ge=1, le=256, description="how many members should be online")
     limits: LimitOptions = Field(default_factory=LimitOptions, description="stability and safety settings of "
                                  "the charge limits")
-    stateDir: str = Field("/data/setupOptions/BatteryAggregator/state", min_length=1, description="where the "
+    stateDir: str = Field(DEFAULT_STATE_DIR, min_length=1, description="where the "
                           "learned state (shares, IR estimates, energy totals, grid batteries) is kept across "
                           "restarts and reinstalls, outside the app directory")
     energy: EnergyOptions = Field(default_factory=EnergyOptions, description="energy totals per battery and "
@@ -79,6 +84,12 @@ class Config(BaseModel):
                                          "(runs when batteries are configured)")
     coop: CoopSettings = Field(default_factory=CoopSettings, description="balance the battery level with other "
                                "sites over MQTT (communicating vessels)")
+
+    def model_post_init(self, _context: Any) -> None:
+        root = os.environ.get(STATE_ROOT_ENV)
+        if root and "stateDir" not in self.model_fields_set:
+            self.stateDir = os.path.join(root, "state")
+            self.model_fields_set.discard("stateDir")  # still the default: not written into .last-good
 
 
 REFERENCE_FORMS = "a full service name (com.victronenergy.battery.<name>), name:<CustomName> or serial:<Serial>"

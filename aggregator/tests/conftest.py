@@ -1,7 +1,10 @@
-"""Test harness: a private dbus-daemon per test session, helpers for independent clients and subprocesses.
+"""Test harness: a private dbus-daemon per test session (per xdist worker), helpers for independent clients and
+subprocesses, a marker per folder, and a state root of the session's own.
 
 Async tests are plain `async def` functions; the hook below runs each in a fresh event loop with a timeout,
-so no plugin is needed.
+so no plugin is needed. The folders say what the tests need, and each folder is a marker: pure (values in, values
+out), bus (a private dbus-daemon and real services on it), mqtt (a real mosquitto too), browser (Chromium),
+install (the installer in a fake root). `pytest aggregator/tests/pure` or `-m pure` is the fast suite.
 """
 from __future__ import annotations
 
@@ -9,22 +12,27 @@ import asyncio
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from aggregator.config import Config
+from aggregator.config import STATE_ROOT_ENV, Config
 from aggregator_dev.privatebus import PrivateBus
-
 
 REPO = Path(__file__).resolve().parents[2]
 ASYNC_TIMEOUT = 60.0
-# The production stateDir (its default in the config model): on a GX, or a PC where the service is installed, it holds
-# the real learned shares, energy and the cooperative's ledger. No test may write there; every test gives its
-# configs a stateDir under tmp_path. Taken from the model, so the guard follows the default if it moves.
+FOLDERS = ("pure", "bus", "mqtt", "browser", "install")
+# The default stateDir stands for the production one (on a GX it holds the real learned shares, energy and the
+# cooperative's ledger). The session gets a root of its own for it, which the config's default follows (and the
+# processes the tests start inherit), so the guard below never looks at the machine's /data, and another process
+# on the machine cannot fail our tests. No test may write there; every test gives its configs a stateDir under
+# tmp_path.
+os.environ[STATE_ROOT_ENV] = tempfile.mkdtemp(prefix="battery-aggregator-state-root-")
 PRODUCTION_STATE_DIR = Path(Config().stateDir)
 
 
@@ -59,6 +67,14 @@ def _changes(before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[i
 _session_baseline: dict[str, tuple[int, int]] | None = None
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test's folder is its marker (registered in pyproject.toml)."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in FOLDERS:
+            item.add_marker(folder)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     global _session_baseline
     _session_baseline = _snapshot(PRODUCTION_STATE_DIR)
@@ -68,9 +84,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the last teardown: catches a subprocess that outlived its test and wrote there late."""
     changes = _changes(_session_baseline, _snapshot(PRODUCTION_STATE_DIR))
     if changes:
-        sys.stderr.write(f"\nFAILED: the tests wrote into the production stateDir {PRODUCTION_STATE_DIR}:\n  "
-                         + "\n  ".join(changes) + "\n")
+        sys.stderr.write("\nFAILED: the tests wrote into the default stateDir (the production one's stand-in) "
+                         f"{PRODUCTION_STATE_DIR}:\n  " + "\n  ".join(changes) + "\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(os.environ[STATE_ROOT_ENV], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -81,8 +98,9 @@ def _no_writes_to_the_production_state_dir() -> Iterator[None]:
     yield
     changes = _changes(before, _snapshot(PRODUCTION_STATE_DIR))
     if changes:
-        pytest.fail(f"this test wrote into the production stateDir {PRODUCTION_STATE_DIR} (give its config a "
-                    "stateDir under tmp_path):\n  " + "\n  ".join(changes[:20]), pytrace=False)
+        pytest.fail("this test wrote into the default stateDir (the production one's stand-in) "
+                    f"{PRODUCTION_STATE_DIR} (give its config a stateDir under tmp_path):\n  "
+                    + "\n  ".join(changes[:20]), pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)

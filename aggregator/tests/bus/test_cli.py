@@ -1,0 +1,238 @@
+"""The command line: help, the run command's config handling and watcher, and the demo end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..conftest import REPO, Processes
+from ..helpers import eventually
+
+
+def _cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aggregator", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def test_help_explains_each_command() -> None:
+    out = _cli("--help").stdout
+    for command in ("run", "simulate", "demo", "fault"):
+        assert command in out
+    assert "private dbus-daemon" in _cli("demo", "--help").stdout
+    assert "SCENARIO" in _cli("simulate", "--help").stdout
+
+
+def test_the_development_commands_say_they_are_not_installed_where_the_dev_tools_are_not() -> None:
+    """A GX install ships the service, not aggregator_dev: simulate, fault and demo say so instead of a traceback."""
+    for command in (["simulate"], ["fault", "0", "quiet"], ["demo", "--duration", "1"]):
+        code = ("import sys; sys.modules['aggregator_dev'] = None; from aggregator.cli import main; "
+                f"raise SystemExit(main({command!r}))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "a development tool, not part of this install" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_simulate_help_names_every_bundled_scenario() -> None:
+    from aggregator_dev.simulator.scenario import available_scenarios
+
+    text = " ".join(_cli("simulate", "--help").stdout.split())
+    missing = [name for name in available_scenarios() if name not in text]
+    assert not missing, missing
+
+
+def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"currentRatioMethod": "magic", "reconnectTimeout": 30}))
+    result = _cli("run", "--config", str(config), "--exit-delay", "0")
+    assert result.returncode == 1
+    assert "currentRatioMethod" in result.stderr and "'magic'" in result.stderr
+    assert "'ir'" in result.stderr  # what is allowed
+    config.write_text('{"logLevel": "INFO", "logLevel": "DEBUG"}')
+    result = _cli("run", "--config", str(config), "--exit-delay", "0")
+    assert result.returncode == 1 and "duplicate key 'logLevel'" in result.stderr
+    config.write_text('{"logLevel": "INFO",\n "capacity": }')
+    result = _cli("run", "--config", str(config), "--exit-delay", "0")
+    assert result.returncode == 1 and "line 2" in result.stderr
+
+
+async def test_run_aggregates_members_but_not_excluded_ones(processes: Processes, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.aggregator",
+                                  "excludedServices": ["com.victronenergy.battery.sim_b"],
+                                  "stateDir": str(tmp_path / "state")}))
+    sim = processes.start("simulate", "default", "--rate", "2")
+    daemon = processes.start("run", "--config", str(config), "--log-level", "INFO")
+
+    def seen() -> bool:  # all three classified: the packs appear in any order, sim_b possibly last
+        log = processes.output(daemon)
+        return ("member com.victronenergy.battery.sim_a (" in log and "member com.victronenergy.battery.sim_c (" in log
+                and "com.victronenergy.battery.sim_b is excluded" in log)
+
+    await eventually(seen, timeout=20, interval=0.2)
+    assert "member com.victronenergy.battery.sim_b" not in processes.output(daemon)
+    # Members misbehaving never stop it: kill the simulator outright.
+    sim.kill()
+    await eventually(lambda: "member com.victronenergy.battery.sim_a left the bus" in processes.output(daemon),
+                     timeout=10, interval=0.2)
+    assert daemon.poll() is None
+    daemon.terminate()
+    assert daemon.wait(timeout=10) == 0
+
+
+def test_demo_shows_the_bank_live_and_cleans_up(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)  # the demo makes its own bus
+    result = _cli("demo", "--duration", "5", "--refresh", "0.5", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    frames = result.stdout.split("battery-aggregator demo")
+    last = frames[-1]
+    for pack in ("battery.sim_a", "battery.sim_b", "battery.sim_c"):
+        assert pack in last, last
+    assert "Simulator (the physical truth)" in last
+    assert "STOPPED" not in result.stdout  # no child died
+    # Every process it started is gone: none still has the demo's bus socket directory open.
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], leftovers
+    logs = next(tmp_path.glob("battagg-demo-*"))
+    assert "member com.victronenergy.battery.sim_a (" in (logs / "aggregator.log").read_text()
+
+
+def test_the_demo_shows_a_quiet_bank_online_as_the_aggregate_does(tmp_path: Path) -> None:
+    """Victron services signal only changes: the demo's own table marked every pack of a bank at rest stale after
+    5 s without a signal. It shows the aggregate's verdict (which asks a quiet member)."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    result = _cli("demo", "--scenario", "quiet", "--duration", "12", "--refresh", "1", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.split("battery-aggregator demo")[-1]
+    rows = [line for line in last.splitlines() if line.startswith("battery.sim_")]
+    assert len(rows) == 3 and all(row.endswith("online") for row in rows), last
+
+
+def test_the_demo_screen_fits_100_columns() -> None:
+    from aggregator.bus.monitor import WatchedService
+    from aggregator_dev.liveview import AGGREGATE_PRODUCT, GRID_PRODUCT, VIRTUAL_PRODUCT, render
+
+    def battery(name: str, product: str, **values: object) -> WatchedService:
+        return WatchedService(f"com.victronenergy.battery.{name}", ":1.1", 1, {
+            "/ProductName": product, "/Soc": 100.0, "/Dc/0/Voltage": 53.2, "/Dc/0/Current": -150.5,
+            "/Dc/0/Power": -8006.6, "/Dc/0/Temperature": 45.0, "/Info/MaxChargeCurrent": 1000.0,
+            "/Info/MaxDischargeCurrent": 1000.0, "/Info/ChargeMode": "Absorption", **values})
+
+    services = [battery("socketcan_can0_vecan0_di512_uc1234", "Pylontech",
+                        **{"/CustomName": "Rack left, upper shelf"}),
+                battery("virtual_c", VIRTUAL_PRODUCT), battery("aggregator", AGGREGATE_PRODUCT, **{
+                    "/Batteries/0/Service": "com.victronenergy.battery.virtual_c", "/Batteries/0/State": "stale",
+                    "/Energy/Status": "ok: 3 batteries counted", "/History/ChargedEnergy": 12345.678,
+                    "/History/DischargedEnergy": 12000.5, "/Energy/CapacityWeightedSoc": 55.5,
+                    "/Energy/AverageSoc": 56.25}),
+                battery("grid", GRID_PRODUCT, **{"/GridBattery/LevelKwh": 12.5, "/GridBattery/Status": "ok"})]
+    bank = {"/Bank/Voltage": 53.2, "/Bank/Current": -150.5, "/Bank/RequestedCurrent": -150.5, "/SimTime": 86400,
+            "/Packs/sim_a/Fault": "freeze", "/Packs/sim_b/Fault": "absurd", "/Packs/sim_c/Fault": "fets_open"}
+    title = ("battery-aggregator demo — private bus, 4 battery services — STOPPED: simulator, grid-meter — "
+             "Ctrl-C to quit")
+    screen = render(services, bank, title)
+    assert max(len(line) for line in screen.splitlines()) <= 100, screen
+    rows = [line for line in screen.splitlines() if line.startswith("battery.")]
+    assert len(rows) == 4 and all("-8007W" in row and "1000A" in row for row in rows), screen
+    states = {row.split()[0]: row.split()[-1] for row in rows}
+    assert states == {"battery.socketcan…": "online", "battery.virtual_c": "stale", "battery.aggregator": "online",
+                      "battery.grid": "online"}, screen  # the aggregate's word for its members
+    assert rows[0].startswith("battery.socketcan… Rack left, upp… ")  # cut, and marked as cut
+    assert "Faults: sim_a: freeze, sim_b: absurd, sim_c: fets_open" in screen.replace("\n  ", " ")
+
+
+def test_the_demo_says_how_to_read_its_bus_and_that_command_works(tmp_path: Path) -> None:
+    import re
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    demo = subprocess.Popen([sys.executable, "-m", "aggregator", "demo", "--duration", "60", "--refresh", "0.5"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert demo.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 30
+        while "battery.aggregator " not in seen.rsplit("battery-aggregator demo", 1)[-1]:
+            assert time.monotonic() < deadline, seen
+            seen += demo.stdout.readline()
+        hint = re.search(r"from another shell.*:\n  (export DBUS_SESSION_BUS_ADDRESS=\S+)\n  (.+ status)\n", seen)
+        assert hint, seen
+        # what a newcomer does: paste the two lines into another shell
+        result = subprocess.run(["sh", "-c", f"{hint.group(1)}; {hint.group(2)}"], cwd=REPO, capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "com.victronenergy.battery.aggregator" in result.stdout and "battery.sim_a" in result.stdout
+    finally:
+        demo.terminate()
+        demo.wait(timeout=20)
+
+
+def test_commands_without_a_bus_say_which_bus_and_what_to_do(tmp_path: Path) -> None:
+    nowhere = f"unix:path={tmp_path}/no-bus"
+    for args in (("status",), ("dump", str(tmp_path / "d.json")), ("fault", "sim_a", "freeze")):
+        result = _cli(*args, env=dict(os.environ, DBUS_SESSION_BUS_ADDRESS=nowhere))
+        assert result.returncode == 1, result
+        assert "Traceback" not in result.stderr, result.stderr
+        assert f"battery-aggregator {args[0]}: cannot reach the D-Bus at {nowhere}" in result.stderr
+        assert "DBUS_SESSION_BUS_ADDRESS the demo shows" in result.stderr
+    env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS="not-an-address")
+    result = _cli("status", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "not-an-address" in result.stderr
+
+
+async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path: Path) -> None:
+    import asyncio
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"serviceName": "com.victronenergy.battery.statusagg",
+                                  "excludedServices": ["com.victronenergy.battery.aggregator"],
+                                  "stateDir": str(tmp_path / "state")}))
+    processes.start("simulate", "default", "--rate", "2")
+    processes.start("run", "--config", str(config))
+
+    def status_output() -> str:
+        result = _cli("status", "--service", "com.victronenergy.battery.statusagg", timeout=30)
+        return result.stdout if result.returncode == 0 and "battery.sim_c" in result.stdout else ""
+
+    loop = asyncio.get_running_loop()
+
+    async def ready() -> str:
+        return await loop.run_in_executor(None, status_output)
+
+    out = await eventually(ready, timeout=30, interval=0.5)
+    for pack in ("battery.sim_a", "battery.sim_b", "battery.sim_c"):
+        assert pack in out
+    assert "online" in out and "CCL" in out and "charge limit:" in out
+    assert "Aggregate of 3 batteries" in out
+    dump_file = tmp_path / "dump.json"
+    result = await loop.run_in_executor(None, lambda: _cli("dump", str(dump_file), timeout=30))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(dump_file.read_text())
+    assert data["services"]["com.victronenergy.battery.sim_a"]["/ProductName"] == "Simulated LiFePO4"
+    assert "com.victronenergy.battery.statusagg" in data["services"]
+
+
+async def test_log_level_path_shows_the_level_in_force(processes: Processes, tmp_path: Path) -> None:
+    from aggregator.bus import client
+    from aggregator.bus.lib import connect
+
+    config = tmp_path / "config.json"
+    name = "com.victronenergy.battery.loglevelagg"
+    config.write_text(json.dumps({"serviceName": name, "startupBatteryWait": 0, "logLevel": "INFO",
+                                  "stateDir": str(tmp_path)}))
+    processes.start("run", "--config", str(config), "--log-level", "DEBUG")
+    bus = await connect()
+
+    async def level() -> object:
+        try:
+            return await client.get_value(bus, name, "/LogLevel", 2.0)
+        except client.CallError:
+            return None
+
+    assert await eventually(level, timeout=15) == "DEBUG"
+    bus.disconnect()
