@@ -6,7 +6,7 @@ import statistics
 from typing import Callable
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.limits.controller import ChargeControl, MemberInput, one_pack
@@ -260,6 +260,7 @@ def test_a_large_bank_ramps_up_within_the_rise_time_and_a_small_one_at_the_rise_
 @given(st.lists(st.tuples(st.floats(0.05, 5.0), st.one_of(st.none(), st.floats(0.0, 5000.0))), min_size=1,
                 max_size=40),
        st.floats(0.1, 50.0), st.floats(0.0, 20.0), st.floats(1.0, 120.0), st.booleans())
+@example(steps=[(1.0, 1.0), (1.0, 1.0)], rise_rate=0.96875, hysteresis=0.0, rise_time=2.0, from_zero=True)
 def test_a_smoothed_limit_never_exceeds_its_target_drops_at_once_and_rises_monotonically(
         steps, rise_rate, hysteresis, rise_time, from_zero) -> None:
     """Whatever the targets: never above the target, a drop (or None) at once, a rise never faster than the
