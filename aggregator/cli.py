@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import logging
 import signal
@@ -18,6 +17,8 @@ _BUS_HINT = ("On a GX these commands use the system bus there; for `./run.sh dem
 
 def _on_bus(command: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a command that talks to the bus; no bus is a message (which bus, what to do), not a traceback."""
+    import asyncio
+
     from .bus.lib import BusUnreachable
 
     try:
@@ -28,10 +29,15 @@ def _on_bus(command: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .host.daemon import run
+    from .host.config_check import first_config
 
     logging.basicConfig(level=args.log_level or "INFO", format=_LOG_FORMAT)
-    return asyncio.run(run(args.config, exit_delay=args.exit_delay, log_level=args.log_level))
+    first = first_config(args.config)  # before asyncio is loaded: what it loads may depend on the config (lean.py)
+    import asyncio
+
+    from .host.daemon import run
+
+    return asyncio.run(run(args.config, exit_delay=args.exit_delay, log_level=args.log_level, first=first))
 
 
 def _without_dev_tools(command: str) -> bool:
@@ -60,6 +66,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except (ScenarioError, ValueError) as exc:
         print(f"battery-aggregator simulate: {exc}", file=sys.stderr)
         return 1
+
+    import asyncio
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,6 +1,6 @@
 """The configuration: every key of the BatteryAggregator config.json users already have, plus ours.
 
-The pydantic model is the one source of truth (issue #5 generates config.schema.json from it). Key names
+The pydantic model is the one source of truth (config.schema.json is generated from it). Key names
 are the users' camelCase names, so existing files load unchanged.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config_data import (DEFAULT_CONFIG_PATH, DEFAULT_SERVICE_NAME, DEFAULT_STATE_DIR,  # noqa: F401 (theirs too)
+                          STATE_ROOT_ENV, CheckResult)
 from .features.coop.settings import CoopSettings
 from .features.dispatcher.settings import DispatcherConfig
 from .features.energy.settings import EnergyOptions
@@ -21,13 +23,6 @@ from .features.grid_battery.settings import GridBatterySettings
 from .limits.settings import IrOptions, LimitOptions
 from .validation import (JsonFileError, at, format_messages, integers_as_ints, json_positions, key_path,
                          parse_json_text, read_text, validation_messages)
-
-DEFAULT_CONFIG_PATH = "/data/setupOptions/BatteryAggregator/config.json"
-DEFAULT_STATE_DIR = "/data/setupOptions/BatteryAggregator/state"
-# A root of its own for the default stateDir (a test session's, a developer's): the learned state of a GX is never
-# touched there. Unset, as on a GX, the default is DEFAULT_STATE_DIR.
-STATE_ROOT_ENV = "BATTERY_AGGREGATOR_STATE_ROOT"
-DEFAULT_SERVICE_NAME = "com.victronenergy.battery.aggregator"
 
 # A list of services, or service -> list of paths (an empty list means all paths).
 ServiceList = Union[list[str], dict[str, list[str]]]
@@ -288,13 +283,6 @@ def parse_config(data: Any, source: str = "config",
     return config
 
 
-@dataclass(slots=True)
-class CheckResult:
-    config: Config | None
-    errors: list[str]
-    warnings: list[str]
-
-
 def check_config_file(path: str | Path) -> CheckResult:
     """Everything the checker and the daemon want to know of a config file, never raising."""
     try:
@@ -310,7 +298,8 @@ def check_config_file(path: str | Path) -> CheckResult:
     issues = semantic_issues(config)
     errors = [i.text(positions) for i in issues if i.severity == "error"]
     warnings = [i.text(positions) for i in issues if i.severity == "warning"]
-    return CheckResult(None if errors else config, errors, warnings)
+    document = None if errors else config.model_dump(mode="json", exclude_unset=True)
+    return CheckResult(None if errors else config, errors, warnings, document)
 
 
 def load_config(path: str | Path | None) -> Config:

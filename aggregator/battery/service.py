@@ -11,14 +11,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..bus.lib import connect, soon
 from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
 from ..bus.settings import SETTINGS_SERVICE, LocalSettings
 from ..bus.watch import PathWatcher
-from ..config import Config
 from ..features import standard_features
 from ..features.base import Feature
 from ..features.energy.feature import EnergyFeature
@@ -33,6 +32,9 @@ from .publish import (BATTERY_PREFIX, add_battery_path, custom_name_setting, jso
 from .rows import DUPLICATE, LOST, ONLINE, STALE, write_limit_keys, write_row
 from .sanitize import check_value, check_values
 from .virtual import TIME_TO_GO, VIRTUAL_PRODUCT_NAME, VirtualBattery, role_config, virtual_battery_specs
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 _LOG = logging.getLogger("aggregator")
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from pathlib import Path
 
 from ..battery.service import Aggregator
 from ..bus.lib import LIBRARY
-from ..config import DEFAULT_CONFIG_PATH, CheckResult, Config, check_config_file
+from ..config_data import DEFAULT_CONFIG_PATH, CheckResult, with_log_level
 from ..features.grid_battery.runtime import GridBatteries
 from ..state import StateStore
+from .config_check import check_in_child, load
+from .lean import needs_tls, tls_left_out
 
 _LOG = logging.getLogger("aggregator")
 FILE_CHECK_INTERVAL = 5.0
@@ -32,17 +33,9 @@ def last_good_path(path: str) -> str:
     return path + ".last-good"
 
 
-def load(path: str | None) -> tuple[CheckResult, str]:
-    """The config to run with, and where it came from. A missing default file means all defaults."""
-    path = path or DEFAULT_CONFIG_PATH
-    if not os.path.exists(path) and path == DEFAULT_CONFIG_PATH:
-        return CheckResult(Config(), [], []), "defaults"
-    return check_config_file(path), path
-
-
-def remember_good(path: str, config: Config) -> None:
+def remember_good(path: str, result: CheckResult) -> None:
     """Keep the good config next to the file, atomically (the next bad edit falls back to it)."""
-    StateStore(last_good_path(path)).save(config.model_dump(mode="json", exclude_unset=True))
+    StateStore(last_good_path(path)).save(result.document)
 
 
 def _report(result: CheckResult, source: str) -> None:
@@ -53,13 +46,14 @@ def _report(result: CheckResult, source: str) -> None:
 
 
 async def run(path: str | None, bus_address: str | None = None, exit_delay: float = 10.0,
-              log_level: str | None = None) -> int:
+              log_level: str | None = None, first: tuple[CheckResult, str] | None = None) -> int:
+    """`first`: the config already loaded (config_check.first_config), else it is loaded here."""
     config_path = path or DEFAULT_CONFIG_PATH
-    result, source = load(path)
+    result, source = first or load(path)
     _report(result, source)
     config = result.config
     if config is None:
-        fallback = check_config_file(last_good_path(config_path))
+        fallback = check_in_child(last_good_path(config_path))
         if fallback.config is None:
             _LOG.error("no usable config (and no last good one): exiting in %g s", exit_delay)
             await asyncio.sleep(exit_delay)
@@ -67,9 +61,9 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
         _LOG.error("running on the last good config %s until %s is fixed", last_good_path(config_path), source)
         config = fallback.config
     elif source != "defaults":
-        remember_good(config_path, config)
+        remember_good(config_path, result)
     if log_level:  # the command line wins, and /LogLevel must show what is in force
-        config = config.model_copy(update={"logLevel": log_level})
+        config = with_log_level(config, log_level)
     logging.getLogger().setLevel(config.logLevel)
 
     aggregator = Aggregator(config, bus_address)
@@ -116,18 +110,22 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 if not connection.connected:
                     return f"lost the D-Bus connection of {name}"
 
-    async def reloader() -> None:
+    async def reloader() -> str:
+        """Applies each new config; returns why the process must restart when it cannot apply one in place."""
         nonlocal aggregator, restarting
         while True:
             await reload.wait()
             reload.clear()
-            result, source = load(path)
+            result, source = await asyncio.to_thread(load, path)  # the check takes seconds on a GX: not on the loop
             _report(result, source)
             if result.config is None:
                 _LOG.error("the new config is not applied: the running one is kept")
                 continue
             if source != "defaults":
-                remember_good(config_path, result.config)
+                remember_good(config_path, result)
+            if tls_left_out() and needs_tls(result.config):
+                return ("the new config turns on an MQTT link, whose TLS support this process left out to save "
+                        "memory")
             if not aggregator.reconfigure(result.config):
                 _LOG.warning("the new config renames our services: restarting them")
                 restarting = True
@@ -137,20 +135,21 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                     await aggregator.start()
                 except Exception as exc:  # a name taken by another process, say: do not live on without a battery
                     _LOG.error("cannot restart with the new config: %s", exc)
-                    return
+                    return "our services could not be restarted"
                 finally:
                     restarting = False
             await grid.apply(result.config, aggregator.settings)
 
-    tasks = [loop.create_task(watch_file()), loop.create_task(reloader())]
+    reloading = loop.create_task(reloader())
+    tasks = [loop.create_task(watch_file()), reloading]
     lost_task = loop.create_task(watch_connections())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait({lost_task, stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()
     lost = lost_task.result() if lost_task.done() else None
-    if lost is None and not stopped.done():  # the reloader ended: it failed to restart our services
-        lost = "our services could not be restarted"
+    if lost is None and reloading.done():  # the new config needs a new process
+        lost = reloading.result()
     if lost is not None:
         _LOG.error("%s; exiting so the supervisor restarts us", lost)
         stopped.cancel()

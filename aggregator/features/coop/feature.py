@@ -31,8 +31,11 @@ class CoopFeature(Feature):
         if not self.settings.enabled:
             return
         try:
+            from ...config_data import as_model
             from .runtime import CoopRuntime
+            from .settings import CoopSettings
 
+            self.settings = as_model(CoopSettings, self.settings)
             self.runtime = CoopRuntime(self.settings, service, bus, dispatcher=self.target_sink(),
                                        state_dir=self.state_dir)
         except ImportError as exc:

@@ -32,8 +32,11 @@ class DispatcherFeature(Feature):
         if not self.config.batteries:
             return
         try:
+            from ...config_data import as_model
             from .runtime import DispatcherRuntime
+            from .settings import DispatcherConfig
 
+            self.config = as_model(DispatcherConfig, self.config)
             store = StateStore(os.path.join(self.state_dir, "dispatcher.json"))
             self.runtime = DispatcherRuntime(self.config, service, bus=bus, save_state=store.save,
                                              restore_state=store.load())

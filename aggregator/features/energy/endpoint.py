@@ -5,7 +5,6 @@ that says why a report was refused, and the service goes on.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any, Callable, Mapping
@@ -129,6 +128,8 @@ class ReportHttpServer:
         if not token:
             return True
         scheme, _, given = headers.get("authorization", "").partition(" ")
+        import hmac  # with OpenSSL's library: loaded by the first request that needs it, not by the service
+
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:

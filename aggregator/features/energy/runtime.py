@@ -18,17 +18,29 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from .settings import EnergyOptions, MemberEnergyOptions
 from .core import (REANCHORED, CounterKind, EnergyLedger, ReportConflict, ReportError, ReportSeries, average_level,
                    beyond_capacity, capacity_weighted_level, report_regression, same_totals, total_energy)
 from ...battery.identity import Duplicate, find_duplicates, identity_of
-from .report import ExternalReport, parse_report
 from ...local_time import TimeZoneSetting
+from ...config_data import ConfigData
 from ...state import StateStore
 
+if TYPE_CHECKING:  # the service reads its settings as checked data (config_data.py) and parses reports when one comes
+    from .report import ExternalReport
+    from .settings import EnergyOptions, MemberEnergyOptions
+
+# A member without options of its own: MemberEnergyOptions' defaults (a test keeps them the same)
+NO_MEMBER_OPTIONS = ConfigData(id=None, counterKind="total", capacityKwh=None, maxPowerKw=None)
+
 _LOG = logging.getLogger("aggregator.energy")
+
+
+def _parse_report(fields: Mapping[str, Any]) -> ExternalReport:
+    from .report import parse_report  # its model (pydantic) is loaded by the first report, not by the service
+
+    return parse_report(**fields)
 
 ENERGY_INTERFACE = "org.batteryaggregator.Energy"
 STATE_FILE = "energy.json"
@@ -207,11 +219,11 @@ class EnergyTracker:
 
     # ---- members on D-Bus ----------------------------------------------------------------------------------
 
-    def _options(self, keys: Iterable[str | None]) -> MemberEnergyOptions:
+    def _options(self, keys: Iterable[str | None]) -> MemberEnergyOptions | ConfigData:
         for key in keys:
             if key and key in self.options.members:
                 return self.options.members[key]
-        return MemberEnergyOptions()
+        return NO_MEMBER_OPTIONS
 
     def _ledger(self, identity: str, kind: CounterKind) -> EnergyLedger:
         ledger = self.ledgers.get(identity)
@@ -298,7 +310,7 @@ class EnergyTracker:
         """Take a report of a battery that is not on D-Bus; ReportError (naming field, value and what is allowed)
         when it cannot be taken, and then nothing changes. The first report's totals are the battery's lifetime
         energy and count; later ones add their increase. The level goes into the levels, not the DC bus."""
-        report = parse_report(**fields)
+        report = _parse_report(fields)
         on_bus = sorted(n for n, m in self.members.items() if m.identity == report.id)
         if on_bus:
             raise ReportError([f"id: {report.id!r} is the identity of {', '.join(on_bus)} on D-Bus; an external "

@@ -37,6 +37,7 @@ from ...local_time import local_date, local_midnight
 __all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "ProfileSlot", "history_rows_csv", "parse_month_day",
            "profile_csv_line", "resolution_of", "reset_occurrence", "PROFILE_HEADER"]
 
+GRID_PREFIX = "com.victronenergy.grid."  # the meters a grid battery follows
 METER_KWH_LIMIT = 1e9  # beyond this a meter counter is garbage
 MARGIN = 1.5  # the grid connection's limit is firm, but samples arrive late
 SLACK_KWH = 0.05  # the least slack: samples are read late

@@ -33,15 +33,16 @@ from ...bus.monitor import ServiceMonitor, WatchedService
 from ...bus.service import VeService
 from ...bus.settings import SETTINGS_SERVICE, LocalSettings
 from ...bus.watch import PathWatcher
-from .core import (PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot, history_rows_csv,
+from .core import (GRID_PREFIX, PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot, history_rows_csv,
                    profile_csv_line)
+from ...config_data import as_model
 from ...local_time import TIME_ZONE_PATH, TimeZoneSetting, local_date, zone_named
 from ...state import StateStore
 from ..base import Feature
-from .settings import GRID_PREFIX, GridBatterySettings, parse_settings
 
 if TYPE_CHECKING:
     from ...config import Config
+    from .settings import GridBatterySettings
 
 _LOG = logging.getLogger("aggregator.grid_battery_service")
 
@@ -392,12 +393,12 @@ class GridBatteries(Feature):
     async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
         """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
         device instances and keeps their /CustomName like the aggregate's own."""
-        wanted = (list(config.gridBatteries), config.stateDir)
+        wanted = (_settings_of(config.gridBatteries), config.stateDir)
         if wanted == self.settings:
             return
         await self.stop()
         self.settings = wanted
-        for grid_settings in config.gridBatteries:
+        for grid_settings in wanted[0]:
             service = None
             try:
                 service = GridBatteryService(await connect(self.bus_address), grid_settings,
@@ -421,6 +422,15 @@ class GridBatteries(Feature):
     def save(self) -> None:
         for service in self.running:
             service.save()
+
+
+def _settings_of(sections: Any) -> list[GridBatterySettings]:
+    """The configured grid batteries as their settings models (pydantic is loaded only when there are some)."""
+    if not sections:
+        return []
+    from .settings import GridBatterySettings
+
+    return [as_model(GridBatterySettings, section) for section in sections]
 
 
 def history_csv(state_dir: str | Path) -> str:
@@ -486,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    from .settings import parse_settings
+
     try:
         settings = parse_settings(_read_config(args.config), "grid battery config")
     except (OSError, ValueError) as exc:

@@ -7,9 +7,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...validation import format_validation_error
-from .core import GridBatteryConfig, parse_month_day
+from .core import GRID_PREFIX, GridBatteryConfig, parse_month_day
 
-GRID_PREFIX = "com.victronenergy.grid."
 
 
 class GridBatterySettingsError(ValueError):
