@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from ..bus.lib import Message, connect
+from ..bus.lib import Message, Variant, connect
 from ..bus.service import BUSITEM, VeService
 from ..bus.settings import SETTINGS_INTERFACE, SETTINGS_SERVICE, parse_class_and_instance
 from ..bus.values import unwrap, wrap
@@ -34,6 +34,7 @@ ERR_GROUP = -8
 ERR_NOT_SETTINGS = -9
 _CONVERT = {"i": int, "f": float, "s": str}
 _DEVICES = "/Settings/Devices/"
+_ADD_SETTING_VALUES = frozenset("vsdiuxtnqy")  # a variant, or a plain text or number
 
 
 @dataclass(slots=True)
@@ -149,12 +150,17 @@ class SettingsStandIn:
     # ---- D-Bus methods --------------------------------------------------------------------------------
 
     def _add_setting(self, msg: Message) -> Message:
-        if msg.signature != "ssvsvv":
+        # The introspected form is ssvsvv; Victron's own settingsdevice.py calls without introspection, so
+        # dbus-python sends the default, min and max as plain values (ssssii, sssidd...), which localsettings takes.
+        signature = msg.signature
+        if len(signature) != 6 or signature[:2] != "ss" or signature[3] != "s" \
+                or any(code not in _ADD_SETTING_VALUES for code in signature[2] + signature[4:]):
             return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "AddSetting takes ssvsvv")
         group, name, default, kind, lo, hi = msg.body
         base = "" if msg.path == "/" else msg.path
         path = "/".join(p for p in f"{base}/{group}/{name}".split("/") if p)
-        code = self.add("/" + path, unwrap(default), kind, unwrap(lo), unwrap(hi), msg.member == "AddSilentSetting")
+        default, lo, hi = (unwrap(v) if isinstance(v, Variant) else v for v in (default, lo, hi))
+        code = self.add("/" + path, default, kind, lo, hi, msg.member == "AddSilentSetting")
         return Message.new_method_return(msg, "i", [code])
 
     def _add_settings(self, msg: Message) -> Message:
