@@ -494,9 +494,10 @@ class Aggregator:
             if "/Dc/0/Current" in clean:
                 self._reported.add(name)
                 if len(self._reported) >= len(self.members) and self._reported.issuperset(self.members):
-                    # Every member has reported since the last sample: learn from this complete sample now
-                    # rather than at the next tick, by when some member may have moved on again.
-                    self._limits_dirty = True
+                    # Every member has reported since the last sample: learn from this complete sample in the
+                    # next flush (within MEASUREMENT_LIMIT_INTERVAL of the last computation) rather than at the
+                    # next tick, by when some member may have moved on again.
+                    self._limits_due = True
             if not ENERGY_INPUTS.isdisjoint(clean):
                 self.energy.sample(name, self.merge.members[name].values, clean)
             if "/Serial" in clean:
@@ -676,6 +677,8 @@ class Aggregator:
             self._membership_paths(service, values)
         if MODULES_OFFLINE in values and self._absent:
             values[MODULES_OFFLINE] = (values[MODULES_OFFLINE] or 0) + self._absent
+        if self._limits_due and self.clock() - self._limits_at >= MEASUREMENT_LIMIT_INTERVAL:
+            self._limits_dirty = True
         if self._limits_dirty:
             self._limits_dirty = False
             self._update_limits(values)
