@@ -53,6 +53,7 @@ STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
 MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
+ENERGY_REFRESH = 10.0  # seconds: the energy paths without any member update (what time alone changes)
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 PROBE_TIMEOUT = 5.0  # seconds a quiet member has to answer a probe (at most staleAfter)
 # Seconds start-up waits for the members' first reads before publishing; one that answers later joins then.
@@ -237,6 +238,8 @@ class Aggregator:
         # ROW_INTERVAL instead of doubling the size of every signal on the hot path.
         self._lazy_rows: set[str] = set()
         self._rows_at = -ROW_INTERVAL
+        self._energy_changed = True  # a member updated since the energy paths were last published
+        self._energy_at = -ENERGY_REFRESH
         self._tasks_at = -ROW_INTERVAL
         self._membership_changed = True
         self._bad_value_logged: dict[tuple[str, str], float] = {}
@@ -486,6 +489,7 @@ class Aggregator:
         name = service.name
         role = self.roles.roles.get(name)
         if role == MEMBER:
+            self._energy_changed = True
             clean, refused = check_values(changes)
             if refused:
                 self._log_refused(name, refused)
@@ -673,7 +677,7 @@ class Aggregator:
             values[path] = self._limited_value(path)  # the members' alarm or flag, or ours while a limit is held
         if self._membership_changed:
             self._membership_changed = False
-            self._limits_dirty = True
+            self._limits_dirty = self._energy_changed = True
             self._membership_paths(service, values)
         if MODULES_OFFLINE in values and self._absent:
             values[MODULES_OFFLINE] = (values[MODULES_OFFLINE] or 0) + self._absent
@@ -883,6 +887,7 @@ class Aggregator:
         service = self.service
         if service is None:
             return
+        self._energy_changed, self._energy_at = False, self.clock()
         rows = [(name, state.slot, state.state == ONLINE) for name, state in self.members.items()]
         with service.batch():
             for path, value in self.energy.values(rows, self._member_values).items():
@@ -893,15 +898,17 @@ class Aggregator:
 
     def _take_report(self, fields: Any) -> str:
         """An external battery's report (D-Bus method or HTTP); ReportError goes back to the caller."""
-        text = self.energy.report(fields)
-        self._publish_energy()  # reports are rare: show it now rather than at the next tick
-        return text
+        try:
+            return self.energy.report(fields)
+        finally:  # reports are rare: show it (or the status a refused one set) now rather than at a later tick
+            self._publish_energy()
 
     def _remove_report(self, identity: Any) -> str:
         """Forget an external battery (D-Bus Remove, HTTP POST /remove); ReportError when it is not one."""
-        text = self.energy.remove_external(identity)
-        self._publish_energy()
-        return text
+        try:
+            return self.energy.remove_external(identity)
+        finally:
+            self._publish_energy()
 
     def _breakdown_row(self, service: VeService, name: str) -> None:
         state = self.members.get(name)
@@ -1059,7 +1066,8 @@ class Aggregator:
                 saved_at = now
                 self._save_state()
             self.energy.tick()
-            self._publish_energy()
+            if self._energy_changed or now - self._energy_at >= ENERGY_REFRESH:
+                self._publish_energy()  # a quiet bank's energy paths change with time alone, if at all
             for name, state in self.members.items():
                 if state.drop is None and state.state != LOST and not state.probing \
                         and now - max(state.last_update, state.probed_at) > stale_after:
