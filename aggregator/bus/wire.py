@@ -690,15 +690,16 @@ def _dispatch_signal(bus: Any, message: Message) -> None:
             _LOG.exception("a message handler failed on %s from %s", message.member, message.sender)
 
 
-# Read moderation, as a network card moderates its interrupts: a message that arrives after a quiet spell is
-# handled the moment it arrives; after that the connection is read every POLL_INTERVAL, and everything that
-# arrived in between is handled in one wake-up with one flush of the aggregate (on a GX a wake-up of the
-# process costs more than the work of one update). A poll that finds nothing waits for the next message again,
-# so a quiet bank costs nothing and a lone change is published at once. Our own method calls are not moderated
-# (expect_reply below): their replies are read at once. Victron's system calculator reads the
-# battery once a second, so POLL_INTERVAL bounds the extra latency well inside what it can see.
+# Read moderation, as a network card moderates its interrupts: a message that arrives at least POLL_INTERVAL
+# after the last read is handled the moment it arrives; one that arrives sooner waits until POLL_INTERVAL after
+# that read, and everything that arrived by then is handled in one wake-up with one flush of the aggregate (on a
+# GX a wake-up of the process costs more than the work of one update). While messages keep coming the connection
+# is read every POLL_INTERVAL; a read that finds nothing waits for the next message again, so a quiet bank costs
+# nothing and a lone change is published at once. Our own method calls are not moderated (expect_reply below):
+# their replies are read at once. Victron's system calculator reads the battery once a second, so POLL_INTERVAL
+# bounds the extra latency well inside what it can see.
 POLL_INTERVAL = 0.2
-REPLY_WINDOW = 0.5  # seconds after a method call is sent during which messages are read at once
+REPLY_WINDOW = 0.5  # seconds after a method call is sent during which, until its reply, messages are read at once
 
 
 def install(bus: Any, coalesce: bool = False) -> None:
@@ -754,24 +755,35 @@ def install(bus: Any, coalesce: bool = False) -> None:
         return handled
 
     timer: Any = None  # the next poll, while reading in batches
-    at_once_until = 0.0  # loop time until which every message is read the moment it arrives
+    at_once_until = 0.0  # loop time until which a reply to our call is read the moment it arrives
+    last = -POLL_INTERVAL  # loop time of the last read
+
+    def awaiting_reply() -> bool:
+        """A call of ours sent within REPLY_WINDOW still awaits its reply (one that never comes, from a hung
+        service, holds batch reading off for that window only)."""
+        return bool(bus._method_return_handlers) and loop.time() < at_once_until
 
     def on_readable() -> None:
-        nonlocal timer
-        if read_and_handle() and coalesce and bus.connected and loop.time() >= at_once_until:
-            loop.remove_reader(fd)  # from now on, read in batches
-            timer = loop.call_later(POLL_INTERVAL, poll)
+        nonlocal timer, last
+        now = loop.time()
+        if not coalesce or now - last >= POLL_INTERVAL or awaiting_reply():
+            last = now
+            read_and_handle()  # the first message after a quiet spell: at once
+        elif bus.connected:  # soon after the last read: the next read takes everything up to then
+            loop.remove_reader(fd)
+            timer = loop.call_at(last + POLL_INTERVAL, poll)
 
     def poll() -> None:
-        nonlocal timer
+        nonlocal timer, last
         timer = None
         if not bus.connected:
             return  # the library has closed the connection; nothing to read or resume
+        last = loop.time()
         handled = read_and_handle()
         if not bus.connected:
             return
-        if handled and loop.time() >= at_once_until:
-            timer = loop.call_later(POLL_INTERVAL, poll)
+        if handled and not awaiting_reply():
+            timer = loop.call_later(POLL_INTERVAL, poll)  # still busy: keep reading in batches
         else:  # quiet, or a reply is awaited: wake on the next message
             loop.add_reader(fd, on_readable)
 
