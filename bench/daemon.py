@@ -399,7 +399,11 @@ class Sitting:
             started = time.monotonic()
             proc = daemon.start(self.env, Path(tmp), self.helpers)
             try:
-                result = self._measure(daemon, proc, started, profile)
+                try:
+                    result = self._measure(daemon, proc, started, profile)
+                except RuntimeError as error:
+                    log = Path(tmp, "daemon.log").read_text(errors="replace").splitlines()[-15:]
+                    raise RuntimeError("\n".join([f"{daemon.label}: {error}; its log ended with:", *log])) from None
                 if not result["alive"]:  # say why: the figures of a daemon that died are not its own
                     result["log_tail"] = Path(tmp, "daemon.log").read_text(errors="replace").splitlines()[-15:]
                 return result

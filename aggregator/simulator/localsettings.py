@@ -1,7 +1,7 @@
 """A stand-in for Victron's localsettings, for the demo and the tests (a GX has the real one).
 
 It implements what clients use: AddSetting, AddSilentSetting, AddSettings, RemoveSettings on interface
-com.victronenergy.Settings, GetValue/GetText/SetValue on settings and nodes, PropertiesChanged, type
+com.victronenergy.Settings, GetValue/GetText/SetValue on settings and nodes, GetAttributes on settings, PropertiesChanged, type
 conversion and min/max checks, and the ClassAndVrmInstance rule (a taken instance moves to the next free
 one). Values may be kept in a JSON file so they survive restarts.
 """
@@ -60,6 +60,7 @@ class SettingsStandIn:
         service.add_method(SETTINGS_INTERFACE, "AddSettings", self._add_settings)
         service.add_method(SETTINGS_INTERFACE, "RemoveSettings", self._remove_settings)
         service.add_method(BUSITEM, "SetValue", self._set_value)
+        service.add_method(BUSITEM, "GetAttributes", self._get_attributes)
 
     # ---- the rules -----------------------------------------------------------------------------------
 
@@ -192,6 +193,18 @@ class SettingsStandIn:
             return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "RemoveSettings takes as")
         base = "" if msg.path == "/" else msg.path
         return Message.new_method_return(msg, "ai", [[self.remove(base + "/" + p.lstrip("/")) for p in msg.body[0]]])
+
+    def _get_attributes(self, msg: Message) -> Message:
+        """A setting's default, min, max and silent flag (Victron's settingsdevice.py compares them with what it
+        would add: a setting that exists with the same attributes is taken as it is)."""
+        setting = self.settings.get(msg.path)
+        if setting is None:
+            return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", f"{msg.path} is not a setting")
+        bound = 0.0 if setting.kind == "f" else 0
+        return Message.new_method_return(msg, "vvvi", [wrap(setting.default), wrap(bound if setting.min is None else
+                                                                                   setting.min),
+                                                       wrap(bound if setting.max is None else setting.max),
+                                                       int(setting.silent)])
 
     def _set_value(self, msg: Message) -> Message | None:
         if msg.path not in self.settings:

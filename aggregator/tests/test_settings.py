@@ -95,7 +95,8 @@ async def test_stand_in_add_settings_and_add_setting(busctl: Any) -> None:
 
 async def test_stand_in_add_setting_with_plain_values(busctl: Any) -> None:
     """Victron's settingsdevice.py calls AddSetting without introspection: dbus-python sends the default, min
-    and max as plain values, not variants, and localsettings takes them."""
+    and max as plain values, not variants, and localsettings takes them; a setting that exists it reads with
+    GetAttributes."""
     stand_in = await start_stand_in(busctl)
     group = f"Settings/T{uid()}"
     try:
@@ -107,6 +108,12 @@ async def test_stand_in_add_setting_with_plain_values(busctl: Any) -> None:
         assert await get(busctl, f"/{group}/Level") == 3
         with pytest.raises(AssertionError, match="AddSetting takes"):  # not six arguments of that form
             await settings_call(busctl, "AddSetting", "ssssi", group, "Other", "x", "s", "0")
+        # What settingsdevice.py asks of a setting that exists, to take it as it is.
+        reply = await busctl.acall_json(SETTINGS_SERVICE, f"/{group}/Level", "GetAttributes")
+        assert reply["type"] == "vvvi"
+        assert [v["data"] if isinstance(v, dict) else v for v in reply["data"]] == [3, 1, 10, 0]
+        reply = await busctl.acall_json(SETTINGS_SERVICE, f"/{group}/CustomName", "GetAttributes")
+        assert [v["data"] if isinstance(v, dict) else v for v in reply["data"]] == ["", 0, 0, 0]
     finally:
         await stop_stand_in(busctl, stand_in)
 
