@@ -686,12 +686,12 @@ class Aggregator:
         if self._limits_dirty:
             self._limits_dirty = False
             self._update_limits(values)
+        measured: set[str] = set()  # rows whose member has new measurements: only the keys showing them
         if self._lazy_rows:
             now = self.clock()
             if now - self._rows_at >= ROW_INTERVAL:
                 self._rows_at = now
-                self._dirty_rows |= self._lazy_rows
-                self._lazy_rows.clear()
+                measured, self._lazy_rows = self._lazy_rows - self._dirty_rows, set()
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
             now = self.clock()
             if now - self._tasks_at >= ROW_INTERVAL:
@@ -700,6 +700,8 @@ class Aggregator:
                 service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))
             for name in self._dirty_rows:
                 self._breakdown_row(service, name)
+            for name in measured:
+                self._measurement_keys(service, name)
             for name in self._limit_rows_changed - self._dirty_rows:
                 self._limit_keys(service, name)
             self._dirty_rows.clear()
@@ -939,6 +941,19 @@ class Aggregator:
     def _stands_for(self, name: str) -> str:
         """The member that stands for the battery a duplicate publishes."""
         return next((d.chosen for d in self.energy.duplicates.values() if name in d.services), "?")
+
+    def _measurement_keys(self, service: VeService, name: str) -> None:
+        """The keys of a member row that show the member's own values, after new measurements (its identity, state
+        and limit keys change by other events, which refresh them)."""
+        state = self.members.get(name)
+        member = self.merge.members.get(name)
+        if state is None or member is None or state.state == LOST:
+            return
+        values = member.values
+        for path, _key, source in _row_paths(state.slot):
+            if source is not None and not service.set_value_if_present(path, values.get(source)):
+                self._breakdown_row(service, name)  # not published yet: the whole row
+                return
 
     def _limit_keys(self, service: VeService, name: str) -> None:
         """The controller's keys of a member row, after a limit computation changed them."""
