@@ -51,7 +51,9 @@ DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
               (SYSTEM_SERVICE, "/Control/Dvcc"))
 STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
-MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
+# Seconds: how often current/voltage changes alone recompute the limits. Victron's system calculator reads them
+# once a second, so a second computation within its second would never be seen by DVCC.
+MEASUREMENT_LIMIT_INTERVAL = 1.0
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 ENERGY_REFRESH = 10.0  # seconds: the energy paths without any member update (what time alone changes)
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
@@ -779,7 +781,7 @@ class Aggregator:
     def _note_limit_inputs(self, clean: dict[str, Any]) -> None:
         """A change of a limit, a flag or a mode recomputes the limits in this flush; a change of current or
         voltage alone (every update of every member) at most every MEASUREMENT_LIMIT_INTERVAL: the limits
-        follow them within half a second, and the CPU of a small GX is spared a recompute per update."""
+        follow them within a second, and the CPU of a small GX is spared a recompute per update."""
         if self._limits_dirty or LIMIT_INPUTS.isdisjoint(clean):
             return
         if not MEASUREMENTS.issuperset(clean.keys() & LIMIT_INPUTS):
