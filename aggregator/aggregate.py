@@ -58,6 +58,9 @@ ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone repub
 ENERGY_REFRESH = 10.0  # seconds: the energy paths without any member update (what time alone changes)
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 PROBE_TIMEOUT = 5.0  # seconds a quiet member has to answer a probe (at most staleAfter)
+# Seconds after which a member's current that has not changed counts as read anew for a complete sample: Victron
+# services signal only changes, and drivers read their BMS at least this often, so it is still its current.
+STEADY_CURRENT = 5.0
 # Seconds start-up waits for the members' first reads before publishing; one that answers later joins then.
 START_READ_WAIT = 1.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -146,6 +149,7 @@ class MemberState:
     drop: asyncio.TimerHandle | None = None
     probed_at: float = -1e9  # when a probe last started
     probing: bool = False
+    current_at: float = -1e9  # when its current last changed
 
 
 class VirtualBattery:
@@ -261,7 +265,8 @@ class Aggregator:
         self._limit_rows: dict[str, dict[str, Any]] = {}
         self._limit_rows_changed: set[str] = set()
         self._duplicates: frozenset[str] = frozenset()  # members publishing a battery another member stands for
-        self._reported: set[str] = set()  # members whose current arrived since the last complete sample
+        # Members whose current arrived since the last complete sample (or that stayed steady: STEADY_CURRENT).
+        self._reported: set[str] = set()
         self._limits_at = -1e9  # when the limits were last computed
         self._limits_due = False  # measurements changed since: the next tick recomputes
         self._store: Any = None
@@ -514,6 +519,8 @@ class Aggregator:
             state = self.members.get(name)
             if state is not None:
                 state.last_update = self.clock()
+                if "/Dc/0/Current" in clean:
+                    state.current_at = state.last_update
                 if service.values.get("/Connected") != 0:
                     if state.state != ONLINE:
                         self._set_state(name, state, ONLINE, "it updates again")
@@ -737,6 +744,8 @@ class Aggregator:
                 self.merge.update_member(vb.name, clean)
                 state = self.members[vb.name]
                 state.last_update = self.clock()
+                if "/Dc/0/Current" in clean:
+                    state.current_at = state.last_update
                 if state.state == STALE and self._connected(self._probe_targets(vb.name)):
                     self._set_state(vb.name, state, ONLINE, "its members update again")
                 if "/Dc/0/Current" in clean:
@@ -797,8 +806,11 @@ class Aggregator:
         self._limits_due = False
         reported = self._reported
         duplicates = self._duplicates
-        inputs = [MemberInput(name, m.label, m.values, self.members[name].state == ONLINE, name in reported)
-                  for name, m in self.merge.members.items() if name in self.members and name not in duplicates]
+        steady = now - STEADY_CURRENT
+        members = self.members
+        inputs = [MemberInput(name, m.label, m.values, members[name].state == ONLINE,
+                              name in reported or members[name].current_at <= steady)
+                  for name, m in self.merge.members.items() if name in members and name not in duplicates]
         if duplicates:
             self._lowest_of_duplicates(inputs)
         samples = self.control.samples

@@ -59,6 +59,10 @@ SIGN_CHECK_VOTES = 3
 # A learned marginal share below this says the member's current falls when the bank's rises: impossible for a
 # pack in parallel, so its sign is wrong.
 NEGATIVE_SHARE = -0.1
+# The bank current sits at a published limit within this much of it (A, and a fraction of it): what a
+# charger's regulation misses by.
+AT_LIMIT_A = 1.0
+AT_LIMIT = 0.03
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +121,10 @@ class ChargeControl:
         # Resolutions: half the step of the published values (0.1 A, 1 mV), see _round below.
         # The CCL ramps up from 0 after start: a restart must not jump to a limit that was not ramped to. The
         # DCL does not (a DCL of 0 switches the inverter off and drops the loads); both ramp up from 0 after
-        # an unknown limit made them 0.
-        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, from_zero=True)
-        self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05)
+        # an unknown limit made them 0. Their ramps scale with the bank (rampUpTime); the CVL's does not.
+        self.ccl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, from_zero=True,
+                                          rise_time=opts.rampUpTime)
+        self.dcl_smoother = LimitSmoother(opts.rampUpRate, opts.hysteresis, 0.05, rise_time=opts.rampUpTime)
         self.cvl_smoother = LimitSmoother(opts.voltageRampUpRate, opts.voltageHysteresis, 0.0005)
         self.floors: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
         self._floor_at = 0.0
@@ -141,6 +146,11 @@ class ChargeControl:
         self._holding: set[str] = set()  # the limits held meanwhile
         # Members that forbid a direction, by direction.
         self.episodes: dict[str, dict[str, _Episode]] = {CHARGE: {}, DISCHARGE: {}}
+        self._tracking = {CHARGE: False, DISCHARGE: False}  # whether the last limit tracked the currents
+        # Per direction and member: what it carried beyond its marginal share at the last complete sample (its
+        # circulating current), and how much that rose since the one before.
+        self._offsets: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
+        self.drift: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
         self._sign_votes: dict[str, int] = {}  # net votes of the current-vs-power check, per member
         self._by_power: set[str] = set()  # suspected by that check: kept until its votes are back to 0
         self.inverted: dict[str, str] = {}  # member -> why its current's sign looks wrong
@@ -157,6 +167,7 @@ class ChargeControl:
         self.publishers, self._held, self._battery_limit = old.publishers, old._held, old._battery_limit
         self.episodes, self._holding = old.episodes, old._holding
         self._sign_votes, self._by_power, self.inverted = old._sign_votes, old._by_power, old.inverted
+        self._tracking, self._offsets, self.drift = old._tracking, old._offsets, old.drift
         self.samples = old.samples
 
     # ---- learning ----------------------------------------------------------------------------------
@@ -183,8 +194,12 @@ class ChargeControl:
         # Learn only from complete samples (every member has reported since the last one: members update
         # at their own pace) and while every member takes part (a pack with open FETs carries nothing, and
         # learning that would starve its share when it comes back).
-        if all(m.updated for m in members) and all(m.fresh and m.values.get(flag) != 0 for m in members):
-            self.learner.update(currents, now)  # type: ignore[arg-type]
+        complete = all(m.updated for m in members)
+        if complete:
+            self._follow_drift(currents, bank)  # type: ignore[arg-type]
+        if complete and all(m.fresh and m.values.get(flag) != 0 for m in members):
+            at_limit = self._at_limit(bank)  # type: ignore[arg-type]
+            self.learner.update(currents, now, at_limit, self._tracking[direction])  # type: ignore[arg-type]
             self.samples += 1
         if self.inverted:
             # The guard sees a member whose sign looks wrong with the sign turned: it cannot carry "negative"
@@ -204,6 +219,32 @@ class ChargeControl:
                 _LOG.warning("%s carries %.0f%% of the bank's %s current, more than its own limit allows: "
                              "its share is corrected", name, 100 * share, d)
         self._guarded = seen  # logged once per episode: again only after it has cleared
+
+    def _follow_drift(self, currents: dict[str, float], bank: float) -> None:
+        """How much each member's circulating current (what it carries beyond its marginal share of the bank
+        current) rose since the last complete sample: it moves as the packs' voltages move apart or together,
+        fast near full or empty, and the limit expects as much again before it takes effect."""
+        for d, sign in ((CHARGE, 1.0), (DISCHARGE, -1.0)):
+            offsets: dict[str, float] = {}
+            drift: dict[str, float] = {}
+            if self.learner.settled(d):
+                for name, current in currents.items():
+                    share = self.learner.marginal_share(name, d)
+                    if share is None:
+                        continue
+                    offsets[name] = sign * (current - share * bank)
+                    before = self._offsets[d].get(name)
+                    if before is not None and offsets[name] > before:
+                        drift[name] = offsets[name] - before
+            self._offsets[d], self.drift[d] = offsets, drift
+
+    def _at_limit(self, bank: float) -> bool:
+        """Whether the bank current sits at the limit published for its direction: its changes are then the
+        limit's doing."""
+        published = (self.ccl_smoother if bank > 0 else self.dcl_smoother).value
+        if published is None:
+            return False
+        return abs(bank) >= published - max(AT_LIMIT_A, AT_LIMIT * published)
 
     def _check_signs(self, members: list[MemberInput]) -> None:
         """Members whose current's sign looks inverted (a driver that counts the other way): its power has
@@ -265,8 +306,8 @@ class ChargeControl:
     def forget(self, name: str) -> None:
         self.learner.forget(name)
         self.ir.pop(name, None)
-        for floors in self.floors.values():
-            floors.pop(name, None)
+        for per_member in (*self.floors.values(), *self._offsets.values(), *self.drift.values()):
+            per_member.pop(name, None)
 
     # ---- limits ------------------------------------------------------------------------------------
 
@@ -285,7 +326,10 @@ class ChargeControl:
             balancing=v.get("/Balancing"), capacity=v.get("/InstalledCapacity"), resistance=resistance,
             learned_share={d: s for d in (CHARGE, DISCHARGE)
                            if (s := self.learner.share(m.name, d)) is not None and s > 0},
-            fresh=m.fresh, current=v.get("/Dc/0/Current"))
+            settled=frozenset(d for d in (CHARGE, DISCHARGE)
+                              if self.learner.settled(d) and self.learner.marginal_share(m.name, d) is not None),
+            fresh=m.fresh, current=v.get("/Dc/0/Current"),
+            drift={d: lead for d in (CHARGE, DISCHARGE) if (lead := self.drift[d].get(m.name))})
 
     def update(self, members: list[MemberInput], dvcc: DvccLimits, now: float,
                charge_wait: str | None = None) -> LimitOutputs:
@@ -300,6 +344,7 @@ class ChargeControl:
                 "current sign looks inverted: " + ", ".join(_label(members, n) for n, _ in names)))
         ccl = self._bank_limit(members, limits, CHARGE, notes, now)
         dcl = self._bank_limit(members, limits, DISCHARGE, notes, now)
+        self._tracking = {CHARGE: ccl.tracking, DISCHARGE: dcl.tracking}
         self.ccl_target, ccl_reason = apply_ccl_mode(ccl, self.ccl_mode, dvcc)
         if charge_wait is not None:
             self.ccl_target, ccl_reason = 0.0, charge_wait
@@ -315,8 +360,13 @@ class ChargeControl:
                 ALARM if any(e.carried and e.state != OUT for e in episodes) else 0
             if any(e.state == HELD for e in episodes):
                 flags[_FLAG_PATH[direction]] = 0
+        ccl_published = _round(self.ccl_smoother.update(self.ccl_target, now), 1)
+        if self.ccl_smoother.ramping and self.ccl_target is not None:
+            # Say what a reader sees: a CCL below the limit named after it is on its way up, not held there.
+            ccl_reason = (f"rising to {self.ccl_target:.1f} A at {self.ccl_smoother.rate(self.ccl_target):.1f} A/s "
+                          f"(a limit rises gradually so the chargers follow smoothly); limit: {ccl_reason}")
         out = LimitOutputs(
-            ccl=_round(self.ccl_smoother.update(self.ccl_target, now), 1),
+            ccl=ccl_published,
             dcl=_round(self.dcl_smoother.update(self.dcl_target, now), 1),
             cvl=_round(self.cvl_smoother.update(self.cvl_target, now), 3),
             charge_limitation=ccl_reason,

@@ -151,22 +151,24 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import SCHEMA_FILE, schema_text
+    from .schema import DOCS_FILE, SCHEMA_FILE, config_reference, schema_text
 
-    text = schema_text()
+    outputs = [(SCHEMA_FILE, schema_text()), (DOCS_FILE, config_reference())]
     if args.check:
-        current = SCHEMA_FILE.read_text() if SCHEMA_FILE.exists() else ""
-        if current != text:
-            print(f"{SCHEMA_FILE} differs from the config model: run `battery-aggregator schema --write`",
-                  file=sys.stderr)
+        stale = [path for path, text in outputs if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} differs from the config model: run `battery-aggregator schema --write`", file=sys.stderr)
+        if stale:
             return 1
-        print("config.schema.json is up to date")
+        print("config.schema.json and docs/configuration.md are up to date")
         return 0
     if args.write:
-        SCHEMA_FILE.write_text(text)
-        print(f"wrote {SCHEMA_FILE}")
+        for path, text in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
         return 0
-    sys.stdout.write(text)
+    sys.stdout.write(outputs[1][1] if args.docs else outputs[0][1])
     return 0
 
 
@@ -325,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="publish a simulated battery bank on D-Bus",
                          description="Publish the packs of a scenario as com.victronenergy.battery.<name> services, "
                                      "driven by physics (parallel LiFePO4 packs). SCENARIO is a name of a bundled "
-                                     "scenario (default, solar_day, faults) or a path to a JSON file. Faults can be "
-                                     "injected at run time with `battery-aggregator fault`.")
+                                     "scenario (default, solar_day, faults, quiet) or a path to a JSON file. Faults "
+                                     "can be injected at run time with `battery-aggregator fault`.")
     sim.add_argument("scenario", nargs="?", default="default", metavar="SCENARIO")
     sim.add_argument("--packs", type=int, help="publish this many packs (the scenario's packs repeated)")
     sim.add_argument("--rate", type=float, help="publish rate in Hz (overrides the scenario)")
@@ -381,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("file", nargs="?", default="battery-dump.json")
     dump.set_defaults(func=_cmd_dump)
 
-    schema = sub.add_parser("schema", help="print, write or check config.schema.json",
-                            description="config.schema.json is generated from the config model in "
-                                        "aggregator/config.py. Without options it is printed.")
-    schema.add_argument("--write", action="store_true", help="write config.schema.json at the repo root")
-    schema.add_argument("--check", action="store_true", help="exit 1 when the committed file is out of date")
+    schema = sub.add_parser("schema", help="print, write or check config.schema.json and docs/configuration.md",
+                            description="config.schema.json and the configuration reference docs/configuration.md "
+                                        "are generated from the config model in aggregator/config.py. Without "
+                                        "options the schema is printed.")
+    schema.add_argument("--write", action="store_true", help="write both files in the repo")
+    schema.add_argument("--check", action="store_true", help="exit 1 when a committed file is out of date")
+    schema.add_argument("--docs", action="store_true", help="print the configuration reference (Markdown)")
     schema.set_defaults(func=_cmd_schema)
 
     report = sub.add_parser("report", help="report a battery that is not on D-Bus (energy and level), or remove one",

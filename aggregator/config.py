@@ -41,7 +41,9 @@ class IrOptions(BaseModel):
 class LimitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rampUpRate: float = Field(2.0, gt=0, le=1000, description="A/s a current limit may rise by (drops are "
-                              "immediate), so DVCC does not hunt")
+                              "immediate), so DVCC does not hunt; faster when rampUpTime asks for it")
+    rampUpTime: float = Field(30.0, gt=0, le=3600, description="seconds a current limit takes at most to rise "
+                              "from 0 to its target: a large bank rises faster than rampUpRate")
     hysteresis: float = Field(1.0, ge=0, le=100, description="A: a current limit rises only by at least this")
     voltageRampUpRate: float = Field(0.05, gt=0, le=10, description="V/s the charge voltage limit may rise by")
     voltageHysteresis: float = Field(0.02, ge=0, le=5, description="V: the charge voltage limit rises only by "
@@ -74,8 +76,8 @@ class MemberEnergyOptions(BaseModel):
 class EnergyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     members: dict[str, MemberEnergyOptions] = Field(default_factory=dict, description="per battery, keyed by a "
-                                                    "service reference, its /Serial or a reported id: its id and "
-                                                    "counter kind")
+                                                    "service reference, its /Serial or a reported id: its id, its "
+                                                    "counter kind and the bounds of its reports")
     httpPort: int | None = Field(None, ge=1, le=65535, description="port of the HTTP endpoint for external "
                                  "reports (POST /report); null = off")
     httpBind: str = Field("127.0.0.1", min_length=1, description="address the HTTP endpoint listens on")

@@ -22,6 +22,12 @@ Direction = Literal["charge", "discharge"]
 CHARGE: Direction = "charge"
 DISCHARGE: Direction = "discharge"
 METHODS = ("share", "ir", "capacity", "count")
+# Tracking the members' currents (see bank_current_limit): how far above the present bank current the
+# extrapolation is trusted (a fraction of it), and the margin each member is left below its own limit for what
+# the bank current does not decide (a fraction of that limit, plus a current's resolution in A).
+TRUSTED_STEP = 0.1
+AIM_MARGIN = 0.05
+AIM_RESOLUTION = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +46,10 @@ class MemberLimits:
     capacity: float | None = None  # installed Ah
     resistance: float | None = None  # usable IR estimate (ohm), None when not usable
     learned_share: Mapping[str, float] = field(default_factory=dict)  # direction -> learned share
+    settled: frozenset[str] = frozenset()  # directions whose learned share is a settled marginal share
     fresh: bool = True  # online and updating
     current: float | None = None  # the member's present current (A, + charging), the operating point
+    drift: Mapping[str, float] = field(default_factory=dict)  # direction -> rise of its circulating current
 
     def limit(self, direction: Direction) -> float | None:
         return self.ccl if direction == CHARGE else self.dcl
@@ -57,6 +65,7 @@ class BankLimit:
     reason: str  # for /Info/ChargeLimitation and the log
     shares: dict[str, float]  # the shares used, by member (renormalised over the members that take current)
     method: str  # the method the shares came from (after fallbacks)
+    tracking: bool = False  # it tracks the members' measured currents to their aims (see bank_current_limit)
 
 
 def share_weights(members: Sequence[MemberLimits], method: str, direction: Direction) -> tuple[dict[str, float], str]:
@@ -88,12 +97,23 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     """The bank's CCL (direction 'charge') or DCL ('discharge'). `share_floor`: per member, the least share
     to assume (the over-current guard raises it when a member was seen carrying more than its limit).
 
-    With every member's present current known, the limit is extrapolated from that operating point with the
-    marginal shares a_k (how a change of bank current splits): limit = I_now + min_k (limit_k - I_k) / a_k.
-    This is exact for packs in parallel even when they sit at different states of charge (one far behind
-    takes circulating current from the others, an offset that a plain ratio I_k / I_bank cannot follow).
-    Without an operating point (or with `operating_point` False: a member's current is not to be trusted) it
-    is min_k limit_k / s_k."""
+    Without an operating point (a member's current unknown, or `operating_point` False: not to be trusted) it
+    is min_k limit_k / s_k. With one, it is also extrapolated from the present currents with the shares taken
+    as marginal shares a_k (how a change of the bank current splits): I_now + (limit_k - I_k) / a_k.
+
+    Tracking, once the marginal shares are settled (or 1/R_k): for packs in parallel the extrapolation is
+    exact even when they sit at different states of charge, where the fullest takes less than its share and
+    one behind takes more by circulating currents; and at the bank's limit it is short, so the most loaded
+    member converges on its aim whatever small error its share has. Each member is aimed a margin below its
+    limit for what the bank current does not decide (AIM_MARGIN of it and AIM_RESOLUTION, times 1 - a_k: none
+    for a member alone), and the rise its circulating current made since the last sample (`drift`) is
+    expected again before the limit takes effect. Far from the operating point a share's error would carry
+    the extrapolation astray: more than TRUSTED_STEP above the present bank current it goes no higher than
+    min_k limit_k / a_k. A member above its aim is brought back with its share as learned, not as raised by
+    the guard (a larger share would bring it back by less).
+
+    Otherwise (shares that are plain ratios, capacity or count) the lower of the two: each covers the
+    other's blind spot (a wrong slope far from the operating point; circulating currents for the ratio)."""
     word = "charging" if direction == CHARGE else "discharging"
     known = [m for m in members if m.limit(direction) is not None or m.allowed(direction) is not None]
     if not known:
@@ -105,24 +125,35 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
         return BankLimit(0.0, None, f"no member with a fresh {word} limit", {}, method)
     weights, used = share_weights(takers, method, direction)
     total = sum(weights.values())
-    shares = {name: w / total for name, w in weights.items()}
+    learned = shares = {name: w / total for name, w in weights.items()}
     if share_floor:
         # Conservative: a raised share is not taken away from the others.
         shares = {name: max(s, share_floor.get(name, 0.0)) for name, s in shares.items()}
     sign = 1.0 if direction == CHARGE else -1.0
-    # The operating point, in the direction's own sign (discharge currents as positive amounts).
+    # The operating point, in the direction's own sign (discharge currents as positive amounts). A member
+    # that forbids the direction is left out of it: its current is about to stop (its BMS opened its FETs), and
+    # the others' currents at the bank current without it are the point on their lines once it has.
     operating = operating_point and all(m.current is not None for m in members)
-    bank_now = sign * sum(m.current for m in members) if operating else 0.0  # type: ignore[misc]
+    bank_now = sign * sum(m.current for m in members  # type: ignore[misc]
+                          if m.allowed(direction) != 0) if operating else 0.0
+    tracking = operating and (used == "ir" or (used == "share" and all(direction in m.settled for m in takers)))
     best: tuple[float, MemberLimits] | None = None
     for m in takers:
         limit = m.limit(direction)
         assert limit is not None
-        bank = limit / shares[m.name]
+        share = shares[m.name]
+        bank = limit / share
         if operating:
-            # The lower of the two: each covers the other's blind spot (wrong marginal shares far from the
-            # operating point; circulating currents for the plain ratio).
-            now = sign * m.current  # type: ignore[operator]
-            bank = min(bank, bank_now + (limit - now) / shares[m.name])
+            aim, expected = limit, sign * m.current  # type: ignore[operator]
+            if tracking:
+                aim -= max(0.0, 1.0 - share) * (AIM_MARGIN * limit + AIM_RESOLUTION)
+                expected += m.drift.get(direction, 0.0)
+            headroom = aim - expected
+            extrapolated = bank_now + headroom / (share if headroom >= 0 else min(share, learned[m.name]))
+            if tracking:
+                bank = min(extrapolated, max(bank, bank_now * (1.0 + TRUSTED_STEP)))
+            else:
+                bank = min(bank, extrapolated)
         if best is None or bank < best[0]:
             best = (bank, m)
     assert best is not None
@@ -134,7 +165,7 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
               f"({used})")
     if left_out:
         reason += "; counted as carrying nothing: " + ", ".join(left_out)
-    return BankLimit(value, member.name, reason, shares, used)
+    return BankLimit(value, member.name, reason, shares, used, tracking=tracking)
 
 
 # A member's current within this of 0 A says nothing: the offset of a BMS at rest (CAN resolution 0.1 A, cheap
@@ -244,8 +275,12 @@ def apply_cvl_mode(value: float | None, reason: str, mode: str, dvcc: DvccLimits
 
 
 class LimitSmoother:
-    """Publish a limit that drops at once but rises at most `rise_rate` A/s, and ignores rises smaller than
-    `hysteresis` A, so DVCC does not hunt. Drops are never held back: that would be unsafe.
+    """Publish a limit that drops at once but rises gradually, and ignores rises smaller than `hysteresis`,
+    so DVCC does not hunt. Drops are never held back: that would be unsafe.
+
+    A rise goes at `rise_rate` per second or, with `rise_time`, at target / `rise_time` per second when that
+    is faster: whatever the size of the bank, a rise (even from 0) reaches its target within `rise_time`
+    seconds and the next update; a small one sooner, at `rise_rate`.
 
     A ramp starts when a rise is first seen (however long the limit was quiet before) and, once started,
     goes all the way to its target: the hysteresis only decides whether a rise starts. The caller keeps
@@ -254,8 +289,9 @@ class LimitSmoother:
     target in that moment would be carried by the ramp past the hysteresis)."""
 
     def __init__(self, rise_rate: float, hysteresis: float, resolution: float = 0.0,
-                 from_zero: bool = False) -> None:
+                 from_zero: bool = False, rise_time: float | None = None) -> None:
         self.rise_rate = rise_rate
+        self.rise_time = rise_time
         self.hysteresis = hysteresis
         self.resolution = resolution
         # from_zero: the first value after start or after None (invalid) ramps up from 0 instead of jumping
@@ -269,6 +305,10 @@ class LimitSmoother:
         """Carry on from another smoother (a config reload makes a new one): no jump to the new target."""
         self.value, self.ramping, self._at = other.value, other.ramping, other._at
 
+    def rate(self, target: float) -> float:
+        """How fast a ramp to `target` rises (per second)."""
+        return self.rise_rate if self.rise_time is None else max(self.rise_rate, target / self.rise_time)
+
     def update(self, target: float | None, now: float) -> float | None:
         last, self._at = self._at, now
         if self.from_zero and self.value is None and target is not None and target > 0:
@@ -279,7 +319,7 @@ class LimitSmoother:
             self.value = target
             self.ramping = False
         elif self.ramping:
-            self.value = min(target, self.value + self.rise_rate * max(0.0, now - last))
+            self.value = min(target, self.value + self.rate(target) * max(0.0, now - last))
             if target - self.value <= self.resolution:
                 self.value = target
             self.ramping = self.value < target
@@ -296,7 +336,12 @@ class ShareLearner:
     seen, the plain ratio s_k = I_k / I_bank (current-weighted the same way) stands in. Both are kept per
     direction of the bank current and fade with time constant `tau` seconds, so a pack that ages, warms up or
     tapers is followed. The prediction error (RMS of the miss of each member's current) is reported.
-    """
+
+    Which changes teach the split: those the bank makes on its own (loads, sun) do. Those a published limit
+    makes while the bank current sits at it do too, unless that limit tracks the members' currents: it then
+    moves with the drift of the member that sets it, whose current stays at its aim whatever its share, and
+    learning from that would shrink its share (to half of it, in a steady drift). Whether the marginal shares
+    are `settled` (good enough for the limit to track the currents) rests on the bank's own changes alone."""
 
     def __init__(self, tau: float = 600.0, min_bank_current: float = 2.0, min_change: float = 1.0,
                  enough_change: float = 50.0) -> None:
@@ -306,17 +351,25 @@ class ShareLearner:
         self.enough_change = enough_change  # A of weighted |dI_bank| before marginal shares are trusted
         self._ratio = _WeightedShares()
         self._marginal = _WeightedShares()
+        self._own: dict[str, float] = {}  # per direction: the weight of the bank's own changes among them
         self._err: dict[tuple[str, str], float] = {}
         self._last: dict[str, float] | None = None
         self._last_at = 0.0
+        self._last_at_limit = (False, False)
 
-    def update(self, currents: Mapping[str, float], now: float) -> None:
-        """One complete, simultaneous sample of every member's current (A, + charging)."""
+    def update(self, currents: Mapping[str, float], now: float, at_limit: bool = False,
+               tracking: bool = False) -> None:
+        """One complete, simultaneous sample of every member's current (A, + charging). `at_limit`: the bank
+        current sits at a published limit; `tracking`: that limit tracks the members' currents."""
         bank = sum(currents.values())
         direction = CHARGE if bank >= 0 else DISCHARGE
         decay = math.exp(-max(0.0, now - self._last_at) / self.tau) if self._last is not None else 1.0
         last = self._last
-        if last is not None and set(last) == set(currents):
+        # A change from or to a sample at a limit is (partly) the limit's doing.
+        tracking = at_limit and tracking
+        (was_at_limit, was_tracking), self._last_at_limit = self._last_at_limit, (at_limit, tracking)
+        at_limit, tracking = at_limit or was_at_limit, tracking or was_tracking
+        if last is not None and set(last) == set(currents) and not tracking:
             d_bank = bank - sum(last.values())
             for name, current in currents.items():
                 predicted = self.share(name, direction)
@@ -327,10 +380,15 @@ class ShareLearner:
                     self._err[key] = miss * miss if prev is None else prev * decay + (1 - decay) * miss * miss
             if abs(d_bank) >= self.min_change:
                 self._marginal.add(direction, {n: currents[n] - last[n] for n in currents}, d_bank, decay)
+                self._own[direction] = self._own.get(direction, 0.0) * decay + (0.0 if at_limit else abs(d_bank))
         if abs(bank) >= self.min_bank_current:
             self._ratio.add(direction, currents, bank, decay)
         self._last = dict(currents)
         self._last_at = now
+
+    def settled(self, direction: Direction) -> bool:
+        """Whether the marginal shares rest on enough of the bank's own changes."""
+        return self._own.get(direction, 0.0) >= self.enough_change
 
     def marginal_share(self, name: str, direction: Direction) -> float | None:
         """The learned marginal share, unclamped (None until enough change was seen). Packs in parallel all
@@ -366,18 +424,27 @@ class ShareLearner:
             self._last = None  # the next sample has another member set: no difference from it
 
     def raise_share(self, name: str, direction: Direction, share: float) -> None:
-        """The over-current guard: the member carried `share` of the bank current; learn it at once."""
+        """The over-current guard: the member carried `share` of the bank current; learn it at once. That is a
+        ratio: the marginal shares keep what the bank's changes say (the limit's share floor covers them), so
+        a member brought back below its limit is brought back by as much as its marginal share says."""
         self._ratio.raise_share(name, direction, share)
-        self._marginal.raise_share(name, direction, share)
 
     def to_state(self) -> dict[str, object]:
-        return {"ratio": self._ratio.to_state(), "marginal": self._marginal.to_state()}
+        return {"ratio": self._ratio.to_state(), "marginal": self._marginal.to_state(), "own": dict(self._own)}
 
     def load_state(self, state: Mapping[str, object]) -> None:
         for key, target in (("ratio", self._ratio), ("marginal", self._marginal)):
             part = state.get(key)
             if isinstance(part, dict):
                 target.load_state(part)
+        own = state.get("own")
+        if isinstance(own, dict):
+            try:
+                weights = {str(d): float(v) for d, v in own.items()}
+            except (TypeError, ValueError):
+                return
+            if all(math.isfinite(v) and v >= 0 for v in weights.values()):
+                self._own = weights
 
 
 class _WeightedShares:
@@ -437,7 +504,9 @@ class _WeightedShares:
 def over_current(members: Iterable[tuple[str, float | None, float | None, float | None]], bank_current: float,
                  tolerance: float) -> list[tuple[str, Direction, float]]:
     """(member, direction, observed share) of members carrying more than their own limit (+tolerance):
-    their share was underestimated. Input rows: (name, current, ccl, dcl)."""
+    their share was underestimated. Input rows: (name, current, ccl, dcl). A member carrying more than the
+    bank (circulating current from the others, near 0 A bank current) counts as carrying it all: a share above
+    1 would not say how the bank splits, and as a floor it would hold the limit near 0 until it faded."""
     found: list[tuple[str, Direction, float]] = []
     if abs(bank_current) < 1e-6:
         return found
@@ -445,7 +514,7 @@ def over_current(members: Iterable[tuple[str, float | None, float | None, float 
         if current is None:
             continue
         if current > 0 and ccl is not None and current > ccl * (1 + tolerance) + 0.1:
-            found.append((name, CHARGE, current / bank_current if bank_current > 0 else 1.0))
+            found.append((name, CHARGE, min(1.0, current / bank_current) if bank_current > 0 else 1.0))
         elif current < 0 and dcl is not None and -current > dcl * (1 + tolerance) + 0.1:
-            found.append((name, DISCHARGE, current / bank_current if bank_current < 0 else 1.0))
+            found.append((name, DISCHARGE, min(1.0, current / bank_current) if bank_current < 0 else 1.0))
     return found

@@ -99,7 +99,7 @@ def render(services: Iterable[WatchedService], bank: dict[str, Any] | None, titl
             previous_rank = rank(service)[0]
         row = member_row(service, states.get(service.name))
         lines.append(format_row(row))
-    lines += energy_lines(services)
+    lines += summary_lines(services)
     if bank:
         lines += ["", *wrap("Simulator (the physical truth): bus {} at {}, requested {}, simulated time {}".format(
             _num(bank.get("/Bank/Voltage"), "{:.2f}V"), _num(bank.get("/Bank/Current"), "{:+.1f}A"),
@@ -110,12 +110,17 @@ def render(services: Iterable[WatchedService], bank: dict[str, Any] | None, titl
     return "\n".join(lines)
 
 
-def energy_lines(services: Iterable[WatchedService]) -> list[str]:
-    """The aggregates' energy totals and levels, and the grid batteries' levels (what moves slowly)."""
+def summary_lines(services: Iterable[WatchedService]) -> list[str]:
+    """Below the table: each aggregate's charge limit and status in words, its energy totals and levels, and the
+    grid batteries' levels."""
     lines: list[str] = []
     for service in services:
         v = service.values
         product = v.get("/ProductName")
+        if product == AGGREGATE_PRODUCT:
+            name = service.name.removeprefix("com.victronenergy.")
+            lines += wrap(f"Charge limit of {name}: {v.get('/Info/ChargeLimitation') or '---'}")
+            lines += wrap(f"Status of {name}: {v.get('/Aggregator/Status') or '---'}")
         if product == AGGREGATE_PRODUCT and "/Energy/Status" in v:
             text = "Energy of {}: charged {}, discharged {}; level {} (capacity-weighted), {} (average); {}"
             lines += wrap(text.format(

@@ -49,7 +49,7 @@ def render_status(name: str, items: dict[str, Any]) -> str:
         f"  time to go {v('/TimeToGo', '{:.0f}s')}",
         f"  CCL {v('/Info/MaxChargeCurrent', '{:.1f}A')}  DCL {v('/Info/MaxDischargeCurrent', '{:.1f}A')}  "
         f"CVL {v('/Info/MaxChargeVoltage', '{:.2f}V')}  mode {items.get('/Info/ChargeMode') or '---'}",
-        f"  limited by: {items.get('/Info/ChargeLimitation') or '---'}",
+        f"  charge limit: {items.get('/Info/ChargeLimitation') or '---'}",
         f"  status: {items.get('/Aggregator/Status') or '---'}",
         "",
     ]

@@ -29,7 +29,7 @@ set_paths() {
 }
 
 # What an install puts into $APP; anything else there is the user's (old state) and is never deleted.
-APP_ITEMS="aggregator setup wheels lib bin service config_generator check_config.sh README.md VERSION install.env STATUS .boot.lock"
+APP_ITEMS="aggregator setup wheels lib bin service config_generator docs check_config.sh README.md CHANGELOG.md VERSION install.env STATUS .boot.lock"
 
 app_item() {
     for item in $APP_ITEMS; do

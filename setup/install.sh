@@ -5,7 +5,8 @@
 #
 # Needs no pip and no network: the release's wheels/ holds the dependencies for each CPU and Python.
 # Safe to run again; a failed run never removes a working install, the config or the learned state.
-#   - copies the app (aggregator/, setup/, wheels/, config_generator/, check_config.sh) to /data/battery-aggregator
+#   - copies the app (aggregator/, setup/, wheels/, config_generator/, docs/, check_config.sh) to
+#     /data/battery-aggregator
 #   - writes the daemontools service (service/run, service/log/run) and the command bin/battery-aggregator
 #   - adds one line to /data/rc.local: at every boot it checks that the dependencies import with the firmware's
 #     Python (repairing them from wheels/ after a firmware update) and only then links /service/battery-aggregator
@@ -133,6 +134,8 @@ if [ "$RELEASE" != "$APP" ]; then
     copy_in "$RELEASE/config_generator" config_generator
     copy_in "$RELEASE/check_config.sh" check_config.sh
     copy_in "$RELEASE/README.md" README.md
+    copy_in "$RELEASE/CHANGELOG.md" CHANGELOG.md
+    copy_in "$RELEASE/docs" docs
     # dependencies installed by pip into lib/ by earlier releases: now one directory per CPU and Python
     if [ -d "$APP/lib" ] && [ ! -e "$APP/lib/current" ] && ! ls -d "$APP"/lib/cp[0-9]*-* >/dev/null 2>&1; then
         rm -rf "$APP/lib"

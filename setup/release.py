@@ -7,10 +7,10 @@
 Writes, in DIR (default dist/):
 
 * ``battery-aggregator-<version>.tar.gz``: one directory ``battery-aggregator-<version>/`` with the package
-  source (``aggregator/`` without its tests), ``setup/``, ``config_generator/``, ``check_config.sh``, ``README.md``,
-  ``config.schema.json`` and ``wheels/``: every dependency as a wheel for each CPU and CPython asked for, and
-  ``wheels/targets.json``, which lists per target (``cp312-armv7l``, ...) the wheels pip resolved for it. The GX
-  installs them without pip or network (setup/wheels.py unpacks them). Pure-Python wheels (dbus-next, pydantic,
+  source (``aggregator/`` without its tests), ``setup/``, ``config_generator/``, ``docs/``, ``check_config.sh``,
+  ``README.md``, ``CHANGELOG.md``, ``config.schema.json`` and ``wheels/``: every dependency as a wheel for each
+  CPU and CPython asked for, and ``wheels/targets.json``, which lists per target (``cp312-armv7l``, ...) the
+  wheels pip resolved for it. The GX installs them without pip or network (setup/wheels.py unpacks them). Pure-Python wheels (dbus-next, pydantic,
   jsonschema and theirs, aiomqtt and paho-mqtt) are stored once; pydantic-core and rpds-py are compiled, one per
   target. numpy is optional and large (no 32-bit ARM wheel exists): it is bundled for the ``--numpy-for``
   Pythons only; elsewhere the IR estimator is off.
@@ -52,7 +52,7 @@ DEFAULT_PYTHONS = "3.11,3.12,3.13"
 DEFAULT_NUMPY_FOR = "3.12"
 ARCHES = ("armv7l", "aarch64", "x86_64")
 GLIBC_MINORS = (17, 24, 26, 27, 28)  # manylinux_2_x tags accepted (Venus OS v3.60 has glibc 2.39)
-TOP_FILES = ["check_config.sh", "README.md", "config.schema.json", "pyproject.toml", "LICENSE"]
+TOP_FILES = ["check_config.sh", "README.md", "CHANGELOG.md", "config.schema.json", "pyproject.toml", "LICENSE"]
 PACKAGE_FILES = ["setup", "firstCompatibleVersion", "packageDependencies"]
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", ".hypothesis")
 
@@ -77,8 +77,9 @@ def stage_release(project: Path, dest: Path, version: str) -> None:
     shutil.copytree(project / "setup", dest / "setup",  # the ARM check is for this machine, not the GX
                     ignore=shutil.ignore_patterns("gx_check.py", "__pycache__", "*.pyc", "*.pyo"))
     (dest / "setup" / "setuphelper" / "version").write_text(f"v{version}\n", encoding="utf-8")
-    if (project / "config_generator").is_dir():
-        shutil.copytree(project / "config_generator", dest / "config_generator", ignore=IGNORE)
+    for name in ("config_generator", "docs"):
+        if (project / name).is_dir():
+            shutil.copytree(project / name, dest / name, ignore=IGNORE)
     for name in TOP_FILES:
         if (project / name).is_file():
             shutil.copy2(project / name, dest / name)

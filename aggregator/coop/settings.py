@@ -87,7 +87,8 @@ class CurtailSettings(BaseModel):
 class HomeAssistantSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="publish Home Assistant MQTT discovery sensors for the fleet view")
-    discoveryPrefix: str = Field("homeassistant", pattern=TOPIC_PREFIX_PATTERN)
+    discoveryPrefix: str = Field("homeassistant", pattern=TOPIC_PREFIX_PATTERN,
+                                 description="Home Assistant's discovery prefix")
 
 
 class PeerEntry(BaseModel):
@@ -129,8 +130,10 @@ class CoopSettings(BaseModel):
     maxDailyDrawPercent: float = Field(100.0, gt=0, le=1000, description="the most the fleet delivers for one "
                                        "site in a calendar day, in % of that site's capacity (a site whose "
                                        "claims add up can still invent a load); same value at every site")
-    curtail: CurtailSettings = Field(default_factory=CurtailSettings)
-    homeAssistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    curtail: CurtailSettings = Field(default_factory=CurtailSettings, description="stopping the solar "
+                                     "production while the battery is full")
+    homeAssistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings, description="Home "
+                                                 "Assistant MQTT discovery of the fleet view")
 
     @model_validator(mode="after")
     def _complete(self) -> CoopSettings:

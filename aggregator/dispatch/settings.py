@@ -68,8 +68,8 @@ class AdapterSpec(BaseModel):
     """Where one value lives: a D-Bus path or an MQTT topic (exactly one)."""
 
     model_config = ConfigDict(extra="forbid")
-    dbus: DbusRef | None = None
-    mqtt: MqttRef | None = None
+    dbus: DbusRef | None = Field(None, description="a path on a D-Bus service")
+    mqtt: MqttRef | None = Field(None, description="a topic on the broker of dispatcher.mqtt")
     scale: float = Field(1.0, description="device unit -> W (or Wh, %): a reading is multiplied by it, a setpoint "
                          "divided (1000 for a device in kW)")
 
@@ -162,8 +162,9 @@ class MqttSettings(BaseModel):
     certFile: str | None = Field(None, min_length=1, description="TLS client certificate (PEM) we authenticate "
                                  "with; needs keyFile and tls")
     keyFile: str | None = Field(None, min_length=1, description="private key of certFile (PEM)")
-    username: str | None = Field(None, min_length=1)
-    password: str | None = None
+    username: str | None = Field(None, min_length=1, description="our user name on the broker (MQTT commands "
+                                 "are taken only with credentials: see acceptCommands)")
+    password: str | None = Field(None, description="its password (needs username)")
     acceptCommands: Literal["authenticated", "loopback", "never"] = Field(
         "authenticated", description="who may set the target and enabled over MQTT: authenticated: only when we "
         "log in to the broker (username and password, or a TLS client certificate), so the broker can keep "

@@ -24,6 +24,14 @@ def test_help_explains_each_command() -> None:
     assert "SCENARIO" in _cli("simulate", "--help").stdout
 
 
+def test_simulate_help_names_every_bundled_scenario() -> None:
+    from aggregator.simulator.scenario import available_scenarios
+
+    text = " ".join(_cli("simulate", "--help").stdout.split())
+    missing = [name for name in available_scenarios() if name not in text]
+    assert not missing, missing
+
+
 def test_run_refuses_a_bad_config_naming_key_and_value(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"currentRatioMethod": "magic", "reconnectTimeout": 30}))
@@ -188,7 +196,7 @@ async def test_status_and_dump_show_the_demo_bank(processes: Processes, tmp_path
     out = await eventually(ready, timeout=30, interval=0.5)
     for pack in ("battery.sim_a", "battery.sim_b", "battery.sim_c"):
         assert pack in out
-    assert "online" in out and "CCL" in out and "limited by:" in out
+    assert "online" in out and "CCL" in out and "charge limit:" in out
     assert "Aggregate of 3 batteries" in out
     dump_file = tmp_path / "dump.json"
     result = await loop.run_in_executor(None, lambda: _cli("dump", str(dump_file), timeout=30))

@@ -73,7 +73,7 @@ def test_defaults():
         assert config.serviceName == DEFAULT_SERVICE_NAME == "com.victronenergy.battery.aggregator"
         assert config.excludedServices == [] and config.primaryServices == [] and config.auxiliaryServices == []
         assert config.capacity is None and config.virtualBatteries == {} and config.classes == {}
-        assert config.currentRatioMethod == "share"  # the learned shares: see the simulated day in README
+        assert config.currentRatioMethod == "share"  # the learned shares: see the simulated day in docs/charge-limits.md
         assert config.ir.maxPercentageError == 0.1 and config.ir.minVoltageChange == 0.02
         assert config.cclMode == "battery+dvcc" and config.cvlMode == "max_when_balancing"
         assert config.logLevel == "INFO" and config.reconnectTimeout == 60 and config.startupBatteryWait == 30
@@ -180,19 +180,6 @@ def test_bad_json_and_missing_file(tmp_path: Path):
         load_config(bad)
 
 
-def test_readme_documents_every_aggregate_path_and_config_key() -> None:
-    from pathlib import Path
-
-    from aggregator.config import Config
-    from aggregator.merge import RULES
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing_paths = [p for p in RULES if f"`{p}`" not in readme and f"{p}`" not in readme]
-    assert not missing_paths, missing_paths
-    missing_keys = [k for k in Config.model_fields if f"`{k}`" not in readme]
-    assert not missing_keys, missing_keys
-
-
 def test_committed_schema_is_generated_from_the_model_and_valid() -> None:
     import json
     from pathlib import Path
@@ -211,6 +198,37 @@ def test_committed_schema_is_generated_from_the_model_and_valid() -> None:
     assert list(validator.iter_errors({"reconectTimeout": 5}))  # unknown key (a typo)
     for key, spec in schema["properties"].items():
         assert "description" in spec, f"{key} has no description"
+
+
+def test_every_key_of_every_section_has_a_meaning() -> None:
+    from aggregator.schema import config_schema
+
+    schema = config_schema()
+    missing = [f"{name}.{key}" for name, section in [("", schema), *schema["$defs"].items()]
+               for key, spec in section.get("properties", {}).items() if not spec.get("description")]
+    assert not missing, f"keys without a description in the model: {missing}"
+
+
+def test_committed_configuration_reference_is_generated_from_the_model() -> None:
+    from aggregator.schema import DOCS_FILE, config_reference
+
+    assert DOCS_FILE.read_text() == config_reference(), "run `battery-aggregator schema --write`"
+
+
+def test_the_configuration_reference_gives_every_key_its_type_default_and_meaning() -> None:
+    from aggregator.schema import config_reference
+
+    text = config_reference()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
+    assert rows["reconnectTimeout"] == ("| `reconnectTimeout` | number, >= 0, <= 86400 | `60.0` | seconds a vanished "
+                                        "member is kept |")
+    assert "| `limits` | object: [`limits`](#limits) | see [`limits`](#limits) |" in rows["limits"]
+    assert "| `meter` | text or integer | required |" in rows["meter"]
+    assert "object: [`adapter`](#adapter) or `null` | `null` | state of charge (%) |" in rows["soc"]
+    assert "`[]`" in rows["primaryServices"] and "`{}`" in rows["virtualBatteries"]
+    assert "&lt;topicPrefix&gt;/&lt;siteId&gt;/state" in rows["topicPrefix"]  # not an HTML tag on GitHub
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert "`dispatcher.batteries[]`" in headings and "`adapter`" in headings and "`coop.peers.<key>`" in headings
 
 
 def test_path_typos_are_errors_with_a_suggestion_and_unknown_paths_warnings(tmp_path) -> None:

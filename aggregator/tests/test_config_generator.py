@@ -170,12 +170,13 @@ def test_a_config_built_in_the_form_is_accepted_by_the_python_model(page: Any) -
 
 
 def readme_examples() -> list[dict[str, Any]]:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    """The config examples of the README and the docs, each as the page must import and export it."""
     out = []
-    for block in re.findall(r"```json\n(.*?)```", readme, re.S):
-        text = block.strip()
-        out.append(json.loads(text if text.startswith("{") else "{" + text + "}"))
-    assert out, "README.md has no json example"
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```json\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            text = block.strip()
+            out.append(json.loads(text if text.startswith("{") else "{" + text + "}"))
+    assert len(out) >= 5, "the README and docs/ lost their json examples"
     return out
 
 

@@ -1,15 +1,21 @@
 """Charge limits (pure): ratio methods, safety rules, CVL/CCL modes, smoothing, the share learner, the guard."""
 from __future__ import annotations
 
+import dataclasses
+import statistics
+from typing import Callable
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from aggregator.charge_control import ChargeControl, MemberInput, one_pack
 from aggregator.config import parse_config
 from aggregator.limits import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, NOISE_CURRENT, DvccLimits, LimitSmoother,
                                MemberLimits, ShareLearner, apply_ccl_mode, apply_cvl_mode, bank_current_limit,
-                               charge_voltage_limit, connection_evidence)
+                               charge_voltage_limit, connection_evidence, over_current)
+from aggregator.sanitize import check_values
+from aggregator.simulator.physics import Bank, Pack, PackParams
 
 
 def m(name: str, **kw: object) -> MemberLimits:
@@ -121,6 +127,51 @@ def test_limit_never_above_the_sum_of_member_limits_nor_negative(rows, method, d
     assert value <= sum(x.ccl for x in members if x.allowed(direction)) * (1 + 1e-9) + 1e-9
 
 
+def parallel_bank(rows: list[tuple[float, float, float]], amount: float, direction: str
+                  ) -> tuple[list[MemberLimits], Callable[[float], list[float]], float]:
+    """Packs in parallel, rows of (R ohm, open-circuit voltage offset V, own limit A), carrying `amount` A of
+    bank current in `direction`, their marginal shares settled: (members, the split of any bank amount into
+    member amounts, the true bank limit). Offsets set them at different states of charge: the fuller take
+    less than their share, the emptier more (circulating current)."""
+    sign = 1.0 if direction == CHARGE else -1.0
+    g = [1.0 / r for r, _, _ in rows]
+    total = sum(g)
+    shares = [x / total for x in g]
+    mean = sum(x * e for x, (_, e, _) in zip(g, rows)) / total
+    offsets = [x * (mean - e) for x, (_, e, _) in zip(g, rows)]  # what each carries at 0 A bank current
+
+    def split(bank: float) -> list[float]:
+        return [a * bank + c for a, c in zip(shares, offsets)]
+
+    truth = min((limit - c) / a for a, c, (_, _, limit) in zip(shares, offsets, rows))
+    members = [MemberLimits(f"m{i}", f"M{i}", ccl=limit, dcl=limit, allow_charge=1, allow_discharge=1,
+                            learned_share={direction: a}, settled=frozenset({direction}), current=sign * now)
+               for i, (a, now, (_, _, limit)) in enumerate(zip(shares, split(amount), rows))]
+    return members, split, truth
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.002, 0.03), st.floats(-0.05, 0.05), st.floats(2.0, 300.0)), min_size=1,
+                max_size=12),
+       st.floats(0.0, 1.5), st.sampled_from([CHARGE, DISCHARGE]))
+def test_with_settled_shares_the_most_loaded_member_is_brought_to_90_to_100_percent_of_its_limit(
+        rows, where, direction) -> None:
+    """Packs in parallel at different states of charge, the bank current anywhere from 0 to 150% of its true
+    limit: the next limit keeps every member within its own, and from near the limit (or above it) puts the
+    most loaded one at 90% of it or more. The lower of the plain ratio and the extrapolation let the fuller
+    packs, which take less than their share, sit far below their limits."""
+    _, split, truth = parallel_bank(rows, 0.0, direction)
+    assume(truth > 1.0)  # else a member is above its limit at 0 A bank current: no bank limit helps
+    members, split, truth = parallel_bank(rows, where * truth, direction)
+    result = bank_current_limit(members, direction, "share")
+    assert result.value is not None and result.tracking
+    carried = split(result.value)
+    loads = [amount / limit for amount, (_, _, limit) in zip(carried, rows)]
+    assert max(loads) <= 1.0 + 1e-9, (loads, result.value, truth)
+    if where >= 0.95:
+        assert max(loads) >= 0.9, (loads, result.value, truth)
+
+
 # ---- CVL and DVCC --------------------------------------------------------------------------------------
 
 def cvl_bank(balancing: int = 0, modes: tuple[str, str] = ("Bulk", "Bulk")) -> list[MemberLimits]:
@@ -190,6 +241,100 @@ def test_a_ramp_that_reads_as_its_target_has_ended() -> None:
     assert smoother.update(150.6, 21.5) == 150.0  # below the hysteresis: held
 
 
+def test_a_large_bank_ramps_up_within_the_rise_time_and_a_small_one_at_the_rise_rate() -> None:
+    """At 2 A/s alone, 2824 A took 23.5 minutes from 0; with a rise time of 30 s it takes 30 s, and a 20 A bank
+    still rises at 2 A/s (10 s), not at 20 A / 30 s."""
+    big = LimitSmoother(rise_rate=2.0, hysteresis=1.0, resolution=0.05, from_zero=True, rise_time=30.0)
+    assert big.update(2824.0, 0.0) == 0.0 and big.ramping
+    values = [big.update(2824.0, float(t)) for t in range(1, 31)]
+    assert values[0] == pytest.approx(2824.0 / 30)
+    assert values[-1] == 2824.0 and not big.ramping
+    small = LimitSmoother(rise_rate=2.0, hysteresis=1.0, resolution=0.05, from_zero=True, rise_time=30.0)
+    small.update(20.0, 0.0)
+    assert [small.update(20.0, float(t)) for t in (1, 5, 10)] == [2.0, 10.0, 20.0]
+    assert not small.ramping
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.05, 5.0), st.one_of(st.none(), st.floats(0.0, 5000.0))), min_size=1,
+                max_size=40),
+       st.floats(0.1, 50.0), st.floats(0.0, 20.0), st.floats(1.0, 120.0), st.booleans())
+def test_a_smoothed_limit_never_exceeds_its_target_drops_at_once_and_rises_monotonically(
+        steps, rise_rate, hysteresis, rise_time, from_zero) -> None:
+    """Whatever the targets: never above the target, a drop (or None) at once, a rise never faster than the
+    larger of the rise rate and target / rise time, never a fall while the target does not fall."""
+    smoother = LimitSmoother(rise_rate, hysteresis, 0.05, from_zero=from_zero, rise_time=rise_time)
+    now, last, last_target = 0.0, None, None
+    for dt, target in steps:
+        now += dt
+        value = smoother.update(target, now)
+        if target is None:
+            assert value is None
+        elif value is not None:
+            assert value <= target + 1e-9
+            if last is not None:
+                if target <= last:
+                    assert value == target  # a drop goes out at once
+                else:
+                    assert last <= value <= last + max(rise_rate, target / rise_time) * dt + 1e-6
+            if last_target is not None and target >= last_target and last is not None:
+                assert value >= last - 1e-9
+        last, last_target = value, target
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.0, 10000.0), st.floats(0.0, 10000.0), st.floats(0.1, 50.0), st.floats(1.0, 120.0),
+       st.floats(0.2, 2.0))
+def test_a_ramp_reaches_a_steady_target_within_the_rise_time(start, target, rise_rate, rise_time, tick) -> None:
+    smoother = LimitSmoother(rise_rate, 1.0, 0.05, rise_time=rise_time)
+    smoother.update(start, 0.0)
+    expected = start if start < target < start + 1.0 else target  # a rise below the hysteresis is not made
+    now = 0.0
+    while now < rise_time + 2 * tick + 1e-9:
+        now += tick
+        if smoother.update(target, now) == expected:
+            break
+    assert smoother.value == expected, (smoother.value, now)
+
+
+# ---- against the physics -------------------------------------------------------------------------------
+
+PHYSICS_PACKS = [  # those of bench/limits_day.py
+    PackParams(name="A", service="a", capacity_ah=280, r_mohm=6, max_charge_current=140),
+    PackParams(name="B", service="b", capacity_ah=200, soh=85, r_mohm=11, max_charge_current=100),
+    PackParams(name="C", service="c", capacity_ah=100, r_mohm=8, max_charge_current=50),
+    PackParams(name="D", service="d", capacity_ah=150, r_mohm=16, max_charge_current=75),
+]
+
+
+@pytest.mark.parametrize("socs", [(60, 55, 70, 50), (85, 80, 90, 75)], ids=["bulk", "taper"])
+def test_on_the_physics_the_most_loaded_pack_sits_at_90_to_100_percent_at_the_bank_limit(socs) -> None:
+    """Four packs in parallel at different states of charge, the controller fed with their values every 5 s.
+    For 15 minutes the house's loads switch on and off (the bank's own changes teach the split); then the sun
+    offers more than the bank takes. At the bank's limit the most loaded pack (C, the fullest, which takes
+    less than its share) sits at 90% of its own limit or more, and never above it. The lower of the plain
+    ratio and the extrapolation held it at 66% (bulk) and 38% (taper)."""
+    control = ChargeControl(parse_config({"currentRatioMethod": "share"}))
+    packs = [Pack(dataclasses.replace(p, soc=soc), seed=1) for p, soc in zip(PHYSICS_PACKS, socs)]
+    bank = Bank(packs)
+    loads = []
+    for tick in range(420):
+        t = 5.0 * tick
+        inputs = [MemberInput(p.service, p.name, check_values(p.values())[0], True) for p in packs]
+        control.observe(inputs, t)
+        published = control.update(inputs, DvccLimits(), t).ccl
+        assert published is not None
+        offered = 400.0 if t >= 900 else 60.0 - 30.0 * (int(t // 60) % 3 == 0) - 15.0 * (int(t // 60) % 2)
+        own = [p.limits().ccl for p in packs]
+        state = bank.step(min(offered, published), 5.0)
+        if t >= 900:
+            assert published < offered  # the bank is at its limit
+            assert all(i <= limit for i, limit in zip(state.currents, own)), (t, state.currents, own)
+            loads.append(max(i / limit for i, limit in zip(state.currents, own)))
+    assert statistics.median(loads[24:]) >= 0.9, loads  # after two minutes at the limit
+    assert control.learner.settled(CHARGE)
+
+
 # ---- the learner and the guard -------------------------------------------------------------------------
 
 def test_share_learner_follows_a_change_and_reports_its_error() -> None:
@@ -205,6 +350,41 @@ def test_share_learner_follows_a_change_and_reports_its_error() -> None:
     assert learner.prediction_error("a", CHARGE) is not None
     assert learner.predict(100.0)["b"] == pytest.approx(50.0, abs=2)
     assert learner.share("a", DISCHARGE) is None  # learned per direction
+
+
+def test_the_split_settles_on_the_banks_own_changes_not_on_those_of_a_limit_that_tracks_the_currents() -> None:
+    """A limit that tracks the members' currents moves the bank with the drift of the member at its aim, whose
+    current then stays put whatever its share: learned, its share would shrink to nothing here (and to half of
+    it in a steady drift). Changes at a limit that does not track (plain ratios) teach the split but do not
+    settle it; the bank's own changes do."""
+    learner = ShareLearner(tau=1e9)
+    for t in range(40):
+        bank = 100.0 + 5.0 * (t % 2)
+        learner.update({"a": 30.0, "b": bank - 30.0}, float(t), at_limit=True, tracking=True)
+    assert learner.marginal_share("a", CHARGE) is None and not learner.settled(CHARGE)
+    for t in range(40, 80):
+        bank = 100.0 + 20.0 * (t % 2)
+        learner.update({"a": 0.4 * bank - 10.0, "b": 0.6 * bank + 10.0}, float(t), at_limit=True)
+    assert learner.marginal_share("a", CHARGE) == pytest.approx(0.4) and not learner.settled(CHARGE)
+    for t in range(80, 90):
+        bank = 50.0 + 20.0 * (t % 2)
+        learner.update({"a": 0.4 * bank - 10.0, "b": 0.6 * bank + 10.0}, float(t))
+    assert learner.settled(CHARGE) and learner.share("a", CHARGE) == pytest.approx(0.4)
+    restored = ShareLearner(tau=1e9)
+    restored.load_state(learner.to_state())
+    assert restored.settled(CHARGE) and not restored.settled(DISCHARGE)
+
+
+def test_a_member_carrying_more_than_the_bank_counts_as_carrying_it_all() -> None:
+    """Near 0 A bank current a pack behind the others takes their circulating current: 60 A of a 1 A bank is
+    not a share of 60 (as a floor, it held the CCL near 0 for an hour while it faded)."""
+    rows = [("c", 60.0, 50.0, 100.0), ("a", -59.0, 140.0, 200.0)]
+    assert over_current(rows, 1.0, 0.02) == [("c", CHARGE, 1.0)]
+    learner = ShareLearner()
+    learner.update({"a": 70.0, "b": 30.0}, 0.0)
+    learner.update({"a": 25.0, "b": 15.0}, 1.0)  # the marginal split: 0.75 / 0.25
+    learner.raise_share("b", CHARGE, 0.5)
+    assert learner.marginal_share("b", CHARGE) == pytest.approx(0.25)  # the guard's ratio is not a slope
 
 
 def config(**kw: object):
@@ -238,9 +418,10 @@ def test_control_publishes_smoothed_limits_and_member_rows() -> None:
                                       "/Info/MaxChargeVoltage": 55.6, "/Io/AllowToCharge": 0,
                                       "/Dc/0/Current": 0.0}, True)]
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 0.0)
-    # After start the CCL ramps up from 0 (the default 2 A/s); the DCL starts at its target.
+    # After start the CCL ramps up from 0 (80 A in the default 30 s: faster than the 2 A/s floor); the DCL
+    # starts at its target.
     assert out.ccl == 0.0 and control.ramping and "DVCC user limit" in out.charge_limitation
-    assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == 20.0
+    assert control.update(members, DvccLimits(True, 80.0, 0.0), 10.0).ccl == pytest.approx(26.7)
     out = control.update(members, DvccLimits(True, 80.0, 0.0), 100.0)
     assert out.ccl == 80.0 and not control.ramping
     assert out.dcl == pytest.approx(140.0)  # count, from the operating point: -20 A + 80 A / 0.5

@@ -4,8 +4,10 @@ another client as the GX would."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,12 @@ from aggregator.bus import client
 from aggregator.bus.lib import Variant, connect
 from aggregator.bus.service import VeService
 from aggregator.bus.settings import LocalSettings, Setting
+from aggregator.simulator.physics import Bank as PhysicsBank
+from aggregator.simulator.physics import Pack
 
 from .conftest import Busctl, Processes
 from .helpers import CallWatch, eventually
+from .test_limits import PHYSICS_PACKS
 from .test_aggregate import Bank, bus_address, start_aggregator, start_settings  # noqa: F401
 
 FAST = {"rampUpRate": 1000, "hysteresis": 0}
@@ -283,6 +288,69 @@ async def test_a_ramp_reaches_its_target(processes: Processes, tmp_path: Path) -
         bank.close()
 
 
+async def test_a_large_bank_ramps_up_from_0_within_the_ramp_time(processes: Processes, tmp_path: Path) -> None:
+    """After a start the CCL ramps up from 0; at 2 A/s alone, a bank whose limit is 2824 A (64 packs' worth) took
+    23.5 minutes to get there. By default it takes at most 30 s (rampUpTime), whatever the bank, and still
+    rises step by step."""
+    bank = Bank()
+    for k in range(8):
+        await bank.add(f"p{k}", Info__MaxChargeCurrent=353.0, Io__AllowToCharge=1)
+    agg, _ = run(processes, tmp_path, bank)  # the default limits
+    await bank.value_is(agg, "/System/NrOfBatteries", 8)
+    seen = await sample(bank, agg, CCL, 2824.0, timeout=45, interval=0.5)
+    values = [v for _, v in seen]
+    try:
+        assert values[-1] == 2824.0, seen
+        assert values == sorted(values), seen
+        assert values[0] < 0.2 * 2824.0 and len(set(values)) >= 10, seen  # a ramp, not a jump
+        assert seen[-1][0] - seen[0][0] <= 30.0 + 3.0, seen
+        for (t0, v0), (t1, v1) in zip(seen, seen[1:]):
+            assert v1 - v0 <= 2824.0 / 30.0 * (t1 - t0 + 1.0) + 1.0, seen  # the service steps once a second
+    finally:
+        bank.close()
+
+
+PHYSICS_PATHS = ("/Dc/0/Current", "/Dc/0/Voltage", "/Dc/0/Power", "/Soc", "/InstalledCapacity",
+                 "/Info/MaxChargeCurrent", "/Info/MaxDischargeCurrent", "/Io/AllowToCharge", "/Io/AllowToDischarge")
+
+
+async def test_at_the_bank_limit_the_most_loaded_pack_sits_at_90_to_100_percent_of_its_own(
+        processes: Processes, tmp_path: Path) -> None:
+    """Four packs in parallel at different states of charge, served on the bus and driven by the physics from
+    the CCL another client reads (the charger delivers min(offered, CCL) twice a second). First the house's
+    loads switch on and off (the bank's own changes teach the split), then the sun offers more than the bank
+    takes. The fullest pack takes less than its share; with the lower of the plain ratio and the extrapolation
+    the most loaded pack sat at 72% of its own limit. It must sit at 90% or more, never above."""
+    packs = [Pack(dataclasses.replace(p, soc=soc), seed=1) for p, soc in zip(PHYSICS_PACKS, (60, 55, 70, 50))]
+    physics = PhysicsBank(packs)
+    bank = Bank()
+    services = {}
+    for pack in packs:
+        values = pack.values()
+        services[pack.service] = await bank.add(pack.service, **{path[1:].replace("/", "__"): values[path]
+                                                                  for path in PHYSICS_PATHS})
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpTime": 5})
+    await bank.value_is(agg, "/System/NrOfBatteries", 4)
+    loads: list[float] = []
+    try:
+        for tick in range(100):
+            ccl = await bank.read(agg, CCL) or 0.0
+            offered = 400.0 if tick >= 40 else (60.0 if tick % 8 < 4 else 20.0)  # loads on and off, then sun
+            own = [p.limits().ccl for p in packs]
+            state = physics.step(min(offered, ccl), 0.5)
+            if tick >= 60:  # ten seconds after the sun came out
+                assert ccl < offered
+                loads.append(max(i / limit for i, limit in zip(state.currents, own)))
+            for pack in packs:
+                values = pack.values()
+                services[pack.service].set_values({path: values[path] for path in PHYSICS_PATHS})
+            await asyncio.sleep(0.5)
+        assert max(loads) <= 1.0, loads
+        assert statistics.median(loads) >= 0.9, loads
+    finally:
+        bank.close()
+
+
 # ---- 5. DVCC -----------------------------------------------------------------------------------------------------
 
 async def test_dvcc_user_limits_are_followed_live(processes: Processes, tmp_path: Path) -> None:
@@ -353,7 +421,8 @@ async def test_over_current_guard_raises_the_share_and_logs_once(processes: Proc
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1, Dc__0__Current=60.0)
     b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=40.0)
-    agg, proc = run(processes, tmp_path, bank, limits=FAST)
+    # Capacity shares (0.5 each): the guard's correction, not the learner, is what is seen here.
+    agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", limits=FAST)
     row = await rows(bank, agg, 2)
 
     async def guarded() -> bool:
@@ -361,8 +430,10 @@ async def test_over_current_guard_raises_the_share_and_logs_once(processes: Proc
         return ccl is not None and 0 < ccl and 0.6 * ccl <= 50.0 + 0.05
 
     await eventually(guarded, timeout=10)
-    # a was seen carrying 60% of the bank current: its share is 0.6 now, so 50 A / 0.6.
-    assert await bank.read(agg, CCL) == pytest.approx(83.3, abs=0.05)
+    # a was seen carrying 60% of the bank current: its share is 0.6 now (50 A / 0.6 = 83.3 A for a rise), and the
+    # 10 A it carries above its limit are taken back at its share as known (capacity: 0.5), not as raised:
+    # 100 A - 10 A / 0.5. Had it taken them back at 0.6 (83.3 A), a would carry 51.7 A with a 0.5 share.
+    assert await bank.read(agg, CCL) == pytest.approx(80.0, abs=0.05)
     assert await bank.read(agg, f"/Batteries/{row['a']}/Share") >= 0.6 - 1e-4
     await asyncio.sleep(3.0)  # many recomputes: the episode is logged once
     assert await bank.read(agg, CCL) <= 83.4
@@ -650,4 +721,21 @@ async def test_a_sign_inverted_member_current_does_not_blind_the_guard(processes
         assert "looks sign-inverted" in processes.output(proc)
     finally:
         readings.cancel()
+    bank.close()
+
+
+async def test_quiet_members_teach_the_split_and_a_rising_limit_says_so(processes: Processes, tmp_path: Path) -> None:
+    """Shares are learned from complete samples: every member's current read anew since the last one. Victron
+    services signal only changes, so a member whose current stays put sends nothing: it never counted, and a bank
+    at a steady current never learned its split (the shares stayed at the capacity fallback). A current unchanged
+    for a few seconds is its current. And while the CCL rises, /Info/ChargeLimitation says so in words."""
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=30.0)
+    await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=10.0)
+    agg, _ = run(processes, tmp_path, bank, currentRatioMethod="share", limits={"rampUpRate": 2, "rampUpTime": 600})
+    row = await rows(bank, agg, 2)
+    await bank.value_is(agg, f"/Batteries/{row['a']}/Share", 0.75)  # 30 of 40 A, not the 0.5 of capacity
+    await bank.value_is(agg, f"/Batteries/{row['b']}/Share", 0.25)
+    limitation = await bank.read(agg, CCL.replace("MaxChargeCurrent", "ChargeLimitation"))
+    assert limitation.startswith("rising to ") and " A at 2.0 A/s" in limitation, limitation
     bank.close()

@@ -173,6 +173,8 @@ def test_install_writes_app_command_service_boot_line_and_config(root, env):
     assert os.access(a / "check_config.sh", os.X_OK)
     assert os.access(a / "setup" / "boot.sh", os.X_OK) and (a / "setup" / "wheels.py").is_file()
     assert (a / "VERSION").read_text().strip() == __version__
+    for doc in ("README.md", "CHANGELOG.md", "docs/configuration.md"):  # the README's links work on the GX too
+        assert (a / doc).is_file(), doc
     assert "using the dependencies installed in the system's Python" in out  # no bundle in a checkout
 
     run_script = (a / "service" / "run").read_text()
@@ -601,7 +603,8 @@ def test_release_archive_members(archives):
     for name in ("aggregator/__init__.py", "aggregator/__main__.py", "setup/install.sh", "setup/boot.sh",
                  "setup/wheels.py", "setup/uninstall.sh", "setup/common.sh", "setup/config.default.json",
                  "setup/setuphelper/setup", "setup/setuphelper/post-hook.sh", "check_config.sh", "VERSION",
-                 "wheels/targets.json", "wheels/FETCHED.txt", "config_generator/index.html"):
+                 "wheels/targets.json", "wheels/FETCHED.txt", "config_generator/index.html", "README.md",
+                 "CHANGELOG.md", "docs/configuration.md", "docs/install.md"):
         assert f"{top}/{name}" in members, name
     assert not any("/tests/" in n or "__pycache__" in n or "gx_check" in n for n in members)
     for name in ("setup/install.sh", "setup/boot.sh", "setup/uninstall.sh", "setup/setuphelper/setup",
