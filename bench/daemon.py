@@ -494,7 +494,8 @@ def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(results[0])
     for key, value in results[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            merged[key] = statistics.median(r[key] for r in results)
+            middle = statistics.median(r[key] for r in results)
+            merged[key] = round(middle) if type(value) is int else round(middle, 4)
         elif key == "latency_ms":
             merged[key] = {k: statistics.median(r[key][k] for r in results) if value[k] is not None else None
                            for k in value}
