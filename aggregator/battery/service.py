@@ -29,7 +29,7 @@ from .membership import (AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER,
 from .merge import LIMIT_PATHS, MODULES_OFFLINE, Merge, MergeOptions
 from .publish import (BATTERY_PREFIX, add_battery_path, custom_name_setting, json_list_text, member_label,
                       publish_battery, unique_id)
-from .rows import DUPLICATE, LOST, ONLINE, STALE, write_limit_keys, write_row
+from .rows import DUPLICATE, LOST, ONLINE, STALE, write_limit_keys, write_measurement_keys, write_row
 from .sanitize import check_value, check_values
 from .virtual import TIME_TO_GO, VIRTUAL_PRODUCT_NAME, VirtualBattery, role_config, virtual_battery_specs
 
@@ -47,7 +47,9 @@ DVCC_PATHS = ((SETTINGS_SERVICE, "/Settings/SystemSetup/MaxChargeCurrent"),
               (SYSTEM_SERVICE, "/Control/Dvcc"))
 STATE_SAVE_INTERVAL = 60.0
 MEASUREMENTS = frozenset({"/Dc/0/Current", "/Dc/0/Voltage"})
-MEASUREMENT_LIMIT_INTERVAL = 0.5  # seconds: how often current/voltage changes alone recompute the limits
+# Seconds: how often current/voltage changes alone recompute the limits. Victron's system calculator reads them
+# once a second, so a second computation within its second would never be seen by DVCC.
+MEASUREMENT_LIMIT_INTERVAL = 1.0
 ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
 PROBE_TIMEOUT = 5.0  # seconds a quiet member has to answer a probe (at most staleAfter)
@@ -353,9 +355,10 @@ class Aggregator:
             if "/Dc/0/Current" in clean:
                 self._reported.add(name)
                 if len(self._reported) >= len(self.members) and self._reported.issuperset(self.members):
-                    # Every member has reported since the last sample: learn from this complete sample now
-                    # rather than at the next tick, by when some member may have moved on again.
-                    self._limits_dirty = True
+                    # Every member has reported since the last sample: learn from this complete sample in the
+                    # next flush (within MEASUREMENT_LIMIT_INTERVAL of the last computation) rather than at the
+                    # next tick, by when some member may have moved on again.
+                    self._limits_due = True
             for feature in self._readers:
                 if not feature.reads.isdisjoint(clean):
                     feature.on_member(name, self.merge.members[name].values, clean)
@@ -539,15 +542,17 @@ class Aggregator:
             self._membership_paths(service, values)
         if MODULES_OFFLINE in values and self._absent:
             values[MODULES_OFFLINE] = (values[MODULES_OFFLINE] or 0) + self._absent
+        if self._limits_due and self.clock() - self._limits_at >= MEASUREMENT_LIMIT_INTERVAL:
+            self._limits_dirty = True
         if self._limits_dirty:
             self._limits_dirty = False
             self._update_limits(values)
+        measured: set[str] = set()  # rows whose member has new measurements: only the keys showing them
         if self._lazy_rows:
             now = self.clock()
             if now - self._rows_at >= ROW_INTERVAL:
                 self._rows_at = now
-                self._dirty_rows |= self._lazy_rows
-                self._lazy_rows.clear()
+                measured, self._lazy_rows = self._lazy_rows - self._dirty_rows, set()
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
             now = self.clock()
             if now - self._tasks_at >= ROW_INTERVAL:
@@ -556,6 +561,8 @@ class Aggregator:
                 service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))
             for name in self._dirty_rows:
                 self._breakdown_row(service, name)
+            for name in measured:
+                self._measurement_keys(service, name)
             for name in self._limit_rows_changed - self._dirty_rows:
                 self._limit_keys(service, name)
             self._dirty_rows.clear()
@@ -636,7 +643,7 @@ class Aggregator:
     def _note_limit_inputs(self, clean: dict[str, Any]) -> None:
         """A change of a limit, a flag or a mode recomputes the limits in this flush; a change of current or
         voltage alone (every update of every member) at most every MEASUREMENT_LIMIT_INTERVAL: the limits
-        follow them within half a second, and the CPU of a small GX is spared a recompute per update."""
+        follow them within a second, and the CPU of a small GX is spared a recompute per update."""
         if self._limits_dirty or LIMIT_INPUTS.isdisjoint(clean):
             return
         if not MEASUREMENTS.issuperset(clean.keys() & LIMIT_INPUTS):
@@ -771,6 +778,13 @@ class Aggregator:
     def _stands_for(self, name: str) -> str:
         """The member that stands for the battery a duplicate publishes."""
         return next((d.chosen for d in self.energy.duplicates.values() if name in d.services), "?")
+
+    def _measurement_keys(self, service: VeService, name: str) -> None:
+        state = self.members.get(name)
+        member = self.merge.members.get(name)
+        if state is not None and member is not None and state.state != LOST \
+                and not write_measurement_keys(service, state.slot, member.values):
+            self._breakdown_row(service, name)  # not published yet: the whole row
 
     def _limit_keys(self, service: VeService, name: str) -> None:
         """The controller's keys of a member row, after a limit computation changed them."""

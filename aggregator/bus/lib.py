@@ -81,8 +81,8 @@ def which_bus(bus_address: str | None = None) -> str:
 
 async def connect(bus_address: str | None = None, coalesce: bool = False) -> MessageBus:
     """Open one connection. Each published service needs its own (monitors map a sender to one service).
-    `coalesce`: at high message rates, read in batches rather than message by message (wire.install; the
-    connection that watches the members)."""
+    `coalesce`: read moderation, for the connection that watches the members: after a message, read in batches
+    every wire.POLL_INTERVAL rather than message by message, while the replies to our own calls are read at once."""
     try:
         if bus_address:
             bus = await MessageBus(bus_address=bus_address).connect()
@@ -113,6 +113,10 @@ def _write_at_once(bus: Any) -> None:
     def schedule_write(msg: Any = None, future: Any = None) -> None:
         if msg is not None:
             writer.buffer_message(msg, future)
+            if msg.message_type is MessageType.METHOD_CALL and not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                expect_reply = getattr(bus, "_expect_reply", None)
+                if expect_reply is not None:
+                    expect_reply()  # a moderated connection reads the reply at once
         if not bus.unique_name:
             return  # not ready to send: the library's connect() schedules the writer after Hello
         if writer.buf is None:

@@ -229,8 +229,11 @@ class VeService:
     def set_value(self, path: str, value: Any) -> bool:
         """Set one value; emits PropertiesChanged (or joins the open batch). Returns whether it changed."""
         item = self._items[path]
+        old = item.value
+        if type(value) is type(old) and value == old:  # the common case, decided before rounding and cutting
+            return False
         value = self._publishable(item, value)
-        if same_value(item.value, value):
+        if same_value(old, value):
             return False
         item.assign(value)
         if self._registered:

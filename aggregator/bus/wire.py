@@ -690,20 +690,22 @@ def _dispatch_signal(bus: Any, message: Message) -> None:
             _LOG.exception("a message handler failed on %s from %s", message.member, message.sender)
 
 
-# Adaptive read coalescing, as a network card moderates its interrupts: while messages arrive less often than
-# COALESCE_ABOVE_HZ, each is handled the moment it arrives (the aggregate follows within a few ms); above that
-# rate the connection is read every POLL_INTERVAL instead, and all that arrived in between is handled in one
-# wake-up, with one flush (on a GX a wake-up costs more than the work of one update). Reading at once resumes
-# when a poll finds the rate below the threshold again.
-COALESCE_ABOVE_HZ = 40.0
+# Read moderation, as a network card moderates its interrupts: a message that arrives at least POLL_INTERVAL
+# after the last read is handled the moment it arrives; one that arrives sooner waits until POLL_INTERVAL after
+# that read, and everything that arrived by then is handled in one wake-up with one flush of the aggregate (on a
+# GX a wake-up of the process costs more than the work of one update). While messages keep coming the connection
+# is read every POLL_INTERVAL; a read that finds nothing waits for the next message again, so a quiet bank costs
+# nothing and a lone change is published at once. Our own method calls are not moderated (expect_reply below):
+# their replies are read at once. Victron's system calculator reads the battery once a second, so POLL_INTERVAL
+# bounds the extra latency well inside what it can see.
 POLL_INTERVAL = 0.2
-_SMOOTHING = 0.1  # weight of the newest interval in the running mean (about the last ten messages)
+REPLY_WINDOW = 0.5  # seconds after a method call is sent during which, until its reply, messages are read at once
 
 
 def install(bus: Any, coalesce: bool = False) -> None:
     """Read a connected dbus-next bus with this codec: one recv takes every message that has arrived, instead
     of three reads (header, rest, a failing probe) and a new Unmarshaller per message. Connections that pass
-    unix fds keep the library's reader. `coalesce`: moderate reading at high message rates (see above)."""
+    unix fds keep the library's reader. `coalesce`: read moderation (see above)."""
     if getattr(bus, "_negotiate_unix_fd", False):
         return
     sock, loop, fd = bus._sock, bus._loop, bus._fd
@@ -712,8 +714,6 @@ def install(bus: Any, coalesce: bool = False) -> None:
     buffered = bus._stream.peek(1 << 16) if hasattr(bus._stream, "peek") else b""
     if buffered:
         pending += bus._stream.read1(len(buffered))
-    spacing = 1.0  # running mean of the seconds between messages
-    last = loop.time()
 
     def read_and_handle() -> int:
         """Handle every whole message that has arrived; how many there were."""
@@ -754,30 +754,49 @@ def install(bus: Any, coalesce: bool = False) -> None:
                 _run_after_read()
         return handled
 
+    timer: Any = None  # the next poll, while reading in batches
+    at_once_until = 0.0  # loop time until which a reply to our call is read the moment it arrives
+    last = -POLL_INTERVAL  # loop time of the last read
+
+    def awaiting_reply() -> bool:
+        """A call of ours sent within REPLY_WINDOW still awaits its reply (one that never comes, from a hung
+        service, holds batch reading off for that window only)."""
+        return bool(bus._method_return_handlers) and loop.time() < at_once_until
+
     def on_readable() -> None:
-        nonlocal spacing, last
-        handled = read_and_handle()
-        if not coalesce or not handled:
-            return
+        nonlocal timer, last
         now = loop.time()
-        spacing += _SMOOTHING * ((now - last) / handled - spacing)
-        last = now
-        if spacing < 1.0 / COALESCE_ABOVE_HZ and bus.connected:
+        if not coalesce or now - last >= POLL_INTERVAL or awaiting_reply():
+            last = now
+            read_and_handle()  # the first message after a quiet spell: at once
+        elif bus.connected:  # soon after the last read: the next read takes everything up to then
             loop.remove_reader(fd)
-            loop.call_later(POLL_INTERVAL, poll)
+            timer = loop.call_at(last + POLL_INTERVAL, poll)
 
     def poll() -> None:
-        nonlocal spacing, last
+        nonlocal timer, last
+        timer = None
         if not bus.connected:
             return  # the library has closed the connection; nothing to read or resume
+        last = loop.time()
         handled = read_and_handle()
         if not bus.connected:
             return
-        if handled < COALESCE_ABOVE_HZ * POLL_INTERVAL:
-            spacing, last = 1.0, loop.time()
+        if handled and not awaiting_reply():
+            timer = loop.call_later(POLL_INTERVAL, poll)  # still busy: keep reading in batches
+        else:  # quiet, or a reply is awaited: wake on the next message
             loop.add_reader(fd, on_readable)
-        else:
-            loop.call_later(POLL_INTERVAL, poll)
 
+    def expect_reply() -> None:
+        """A method call went out: its reply is read the moment it arrives, so that a sequence of calls (start-up,
+        reading a new member) is not held up by a poll interval at each step."""
+        nonlocal timer, at_once_until
+        at_once_until = loop.time() + REPLY_WINDOW
+        if timer is not None:
+            timer.cancel()
+            timer = None
+            loop.add_reader(fd, on_readable)
+
+    bus._expect_reply = expect_reply
     loop.remove_reader(fd)
     loop.add_reader(fd, on_readable)

@@ -26,7 +26,6 @@ from .lean import needs_tls, tls_left_out
 
 _LOG = logging.getLogger("aggregator")
 FILE_CHECK_INTERVAL = 5.0
-CONNECTION_CHECK_INTERVAL = 1.0  # seconds between checks that every connection we own is still up
 
 
 def last_good_path(path: str) -> str:
@@ -97,18 +96,31 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 reload.set()
 
     restarting = False
+    reconnected = asyncio.Event()  # set after a reload changed which connections we own
 
     async def watch_connections() -> str:
         """Every connection we own, not just the members' watcher: the aggregate's or a virtual battery's
-        connection dropped by the bus (a message too large, say) left the process running with no battery."""
+        connection dropped by the bus (a message too large, say) left the process running with no battery.
+        Waits on the connections' ends rather than polling them: no wake-up while all is well."""
         while True:
-            await asyncio.sleep(CONNECTION_CHECK_INTERVAL)
-            if restarting:
-                continue  # the old connections close on purpose
+            reconnected.clear()
+            if restarting:  # the old connections close on purpose
+                await reconnected.wait()
+                continue
             owned = [*aggregator.connections(), *((s.settings.serviceName, s.bus) for s in grid.running)]
             for name, connection in owned:
                 if not connection.connected:
                     return f"lost the D-Bus connection of {name}"
+            ends = [loop.create_task(connection.wait_for_disconnect()) for _name, connection in owned]
+            again = loop.create_task(reconnected.wait())
+            try:
+                await asyncio.wait([*ends, again], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (*ends, again):
+                    task.cancel()
+                for task in ends:  # how it ended is not ours to raise: the check above names the connection
+                    if task.done() and not task.cancelled():
+                        task.exception()
 
     async def reloader() -> str:
         """Applies each new config; returns why the process must restart when it cannot apply one in place."""
@@ -139,6 +151,7 @@ async def run(path: str | None, bus_address: str | None = None, exit_delay: floa
                 finally:
                     restarting = False
             await grid.apply(result.config, aggregator.settings)
+            reconnected.set()
 
     reloading = loop.create_task(reloader())
     tasks = [loop.create_task(watch_file()), reloading]

@@ -1,9 +1,9 @@
 """A stand-in for Victron's localsettings, for the demo and the tests (a GX has the real one).
 
 It implements what clients use: AddSetting, AddSilentSetting, AddSettings, RemoveSettings on interface
-com.victronenergy.Settings, GetValue/GetText/SetValue on settings and nodes, PropertiesChanged, type
-conversion and min/max checks, and the ClassAndVrmInstance rule (a taken instance moves to the next free
-one). Values may be kept in a JSON file so they survive restarts.
+com.victronenergy.Settings, GetValue/GetText/SetValue on settings and nodes, GetAttributes on settings,
+PropertiesChanged, type conversion and min/max checks, and the ClassAndVrmInstance rule (a taken instance moves
+to the next free one). Values may be kept in a JSON file so they survive restarts.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from aggregator.bus.lib import Message, connect
+from aggregator.bus.lib import Message, Variant, connect
 from aggregator.bus.service import BUSITEM, VeService
 from aggregator.bus.settings import SETTINGS_INTERFACE, SETTINGS_SERVICE, parse_class_and_instance
 from aggregator.bus.values import unwrap, wrap
@@ -34,6 +34,7 @@ ERR_GROUP = -8
 ERR_NOT_SETTINGS = -9
 _CONVERT = {"i": int, "f": float, "s": str}
 _DEVICES = "/Settings/Devices/"
+_ADD_SETTING_VALUES = frozenset("vsdiuxtnqy")  # a variant, or a plain text or number
 
 
 @dataclass(slots=True)
@@ -59,6 +60,7 @@ class SettingsStandIn:
         service.add_method(SETTINGS_INTERFACE, "AddSettings", self._add_settings)
         service.add_method(SETTINGS_INTERFACE, "RemoveSettings", self._remove_settings)
         service.add_method(BUSITEM, "SetValue", self._set_value)
+        service.add_method(BUSITEM, "GetAttributes", self._get_attributes)
 
     # ---- the rules -----------------------------------------------------------------------------------
 
@@ -149,12 +151,17 @@ class SettingsStandIn:
     # ---- D-Bus methods --------------------------------------------------------------------------------
 
     def _add_setting(self, msg: Message) -> Message:
-        if msg.signature != "ssvsvv":
+        # The introspected form is ssvsvv; Victron's own settingsdevice.py calls without introspection, so
+        # dbus-python sends the default, min and max as plain values (ssssii, sssidd...), which localsettings takes.
+        signature = msg.signature
+        if len(signature) != 6 or signature[:2] != "ss" or signature[3] != "s" \
+                or any(code not in _ADD_SETTING_VALUES for code in signature[2] + signature[4:]):
             return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "AddSetting takes ssvsvv")
         group, name, default, kind, lo, hi = msg.body
         base = "" if msg.path == "/" else msg.path
         path = "/".join(p for p in f"{base}/{group}/{name}".split("/") if p)
-        code = self.add("/" + path, unwrap(default), kind, unwrap(lo), unwrap(hi), msg.member == "AddSilentSetting")
+        default, lo, hi = (unwrap(v) if isinstance(v, Variant) else v for v in (default, lo, hi))
+        code = self.add("/" + path, default, kind, lo, hi, msg.member == "AddSilentSetting")
         return Message.new_method_return(msg, "i", [code])
 
     def _add_settings(self, msg: Message) -> Message:
@@ -186,6 +193,18 @@ class SettingsStandIn:
             return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "RemoveSettings takes as")
         base = "" if msg.path == "/" else msg.path
         return Message.new_method_return(msg, "ai", [[self.remove(base + "/" + p.lstrip("/")) for p in msg.body[0]]])
+
+    def _get_attributes(self, msg: Message) -> Message:
+        """A setting's default, min, max and silent flag (Victron's settingsdevice.py compares them with what it
+        would add: a setting that exists with the same attributes is taken as it is)."""
+        setting = self.settings.get(msg.path)
+        if setting is None:
+            return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", f"{msg.path} is not a setting")
+        bound = 0.0 if setting.kind == "f" else 0
+        return Message.new_method_return(msg, "vvvi", [wrap(setting.default), wrap(bound if setting.min is None else
+                                                                                   setting.min),
+                                                       wrap(bound if setting.max is None else setting.max),
+                                                       int(setting.silent)])
 
     def _set_value(self, msg: Message) -> Message | None:
         if msg.path not in self.settings:

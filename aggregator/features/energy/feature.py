@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from ...bus.service import VeService
     from ...config import Config
 
+ENERGY_REFRESH = 10.0  # seconds: the energy paths are republished at least this often (what time alone changes)
+
 
 class EnergyFeature(Feature):
     name = "energy"
@@ -29,6 +31,10 @@ class EnergyFeature(Feature):
         self._http: ReportHttpServer | None = None
         self._service: VeService | None = None
         self._bank: Bank | None = None
+        # What the energy paths were last published from: a quiet bank's change with time alone, if at all.
+        self._changed = True
+        self._rows: list[tuple[str, int, bool]] = []
+        self._published_at = -ENERGY_REFRESH
 
     def load(self) -> None:
         self.tracker.load()
@@ -48,6 +54,7 @@ class EnergyFeature(Feature):
 
     def on_member(self, name: str, values: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
         self.tracker.sample(name, values, changes)
+        self._changed = True
 
     def on_setting(self, service: str, path: str, value: Any) -> None:
         if path == TIME_ZONE_PATH:
@@ -55,7 +62,11 @@ class EnergyFeature(Feature):
 
     def tick(self) -> None:
         self.tracker.tick()
-        self.publish()
+        if self._bank is None:
+            return
+        rows = self._bank.member_rows()
+        if self._changed or rows != self._rows or self.tracker.clock() - self._published_at >= ENERGY_REFRESH:
+            self.publish()
 
     def save(self) -> None:
         self.tracker.save()
@@ -71,8 +82,9 @@ class EnergyFeature(Feature):
         service, bank = self._service, self._bank
         if service is None or bank is None:
             return
+        self._changed, self._rows, self._published_at = False, bank.member_rows(), self.tracker.clock()
         with service.batch():
-            for path, value in self.tracker.values(bank.member_rows(), bank.member_values).items():
+            for path, value in self.tracker.values(self._rows, bank.member_values).items():
                 if path in service:
                     service.set_value(path, value)
                 else:
@@ -80,12 +92,14 @@ class EnergyFeature(Feature):
 
     def _take_report(self, fields: Any) -> str:
         """An external battery's report (D-Bus method or HTTP); ReportError goes back to the caller."""
-        text = self.tracker.report(fields)
-        self.publish()  # reports are rare: show it now rather than at the next tick
-        return text
+        try:
+            return self.tracker.report(fields)
+        finally:  # reports are rare: show it (or the status a refused one set) now rather than at a later tick
+            self.publish()
 
     def _remove_report(self, identity: Any) -> str:
         """Forget an external battery (D-Bus Remove, HTTP POST /remove); ReportError when it is not one."""
-        text = self.tracker.remove_external(identity)
-        self.publish()
-        return text
+        try:
+            return self.tracker.remove_external(identity)
+        finally:
+            self.publish()

@@ -152,3 +152,34 @@ async def test_a_dropped_service_connection_ends_the_process_with_2(small_bus: t
     assert "lost the D-Bus connection of " + agg in processes.output(proc)  # type: ignore[arg-type]
     reader.disconnect()
     bank.close()
+
+
+async def test_a_dropped_connection_after_a_restarting_reload_ends_the_process(
+        small_bus: tuple[PrivateBus, Processes], tmp_path: Path) -> None:
+    """The connections are watched by waiting on their ends: a reload that renames the aggregate replaces them,
+    and the new ones are watched as the first were."""
+    import signal
+
+    _, processes = small_bus
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=50.0)
+    agg, proc = start(processes, tmp_path, bank)
+    await bank.value_is(agg, "/System/NrOfBatteries", 1)
+    renamed = bank.name("renamed")
+    (tmp_path / "agg.json").write_text(json.dumps({"serviceName": renamed, "stateDir": str(tmp_path / "state"),
+                                                   "startupBatteryWait": 5}))
+    proc.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
+    await bank.value_is(renamed, "/System/NrOfBatteries", 1, timeout=20)
+    await asyncio.sleep(0.5)  # the old connections have closed on purpose: that is no loss
+    assert proc.poll() is None  # type: ignore[attr-defined]
+    for i in range(100):  # as above: the new aggregate's GetItems reply becomes too large for the bus
+        await bank.add(f"m{i}", instance=400 + i)
+    await bank.value_is(renamed, "/System/NrOfBatteries", 101, timeout=30)
+    reader = await connect()
+    with pytest.raises(client.CallError):
+        await client.get_items(reader, renamed)
+    await eventually(lambda: proc.poll() is not None, timeout=10)  # type: ignore[attr-defined]
+    assert proc.returncode == 2, processes.output(proc)  # type: ignore[attr-defined]
+    assert "lost the D-Bus connection of " + renamed in processes.output(proc)  # type: ignore[arg-type]
+    reader.disconnect()
+    bank.close()

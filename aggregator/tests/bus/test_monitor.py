@@ -266,3 +266,42 @@ async def test_a_burst_of_itemschanged_keeps_the_connection_and_the_order(privat
     assert battery.bus.connected
     await monitor.stop()
     battery.close()
+
+
+async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private_bus: Any) -> None:
+    """The members' watcher reads signals in batches (every wire.POLL_INTERVAL while they keep coming), but the
+    reply to a call it makes is read the moment it arrives: start-up and reading a new member are sequences of
+    calls, and each would otherwise wait for the next poll."""
+    from aggregator.bus import wire
+
+    prefix = unique_prefix()
+    pack = await make_battery(prefix + "a", 1)
+    other = await make_battery(prefix + "b", 2)
+    watcher_bus = await connect(coalesce=True)
+    monitor = ServiceMonitor(watcher_bus, [prefix])
+    await monitor.start()
+    stop = asyncio.Event()
+
+    async def keep_changing() -> None:  # the watcher stays in batch reading while this runs
+        i = 0
+        while not stop.is_set():
+            i += 1
+            pack.set_value("/Soc", float(i % 100))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.get_running_loop().create_task(keep_changing())
+    await asyncio.sleep(0.5)
+    round_trips = []
+    for _ in range(7):
+        started = time.monotonic()
+        assert await client.get_value(watcher_bus, prefix + "b", "/Soc") == 50.0
+        round_trips.append(time.monotonic() - started)
+        await asyncio.sleep(0.7)  # past the reply window: batch reading again
+    stop.set()
+    await task
+    await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
+    # Waiting for the next poll would take half an interval on average.
+    assert sorted(round_trips)[3] < wire.POLL_INTERVAL / 4, f"round trips {round_trips}"
+    await monitor.stop()
+    for bus in (watcher_bus, pack.bus, other.bus):
+        bus.disconnect()

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from aggregator.bus.lib import connect
 from aggregator.bus.service import VeService
 from aggregator.bus.settings import SETTINGS_INTERFACE, SETTINGS_SERVICE, LocalSettings, Setting, device_instance_path
@@ -87,6 +89,31 @@ async def test_stand_in_add_settings_and_add_setting(busctl: Any) -> None:
         assert await add_setting("Weird", "i", "1", "z") == -3  # unknown type
         assert await add_setting("Ranged", "i", "50", "i", "1", "10") == -7  # default out of range
         assert await add_setting("_hidden", "i", "1", "i") == -4
+    finally:
+        await stop_stand_in(busctl, stand_in)
+
+
+async def test_stand_in_add_setting_with_plain_values(busctl: Any) -> None:
+    """Victron's settingsdevice.py calls AddSetting without introspection: dbus-python sends the default, min
+    and max as plain values, not variants, and localsettings takes them; a setting that exists it reads with
+    GetAttributes."""
+    stand_in = await start_stand_in(busctl)
+    group = f"Settings/T{uid()}"
+    try:
+        reply = await settings_call(busctl, "AddSetting", "ssssii", group, "CustomName", "", "s", "0", "0")
+        assert reply["data"] == [0]
+        reply = await settings_call(busctl, "AddSetting", "ssisdd", group, "Level", "3", "i", "1", "10")
+        assert reply["data"] == [0]
+        assert await get(busctl, f"/{group}/CustomName") == ""
+        assert await get(busctl, f"/{group}/Level") == 3
+        with pytest.raises(AssertionError, match="AddSetting takes"):  # not six arguments of that form
+            await settings_call(busctl, "AddSetting", "ssssi", group, "Other", "x", "s", "0")
+        # What settingsdevice.py asks of a setting that exists, to take it as it is.
+        reply = await busctl.acall_json(SETTINGS_SERVICE, f"/{group}/Level", "GetAttributes")
+        assert reply["type"] == "vvvi"
+        assert [v["data"] if isinstance(v, dict) else v for v in reply["data"]] == [3, 1, 10, 0]
+        reply = await busctl.acall_json(SETTINGS_SERVICE, f"/{group}/CustomName", "GetAttributes")
+        assert [v["data"] if isinstance(v, dict) else v for v in reply["data"]] == ["", 0, 0, 0]
     finally:
         await stop_stand_in(busctl, stand_in)
 
