@@ -1,9 +1,9 @@
 """The D-Bus library the bus layer runs on.
 
-dbus-next is the default, with its pure-Python codec replaced by the leaner one in wire.py (same bytes,
-a fraction of the CPU). Victron's own asyncio services moved to its maintained fork dbus-fast, which keeps
-the same API; setting BATTERY_AGGREGATOR_DBUS=dbus-fast selects it. Only names both libraries share are used
-by the rest of the package, and only through this module.
+dbus-next is the default, with its pure-Python codec replaced by the leaner one of encode.py, decode.py and
+wire.py (the same bytes, a fraction of the CPU). Victron's own asyncio services moved to its maintained fork
+dbus-fast, which keeps the same API; setting BATTERY_AGGREGATOR_DBUS=dbus-fast selects it. Only names both
+libraries share are used by the rest of the package, and only through this module.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ else:
     from dbus_next.errors import AuthError, DBusError
 
     from . import wire
+    from .encode import FastMessage
 
-    Message = wire.FastMessage  # type: ignore[misc]  # marshals with the lean codec
+    Message = FastMessage  # type: ignore[misc]  # marshals with the lean codec
     LIBRARY = "dbus-next"
 
 __all__ = [
@@ -130,7 +131,7 @@ def _write_at_once(bus: Any) -> None:
 def raw_sender(bus: Any) -> Callable[[Callable[[int], bytes]], None] | None:
     """For a connection of dbus-next: send(encode) puts the bytes encode(serial) on the bus, in order with the
     library's own messages, with no Message object (a signal the service encodes itself, see
-    wire.ItemsChangedEncoder). None on dbus-fast, whose own compiled marshaller is already lean."""
+    encode.ItemsChangedEncoder). None on dbus-fast, whose own compiled marshaller is already lean."""
     if LIBRARY != "dbus-next" or not hasattr(bus, "_writer"):
         return None
     writer = bus._writer

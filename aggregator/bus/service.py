@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .lib import Message, MessageBus, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant, raw_sender
-from .wire import BUSITEM, ItemsChangedEncoder
+from .encode import BUSITEM, ItemsChangedEncoder
 from .values import (INVALID_TEXT, NOT_CONVERTIBLE, TextFormat, bounded, converted, oversize, product_id_text,
                      same_value, text_of, unwrap, wrap)
 

@@ -28,7 +28,7 @@ MAX_FUNCTION_LINES = 60
 # What is larger today, each at most its present size: it may shrink, never grow. A module or function that is not
 # listed keeps to the limits above.
 LARGER_MODULES = {
-    "aggregator/battery/service.py": 918, "aggregator/bus/wire.py": 802, "aggregator/features/coop/core.py": 634,
+    "aggregator/battery/service.py": 918, "aggregator/features/coop/core.py": 634,
     "aggregator/features/dispatcher/core/controller.py": 624, "aggregator/features/dispatcher/core/model.py": 708,
     "aggregator/features/dispatcher/runtime.py": 643, "aggregator/limits/controller.py": 705,
     "aggregator_dev/dispatch_simulation.py": 764,

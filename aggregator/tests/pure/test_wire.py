@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(LIBRARY != "dbus-next", reason="the codec is for
 from dbus_next import Message, MessageType, Variant  # noqa: E402
 from dbus_next._private.unmarshaller import Unmarshaller  # noqa: E402
 
-from aggregator.bus import wire  # noqa: E402
+from aggregator.bus import decode, encode  # noqa: E402
 from aggregator.bus.client import parse_items  # noqa: E402
 from aggregator.bus.values import unwrap  # noqa: E402
 
@@ -52,8 +52,8 @@ def library_read(data: bytes) -> Message:
 
 
 def fast_read(data: bytes) -> Message:
-    assert wire.message_length(data) == len(data)
-    return wire.decode_message(data)
+    assert decode.message_length(data) == len(data)
+    return decode.decode_message(data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -61,7 +61,7 @@ def fast_read(data: bytes) -> Message:
 def test_items_changed_bytes_match_the_library(body: dict[str, Any]) -> None:
     fields = {"path": "/", "interface": "com.victronenergy.BusItem", "member": "ItemsChanged"}
     expected = library_bytes("a{sa{sv}}", [body], **fields)
-    ours = wire.FastMessage(message_type=MessageType.SIGNAL, signature="a{sa{sv}}", body=[body], serial=7, **fields)
+    ours = encode.FastMessage(message_type=MessageType.SIGNAL, signature="a{sa{sv}}", body=[body], serial=7, **fields)
     assert ours._marshall() == expected
 
 
@@ -101,7 +101,7 @@ def test_properties_changed_values_match_the_library(body: dict[str, Any], where
 ])
 def test_other_signatures_round_trip(signature: str, body: list[Any]) -> None:
     data = library_bytes(signature, body, path="/p", member="M", interface="a.b")
-    assert wire.FastMessage(message_type=MessageType.SIGNAL, signature=signature, body=body, serial=7, path="/p",
+    assert encode.FastMessage(message_type=MessageType.SIGNAL, signature=signature, body=body, serial=7, path="/p",
                             member="M", interface="a.b")._marshall() == data
     assert fast_read(data).body == library_read(data).body
 
@@ -140,4 +140,4 @@ def test_direct_items_changed_matches_the_library(values: dict[str, tuple[Any, s
     body = {i.path: {"Value": wrap(i.value), "Text": Variant("s", i.text)} for i in items}
     expected = Message(message_type=MessageType.SIGNAL, path="/", interface="com.victronenergy.BusItem",
                        member="ItemsChanged", signature="a{sa{sv}}", body=[body], serial=serial)._marshall()
-    assert wire.ItemsChangedEncoder("com.victronenergy.BusItem").encode(serial, items) == expected
+    assert encode.ItemsChangedEncoder("com.victronenergy.BusItem").encode(serial, items) == expected
