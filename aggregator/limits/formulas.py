@@ -8,7 +8,7 @@ The bank current may rise until the first member reaches its own limit:
 
 where the shares are renormalised over those members. A member whose BMS forbids the direction leaves the
 sum here, as one whose switch is open carries nothing (whether it is, its current tells: see
-connection_evidence, and charge_control for what follows); one whose data is stale, or that publishes no
+connection_evidence, and forbidding.py for what follows); one whose data is stale, or that publishes no
 limit, is counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
 zeroing it. Nobody allowed -> 0; no data at all -> None (invalid).
 """
