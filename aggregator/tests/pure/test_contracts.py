@@ -21,7 +21,9 @@ CORES = [
     "aggregator.limits.forbidding", "aggregator.limits.signs", "aggregator.features.energy.core",
     "aggregator.features.grid_battery.core", "aggregator.features.dispatcher.core.model",
     "aggregator.features.dispatcher.core.controller", "aggregator.features.dispatcher.core.faults",
-    "aggregator.features.coop.core", "aggregator.bounded", "aggregator.local_time",
+    "aggregator.features.dispatcher.core.windows", "aggregator.features.dispatcher.core.dynamics",
+    "aggregator.features.dispatcher.core.target", "aggregator.features.coop.core", "aggregator.bounded",
+    "aggregator.local_time",
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60
@@ -29,18 +31,14 @@ MAX_FUNCTION_LINES = 60
 # listed keeps to the limits above.
 LARGER_MODULES = {
     "aggregator/battery/service.py": 902, "aggregator/bus/wire.py": 783, "aggregator/features/coop/core.py": 634,
-    "aggregator/features/dispatcher/core/controller.py": 624, "aggregator/features/dispatcher/core/model.py": 708,
-    "aggregator/features/dispatcher/runtime.py": 643, "aggregator_dev/dispatch_simulation.py": 764,
+    "aggregator_dev/dispatch_simulation.py": 764,
 }
 LONGER_FUNCTIONS = {
     "aggregator/battery/service.py:__init__": 66, "aggregator/bus/wire.py:install": 81,
     "aggregator/cli.py:build_parser": 138, "aggregator/config.py:semantic_issues": 66,
-    "aggregator/features/dispatcher/core/model.py:_fit_dynamics": 62,
-    "aggregator/features/dispatcher/core/model.py:_learn": 96,
-    "aggregator/features/dispatcher/core/model.py:_plateau": 71, "aggregator/features/energy/runtime.py:report": 72,
-    "aggregator/features/energy/runtime.py:values": 74, "aggregator/host/daemon.py:run": 110,
-    "aggregator/limits/formulas.py:bank_current_limit": 74, "aggregator_dev/simulator/controllable.py:main": 63,
-    "aggregator_dev/simulator/physics.py:values": 70,
+    "aggregator/features/energy/runtime.py:report": 72, "aggregator/features/energy/runtime.py:values": 74,
+    "aggregator/host/daemon.py:run": 110, "aggregator/limits/formulas.py:bank_current_limit": 74,
+    "aggregator_dev/simulator/controllable.py:main": 63, "aggregator_dev/simulator/physics.py:values": 70,
 }
 
 
