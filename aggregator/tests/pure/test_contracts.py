@@ -22,16 +22,15 @@ CORES = [
     "aggregator.features.grid_battery.core", "aggregator.features.dispatcher.core.model",
     "aggregator.features.dispatcher.core.controller", "aggregator.features.dispatcher.core.faults",
     "aggregator.features.dispatcher.core.windows", "aggregator.features.dispatcher.core.dynamics",
-    "aggregator.features.dispatcher.core.target", "aggregator.features.coop.core", "aggregator.bounded",
-    "aggregator.local_time",
+    "aggregator.features.dispatcher.core.target", "aggregator.features.coop.core", "aggregator.features.coop.ledger",
+    "aggregator.bounded", "aggregator.local_time",
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60
 # What is larger today, each at most its present size: it may shrink, never grow. A module or function that is not
 # listed keeps to the limits above.
 LARGER_MODULES = {
-    "aggregator/battery/service.py": 902, "aggregator/bus/wire.py": 783, "aggregator/features/coop/core.py": 634,
-    "aggregator_dev/dispatch_simulation.py": 764,
+    "aggregator/battery/service.py": 902, "aggregator/bus/wire.py": 783, "aggregator_dev/dispatch_simulation.py": 764,
 }
 LONGER_FUNCTIONS = {
     "aggregator/battery/service.py:__init__": 66, "aggregator/bus/wire.py:install": 81,
