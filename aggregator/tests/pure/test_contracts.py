@@ -30,7 +30,7 @@ MAX_FUNCTION_LINES = 60
 # What is larger today, each at most its present size: it may shrink, never grow. A module or function that is not
 # listed keeps to the limits above.
 LARGER_MODULES = {
-    "aggregator/battery/service.py": 902, "aggregator/bus/wire.py": 783, "aggregator_dev/dispatch_simulation.py": 764,
+    "aggregator/battery/service.py": 902, "aggregator/bus/wire.py": 783,
 }
 LONGER_FUNCTIONS = {
     "aggregator/battery/service.py:__init__": 66, "aggregator/bus/wire.py:install": 81,
