@@ -34,8 +34,7 @@ LARGER_MODULES = {
 }
 LONGER_FUNCTIONS = {
     "aggregator/battery/service.py:__init__": 66, "aggregator/bus/wire.py:install": 81,
-    "aggregator/host/daemon.py:run": 110, "aggregator_dev/simulator/controllable.py:main": 63,
-    "aggregator_dev/simulator/physics.py:values": 70,
+    "aggregator/host/daemon.py:run": 110,
 }
 
 
