@@ -351,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "restart us in a tight loop (default 10)")
     run.set_defaults(func=_cmd_run)
 
+    _add_development_commands(sub)
+    _add_inspection_commands(sub)
+    _add_record_commands(sub)
+    return parser
+
+
+def _add_development_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """simulate, fault, demo: the development tools (aggregator_dev, not in the GX package)."""
     sim = sub.add_parser("simulate", help="publish a simulated battery bank on D-Bus",
                          description="Publish the packs of a scenario as com.victronenergy.battery.<name> services, "
                                      "driven by physics (parallel LiFePO4 packs). SCENARIO is a name of a bundled "
@@ -387,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "grid battery, the dispatcher following a target, and a cooperative of three households (a "
                       "private bus each) on one mosquitto")
     demo.set_defaults(func=_cmd_demo)
+
+
+def _add_inspection_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """check, status, dump, schema: the config and the bus as they are."""
     check = sub.add_parser("check", help="check a config.json (what check_config.sh runs)",
                            description="Validate a config.json against the schema and the semantic checks (a "
                                        "service in two roles, path typos, bad hooks, ...). Prints OK or each error "
@@ -420,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--docs", action="store_true", help="print the configuration reference (Markdown)")
     schema.set_defaults(func=_cmd_schema)
 
+
+def _add_record_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """report, energy, coop, grid-battery: external batteries and what the features keep."""
     report = sub.add_parser("report", help="report a battery that is not on D-Bus (energy and level), or remove one",
                             description="Send the running totals and the level of a battery that is not on D-Bus "
                                         "to the aggregate (its org.batteryaggregator.Energy.Report method). It "
@@ -467,7 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--state-dir", help="default: stateDir of the config")
     grid.add_argument("--config", help="the config to take stateDir and the grid batteries from")
     grid.set_defaults(func=_cmd_grid_battery)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

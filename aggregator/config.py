@@ -158,8 +158,6 @@ def path_issue(path: Any, loc: tuple[Any, ...], known: frozenset[str]) -> Issue 
 def semantic_issues(config: Config) -> list[Issue]:
     """Mistakes the types alone cannot catch: a service in two roles, malformed references, bad hooks, paths
     that are typos of battery paths."""
-    from .battery.hooks import HookConfigError, build_hook
-
     issues: list[Issue] = []
     claimed: dict[str, str] = {}
     known = known_paths()
@@ -194,16 +192,7 @@ def semantic_issues(config: Config) -> list[Issue]:
         for i, ref in enumerate(_refs(spec)):
             loc = vb + ((i,) if isinstance(spec, list) else (ref,))
             if ref.startswith("class:"):
-                try:
-                    hook = build_hook(ref[len("class:"):], config.classes)
-                except HookConfigError as exc:
-                    issues.append(Issue(loc, str(exc)))
-                    continue
-                fixed_path = getattr(hook, "path", None)
-                if fixed_path is not None:
-                    issue = path_issue(fixed_path, ("classes", ref[len("class:"):], "path"), known)
-                    if issue is not None:
-                        issues.append(issue)
+                issues += _hook_issues(ref[len("class:"):], loc, config, known)
                 continue
             if not _is_reference(ref):
                 issues.append(Issue(loc, f"{ref!r} is not {REFERENCE_FORMS} or class:<hooks.Class>[#suffix]"))
@@ -221,6 +210,22 @@ def semantic_issues(config: Config) -> list[Issue]:
         if entry not in used:
             issues.append(Issue(("classes", entry), "configures a hook that no virtual battery uses", "warning"))
     return issues
+
+
+def _hook_issues(spec: str, loc: tuple[Any, ...], config: Config, known: frozenset[str]) -> list[Issue]:
+    """A virtual battery's `class:<spec>` member: a hook that cannot be built, or whose fixed path is a typo."""
+    from .battery.hooks import HookConfigError, build_hook
+
+    try:
+        hook = build_hook(spec, config.classes)
+    except HookConfigError as exc:
+        return [Issue(loc, str(exc))]
+    fixed_path = getattr(hook, "path", None)
+    if fixed_path is not None:
+        issue = path_issue(fixed_path, ("classes", spec, "path"), known)
+        if issue is not None:
+            return [issue]
+    return []
 
 
 def _grid_battery_issues(config: Config) -> list[Issue]:

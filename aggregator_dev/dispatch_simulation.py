@@ -1,5 +1,6 @@
-"""Simulated controllable batteries, meters and household demand at a stepped clock, the baseline
-dispatchers, the bench scenarios and their metrics (pure Python + numpy; no I/O, no wall clock).
+"""Simulated controllable batteries, meters and household demand at a stepped clock, and the bench scenarios run
+against the dispatchers (dispatch_baselines.py), measured by dispatch_metrics.py (pure Python + numpy; no I/O, no
+wall clock).
 
 Batteries hide from the dispatcher: a gain, a first-order lag, a dead time, a deadband, a ramp that
 accelerates, a minimum output, charge/discharge limits that taper with SoC and change over time, occasional
@@ -12,21 +13,20 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from aggregator.features.dispatcher.core.controller import (BatteryReading, Dispatcher, DispatcherSettings,
+from aggregator.features.dispatcher.core.controller import (BatteryReading, DispatcherSettings,
                                                             grid_zero_target, water_fill)
 from aggregator.features.dispatcher.core.faults import FROZEN, INVERTED
 from aggregator.features.dispatcher.core.model import CHARGE, DISCHARGE
 
-SIM_DT_S = 0.1
+from .dispatch_baselines import CONTROLLERS, Controller, LearnedController, fresh_readings
+from .dispatch_metrics import SIM_DT_S, Metrics, Trace, metrics
+
 CONTROL_PERIOD_S = 0.5
-STALE_AFTER_S = 5.0
 GRID_DEADBAND_W = 10.0
-SETTLE_HOLD_S = 10.0
-STEADY_AFTER_S = 20.0   # samples this long after an event count as steady state
 
 
 # ---- the battery ------------------------------------------------------------------------------------------
@@ -228,154 +228,6 @@ def solar(rng: np.random.Generator, times: np.ndarray, peak_w: float, t_peak: fl
     return -pv
 
 
-# ---- the dispatchers under test --------------------------------------------------------------------------
-
-class Controller(Protocol):
-    name: str
-
-    def step(self, now: float, target_w: float, readings: Mapping[str, BatteryReading]) -> dict[str, float]: ...
-
-
-def _fresh(readings: Mapping[str, BatteryReading]) -> dict[str, BatteryReading]:
-    return {n: r for n, r in readings.items()
-            if r.available and r.measured_w is not None and r.measured_age_s <= STALE_AFTER_S}
-
-
-def _signed_limits(r: BatteryReading, sign: float) -> float:
-    return r.max_charge_w if sign > 0 else r.max_discharge_w
-
-
-class LearnedController:
-    """The dispatcher under test (aggregator.dispatch.controller)."""
-
-    name = "learned"
-
-    def __init__(self, names: Sequence[str], settings: DispatcherSettings | None = None) -> None:
-        self.dispatcher = Dispatcher(settings or DispatcherSettings(stale_after_s=STALE_AFTER_S), names)
-        self.last = None
-
-    def step(self, now: float, target_w: float, readings: Mapping[str, BatteryReading]) -> dict[str, float]:
-        self.last = self.dispatcher.step(now, target_w, readings)
-        return {n: c.setpoint_w for n, c in self.last.commands.items()}
-
-
-class ProportionalController:
-    """Baseline 1: split the target by capacity, no feedback."""
-
-    name = "proportional"
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-
-    def step(self, now: float, target_w: float, readings: Mapping[str, BatteryReading]) -> dict[str, float]:
-        fresh = _fresh(readings)
-        sign = 1.0 if target_w >= 0 else -1.0
-        caps = {n: _signed_limits(r, sign) for n, r in fresh.items()}
-        weights = {n: r.capacity_wh or 1.0 for n, r in fresh.items()}
-        total = sum(weights.values()) or 1.0
-        return {n: sign * min(caps[n], abs(target_w) * weights[n] / total) if n in fresh else 0.0
-                for n in self.names}
-
-
-class PIController:
-    """Baseline 2: proportional split with a PI loop on the total and redistribution after a timeout: a
-    battery that misses its setpoint for `timeout_s` is held at what it delivers (retried after
-    `retry_s`) and the rest goes to the others. What users build first."""
-
-    name = "pi+timeout"
-
-    def __init__(self, names: Sequence[str], kp: float = 0.3, ki: float = 0.2, timeout_s: float = 10.0,
-                 retry_s: float = 120.0) -> None:
-        self.names = list(names)
-        self.kp, self.ki, self.timeout_s, self.retry_s = kp, ki, timeout_s, retry_s
-        self.integral = 0.0
-        self.last_t: float | None = None
-        self.missing_since: dict[str, float] = {}
-        self.stuck: dict[str, tuple[float, float]] = {}  # name -> (cap, since)
-        self.setpoints = {n: 0.0 for n in names}
-
-    def _pi(self, now: float, target_w: float, fresh: Mapping[str, BatteryReading], cap_total: float) -> float:
-        dt = 0.5 if self.last_t is None else max(0.0, now - self.last_t)
-        self.last_t = now
-        measured = sum(r.measured_w for r in fresh.values())  # type: ignore[misc]
-        error = target_w - measured
-        u = target_w + self.kp * error + self.integral
-        if abs(u) < cap_total or u * error < 0:  # anti-windup: integrate only while not saturated
-            self.integral += self.ki * error * dt
-            self.integral = _clamp(self.integral, -cap_total, cap_total)
-        return target_w + self.kp * error + self.integral
-
-    def _caps(self, now: float, sign: float, fresh: Mapping[str, BatteryReading]) -> dict[str, float]:
-        caps: dict[str, float] = {}
-        for n, r in fresh.items():
-            sp = self.setpoints.get(n, 0.0)
-            m = r.measured_w or 0.0
-            missing = abs(sp) > 50 and abs(m) < abs(sp) - max(50.0, 0.1 * abs(sp))
-            if missing:
-                self.missing_since.setdefault(n, now)
-            else:
-                self.missing_since.pop(n, None)
-            if n in self.stuck and now - self.stuck[n][1] > self.retry_s:
-                del self.stuck[n]
-            if n not in self.stuck and missing and now - self.missing_since[n] >= self.timeout_s:
-                self.stuck[n] = (abs(m), now)
-            cap = _signed_limits(r, sign)
-            caps[n] = min(cap, self.stuck[n][0]) if n in self.stuck else cap
-        return caps
-
-    def step(self, now: float, target_w: float, readings: Mapping[str, BatteryReading]) -> dict[str, float]:
-        fresh = _fresh(readings)
-        sign = 1.0 if target_w >= 0 else -1.0
-        caps = self._caps(now, sign, fresh)
-        u = self._pi(now, target_w, fresh, sum(caps.values()) or 1.0)
-        if u * sign < 0:
-            u = 0.0
-        weights = {n: r.capacity_wh or 1.0 for n, r in fresh.items()}
-        alloc = water_fill(abs(u), caps, weights)
-        self.setpoints = {n: sign * alloc.get(n, 0.0) for n in self.names}
-        return dict(self.setpoints)
-
-
-class SaturationController(PIController):
-    """Baseline 3: a saturation-score heuristic: a battery either follows its setpoint or is saturated (held at
-    what it delivers, the rest to the followers; re-probed every `retry_s`), with the same PI on the total."""
-
-    name = "saturation"
-
-    def __init__(self, names: Sequence[str], flip_s: float = 2.0, retry_s: float = 30.0) -> None:
-        super().__init__(names, retry_s=retry_s)
-        self.flip_s = flip_s
-        self.score = {n: 0.0 for n in names}
-        self.saturated_since: dict[str, float] = {}
-
-    def _caps(self, now: float, sign: float, fresh: Mapping[str, BatteryReading]) -> dict[str, float]:
-        dt = 0.5
-        caps: dict[str, float] = {}
-        for n, r in fresh.items():
-            sp = self.setpoints.get(n, 0.0)
-            m = r.measured_w or 0.0
-            short = abs(sp) > 50 and abs(m) < abs(sp) - max(30.0, 0.1 * abs(sp))
-            self.score[n] = _clamp(self.score[n] + (dt if short else -dt) / self.flip_s, 0.0, 1.0)
-            if self.score[n] > 0.5:
-                since = self.saturated_since.setdefault(n, now)
-                if now - since > self.retry_s:  # re-probe: maybe it recovered
-                    self.score[n] = 0.0
-                    self.saturated_since.pop(n, None)
-            else:
-                self.saturated_since.pop(n, None)
-            cap = _signed_limits(r, sign)
-            caps[n] = min(cap, abs(m)) if self.score[n] > 0.5 else cap
-        return caps
-
-
-CONTROLLERS: dict[str, Callable[[Sequence[str]], Controller]] = {
-    "learned": LearnedController,
-    "proportional": ProportionalController,
-    "pi+timeout": PIController,
-    "saturation": SaturationController,
-}
-
-
 # ---- scenarios --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -545,22 +397,6 @@ FAULT_SCENARIOS = ("frozen_meter", "inverted_meter", "noisy_meter")
 
 # ---- running -----------------------------------------------------------------------------------------------
 
-@dataclass
-class Trace:
-    times: np.ndarray
-    demand: np.ndarray
-    total: np.ndarray             # true battery total (+ charging)
-    achievable: np.ndarray        # the battery total the grid-zero target asks, within the true limits
-    power: dict[str, np.ndarray]  # true power per battery
-    ideal: dict[str, np.ndarray]  # capacity-proportional water-filled split of `achievable`
-    setpoints: dict[str, np.ndarray]  # per control cycle
-    control_times: np.ndarray
-    events: list[float]
-    learned_at: list[float]       # per learn target: seconds to learn, nan if never
-    detected_at: list[float] = field(default_factory=list)  # per fault: seconds until the battery was held
-    held_power: list[float] = field(default_factory=list)  # per fault: the battery's true power at the end (W)
-
-
 def simulate(scenario: Scenario, seed: int, controller: str,
              settings: DispatcherSettings | None = None) -> Trace:
     times = np.arange(0.0, scenario.duration_s, SIM_DT_S)
@@ -595,7 +431,7 @@ def simulate(scenario: Scenario, seed: int, controller: str,
             if isinstance(ctrl, LearnedController):
                 current = ctrl.dispatcher.usable_total(readings)
             else:
-                current = sum(r.measured_w for r in _fresh(readings).values())  # type: ignore[misc]
+                current = sum(r.measured_w for r in fresh_readings(readings).values())  # type: ignore[misc]
             target = grid_zero_target(grid.value, current, 0.0, GRID_DEADBAND_W)
             sp = ctrl.step(t, target, readings)
             for k, b in sims.items():
@@ -665,95 +501,6 @@ def _demand_steps(times: np.ndarray, demand: np.ndarray, threshold_w: float = 30
         if not out or t - out[-1] > 5.0:
             out.append(t)
     return out
-
-
-# ---- metrics ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    settle_s: float        # mean over events; an event that never settles counts its whole interval
-    unsettled: int         # events that did not settle
-    overshoot_w: float     # mean over events of the excursion beyond the new target
-    rms_w: float           # steady-state RMS error (samples STEADY_AFTER_S after any event)
-    crossings_per_h: float  # direction changes of battery setpoints (through the deadband), per hour
-    avoidable_wh: float    # grid import + export the batteries could have covered
-    imbalance_pct: float   # distance from the capacity-proportional split, steady state
-    learn_s: float         # mean learning time (nan: nothing to learn or not the learned dispatcher)
-    learn_missed: int      # learn targets never reached
-    swing_w: float = math.nan  # steady state: 99th minus 1st percentile of the error (an oscillation's size)
-    detect_s: float = math.nan  # mean seconds from a meter fault to its battery being held (nan: none, or missed)
-    detect_missed: int = 0      # faults never detected (the learned dispatcher only)
-
-
-def metrics(trace: Trace, min_command_w: float = 25.0) -> Metrics:
-    t = trace.times
-    error = trace.total - trace.achievable
-    tol = np.maximum(25.0, 0.02 * np.abs(trace.achievable))
-    inside = np.abs(error) <= tol
-    bounds = list(trace.events) + [float(t[-1]) + SIM_DT_S]
-    settles: list[float] = []
-    overshoots: list[float] = []
-    unsettled = 0
-    hold = int(round(SETTLE_HOLD_S / SIM_DT_S))
-    for e0, e1 in zip(bounds[:-1], bounds[1:]):
-        lo, hi = int(np.searchsorted(t, e0)), int(np.searchsorted(t, e1))
-        seg = inside[lo:hi]
-        settled = _first_run(seg, hold)
-        if settled is None:
-            settles.append(e1 - e0)
-            unsettled += 1
-        else:
-            settles.append(settled * SIM_DT_S)
-        before = trace.achievable[max(lo - 1, 0)]
-        after = trace.achievable[min(hi - 1, len(t) - 1)]
-        direction = 1.0 if after >= before else -1.0
-        overshoots.append(max(0.0, float(np.max(direction * error[lo:hi], initial=0.0))))
-    since = _time_since_event(t, trace.events)
-    steady = since >= STEADY_AFTER_S
-    rms = float(np.sqrt(np.mean(error[steady] ** 2))) if steady.any() else math.nan
-    avoidable = float(np.sum(np.abs(error)) * SIM_DT_S / 3600.0)
-    hours = (t[-1] - t[0] + SIM_DT_S) / 3600.0
-    crossings = sum(_direction_changes(sp, min_command_w) for sp in trace.setpoints.values()) / hours
-    imbalance = _imbalance(trace, steady)
-    learn = [x for x in trace.learned_at if not math.isnan(x)]
-    swing = float(np.percentile(error[steady], 99) - np.percentile(error[steady], 1)) if steady.any() else math.nan
-    detected = [x for x in trace.detected_at if not math.isnan(x)]
-    return Metrics(float(np.mean(settles)) if settles else math.nan, unsettled,
-                   float(np.mean(overshoots)) if overshoots else 0.0, rms, crossings, avoidable, imbalance,
-                   float(np.mean(learn)) if learn else math.nan, len(trace.learned_at) - len(learn), swing,
-                   float(np.mean(detected)) if detected else math.nan, len(trace.detected_at) - len(detected))
-
-
-def _first_run(mask: np.ndarray, length: int) -> int | None:
-    """Index where `mask` first stays true for `length` samples (or to its end, if shorter and true)."""
-    run = 0
-    for i, ok in enumerate(mask):
-        run = run + 1 if ok else 0
-        if run >= length:
-            return i - length + 1
-    return None
-
-
-def _time_since_event(t: np.ndarray, events: Sequence[float]) -> np.ndarray:
-    since = t - t[0] + 0.0
-    for e in events:
-        after = t >= e
-        since = np.where(after, np.minimum(since, t - e), since)
-    return since
-
-
-def _direction_changes(setpoints: np.ndarray, deadband_w: float) -> int:
-    signs = np.sign(setpoints[np.abs(setpoints) >= deadband_w])
-    return int(np.count_nonzero(np.diff(signs) != 0)) if len(signs) > 1 else 0
-
-
-def _imbalance(trace: Trace, steady: np.ndarray) -> float:
-    """Half the summed |P_k - ideal_k| over the ideal total, in %, over steady samples with >= 200 W to split."""
-    mask = steady & (np.abs(trace.achievable) >= 200.0)
-    if not mask.any():
-        return math.nan
-    dist = sum(np.abs(trace.power[k][mask] - trace.ideal[k][mask]) for k in trace.power)
-    return float(100.0 * np.mean(0.5 * dist / np.abs(trace.achievable[mask])))
 
 
 def run(scenario: str, seed: int, controller: str, settings: DispatcherSettings | None = None) -> Metrics:

@@ -47,7 +47,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aggregator.features.coop.core import Curtailment, Ledger, PeerState, SiteSettings, site_target  # noqa: E402
+from aggregator.features.coop.core import Curtailment, PeerState, SiteSettings, site_target  # noqa: E402
+from aggregator.features.coop.ledger import Ledger  # noqa: E402
 
 STEP = 60.0  # simulated seconds per physics step
 HOUR = 3600.0

@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, Direction, DvccLimits, LimitSmoother,
-                       MemberLimits, apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit,
-                       connection_evidence, forbids, over_current, share_weights, test_current_limit)
+from .forbidding import ForbiddingMembers, as_forbidding
+from .formulas import (CHARGE, DISCHARGE, BankLimit, Direction, DvccLimits, LimitSmoother, MemberLimits,
+                       apply_ccl_mode, apply_cvl_mode, bank_current_limit, charge_voltage_limit, over_current,
+                       share_weights)
 from .shares import ShareLearner
+from .signs import SignCheck, plain
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -48,20 +50,6 @@ _FLAG_PATH = {CHARGE: "/Io/AllowToCharge", DISCHARGE: "/Io/AllowToDischarge"}
 UNKNOWN_LIMIT_ALARM = "/Alarms/BmsCable"
 FORBIDDEN_CURRENT_ALARM = {CHARGE: "/Alarms/HighChargeCurrent", DISCHARGE: "/Alarms/HighDischargeCurrent"}
 ALARM = 2
-# A test current's evidence that a member is disconnected must last this long: a connected member's current may be
-# reported a moment after the others'.
-DISCONNECT_CONFIRM = 3.0
-# What a member that forbids a direction is taken to be, from its current: still connected (the bank is held at
-# 0 A), unknown (the bank may carry a test current's small current until the current tells), or disconnected (it leaves
-# the sum).
-HELD, PROBING, OUT = "held", "probing", "out"
-# The current-vs-power sign check: only currents this large vote (a few W of noise around 0 A say nothing),
-# and a member is suspected after this many net votes (and cleared when they are back to 0).
-SIGN_CHECK_MIN_CURRENT = 2.0
-SIGN_CHECK_VOTES = 3
-# A learned marginal share below this says the member's current falls when the bank's rises: impossible for a
-# pack in parallel, so its sign is wrong.
-NEGATIVE_SHARE = -0.1
 # The bank current sits at a published limit within this much of it (A, and a fraction of it): what a
 # charger's regulation misses by.
 AT_LIMIT_A = 1.0
@@ -75,19 +63,6 @@ class Note:
 
     text: str
     key: str
-
-
-@dataclass(slots=True)
-class _Episode:
-    """A member forbidding one direction, from the moment it forbids until it allows again."""
-
-    label: str
-    state: str  # HELD, PROBING or OUT
-    since: float  # when it entered that state
-    carried: bool = False  # seen taking current in the direction it forbids (the alarm), until seen disconnected
-    cap: float = 0.0  # while probing: the bank current allowed
-    disconnected_at: float | None = None  # while probing: since when the currents say it is disconnected
-    warned: bool = False  # its taking current was logged
 
 
 @dataclass(slots=True)
@@ -119,7 +94,6 @@ class ChargeControl:
         opts = config.limits
         self.tolerance = opts.overCurrentTolerance
         self.tau = opts.shareTimeConstant
-        self.test_current_interval = opts.testCurrentInterval
         self.learner = ShareLearner(tau=opts.shareTimeConstant)
         # Resolutions: half the step of the published values (0.1 A, 1 mV), see _round below.
         # The CCL ramps up from 0 after start: a restart must not jump to a limit that was not ramped to. The
@@ -147,16 +121,18 @@ class ChargeControl:
         self._held: dict[str, float | None] = {CHARGE: None, DISCHARGE: None, VOLTAGE: None}
         self._battery_limit: dict[str, float | None] = {CHARGE: None, DISCHARGE: None, VOLTAGE: None}  # before DVCC
         self._holding: set[str] = set()  # the limits held meanwhile
-        # Members that forbid a direction, by direction.
-        self.episodes: dict[str, dict[str, _Episode]] = {CHARGE: {}, DISCHARGE: {}}
+        self.forbidding = ForbiddingMembers(opts.testCurrentInterval)  # members that forbid a direction
         self._tracking = {CHARGE: False, DISCHARGE: False}  # whether the last limit tracked the currents
         # Per direction and member: what it carried beyond its marginal share at the last complete sample (its
         # circulating current), and how much that rose since the one before.
         self._offsets: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
         self.drift: dict[str, dict[str, float]] = {CHARGE: {}, DISCHARGE: {}}
-        self._sign_votes: dict[str, int] = {}  # net votes of the current-vs-power check, per member
-        self._by_power: set[str] = set()  # suspected by that check: kept until its votes are back to 0
-        self.inverted: dict[str, str] = {}  # member -> why its current's sign looks wrong
+        self.signs = SignCheck()
+
+    @property
+    def inverted(self) -> dict[str, str]:
+        """Members whose current's sign looks wrong, with why: their current is not trusted."""
+        return self.signs.inverted
 
     def adopt(self, old: "ChargeControl") -> None:
         """Carry on from the controller a config reload replaces: what is learned, what is held, and the
@@ -168,8 +144,8 @@ class ChargeControl:
             new.adopt(prev)
         self.floors, self._floor_at, self._guarded = old.floors, old._floor_at, old._guarded
         self.publishers, self._held, self._battery_limit = old.publishers, old._held, old._battery_limit
-        self.episodes, self._holding = old.episodes, old._holding
-        self._sign_votes, self._by_power, self.inverted = old._sign_votes, old._by_power, old.inverted
+        self.forbidding.episodes, self._holding = old.forbidding.episodes, old._holding
+        self.signs = old.signs
         self._tracking, self._offsets, self.drift = old._tracking, old._offsets, old.drift
         self.samples = old.samples
 
@@ -188,7 +164,7 @@ class ChargeControl:
                         estimator = self._ir_factory(self._ir_state.pop(m.name, None))
                         self.ir[m.name] = estimator
                     estimator.update(voltage, current)
-        self._check_signs(members)
+        self.signs.check(members, self.learner, self.method)
         if not members or any(c is None for c in currents.values()):
             return
         bank = sum(currents.values())  # type: ignore[arg-type]
@@ -210,7 +186,7 @@ class ChargeControl:
             currents = {n: -c if n in self.inverted else c for n, c in currents.items()}  # type: ignore[operator]
             bank = sum(currents.values())  # type: ignore[arg-type]
         # A member that forbids a direction and still takes current in it is not underestimated: the bank is held
-        # for it (see _forbidden); its share when it takes part again is what it was.
+        # for it (see forbidding.py); its share when it takes part again is what it was.
         rows = [(m.name, currents[m.name], _guarded_limit(m.values, CHARGE), _guarded_limit(m.values, DISCHARGE))
                 for m in members]
         seen = set()
@@ -249,44 +225,6 @@ class ChargeControl:
             return False
         return abs(bank) >= published - max(AT_LIMIT_A, AT_LIMIT * published)
 
-    def _check_signs(self, members: list[MemberInput]) -> None:
-        """Members whose current's sign looks inverted (a driver that counts the other way): its power has
-        the other sign, or its learned marginal share is clearly negative. Their current is not trusted: the
-        shares fall back to the plain ratio (capacity), with no operating point, until it looks right again."""
-        inverted: dict[str, str] = {}
-        for m in members:
-            name, values = m.name, m.values
-            current, power = values.get("/Dc/0/Current"), values.get("/Dc/0/Power")
-            votes = self._sign_votes.get(name, 0)
-            if m.fresh and current is not None and power is not None and abs(current) >= SIGN_CHECK_MIN_CURRENT:
-                voltage = values.get("/Dc/0/Voltage")
-                # A power far below V x I is stale or from elsewhere: no vote.
-                if voltage is None or abs(power) >= 0.25 * abs(voltage * current):
-                    if (power > 0) != (current > 0):
-                        votes = min(votes + 1, 2 * SIGN_CHECK_VOTES)
-                    else:
-                        votes = max(votes - 1, 0)
-                    self._sign_votes[name] = votes
-            if votes >= SIGN_CHECK_VOTES or (votes > 0 and name in self._by_power):
-                self._by_power.add(name)
-                inverted[name] = f"its current ({current:g} A) and its power ({power:g} W) have opposite signs" \
-                    if current is not None and power is not None else "its current and its power had opposite signs"
-                continue
-            self._by_power.discard(name)
-            for d in (CHARGE, DISCHARGE):
-                share = self.learner.marginal_share(name, d)
-                if share is not None and share < NEGATIVE_SHARE:
-                    inverted[name] = f"its current falls when the bank's {d} current rises (share {share:.2f})"
-                    break
-        for name in inverted.keys() - self.inverted.keys():
-            label = next((m.label for m in members if m.name == name), name)
-            _LOG.warning("the current of %s looks sign-inverted: %s; charge limits fall back to the %s ratio and "
-                         "the over-current guard counts its current the other way", label, inverted[name],
-                         _plain(self.method))
-        for name in self.inverted.keys() - inverted.keys():
-            _LOG.info("the current of %s looks right again", name)
-        self.inverted = inverted
-
     def _fade_floors(self, now: float) -> None:
         decay = math.exp(-max(0.0, now - self._floor_at) / self.tau) if self._floor_at else 1.0
         self._floor_at = now
@@ -300,11 +238,8 @@ class ChargeControl:
         """A member left the bank on purpose (config): its unknown limit no longer holds the bank's."""
         for publishers in self.publishers.values():
             publishers.pop(name, None)
-        for episodes in self.episodes.values():
-            episodes.pop(name, None)
-        self._sign_votes.pop(name, None)
-        self._by_power.discard(name)
-        self.inverted.pop(name, None)
+        self.forbidding.leave(name)
+        self.signs.leave(name)
 
     def forget(self, name: str) -> None:
         self.learner.forget(name)
@@ -358,10 +293,8 @@ class ChargeControl:
         alarms = {UNKNOWN_LIMIT_ALARM: ALARM if self._holding else 0}
         flags = {}
         for direction in (CHARGE, DISCHARGE):
-            episodes = self.episodes[direction].values()
-            alarms[FORBIDDEN_CURRENT_ALARM[direction]] = \
-                ALARM if any(e.carried and e.state != OUT for e in episodes) else 0
-            if any(e.state == HELD for e in episodes):
+            alarms[FORBIDDEN_CURRENT_ALARM[direction]] = ALARM if self.forbidding.alarmed(direction) else 0
+            if self.forbidding.holding_flag(direction):
                 flags[_FLAG_PATH[direction]] = 0
         ccl_published = _round(self.ccl_smoother.update(self.ccl_target, now), 1)
         if self.ccl_smoother.ramping and self.ccl_target is not None:
@@ -397,8 +330,7 @@ class ChargeControl:
     def ticking(self) -> bool:
         """Whether the limits change with time alone: a ramp, a test current that is due, a test current's evidence
         being confirmed. The caller recomputes once a second while this holds."""
-        return self.ramping or any(e.state == HELD or e.disconnected_at is not None
-                                   for episodes in self.episodes.values() for e in episodes.values())
+        return self.ramping or self.forbidding.ticking
 
     def bank_limit(self, members: list[MemberInput], direction: str) -> BankLimit:
         return self._shares_limit([self.member_limits(m) for m in members], direction)
@@ -407,7 +339,7 @@ class ChargeControl:
         """The limit the members' values and shares give (before any hold); with a current not trusted, by the
         plain ratio and without the operating point."""
         untrusted = bool(self.inverted)
-        method = _plain(self.method) if untrusted else self.method
+        method = plain(self.method) if untrusted else self.method
         return bank_current_limit(limits, direction, method, self.floors[direction],  # type: ignore[arg-type]
                                   operating_point=not untrusted)
 
@@ -415,14 +347,18 @@ class ChargeControl:
                     notes: list[Note], now: float) -> BankLimit:
         """The bank's limit in one direction: from the members that take part, held while a member's limit is
         unknown, and held at 0 A while a member that forbids the direction still takes current in it."""
-        episodes = self._forbidden(members, limits, direction, now)
+        episodes = self.forbidding.follow(members, limits, direction, now, self.inverted,
+                                          lambda: self._full_shares(limits, direction))
         if episodes:  # whatever they are, they leave the shares; the holds below decide what they mean
-            limits = [_forbidding(lim, direction) if lim.name in episodes else lim for lim in limits]
+            limits = [as_forbidding(lim, direction) if lim.name in episodes else lim for lim in limits]
         bank = self._shares_limit(limits, direction)
         value, reason = self._hold_unknown(members, limits, direction, bank.value, bank.reason, notes)
         if value != bank.value or reason != bank.reason:
             bank = dataclasses.replace(bank, value=value, reason=reason)
-        return self._hold_forbidden(bank, direction, notes)
+        bank, line = self.forbidding.hold(bank, direction)
+        if line is not None:
+            notes.append(Note(*line))
+        return bank
 
     def _hold_unknown(self, members: list[MemberInput], limits: list[MemberLimits], key: str,
                       value: float | None, reason: str, notes: list[Note]) -> tuple[float | None, str]:
@@ -480,125 +416,15 @@ class ChargeControl:
     def _smoother(self, key: str) -> LimitSmoother:
         return {CHARGE: self.ccl_smoother, DISCHARGE: self.dcl_smoother, VOLTAGE: self.cvl_smoother}[key]
 
-    # ---- a member that forbids a direction ---------------------------------------------------------
-
-    def _forbidden(self, members: list[MemberInput], limits: list[MemberLimits], direction: str,
-                   now: float) -> dict[str, _Episode]:
-        """Follow the members that forbid `direction` (AllowTo* 0, or a limit of 0) by what their currents say.
-
-        A BMS that forbids a direction may open its switch (the pack carries nothing: it leaves the sum and the
-        others go on) or keep its contactor closed, as many CAN BMSes do when cold or full (the pack still takes
-        its share: the bank must carry nothing, about 0 A for packs in parallel). Drivers publish no state of
-        the power switch (dbus-serialbattery's AllowToCharge is its FET and its own charge control together), so
-        the currents decide:
-        - it takes current that way (more than the noise): still connected, the bank is held at 0 A, and
-          `testCurrentInterval` after the last current it took (at 0 A no current tells anything) a test current begins;
-        - nothing tells (the bank carries too little, its current is unknown): probing, the bank may carry at
-          most the small current at which the pack, if connected, would take TEST_CURRENT_MULTIPLE x the noise;
-        - it takes none while the others take enough that it would, for DISCONNECT_CONFIRM s while probing (at
-          once when it starts forbidding): disconnected, it leaves the sum until it takes current again."""
-        episodes = self.episodes[direction]
-        forbidding = {lim.name: lim for lim in limits if forbids(lim, direction)}  # type: ignore[arg-type]
-        ing = "charging" if direction == CHARGE else "discharging"
-        present = {m.name for m in members}
-        for name in [n for n in episodes if n not in forbidding]:
-            episode = episodes.pop(name)
-            if episode.warned:
-                _LOG.info("%s %s: the bank's %s limit is no longer held for it", episode.label,
-                          f"allows {ing} again" if name in present else "left", _word(direction))
-        if not forbidding:
-            return episodes
-        sign = 1.0 if direction == CHARGE else -1.0
-        currents: dict[str, float] = {}
-        for m in members:
-            current = m.values.get("/Dc/0/Current")
-            if m.fresh and current is not None:
-                currents[m.name] = -sign * current if m.name in self.inverted else sign * current
-        shares = self._full_shares(limits, direction)
-        for name, lim in forbidding.items():
-            own = currents.get(name)
-            share = shares.get(name)
-            evidence = connection_evidence(own, sum(c for n, c in currents.items() if n != name), share)
-            if name not in episodes:
-                state = HELD if evidence == CARRYING else OUT if evidence == DISCONNECTED else PROBING
-                episodes[name] = _Episode(lim.label, state, now)
-                if state == PROBING:
-                    _LOG.info("%s forbids %s and no current shows yet whether it is still connected: the bank's "
-                              "%s current is at most %g A until one does", lim.label, ing, _word(direction),
-                              test_current_limit(share))
-            episode = episodes[name]
-            episode.label, episode.cap = lim.label, test_current_limit(share)
-            if evidence == CARRYING:  # the test current is due `testCurrentInterval` after the last current it took
-                episode.state, episode.since, episode.disconnected_at = HELD, now, None
-                if not episode.carried:
-                    episode.carried = True
-                    self._log_carrying(episode, direction, own)
-            elif episode.state == HELD:
-                if now - episode.since >= self.test_current_interval:
-                    episode.state, episode.since = PROBING, now
-                    _LOG.debug("%s: probing whether it still takes %s current", lim.label, _word(direction))
-            elif episode.state == PROBING:
-                if evidence != DISCONNECTED:
-                    episode.disconnected_at = None
-                elif episode.disconnected_at is None:
-                    episode.disconnected_at = now
-                elif now - episode.disconnected_at >= DISCONNECT_CONFIRM:
-                    episode.state, episode.since, episode.disconnected_at = OUT, now, None
-                    (_LOG.info if episode.carried else _LOG.debug)(
-                        "%s forbids %s and takes no %s current while the others do: it is disconnected and leaves "
-                        "the sum", lim.label, ing, _word(direction))
-                    episode.carried = False
-        return episodes
-
-    def _log_carrying(self, episode: _Episode, direction: str, current: float | None) -> None:
-        if episode.warned:  # once per episode: it may take current again after being seen disconnected
-            _LOG.debug("%s takes %s current again", episode.label, _word(direction))
-            return
-        episode.warned = True
-        if direction == CHARGE:
-            _LOG.warning("%s forbids charging but still takes %.1f A of charge current: the bank's charge limit is "
-                         "held at 0 A until it allows charging again or is seen disconnected", episode.label,
-                         current or 0.0)
-        else:
-            _LOG.warning("%s forbids discharging but still takes %.1f A of discharge current: the bank's discharge "
-                         "limit is held at 0 A, which switches the inverter off, until it allows discharging again "
-                         "or is seen disconnected", episode.label, current or 0.0)
-
     def _full_shares(self, limits: list[MemberLimits], direction: str) -> dict[str, float]:
         """Each fresh member's share of the bank current if every one of them took part."""
         fresh = [lim for lim in limits if lim.fresh]
         if not fresh:
             return {}
-        method = _plain(self.method) if self.inverted else self.method
+        method = plain(self.method) if self.inverted else self.method
         weights, _ = share_weights(fresh, method, direction)  # type: ignore[arg-type]
         total = sum(weights.values())
         return {name: w / total for name, w in weights.items()} if total > 0 else {}
-
-    def _hold_forbidden(self, bank: BankLimit, direction: str, notes: list[Note]) -> BankLimit:
-        episodes = [e for e in self.episodes[direction].values() if e.state != OUT]
-        if not episodes:
-            return bank
-        word = _word(direction)
-        ing = "charging" if direction == CHARGE else "discharging"
-        key = f"{word} limit held: " + ", ".join(sorted(e.label for e in episodes)) + f" forbid {ing}"
-        held = sorted(e.label for e in episodes if e.state == HELD)
-        if held:
-            names = ", ".join(held)
-            why = f"{names} {_verb(held, 'forbid')} {ing} and still {_verb(held, 'take')} {word} current"
-            off = " (which switches the inverter off)" if direction == DISCHARGE else ""
-            notes.append(Note(f"{word} limit held at 0 A{off}: {why}", key))
-            return dataclasses.replace(bank, value=0.0, reason=f"held at 0 A{off}: {why}")
-        if not bank.value:
-            return bank  # nobody else takes current that way: nothing to test with
-        probing = sorted(e.label for e in episodes)
-        cap = min(e.cap for e in episodes)
-        names = ", ".join(probing)
-        why = (f"at most {cap:g} A while probing whether {names}, which {_verb(probing, 'forbid')} {ing}, still "
-               f"{_verb(probing, 'take')} {word} current")
-        notes.append(Note(f"{word} limit {why}", key))
-        if bank.value > cap:
-            return dataclasses.replace(bank, value=cap, reason=why)
-        return bank
 
     # ---- state -------------------------------------------------------------------------------------
 
@@ -662,11 +488,6 @@ def _member_limit(limit: float | None, allowed: int | None) -> float | None:
     return 0.0 if allowed == 0 else limit
 
 
-def _plain(method: str) -> str:
-    """The plain ratio a learned or estimated method falls back to when the members' currents are not trusted."""
-    return "capacity" if method in ("share", "ir") else method
-
-
 def _label(members: list[MemberInput], name: str) -> str:
     return next((m.label for m in members if m.name == name), name)
 
@@ -674,21 +495,6 @@ def _label(members: list[MemberInput], name: str) -> str:
 def _shown(value: float | None, key: str) -> str:
     """A limit as readers see it published (0.1 A, 1 mV)."""
     return "?" if value is None else f"{round(value, 3 if key == VOLTAGE else 1):g}"
-
-
-def _word(direction: str) -> str:
-    return "charge" if direction == CHARGE else "discharge"
-
-
-def _verb(names: list[str], verb: str) -> str:
-    return verb if len(names) > 1 else verb + "s"
-
-
-def _forbidding(limits: MemberLimits, direction: str) -> MemberLimits:
-    """A member's limits as one that forbids the direction (it leaves the shares)."""
-    if direction == CHARGE:
-        return dataclasses.replace(limits, allow_charge=0)
-    return dataclasses.replace(limits, allow_discharge=0)
 
 
 def _guarded_limit(values: Mapping[str, Any], direction: Direction) -> float | None:

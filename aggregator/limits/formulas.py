@@ -8,7 +8,7 @@ The bank current may rise until the first member reaches its own limit:
 
 where the shares are renormalised over those members. A member whose BMS forbids the direction leaves the
 sum here, as one whose switch is open carries nothing (whether it is, its current tells: see
-connection_evidence, and charge_control for what follows); one whose data is stale, or that publishes no
+connection_evidence, and forbidding.py for what follows); one whose data is stale, or that publishes no
 limit, is counted as able to carry nothing (its capacity is not added), which lowers the bank limit instead of
 zeroing it. Nobody allowed -> 0; no data at all -> None (invalid).
 """
@@ -139,26 +139,12 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     tracking = operating and (used == "ir" or (used == "share" and all(direction in m.settled for m in takers)))
     best: tuple[float, MemberLimits] | None = None
     for m in takers:
-        limit = m.limit(direction)
-        assert limit is not None
-        share = shares[m.name]
-        bank = limit / share
-        if operating:
-            aim, expected = limit, sign * m.current  # type: ignore[operator]
-            if tracking:
-                aim -= max(0.0, 1.0 - share) * (AIM_MARGIN * limit + AIM_RESOLUTION)
-                expected += m.drift.get(direction, 0.0)
-            headroom = aim - expected
-            extrapolated = bank_now + headroom / (share if headroom >= 0 else min(share, learned[m.name]))
-            if tracking:
-                bank = min(extrapolated, max(bank, bank_now * (1.0 + TRUSTED_STEP)))
-            else:
-                bank = min(bank, extrapolated)
+        bank = _bank_at_limit(m, direction, shares[m.name], learned[m.name], bank_now if operating else None,
+                              tracking)
         if best is None or bank < best[0]:
             best = (bank, m)
     assert best is not None
-    value, member = best
-    value = max(0.0, value)
+    value, member = max(0.0, best[0]), best[1]
     taking = {m.name for m in takers}  # by name: comparing the dataclasses field by field is O(n^2) slow
     left_out = [m.label for m in members if m.name not in taking and m.allowed(direction) != 0]
     reason = (f"{member.label}: {member.limit(direction):g} A at a {100 * shares[member.name]:.0f}% share "
@@ -166,6 +152,27 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     if left_out:
         reason += "; counted as carrying nothing: " + ", ".join(left_out)
     return BankLimit(value, member.name, reason, shares, used, tracking=tracking)
+
+
+def _bank_at_limit(m: MemberLimits, direction: Direction, share: float, learned: float, bank_now: float | None,
+                   tracking: bool) -> float:
+    """The bank current at which member `m` reaches its limit (see bank_current_limit): limit / share, and with an
+    operating point (`bank_now`, in the direction's sign) also extrapolated from its present current."""
+    limit = m.limit(direction)
+    assert limit is not None
+    bank = limit / share
+    if bank_now is None:
+        return bank
+    sign = 1.0 if direction == CHARGE else -1.0
+    aim, expected = limit, sign * m.current  # type: ignore[operator]
+    if tracking:
+        aim -= max(0.0, 1.0 - share) * (AIM_MARGIN * limit + AIM_RESOLUTION)
+        expected += m.drift.get(direction, 0.0)
+    headroom = aim - expected
+    extrapolated = bank_now + headroom / (share if headroom >= 0 else min(share, learned))
+    if tracking:
+        return min(extrapolated, max(bank, bank_now * (1.0 + TRUSTED_STEP)))
+    return min(bank, extrapolated)
 
 
 # A member's current within this of 0 A says nothing: the offset of a BMS at rest (CAN resolution 0.1 A, cheap

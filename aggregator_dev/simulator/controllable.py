@@ -296,7 +296,7 @@ def _setpoint_of(payload: Any) -> float | None:
     return float(data)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aggregator.simulator.controllable", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="battery name (service suffix)")
@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command-topic", help="default sim/<name>/setpoint")
     parser.add_argument("--state-topic", help="default sim/<name>/state")
     parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = ControllableParams(gain=args.gain, lag_s=args.lag, max_charge_w=args.max_charge,

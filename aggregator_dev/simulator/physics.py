@@ -277,22 +277,13 @@ class Pack:
         n = p.cells_series
         v = self.voltage
         i = self.current
-        t = self.temperature_c
-        vmin, vmax = self.cell_voltages()
-        spread_mv = (vmax - vmin) * 1000.0
-        t_span = 0.5 + 2.0 * min(1.0, abs(i) / p.capacity_ah)
         time_to_go = int(round(self.remaining_ah / -i * 3600.0)) if i < -0.05 else None
-
-        def lvl(bad: bool, warn: bool) -> int:
-            return 2 if bad else (1 if warn else 0)
-
-        mcc = float(p.max_charge_current)
-        mdc = float(p.max_discharge_current)
-        return {
+        vmin, vmax = self.cell_voltages()
+        out: dict[str, Any] = {
             "/Dc/0/Voltage": round(v, 2),
             "/Dc/0/Current": round(i, 1),
             "/Dc/0/Power": round(v * i, 1),
-            "/Dc/0/Temperature": round(t, 1),
+            "/Dc/0/Temperature": round(self.temperature_c, 1),
             "/Soc": round(self.soc, 1),
             "/Soh": round(p.soh, 1),
             "/Capacity": round(self.remaining_ah, 1),
@@ -308,6 +299,25 @@ class Pack:
             "/Io/AllowToDischarge": lim.allow_to_discharge,
             "/Io/AllowToBalance": 1,
             "/Balancing": int(self.soc > 97.0 and i > 0),
+        }
+        out.update(self._system_values(lim, vmin, vmax))
+        out.update(self._alarm_values(lim, vmin, vmax))
+        out.update({
+            "/History/ChargedEnergy": round(self.charged_energy_kwh, 3),
+            "/History/DischargedEnergy": round(self.discharged_energy_kwh, 3),
+            "/History/TotalAhDrawn": round(self.total_ah_drawn, 1),
+            "/History/ChargeCycles": int(self.charge_cycles),
+            "/Serial": p.serial,
+            "/CustomName": p.custom_name,
+            "/ProductName": p.product_name,
+        })
+        return out
+
+    def _system_values(self, lim: PackLimits, vmin: float, vmax: float) -> dict[str, Any]:
+        """/System/*: the cells' extremes and the modules."""
+        t = self.temperature_c
+        t_span = 0.5 + 2.0 * min(1.0, abs(self.current) / self.params.capacity_ah)
+        return {
             "/System/MinCellVoltage": round(vmin, 3),
             "/System/MaxCellVoltage": round(vmax, 3),
             "/System/MinVoltageCellId": f"C{self._min_cell}",
@@ -320,7 +330,21 @@ class Pack:
             "/System/NrOfModulesOffline": 0,
             "/System/NrOfModulesBlockingCharge": 0 if lim.allow_to_charge else 1,
             "/System/NrOfModulesBlockingDischarge": 0 if lim.allow_to_discharge else 1,
-            "/System/NrOfCellsPerBattery": n,
+            "/System/NrOfCellsPerBattery": self.params.cells_series,
+        }
+
+    def _alarm_values(self, lim: PackLimits, vmin: float, vmax: float) -> dict[str, Any]:
+        """/Alarms/*: 2 alarm, 1 warning, 0 ok."""
+        p = self.params
+        n, v, i, t = p.cells_series, self.voltage, self.current, self.temperature_c
+        spread_mv = (vmax - vmin) * 1000.0
+        mcc = float(p.max_charge_current)
+        mdc = float(p.max_discharge_current)
+
+        def lvl(bad: bool, warn: bool) -> int:
+            return 2 if bad else (1 if warn else 0)
+
+        return {
             "/Alarms/LowVoltage": lvl(v < n * 2.8, v < n * 3.0),
             "/Alarms/HighVoltage": lvl(v > n * 3.65, v > n * 3.55),
             "/Alarms/LowSoc": lvl(self.soc < 5.0, self.soc < 10.0),
@@ -332,13 +356,6 @@ class Pack:
             "/Alarms/LowTemperature": lvl(t <= -10.0, t < 3.0),
             "/Alarms/HighTemperature": lvl(t > 55.0, t > 45.0),
             "/Alarms/InternalFailure": 2 if self.forced_fets_open else 0,
-            "/History/ChargedEnergy": round(self.charged_energy_kwh, 3),
-            "/History/DischargedEnergy": round(self.discharged_energy_kwh, 3),
-            "/History/TotalAhDrawn": round(self.total_ah_drawn, 1),
-            "/History/ChargeCycles": int(self.charge_cycles),
-            "/Serial": p.serial,
-            "/CustomName": p.custom_name,
-            "/ProductName": p.product_name,
         }
 
     def __repr__(self) -> str:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Protocol
 from ...bus import client
 from ...bus.service import VeService
 from ...state import StateStore
-from .core import Account, Ledger, PeerState, SiteTarget
+from .core import PeerState, SiteTarget
+from .ledger import Account, Ledger
 from .site import CoopSite, DbusCurtailAdapter
 from .settings import CoopSettings
 

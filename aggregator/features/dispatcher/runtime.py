@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import signal
@@ -31,12 +30,12 @@ from .adapters import (DbusReadings, MqttSetpoint, Reading, Setpoint, as_number,
                        make_setpoint)
 from .core.controller import BatteryReading, DispatchResult, Dispatcher, grid_zero_target
 from .settings import BatterySettings, DispatcherConfig, dispatcher_settings
+from .topics import DispatcherTopics
 
 _LOG = logging.getLogger("aggregator.dispatch.runtime")
 
 PREFIX = "/Dispatcher"
 GRID_POWER_PATH = "/Ac/Power"
-HA_STATUS_TOPIC = "status"  # below the discovery prefix: Home Assistant's birth message ("online")
 
 SaveState = Callable[[dict[str, Any]], None]
 
@@ -123,26 +122,24 @@ class DispatcherRuntime:
                                  clock=clock)
         self.topics: hass.Topics | None = None
         self.mqtt: MqttLink | None = None
+        self.on_mqtt: DispatcherTopics | None = None
         if config.mqtt is not None:
             self.topics = hass.Topics(config.mqtt.topicPrefix)
             self.mqtt = dispatcher_link(config.mqtt, self.topics.availability, clock)
+            self.on_mqtt = DispatcherTopics(self, self.mqtt, self.topics)
         self.batteries = [self._build(b) for b in config.batteries]
         self.grid: Reading | None = None
         if config.mode == "gridZero":
             assert config.gridMeter is not None
             self.grid = self.dbus.reading("grid meter", config.gridMeter, GRID_POWER_PATH)
 
-        self._published: dict[str, str] = {}  # MQTT topic -> last payload sent (only changes are sent again)
-        self._outbox: dict[str, str] = {}  # MQTT states waiting to be sent
-        self._flusher: asyncio.Task[None] | None = None
-        self._hass_range: tuple[float, float] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._last_save = clock()
         self._add_paths()
-        if self.mqtt is not None:
-            self._wire_mqtt()
+        if self.on_mqtt is not None:
+            self.on_mqtt.wire()
 
     # ---- building ------------------------------------------------------------------------------------------
 
@@ -223,9 +220,10 @@ class DispatcherRuntime:
         if zero_setpoints and self.enabled:
             await self._zero_all()
         self._save(force=True)
-        for task in [*self._side_tasks, self._flusher]:
-            if task is not None:
-                task.cancel()
+        for task in self._side_tasks:
+            task.cancel()
+        if self.on_mqtt is not None:
+            self.on_mqtt.cancel()
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.dbus.stop()
@@ -350,86 +348,7 @@ class DispatcherRuntime:
         self.enabled = enabled
         _LOG.info("dispatching %s", "enabled" if enabled else "disabled: every setpoint 0")
         if not enabled:
-            self._spawn(self._zero_all())
-
-    def _on_mqtt_target(self, payload: bytes, retained: bool) -> None:
-        if retained:
-            return  # a command left on the broker is not a command now
-        text = payload.decode("utf-8", "replace").strip()
-        try:
-            value: Any = float(text)
-        except ValueError:
-            value = text
-        if self.set_target(value):
-            self.service.set_value(f"{self.prefix}/TargetPower", float(value))
-        self._published.pop(self.topics.state("target_power") if self.topics else "", None)  # echo the state
-
-    def _on_mqtt_enabled(self, payload: bytes, retained: bool) -> None:
-        if retained:
-            return
-        text = payload.decode("utf-8", "replace").strip().upper()
-        if text in ("ON", "1", "TRUE"):
-            self.set_enabled(True)
-        elif text in ("OFF", "0", "FALSE"):
-            self.set_enabled(False)
-        else:
-            _LOG.warning("MQTT enabled: %s is not ON or OFF", bounded_repr(text))
-        self.service.set_value(f"{self.prefix}/Enabled", int(self.enabled))
-        self._published.pop(self.topics.state("enabled") if self.topics else "", None)
-
-    # ---- MQTT wiring -------------------------------------------------------------------------------------------
-
-    def _wire_mqtt(self) -> None:
-        assert self.mqtt is not None and self.topics is not None and self.config.mqtt is not None
-        refused = self.config.mqtt.commands_refused()
-        if refused is None:
-            self.mqtt.subscribe(self.topics.command("target_power"), self._on_mqtt_target)
-            self.mqtt.subscribe(self.topics.command("enabled"), self._on_mqtt_enabled)
-        else:
-            # Not subscribed at all: a command nobody may send is never read.
-            _LOG.warning("MQTT commands (target, enabled) are not taken: %s", refused)
-        self.mqtt.on_connect(self._on_mqtt_connect)
-        if self.config.mqtt.homeAssistant:
-            ha_status = f"{self.config.mqtt.discoveryPrefix}/{HA_STATUS_TOPIC}"
-
-            def on_ha_status(payload: bytes, _retained: bool) -> None:
-                if payload.strip() == b"online":  # Home Assistant restarted: tell it again who we are
-                    self._hass_range = None
-                    self._published.clear()
-                    self._spawn(self._publish_discovery())
-
-            self.mqtt.subscribe(ha_status, on_ha_status)
-
-    async def _on_mqtt_connect(self) -> None:
-        self._published.clear()  # a new session (maybe a new broker): send every state again
-        self._outbox.clear()
-        self._hass_range = None
-        await self._publish_discovery()
-
-    def hass_context(self) -> hass.HassContext | None:
-        m = self.config.mqtt
-        if m is None or not m.homeAssistant or self.topics is None:
-            return None
-        return hass.HassContext(m.discoveryPrefix, m.nodeId, self.topics)
-
-    async def _publish_discovery(self, only_target: bool = False) -> None:
-        ctx = self.hass_context()
-        if ctx is None or self.mqtt is None:
-            return
-        low, high = self.fleet_range()
-        self._hass_range = (low, high)
-        commands = self.config.mqtt is not None and self.config.mqtt.commands_refused() is None
-        if only_target and not commands:
-            return
-        messages = [hass.target_number(ctx, low, high)] if only_target else \
-            hass.discovery_messages(ctx, [b.name for b in self.batteries], low, high)
-        for topic, payload in messages:
-            if "command_topic" in payload and not commands:
-                # No controls without a command path: Home Assistant would show a number and a switch that do
-                # nothing. Ones a run with commands left on the broker (retained) are removed.
-                await self.mqtt.publish(*hass.removal(topic), retain=True, qos=1)
-            else:
-                await self.mqtt.publish(topic, json.dumps(payload), retain=True, qos=1)
+            self.spawn(self._zero_all())
 
     # ---- publishing ----------------------------------------------------------------------------------------------
 
@@ -471,55 +390,11 @@ class DispatcherRuntime:
             for key, value in row.items():
                 values[f"{p}/Batteries/{i}/{key}"] = value
         self.service.set_values(values)
-        if self.mqtt is not None and self.mqtt.connected.is_set():
-            self._publish_mqtt(values, rows, achieved, soc, readings)
-
-    def _publish_mqtt(self, values: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]], achieved: float | None,
-                      soc: float | None, readings: Mapping[str, BatteryReading]) -> None:
-        assert self.topics is not None
-        t, p = self.topics, self.prefix
-        capacity, remaining = fleet_energy_kwh(readings)
-        states: dict[str, Any] = {
-            t.state("target_power"): values[f"{p}/TargetPower"],
-            t.state("requested_power"): values[f"{p}/TargetPower"],
-            t.state("enabled"): hass.PAYLOAD_ON if self.enabled else hass.PAYLOAD_OFF,
-            t.state("mode"): self.config.mode,
-            t.state("status"): self.status,
-            t.state("power"): achieved,
-            t.state("achieved_power"): achieved,
-            t.state("predicted_power"): values[f"{p}/PredictedPower"],
-            t.state("correction"): values[f"{p}/Correction"],
-            t.state("saturated"): values[f"{p}/Saturated"],
-            t.state("soc"): _round(soc, 1),
-            t.state("capacity"): _round(capacity, 2),
-            t.state("remaining_energy"): _round(remaining, 2),
-        }
-        keys = {"Setpoint": "setpoint", "Measured": "measured", "Gain": "gain", "ChargeLimit": "charge_limit",
-                "DischargeLimit": "discharge_limit", "Soc": "soc", "Status": "status"}
-        for name, row in rows.items():
-            for key, topic_key in keys.items():
-                states[t.battery(name, topic_key)] = row[key]
-        for topic, value in states.items():
-            payload = _payload(value)
-            if self._published.get(topic) != payload:
-                self._published[topic] = payload
-                self._outbox[topic] = payload
-        if self._outbox and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        if self.hass_context() is not None and self._hass_range is not None and \
-                self._hass_range != self.fleet_range():
-            self._hass_range = self.fleet_range()  # the number entity's min/max follow the fleet's limits
-            self._spawn(self._publish_discovery(only_target=True))
-
-    async def _flush(self) -> None:
-        """Send the changed states one after the other (a burst of concurrent publishes only queues up in the
-        client); a value that changes again meanwhile is sent once, in its latest version."""
-        assert self.mqtt is not None
-        while self._outbox:
-            topic = next(iter(self._outbox))
-            payload = self._outbox.pop(topic)
-            if not await self.mqtt.publish(topic, payload, retain=True):
-                self._published.pop(topic, None)  # not delivered: send again next cycle
+        if self.on_mqtt is not None and self.on_mqtt.link.connected.is_set():
+            capacity, remaining = fleet_energy_kwh(readings)
+            self.on_mqtt.publish(values, rows, {"achieved_power": achieved, "soc": _round(soc, 1),
+                                                "capacity": _round(capacity, 2),
+                                                "remaining_energy": _round(remaining, 2)})
 
     # ---- state ----------------------------------------------------------------------------------------------------
 
@@ -535,7 +410,7 @@ class DispatcherRuntime:
         except Exception:
             _LOG.exception("saving the dispatcher state failed")
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
@@ -573,14 +448,6 @@ def _round(value: float | None, digits: int = 1) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(float(value), digits)
-
-
-def _payload(value: Any) -> str:
-    if value is None:
-        return ""  # Home Assistant shows an empty state as unknown
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 # ---- running alone ------------------------------------------------------------------------------------------

@@ -311,16 +311,8 @@ class EnergyTracker:
         when it cannot be taken, and then nothing changes. The first report's totals are the battery's lifetime
         energy and count; later ones add their increase. The level goes into the levels, not the DC bus."""
         report = _parse_report(fields)
-        on_bus = sorted(n for n, m in self.members.items() if m.identity == report.id)
-        if on_bus:
-            raise ReportError([f"id: {report.id!r} is the identity of {', '.join(on_bus)} on D-Bus; an external "
-                               "battery needs an id of its own"])
+        self._check_id(report.id)
         external = self.externals.get(report.id)
-        limit = self.options.maxExternal
-        if external is None and len(self.externals) >= limit:
-            raise ReportError([(f"id: {report.id!r} would be external battery number {len(self.externals) + 1}; "
-                                f"allowed: at most {limit} (energy.maxExternal); remove one that is gone with "
-                                "`battery-aggregator report --remove ID`")])
         options = self._options([report.id])
         max_kw = options.maxPowerKw or self.options.externalMaxPowerKw
         # Tried on a copy: a refused report (a typo, a delta, an impossible jump) must leave no trace, or the
@@ -369,12 +361,29 @@ class EnergyTracker:
             external.correction = f"{self._when(now)}: {note}"
             self.corrections[report.id] = self.clock()
         self._save_due = True  # reports are rare: each taken one is on disk within a tick
-        answer = f"{report.id}: {trial.charged_kwh:.3f} kWh charged, {trial.discharged_kwh:.3f} kWh discharged"
+        return self._answer(report.id, trial, note)
+
+    def _check_id(self, identity: str) -> None:
+        """ReportError when `identity` cannot be an external battery's: a battery on D-Bus has it, or a new one
+        would be one too many."""
+        on_bus = sorted(n for n, m in self.members.items() if m.identity == identity)
+        if on_bus:
+            raise ReportError([f"id: {identity!r} is the identity of {', '.join(on_bus)} on D-Bus; an external "
+                               "battery needs an id of its own"])
+        limit = self.options.maxExternal
+        if identity not in self.externals and len(self.externals) >= limit:
+            raise ReportError([(f"id: {identity!r} would be external battery number {len(self.externals) + 1}; "
+                                f"allowed: at most {limit} (energy.maxExternal); remove one that is gone with "
+                                "`battery-aggregator report --remove ID`")])
+
+    def _answer(self, identity: str, trial: EnergyLedger, note: str | None) -> str:
+        """What the reporter is told of a taken report."""
+        answer = f"{identity}: {trial.charged_kwh:.3f} kWh charged, {trial.discharged_kwh:.3f} kWh discharged"
         if note:
             answer += f" ({note})"
-        twins = next((g for g in self._same_totals() if report.id in g), ())
+        twins = next((g for g in self._same_totals() if identity in g), ())
         if twins:
-            others = ", ".join(i for i in twins if i != report.id)
+            others = ", ".join(i for i in twins if i != identity)
             answer += (f"; warning: {others} reported the same totals: one battery under two ids is counted twice "
                        f"(remove one with `battery-aggregator report --remove ID`)")
         return answer
@@ -453,6 +462,23 @@ class EnergyTracker:
                 values = values_of(name)
                 levels.append((values.get("/Soc"), values.get("/InstalledCapacity")))
         now = self.clock()
+        stale = self._external_values(out, levels, now)
+        average = average_level(levels)
+        weighted = capacity_weighted_level(levels)
+        out["/Energy/AverageSoc"] = None if average is None else round(average, 2)
+        out["/Energy/CapacityWeightedSoc"] = None if weighted is None else round(weighted, 2)
+        out["/Energy/Batteries"] = len(levels)
+        self._levels = {"average": out["/Energy/AverageSoc"], "capacityWeighted": out["/Energy/CapacityWeightedSoc"],
+                        "batteries": len(levels), "at": self.wall()}
+        duplicates = "; ".join(f"{d.identity}: {', '.join(d.services)} (counted once, from {d.chosen})"
+                               for d in sorted(self.duplicates.values(), key=lambda d: d.identity))
+        out["/Energy/Duplicates"] = duplicates
+        out["/Energy/Status"] = self._status(duplicates, stale, now)
+        return out
+
+    def _external_values(self, out: dict[str, Any], levels: list[tuple[Any, Any]], now: float) -> list[str]:
+        """The /Energy/External/<k>/* paths into `out`, the levels of the online ones onto `levels`; the stale
+        ones are returned."""
         stale = []
         live_rows = {e.row for e in self.externals.values()}
         for row in sorted(self._rows_shown - live_rows):  # a removed battery's row: invalid until used again
@@ -474,16 +500,10 @@ class EnergyTracker:
                 levels.append((external.soc, external.capacity))
             else:
                 stale.append(identity)
-        average = average_level(levels)
-        weighted = capacity_weighted_level(levels)
-        out["/Energy/AverageSoc"] = None if average is None else round(average, 2)
-        out["/Energy/CapacityWeightedSoc"] = None if weighted is None else round(weighted, 2)
-        out["/Energy/Batteries"] = len(levels)
-        self._levels = {"average": out["/Energy/AverageSoc"], "capacityWeighted": out["/Energy/CapacityWeightedSoc"],
-                        "batteries": len(levels), "at": self.wall()}
-        duplicates = "; ".join(f"{d.identity}: {', '.join(d.services)} (counted once, from {d.chosen})"
-                               for d in sorted(self.duplicates.values(), key=lambda d: d.identity))
-        out["/Energy/Duplicates"] = duplicates
+        return stale
+
+    def _status(self, duplicates: str, stale: list[str], now: float) -> str:
+        """/Energy/Status: why the totals may be off, or ok."""
         reasons = []
         if duplicates:
             reasons.append("duplicate batteries: " + duplicates)
@@ -506,8 +526,7 @@ class EnergyTracker:
                     del events[identity]  # nothing of the kind for that long: the reporters were sorted out
             if events:
                 reasons.append(what + ", ".join(sorted(events)))
-        out["/Energy/Status"] = "; ".join(reasons) or "ok"
-        return out
+        return "; ".join(reasons) or "ok"
 
 
 ENERGY_TEXT = {"Soc": "/Soc", "AverageSoc": "/Soc", "CapacityWeightedSoc": "/Soc", "Capacity": "/InstalledCapacity",

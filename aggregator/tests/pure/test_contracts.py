@@ -18,31 +18,23 @@ CORES = [
     "aggregator.battery.paths", "aggregator.battery.sanitize", "aggregator.battery.membership",
     "aggregator.battery.identity", "aggregator.battery.merge", "aggregator.battery.hooks", "aggregator.battery.virtual",
     "aggregator.limits.formulas", "aggregator.limits.shares", "aggregator.limits.ir", "aggregator.limits.controller",
-    "aggregator.features.energy.core", "aggregator.features.grid_battery.core",
-    "aggregator.features.dispatcher.core.model", "aggregator.features.dispatcher.core.controller",
-    "aggregator.features.dispatcher.core.faults", "aggregator.features.coop.core", "aggregator.bounded",
-    "aggregator.local_time",
+    "aggregator.limits.forbidding", "aggregator.limits.signs", "aggregator.features.energy.core",
+    "aggregator.features.grid_battery.core", "aggregator.features.dispatcher.core.model",
+    "aggregator.features.dispatcher.core.controller", "aggregator.features.dispatcher.core.faults",
+    "aggregator.features.dispatcher.core.windows", "aggregator.features.dispatcher.core.dynamics",
+    "aggregator.features.dispatcher.core.target", "aggregator.features.coop.core", "aggregator.features.coop.ledger",
+    "aggregator.bounded", "aggregator.local_time",
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60
 # What is larger today, each at most its present size: it may shrink, never grow. A module or function that is not
 # listed keeps to the limits above.
 LARGER_MODULES = {
-    "aggregator/battery/service.py": 918, "aggregator/features/coop/core.py": 634,
-    "aggregator/features/dispatcher/core/controller.py": 624, "aggregator/features/dispatcher/core/model.py": 708,
-    "aggregator/features/dispatcher/runtime.py": 643, "aggregator/limits/controller.py": 705,
-    "aggregator_dev/dispatch_simulation.py": 764,
+    "aggregator/battery/service.py": 918,
 }
 LONGER_FUNCTIONS = {
     "aggregator/battery/service.py:__init__": 66, "aggregator/bus/wire.py:install": 98,
-    "aggregator/cli.py:build_parser": 138, "aggregator/config.py:semantic_issues": 66,
-    "aggregator/features/dispatcher/core/model.py:_plateau": 71,
-    "aggregator/features/dispatcher/core/model.py:_learn": 96,
-    "aggregator/features/dispatcher/core/model.py:_fit_dynamics": 62,
-    "aggregator/features/energy/runtime.py:report": 72, "aggregator/features/energy/runtime.py:values": 74,
-    "aggregator/host/daemon.py:run": 130, "aggregator/limits/controller.py:_forbidden": 67,
-    "aggregator/limits/formulas.py:bank_current_limit": 74, "aggregator_dev/simulator/controllable.py:main": 63,
-    "aggregator_dev/simulator/physics.py:values": 70,
+    "aggregator/host/daemon.py:run": 130,
 }
 
 

@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.features.coop.core import (ADD_UP_SHARE, ADD_UP_SLACK, CAPACITY_TOLERANCE, LEVEL_JUMP_SLACK,
-                                           MAX_LEVEL_RATE_PER_H, Curtailment, FleetView, Ledger, PeerBooks, PeerPolicy,
+                                           MAX_LEVEL_RATE_PER_H, Curtailment, FleetView, PeerBooks, PeerPolicy,
                                            PeerState, PublishGate, Rejected, SiteSettings, admit, book, check_peer,
                                            does_not_add_up, fleet_average, fleet_transfers, json_depth, raw_transfer,
                                            site_target, wanted_transfer)
+from aggregator.features.coop.ledger import Ledger
 from aggregator.features.coop.settings import CoopSettingsError, parse_coop
 
 NOW = 1_000_000.0

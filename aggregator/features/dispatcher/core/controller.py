@@ -15,17 +15,17 @@ Each cycle:
    below min_command_w are 0; setpoint changes are rate-limited and a direction change passes through 0.
 
 The target is held through a transient after a jump (the meters then disagree), and a target ramping along a
-line is led by the fleet's delay (meter age + dead time + lag): see _hold_target and _ramp_lead.
+line is led by the fleet's delay (meter age + dead time + lag): see target.py.
 """
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .faults import FaultSettings, MeterCheck
 from .model import CHARGE, DISCHARGE, BatteryModel, Direction, ModelSettings
+from .target import TargetShaping
 
 STATE_VERSION = 1
 DECIDING_WEIGHT = 1e6  # water-filling weight factor of a battery whose provisional limit is being decided
@@ -144,11 +144,7 @@ class Dispatcher:
         self._direction = 0                       # +1 charging, -1 discharging, 0 idle
         self._shares: dict[str, float] = {}       # last cycle's share (magnitude) as asked, per battery
         self._kicks: dict[str, tuple[float, float]] = {}  # lead after a jump: (share aimed at, until), per battery
-        self._held: tuple[float, float] | None = None     # the target held through a transient: (target, until)
-        self._held_sign = 0.0                             # ... and the direction it jumped
-        self._last_target: float | None = None
-        self._targets: deque[tuple[float, float]] = deque()  # (now, target) over ramp_window_s
-        self._jitter: deque[float] = deque(maxlen=max(1, settings.jitter_cycles))  # |change| of the target
+        self._target = TargetShaping(settings)
         self._last_now: float | None = None
         self._saturated = False
         self._disabled = False
@@ -185,11 +181,11 @@ class Dispatcher:
         if not self._saturated:
             self._update_observer(dt, active)
         correction = sum(self._correction.get(n, 0.0) for n in active)
-        jumped = self._hold_target(now, target, active)
-        if self._held is not None:
-            target = self._held[0]
+        jumped = self._target.hold(now, target, lambda: self._quiet(active), lambda: self._settle_s(active))
+        if self._target.held is not None:
+            target = self._target.held[0]
         else:
-            target += self._ramp_lead(now, target, active)
+            target += self._target.ramp_lead(now, target, bool(active), lambda: self._delay_s(active))
         effective, holding = self._apply_hysteresis(target)
         need = self._need(effective, correction)
         direction: Direction = CHARGE if self._direction >= 0 else DISCHARGE
@@ -220,8 +216,7 @@ class Dispatcher:
         self._saturated = False
         self._shares.clear()
         self._kicks.clear()
-        self._held = None
-        self._targets.clear()
+        self._target.reset()
         return dict(self._setpoints)
 
     # ---- readings and the observer --------------------------------------------------------------------------
@@ -313,86 +308,18 @@ class Dispatcher:
                 return False
         return True
 
-    def _hold_target(self, now: float, target: float, active: Mapping[str, BatteryReading]) -> bool:
-        """Through a fast (lead-compensated) transient the target is held at its value right after the jump:
-        while the batteries move, their meters and the grid meter sample at different moments and a target
-        built from them swings by up to the whole step. A jump seen while every battery is quiet is sound; the
-        hold ends once they are quiet again (or after their dead times and lags). Returns True on a jump."""
-        s = self.settings
-        last, self._last_target = self._last_target, target
-        if last is not None:
-            self._jitter.append(abs(target - last))
-        jump_min = self._jump_min()
-        if self._held is not None:
-            held, until = self._held
-            if now > until or self._quiet(active) or target * held <= 0.0:
-                self._held = None  # (a target of the other sign, or 0, is never held against: safety first)
-            elif (target - held) * self._held_sign > max(jump_min, 0.1 * abs(held)):
-                # The target keeps going the way it jumped: the jump was not over when it was caught (something
-                # the dispatcher does not see moved: a silent battery, the household). Follow it. (The meters'
-                # disagreement through a transient pulls the other way: a ramping battery's meter lags.)
-                self._held = (target, until)
-                return False
-            else:
-                return False
-        if last is None or s.lead_tau_s <= 0.0 or s.max_lead <= 1.0:
-            return False
-        if abs(target - last) < jump_min or not self._quiet(active):
-            return False
+    def _settle_s(self, active: Mapping[str, BatteryReading]) -> float | None:
+        """How long the batteries take to settle after a jump: the longest dead time and lags (with the prior
+        lag and dead time until they are fitted: the meters disagree all the same); None without batteries."""
         models = [self._models[n] for n in active]
         if not models:
-            return False
-        # (with the prior lag and dead time until they are fitted: the meters disagree all the same)
-        span = max(m.dead_time_s + 3.0 * m.lag_s for m in models) + 2.0
-        self._held = (target, now + span)
-        self._held_sign = 1.0 if target > last else -1.0
-        return True
+            return None
+        return max(m.dead_time_s + 3.0 * m.lag_s for m in models) + 2.0
 
-    def _jump_min(self) -> float:
-        """The smallest change of the target taken for a jump: lead_min_w, or well above the target's own noise
-        (noisy meters make a grid-zero target jitter; leading each jitter as a jump would amplify it)."""
-        s = self.settings
-        if len(self._jitter) < 5:
-            return s.lead_min_w
-        ordered = sorted(self._jitter)
-        median = ordered[len(ordered) // 2]
-        return max(s.lead_min_w, s.jitter_factor * median)
-
-    def _ramp_lead(self, now: float, target: float, active: Mapping[str, BatteryReading]) -> float:
-        """A target ramping along a line (solar under a passing cloud) is followed late by the fleet's delay:
-        its meters' age (a grid-zero target built from them lags by it), dead time and lag. The slope times that
-        delay is added while the last ramp_window_s of targets lie on a line; 0 otherwise (a step or noise does
-        not fit a line), so a steady or jumping target is left alone."""
-        s = self.settings
-        self._targets.append((now, target))
-        while self._targets and self._targets[0][0] < now - s.ramp_window_s:
-            self._targets.popleft()
-        if s.ramp_window_s <= 0.0 or not active or len(self._targets) < 6:
-            return 0.0
-        if self._targets[0][0] > now - 0.8 * s.ramp_window_s:
-            return 0.0
-        n = len(self._targets)
-        mt = sum(t for t, _ in self._targets) / n
-        mv = sum(v for _, v in self._targets) / n
-        var = sum((t - mt) ** 2 for t, _ in self._targets)
-        if var <= 0.0:
-            return 0.0
-        slope = sum((t - mt) * (v - mv) for t, v in self._targets) / var
-        span = abs(slope) * (self._targets[-1][0] - self._targets[0][0])
-        if span < s.ramp_min_w:
-            return 0.0
-        rms = math.sqrt(sum((v - (mv + slope * (t - mt))) ** 2 for t, v in self._targets) / n)
-        if rms > s.ramp_fit * span:
-            return 0.0
-        values = [v for _, v in self._targets]
-        if max(abs(b - a) for a, b in zip(values, values[1:])) > 0.5 * span:
-            return 0.0  # one jump (a step, a battery leaving) is not a ramp, however it lies on the window
-        delay = sum(self._models[n].dead_time_s + self._models[n].lag_s + _finite(r.measured_age_s)
-                    for n, r in active.items()) / len(active)
-        lead = slope * delay
-        if target * (target + lead) < 0.0 or target == 0.0:
-            return 0.0  # never led across 0: a direction change waits for the target itself
-        return lead
+    def _delay_s(self, active: Mapping[str, BatteryReading]) -> float:
+        """The fleet's mean delay: its meters' age, dead time and lag."""
+        return sum(self._models[n].dead_time_s + self._models[n].lag_s + _finite(r.measured_age_s)
+                   for n, r in active.items()) / len(active)
 
     # ---- direction, need, allocation ------------------------------------------------------------------------
 

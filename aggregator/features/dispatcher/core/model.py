@@ -35,7 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-import numpy as np
+from . import dynamics
+from .windows import Window, compare, evenly_spaced, heading, steady_window
 
 Direction = Literal["charge", "discharge"]
 CHARGE: Direction = "charge"
@@ -87,17 +88,6 @@ class ModelSettings:
     fit_span_s: float = 16.0          # ... over at most this long a window
     plateau_limits: bool = True       # learn a provisional ceiling from three measurements (before a window)
     fit_quiet_w: float = 60.0         # quiet: the steady prediction varied less than this (or 10 %) for 3 s
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A steady window: the mean request and the mean delivered power while both were steady."""
-
-    t: float
-    request_w: float
-    delivered_w: float
-    band: int
-    varied: bool = False  # the request moved during the window (request_w is then its smallest magnitude)
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -342,34 +332,10 @@ class BatteryModel:
     # ---- steady windows ------------------------------------------------------------------------------------
 
     def _steady_window(self, t: float, soc: float | None) -> Window | None:
-        s = self.settings
-        start = t - s.window_s
-        if start < self._window_end:
+        if t - self.settings.window_s < self._window_end:
             return None  # windows do not overlap: each teaches once
-        window = [(tm, m) for tm, m in self._samples if tm >= start]
-        if len(window) < 3 or window[0][0] > start + 0.4 * s.window_s:
-            return None
-        points = [m for _, m in window]
-        mean = sum(points) / len(points)
-        if max(points) - min(points) > max(s.noise_w, s.noise_frac * abs(mean)):
-            return None
-        # No trend: the tail of a lag is not steady, however small its spread.
-        if abs(_slope(window)) * s.window_s > max(s.trend_w, s.trend_frac * abs(mean)):
-            return None
-        # The request must have been steady since the lag (mostly) settled before the window began.
-        lo, hi = self._request_range(start - self.dead_time_s - 2.0 * self.lag_s, t - self.dead_time_s)
-        request = 0.5 * (lo + hi)
-        if hi - lo > max(s.request_spread_w, s.request_spread_frac * abs(request)):
-            if lo * hi <= 0.0:
-                return None
-            # The request moved within the window but the delivery did not: a limit, if every request asked
-            # for more. (Moves before the window only settle into it: they show nothing.)
-            in_lo, in_hi = self._request_range(start - self.dead_time_s, t - self.dead_time_s)
-            if self.gain * (in_hi - in_lo) < 2.0 * max(s.noise_w, s.noise_frac * abs(mean)):
-                return None  # too small a move for a following battery to show beyond the noise
-            smallest = lo if lo > 0 else hi
-            return Window(t, smallest, mean, self.band(soc), varied=True)
-        return Window(t, request, mean, self.band(soc))
+        return steady_window(self.settings, self._samples, t, self.band(soc), self._request_range, self.dead_time_s,
+                             self.lag_s, self.gain)
 
     def _plateau(self, t: float, soc: float | None, configured: Mapping[Direction, float]) -> str | None:
         """A limit seen before a steady window: the last three measurements, roughly one meter period apart,
@@ -379,34 +345,21 @@ class BatteryModel:
         missing power then goes to the others from the model instead of through the observer's slow
         correction. The converse (a battery at its learned limit sitting clearly above it) raises the limit."""
         s = self.settings
-        if len(self._samples) < 3:
+        if len(self._samples) < 3 or not evenly_spaced(list(self._samples)[-3:]):
             return None
-        (t0, y0), (t1, y1), (t2, y2) = list(self._samples)[-3:]
-        h0, h1 = t1 - t0, t2 - t1
-        if h0 <= 0.2 or h1 <= 0.2 or abs(h1 - h0) > 0.35 * max(h0, h1) or t2 - t0 > 5.0:
-            return None  # not evenly spaced: the extrapolation assumes equal steps
+        t0 = self._samples[-3][0]
         lo, hi = self._request_range(t0 - self.dead_time_s - 0.5, t - self.dead_time_s)
         if lo * hi <= 0.0:
             return None
         d = direction_of(hi)
-        sign = sign_of(d)
         smallest, largest = min(abs(lo), abs(hi)), max(abs(lo), abs(hi))
         if smallest < s.min_learn_w:
             return None  # deadbands and minimum outputs are not limits
-        g0, g1, g2 = sign * y0, sign * y1, sign * y2
-        d1, d2 = g1 - g0, g2 - g1
-        flat = max(s.tolerance_w, 0.02 * abs(g2))
-        if max(g0, g1, g2) - min(g0, g1, g2) <= flat:
-            final = (g0 + g1 + g2) / 3.0
-        elif d1 > flat and 0.0 < d2 < 0.75 * d1:
-            final = g2 + d2 * d2 / (d1 - d2)  # where a first-order approach is heading
-            if self.lag_fits >= 1:
-                # ... and where it would be heading with the fitted lag: a ceiling is where both say it stops
-                # short (a move that starts slowly, a minimum output or a direction change, fools Aitken's)
-                r = math.exp(-h1 / max(0.05, self.lag_s))
-                final = max(final, g2 + d2 * r / (1.0 - r))
-        else:
+        headed = heading(list(self._samples)[-3:], sign_of(d), s.tolerance_w,
+                         self.lag_s if self.lag_fits >= 1 else None)
+        if headed is None:
             return None
+        final, flat = headed
         cap = max(0.0, configured[d])
         limit = self.limit(d, soc, cap)
         gap = max(2.0 * s.tolerance_w, 0.1 * abs(final))
@@ -428,7 +381,7 @@ class BatteryModel:
         if (self.pending[d] and self._from_plateau[d] and (last is None or last.t < self._plateau_t[d])
                 and self.limited(d, soc, cap)
                 and (final < limit - gap
-                     or (max(g0, g1, g2) - min(g0, g1, g2) <= flat and abs(final - limit) > 0.5 * s.tolerance_w))):
+                     or (flat and abs(final - limit) > 0.5 * s.tolerance_w))):
             # a provisional ceiling not yet confirmed by a steady window: a later plateau clearly below it (the
             # extrapolation overshot), or one already flat, corrects it. At the request it was seen at, a limit
             # and a gain deliver the same: the steady windows still decide which it is.
@@ -436,7 +389,7 @@ class BatteryModel:
             return "limit"
         if (self.limited(d, soc, cap) and not (self.pending[d] and self._from_plateau[d])
                 and not self.deciding(d, soc, cap)  # (its next steady window decides: limit or gain)
-                and max(g0, g1, g2) - min(g0, g1, g2) <= flat
+                and flat
                 and final > limit + gap and min(self.gain * smallest, cap) > limit + gap):
             # at a probe, settled clearly above the learned limit: it recovered (at least this far)
             self._set_limit(d, band, final if final < self.gain * largest - gap else math.inf, cap)
@@ -471,23 +424,7 @@ class BatteryModel:
         previous = self._last_window.get(d)
         self._last_window[d] = w
         if abs(got - expected) <= tol and self.pending[d] and limit_bound:
-            # At a provisional limit (a plateau's, or one steady window's), delivering it again: a second
-            # request tells a limit (the same delivery) from a gain (the same fraction); meanwhile the window
-            # measures the limit better than the plateau's extrapolation did.
-            verdict = self._compare(previous, w, d, tol)
-            if verdict == "gain":
-                self.gain = _clamp(got / asked, s.gain_min, s.gain_max)
-                self.limits[d][w.band] = math.inf
-                self.pending[d] = False
-                self._from_plateau[d] = False
-                return "gain"
-            self._set_limit(d, w.band, got, cap)
-            if verdict == "limit" or asked >= cap - tol:
-                # (at the configured limit no request further up can tell them apart, and there a limit and a
-                # gain predict the same: the limit stands; a shortfall at a smaller request reopens it)
-                self.pending[d] = False
-                self._from_plateau[d] = False
-            return None
+            return self._confirm(previous, w, d, cap, tol)
         if abs(got - expected) <= tol:
             if limit_bound and learned is not None and learned < cap and self.fleet_short:
                 # Delivering at the learned limit while the fleet is short of its target: let it creep up (a
@@ -502,20 +439,34 @@ class BatteryModel:
         verdict = self._compare(previous, w, d, tol)
         if verdict == "gain":
             # The same fraction of two different requests: a gain, whichever side of the prediction.
-            self.gain = _clamp(got / asked, s.gain_min, s.gain_max)
-            self.limits[d][w.band] = math.inf
-            self.pending[d] = False
-            return "gain"
+            return self._gain_found(d, w.band, got / asked, decided=False)
         if got < expected - tol:
-            if verdict == "gain":
-                self.gain = _clamp(got / asked, s.gain_min, s.gain_max)
-                self.limits[d][w.band] = math.inf
-                self.pending[d] = False
-                return "gain"
             self._set_limit(d, w.band, got, cap)
             self.pending[d] = verdict is None
             return "limit"
-        # It delivered more than expected.
+        return self._delivered_more(previous, w, d, cap, tol, limit_bound or (learned is not None and learned < cap))
+
+    def _confirm(self, previous: Window | None, w: Window, d: Direction, cap: float, tol: float) -> str | None:
+        """At a provisional limit (a plateau's, or one steady window's), delivering it again: a second request
+        tells a limit (the same delivery) from a gain (the same fraction); meanwhile the window measures the limit
+        better than the plateau's extrapolation did."""
+        asked, got = abs(w.request_w), max(0.0, sign_of(d) * w.delivered_w)
+        verdict = self._compare(previous, w, d, tol)
+        if verdict == "gain":
+            return self._gain_found(d, w.band, got / asked, decided=True)
+        self._set_limit(d, w.band, got, cap)
+        if verdict == "limit" or asked >= cap - tol:
+            # (at the configured limit no request further up can tell them apart, and there a limit and a
+            # gain predict the same: the limit stands; a shortfall at a smaller request reopens it)
+            self.pending[d] = False
+            self._from_plateau[d] = False
+        return None
+
+    def _delivered_more(self, previous: Window | None, w: Window, d: Direction, cap: float, tol: float,
+                        limited: bool) -> str:
+        """It delivered more than expected (`limited`: asked beyond its limit, or a limit is learned there)."""
+        s = self.settings
+        asked, got = abs(w.request_w), max(0.0, sign_of(d) * w.delivered_w)
         if (self.pending[d] and previous is not None and w.t - previous.t <= s.pair_max_age_s
                 and abs(previous.band - w.band) <= 1 and asked > abs(previous.request_w)
                 and got < self.gain * asked - tol):
@@ -524,12 +475,8 @@ class BatteryModel:
             p0 = max(0.0, sign_of(d) * previous.delivered_w)
             r0, r1 = p0 / abs(previous.request_w), got / asked
             if abs(r1 - r0) <= 0.05 * max(r0, r1):
-                self.gain = _clamp(r1, s.gain_min, s.gain_max)
-                self.limits[d][w.band] = math.inf
-                self.pending[d] = False
-                self._from_plateau[d] = False
-                return "gain"
-        if limit_bound or (learned is not None and learned < cap):
+                return self._gain_found(d, w.band, r1, decided=True)
+        if limited:
             if got >= self.gain * asked - tol:
                 # It delivered all of the probe: assume it recovered; the next window finds any new limit.
                 self.limits[d][w.band] = math.inf
@@ -540,38 +487,24 @@ class BatteryModel:
         self.gain = _clamp(self.gain + 0.5 * (got / asked - self.gain), s.gain_min, s.gain_max)
         return "gain"
 
+    def _gain_found(self, d: Direction, band: int, gain: float, decided: bool) -> str:
+        """A gain, not a limit: none learned in this band (`decided`: a provisional limit's question, plateau's
+        included, is answered)."""
+        s = self.settings
+        self.gain = _clamp(gain, s.gain_min, s.gain_max)
+        self.limits[d][band] = math.inf
+        self.pending[d] = False
+        if decided:
+            self._from_plateau[d] = False
+        return "gain"
+
     def _nearest(self, d: Direction, band: int) -> float | None:
         table = self.limits[d]
         near = [table[b] for b in (band - 1, band + 1) if b in table and band != GLOBAL_BAND]
         return min(near) if near else table.get(GLOBAL_BAND)
 
     def _compare(self, previous: Window | None, w: Window, d: Direction, tol: float) -> str | None:
-        """Two steady windows at different requests: 'limit' (same delivery), 'gain' (same fraction), None."""
-        s = self.settings
-        if previous is None or w.t - previous.t > s.pair_max_age_s or abs(previous.band - w.band) > 1:
-            return None
-        a0, a1 = abs(previous.request_w), abs(w.request_w)
-        p0 = max(0.0, sign_of(d) * previous.delivered_w)
-        p1 = max(0.0, sign_of(d) * w.delivered_w)
-        if a0 <= 0.0 or a1 <= 0.0:
-            return None
-        # The two hypotheses predict, for the new request: the same delivery (a limit) or the same fraction of
-        # the request (a gain). They can be told apart only when those predictions differ beyond the noise.
-        as_limit, as_gain = p0, p0 * a1 / a0
-        if abs(as_gain - as_limit) >= 1.5 * tol:
-            if abs(p1 - as_limit) <= tol and abs(p1 - as_limit) < abs(p1 - as_gain):
-                return "limit"
-            if abs(p1 - as_gain) <= max(tol, 0.03 * p1) and abs(p1 - as_gain) < abs(p1 - as_limit):
-                return "gain"
-        # requests apart by 8 % or more: the same delivery is a limit, the same fraction a gain
-        if abs(a1 - a0) < max(tol, 0.08 * max(a0, a1)):
-            return None
-        if abs(p1 - p0) <= tol:
-            return "limit"
-        r0, r1 = p0 / a0, p1 / a1
-        if abs(r1 - r0) <= 0.05 * max(r0, r1):
-            return "gain"
-        return None
+        return compare(self.settings, previous, w, sign_of(d), tol)
 
     def _set_limit(self, d: Direction, band: int, value: float, cap: float) -> None:
         # At or above the configured limit: none learned here (inf, so a neighbour's does not stand in).
@@ -584,75 +517,21 @@ class BatteryModel:
         self._hist.append((t, steady_w))
         while len(self._hist) > 2 and self._hist[1][0] < t - 40.0:
             self._hist.popleft()
-        if self._change_t is not None:
-            return
-        recent = [p for tp, p in self._hist if tp >= t - 3.0 and tp < t]
-        if len(recent) < 3:
-            return
-        lo, hi = min(recent), max(recent)
-        mid = 0.5 * (lo + hi)
-        if hi - lo > max(s.fit_quiet_w, 0.1 * abs(mid)):
-            return
-        if abs(steady_w - mid) >= max(s.fit_change_w, 0.2 * abs(mid)):
+        if self._change_t is None and dynamics.change_to_fit(s, self._hist, t, steady_w):
             self._change_t = t
 
     def _fit_dynamics(self, t: float) -> str | None:
         """A change was asked after a quiet spell: once its response is in, the lag and dead time that best
-        explain the measurements (least squares over a grid, with a free scale and offset, so a gain or limit
-        the model has not learned yet does not bias them)."""
+        explain the measurements (dynamics.py), blended into what was learned."""
         s = self.settings
         tc = self._change_t
         if tc is None or t < tc + s.fit_after_s:
             return None
         self._change_t = None
-        t0, t1 = tc - 1.0, min(t, tc + s.fit_span_s)
-        samples = [(tm, m) for tm, m in self._fit_samples if t0 <= tm <= t1]
-        hist = list(self._hist)
-        if len(samples) < 6 or not hist or hist[0][0] > t0 - 4.0:
+        fitted = dynamics.fit(s, list(self._hist), self._fit_samples, tc - 1.0, min(t, tc + s.fit_span_s))
+        if fitted is None:
             return None
-        dt = 0.1
-        n = int(math.ceil((t1 - t0) / dt)) + 1
-        back = 40  # up to 4 s of dead time
-        grid_t = t0 + dt * (np.arange(n + back) - back)
-        times = np.array([h[0] for h in hist])
-        values = np.array([h[1] for h in hist])
-        idx = np.searchsorted(times, grid_t, side="right") - 1
-        u = values[np.clip(idx, 0, len(values) - 1)]                         # the input on the grid
-        deads = np.arange(0, 31)                                             # 0 .. 3 s, in steps of dt
-        taus = np.geomspace(0.2, 8.0, 17)
-        a = 1.0 - np.exp(-dt / taus)                                         # (T,)
-        # the state starts where the first sample says (the change came after a quiet spell)
-        x = np.full((len(deads), len(taus)), samples[0][1])
-        sample_idx = np.clip(np.round((np.array([tm for tm, _ in samples]) - t0) / dt).astype(int), 0, n - 1)
-        measured = np.array([m for _, m in samples])
-        preds = np.empty((len(samples), len(deads), len(taus)))
-        order = np.argsort(sample_idx)
-        k = 0
-        for j in range(n):
-            while k < len(order) and sample_idx[order[k]] == j:
-                preds[order[k]] = x
-                k += 1
-            inp = u[back + j - deads]                                        # (D,)
-            x = x + (inp[:, None] - x) * a[None, :]
-        # free scale and offset per candidate
-        pm = preds.mean(axis=0)
-        mm = measured.mean()
-        dp = preds - pm
-        var = (dp ** 2).sum(axis=0)
-        cov = (dp * (measured - mm)[:, None, None]).sum(axis=0)
-        scale = np.where(var > 1e-6, cov / np.maximum(var, 1e-6), 0.0)
-        sse = ((measured - mm)[:, None, None] - scale * dp) ** 2
-        sse = sse.sum(axis=0)
-        sse = np.where(scale > 0.2, sse, np.inf)
-        best = np.unravel_index(int(np.argmin(sse)), sse.shape)
-        spread = float(np.ptp(measured))
-        if not math.isfinite(float(sse[best])) or spread < s.fit_change_w * 0.7:
-            return None
-        rms = math.sqrt(float(sse[best]) / len(samples))
-        if rms > max(s.noise_w, 0.1 * spread):
-            return None
-        lag = float(taus[best[1]])
-        dead = float(deads[best[0]]) * dt
+        lag, dead = fitted
         w = 0.6 if self.lag_fits == 0 else 0.3
         self.lag_s = _clamp(math.exp((1 - w) * math.log(self.lag_s) + w * math.log(lag)), 0.05, 20.0)
         self.dead_time_s = _clamp((1 - w) * self.dead_time_s + w * dead, 0.0, 10.0)
@@ -691,15 +570,6 @@ class BatteryModel:
                 known = GLOBAL_BAND <= b <= 100 or TEMP_BAND_STRIDE <= b < TEMP_BAND_STRIDE * (TEMP_BANDS + 1) + 100
                 if not math.isnan(v) and v >= 0 and known:
                     self.limits[d][b] = v
-
-
-def _slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (t, value) points."""
-    n = len(points)
-    mt = sum(t for t, _ in points) / n
-    mv = sum(v for _, v in points) / n
-    var = sum((t - mt) ** 2 for t, _ in points)
-    return 0.0 if var <= 0 else sum((t - mt) * (v - mv) for t, v in points) / var
 
 
 def _number(value: Any, default: float) -> float:
