@@ -65,30 +65,47 @@ def install(bus: Any, coalesce: bool = False) -> None:
     unix fds keep the library's reader. `coalesce`: read moderation (see above)."""
     if getattr(bus, "_negotiate_unix_fd", False):
         return
-    sock, loop, fd = bus._sock, bus._loop, bus._fd
-    # Bytes the library has already taken off the socket: a message it began, and its stream's read-ahead.
-    pending = bytearray(bus._unmarshaller.buf)
-    buffered = bus._stream.peek(1 << 16) if hasattr(bus._stream, "peek") else b""
-    if buffered:
-        pending += bus._stream.read1(len(buffered))
+    reader = ConnectionReader(bus, coalesce)
+    bus._expect_reply = reader.expect_reply
+    bus._loop.remove_reader(bus._fd)
+    bus._loop.add_reader(bus._fd, reader.on_readable)
 
-    def read_and_handle() -> int:
+
+class ConnectionReader:
+    """Reads one connection: every whole message that has arrived at each read, moderated when `coalesce`."""
+
+    def __init__(self, bus: Any, coalesce: bool) -> None:
+        self.bus, self.coalesce = bus, coalesce
+        self.sock, self.loop, self.fd = bus._sock, bus._loop, bus._fd
+        # Bytes the library has already taken off the socket: a message it began, and its stream's read-ahead.
+        self.pending = bytearray(bus._unmarshaller.buf)
+        buffered = bus._stream.peek(1 << 16) if hasattr(bus._stream, "peek") else b""
+        if buffered:
+            self.pending += bus._stream.read1(len(buffered))
+        self.timer: Any = None  # the next poll, while reading in batches
+        self.at_once_until = 0.0  # loop time until which a reply to our call is read the moment it arrives
+        self.last = -POLL_INTERVAL  # loop time of the last read
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not chunk:
+                raise EOFError("the bus closed the connection")
+            self.pending += chunk
+            if len(chunk) < 1 << 16:
+                return
+
+    def read_and_handle(self) -> int:
         """Handle every whole message that has arrived; how many there were."""
-        nonlocal pending
         global _reading
         _reading = True
         handled = 0
+        bus, pending = self.bus, self.pending
         try:
-            while True:
-                try:
-                    chunk = sock.recv(1 << 16)
-                except (BlockingIOError, InterruptedError):
-                    break
-                if not chunk:
-                    raise EOFError("the bus closed the connection")
-                pending += chunk
-                if len(chunk) < 1 << 16:
-                    break
+            self._receive()
             start = 0
             while bus.connected:
                 length = message_length(pending, start)
@@ -111,49 +128,38 @@ def install(bus: Any, coalesce: bool = False) -> None:
                 _run_after_read()
         return handled
 
-    timer: Any = None  # the next poll, while reading in batches
-    at_once_until = 0.0  # loop time until which a reply to our call is read the moment it arrives
-    last = -POLL_INTERVAL  # loop time of the last read
-
-    def awaiting_reply() -> bool:
+    def awaiting_reply(self) -> bool:
         """A call of ours sent within REPLY_WINDOW still awaits its reply (one that never comes, from a hung
         service, holds batch reading off for that window only)."""
-        return bool(bus._method_return_handlers) and loop.time() < at_once_until
+        return bool(self.bus._method_return_handlers) and self.loop.time() < self.at_once_until
 
-    def on_readable() -> None:
-        nonlocal timer, last
-        now = loop.time()
-        if not coalesce or now - last >= POLL_INTERVAL or awaiting_reply():
-            last = now
-            read_and_handle()  # the first message after a quiet spell: at once
-        elif bus.connected:  # soon after the last read: the next read takes everything up to then
-            loop.remove_reader(fd)
-            timer = loop.call_at(last + POLL_INTERVAL, poll)
+    def on_readable(self) -> None:
+        now = self.loop.time()
+        if not self.coalesce or now - self.last >= POLL_INTERVAL or self.awaiting_reply():
+            self.last = now
+            self.read_and_handle()  # the first message after a quiet spell: at once
+        elif self.bus.connected:  # soon after the last read: the next read takes everything up to then
+            self.loop.remove_reader(self.fd)
+            self.timer = self.loop.call_at(self.last + POLL_INTERVAL, self.poll)
 
-    def poll() -> None:
-        nonlocal timer, last
-        timer = None
-        if not bus.connected:
+    def poll(self) -> None:
+        self.timer = None
+        if not self.bus.connected:
             return  # the library has closed the connection; nothing to read or resume
-        last = loop.time()
-        handled = read_and_handle()
-        if not bus.connected:
+        self.last = self.loop.time()
+        handled = self.read_and_handle()
+        if not self.bus.connected:
             return
-        if handled and not awaiting_reply():
-            timer = loop.call_later(POLL_INTERVAL, poll)  # still busy: keep reading in batches
+        if handled and not self.awaiting_reply():
+            self.timer = self.loop.call_later(POLL_INTERVAL, self.poll)  # still busy: keep reading in batches
         else:  # quiet, or a reply is awaited: wake on the next message
-            loop.add_reader(fd, on_readable)
+            self.loop.add_reader(self.fd, self.on_readable)
 
-    def expect_reply() -> None:
+    def expect_reply(self) -> None:
         """A method call went out: its reply is read the moment it arrives, so that a sequence of calls (start-up,
         reading a new member) is not held up by a poll interval at each step."""
-        nonlocal timer, at_once_until
-        at_once_until = loop.time() + REPLY_WINDOW
-        if timer is not None:
-            timer.cancel()
-            timer = None
-            loop.add_reader(fd, on_readable)
-
-    bus._expect_reply = expect_reply
-    loop.remove_reader(fd)
-    loop.add_reader(fd, on_readable)
+        self.at_once_until = self.loop.time() + REPLY_WINDOW
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.loop.add_reader(self.fd, self.on_readable)
