@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..bus.lib import connect, soon
+from ..bus.lib import beat, connect, soon
 from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
 from ..bus.settings import SETTINGS_SERVICE, LocalSettings
@@ -895,7 +895,7 @@ class Aggregator:
         limits continue their ramp and the limits' due checks run; learned state is saved now and then."""
         saved_at = self.clock()
         while True:
-            await asyncio.sleep(1.0)
+            await beat(1.0)
             stale_after = self.config.limits.staleAfter  # a reload may change it
             timeout = min(PROBE_TIMEOUT, stale_after)
             now = self.clock()

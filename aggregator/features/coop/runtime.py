@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from ...bus import client
+from ...bus.lib import beat
 from ...bus.service import VeService
 from ...state import StateStore
 from .core import PeerState, SiteTarget
@@ -130,7 +131,7 @@ class CoopRuntime:
                 raise
             except Exception:  # a bad value of another service must not end the cooperative
                 _LOG.exception("coop cycle failed")
-            await asyncio.sleep(self.cycle_s)
+            await beat(self.cycle_s)  # with the service's tick: one wake-up
 
     async def read_system(self) -> dict[str, Any]:
         values: dict[str, Any] = {}

@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 import aiomqtt
 
 from ...bounded import bounded_text
+from ...bus.lib import beat
 from ...mqtt.link import client_tls
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)
@@ -286,7 +287,7 @@ class CoopSite:
                 self._gate.last = self.own
                 await self._publish_fleet_view()
             await self._send_curtailment()
-            await asyncio.sleep(period / 10)  # "on change" at most ten times a period
+            await beat(period / 10)  # "on change" at most ten times a period, at the service's beats
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from ... import __version__
 from ...bounded import bounded_repr
-from ...bus.lib import MessageBus, connect
+from ...bus.lib import MessageBus, beat, connect
 from ...bus.service import VeService
 from ...mqtt import hass
 from ...mqtt.link import MqttLink
@@ -230,7 +230,6 @@ class DispatcherRuntime:
 
     async def _run(self) -> None:
         period = self.config.cycleSeconds
-        next_tick = time.monotonic()
         while True:
             try:
                 await self.cycle()
@@ -238,12 +237,9 @@ class DispatcherRuntime:
                 raise
             except Exception:  # a bug in one cycle must not stop the dispatcher
                 _LOG.exception("dispatch cycle failed")
-            next_tick += period
-            delay = next_tick - time.monotonic()
-            if delay < -period:  # fell behind (a loaded machine): no burst of catch-up cycles
-                next_tick = time.monotonic()
-                delay = 0.0
-            await asyncio.sleep(max(delay, 0.0))
+            # The next beat of the period (with the service's tick: one wake-up); a cycle that overran its
+            # period waits for the next one rather than bursting to catch up.
+            await beat(period)
 
     # ---- one cycle -------------------------------------------------------------------------------------------
 

@@ -401,7 +401,7 @@ class GridBatteries(Feature):
         for grid_settings in wanted[0]:
             service = None
             try:
-                service = GridBatteryService(await connect(self.bus_address), grid_settings,
+                service = GridBatteryService(await connect(self.bus_address, coalesce=True), grid_settings,
                                              grid_state_dir(config.stateDir, grid_settings), local_settings=settings)
                 await service.start()
             except Exception as exc:  # the name is taken, say: the aggregate goes on without it
