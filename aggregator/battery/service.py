@@ -81,7 +81,7 @@ class Aggregator:
         self.liveness = Liveness(self.table, self.limits, self._spawn, self._schedule_flush)
         self.status = BankStatus(self.name, self.table, self.limits, self.liveness)
         self.features: list[Feature] = [self.energy_feature,
-                                        *(standard_features(config) if features is None else features)]
+                                        *(standard_features(config, bus_address) if features is None else features)]
         self._readers = [f for f in self.features if f.reads]  # the hot path asks only these
         self._setting_readers: dict[tuple[str, str], list[Feature]] = {}
         for feature in self.features:
@@ -158,7 +158,7 @@ class Aggregator:
         owned = [(f"the watcher of {self.name}", self.monitor.bus)] if self.monitor is not None else []
         owned += [(s.name, s.bus) for s in (self.service, *(vb.service for vb in self.virtuals.values()))
                   if s is not None]
-        return owned
+        return owned + [owned_by for feature in self.features for owned_by in feature.connections()]
 
     async def _register_when_ready(self) -> None:
         """Register once a member has a voltage (so no 0 V is ever published), or after startupBatteryWait

@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from datetime import date, datetime, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ... import __version__
 from ...battery.paths import text_format
@@ -37,11 +37,7 @@ from .core import (PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot, history
                    profile_csv_line)
 from ...local_time import TIME_ZONE_PATH, TimeZoneSetting, local_date, zone_named
 from ...state import StateStore
-from ..base import Feature
 from .settings import GRID_PREFIX, GridBatterySettings, parse_settings
-
-if TYPE_CHECKING:
-    from ...config import Config
 
 _LOG = logging.getLogger("aggregator.grid_battery_service")
 
@@ -374,53 +370,6 @@ class GridBatteryService:
 def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
     """One directory per grid battery (its state file has a fixed name), named after its service."""
     return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
-
-
-class GridBatteries(Feature):
-    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own. The host runs them
-    (they are services of their own, not paths on the aggregate's): `apply` starts what a config asks for and
-    keeps what it still asks for, across reloads and restarts of the aggregate."""
-
-    name = "grid_battery"
-    publishes = ("com.victronenergy.battery.<gridBatteries[].serviceName>",)
-
-    def __init__(self, bus_address: str | None) -> None:
-        self.bus_address = bus_address
-        self.running: list[GridBatteryService] = []
-        self.settings: tuple[list[GridBatterySettings], str] = ([], "")
-
-    async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
-        """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
-        device instances and keeps their /CustomName like the aggregate's own."""
-        wanted = (list(config.gridBatteries), config.stateDir)
-        if wanted == self.settings:
-            return
-        await self.stop()
-        self.settings = wanted
-        for grid_settings in config.gridBatteries:
-            service = None
-            try:
-                service = GridBatteryService(await connect(self.bus_address), grid_settings,
-                                             grid_state_dir(config.stateDir, grid_settings), local_settings=settings)
-                await service.start()
-            except Exception as exc:  # the name is taken, say: the aggregate goes on without it
-                _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)
-                if service is not None:
-                    await service.stop()
-                    service.bus.disconnect()
-                continue
-            self.running.append(service)
-            _LOG.info("grid battery %s follows the meter %s", grid_settings.serviceName, grid_settings.meter)
-
-    async def stop(self) -> None:
-        for service in self.running:
-            await service.stop()  # closes its connection too
-        self.running = []
-        self.settings = ([], "")
-
-    def save(self) -> None:
-        for service in self.running:
-            service.save()
 
 
 def history_csv(state_dir: str | Path) -> str:
