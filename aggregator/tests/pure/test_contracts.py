@@ -28,19 +28,19 @@ MAX_FUNCTION_LINES = 60
 # What is larger today, each at most its present size: it may shrink, never grow. A module or function that is not
 # listed keeps to the limits above.
 LARGER_MODULES = {
-    "aggregator/battery/service.py": 902, "aggregator/bus/wire.py": 783, "aggregator/features/coop/core.py": 634,
+    "aggregator/bus/wire.py": 783, "aggregator/features/coop/core.py": 634,
     "aggregator/features/dispatcher/core/controller.py": 624, "aggregator/features/dispatcher/core/model.py": 708,
     "aggregator/features/dispatcher/runtime.py": 643, "aggregator/limits/controller.py": 705,
     "aggregator_dev/dispatch_simulation.py": 764,
 }
 LONGER_FUNCTIONS = {
-    "aggregator/battery/service.py:__init__": 66, "aggregator/bus/wire.py:install": 81,
-    "aggregator/cli.py:build_parser": 138, "aggregator/config.py:semantic_issues": 66,
+    "aggregator/bus/wire.py:install": 81, "aggregator/cli.py:build_parser": 138,
+    "aggregator/config.py:semantic_issues": 66,
     "aggregator/features/dispatcher/core/model.py:_plateau": 71,
     "aggregator/features/dispatcher/core/model.py:_learn": 96,
     "aggregator/features/dispatcher/core/model.py:_fit_dynamics": 62,
     "aggregator/features/energy/runtime.py:report": 72, "aggregator/features/energy/runtime.py:values": 74,
-    "aggregator/host/daemon.py:run": 110, "aggregator/limits/controller.py:_forbidden": 67,
+    "aggregator/limits/controller.py:_forbidden": 67,
     "aggregator/limits/formulas.py:bank_current_limit": 74, "aggregator_dev/simulator/controllable.py:main": 63,
     "aggregator_dev/simulator/physics.py:values": 70,
 }
