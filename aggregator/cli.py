@@ -29,10 +29,10 @@ def _on_bus(command: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .host.config_check import first_config
+    from .host.config_check import load_first
 
     logging.basicConfig(level=args.log_level or "INFO", format=_LOG_FORMAT)
-    first = first_config(args.config)  # before asyncio is loaded: what it loads may depend on the config (lean.py)
+    first = load_first(args.config)  # before asyncio is loaded: what it loads may depend on the config (lean.py)
     import asyncio
 
     from .host.daemon import run

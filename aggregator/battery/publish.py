@@ -6,6 +6,7 @@ batteries are published this way.
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from .sanitize import check_value
 
 BATTERY_PREFIX = "com.victronenergy.battery."
 PREFERRED_INSTANCE = 200
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def preferred_instance(service_name: str) -> int:
@@ -84,3 +86,17 @@ def json_list_text(items: list[str]) -> str:
         kept.pop()
         text = json.dumps(kept + [f"+{len(items) - len(kept)} more"], ensure_ascii=False)
     return text
+
+
+def add_log_level_path(service: VeService, level: str) -> None:
+    """/LogLevel: the process's log level, shown and set over D-Bus."""
+    service.add_path("/LogLevel", level, writeable=True, value_types=(str,), on_change=_on_log_level,
+                     description="one of " + ", ".join(LOG_LEVELS))
+
+
+def _on_log_level(_path: str, value: Any) -> bool:
+    if value not in LOG_LEVELS:
+        return False
+    logging.getLogger().setLevel(value)
+    logging.getLogger("aggregator").warning("log level set to %s over D-Bus", value)
+    return True

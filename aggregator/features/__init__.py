@@ -10,12 +10,14 @@ if TYPE_CHECKING:
     from .base import Feature
 
 
-def standard_features(config: Config) -> list[Feature]:
+def standard_features(config: Config, bus_address: str | None = None) -> list[Feature]:
     """The features mounted on the aggregate's service besides its energy feature, in the order they start (and
     stop in reverse). The cooperative hands its battery target to the dispatcher when that runs: wired here, so
-    neither imports the other. (The grid batteries publish services of their own: the host runs them.)"""
+    neither imports the other. The grid batteries publish services of their own, each on a connection of its own
+    to the bus at `bus_address`."""
     from .coop.feature import CoopFeature
     from .dispatcher.feature import DispatcherFeature
+    from .grid_battery.feature import GridBatteryFeature
 
     dispatcher = DispatcherFeature(config)
-    return [dispatcher, CoopFeature(config, lambda: dispatcher.runtime)]
+    return [dispatcher, CoopFeature(config, lambda: dispatcher.runtime), GridBatteryFeature(config, bus_address)]

@@ -7,6 +7,8 @@ name:
     reads        member paths: `on_member` is called when a member's change touches one of them
     watches      (service, path) settings of other services: `on_setting` gets their values
     publishes    the paths (prefixes) it owns on the aggregate's service, or the services it publishes
+    connections  the bus connections it owns besides the aggregate's (the host's watch ends the process when
+                 one drops, so the supervisor restarts it)
     load         its saved state, before anything is published
     mount        adds its paths and methods to the aggregate's service before that registers (a client's first
                  GetItems sees them)
@@ -25,11 +27,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 if TYPE_CHECKING:
     from ..bus.service import VeService
+    from ..bus.settings import LocalSettings
     from ..config import Config
 
 
 class Bank(Protocol):
-    """What a feature may read of the aggregate: its members and their sanitized values."""
+    """What a feature may read of the aggregate: its members and their sanitized values; and the aggregate's
+    localsettings client (device instances and /CustomName of the services a feature publishes)."""
+
+    settings: LocalSettings | None
 
     def member_rows(self) -> list[tuple[str, int, bool]]:
         """(service name, row slot, online) of every member."""
@@ -76,3 +82,7 @@ class Feature:
 
     def reconfigure(self, config: Config, bank: Bank) -> None:
         pass
+
+    def connections(self) -> list[tuple[str, Any]]:
+        """(what it is for, connection) of every bus connection it owns."""
+        return []

@@ -43,7 +43,7 @@ def load(path: str | None) -> tuple[CheckResult, str]:
     return check_in_child(path), source
 
 
-def first_config(path: str | None) -> tuple[CheckResult, str]:
+def load_first(path: str | None) -> tuple[CheckResult, str]:
     """The service's first config, before anything loads asyncio: it decides what the process leaves out."""
     from .lean import leave_out_tls
 

@@ -38,6 +38,7 @@ __all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "ProfileSlot", "his
            "profile_csv_line", "resolution_of", "reset_occurrence", "PROFILE_HEADER"]
 
 GRID_PREFIX = "com.victronenergy.grid."  # the meters a grid battery follows
+GRID_BATTERY_PRODUCT_ID = 0xB0F3  # ours, next to the simulator's and the aggregate's
 METER_KWH_LIMIT = 1e9  # beyond this a meter counter is garbage
 MARGIN = 1.5  # the grid connection's limit is firm, but samples arrive late
 SLACK_KWH = 0.05  # the least slack: samples are read late

@@ -33,15 +33,12 @@ from ...bus.monitor import ServiceMonitor, WatchedService
 from ...bus.service import VeService
 from ...bus.settings import SETTINGS_SERVICE, LocalSettings
 from ...bus.watch import PathWatcher
-from .core import (GRID_PREFIX, PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot, history_rows_csv,
-                   profile_csv_line)
-from ...config_data import as_model
+from .core import (GRID_BATTERY_PRODUCT_ID, GRID_PREFIX, PROFILE_HEADER, GridBattery, HistoryRow, ProfileSlot,
+                   history_rows_csv, profile_csv_line)
 from ...local_time import TIME_ZONE_PATH, TimeZoneSetting, local_date, zone_named
 from ...state import StateStore
-from ..base import Feature
 
 if TYPE_CHECKING:
-    from ...config import Config
     from .settings import GridBatterySettings
 
 _LOG = logging.getLogger("aggregator.grid_battery_service")
@@ -49,7 +46,6 @@ _LOG = logging.getLogger("aggregator.grid_battery_service")
 STATE_FILE = "grid_battery.json"
 PROFILE_FILE = "load_profile.csv"
 PROFILE_MAX_BYTES = 1 << 20  # some 250 days of 15-minute rows; one older file of that size is kept besides
-GRID_BATTERY_PRODUCT_ID = 0xB0F3  # ours, next to the simulator's and the aggregate's
 GRID_BATTERY_PRODUCT_NAME = "Grid battery"
 DEFAULT_SAVE_INTERVAL = 180.0
 METER_PATHS = ("/Ac/Energy/Forward", "/Ac/Energy/Reverse", "/Ac/Power")
@@ -375,62 +371,6 @@ class GridBatteryService:
 def grid_state_dir(state_dir: str, settings: GridBatterySettings) -> str:
     """One directory per grid battery (its state file has a fixed name), named after its service."""
     return os.path.join(state_dir, "grid", settings.serviceName.rsplit(".", 1)[-1])
-
-
-class GridBatteries(Feature):
-    """The config's `gridBatteries`: one GridBatteryService each, on a connection of its own. The host runs them
-    (they are services of their own, not paths on the aggregate's): `apply` starts what a config asks for and
-    keeps what it still asks for, across reloads and restarts of the aggregate."""
-
-    name = "grid_battery"
-    publishes = ("com.victronenergy.battery.<gridBatteries[].serviceName>",)
-
-    def __init__(self, bus_address: str | None) -> None:
-        self.bus_address = bus_address
-        self.running: list[GridBatteryService] = []
-        self.settings: tuple[list[GridBatterySettings], str] = ([], "")
-
-    async def apply(self, config: Config, settings: LocalSettings | None = None) -> None:
-        """Run the configured grid batteries; `settings` (the aggregate's localsettings client) reserves their
-        device instances and keeps their /CustomName like the aggregate's own."""
-        wanted = (_settings_of(config.gridBatteries), config.stateDir)
-        if wanted == self.settings:
-            return
-        await self.stop()
-        self.settings = wanted
-        for grid_settings in wanted[0]:
-            service = None
-            try:
-                service = GridBatteryService(await connect(self.bus_address, coalesce=True), grid_settings,
-                                             grid_state_dir(config.stateDir, grid_settings), local_settings=settings)
-                await service.start()
-            except Exception as exc:  # the name is taken, say: the aggregate goes on without it
-                _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)
-                if service is not None:
-                    await service.stop()
-                    service.bus.disconnect()
-                continue
-            self.running.append(service)
-            _LOG.info("grid battery %s follows the meter %s", grid_settings.serviceName, grid_settings.meter)
-
-    async def stop(self) -> None:
-        for service in self.running:
-            await service.stop()  # closes its connection too
-        self.running = []
-        self.settings = ([], "")
-
-    def save(self) -> None:
-        for service in self.running:
-            service.save()
-
-
-def _settings_of(sections: Any) -> list[GridBatterySettings]:
-    """The configured grid batteries as their settings models (pydantic is loaded only when there are some)."""
-    if not sections:
-        return []
-    from .settings import GridBatterySettings
-
-    return [as_model(GridBatterySettings, section) for section in sections]
 
 
 def history_csv(state_dir: str | Path) -> str:

@@ -471,3 +471,43 @@ async def test_two_grid_batteries_get_their_own_instances_and_keep_their_custom_
         assert {await value(busctl, name, "/DeviceInstance") for name in (first, second)} == instances
     finally:
         local.service.close()
+
+
+async def test_a_reload_applies_the_grid_batteries_in_place_and_their_connections_are_watched(
+        busctl: Busctl, tmp_path: Path) -> None:
+    """The grid batteries are a feature of the aggregate: a reload that adds one starts it without restarting the
+    aggregate, and the host's connection watch covers their connections (one dropped ends the process with 2)."""
+    from aggregator.features.grid_battery.feature import GridBatteryFeature
+    from aggregator.host.daemon import Host, first_config
+
+    first, second = "com.victronenergy.battery.gridwa", "com.victronenergy.battery.gridwb"
+    config_path = tmp_path / "config.json"
+
+    def write(*names: str) -> None:
+        config_path.write_text(json.dumps({
+            "serviceName": "com.victronenergy.battery.aggwatch", "stateDir": str(tmp_path / "state"),
+            "startupBatteryWait": 1,
+            "gridBatteries": [{"meter": 48, "startDate": "2023-01-01", "serviceName": n} for n in names]}))
+
+    write(first)
+    config = first_config(str(config_path), None)
+    assert config is not None
+    host = Host(str(config_path), os.environ["DBUS_SESSION_BUS_ADDRESS"])
+    assert await host.start(config)
+    aggregator = host.aggregator
+    assert aggregator is not None
+    serving = asyncio.get_running_loop().create_task(host.serve())
+    try:
+        await on_bus(busctl, first)
+        assert first in dict(aggregator.connections())
+        write(first, second)
+        host.reload.set()
+        await on_bus(busctl, second)
+        assert host.aggregator is aggregator  # applied in place: the aggregate did not restart
+        grid = next(f for f in aggregator.features if isinstance(f, GridBatteryFeature))
+        await eventually(lambda: second in dict(aggregator.connections()), timeout=10)
+        next(s for s in grid.running if s.settings.serviceName == second).bus.disconnect()
+        assert await asyncio.wait_for(serving, 10) == 2
+    finally:
+        serving.cancel()
+        await aggregator.stop()

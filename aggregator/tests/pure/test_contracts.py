@@ -27,15 +27,9 @@ CORES = [
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60
-# What is larger today, each at most its present size: it may shrink, never grow. A module or function that is not
-# listed keeps to the limits above.
-LARGER_MODULES = {
-    "aggregator/battery/service.py": 918,
-}
-LONGER_FUNCTIONS = {
-    "aggregator/battery/service.py:__init__": 66,
-    "aggregator/host/daemon.py:run": 130,
-}
+# Exceptions, each at most its present size (it may shrink, never grow); none today.
+LARGER_MODULES: dict[str, int] = {}
+LONGER_FUNCTIONS: dict[str, int] = {}
 
 
 def _tool(name: str) -> str:
