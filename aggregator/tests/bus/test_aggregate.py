@@ -470,6 +470,8 @@ async def test_a_burst_is_published_as_one_itemschanged(processes: Processes, tm
     a = await bank.add("a")
     agg, _ = start_aggregator(processes, tmp_path, bank)
     await bank.value_is(agg, "/Connected", 1)
+    # The member's energy row is published at a tick after it joined: that one ItemsChanged comes before the watch.
+    await bank.value_is(agg, "/Batteries/0/Identity", f"SN-{bank.tag}-a")
     monitor = await watch_signals(bus_address, agg)
     a.set_values({"/Soc": 77.0, "/Dc/0/Voltage": 51.1, "/Dc/0/Current": -9.0, "/InstalledCapacity": 120.0})
     await bank.value_is(agg, "/Soc", 77.0)
