@@ -134,7 +134,10 @@ async def test_coop_target_from_a_peer_site_drives_the_dispatcher(processes: Pro
             await eventually(lambda: _close_to(bank.read(agg, "/Dispatcher/TargetPower"), target), timeout=10)
             assert peer.fleet() is not None and peer.peers_online() == ["site-a"]
             assert proc.poll() is None
-            # Metering for the cooperative's accounts: kept at stop, exported as CSV.
+            # Metering for the cooperative's accounts: kept at stop, exported as CSV. Its cycles meter the time
+            # between them: wait until the peer has our states of a second more (0.5 kW: > 0.1 Wh metered).
+            first = peer.peers["site-a"].timestamp
+            await eventually(lambda: peer.peers["site-a"].timestamp >= first + 1.0, timeout=20)
             proc.terminate()
             proc.wait(10)
             exported = subprocess.run([sys.executable, "-m", "aggregator", "coop", "--csv", "--state-dir",
