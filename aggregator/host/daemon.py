@@ -154,6 +154,9 @@ class Host:
         watcher: one dropped by the bus (a message too large, say) left the process running with no battery.
         Waits on the connections' ends rather than polling them: no wake-up while all is well."""
         loop = asyncio.get_running_loop()
+        # One waiter per connection for its whole life: cancelling a task that awaits a connection's end would
+        # cancel that connection's own future, and every later wait on it would return at once.
+        ends: dict[int, tuple[Any, asyncio.Task[Any]]] = {}  # id -> (the connection, kept alive here, its waiter)
         while True:
             self.reconnected.clear()
             if self.restarting or self.aggregator is None:  # the old connections close on purpose
@@ -163,16 +166,13 @@ class Host:
             for name, connection in owned:
                 if not connection.connected:
                     return f"lost the D-Bus connection of {name}"
-            ends = [loop.create_task(connection.wait_for_disconnect()) for _name, connection in owned]
+            ends = {id(c): _waiter(ends.get(id(c)), c, loop) for _name, c in owned}
             again = loop.create_task(self.reconnected.wait())
             try:
-                await asyncio.wait([*ends, again], timeout=CONNECTION_RECHECK, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([task for _c, task in ends.values()] + [again], timeout=CONNECTION_RECHECK,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (*ends, again):
-                    task.cancel()
-                for task in ends:  # how it ended is not ours to raise: the check above names the connection
-                    if task.done() and not task.cancelled():
-                        task.exception()
+                again.cancel()
 
     async def _reloader(self) -> str:
         """Applies each new config; returns why the process must restart when it cannot apply one in place."""
@@ -208,6 +208,21 @@ class Host:
             self.restarting = False
             self.reconnected.set()
         return True
+
+
+def _waiter(known: tuple[Any, asyncio.Task[Any]] | None, connection: Any,
+            loop: asyncio.AbstractEventLoop) -> tuple[Any, asyncio.Task[Any]]:
+    if known is not None and known[0] is connection:
+        return known
+    return connection, loop.create_task(_ended(connection))
+
+
+async def _ended(connection: Any) -> None:
+    """When the connection ends, however it ends (the watch then names it)."""
+    try:
+        await connection.wait_for_disconnect()
+    except Exception:  # how it ended is not ours to raise
+        pass
 
 
 def _mtime(path: str) -> float | None:

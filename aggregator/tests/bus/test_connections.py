@@ -183,3 +183,37 @@ async def test_a_dropped_connection_after_a_restarting_reload_ends_the_process(
     assert "lost the D-Bus connection of " + renamed in processes.output(proc)  # type: ignore[arg-type]
     reader.disconnect()
     bank.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/PID/stat, in clock ticks)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_the_connection_watch_stays_asleep_after_reloads_and_rechecks(
+        small_bus: tuple[PrivateBus, Processes], tmp_path: Path) -> None:
+    """Waiting on a connection's end must not cancel that end (a cancelled wait cancels the connection's own
+    future, and every later wait then returns at once: the process spins). Each reload in place wakes the watch,
+    as its periodic recheck does: an idle service stays idle after them."""
+    import signal
+
+    _, processes = small_bus
+    bank = Bank()
+    await bank.add("a", Info__MaxChargeCurrent=50.0)
+    agg, proc = start(processes, tmp_path, bank)
+    await bank.value_is(agg, "/System/NrOfBatteries", 1)
+    for _ in range(2):
+        proc.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
+        reloads = processes.output(proc).count("configuration reloaded")  # type: ignore[arg-type]
+        await eventually(lambda: processes.output(proc).count("configuration reloaded") > reloads,  # type: ignore
+                         timeout=30)
+    before, started = cpu_seconds(proc.pid), asyncio.get_running_loop().time()  # type: ignore[attr-defined]
+    await asyncio.sleep(3.0)  # a measuring window, not a wait for an event
+    used = cpu_seconds(proc.pid) - before  # type: ignore[attr-defined]
+    elapsed = asyncio.get_running_loop().time() - started
+    assert used / elapsed < 0.2, f"{used:.2f} CPU-s in {elapsed:.1f} s: the watch spins"
+    assert proc.poll() is None  # type: ignore[attr-defined]
+    bank.close()
