@@ -86,6 +86,20 @@ class Bank:
         except AssertionError:
             raise AssertionError(f"{path} of {service} is {seen[0] if seen else '?'!r}, not {expected!r}") from None
 
+    async def barrier(self, service: str, member: str) -> None:
+        """Returns once the aggregate has handled every change `member` sent before: a sentinel change of the
+        member's /Soc (which no limit reads), sent after them on the same connection, seen in the aggregate. A test
+        asserting that something did NOT change asserts after this, not after a pause."""
+        battery = self.members[member]
+        before = await self.read(service, "/Soc")
+        soc = battery["/Soc"]
+        battery.set_value("/Soc", soc - 0.5 if soc >= 50.0 else soc + 0.5)
+
+        async def moved() -> bool:
+            return await self.read(service, "/Soc") != before
+
+        await eventually(moved, timeout=10)
+
     def close(self) -> None:
         for service in self.members.values():
             service.close()
