@@ -714,7 +714,6 @@ async def test_of_one_pack_under_two_services_the_lower_limit_counts(processes: 
     """The service seen second was ignored even when its limit was lower."""
     bank = Bank()
     await bank.add("can", Serial="SN-TWO", Info__MaxChargeCurrent=50.0, Info__MaxDischargeCurrent=80.0)
-    await asyncio.sleep(0.5)  # seen first
     ser = await bank.add("ser", Serial="SN-TWO", Info__MaxChargeCurrent=20.0, Info__MaxDischargeCurrent=90.0,
                          Io__AllowToCharge=1)
     agg, _ = run(processes, tmp_path, bank, limits=FAST)
