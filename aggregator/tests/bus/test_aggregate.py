@@ -86,6 +86,20 @@ class Bank:
         except AssertionError:
             raise AssertionError(f"{path} of {service} is {seen[0] if seen else '?'!r}, not {expected!r}") from None
 
+    async def barrier(self, service: str, member: str) -> None:
+        """Returns once the aggregate has handled every change `member` sent before: a sentinel change of the
+        member's /Soc (which no limit reads), sent after them on the same connection, seen in the aggregate. A test
+        asserting that something did NOT change asserts after this, not after a pause."""
+        battery = self.members[member]
+        before = await self.read(service, "/Soc")
+        soc = battery["/Soc"]
+        battery.set_value("/Soc", soc - 0.5 if soc >= 50.0 else soc + 0.5)
+
+        async def moved() -> bool:
+            return await self.read(service, "/Soc") != before
+
+        await eventually(moved, timeout=10)
+
     def close(self) -> None:
         for service in self.members.values():
             service.close()
@@ -94,7 +108,7 @@ class Bank:
 
 
 async def watch_signals(bus_address: str, service: str) -> asyncio.subprocess.Process:
-    """dbus-monitor on every signal of the service's connection (read its stdout after terminating it)."""
+    """dbus-monitor on every signal of the service's connection, once it listens (read it with signals_until)."""
     bus = await connect()
     try:
         owner = (await client.call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "GetNameOwner", "s",
@@ -104,8 +118,30 @@ async def watch_signals(bus_address: str, service: str) -> asyncio.subprocess.Pr
     monitor = await asyncio.create_subprocess_exec(
         "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    await asyncio.sleep(0.5)
+    assert monitor.stdout is not None
+    # dbus-monitor prints its own NameAcquired once it is a monitor: then it is ready.
+    await asyncio.wait_for(monitor.stdout.readline(), 5)
     return monitor
+
+
+async def signals_until(monitor: asyncio.subprocess.Process, text: str, timeout: float = 10.0) -> str:
+    """What the monitor printed up to and including the first line with `text`; then it is stopped. What a
+    service sent before the signal with `text` is all in it: a bus delivers one sender's messages in order."""
+    assert monitor.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not lines or text not in lines[-1]:
+                line = await monitor.stdout.readline()
+                if not line:
+                    break
+                lines.append(line.decode())
+    finally:
+        monitor.terminate()
+        await monitor.wait()
+    out = "".join(lines)
+    assert text in out, out
+    return out
 
 
 def start_aggregator(processes: Processes, tmp_path: Path, bank: Bank, suffix: str = "agg",
@@ -321,12 +357,8 @@ async def test_serial_charge_cycles_and_values_at_their_resolution(processes: Pr
         a.set_value("/Dc/0/Power", power)
         await asyncio.sleep(0.1)
     a.set_value("/Soc", 60.19)
-    await asyncio.sleep(0.5)
-    a.set_value("/Dc/0/Power", -2010.0)
-    await bank.value_is(agg, "/Dc/0/Power", -4740.0)
-    await asyncio.sleep(0.3)
-    monitor.terminate()
-    out = (await monitor.communicate())[0].decode()
+    a.set_value("/Dc/0/Power", -2010.0)  # after the others: once it is out, they have been handled
+    out = await signals_until(monitor, "-4740")
     assert out.count('string "/Dc/0/Power"') == 1, out  # only the change of -10 W went out
     assert 'string "/Soc"' not in out
     bank.close()
@@ -377,7 +409,12 @@ async def test_absurd_and_mistyped_member_values_are_ignored(processes: Processe
     assert await bank.read(agg, "/Dc/0/Voltage") == 52.0
     assert await bank.read(agg, "/InstalledCapacity") == 100.0
     b.set_values({"/Soc": "full", "/Dc/0/Current": "n/a"})
-    await asyncio.sleep(0.5)
+    b.set_value("/Dc/0/Voltage", 54.0)  # a sentinel: once the aggregate shows it, the values before were handled
+
+    async def sentinel_seen() -> bool:
+        return await bank.read(agg, "/Dc/0/Voltage") != 52.0
+
+    await eventually(sentinel_seen)
     assert await bank.read(agg, "/Soc") == 40.0
     assert proc.poll() is None
     log = processes.output(proc)
@@ -423,13 +460,15 @@ async def test_two_instances_multi_level_without_loops(processes: Processes, tmp
     await bank.add("p1", Dc__0__Current=1.0)
     await bank.add("p2", Dc__0__Current=2.0)
     await bank.add("p3", Dc__0__Current=4.0)
-    lower, _ = start_aggregator(processes, tmp_path, bank, suffix="lower", excludedServices=[bank.name("p3")])
+    lower, lower_proc = start_aggregator(processes, tmp_path, bank, suffix="lower",
+                                         excludedServices=[bank.name("p3")])
     await bank.value_is(lower, "/Dc/0/Current", 3.0)
     upper, _ = start_aggregator(processes, tmp_path, bank, suffix="upper",
                                 excludedServices=[bank.name("p1"), bank.name("p2")])
     # The upper one aggregates the lower aggregate and p3; the lower one does not take the upper one back.
     await bank.value_is(upper, "/Dc/0/Current", 7.0)
-    await asyncio.sleep(1.0)
+    await eventually(lambda: f"found {upper} " in processes.output(lower_proc))  # the lower one has read it
+    await bank.barrier(lower, "p1")
     assert await bank.read(lower, "/Dc/0/Current") == 3.0
     assert await bank.read(upper, "/Aggregator/Chain") == [upper, lower]
     assert await bank.read(lower, "/DeviceInstance") != await bank.read(upper, "/DeviceInstance")
@@ -475,10 +514,9 @@ async def test_a_burst_is_published_as_one_itemschanged(processes: Processes, tm
     monitor = await watch_signals(bus_address, agg)
     a.set_values({"/Soc": 77.0, "/Dc/0/Voltage": 51.1, "/Dc/0/Current": -9.0, "/InstalledCapacity": 120.0})
     await bank.value_is(agg, "/Soc", 77.0)
-    await asyncio.sleep(0.3)
-    monitor.terminate()
-    out = (await monitor.communicate())[0].decode()
-    assert out.count("member=ItemsChanged") == 1, out
+    a.set_value("/Soc", 78.5)  # a sentinel: its own ItemsChanged follows every signal of the burst
+    out = await signals_until(monitor, "double 78.5")
+    assert out.count("member=ItemsChanged") == 2, out
     assert "member=PropertiesChanged" not in out
     bank.close()
 

@@ -195,7 +195,8 @@ async def test_target_split_learned_cap_stale_battery_and_disable(sims: Sims, bu
         # ... and nothing is written while disabled: a value set by someone else stays.
         bus = await connect()
         assert await client.set_value(bus, SIM_A, "/Setpoint", 123.0) == 0
-        await asyncio.sleep(1.0)
+        cycles = runtime.cycles
+        await eventually(lambda: runtime.cycles >= cycles + 2, timeout=10)  # a whole cycle ran since
         assert await client.get_value(bus, SIM_A, "/Setpoint") == 123.0
         assert await client.set_value(bus, SIM_A, "/Setpoint", 0.0) == 0
         bus.disconnect()

@@ -74,7 +74,6 @@ async def test_one_battery_under_two_services_is_counted_once_and_named(processe
                                                                         busctl: Busctl) -> None:
     bank = Bank()
     can = await bank.add("can", Serial="SN-SHARED", **COUNTERS)
-    await asyncio.sleep(0.3)  # seen first: its values are the ones used
     serial = await bank.add("ser", Serial="SN-SHARED", **COUNTERS)
     agg, proc = start_aggregator(processes, tmp_path, bank, stateDir=str(tmp_path / "state"))
 

@@ -295,8 +295,8 @@ async def test_localsettings_absent_then_present_then_gone(processes: Processes,
     await eventually(lambda: (tmp_path / "settings.json").exists()
                      and "batteryaggregator_" in (tmp_path / "settings.json").read_text(), timeout=15)
     settings.service.close()
-    await asyncio.sleep(1.0)
+    await eventually(lambda: f"{SETTINGS_SERVICE} left the bus" in processes.output(proc))
+    await bank.barrier(agg, "a")  # and it goes on publishing after that
     assert await bank.read(agg, "/Connected") == 1
     assert proc.poll() is None
-    assert SETTINGS_SERVICE in processes.output(proc)
     bank.close()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from aggregator.bus import client
 from aggregator.bus.lib import connect
 from aggregator.features.grid_battery.runtime import (GRID_BATTERY_PRODUCT_ID, STATE_FILE, GridBatteryService,
                                                       history_csv)
@@ -72,6 +73,13 @@ async def on_bus(busctl: Busctl, name: str, timeout: float = 15.0) -> None:
     await eventually(listed, timeout=timeout, interval=0.1)
 
 
+async def meter_barrier(service: GridBatteryService, meter: str) -> None:
+    """A call to the meter on the service's own connection: its answer comes after every signal the meter sent
+    before (one sender, one receiver: in order), and each is handled and published as it is read."""
+    assert service.monitor is not None
+    await client.get_value(service.monitor.bus, meter, "/Ac/Power")
+
+
 async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
     battery = "com.victronenergy.battery.gridyear"
     meter = "com.victronenergy.grid.house"
@@ -109,13 +117,13 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
         await eventually(lambda: 60 < service.battery.level_kwh < 140, timeout=8, interval=0.01)
         clock.pause()
         assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
-        await asyncio.sleep(0.3)
+        await meter_barrier(service, meter)
         level = await value(busctl, battery, "/GridBattery/LevelKwh")
         charged = await value(busctl, battery, "/History/ChargedEnergy")
         assert 30 < level < 170
         assert await set_value(busctl, meter, "/Sim/ResetCounters", "i", "1") == 0
-        await eventually(lambda: service.battery.counter_resets == 2, timeout=5)
-        await asyncio.sleep(0.2)
+        await eventually(lambda: service.battery.counter_resets == 2, timeout=5)  # handled and published at once
+        await meter_barrier(service, meter)
         assert await value(busctl, battery, "/GridBattery/LevelKwh") == level
         assert await value(busctl, battery, "/History/ChargedEnergy") == charged
         clock.resume()
@@ -135,7 +143,7 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
         await eventually(lambda: clock() > parse_start("2024-01-01"), timeout=10)
         clock.pause()
         await set_value(busctl, meter, "/Sim/TimeScale", "d", "0")
-        await asyncio.sleep(0.3)
+        await meter_barrier(service, meter)
         got = {p: await value(busctl, battery, p) for p in (
             "/GridBattery/LevelKwh", "/History/ChargedEnergy", "/History/DischargedEnergy",
             "/GridBattery/LostExportKwh", "/GridBattery/ImportBeyondKwh")}
@@ -192,14 +200,13 @@ async def test_kill_9_and_restart_keep_the_level(processes: Processes, busctl: B
 
     await on_bus(busctl, meter)
     assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
-    await asyncio.sleep(0.4)
-    level = await value(busctl, battery, "/GridBattery/LevelKwh")
 
-    def saved_level() -> Any:
+    async def saved_level() -> Any:  # the meter stands still: the level published and the one saved agree
+        level = await value(busctl, battery, "/GridBattery/LevelKwh")
         data = json.loads((state_dir / STATE_FILE).read_text())
-        return round(data["battery"]["level"], 3) == level
+        return (level,) if round(data["battery"]["level"], 3) == level else None
 
-    await eventually(saved_level, timeout=5)
+    (level,) = await eventually(saved_level, timeout=5)
     first.send_signal(signal.SIGKILL)
     assert await asyncio.get_running_loop().run_in_executor(None, first.wait) == -signal.SIGKILL
 

@@ -5,15 +5,14 @@ The members signal a value only when it changes, as Victron's services do: nothi
 every test is shorter than `limits.staleAfter` or sets it long."""
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 from ..conftest import Processes
-from ..helpers import eventually
+from ..helpers import CallWatch, eventually
 from .test_aggregate import Bank, bus_address  # noqa: F401
-from .test_limits_bus import CCL, CVL, DCL, FAST, run, sample
+from .test_limits_bus import CCL, CVL, DCL, FAST, recomputed, run, sample
 
 QUIET = {**FAST, "staleAfter": 600}  # no liveness probes during the test: fewer calls to reason about
 HELD = "/Alarms/BmsCable"
@@ -30,7 +29,8 @@ async def test_a_pack_that_forbids_charging_but_still_takes_current_holds_the_ba
     the bank is held at 0 A (for packs in parallel, what keeps its current at 0) and says so."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Dc__0__Current=30.0)
-    b = await bank.add("b", Info__MaxChargeCurrent=80.0, Io__AllowToCharge=1, Dc__0__Current=30.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=80.0, Io__AllowToCharge=1, Dc__0__Current=30.0,
+                       Info__MaxDischargeCurrent=100.0)
     agg, proc = run(processes, tmp_path, bank, currentRatioMethod="count", limits={**QUIET, "testCurrentInterval": 600})
     await bank.value_is(agg, CCL, 160.0)  # b's 80 A at a half share
     b.set_values({"/Io/AllowToCharge": 0, "/Info/MaxChargeCurrent": 0.0})  # its contactor stays closed
@@ -46,7 +46,8 @@ async def test_a_pack_that_forbids_charging_but_still_takes_current_holds_the_ba
     # The chargers obey and nothing flows: no current tells whether b is still connected, the hold stays.
     a.set_value("/Dc/0/Current", 0.0)
     b.set_value("/Dc/0/Current", 0.0)
-    await asyncio.sleep(2.5)
+    await bank.barrier(agg, "a")
+    await recomputed(bank, agg, "b")
     assert await bank.read(agg, CCL) == 0.0
     assert await bank.read(agg, HIGH_CHARGE) == 2
     log = processes.output(proc)
@@ -172,7 +173,7 @@ async def test_a_pack_that_forbids_charging_during_an_unknown_limit_hold(process
     limit is known again."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=10.0, Io__AllowToCharge=1)
-    b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
+    b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1, Info__MaxDischargeCurrent=100.0)
     agg, _ = run(processes, tmp_path, bank, currentRatioMethod="count", limits={**QUIET, "testCurrentInterval": 600})
     await bank.value_is(agg, CCL, 20.0)
     a.set_value("/Info/MaxChargeCurrent", None)
@@ -188,7 +189,8 @@ async def test_a_pack_that_forbids_charging_during_an_unknown_limit_hold(process
     a.set_value("/Dc/0/Current", 0.0)
     b.set_values({"/Dc/0/Current": 0.0, "/Io/AllowToCharge": 1, "/Info/MaxChargeCurrent": 100.0})
     await bank.value_is(agg, HIGH_CHARGE, 0)
-    await asyncio.sleep(1.5)
+    await bank.barrier(agg, "a")
+    await recomputed(bank, agg, "b")
     assert await bank.read(agg, CCL) == 0.0
     a.set_value("/Info/MaxChargeCurrent", 10.0)
     await bank.value_is(agg, CCL, 20.0)
@@ -207,13 +209,14 @@ async def _status_has(bank: Bank, agg: str, text: str) -> bool:
 # ---- the CVL ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["invalid", "stale", "vanished"])
-async def test_an_unknown_member_cvl_holds_the_bank_cvl(processes: Processes, tmp_path: Path, how: str) -> None:
+async def test_an_unknown_member_cvl_holds_the_bank_cvl(processes: Processes, tmp_path: Path, how: str,
+                                                        bus_address: str) -> None:
     """The member with the lowest CVL publishes an invalid one, stops answering or leaves the bus: the bank's CVL
     rose to the other's 56.8 V. It is held (it may only fall) until the member's CVL is known again, as the CCL
     is."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeVoltage=55.2, Balancing=0)
-    b = await bank.add("b", Info__MaxChargeVoltage=56.8, Balancing=0)
+    b = await bank.add("b", Info__MaxChargeVoltage=56.8, Balancing=0, Info__MaxDischargeCurrent=100.0)
     agg, proc = run(processes, tmp_path, bank, reconnectTimeout=2,
                     limits={**QUIET, "voltageRampUpRate": 10, "voltageHysteresis": 0,
                             "staleAfter": 1 if how == "stale" else QUIET["staleAfter"]})
@@ -227,12 +230,17 @@ async def test_an_unknown_member_cvl_holds_the_bank_cvl(processes: Processes, tm
     await bank.value_is(agg, HELD, 2)
     status = await bank.read(agg, "/Aggregator/Status")
     assert "charge voltage limit held at 55.2 V: limit of Pack a unknown" in status, status
-    await asyncio.sleep(3.0)  # gone for longer than the reconnect timeout
+    if how == "vanished":  # gone for longer than the reconnect timeout
+        await eventually(lambda: f"member {bank.name('a')} did not come back" in processes.output(proc))
+    elif how == "stale":  # silent past staleAfter again: asked again, and still no answer
+        async with CallWatch(bus_address, bank.name("a")) as probes:
+            await eventually(lambda: probes.count >= 1, timeout=10)
+    await recomputed(bank, agg, "b")
     assert await bank.read(agg, CVL) == 55.2
     b.set_value("/Info/MaxChargeVoltage", 55.0)  # the others may still lower it...
     await bank.value_is(agg, CVL, 55.0)
     b.set_value("/Info/MaxChargeVoltage", 56.8)  # ...and it stays there
-    await asyncio.sleep(1.5)
+    await recomputed(bank, agg, "b")
     assert await bank.read(agg, CVL) == 55.0
     assert "charge voltage limit of Pack a is unknown" in processes.output(proc)
     if how == "invalid":
@@ -285,7 +293,7 @@ async def test_an_unknown_limit_of_either_service_of_one_pack_holds(processes: P
         return 50.0 if name == "careful" else 100.0
 
     await bank.add(first, Info__MaxChargeCurrent=limit(first), **pack)
-    await bank.add("other", Info__MaxChargeCurrent=100.0)
+    await bank.add("other", Info__MaxChargeCurrent=100.0, Info__MaxDischargeCurrent=100.0)
     agg, _ = run(processes, tmp_path, bank, currentRatioMethod="count", reconnectTimeout=30, limits=QUIET)
     await bank.value_is(agg, "/System/NrOfBatteries", 2)
     await bank.add(second, Info__MaxChargeCurrent=limit(second), **pack)  # the aggregate stands for the pack
@@ -297,7 +305,7 @@ async def test_an_unknown_limit_of_either_service_of_one_pack_holds(processes: P
     else:
         bank.members.pop("careful").close()
     await bank.value_is(agg, HELD, 2)
-    await asyncio.sleep(1.5)
+    await recomputed(bank, agg, "other")
     assert await bank.read(agg, CCL) == 100.0
     assert "unknown" in await bank.read(agg, "/Aggregator/Status")
     if how == "invalid":
@@ -316,7 +324,7 @@ async def test_a_held_limit_that_falls_is_logged_once(processes: Processes, tmp_
     status shows the value; the log says when the hold starts and when it ends."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=10.0)
-    b = await bank.add("b", Info__MaxChargeCurrent=100.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=100.0, Info__MaxDischargeCurrent=100.0)
     agg, proc = run(processes, tmp_path, bank, currentRatioMethod="count", limits=QUIET)
     await bank.value_is(agg, CCL, 20.0)
     a.set_value("/Info/MaxChargeCurrent", None)
@@ -335,6 +343,6 @@ async def test_a_held_limit_that_falls_is_logged_once(processes: Processes, tmp_
     await eventually(lambda: processes.output(proc).count("status: ") == before + 1)
     log = processes.output(proc)
     assert log.count("limit is known again") == 1, log
-    await asyncio.sleep(1.0)
+    await recomputed(bank, agg, "b")
     assert processes.output(proc).count("status: ") == before + 1
     bank.close()

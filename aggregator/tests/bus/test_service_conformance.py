@@ -55,6 +55,9 @@ def value_of(reply: Any) -> tuple[str, Any]:
     return inner["type"], inner["data"]
 
 
+SENTINEL = "org.batteryaggregator.Test"
+
+
 class Monitor:
     """dbus-monitor as a subprocess, limited to the signals of one connection."""
 
@@ -71,7 +74,6 @@ class Monitor:
         assert self.proc.stdout is not None
         # dbus-monitor prints its own NameAcquired once it is a monitor: then it is ready.
         self.head = await asyncio.wait_for(self.proc.stdout.readline(), 5)
-        await asyncio.sleep(0.1)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -79,13 +81,20 @@ class Monitor:
             self.proc.terminate()
             await self.proc.wait()
 
-    async def signals(self, settle: float = 0.4) -> list[tuple[str, str, str]]:
-        """(path, member, body text) of every signal from the sender, after `settle` seconds of quiet."""
-        await asyncio.sleep(settle)
+    async def signals(self, bus: Any) -> list[tuple[str, str, str]]:
+        """(path, member, body text) of every signal the sender sent so far: `bus` (the sender's connection)
+        then sends a sentinel signal, which comes after all of them, and the monitor is read up to it."""
         assert self.proc is not None and self.proc.stdout is not None
+        bus.send(Message.new_signal("/Sentinel", SENTINEL, "Sentinel"))
+        lines: list[bytes] = []
+        async with asyncio.timeout(10):
+            while not lines or f"interface={SENTINEL}".encode() not in lines[-1]:
+                line = await self.proc.stdout.readline()
+                assert line, b"".join(lines)
+                lines.append(line)
         self.proc.terminate()
-        out = (await asyncio.wait_for(self.proc.stdout.read(), 10)).decode()
         await self.proc.wait()
+        out = b"".join(lines[:-1]).decode()
         found = []
         blocks = ("\n" + out).split("\nsignal ")[1:]
         for block in blocks:
@@ -356,7 +365,7 @@ async def test_single_change_emits_one_propertieschanged(bus_address: str) -> No
     try:
         async with Monitor(bus_address, service.bus.unique_name) as monitor:
             service.set_value("/Dc/0/Voltage", 54.1)
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [(p, m) for p, m, _ in signals] == [("/Dc/0/Voltage", "PropertiesChanged")]
         body = signals[0][2]
         assert '"Value"' in body and "double 54.1" in body
@@ -370,7 +379,7 @@ async def test_set_values_and_batch_emit_one_itemschanged(bus_address: str) -> N
     try:
         async with Monitor(bus_address, service.bus.unique_name) as monitor:
             assert service.set_values({"/Dc/0/Voltage": 52.0, "/Soc": 63, "/Dc/0/Current": 15.0}) == 2
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [(p, m) for p, m, _ in signals] == [("/", "ItemsChanged")]
         body = signals[0][2]
         assert 'string "/Dc/0/Voltage"' in body and 'string "52.00V"' in body
@@ -383,7 +392,7 @@ async def test_set_values_and_batch_emit_one_itemschanged(bus_address: str) -> N
                 service.set_value("/Dc/0/Current", -3.0)
                 with service.batch():  # nested: still one signal at the end of the outer batch
                     service.set_value("/Soc", 64)
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [(p, m) for p, m, _ in signals] == [("/", "ItemsChanged")]
         for text in ['"/Dc/0/Voltage"', '"51.00V"', '"/Dc/0/Current"', '"-3.0A"', '"/Soc"', '"64%"']:
             assert text in signals[0][2], text
@@ -399,7 +408,7 @@ async def test_same_value_emits_nothing(bus_address: str, busctl: Any) -> None:
             assert service.set_values({"/Soc": 62, "/Dc/0/Current": 15.0}) == 0
             reply = await busctl.acall_json(service.name, "/Dc/0/Voltage", "SetValue", "v", "d", "53.2")
             assert reply["data"] == [0]
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert signals == []
     finally:
         service.close()
@@ -410,7 +419,7 @@ async def test_remove_path_publishes_invalid(bus_address: str, busctl: Any) -> N
     try:
         async with Monitor(bus_address, service.bus.unique_name) as monitor:
             service.remove_path("/Soc")
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [(p, m) for p, m, _ in signals] == [("/Soc", "PropertiesChanged")]
         assert 'string "---"' in signals[0][2] and "array [" in signals[0][2]
         result = await busctl.arun("call", service.name, "/Soc", BUSITEM, "GetValue", check=False)
@@ -420,7 +429,7 @@ async def test_remove_path_publishes_invalid(bus_address: str, busctl: Any) -> N
             with service.batch():  # removed inside a batch: the invalid goes with the ItemsChanged
                 service.set_value("/A", 10)
                 service.remove_path("/B")
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [(p, m) for p, m, _ in signals] == [("/", "ItemsChanged")]
         assert '"/A"' in signals[0][2] and '"/B"' in signals[0][2] and '"---"' in signals[0][2]
         items = (await busctl.acall_json(service.name, "/", "GetItems"))["data"][0]
@@ -435,7 +444,7 @@ async def test_setvalue_from_another_client_emits_propertieschanged(bus_address:
         async with Monitor(bus_address, service.bus.unique_name) as monitor:
             reply = await busctl.acall_json(service.name, "/Dc/0/Voltage", "SetValue", "v", "d", "49.5")
             assert reply["data"] == [0]
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [(p, m) for p, m, _ in signals] == [("/Dc/0/Voltage", "PropertiesChanged")]
         assert "double 49.5" in signals[0][2] and '"49.50V"' in signals[0][2]
     finally:
@@ -456,12 +465,12 @@ async def test_floats_are_published_at_their_resolution(bus_address: str, busctl
             for power in (-4729.700000000001, -4729.8, -4730.4, -4729.5000001):
                 assert service.set_value("/Power", power) is False  # the same watt: no change
             assert service.set_value("/Soc1", 60.21) is False
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert signals == []
         async with Monitor(bus_address, service.bus.unique_name) as monitor:
             assert service.set_value("/Power", -4731.2) is True
             assert service.set_value("/Soc1", -0.04) is True
-            signals = await monitor.signals()
+            signals = await monitor.signals(service.bus)
         assert [p for p, _, _ in signals] == ["/Power", "/Soc1"]
         assert "double -4731" in signals[0][2] and '"-4731W"' in signals[0][2]
         assert '"0.0%"' in signals[1][2]  # not "-0.0%"

@@ -78,11 +78,12 @@ async def test_one_itemschanged_per_tick_and_no_propertieschanged(simulator: Any
     monitor = await asyncio.create_subprocess_exec(
         "dbus-monitor", "--address", bus_address, f"type='signal',sender='{owner}'",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    await asyncio.sleep(0.5)
+    assert monitor.stdout is not None
+    await asyncio.wait_for(monitor.stdout.readline(), 5)  # its own NameAcquired: it listens
     bus = await connect()
     for current in (10.0, 50.0, -30.0, 20.0):  # each change moves current, power, voltage... of every pack
         await client.set_value(bus, CONTROL_SERVICE, "/BankCurrent", current)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a few of the simulator's ticks at each current
     bus.disconnect()
     monitor.terminate()
     out = (await monitor.communicate())[0].decode()

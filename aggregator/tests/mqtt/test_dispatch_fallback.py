@@ -262,13 +262,16 @@ async def test_an_anonymous_target_is_refused_unless_allowed(bus_address: str, a
                 await anonymous.subscribe("homeassistant/#")
                 await anonymous.publish(f"{PREFIX}/target_power/set", "-1900", qos=1)
                 await anonymous.publish(f"{PREFIX}/enabled/set", "OFF", qos=1)
+                # A sentinel after the commands, from the same client: once the dispatcher has read it, it has
+                # read the commands too (the broker keeps one client's messages in order).
+                await anonymous.publish("sim/shed/state", json.dumps({"power": 123.0}), qos=1)
                 try:
                     async with asyncio.timeout(1.5):
                         async for message in anonymous.messages:
                             configs[message.topic.value] = bytes(message.payload)
                 except TimeoutError:
                     pass
-            await asyncio.sleep(0.5)
+            await eventually(lambda: runtime.batteries[0].measured.value is not None, timeout=5)
             if taken:
                 await eventually(lambda: service["/Dispatcher/TargetPower"] == -1900.0, timeout=5)
                 assert service["/Dispatcher/Enabled"] == 0

@@ -339,7 +339,8 @@ async def test_a_hostile_command_is_logged_by_its_beginning_and_size(broker: Mos
         service.close()
 
 
-async def test_tls_broker_and_wrong_password(bus_address: str) -> None:
+async def test_tls_broker_and_wrong_password(bus_address: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
     with MosquittoBroker(users=USERS, tls=True) as broker:
         assert broker.tls_files is not None
         runtime, service = await _runtime(_config(broker.port, tls=True, caFile=str(broker.tls_files.ca)))
@@ -354,9 +355,10 @@ async def test_tls_broker_and_wrong_password(bus_address: str) -> None:
         config["serviceName"] = "org.batteryaggregator.dispatcher_mqtt2"
         runtime, service = await _runtime(config)
         try:
-            await asyncio.sleep(1.5)
+            await eventually(lambda: "MQTT: no connection to" in caplog.text, timeout=10)  # refused
+            await eventually(lambda: runtime.cycles > 2, timeout=10)  # and it dispatches on
             assert runtime.mqtt is not None and runtime.mqtt.connections == 0
-            assert runtime.cycles > 2 and runtime._task is not None and not runtime._task.done()
+            assert runtime._task is not None and not runtime._task.done()
             assert service["/Dispatcher/Batteries/0/Status"] in ("stale", "unavailable")
         finally:
             await runtime.stop()
