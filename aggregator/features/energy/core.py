@@ -108,6 +108,9 @@ class EnergyLedger:
     _discharged: _Anchor = field(default_factory=_Anchor, init=False, repr=False)
     _power_at: float | None = field(default=None, init=False, repr=False)  # the last V x I sample: when...
     _power_kw: float = field(default=0.0, init=False, repr=False)  # ...and kW (+ = charging)
+    # The local day of the last V x I sample: (its first second, the next day's, in zone, the day). Samples come
+    # a few a second, each would otherwise work out its local date twice.
+    _day: tuple[float, float, tzinfo | None, date] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in COUNTER_KINDS:
@@ -200,11 +203,22 @@ class EnergyLedger:
         if last_at is None or not 0 < now - last_at <= self.max_gap:
             return None
         charged, discharged = trapezoid_split(last_kw, power, now - last_at)
+        day = self._one_day(last_at, now)
         if charged:
-            self._credit("charged", split_by_day(last_at, now, charged, self.tz))
+            self._credit("charged", [(day, charged)] if day else split_by_day(last_at, now, charged, self.tz))
         if discharged:
-            self._credit("discharged", split_by_day(last_at, now, discharged, self.tz))
+            self._credit("discharged", [(day, discharged)] if day else split_by_day(last_at, now, discharged,
+                                                                                    self.tz))
         return None
+
+    def _one_day(self, t0: float, t1: float) -> date | None:
+        """The local day [t0, t1] lies in, or None when it spans midnight (split_by_day shares it out)."""
+        span = self._day
+        if span is None or span[2] is not self.tz or not span[0] <= t1 < span[1]:
+            day = local_date(t1, self.tz)
+            span = self._day = (local_midnight(day, self.tz), local_midnight(day + timedelta(days=1), self.tz),
+                                self.tz, day)
+        return span[3] if span[0] <= t0 else None
 
     def _credit(self, label: str, parts: list[tuple[date, float]]) -> None:
         index = 0 if label == "charged" else 1

@@ -3,6 +3,7 @@ status 2, so the supervisor restarts it, instead of it living on with no battery
 make our messages too large are refused. Each test runs its own dbus-daemon with a small message size limit."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from pathlib import Path

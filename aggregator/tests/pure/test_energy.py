@@ -390,3 +390,29 @@ def test_a_well_behaved_total_counter_with_resets_is_counted_exactly(steps):
         true_energy += energy
         led.add(now, counter, 0.0)
     assert led.charged_kwh == pytest.approx(true_energy, abs=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([None, timezone.utc, ZoneInfo("Europe/Amsterdam"), ZoneInfo("America/Santiago"),
+                        ZoneInfo("Australia/Lord_Howe")]),
+       st.floats(1_600_000_000, 1_800_000_000),
+       st.lists(st.tuples(st.floats(0.1, 7200.0), st.floats(-50.0, 50.0)), min_size=2, max_size=60))
+def test_integrated_energy_lands_on_the_days_split_by_day_gives(tz, start, samples) -> None:
+    """The ledger works out a sample's local day once per day, not per sample: the days it credits are those
+    split_by_day gives for every interval, across midnights and daylight-saving changes."""
+    ledger = EnergyLedger("x", tz=tz, max_gap=10_000.0)
+    expected: dict[str, list[float]] = {}
+    now, last = start, None
+    for dt, current in samples:
+        now += dt
+        ledger.add(now, voltage=52.0, current=current, max_current_a=100.0)
+        if last is not None:
+            charged, discharged = trapezoid_split(last[1], 52.0 * current / 1000.0, now - last[0])
+            for index, energy in ((0, charged), (1, discharged)):
+                for day, part in (split_by_day(last[0], now, energy, tz) if energy else []):
+                    if part > 0:
+                        expected.setdefault(day.isoformat(), [0.0, 0.0])[index] += part
+        last = (now, 52.0 * current / 1000.0)
+    assert ledger.days.keys() == expected.keys()
+    for day, (charged, discharged) in expected.items():
+        assert ledger.days[day] == pytest.approx([charged, discharged], rel=1e-9, abs=1e-12)
