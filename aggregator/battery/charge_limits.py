@@ -120,7 +120,7 @@ class ChargeLimits:
         either has unknown is unknown (see one_pack)."""
         table = self.table
         by_name = {i.name: n for n, i in enumerate(inputs)}
-        for duplicate in table.energy.duplicates.values():
+        for duplicate in table.packs.duplicates.values():
             index = by_name.get(duplicate.chosen)
             if index is None:
                 continue

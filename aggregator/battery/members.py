@@ -1,16 +1,17 @@
 """The member table: which services are members of the bank and in which row, the roles of the others, and which
-members publish a pack another member already stands for. It follows the monitor's events (a service appears,
-vanishes, changes its name or serial) and keeps the merge, the rows and the energy identities in step with the
-roles of membership.py.
+pack every member publishes (identity.py's Packs: a pack seen through two services is counted through one). It
+follows the monitor's events (a service appears, vanishes, changes its name or serial) and keeps the merge, the
+rows and the packs in step with the roles of membership.py; the features hear of a member whose pack changed.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..features.grid_battery.core import GRID_BATTERY_PRODUCT_ID
+from .identity import Packs, identity_of
 from .membership import AUXILIARY, MEMBER, PRIMARY, VIRTUAL_MEMBER, Roles, ServiceInfo, assign_roles, resolve
 from .publish import member_label
 from .rows import LOST, ONLINE, STALE
@@ -20,12 +21,18 @@ from .virtual import VirtualBattery, role_config, virtual_battery_specs
 if TYPE_CHECKING:
     from ..bus.monitor import ServiceMonitor, WatchedService
     from ..config import Config
-    from ..features.energy.runtime import EnergyTracker
     from .merge import Merge
 
 _LOG = logging.getLogger("aggregator")
 
 BAD_VALUE_LOG_INTERVAL = 600.0  # one log line per member and path in this time
+
+# The id the config gives the pack a member publishes (config, service name, its values), None without one.
+ConfiguredId = Callable[["Config", str, Mapping[str, Any]], "str | None"]
+
+
+def no_configured_id(_config: Config, _name: str, _values: Mapping[str, Any]) -> str | None:
+    return None
 
 
 @dataclass(slots=True)
@@ -45,19 +52,22 @@ class Members:
     `dirty_rows` are the members whose /Batteries/<n> row the next flush writes; `changed` says the membership
     changed (the next flush recomputes the membership paths and the limits)."""
 
-    def __init__(self, config: Config, merge: Merge, virtuals: dict[str, VirtualBattery], energy: EnergyTracker,
+    def __init__(self, config: Config, merge: Merge, virtuals: dict[str, VirtualBattery],
                  clock: Callable[[], float], schedule_flush: Callable[[], None],
-                 forget_limits: Callable[[str], None]) -> None:
+                 forget_limits: Callable[[str], None], configured_id: ConfiguredId = no_configured_id,
+                 pack_changed: Callable[[str], None] = lambda _name: None) -> None:
         self.config = config
         self.role_config = role_config(config)
         self.merge = merge
         self.virtuals = virtuals
-        self.energy = energy
         self.clock = clock
         self.schedule_flush = schedule_flush
         self.forget_limits = forget_limits  # a member taken out: its limit no longer holds the bank's
+        self.configured_id = configured_id
+        self.pack_changed = pack_changed  # a member joined, left or publishes another pack: the features hear
         self.members: dict[str, MemberState] = {}
         self.roles = Roles({}, {}, [], [], [])
+        self.packs = Packs()
         self.duplicates: frozenset[str] = frozenset()  # members publishing a battery another member stands for
         self.dirty_rows: set[str] = set()
         self.changed = True
@@ -67,8 +77,13 @@ class Members:
         self._warned_refs: set[str] = set()
 
     def reconfigure(self, config: Config) -> None:
+        """The new config's roles and virtual batteries, and the identities it gives (the features hear of those
+        in their own reconfigure)."""
         self.config = config
         self.role_config = role_config(config)
+        for name in self.packs.services():
+            if name in self.merge.members:
+                self.identify(name, tell=False)
         for name, entries in virtual_battery_specs(config).items():
             vb = self.virtuals[name]
             fresh = VirtualBattery(name, entries)
@@ -112,9 +127,9 @@ class Members:
         state.drop = None
         state.state = LOST
         self.merge.remove_member(name)
-        gone = self.energy.members.get(name)
+        gone = self.packs.identity_of(name)
         self.forget_identity(name)
-        if gone is not None and any(m.identity == gone.identity for m in self.energy.members.values()):
+        if gone is not None and self.packs.published(gone):
             self.forget_limits(name)  # another service still publishes this pack: its limits are known
         self.roles.roles.pop(name, None)
         self.dirty_rows.add(name)
@@ -245,21 +260,27 @@ class Members:
 
     # ---- a pack seen twice -------------------------------------------------------------------------------
 
-    def identify(self, name: str) -> None:
-        """A member joined or its /Serial changed: who it is (energy identity), and whether it duplicates another."""
-        self.energy.set_member(name, self.merge.members[name].values)
-        self._sync_duplicates()
+    def identify(self, name: str, tell: bool = True) -> None:
+        """A member joined or its /Serial changed: which pack it publishes (its /Serial, else the id the config
+        gives it, else its name), and whether another member already stands for that pack."""
+        values = self.merge.members[name].values
+        identity = identity_of(values.get("/Serial"), self.configured_id(self.config, name, values), name)
+        if self.packs.set(name, identity, self.clock()):
+            if tell:
+                self.pack_changed(name)
+            self._sync_duplicates()
 
     def forget_identity(self, name: str) -> None:
-        self.energy.remove_member(name)
-        self._sync_duplicates()
+        if self.packs.remove(name):
+            self.pack_changed(name)
+            self._sync_duplicates()
 
     def _sync_duplicates(self) -> None:
         """A service publishing a battery that another member already stands for (same serial or configured
         id: one pack seen through two drivers) is not counted again: not in the DC values, not in the limits
         (counted twice, its share would look halved and the bank's CCL doubled), not in the number of
-        batteries. The energy tracker decides which service stands for the battery (the first seen)."""
-        shadowed = self.energy.shadowed
+        batteries. The one seen first stands for the battery (Packs)."""
+        shadowed = self.packs.shadowed
         if shadowed == self.duplicates:
             return
         for name in shadowed ^ self.duplicates:
@@ -277,4 +298,4 @@ class Members:
 
     def stands_for(self, name: str) -> str:
         """The member that stands for the battery a duplicate publishes."""
-        return next((d.chosen for d in self.energy.duplicates.values() if name in d.services), "?")
+        return self.packs.stands_for(name) or "?"

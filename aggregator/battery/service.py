@@ -12,19 +12,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..bus.lib import beat, connect, soon
 from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
 from ..bus.settings import LocalSettings
 from ..bus.watch import PathWatcher
-from ..features import standard_features
 from ..features.base import Feature
-from ..features.energy.feature import EnergyFeature
 from .charge_limits import DVCC_PATHS, MEASUREMENT_LIMIT_INTERVAL, ChargeLimits
 from .liveness import Liveness
-from .members import Members
+from .identity import Duplicate
+from .members import ConfiguredId, Members, no_configured_id
 from .membership import AUXILIARY, CHAIN_PATH, MEMBER, PRIMARY, VIRTUAL_MEMBER
 from .merge import LIMIT_PATHS, MODULES_OFFLINE, Merge, MergeOptions
 from .publish import (BATTERY_PREFIX, add_battery_path, add_log_level_path, custom_name_setting, member_label,
@@ -49,8 +48,12 @@ START_READ_WAIT = 1.0
 
 
 class Aggregator:
+    """The aggregate service with `features` mounted on it (the host hands them over, with `configured_id`: the id
+    the config gives the pack a member publishes, when it publishes no /Serial)."""
+
     def __init__(self, config: Config, bus_address: str | None = None,
-                 clock: Callable[[], float] = time.monotonic, features: list[Feature] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, features: list[Feature] | None = None,
+                 configured_id: ConfiguredId = no_configured_id) -> None:
         self.config = config
         self.bus_address = bus_address
         self.clock = clock
@@ -72,18 +75,14 @@ class Aggregator:
         self._tasks_at = -ROW_INTERVAL
         self._have_voltage = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # The energy feature is the aggregate's own: its tracker also says which service stands for a pack seen
-        # twice (see Members.identify). The others come from the host (the standard set by default).
-        self.energy_feature = EnergyFeature(config)
-        self.energy = self.energy_feature.tracker
-        self.table = Members(config, self.merge, self.virtuals, self.energy, clock, self._schedule_flush,
-                             forget_limits=lambda name: self.limits.leave(name))
+        self.table = Members(config, self.merge, self.virtuals, clock, self._schedule_flush,
+                             forget_limits=lambda name: self.limits.leave(name), configured_id=configured_id,
+                             pack_changed=self._pack_changed)
         self.members = self.table.members  # the same dict, for the hot path
         self.limits = ChargeLimits(config, self.table, self._schedule_flush)
         self.liveness = Liveness(self.table, self.limits, self._spawn, self._schedule_flush)
         self.status = BankStatus(self.name, self.table, self.limits, self.liveness)
-        self.features: list[Feature] = [self.energy_feature,
-                                        *(standard_features(config, bus_address) if features is None else features)]
+        self.features: list[Feature] = list(features or ())
         self._readers = [f for f in self.features if f.reads]  # the hot path asks only these
         self._setting_readers: dict[tuple[str, str], list[Feature]] = {}
         for feature in self.features:
@@ -308,6 +307,10 @@ class Aggregator:
             self.table.dirty_rows.add(name)
             self._schedule_flush()
 
+    def _pack_changed(self, name: str) -> None:
+        for feature in self.features:
+            feature.on_pack(name)
+
     def _on_setting_change(self, service: str, path: str, value: Any) -> None:
         readers = self._setting_readers.get((service, path))
         if readers:
@@ -423,3 +426,9 @@ class Aggregator:
     def member_values(self, name: str) -> dict[str, Any]:
         member = self.merge.members.get(name)
         return member.values if member is not None else {}
+
+    def identity_of(self, name: str) -> str | None:
+        return self.table.packs.identity_of(name)
+
+    def duplicates(self) -> Mapping[str, Duplicate]:
+        return self.table.packs.duplicates

@@ -11,13 +11,15 @@ if TYPE_CHECKING:
 
 
 def standard_features(config: Config, bus_address: str | None = None) -> list[Feature]:
-    """The features mounted on the aggregate's service besides its energy feature, in the order they start (and
-    stop in reverse). The cooperative hands its battery target to the dispatcher when that runs: wired here, so
+    """The features mounted on the aggregate's service, in the order they start (and stop in reverse): the energy
+    ledgers first. The cooperative hands its battery target to the dispatcher when that runs: wired here, so
     neither imports the other. The grid batteries publish services of their own, each on a connection of its own
     to the bus at `bus_address`."""
     from .coop.feature import CoopFeature
     from .dispatcher.feature import DispatcherFeature
+    from .energy.feature import EnergyFeature
     from .grid_battery.feature import GridBatteryFeature
 
     dispatcher = DispatcherFeature(config)
-    return [dispatcher, CoopFeature(config, lambda: dispatcher.runtime), GridBatteryFeature(config, bus_address)]
+    return [EnergyFeature(config), dispatcher, CoopFeature(config, lambda: dispatcher.runtime),
+            GridBatteryFeature(config, bus_address)]

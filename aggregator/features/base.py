@@ -5,6 +5,8 @@ publishes and is called at fixed points; the aggregate service loops over its fe
 name:
 
     reads        member paths: `on_member` is called when a member's change touches one of them
+    on_pack      a member joined, left or now publishes another pack (the bank's `identity_of` and
+                 `duplicates` say which; the battery package decides, the first service seen stands for a pack)
     watches      (service, path) settings of other services: `on_setting` gets their values
     publishes    the paths (prefixes) it owns on the aggregate's service, or the services it publishes
     connections  the bus connections it owns besides the aggregate's (the host's watch ends the process when
@@ -16,7 +18,7 @@ name:
     tick         once a second
     save         its state now (the host asks at an exit that skips stop)
     needs_restart  whether a new config can be applied in place (False) or needs the service restarted
-    reconfigure  applies a new config in place
+    reconfigure  applies a new config in place (the bank's identities already follow it)
 
 A feature imports no other feature: the host wires those that work together (the cooperative sets the
 dispatcher's target through a protocol the cooperative declares).
@@ -26,14 +28,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 if TYPE_CHECKING:
+    from ..battery.identity import Duplicate
     from ..bus.service import VeService
     from ..bus.settings import LocalSettings
     from ..config import Config
 
 
 class Bank(Protocol):
-    """What a feature may read of the aggregate: its members and their sanitized values; and the aggregate's
-    localsettings client (device instances and /CustomName of the services a feature publishes)."""
+    """What a feature may read of the aggregate: its members, their sanitized values and the packs they publish;
+    and the aggregate's localsettings client (device instances and /CustomName of the services a feature
+    publishes)."""
 
     settings: LocalSettings | None
 
@@ -42,6 +46,16 @@ class Bank(Protocol):
         ...
 
     def member_values(self, name: str) -> Mapping[str, Any]:
+        ...
+
+    def identity_of(self, name: str) -> str | None:
+        """The pack member `name` publishes (its /Serial, else its configured id, else its name); None when it
+        is no member."""
+        ...
+
+    def duplicates(self) -> Mapping[str, Duplicate]:
+        """The packs more than one member publishes, by identity: their services and the one that stands for
+        the pack (the others are not counted)."""
         ...
 
 
@@ -66,6 +80,9 @@ class Feature:
         pass
 
     def on_member(self, name: str, values: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+        pass
+
+    def on_pack(self, name: str) -> None:
         pass
 
     def on_setting(self, service: str, path: str, value: Any) -> None:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from ..battery.service import Aggregator
 from ..bus.lib import LIBRARY
 from ..config_data import DEFAULT_CONFIG_PATH, CheckResult, with_log_level
+from ..features import standard_features
+from ..features.energy.runtime import configured_id
 from ..state import StateStore
 from .config_check import check_in_child, load
 from .lean import needs_tls, tls_left_out
@@ -101,8 +103,14 @@ class Host:
         self.reload = asyncio.Event()
         self.reconnected = asyncio.Event()  # a reload changed which connections we own
 
+    def _aggregator(self, config: Config) -> Aggregator:
+        """The aggregate with every feature mounted; a pack without a /Serial is known by the id the energy
+        section gives it (energy.members.<ref>.id)."""
+        return Aggregator(config, self.bus_address, features=standard_features(config, self.bus_address),
+                          configured_id=configured_id)
+
     async def start(self, config: Config) -> bool:
-        self.aggregator = aggregator = Aggregator(config, self.bus_address)
+        self.aggregator = aggregator = self._aggregator(config)
         try:
             await aggregator.start()
         except Exception as exc:  # no bus, or the name is taken by another process
@@ -198,7 +206,7 @@ class Host:
         assert self.aggregator is not None
         self.restarting = True
         await self.aggregator.stop()
-        self.aggregator = Aggregator(config, self.bus_address)
+        self.aggregator = self._aggregator(config)
         try:
             await self.aggregator.start()
         except Exception as exc:  # a name taken by another process, say: do not live on without a battery

@@ -56,6 +56,18 @@ class EnergyFeature(Feature):
         self.tracker.sample(name, values, changes)
         self._changed = True
 
+    def on_pack(self, name: str) -> None:
+        """A member joined, left or publishes another pack: its ledger, and the packs counted once."""
+        bank = self._bank
+        if bank is None:
+            return
+        self.tracker.note_duplicates(bank.duplicates())
+        identity = bank.identity_of(name)
+        if identity is None:
+            self.tracker.remove_member(name)
+        else:
+            self.tracker.set_member(name, identity, bank.member_values(name))
+
     def on_setting(self, service: str, path: str, value: Any) -> None:
         if path == TIME_ZONE_PATH:
             self.tracker.time_zone.changed(value)
@@ -75,7 +87,8 @@ class EnergyFeature(Feature):
         return (new.energy.httpPort, new.energy.httpBind) != (old.energy.httpPort, old.energy.httpBind)
 
     def reconfigure(self, config: Config, bank: Bank) -> None:
-        self.tracker.reconfigure(config.energy, bank.member_values)
+        self.tracker.note_duplicates(bank.duplicates())
+        self.tracker.reconfigure(config.energy, bank.identity_of, bank.member_values)
 
     def publish(self) -> None:
         """The energy paths, at most every second (the ledgers change with every sample; nobody needs more)."""

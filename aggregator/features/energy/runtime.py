@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from .core import (REANCHORED, CounterKind, EnergyLedger, ReportConflict, ReportError, ReportSeries, average_level,
                    beyond_capacity, capacity_weighted_level, report_regression, same_totals, total_energy)
-from ...battery.identity import Duplicate, find_duplicates, identity_of
 from ...local_time import TimeZoneSetting
 from ...config_data import ConfigData
 from ...state import StateStore
 
 if TYPE_CHECKING:  # the service reads its settings as checked data (config_data.py) and parses reports when one comes
+    from ...battery.identity import Duplicate
+    from ...config import Config
     from .report import ExternalReport
     from .settings import EnergyOptions, MemberEnergyOptions
 
@@ -35,6 +36,28 @@ if TYPE_CHECKING:  # the service reads its settings as checked data (config_data
 NO_MEMBER_OPTIONS = ConfigData(id=None, counterKind="total", capacityKwh=None, maxPowerKw=None)
 
 _LOG = logging.getLogger("aggregator.energy")
+
+
+def _options_of(options: EnergyOptions, keys: Iterable[str | None]) -> MemberEnergyOptions | ConfigData:
+    for key in keys:
+        if key and key in options.members:
+            return options.members[key]
+    return NO_MEMBER_OPTIONS
+
+
+def member_options(options: EnergyOptions, name: str, values: Mapping[str, Any]) -> MemberEnergyOptions | ConfigData:
+    """A member's entry under energy.members: keyed by its service name, name:<its /CustomName>,
+    serial:<its /Serial> or its /Serial (the first that is there), else the defaults."""
+    serial = values.get("/Serial")
+    serial = serial if isinstance(serial, str) and serial.strip() else None
+    custom = values.get("/CustomName")
+    return _options_of(options, [name, f"name:{custom}" if isinstance(custom, str) and custom else None,
+                                 f"serial:{serial}" if serial else None, serial])
+
+
+def configured_id(config: Config, name: str, values: Mapping[str, Any]) -> str | None:
+    """The id energy.members gives the pack member `name` publishes (its identity when it has no /Serial)."""
+    return member_options(config.energy, name, values).id
 
 
 def _parse_report(fields: Mapping[str, Any]) -> ExternalReport:
@@ -59,7 +82,6 @@ CONFIRMED_KW = 1e9  # a confirmed jump is taken whatever the power it would take
 class _Member:
     identity: str
     kind: CounterKind
-    first_seen: float
 
 
 @dataclass(slots=True)
@@ -129,7 +151,7 @@ class EnergyTracker:
         self._rows_shown: set[int] = set()  # /Energy/External/<k> rows published: a removed one turns invalid
         self.tz: tzinfo | None = None  # dates: the user's zone; None = the process's
         self.time_zone = TimeZoneSetting(self.set_zone)  # the caller feeds it the setting's values
-        self.duplicates: dict[str, Duplicate] = {}
+        self.duplicates: dict[str, Duplicate] = {}  # as the bank says: packs that more than one member publishes
         self._shadowed: set[str] = set()  # services another service with the same identity stands for
         self._save_due = False
         self._saved_at = clock()
@@ -219,12 +241,6 @@ class EnergyTracker:
 
     # ---- members on D-Bus ----------------------------------------------------------------------------------
 
-    def _options(self, keys: Iterable[str | None]) -> MemberEnergyOptions | ConfigData:
-        for key in keys:
-            if key and key in self.options.members:
-                return self.options.members[key]
-        return NO_MEMBER_OPTIONS
-
     def _ledger(self, identity: str, kind: CounterKind) -> EnergyLedger:
         ledger = self.ledgers.get(identity)
         if ledger is None:
@@ -239,47 +255,39 @@ class EnergyTracker:
             _LOG.info("%s: counters now read as %s", identity, kind)
         return ledger
 
-    def set_member(self, name: str, values: Mapping[str, Any]) -> None:
-        """A member joined, or its /Serial changed: who it is, and whether another service is the same battery."""
-        serial = values.get("/Serial")
-        serial = serial if isinstance(serial, str) and serial.strip() else None
-        custom = values.get("/CustomName")
-        keys = [name, f"name:{custom}" if isinstance(custom, str) and custom else None,
-                f"serial:{serial}" if serial else None, serial]
-        options = self._options(keys)
-        identity = identity_of(serial, options.id, name)
+    def set_member(self, name: str, identity: str, values: Mapping[str, Any]) -> None:
+        """A member joined, or the pack it publishes changed (`identity`, as the bank says): its ledger."""
+        kind = member_options(self.options, name, values).counterKind
         old = self.members.get(name)
-        if old is not None and (old.identity, old.kind) == (identity, options.counterKind):
+        if old is not None and (old.identity, old.kind) == (identity, kind):
             return
-        self.members[name] = _Member(identity, options.counterKind, old.first_seen if old else self.clock())
-        self._ledger(identity, options.counterKind)
-        self._find_duplicates()
+        self.members[name] = _Member(identity, kind)
+        self._ledger(identity, kind)
         self.sample(name, values)
 
     def remove_member(self, name: str) -> None:
-        if self.members.pop(name, None) is not None:
-            self._find_duplicates()
+        self.members.pop(name, None)
 
-    @property
-    def shadowed(self) -> frozenset[str]:
-        """Services that publish a battery another (earlier) service already stands for: same identity."""
-        return frozenset(self._shadowed)
-
-    def reconfigure(self, options: EnergyOptions, values_of: Callable[[str], Mapping[str, Any]]) -> None:
+    def reconfigure(self, options: EnergyOptions, identity_of: Callable[[str], str | None],
+                    values_of: Callable[[str], Mapping[str, Any]]) -> None:
         self.options = options
         for name in list(self.members):
-            self.set_member(name, values_of(name))
+            identity = identity_of(name)
+            if identity is None:
+                self.remove_member(name)
+            else:
+                self.set_member(name, identity, values_of(name))
 
-    def _find_duplicates(self) -> None:
-        found = find_duplicates({n: m.identity for n, m in self.members.items()},
-                                {n: m.first_seen for n, m in self.members.items()})
+    def note_duplicates(self, found: Mapping[str, Duplicate]) -> None:
+        """The packs more than one member publishes, as the bank says (and which service stands for each): the
+        others are neither sampled nor counted."""
         for identity, dup in found.items():
             if self.duplicates.get(identity) != dup:
                 _LOG.warning("battery %s is published by %s: its energy and level are counted once, from %s",
                              identity, " and ".join(dup.services), dup.chosen)
         for identity in self.duplicates.keys() - found.keys():
             _LOG.info("battery %s is published by one service again", identity)
-        self.duplicates = found
+        self.duplicates = dict(found)
         self._shadowed = {s for d in found.values() for s in d.services if s != d.chosen}
 
     def sample(self, name: str, values: Mapping[str, Any], changes: Iterable[str] | None = None) -> None:
@@ -313,7 +321,7 @@ class EnergyTracker:
         report = _parse_report(fields)
         self._check_id(report.id)
         external = self.externals.get(report.id)
-        options = self._options([report.id])
+        options = _options_of(self.options, [report.id])
         max_kw = options.maxPowerKw or self.options.externalMaxPowerKw
         # Tried on a copy: a refused report (a typo, a delta, an impossible jump) must leave no trace, or the
         # next correct report would be measured against the mistake.

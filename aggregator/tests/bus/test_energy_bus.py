@@ -54,6 +54,42 @@ async def acli(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.get_running_loop().run_in_executor(None, lambda: _cli(address, *args))
 
 
+async def test_a_reload_that_gives_two_services_one_id_counts_the_duplicate_once(processes: Processes,
+                                                                                 tmp_path: Path) -> None:
+    """Two services without a /Serial that a reloaded config gives the same id (energy.members.<ref>.id) are one
+    pack: counted once in the DC values and the count as soon as the config is applied, not at the next join."""
+    bank = Bank()
+    await bank.add("a", Serial="", Dc__0__Current=10.0)
+    await bank.add("b", Serial="", Dc__0__Current=10.0)
+    name = bank.name("agg")
+    path = tmp_path / "config.json"
+    base = {"serviceName": name, "startupBatteryWait": 5, "stateDir": str(tmp_path / "state")}
+    path.write_text(json.dumps(base))
+    proc = processes.start("run", "--config", str(path), "--exit-delay", "0")
+    await bank.value_is(name, "/Dc/0/Current", 20.0)
+    assert await bank.read(name, "/System/NrOfBatteries") == 2
+    ids = {"name:Pack a": {"id": "shed"}, "name:Pack b": {"id": "shed"}}
+    path.write_text(json.dumps({**base, "energy": {"members": ids}}))
+    proc.send_signal(signal.SIGHUP)
+    await bank.value_is(name, "/System/NrOfBatteries", 1)
+    assert await bank.read(name, "/Dc/0/Current") == 10.0
+    assert "not counted twice" in await bank.read(name, "/Aggregator/Status")
+    shown = f"shed: {bank.name('a')}, {bank.name('b')} (counted once, from "
+
+    async def counted_once() -> bool:
+        try:
+            return str(await bank.read(name, "/Energy/Duplicates")).startswith(shown)
+        except client.CallError:  # the energy paths are added at the first tick
+            return False
+
+    await eventually(counted_once, timeout=15)
+    path.write_text(json.dumps(base))  # the ids taken away: two packs again
+    proc.send_signal(signal.SIGHUP)
+    await bank.value_is(name, "/System/NrOfBatteries", 2)
+    assert await bank.read(name, "/Dc/0/Current") == 20.0
+    bank.close()
+
+
 async def test_a_member_counter_reset_continues_the_totals(processes: Processes, tmp_path: Path,
                                                            busctl: Busctl) -> None:
     bank = Bank()
