@@ -14,7 +14,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..bus.lib import beat, connect, soon
+from ..bus.beats import beat
+from ..bus.lib import connect, soon
 from ..bus.monitor import ServiceMonitor, WatchedService
 from ..bus.service import VeService
 from ..bus.settings import LocalSettings

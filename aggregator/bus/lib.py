@@ -163,11 +163,3 @@ def soon(callback: Callable[[], None]) -> Any:
         return True
     return asyncio.get_running_loop().call_soon(callback)
 
-
-async def beat(period: float) -> None:
-    """Sleep until the next whole multiple of `period` on the loop's clock. The service's tick and its features'
-    cycles wait for the same beats, so their timers fall due together and run in one wake-up of the process
-    instead of one each (on a GX a wake-up costs more than the work of a tick)."""
-    loop = asyncio.get_running_loop()
-    now = loop.time()
-    await asyncio.sleep(period - now % period)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from dbus_next import Message
 
+from .beats import next_beat
 from .decode import BusItemSignal, decode_message, message_length
 
 _LOG = logging.getLogger(__name__)
@@ -48,13 +49,13 @@ def _dispatch_signal(bus: Any, message: Message) -> None:
 
 
 # Read moderation, as a network card moderates its interrupts: a message that arrives at least POLL_INTERVAL
-# after the last read is handled the moment it arrives; one that arrives sooner waits until POLL_INTERVAL after
-# that read, and everything that arrived by then is handled in one wake-up with one flush of the aggregate (on a
-# GX a wake-up of the process costs more than the work of one update). While messages keep coming the connection
-# is read every POLL_INTERVAL; a read that finds nothing waits for the next message again, so a quiet bank costs
-# nothing and a lone change is published at once. Our own method calls are not moderated (expect_reply below):
-# their replies are read at once. Victron's system calculator reads the battery once a second, so POLL_INTERVAL
-# bounds the extra latency well inside what it can see.
+# after the last read is handled the moment it arrives; one that arrives sooner waits for the next beat of
+# POLL_INTERVAL (beats.py: the service's tick falls on them too), and everything that arrived by then is handled in
+# one wake-up with one flush of the aggregate (on a GX a wake-up of the process costs more than the work of one
+# update). While messages keep coming the connection is read at every beat; a read that finds nothing waits for
+# the next message again, so a quiet bank costs nothing and a lone change is published at once. Our own method
+# calls are not moderated (expect_reply below): their replies are read at once. Victron's system calculator reads
+# the battery once a second, so POLL_INTERVAL bounds the extra latency well inside what it can see.
 POLL_INTERVAL = 0.2
 REPLY_WINDOW = 0.5  # seconds after a method call is sent during which, until its reply, messages are read at once
 
@@ -140,7 +141,7 @@ class ConnectionReader:
             self.read_and_handle()  # the first message after a quiet spell: at once
         elif self.bus.connected:  # soon after the last read: the next read takes everything up to then
             self.loop.remove_reader(self.fd)
-            self.timer = self.loop.call_at(self.last + POLL_INTERVAL, self.poll)
+            self.timer = self.loop.call_at(next_beat(now, POLL_INTERVAL), self.poll)
 
     def poll(self) -> None:
         self.timer = None
@@ -151,7 +152,8 @@ class ConnectionReader:
         if not self.bus.connected:
             return
         if handled and not self.awaiting_reply():
-            self.timer = self.loop.call_later(POLL_INTERVAL, self.poll)  # still busy: keep reading in batches
+            # Still busy: keep reading in batches, at the beats of the service's tick (one wake-up for both).
+            self.timer = self.loop.call_at(next_beat(self.last, POLL_INTERVAL), self.poll)
         else:  # quiet, or a reply is awaited: wake on the next message
             self.loop.add_reader(self.fd, self.on_readable)
 

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from ...bus import client
-from ...bus.lib import beat
+from ...bus.beats import beat
 from ...bus.service import VeService
 from ...state import StateStore
 from .core import PeerState, SiteTarget

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 import aiomqtt
 
 from ...bounded import bounded_text
-from ...bus.lib import beat
+from ...bus.beats import beat
 from ...mqtt.link import client_tls
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)

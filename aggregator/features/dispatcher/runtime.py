@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping
 
 from ... import __version__
 from ...bounded import bounded_repr
-from ...bus.lib import MessageBus, beat, connect
+from ...bus.beats import beat
+from ...bus.lib import MessageBus, connect
 from ...bus.service import VeService
 from ...mqtt import hass
 from ...mqtt.link import MqttLink

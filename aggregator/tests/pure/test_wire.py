@@ -141,3 +141,15 @@ def test_direct_items_changed_matches_the_library(values: dict[str, tuple[Any, s
     expected = Message(message_type=MessageType.SIGNAL, path="/", interface="com.victronenergy.BusItem",
                        member="ItemsChanged", signature="a{sa{sv}}", body=[body], serial=serial)._marshall()
     assert encode.ItemsChangedEncoder("com.victronenergy.BusItem").encode(serial, items) == expected
+
+
+@given(st.floats(0.0, 1e7), st.sampled_from([0.2, 0.5, 1.0, 10.0]))
+def test_a_beat_is_the_next_multiple_of_its_period_and_the_ticks_fall_on_the_polls(now, period) -> None:
+    from aggregator.bus.beats import next_beat
+
+    beat = next_beat(now, period)
+    assert now < beat + 1e-6 * period and beat - now <= period * (1 + 1e-6)
+    assert abs(beat - round(beat / period) * period) <= 1e-6
+    # A tick's beat (1 s) is also a poll's (0.2 s), the same float: their timers fall due in one wake-up.
+    tick = next_beat(now, 1.0)
+    assert next_beat(tick - 0.1, 0.2) == tick
