@@ -43,7 +43,7 @@ AGGREGATE_PRODUCT_ID = 0xBA01  # ours; outside the ids DVCC applies vendor quirk
 VIRTUAL_PRODUCT_ID = 0xBA02
 AGGREGATE_PRODUCT_NAME = "Battery Aggregator"
 STATE_SAVE_INTERVAL = 60.0
-ROW_INTERVAL = 1.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
+ROW_INTERVAL = 2.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
 # Seconds start-up waits for the members' first reads before publishing; one that answers later joins then.
 START_READ_WAIT = 1.0
 
@@ -379,11 +379,8 @@ class Aggregator:
                 limits.write_keys(service, name)
             dirty_rows.clear()
             limits.rows_changed.clear()
-            for path, value in values.items():
-                if path not in service:
-                    add_battery_path(service, path, value)
-                else:
-                    service.set_value(path, value)
+            for path in service.update_values(values):
+                add_battery_path(service, path, values[path])
 
     def _flush_virtual(self, vb: VirtualBattery) -> None:
         if vb.service is None or not vb.dirty:

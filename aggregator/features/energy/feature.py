@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from ...config import Config
 
 ENERGY_REFRESH = 10.0  # seconds: the energy paths are republished at least this often (what time alone changes)
+# Seconds: at most this often after members' samples alone; kWh totals move slowly, and a change of the members
+# (rows) or a report shows at once.
+ENERGY_INTERVAL = 5.0
 
 
 class EnergyFeature(Feature):
@@ -77,7 +80,8 @@ class EnergyFeature(Feature):
         if self._bank is None:
             return
         rows = self._bank.member_rows()
-        if self._changed or rows != self._rows or self.tracker.clock() - self._published_at >= ENERGY_REFRESH:
+        since = self.tracker.clock() - self._published_at
+        if rows != self._rows or since >= (ENERGY_INTERVAL if self._changed else ENERGY_REFRESH):
             self.publish()
 
     def save(self) -> None:
