@@ -80,8 +80,7 @@ class GridBatteryFeature(Feature):
         for grid_settings in wanted[0]:
             service = None
             try:
-                # Read with moderation: its meter's values feed energy totals, not a limit
-                service = GridBatteryService(await connect(self.bus_address, coalesce=True), grid_settings,
+                service = GridBatteryService(await connect(self.bus_address), grid_settings,
                                              grid_state_dir(config.stateDir, grid_settings),
                                              local_settings=self._local_settings)
                 await service.start()
