@@ -39,6 +39,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..numbers import finite
+
 try:  # GX devices on 32-bit ARM may not have numpy
     import numpy as np
 except ImportError:  # pragma: no cover - exercised by monkeypatching np
@@ -85,9 +87,6 @@ def _fmt_ohm(x: float) -> str:
         return f"{x * 1000:.3g} mOhm"
     return f"{x:.3g} Ohm"
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class IrEstimator:
@@ -141,7 +140,7 @@ class IrEstimator:
 
     def update(self, voltage: float | None, current: float | None) -> None:
         """Feed one simultaneous (terminal voltage V, current A) sample; bad values are ignored."""
-        if not (_finite(voltage) and _finite(current)):
+        if not (finite(voltage) and finite(current)):
             return
         v = float(voltage)  # type: ignore[arg-type]
         i = float(current)  # type: ignore[arg-type]
@@ -188,7 +187,7 @@ class IrEstimator:
             if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
                 return est
             vals = {k: d[k] for k in _STAT_KEYS}
-            if not all(_finite(x) for x in vals.values()):
+            if not all(finite(x) for x in vals.values()):
                 return est
             w, cxx, cyy, cxy = vals["w"], vals["cxx"], vals["cyy"], vals["cxy"]
             if w < 0 or cxx < 0 or cyy < 0 or cxy * cxy > cxx * cyy * (1 + 1e-9) + 1e-300:
@@ -198,7 +197,7 @@ class IrEstimator:
             last = None
             if all(k in d for k in _LAST_KEYS):
                 lr, ls, lo = (d[k] for k in _LAST_KEYS)
-                if not all(_finite(x) for x in (lr, ls, lo)) or not est.r_min <= lr <= est.r_max or ls < 0:
+                if not all(finite(x) for x in (lr, ls, lo)) or not est.r_min <= lr <= est.r_max or ls < 0:
                     return est
                 last = (float(lr), float(ls), float(lo))
             for k, x in vals.items():

@@ -19,13 +19,13 @@ A member's counters are followed, never trusted blindly:
 from __future__ import annotations
 
 import copy
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import date, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
 from ...local_time import local_date, local_midnight
+from ...numbers import finite
 
 if TYPE_CHECKING:
     from .report import ExternalReport
@@ -72,9 +72,6 @@ def split_by_day(t0: float, t1: float, energy: float, tz: tzinfo | None = None) 
     out.append((last, energy * (t1 - start) / (t1 - t0)))
     return out
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---- the ledger ----------------------------------------------------------------------------------------
@@ -140,7 +137,7 @@ class EnergyLedger:
         return messages
 
     def _follow_counter(self, label: str, anchor: _Anchor, value: Any, now: float, max_kw: float) -> str | None:
-        if not _finite(value) or not 0 <= value < KWH_LIMIT:
+        if not finite(value) or not 0 <= value < KWH_LIMIT:
             return (f"{self.identity}: {label} counter {value!r} kWh is not a plausible value (0 to {KWH_LIMIT:g}); "
                     "ignored")
         value = float(value)
@@ -193,7 +190,7 @@ class EnergyLedger:
                 f"allows; {REANCHORED}")
 
     def _integrate(self, now: float, voltage: Any, current: Any, max_kw: float) -> str | None:
-        if not (_finite(voltage) and _finite(current)):
+        if not (finite(voltage) and finite(current)):
             return None  # nothing measured: the gap rule bridges it
         power = voltage * current / 1000.0
         if abs(power) > max_kw * MARGIN or abs(voltage) > 1000:
@@ -327,7 +324,7 @@ def _restore(ledger: EnergyLedger, data: Any) -> EnergyLedger:
     _restore_anchors(ledger, data["anchors"])
     power_at, power_kw = data["power"]
     ledger._power_at = None if power_at is None else _time(power_at)
-    ledger._power_kw = float(power_kw) if _finite(power_kw) else 0.0
+    ledger._power_kw = float(power_kw) if finite(power_kw) else 0.0
     days = data.get("days", {})
     if not isinstance(days, dict):
         raise ValueError("days is not an object")
@@ -349,21 +346,21 @@ def _restore_anchors(ledger: EnergyLedger, anchors: Any) -> None:
 
 
 def _amount(value: Any) -> float:
-    if not _finite(value) or not 0 <= value < KWH_LIMIT:
+    if not finite(value) or not 0 <= value < KWH_LIMIT:
         raise ValueError(f"{value!r} is not an energy in kWh")
     return float(value)
 
 
 def _time(value: Any) -> float:
-    if not _finite(value):
+    if not finite(value):
         raise ValueError(f"{value!r} is not a time")
     return float(value)
 
 
 def _max_power_kw(voltage: Any, max_current_a: Any) -> float:
-    if not _finite(max_current_a) or max_current_a < 0:
+    if not finite(max_current_a) or max_current_a < 0:
         return DEFAULT_MAX_POWER_KW
-    volts = abs(voltage) if _finite(voltage) and 0 < abs(voltage) <= 1000 else BOUND_VOLTAGE
+    volts = abs(voltage) if finite(voltage) and 0 < abs(voltage) <= 1000 else BOUND_VOLTAGE
     return max(MIN_MAX_POWER_KW, max_current_a * volts / 1000.0)
 
 
@@ -398,7 +395,7 @@ def total_energy(ledgers: Iterable[EnergyLedger]) -> tuple[float, float]:
 
 
 def _level_pairs(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[float, Any]]:
-    return [(float(soc), cap) for soc, cap in pairs if _finite(soc) and 0 <= soc <= 100]
+    return [(float(soc), cap) for soc, cap in pairs if finite(soc) and 0 <= soc <= 100]
 
 
 def average_level(pairs: Iterable[tuple[Any, Any]]) -> float | None:
@@ -410,7 +407,7 @@ def average_level(pairs: Iterable[tuple[Any, Any]]) -> float | None:
 def capacity_weighted_level(pairs: Iterable[tuple[Any, Any]]) -> float | None:
     """SoC weighted by capacity: what fraction of the bank's Ah is stored. Pairs without a valid capacity
     are left out; None when no pair has both (the caller may fall back to average_level)."""
-    weighted = [(soc, float(cap)) for soc, cap in _level_pairs(pairs) if _finite(cap) and cap > 0]
+    weighted = [(soc, float(cap)) for soc, cap in _level_pairs(pairs) if finite(cap) and cap > 0]
     total = sum(cap for _, cap in weighted)
     return sum(soc * cap for soc, cap in weighted) / total if total else None
 

@@ -12,7 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ...validation import validation_messages
-from .core import KWH_LIMIT, ReportError, _finite
+from ...numbers import finite
+from .core import KWH_LIMIT, ReportError
 
 _REPORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -40,7 +41,7 @@ def _number(value: Any, low: float, high: float, *, low_open: bool, unit: str) -
         except ValueError:
             raise ValueError(f"{value!r} is not a number; allowed: {allowed}, written with {DECIMAL_RULE}") \
                 from None
-    if not _finite(value):
+    if not finite(value):
         raise ValueError(f"{value!r} is not allowed; allowed: {allowed}")
     if value < low or (low_open and value == low) or value >= high:
         raise ValueError(f"{value:g} is out of range; allowed: {allowed}")

@@ -33,6 +33,7 @@ from datetime import date, datetime, tzinfo
 from typing import Any
 
 from ...local_time import local_date, local_midnight
+from ...numbers import finite
 
 __all__ = ["GridBattery", "GridBatteryConfig", "HistoryRow", "ProfileSlot", "history_rows_csv", "parse_month_day",
            "profile_csv_line", "resolution_of", "reset_occurrence", "PROFILE_HEADER"]
@@ -170,7 +171,7 @@ class GridBattery:
     def battery_power_w(self, grid_power_w: Any) -> float | None:
         """Charge (+) / discharge (-) power for a grid power (+ = import): export charges the battery,
         except that a full battery takes nothing and an empty one gives nothing."""
-        if not _finite(grid_power_w):
+        if not finite(grid_power_w):
             return None
         power = -float(grid_power_w)
         full = self.config.capacity_kwh > 0 and self.level_kwh >= self.config.capacity_kwh
@@ -264,7 +265,7 @@ class GridBattery:
         """The counter's accepted energy since its last sample (0 when there is nothing to count)."""
         if value is None:
             return 0.0  # missing: the next value's delta covers the gap, nothing is invented
-        if not _finite(value) or not 0 <= value < METER_KWH_LIMIT:
+        if not finite(value) or not 0 <= value < METER_KWH_LIMIT:
             messages.append(f"meter {label} counter {value!r} kWh is not a plausible value; ignored")
             return 0.0
         value = float(value)
@@ -449,18 +450,15 @@ def resolution_of(value: float) -> float:
     return 0.0
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def _number(value: Any) -> float:
-    if not _finite(value):
+    if not finite(value):
         raise ValueError(f"{value!r} is not a number")
     return float(value)
 
 
 def _amount(value: Any) -> float:
-    if not _finite(value) or not 0 <= value < METER_KWH_LIMIT:
+    if not finite(value) or not 0 <= value < METER_KWH_LIMIT:
         raise ValueError(f"{value!r} is not an energy in kWh")
     return float(value)
 

@@ -23,7 +23,7 @@ CORES = [
     "aggregator.features.dispatcher.core.controller", "aggregator.features.dispatcher.core.faults",
     "aggregator.features.dispatcher.core.windows", "aggregator.features.dispatcher.core.dynamics",
     "aggregator.features.dispatcher.core.target", "aggregator.features.coop.core", "aggregator.features.coop.ledger",
-    "aggregator.bounded", "aggregator.local_time",
+    "aggregator.bounded", "aggregator.local_time", "aggregator.numbers",
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60
