@@ -22,8 +22,10 @@ ANSWER_LIMIT = 4 << 20  # bytes of answer read at most: a config is a few kB
 def check_in_child(path: str) -> CheckResult:
     """Check `path` in a child interpreter; never raises (a failed check is a CheckResult with the error)."""
     try:
+        # Its bytecode is cached as the service's is: on a GX, compiling the model's library anew at every
+        # check would take seconds.
         done = subprocess.run([sys.executable, "-m", __name__, path], capture_output=True, timeout=CHECK_TIMEOUT,
-                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, check=False)
+                              check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return CheckResult(None, [f"cannot check the config {path}: {exc}"], [])
     try:
