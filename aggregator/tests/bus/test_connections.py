@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -47,6 +47,22 @@ def start(processes: Processes, tmp_path: Path, bank: Bank) -> tuple[str, object
     path = tmp_path / "agg.json"
     path.write_text(json.dumps({"serviceName": name, "stateDir": str(tmp_path / "state"), "startupBatteryWait": 5}))
     return name, processes.start("run", "--config", str(path))
+
+
+async def an_oversize_reply_ends_the_process(processes: Processes, bank: Bank, agg: str, proc: Any) -> None:
+    """100 more members make the aggregate's GetItems reply larger than the bus allows: asking for it makes the bus
+    drop the aggregate's connection, and the process ends with 2 naming it."""
+    for i in range(100):
+        await bank.add(f"m{i}", instance=400 + i)
+    await bank.value_is(agg, "/System/NrOfBatteries", 101, timeout=30)
+    reader = await connect()
+    with pytest.raises(client.CallError):
+        await client.get_items(reader, agg)
+    await eventually(lambda: proc.poll() is not None, timeout=10)
+    assert proc.returncode == 2, processes.output(proc)
+    assert "lost the D-Bus connection of " + agg in processes.output(proc)
+    reader.disconnect()
+    bank.close()
 
 
 async def test_a_huge_custom_name_is_refused_and_the_service_stays(small_bus: tuple[PrivateBus, Processes],
@@ -139,19 +155,8 @@ async def test_a_dropped_service_connection_ends_the_process_with_2(small_bus: t
     await bank.add("a", Info__MaxChargeCurrent=50.0)
     agg, proc = start(processes, tmp_path, bank)
     await bank.value_is(agg, "/System/NrOfBatteries", 1)
-    # 100 members' rows make the aggregate's GetItems reply larger than the bus allows: asking for it makes the
-    # bus drop the aggregate's connection (the members' watcher receives, it does not send that reply).
-    for i in range(100):
-        await bank.add(f"m{i}", instance=400 + i)
-    await bank.value_is(agg, "/System/NrOfBatteries", 101, timeout=30)
-    reader = await connect()
-    with pytest.raises(client.CallError):
-        await client.get_items(reader, agg)
-    await eventually(lambda: proc.poll() is not None, timeout=10)  # type: ignore[attr-defined]
-    assert proc.returncode == 2, processes.output(proc)  # type: ignore[attr-defined]
-    assert "lost the D-Bus connection of " + agg in processes.output(proc)  # type: ignore[arg-type]
-    reader.disconnect()
-    bank.close()
+    # The members' watcher receives, it does not send that reply: only the aggregate's connection is dropped.
+    await an_oversize_reply_ends_the_process(processes, bank, agg, proc)
 
 
 async def test_a_dropped_connection_after_a_restarting_reload_ends_the_process(
@@ -172,17 +177,8 @@ async def test_a_dropped_connection_after_a_restarting_reload_ends_the_process(
     await bank.value_is(renamed, "/System/NrOfBatteries", 1, timeout=20)
     await bank.barrier(renamed, "a")  # the old connections have closed on purpose: that is no loss
     assert proc.poll() is None  # type: ignore[attr-defined]
-    for i in range(100):  # as above: the new aggregate's GetItems reply becomes too large for the bus
-        await bank.add(f"m{i}", instance=400 + i)
-    await bank.value_is(renamed, "/System/NrOfBatteries", 101, timeout=30)
-    reader = await connect()
-    with pytest.raises(client.CallError):
-        await client.get_items(reader, renamed)
-    await eventually(lambda: proc.poll() is not None, timeout=10)  # type: ignore[attr-defined]
-    assert proc.returncode == 2, processes.output(proc)  # type: ignore[attr-defined]
-    assert "lost the D-Bus connection of " + renamed in processes.output(proc)  # type: ignore[arg-type]
-    reader.disconnect()
-    bank.close()
+    # As above: the new aggregate's GetItems reply becomes too large for the bus.
+    await an_oversize_reply_ends_the_process(processes, bank, renamed, proc)
 
 
 def cpu_seconds(pid: int) -> float:
