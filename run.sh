@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's two commands on a fresh Debian machine:
 #   ./run.sh demo   set up (once) and run the demo: a private bus, the simulated bank and the aggregator, live
-#   ./run.sh test   set up (once) and run the whole test suite (on TEST_WORKERS=2 pytest-xdist workers)
+#   ./run.sh test   set up (once) and run the whole test suite (on TEST_WORKERS=4 pytest-xdist workers)
 # Other commands: ./run.sh setup | bench [ARGS] | shell | gx-check (install the release on ARM under qemu: see
 # setup/gx_check.py; needs root; the first run builds two Debian roots in ~/.cache, about 15 minutes)
 # Set-up installs what is missing: python3 with venv and dbus-daemon/dbus-send/busctl from apt (as root or
@@ -45,7 +45,7 @@ cmd="${1:-demo}"
 case "$cmd" in
     setup) setup ;;
     demo) setup; exec .venv/bin/python -m aggregator demo "$@" ;;
-    test) setup; exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" "$@" ;;
+    test) setup; exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-4}" --dist worksteal "$@" ;;
     bench) setup; exec .venv/bin/python -m aggregator_dev.bench "$@" ;;
     shell) setup; exec bash --rcfile <(echo '. .venv/bin/activate') ;;
     gx-check) setup; exec .venv/bin/python setup/gx_check.py "$@" ;;

@@ -391,7 +391,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("inverted_meter", "a meter counts the other way round", 420.0, _inverted_meter),
     Scenario("noisy_meter", "+-10 % meter noise", 480.0, _noisy_meter),
 )}
-# The faults of issue #14: their own acceptance (bench/dispatch.py), not the issue #8 one.
+# The meter faults: their own acceptance (bench/dispatch.py), not the settling one.
 FAULT_SCENARIOS = ("frozen_meter", "inverted_meter", "noisy_meter")
 
 

@@ -1,4 +1,4 @@
-"""Communicating vessels (issue #9) on a simulated cooperative: does balancing over MQTT even out the levels?
+"""Communicating vessels on a simulated cooperative: does balancing over MQTT even out the levels?
 
     .venv/bin/python bench/coop.py [--sites 10] [--days 7] [--scale 4000] [--quick] [--seed 1]
 
@@ -295,7 +295,7 @@ def faulty_site(base: type, fault: str | None, settings: Any, clock: Any, scale:
             wire = state.to_wire()
             bad = random.choice([{"level": 250.0}, {"capacityKwh": -1.0}, {"productionW": float("nan")},
                                  {"storedKwh": 1e6}, {"timestamp": clock() + 86400},
-                                 # sane on its face, but beyond its registered capacity (issue #14)
+                                 # sane on its face, but beyond its registered capacity
                                  {"capacityKwh": 1000.0, "storedKwh": 0.0, "level": 0.0}])
             return json.dumps(dict(wire, **bad)).encode()
 

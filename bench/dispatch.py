@@ -1,6 +1,6 @@
 """Benchmark of the power dispatcher (issues #8 and #14): every scenario x seeds x (learned dispatcher + 3
 baselines) on the simulated batteries, meters and household demand of aggregator_dev.dispatch_simulation. The last
-three scenarios are issue #14's faulty meters (frozen, sign-inverted, +-10 % noise); `swing` is the steady
+three scenarios are faulty meters (frozen, sign-inverted, +-10 % noise); `swing` is the steady
 error's 1st-to-99th percentile range. `weak_gain`: a battery that gives 60 % of what it is asked must be learned
 as a gain (and used up to what it can give), not as a limit.
 
@@ -105,7 +105,7 @@ def acceptance(results: Results) -> list[str]:
     weak = results.get(("weak_gain", "learned"))
     if weak is not None and sum(m.learn_missed for m in weak):
         failures.append(f"weak_gain: the gain was not learned in {sum(m.learn_missed for m in weak)} seed(s)")
-    # issue #14: a frozen or inverted meter is found and its battery held; noisy meters swing the fleet no more
+    # a frozen or inverted meter is found and its battery held; noisy meters swing the fleet no more
     # than the PI baseline does
     for scenario in FAULT_SCENARIOS:
         mine = results.get((scenario, "learned"))

@@ -219,8 +219,10 @@ def _time_to_go(members: Sequence[MemberView], options: MergeOptions) -> Any:
 
 
 def _time_to_go_column(columns: dict[str, Column], members: dict[str, MemberView], options: MergeOptions) -> Any:
+    soc_column = _SOC.column
+    assert soc_column is not None  # every weighted rule has its column form
     return _seconds_to_empty(columns["/Dc/0/Current"].values(), lambda: _remaining_ah_column(columns, members),
-                             lambda: _SOC.column(columns, members, options), options)  # type: ignore[misc]
+                             lambda: soc_column(columns, members, options), options)
 
 
 def _seconds_to_empty(currents: Any, remaining_ah: Callable[[], float | None], soc: Callable[[], Any],

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from .forbidding import ForbiddingMembers, as_forbidding
 from .formulas import (CHARGE, DISCHARGE, BankLimit, Direction, DvccLimits, LimitSmoother, MemberLimits,
@@ -41,7 +41,8 @@ class MemberInput:
     updated: bool = True  # its current was reported since the last complete sample
 
 
-VOLTAGE = "voltage"  # the charge voltage limit's key next to CHARGE and DISCHARGE
+LimitKey = Literal["charge", "discharge", "voltage"]  # a direction, or the charge voltage limit
+VOLTAGE: LimitKey = "voltage"  # the charge voltage limit's key next to CHARGE and DISCHARGE
 _LIMIT_PATH = {CHARGE: "/Info/MaxChargeCurrent", DISCHARGE: "/Info/MaxDischargeCurrent",
                VOLTAGE: "/Info/MaxChargeVoltage"}
 _FLAG_PATH = {CHARGE: "/Io/AllowToCharge", DISCHARGE: "/Io/AllowToDischarge"}
@@ -165,9 +166,10 @@ class ChargeControl:
                         self.ir[m.name] = estimator
                     estimator.update(voltage, current)
         self.signs.check(members, self.learner, self.method)
-        if not members or any(c is None for c in currents.values()):
+        known = {name: c for name, c in currents.items() if c is not None}
+        if not members or len(known) < len(currents):
             return
-        bank = sum(currents.values())  # type: ignore[arg-type]
+        bank = sum(known.values())
         direction = CHARGE if bank > 0 else DISCHARGE
         flag = "/Io/AllowToCharge" if direction == CHARGE else "/Io/AllowToDischarge"
         # Learn only from complete samples (every member has reported since the last one: members update
@@ -175,19 +177,19 @@ class ChargeControl:
         # learning that would starve its share when it comes back).
         complete = all(m.updated for m in members)
         if complete:
-            self._follow_drift(currents, bank)  # type: ignore[arg-type]
+            self._follow_drift(known, bank)
         if complete and all(m.fresh and m.values.get(flag) != 0 for m in members):
-            at_limit = self._at_limit(bank)  # type: ignore[arg-type]
-            self.learner.update(currents, now, at_limit, self._tracking[direction])  # type: ignore[arg-type]
+            at_limit = self._at_limit(bank)
+            self.learner.update(known, now, at_limit, self._tracking[direction])
             self.samples += 1
         if self.inverted:
             # The guard sees a member whose sign looks wrong with the sign turned: it cannot carry "negative"
             # current while the bank charges, and left as is it would blind the guard to that member.
-            currents = {n: -c if n in self.inverted else c for n, c in currents.items()}  # type: ignore[operator]
-            bank = sum(currents.values())  # type: ignore[arg-type]
+            known = {n: -c if n in self.inverted else c for n, c in known.items()}
+            bank = sum(known.values())
         # A member that forbids a direction and still takes current in it is not underestimated: the bank is held
         # for it (see forbidding.py); its share when it takes part again is what it was.
-        rows = [(m.name, currents[m.name], _guarded_limit(m.values, CHARGE), _guarded_limit(m.values, DISCHARGE))
+        rows = [(m.name, known[m.name], _guarded_limit(m.values, CHARGE), _guarded_limit(m.values, DISCHARGE))
                 for m in members]
         seen = set()
         for name, d, share in over_current(rows, bank, self.tolerance):
@@ -332,18 +334,18 @@ class ChargeControl:
         being confirmed. The caller recomputes once a second while this holds."""
         return self.ramping or self.forbidding.ticking
 
-    def bank_limit(self, members: list[MemberInput], direction: str) -> BankLimit:
+    def bank_limit(self, members: list[MemberInput], direction: Direction) -> BankLimit:
         return self._shares_limit([self.member_limits(m) for m in members], direction)
 
-    def _shares_limit(self, limits: list[MemberLimits], direction: str) -> BankLimit:
+    def _shares_limit(self, limits: list[MemberLimits], direction: Direction) -> BankLimit:
         """The limit the members' values and shares give (before any hold); with a current not trusted, by the
         plain ratio and without the operating point."""
         untrusted = bool(self.inverted)
         method = plain(self.method) if untrusted else self.method
-        return bank_current_limit(limits, direction, method, self.floors[direction],  # type: ignore[arg-type]
+        return bank_current_limit(limits, direction, method, self.floors[direction],
                                   operating_point=not untrusted)
 
-    def _bank_limit(self, members: list[MemberInput], limits: list[MemberLimits], direction: str,
+    def _bank_limit(self, members: list[MemberInput], limits: list[MemberLimits], direction: Direction,
                     notes: list[Note], now: float) -> BankLimit:
         """The bank's limit in one direction: from the members that take part, held while a member's limit is
         unknown, and held at 0 A while a member that forbids the direction still takes current in it."""
@@ -360,7 +362,7 @@ class ChargeControl:
             notes.append(Note(*line))
         return bank
 
-    def _hold_unknown(self, members: list[MemberInput], limits: list[MemberLimits], key: str,
+    def _hold_unknown(self, members: list[MemberInput], limits: list[MemberLimits], key: LimitKey,
                       value: float | None, reason: str, notes: list[Note]) -> tuple[float | None, str]:
         """A limit (`key`: a direction, or VOLTAGE), held while a member that publishes one has it unknown.
 
@@ -376,11 +378,11 @@ class ChargeControl:
         present = set()
         for m, lim in zip(members, limits):
             present.add(m.name)
-            own = lim.cvl if key == VOLTAGE else lim.limit(key)  # type: ignore[arg-type]
+            own = lim.cvl if key == "voltage" else lim.limit(key)
             if path in m.values or own is not None:  # an invalid value still says it has one
                 publishers[m.name] = m.label
             if m.name in publishers and (not m.fresh or (
-                    own is None and (key == VOLTAGE or lim.allowed(key) != 0))):  # type: ignore[arg-type]
+                    own is None and (key == "voltage" or lim.allowed(key) != 0))):
                 unknown.append(m.label)
         unknown += [label for name, label in publishers.items() if name not in present]
         word, unit = (("charge voltage", "V") if key == VOLTAGE else
@@ -404,7 +406,7 @@ class ChargeControl:
             # No voltage to fall from yet: the lowest known from now on.
             held = value if held is None else held if value is None else min(held, value)
         else:
-            held = 0.0 if value is None else min(held, value)  # type: ignore[type-var]
+            held = 0.0 if value is None or held is None else min(held, value)
         self._held[key] = self._battery_limit[key] = held
         shown = "" if held is None else f" at {_shown(held, key)} {unit}"
         names = ", ".join(unknown)
@@ -413,16 +415,16 @@ class ChargeControl:
         why = f"held{shown} while the {word} limit of {names} is unknown"
         return held, (f"{reason}; {why}" if value is not None and held is not None and value <= held else why)
 
-    def _smoother(self, key: str) -> LimitSmoother:
+    def _smoother(self, key: LimitKey) -> LimitSmoother:
         return {CHARGE: self.ccl_smoother, DISCHARGE: self.dcl_smoother, VOLTAGE: self.cvl_smoother}[key]
 
-    def _full_shares(self, limits: list[MemberLimits], direction: str) -> dict[str, float]:
+    def _full_shares(self, limits: list[MemberLimits], direction: Direction) -> dict[str, float]:
         """Each fresh member's share of the bank current if every one of them took part."""
         fresh = [lim for lim in limits if lim.fresh]
         if not fresh:
             return {}
         method = plain(self.method) if self.inverted else self.method
-        weights, _ = share_weights(fresh, method, direction)  # type: ignore[arg-type]
+        weights, _ = share_weights(fresh, method, direction)
         total = sum(weights.values())
         return {name: w / total for name, w in weights.items()} if total > 0 else {}
 
@@ -492,7 +494,7 @@ def _label(members: list[MemberInput], name: str) -> str:
     return next((m.label for m in members if m.name == name), name)
 
 
-def _shown(value: float | None, key: str) -> str:
+def _shown(value: float | None, key: LimitKey) -> str:
     """A limit as readers see it published (0.1 A, 1 mV)."""
     return "?" if value is None else f"{round(value, 3 if key == VOLTAGE else 1):g}"
 

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, MemberLimits, connection_evidence,
-                       forbids, test_current_limit)
+from .formulas import (CARRYING, CHARGE, DISCHARGE, DISCONNECTED, BankLimit, Direction, MemberLimits,
+                       connection_evidence, forbids, test_current_limit)
 
 if TYPE_CHECKING:
     from .controller import MemberInput
@@ -52,7 +52,7 @@ class ForbiddingMembers:
         self.test_current_interval = test_current_interval
         self.episodes: dict[str, dict[str, Episode]] = {CHARGE: {}, DISCHARGE: {}}
 
-    def follow(self, members: list[MemberInput], limits: list[MemberLimits], direction: str, now: float,
+    def follow(self, members: list[MemberInput], limits: list[MemberLimits], direction: Direction, now: float,
                inverted: dict[str, str], full_shares: Callable[[], dict[str, float]]) -> dict[str, Episode]:
         """Follow the members that forbid `direction` by what their currents say (`inverted`: the members whose
         current counts the other way; `full_shares`: each fresh member's share if every one took part):
@@ -63,7 +63,7 @@ class ForbiddingMembers:
         - it takes none while the others take enough that it would, for DISCONNECT_CONFIRM s while probing (at
           once when it starts forbidding): disconnected, it leaves the sum until it takes current again."""
         episodes = self.episodes[direction]
-        forbidding = {lim.name: lim for lim in limits if forbids(lim, direction)}  # type: ignore[arg-type]
+        forbidding = {lim.name: lim for lim in limits if forbids(lim, direction)}
         self._close(episodes, forbidding, {m.name for m in members}, direction)
         if not forbidding:
             return episodes
@@ -87,7 +87,7 @@ class ForbiddingMembers:
 
     @staticmethod
     def _close(episodes: dict[str, Episode], forbidding: dict[str, MemberLimits], present: set[str],
-               direction: str) -> None:
+               direction: Direction) -> None:
         """End the episodes of the members that allow the direction again or left."""
         for name in [n for n in episodes if n not in forbidding]:
             episode = episodes.pop(name)
@@ -96,7 +96,8 @@ class ForbiddingMembers:
                           f"allows {_ing(direction)} again" if name in present else "left", word(direction))
 
     @staticmethod
-    def _open(lim: MemberLimits, evidence: str | None, direction: str, share: float | None, now: float) -> Episode:
+    def _open(lim: MemberLimits, evidence: str | None, direction: Direction, share: float | None,
+              now: float) -> Episode:
         state = HELD if evidence == CARRYING else OUT if evidence == DISCONNECTED else PROBING
         if state == PROBING:
             _LOG.info("%s forbids %s and no current shows yet whether it is still connected: the bank's "
@@ -104,7 +105,8 @@ class ForbiddingMembers:
                       test_current_limit(share))
         return Episode(lim.label, state, now)
 
-    def _step(self, episode: Episode, evidence: str | None, own: float | None, direction: str, now: float) -> None:
+    def _step(self, episode: Episode, evidence: str | None, own: float | None, direction: Direction,
+              now: float) -> None:
         """One member's episode, on what its current says now."""
         if evidence == CARRYING:  # the test current is due `testCurrentInterval` after the last current it took
             episode.state, episode.since, episode.disconnected_at = HELD, now, None
@@ -127,7 +129,7 @@ class ForbiddingMembers:
                     "the sum", episode.label, _ing(direction), word(direction))
                 episode.carried = False
 
-    def hold(self, bank: BankLimit, direction: str) -> tuple[BankLimit, tuple[str, str] | None]:
+    def hold(self, bank: BankLimit, direction: Direction) -> tuple[BankLimit, tuple[str, str] | None]:
         """The bank's limit held for the members that forbid `direction` and are not seen disconnected: at 0 A
         while one still takes current that way, at a test current's while probing; with the status line (its
         text and its key, see Note) that says so."""
@@ -155,11 +157,11 @@ class ForbiddingMembers:
             return dataclasses.replace(bank, value=cap, reason=why), (f"{w} limit {why}", key)
         return bank, (f"{w} limit {why}", key)
 
-    def alarmed(self, direction: str) -> bool:
+    def alarmed(self, direction: Direction) -> bool:
         """Whether a member that forbids `direction` was seen taking current in it (and not disconnected since)."""
         return any(e.carried and e.state != OUT for e in self.episodes[direction].values())
 
-    def holding_flag(self, direction: str) -> bool:
+    def holding_flag(self, direction: Direction) -> bool:
         """Whether a member that forbids `direction` still takes current in it: the bank's flag is cleared."""
         return any(e.state == HELD for e in self.episodes[direction].values())
 
@@ -174,14 +176,14 @@ class ForbiddingMembers:
             episodes.pop(name, None)
 
 
-def as_forbidding(limits: MemberLimits, direction: str) -> MemberLimits:
+def as_forbidding(limits: MemberLimits, direction: Direction) -> MemberLimits:
     """A member's limits as one that forbids the direction (it leaves the shares)."""
     if direction == CHARGE:
         return dataclasses.replace(limits, allow_charge=0)
     return dataclasses.replace(limits, allow_discharge=0)
 
 
-def _log_carrying(episode: Episode, direction: str, current: float | None) -> None:
+def _log_carrying(episode: Episode, direction: Direction, current: float | None) -> None:
     if episode.warned:  # once per episode: it may take current again after being seen disconnected
         _LOG.debug("%s takes %s current again", episode.label, word(direction))
         return
@@ -196,11 +198,11 @@ def _log_carrying(episode: Episode, direction: str, current: float | None) -> No
                      "or is seen disconnected", episode.label, current or 0.0)
 
 
-def word(direction: str) -> str:
+def word(direction: Direction) -> str:
     return "charge" if direction == CHARGE else "discharge"
 
 
-def _ing(direction: str) -> str:
+def _ing(direction: Direction) -> str:
     return "charging" if direction == CHARGE else "discharging"
 
 

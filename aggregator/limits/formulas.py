@@ -133,9 +133,9 @@ def bank_current_limit(members: Sequence[MemberLimits], direction: Direction, me
     # The operating point, in the direction's own sign (discharge currents as positive amounts). A member
     # that forbids the direction is left out of it: its current is about to stop (its BMS opened its FETs), and
     # the others' currents at the bank current without it are the point on their lines once it has.
+    currents = [m.current for m in members if m.allowed(direction) != 0]
     operating = operating_point and all(m.current is not None for m in members)
-    bank_now = sign * sum(m.current for m in members  # type: ignore[misc]
-                          if m.allowed(direction) != 0) if operating else 0.0
+    bank_now = sign * sum(c for c in currents if c is not None) if operating else 0.0
     tracking = operating and (used == "ir" or (used == "share" and all(direction in m.settled for m in takers)))
     best: tuple[float, MemberLimits] | None = None
     for m in takers:
@@ -163,8 +163,9 @@ def _bank_at_limit(m: MemberLimits, direction: Direction, share: float, learned:
     bank = limit / share
     if bank_now is None:
         return bank
+    assert m.current is not None  # an operating point is taken only when every member's current is known
     sign = 1.0 if direction == CHARGE else -1.0
-    aim, expected = limit, sign * m.current  # type: ignore[operator]
+    aim, expected = limit, sign * m.current
     if tracking:
         aim -= max(0.0, 1.0 - share) * (AIM_MARGIN * limit + AIM_RESOLUTION)
         expected += m.drift.get(direction, 0.0)
@@ -220,9 +221,8 @@ def charge_voltage_limit(members: Sequence[MemberLimits], mode: str) -> tuple[fl
         return None, "no member publishes a charge voltage"
     floating = [m for m in with_cvl if m.charge_mode and "float" in m.charge_mode.lower()]
     charging = [m for m in with_cvl if m not in floating]
-    pool = charging or with_cvl
-    low = min(m.cvl for m in pool)  # type: ignore[type-var]
-    high = max(m.cvl for m in pool)  # type: ignore[type-var]
+    pool = [m.cvl for m in (charging or with_cvl) if m.cvl is not None]
+    low, high = min(pool), max(pool)
     note = f" (floating left out: {', '.join(m.label for m in floating)})" if charging and floating else ""
     if mode == "max_always":
         return high, "highest member CVL" + note

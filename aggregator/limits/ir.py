@@ -44,7 +44,7 @@ from ..numbers import finite
 try:  # GX devices on 32-bit ARM may not have numpy
     import numpy as np
 except ImportError:  # pragma: no cover - exercised by monkeypatching np
-    np = None  # type: ignore[assignment]
+    np = None  # type: ignore[assignment]  # the optional-import idiom: callers check `np is None`
 
 __all__ = [
     "EstimatorUnavailable",
@@ -142,8 +142,8 @@ class IrEstimator:
         """Feed one simultaneous (terminal voltage V, current A) sample; bad values are ignored."""
         if not (finite(voltage) and finite(current)):
             return
-        v = float(voltage)  # type: ignore[arg-type]
-        i = float(current)  # type: ignore[arg-type]
+        v = float(voltage)
+        i = float(current)
         if self._established():
             e, sd = self._residual(v, i)
             if abs(e) > OUTLIER_SIGMAS * sd:

@@ -488,9 +488,10 @@ class ReportSeries:
         continues the one before it. The conflict message instead when it continues two reports rolled back
         lately (a chain of three): a series that keeps being rolled back is a second battery, while typos
         now and then form no series."""
-        if None in last or last_at is None:
+        charged_before, discharged_before = last
+        if charged_before is None or discharged_before is None or last_at is None:
             return None
-        rolled = (float(last[0]), float(last[1]), float(last_at))  # type: ignore[arg-type]
+        rolled = (float(charged_before), float(discharged_before), float(last_at))
         earlier = list(self.rolled_back)
         self.rolled_back.append(rolled)
         chained = any(_continues(first, second[:2], second[2], max_kw) and

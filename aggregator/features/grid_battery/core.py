@@ -228,13 +228,16 @@ class GridBattery:
             self.origin = (f"the meter's counters on {config.start_date.isoformat()} 00:00 (startImportKwh "
                            f"{config.start_reading[0]:g}, startExportKwh {config.start_reading[1]:g}){given}")
             return 1.0, 1.0
-        anchors = (self._import.at, self._export.at)
-        if all(at is not None and at < midnight for at in anchors):
-            last = max(at for at in anchors if at is not None)
-            self.origin = (f"the meter's counters at {_stamp(last, config.tz)}, before the start date: of the "
-                           f"energy since then the part after {config.start_date.isoformat()} 00:00 counts{given}")
-            return tuple(max(0.0, now - midnight) / (now - at) if now > at else 1.0  # type: ignore[return-value]
-                         for at in anchors if at is not None)
+        import_at, export_at = self._import.at, self._export.at
+        if import_at is not None and export_at is not None and import_at < midnight and export_at < midnight:
+            self.origin = (f"the meter's counters at {_stamp(max(import_at, export_at), config.tz)}, before the start "
+                           f"date: of the energy since then the part after {config.start_date.isoformat()} 00:00 "
+                           f"counts{given}")
+
+            def after_start(at: float) -> float:
+                return max(0.0, now - midnight) / (now - at) if now > at else 1.0
+
+            return after_start(import_at), after_start(export_at)
         late = now - midnight
         if config.start_level_kwh is not None or late <= START_GRACE:
             self.origin = f"the first sample, {stamp}{given}"

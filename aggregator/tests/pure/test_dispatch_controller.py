@@ -302,7 +302,7 @@ def user_example_seeds() -> dict:
 
 @pytest.mark.timeout(120)
 def test_user_example_settles_three_times_faster_than_the_pi_baseline(user_example_seeds: dict) -> None:
-    # issue #8's acceptance, as the bench measures it: mean settle time over its seeds (one seed alone is noisy:
+    # the dispatcher's acceptance, as the bench measures it: mean settle time over its seeds (one seed alone is noisy:
     # 2.7x to 3.5x); measured 3.04x (learned 6.4 s, pi+timeout 19.4 s)
     assert _bench().settle_ratio(user_example_seeds) >= 3.0
 

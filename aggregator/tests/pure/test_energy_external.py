@@ -1,4 +1,4 @@
-"""External batteries in the EnergyTracker (issue #14): lifetime totals, refused reports that leave no trace,
+"""External batteries in the EnergyTracker: lifetime totals, refused reports that leave no trace,
 two batteries under one id, persistence, removal and the cap. The tracker's clocks are passed in; its state
 file is a real file under tmp_path."""
 from __future__ import annotations
@@ -52,7 +52,7 @@ def values(t: EnergyTracker) -> dict:
 # ---- item 2: lifetime totals ------------------------------------------------------------------------------
 
 def test_a_first_report_counts_as_the_lifetime_totals(tmp_path):
-    """Issue #14: a first report of 2010.66 / 1678.79 kWh left the aggregate at 0."""
+    """A first report of 2010.66 / 1678.79 kWh left the aggregate at 0."""
     clocks = Clocks()
     t = tracker(tmp_path, clocks)
     assert "2010.660 kWh charged, 1678.790 kWh discharged" in report(t, "homey-1", 2010.66, 1678.79)
@@ -77,7 +77,7 @@ def test_a_daily_external_counter_counts_its_first_value_as_today(tmp_path):
 # ---- item 3: a refused report changes nothing; two batteries under one id -----------------------------
 
 def test_a_typo_is_refused_and_the_next_correct_report_is_taken(tmp_path):
-    """Issue #14: 9011.2 after 901.1 re-anchored the id at 9011.2, so 901.3 was refused as 'a delta'."""
+    """9011.2 after 901.1 re-anchored the id at 9011.2, so 901.3 was refused as 'a delta'."""
     clocks = Clocks()
     t = tracker(tmp_path, clocks)
     report(t, "shed", 901.1, 500.0, soc=40)
@@ -310,7 +310,7 @@ def test_a_ledger_copy_is_independent():
     assert (ledger.charged_kwh, twin.charged_kwh) == (0.0, 0.5) and ledger.counters() == (1.0, 1.0)
 
 
-# ---- issue 21: reports bounded by the battery, outliers rolled back, twins, decimal commas ------------------
+# ---- reports bounded by the battery, outliers rolled back, twins, decimal commas ------------------
 
 QUARTER = 900.0  # a Homey flow reports every 15 minutes
 

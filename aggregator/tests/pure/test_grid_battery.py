@@ -180,7 +180,7 @@ def _quantised_export(b: GridBattery, resolution: float, power_kw: float, second
 
 @pytest.mark.parametrize("resolution", [0.1, 1.0])
 def test_a_meter_counting_in_steps_is_counted(resolution):
-    """Issue #14: read every second, a 0.1 kWh step looked like 360 kW on a 100 kW connection: every step was
+    """Read every second, a 0.1 kWh step looked like 360 kW on a 100 kW connection: every step was
     rejected and nothing counted. Steps are weighed against the time since the counter last moved."""
     b = battery(capacity=0.0)
     shown = _quantised_export(b, resolution, power_kw=4.0, seconds=2 * 3600, start=at(6, 1, 10))
@@ -447,7 +447,7 @@ def test_without_limits_the_level_is_export_minus_import(steps):
     assert b.level_kwh == pytest.approx(level, abs=1e-6)
 
 
-# ---- issue 21: where counting starts, the one-time reset, the load profile ---------------------------------
+# ---- where counting starts, the one-time reset, the load profile ---------------------------------
 
 def test_a_start_today_after_export_says_what_is_not_counted():
     """startDate today with 1.2 kWh already exported: the level started at 0 with status ok."""

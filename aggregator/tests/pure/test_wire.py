@@ -56,7 +56,7 @@ def fast_read(data: bytes) -> Message:
     return decode.decode_message(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(items)
 def test_items_changed_bytes_match_the_library(body: dict[str, Any]) -> None:
     fields = {"path": "/", "interface": "com.victronenergy.BusItem", "member": "ItemsChanged"}
@@ -65,7 +65,7 @@ def test_items_changed_bytes_match_the_library(body: dict[str, Any]) -> None:
     assert ours._marshall() == expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(items, st.sampled_from([None, ":1.42"]), st.sampled_from([None, "com.victronenergy.battery.x"]))
 # An item without entries followed by a key that looks like the start of a "Value" entry.
 @example({"/A": {}, "Value": {"Value": Variant("d", 1.0)}}, None, None)
@@ -131,7 +131,7 @@ class _Item:
         self.path, self.value, self.text = path, value, text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(path, st.tuples(bus_value, text), max_size=6), st.integers(1, 2**32 - 1))
 def test_direct_items_changed_matches_the_library(values: dict[str, tuple[Any, str]], serial: int) -> None:
     from aggregator.bus.values import wrap

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import AbstractSet, Any, Mapping, Sequence
 
 from .faults import FaultSettings, MeterCheck
 from .model import CHARGE, DISCHARGE, BatteryModel, Direction, ModelSettings
@@ -254,13 +254,14 @@ class Dispatcher:
         for name in self.names:
             r = readings.get(name)
             check = self._checks.get(name)
-            if r is None or self._exclusion(r) or (check is not None and check.fault is not None):
+            if r is None or r.measured_w is None or self._exclusion(r) or (
+                    check is not None and check.fault is not None):
                 continue
             if check is not None and (check.suspect is not None or check.probation):
                 # not trusted yet (tested for a frozen meter, or back from a hold): what it was asked to do
                 total += self._models[name].predicted_at(math.inf)[0]
                 continue
-            total += float(r.measured_w)  # type: ignore[arg-type]
+            total += float(r.measured_w)
         return total
 
     def _observe(self, name: str, reading: BatteryReading, now: float) -> bool:
@@ -271,7 +272,9 @@ class Dispatcher:
         if taken <= self._seen.get(name, -math.inf) + 1e-9:
             return False  # no new measurement
         self._seen[name] = taken
-        measured = float(reading.measured_w)  # type: ignore[arg-type]
+        if reading.measured_w is None:  # excluded before it gets here: without a measurement there is nothing to learn
+            return False
+        measured = float(reading.measured_w)
         check = self._checks.get(name)
         if check is not None:
             check.add(taken, measured)
@@ -384,7 +387,7 @@ class Dispatcher:
                 and -sign * self._correction.get(n, 0.0) > max(tol, 0.05 * self._allocation.get(n, 0.0))}
 
     def _allocate(self, amount: float, direction: Direction, active: Mapping[str, BatteryReading],
-                  held: set[str] = frozenset()) -> tuple[dict[str, float], bool]:  # type: ignore[assignment]
+                  held: AbstractSet[str] = frozenset()) -> tuple[dict[str, float], bool]:
         """Water-filling; a battery whose share would fall under min_command_w is left out and its share goes
         to the others (rather than sending nothing at all for small targets). `held` batteries get no more
         than last cycle."""

@@ -1,4 +1,4 @@
-"""Meters that cannot be trusted (issue #14), found from what they report against what the battery was asked
+"""Meters that cannot be trusted, found from what they report against what the battery was asked
 (pure: values in, verdicts out; time is passed in).
 
 A battery's measured power has to follow its setpoint: after the dead time and the lag it moves the way the
