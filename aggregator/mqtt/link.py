@@ -21,14 +21,17 @@ Clock = Callable[[], float]
 
 
 class BrokerSettings(Protocol):
-    """What a link needs of a feature's broker settings (certFile, keyFile and clientId are optional)."""
+    """What a link needs of a feature's broker settings (mqtt/settings.py BrokerConnection has them all)."""
 
     host: str
     port: int
     tls: bool
     caFile: str | None
+    certFile: str | None
+    keyFile: str | None
     username: str | None
     password: str | None
+    keepaliveSeconds: int
 
 
 def tls_context(ca_file: str | None, cert_file: str | None = None, key_file: str | None = None) -> ssl.SSLContext:
@@ -43,7 +46,7 @@ def tls_context(ca_file: str | None, cert_file: str | None = None, key_file: str
 def client_tls(settings: BrokerSettings) -> ssl.SSLContext | None:
     if not settings.tls:
         return None
-    return tls_context(settings.caFile, getattr(settings, "certFile", None), getattr(settings, "keyFile", None))
+    return tls_context(settings.caFile, settings.certFile, settings.keyFile)
 
 
 MessageHandler = Callable[[bytes, bool], None]
@@ -59,20 +62,19 @@ class MqttLink:
     While connected, `availability_topic` says "online" (retained); the broker's last will says "offline" when
     we vanish. Subscriptions are made again and `on_connect` hooks run (discovery, retained states) after every
     reconnect; `on_lost` hooks run when a connection that was up is lost (the dispatcher marks its readings
-    stale). `client_id` names the client when the settings give no clientId; `log` is the feature's logger.
+    stale). `client_id` is the client's id (by default one of this process); `log` is the feature's logger.
     """
 
     initial_backoff_s = 1.0
     max_backoff_s = 30.0
 
     def __init__(self, settings: BrokerSettings, *, availability_topic: str | None = None,
-                 clock: Clock = time.monotonic, client_id: str = "battery-aggregator", keepalive: int = 30,
+                 clock: Clock = time.monotonic, client_id: str | None = None,
                  log: logging.Logger | None = None, missing: str = "MQTT needs the Python package aiomqtt") -> None:
         if aiomqtt is None:
             raise ImportError(missing)
         self.settings = settings
-        self.client_id = client_id
-        self.keepalive = keepalive
+        self.client_id = client_id or f"battery-aggregator-{os.getpid()}"
         self.log = log or logging.getLogger(__name__)
         self.availability_topic = availability_topic
         self.clock = clock
@@ -153,10 +155,10 @@ class MqttLink:
         s = self.settings
         if will is None and self.availability_topic is not None:
             will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
-        identifier = (getattr(s, "clientId", None) or f"{self.client_id}-{os.getpid()}") + suffix
+        identifier = self.client_id + suffix
         return aiomqtt.Client(
             s.host, s.port, username=s.username, password=s.password, will=will, tls_context=client_tls(s),
-            identifier=identifier[:64] if suffix else identifier, keepalive=self.keepalive, timeout=10,
+            identifier=identifier[:64] if suffix else identifier, keepalive=s.keepaliveSeconds, timeout=10,
         )
 
     async def _guard(self, index: int, topic: str, payload: str, on_connect: Callable[[], None] | None) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -290,7 +291,7 @@ class MqttSetpoint(Setpoint):
 def dispatcher_link(settings: MqttSettings, availability_topic: str, clock: Clock = time.monotonic) -> MqttLink:
     """The dispatcher's link to its broker: its client id and its log lines are the dispatcher's."""
     return MqttLink(settings, availability_topic=availability_topic, clock=clock,
-                    client_id="battery-aggregator-dispatcher", log=_LOG,
+                    client_id=settings.clientId or f"battery-aggregator-dispatcher-{os.getpid()}", log=_LOG,
                     missing="the dispatcher's mqtt settings need the Python package aiomqtt (install it, or remove "
                             "'mqtt' and use D-Bus adapters)")
 
