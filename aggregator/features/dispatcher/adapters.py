@@ -300,7 +300,7 @@ def mqtt_reading(link: MqttLink, label: str, topic: str, json_key: str | None = 
                  scale: float = 1.0) -> MqttReading:
     """A reading of a state topic; stale when the link is lost (nothing says what it holds meanwhile)."""
     reading = MqttReading(label, topic, json_key, scale)
-    link.subscribe(topic, lambda payload, retained: reading.on_message(payload, retained, link.clock()))
+    link.subscribe(topic, lambda _topic, payload, retained: reading.on_message(payload, retained, link.clock()))
     link.on_lost(reading.mark_stale)
     return reading
 
