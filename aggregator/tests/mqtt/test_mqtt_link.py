@@ -8,7 +8,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -20,15 +20,9 @@ from aggregator.features.dispatcher.settings import parse_dispatcher_config
 from aggregator.mqtt.link import MqttLink
 from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto, free_port
 
+from ..helpers import eventually
+
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
 
 
 async def retained(port: int, topic: str, wait: float = 1.0) -> bytes | None:
@@ -59,14 +53,15 @@ async def test_wildcard_and_exact_subscriptions_each_get_their_messages() -> Non
             got["hash"].append((t, p))
 
         link.subscribe("home/#", later)
+        done = asyncio.Event()
+        link.subscribe("test/done", lambda _t, _p, _r: done.set())  # after the others: one publisher keeps order
         link.start()
         try:
-            await until(link.connected.is_set, what="connected")
+            await eventually(link.connected.is_set)
             async with aiomqtt.Client("127.0.0.1", broker.port, timeout=5) as c:
-                for topic in ("home/a/power", "home/b/power", "home/b/soc", "home", "other/a/power"):
+                for topic in ("home/a/power", "home/b/power", "home/b/soc", "home", "other/a/power", "test/done"):
                     await c.publish(topic, topic.encode(), qos=1)
-            await until(lambda: len(got["hash"]) == 4, what="home/# got four")
-            await asyncio.sleep(0.2)  # nothing else arrives
+            await asyncio.wait_for(done.wait(), 10)
         finally:
             await link.stop()
     assert got["exact"] == [("home/a/power", b"home/a/power")]
@@ -79,8 +74,8 @@ async def test_the_dispatchers_keepalive_reaches_the_broker() -> None:
         link = dispatcher_link(dispatcher_mqtt(broker.port, keepaliveSeconds=17, clientId="dispatcher-17"), "d/avail")
         link.start()
         try:
-            await until(link.connected.is_set, what="connected")
-            await until(lambda: "as dispatcher-17 (" in broker.log(), what="the broker's log line")
+            await eventually(link.connected.is_set)
+            await eventually(lambda: "as dispatcher-17 (" in broker.log())
         finally:
             await link.stop()
         assert re.search(r"as dispatcher-17 \(p\d, c\d, k17\b", broker.log()), broker.log()
@@ -97,24 +92,24 @@ async def test_a_coop_site_reconnects_through_the_link_and_states_itself_again(t
     run = asyncio.create_task(site.run())
     second = None
     try:
-        await until(site.connected.is_set, what="connected")
+        await eventually(site.connected.is_set)
         assert site.link.availability_topic == "coop/site-a/status"
         assert re.search(r"as coop-site-a \(p\d, c\d, k23, u'site-a'\)", first.log()), first.log()
         await site.step(_state(), 0.0)
-        await until(lambda: site._gate.last is not None, what="the state published")
+        await eventually(lambda: site._gate.last is not None)
         first.stop()
-        await until(lambda: not site.connected.is_set(), what="the link lost")
+        await eventually(lambda: not site.connected.is_set())
         second = MosquittoBroker(directory=tmp_path / "second", port=port).start()
-        await until(lambda: site.connects == 2, what="reconnected")
+        await eventually(lambda: site.connects == 2)
         assert await retained(port, "coop/site-a/status") == b"online"
         assert await retained(port, "coop/site-a/curtail") == b"0"
         config = json.loads(await retained(port, "homeassistant/sensor/site-a/coop_average_level/config") or b"{}")
         assert config["availability_topic"] == "coop/site-a/status"
-        for _ in range(30):
-            if (raw := await retained(port, "coop/site-a/state")) and json.loads(raw)["level"] == 40.0:
-                break
-        else:
-            raise AssertionError("the state was not sent again")
+        async def state_level() -> float | None:
+            raw = await retained(port, "coop/site-a/state")
+            return json.loads(raw)["level"] if raw else None
+
+        assert await eventually(state_level) == 40.0  # the state sent again
         run.cancel()
         await asyncio.wait({run}, timeout=5)
         assert await retained(port, "coop/site-a/status") == b"offline"  # a clean stop says it itself
