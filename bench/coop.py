@@ -275,16 +275,10 @@ def faulty_site(base: type, fault: str | None, settings: Any, clock: Any, scale:
             while True:
                 due, topic, payload, retain, qos = await self._queue.get()
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
-                if self._client is not None:  # not awaited: a delay, not a queue that grows behind each ack
-                    task = asyncio.create_task(self._publish_late(self._client, topic, payload, retain, qos))
-                    sending.add(task)
+                if self.connected.is_set():  # not awaited: a delay, not a queue that grows behind each ack
+                    task = asyncio.create_task(self.link.publish(topic, payload, retain=retain, qos=qos))
+                    sending.add(task)  # lost with the link, like on a real one
                     task.add_done_callback(sending.discard)
-
-        async def _publish_late(self, client: Any, topic: str, payload: Any, retain: bool, qos: int) -> None:
-            try:
-                await client.publish(topic, payload, qos=qos, retain=retain)
-            except Exception:  # noqa: BLE001 - lost with the link, like on a real one
-                pass
 
     class Nonsense(base):  # type: ignore[misc, valid-type]
         """For an hour, states a sane peer must not believe."""

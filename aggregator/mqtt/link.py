@@ -6,8 +6,10 @@ kind.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
+import random
 import ssl
 import time
 from typing import Any, Awaitable, Callable, Protocol
@@ -21,14 +23,17 @@ Clock = Callable[[], float]
 
 
 class BrokerSettings(Protocol):
-    """What a link needs of a feature's broker settings (certFile, keyFile and clientId are optional)."""
+    """What a link needs of a feature's broker settings (mqtt/settings.py BrokerConnection has them all)."""
 
     host: str
     port: int
     tls: bool
     caFile: str | None
+    certFile: str | None
+    keyFile: str | None
     username: str | None
     password: str | None
+    keepaliveSeconds: int
 
 
 def tls_context(ca_file: str | None, cert_file: str | None = None, key_file: str | None = None) -> ssl.SSLContext:
@@ -43,10 +48,11 @@ def tls_context(ca_file: str | None, cert_file: str | None = None, key_file: str
 def client_tls(settings: BrokerSettings) -> ssl.SSLContext | None:
     if not settings.tls:
         return None
-    return tls_context(settings.caFile, getattr(settings, "certFile", None), getattr(settings, "keyFile", None))
+    return tls_context(settings.caFile, settings.certFile, settings.keyFile)
 
 
-MessageHandler = Callable[[bytes, bool], None]
+# (topic, payload, retained); a handler may return an awaitable, which is awaited before the next message.
+MessageHandler = Callable[[str, bytes, bool], "Awaitable[None] | None"]
 ConnectHook = Callable[[], Awaitable[None]]
 
 AVAILABLE = "online"
@@ -57,22 +63,22 @@ class MqttLink:
     """One aiomqtt client shared by every user of a broker, reconnecting with back-off.
 
     While connected, `availability_topic` says "online" (retained); the broker's last will says "offline" when
-    we vanish. Subscriptions are made again and `on_connect` hooks run (discovery, retained states) after every
-    reconnect; `on_lost` hooks run when a connection that was up is lost (the dispatcher marks its readings
-    stale). `client_id` names the client when the settings give no clientId; `log` is the feature's logger.
+    we vanish. A subscription is a topic or a filter with the wildcards + and #; subscriptions are made again
+    and `on_connect` hooks run (discovery, retained states) after every reconnect; `on_lost` hooks run when a
+    connection that was up is lost (the dispatcher marks its readings stale). `client_id` is the client's id (by
+    default one of this process); `backoff_s` the first and the longest wait before a new attempt; `log` is the
+    feature's logger.
     """
 
-    initial_backoff_s = 1.0
-    max_backoff_s = 30.0
-
     def __init__(self, settings: BrokerSettings, *, availability_topic: str | None = None,
-                 clock: Clock = time.monotonic, client_id: str = "battery-aggregator", keepalive: int = 30,
-                 log: logging.Logger | None = None, missing: str = "MQTT needs the Python package aiomqtt") -> None:
+                 clock: Clock = time.monotonic, client_id: str | None = None,
+                 backoff_s: tuple[float, float] = (1.0, 30.0), log: logging.Logger | None = None,
+                 missing: str = "MQTT needs the Python package aiomqtt") -> None:
         if aiomqtt is None:
             raise ImportError(missing)
+        self.initial_backoff_s, self.max_backoff_s = backoff_s
         self.settings = settings
-        self.client_id = client_id
-        self.keepalive = keepalive
+        self.client_id = client_id or f"battery-aggregator-{os.getpid()}"
         self.log = log or logging.getLogger(__name__)
         self.availability_topic = availability_topic
         self.clock = clock
@@ -116,10 +122,18 @@ class MqttLink:
         self._task = loop.create_task(self._run())
         self._guards = [loop.create_task(self._guard(i, *will)) for i, will in enumerate(self._wills)]
 
-    async def stop(self) -> None:
+    async def run(self, announce_offline: bool = True) -> None:
+        """start(), then keep the link until cancelled, and stop()."""
+        self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop(announce_offline)
+
+    async def stop(self, announce_offline: bool = True) -> None:
         self._stopping = True
         client_ = self._client
-        if client_ is not None and self.availability_topic is not None:
+        if client_ is not None and self.availability_topic is not None and announce_offline:
             # A clean disconnect does not fire the will: say "offline" ourselves.
             try:
                 await client_.publish(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True, timeout=2)
@@ -153,10 +167,10 @@ class MqttLink:
         s = self.settings
         if will is None and self.availability_topic is not None:
             will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
-        identifier = (getattr(s, "clientId", None) or f"{self.client_id}-{os.getpid()}") + suffix
+        identifier = self.client_id + suffix
         return aiomqtt.Client(
             s.host, s.port, username=s.username, password=s.password, will=will, tls_context=client_tls(s),
-            identifier=identifier[:64] if suffix else identifier, keepalive=self.keepalive, timeout=10,
+            identifier=identifier[:64] if suffix else identifier, keepalive=s.keepaliveSeconds, timeout=10,
         )
 
     async def _guard(self, index: int, topic: str, payload: str, on_connect: Callable[[], None] | None) -> None:
@@ -183,7 +197,7 @@ class MqttLink:
                     self.guards_connected -= 1
             if self._stopping:
                 break
-            await asyncio.sleep(delay)
+            await self._back_off(delay)
             delay = min(delay * 2, self.max_backoff_s)
 
     async def _run(self) -> None:
@@ -210,10 +224,10 @@ class MqttLink:
                         except Exception:
                             self.log.exception("MQTT: a connect hook failed")
                     async for message in client_.messages:
-                        self._dispatch(message)
+                        await self._dispatch(message)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # refused, unreachable, TLS, lost: all mean "try again later"
+            except Exception as exc:  # refused, unreachable, TLS, lost, an unreadable caFile: "try again later"
                 if not failing:
                     self.log.warning("MQTT: no connection to %s:%d (%s); retrying with back-off",
                                  self.settings.host, self.settings.port, exc)
@@ -226,20 +240,37 @@ class MqttLink:
                         lost()
             if self._stopping:
                 break
-            await asyncio.sleep(delay)
+            await self._back_off(delay)
             delay = min(delay * 2, self.max_backoff_s)
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
+    async def _back_off(self, delay: float) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A cancellation that a library's wait_for swallowed (Python 3.11): stop anyway.
+            raise asyncio.CancelledError
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # clients that lost one broker do not return at once
+
+    def _matching(self, topic: aiomqtt.Topic) -> list[MessageHandler]:
+        exact = self._handlers.get(topic.value, [])
+        return exact + [handler for pattern, handlers in self._handlers.items()
+                        if ("+" in pattern or "#" in pattern) and topic.matches(pattern) for handler in handlers]
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
         payload = message.payload
         if isinstance(payload, str):
             payload = payload.encode()
         elif not isinstance(payload, (bytes, bytearray)):
             payload = b"" if payload is None else str(payload).encode()
-        for handler in self._handlers.get(message.topic.value, ()):
+        topic = message.topic.value
+        for handler in self._matching(message.topic):
             try:
-                handler(bytes(payload), bool(message.retain))
+                result = handler(topic, bytes(payload), bool(message.retain))
+                if inspect.isawaitable(result):
+                    await result
+            except aiomqtt.MqttError:
+                raise  # the link is lost: reconnect
             except Exception:
-                self.log.exception("MQTT: the handler of %s failed", message.topic.value)
+                self.log.exception("MQTT: the handler of %s failed", topic[:80])
 
     async def _subscribe_quietly(self, client_: aiomqtt.Client, topic: str) -> None:
         try:

@@ -7,7 +7,7 @@ site ahead delivers the same amount, so the batteries act as one without a coord
     core.py      pure: peer states and their sanity checks, the fleet average, the site's target power,
                  curtailment with hysteresis, the settlement ledger
     settings.py  the `coop` config section (pydantic)
-    site.py      CoopSite: the site on the cooperative's broker (TLS from mqtt/link.py, per-site credentials, last
-                 will, back-off), the curtailment adapters and Home Assistant discovery
+    site.py      CoopSite: the site on the cooperative's broker through the MQTT link (mqtt/link.py: TLS,
+                 per-site credentials, last will, back-off), the curtailment adapters and Home Assistant discovery
     runtime.py   the cooperative inside the service: the site fed from the aggregate and the system calculator
 """

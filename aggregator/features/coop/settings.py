@@ -8,10 +8,11 @@ camelCase keys like the rest of config.json; unknown keys are errors. Example (s
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from ...mqtt.settings import BrokerConnection
 from ...validation import format_validation_error, is_loopback
 from .core import MAX_CAPACITY_KWH, SITE_ID_PATTERN, PeerPolicy, SiteSettings
 
@@ -20,19 +21,18 @@ SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]
 TOPIC_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"  # no wildcards, no empty levels
 
 
-class BrokerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BrokerSettings(BrokerConnection):
+    """The cooperative's broker: over the internet, so TLS by default; our user name is the siteId."""
+
+    username_implied: ClassVar[bool] = True
+
     host: str = Field(min_length=1, description="the cooperative's MQTT broker")
     port: int = Field(8883, ge=1, le=65535, description="8883 is MQTT over TLS")
     tls: bool = Field(True, description="TLS to the broker; off only on loopback (passwords would travel in "
                       "clear text over home internet connections)")
-    caFile: str | None = Field(None, min_length=1, description="the CA certificate that signed the broker's "
-                               "certificate (PEM); none = the system's trust store")
     username: str | None = Field(None, min_length=1, description="defaults to siteId; the broker's ACL lets a "
                                  "site write only under <topicPrefix>/<username>/")
     password: str | None = Field(None, min_length=1, description="this site's password on the broker")
-    keepaliveSeconds: int = Field(30, ge=5, le=3600, description="the broker publishes our last will (offline) "
-                                  "about 1.5 x this after our link dies")
 
     @model_validator(mode="after")
     def _tls_off_only_on_loopback(self) -> BrokerSettings:

@@ -8,6 +8,8 @@ Topics (prefix `coop` by default, `<site>` = the site id = its MQTT username):
     coop/<site>/fleet/<obj>    the fleet as this site sees it, for Home Assistant, retained
     homeassistant/sensor/<site>/coop_<obj>/config    Home Assistant discovery, retained
 
+The connection is the MQTT link's (mqtt/link.py: TLS, credentials, the status topic as its availability with
+the last will, back-off); the site subscribes its wildcard topics through it and publishes while it is up.
 The broker's ACL lets a site write only under coop/<username>/# (and its own discovery node), so a site
 cannot speak for another; what peers send is still checked (core.check_peer) before it counts.
 
@@ -19,17 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import re
 import time
 from collections import Counter
 from typing import Any, Callable, Protocol
 
-import aiomqtt
-
 from ...bounded import bounded_text
 from ...bus.beats import beat
-from ...mqtt.link import client_tls
+from ...mqtt.link import MqttLink
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)
 from .settings import CoopSettings
@@ -136,12 +135,11 @@ class CoopSite:
         self._last_unreadable: tuple[str, type] | None = None
         self.own: PeerState | None = None
         self.last_target: SiteTarget | None = None
-        self.connected = asyncio.Event()
-        self.connects = 0
-        self._client: aiomqtt.Client | None = None
         self._changed = asyncio.Event()
         self._gate = PublishGate()
         self._curtail_sent: bool | None = None
+        self._publishing: asyncio.Task[None] | None = None
+        self.link = self._make_link(settings, (reconnect_min_s, reconnect_max_s))
 
     # --- the control side -------------------------------------------------------------------------------
 
@@ -192,83 +190,64 @@ class CoopSite:
         try:
             await self.curtail_adapter.apply(wanted)
             self._curtail_sent = wanted
-        except (aiomqtt.MqttError, OSError, RuntimeError) as err:  # retried at the next step
+        except (OSError, RuntimeError) as err:  # retried at the next step
             log.debug("curtailment command not sent: %s", err)
 
     # --- the MQTT side ----------------------------------------------------------------------------------
 
-    def _make_client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self.broker.host, self.broker.port, username=self.settings.username, password=self.broker.password,
-            identifier=f"coop-{self.site_id}", keepalive=self.broker.keepaliveSeconds,
-            will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
-            tls_context=client_tls(self.broker), timeout=10)
+    def _make_link(self, settings: CoopSettings, reconnect_s: tuple[float, float]) -> MqttLink:
+        """Our user name is the siteId unless the broker section gives one (the same, settings.py checks it)."""
+        assert self.broker is not None
+        link = MqttLink(self.broker.model_copy(update={"username": settings.username}),
+                        availability_topic=self.status_topic, clock=self.clock, client_id=f"coop-{self.site_id}",
+                        backoff_s=reconnect_s, log=log,
+                        missing="the cooperative needs the Python package aiomqtt")
+        link.subscribe(f"{self.prefix}/+/state", self._receive)
+        link.subscribe(f"{self.prefix}/+/status", self._receive)
+        if settings.homeAssistant.enabled:
+            link.subscribe(f"{settings.homeAssistant.discoveryPrefix}/status", self._receive)
+        link.on_connect(self._on_connect)
+        link.on_lost(self._on_lost)
+        return link
+
+    @property
+    def connected(self) -> asyncio.Event:
+        return self.link.connected
+
+    @property
+    def connects(self) -> int:
+        return self.link.connections
 
     async def run(self) -> None:
-        """Connect, and reconnect after a lost link with back-off (doubling, with jitter) until cancelled."""
-        delay = self.reconnect_min_s
-        while True:
-            connects = self.connects
-            try:
-                await self._session()
-            except (aiomqtt.MqttError, OSError) as err:  # OSError: TLS failures, an unreadable caFile
-                log.warning("coop broker %s:%d: %s", self.broker.host, self.broker.port, err)
-            except Exception:  # a bug must not end the cooperative for good: log it, connect again
-                log.exception("coop: the session with %s:%d failed", self.broker.host, self.broker.port)
-            finally:
-                self._client = None
-                self.connected.clear()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # A cancellation that a library's wait_for swallowed (Python 3.11): stop anyway.
-                raise asyncio.CancelledError
-            if self.connects != connects:  # the link was up: this is a new failure, start short again
-                delay = self.reconnect_min_s
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.reconnect_max_s)
+        """Connect, and reconnect after a lost link with back-off, until cancelled (the link's loop)."""
+        await self.link.run(announce_offline=self.announce_offline_on_stop)
 
-    async def _session(self) -> None:
-        async with self._make_client() as client:
-            self._client = client
+    async def _on_connect(self) -> None:
+        self._curtail_sent = None  # the command topic is ours: state it again on every connection
+        self._changed.set()
+        self._on_lost()
+        self._publishing = asyncio.get_running_loop().create_task(self._publisher())
+        if self.settings.homeAssistant.enabled:
             try:
-                await client.publish(self.status_topic, "online", qos=1, retain=True)
-                await client.subscribe(f"{self.prefix}/+/state", qos=1)
-                await client.subscribe(f"{self.prefix}/+/status", qos=1)
-                if self.settings.homeAssistant.enabled:
-                    await client.subscribe(f"{self.settings.homeAssistant.discoveryPrefix}/status")
-                    await self._publish_discovery()
-                self.connects += 1
-                self.connected.set()
-                self._curtail_sent = None  # the command topic is ours: state it again on every connection
-                self._changed.set()
-                tasks = [asyncio.create_task(self._receive(client)), asyncio.create_task(self._publisher())]
-                try:
-                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()
-                finally:
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            except asyncio.CancelledError:
-                if self.announce_offline_on_stop:  # a clean stop sends no last will: say it ourselves
-                    try:
-                        async with asyncio.timeout(2):
-                            await client.publish(self.status_topic, "offline", qos=1, retain=True)
-                    except (aiomqtt.MqttError, TimeoutError):
-                        pass
-                raise
+                await self._publish_discovery()
+            except RuntimeError as err:  # the link went down again: this runs at the next connect
+                log.debug("coop: discovery not published: %s", err)
+
+    def _on_lost(self) -> None:
+        if self._publishing is not None:
+            self._publishing.cancel()
+            self._publishing = None
 
     async def publish(self, topic: str, payload: str | bytes, retain: bool = False, qos: int = 1) -> None:
         """Publish on the current connection (RuntimeError when there is none)."""
-        if self._client is None:
+        if not self.link.connected.is_set():
             raise RuntimeError("not connected to the coop broker")
         await self._send(topic, payload, retain, qos)
 
     async def _send(self, topic: str, payload: str | bytes, retain: bool, qos: int) -> None:
         """Every publish passes here (the bench delays a link by overriding it)."""
-        assert self._client is not None
-        await self._client.publish(topic, payload, qos=qos, retain=retain)
+        if not await self.link.publish(topic, payload, retain=retain, qos=qos):
+            raise RuntimeError(f"not handed to the coop broker: {bounded_text(topic, 80)}")
 
     def encode_state(self, state: PeerState) -> bytes:
         return json.dumps(state.to_wire(), separators=(",", ":")).encode()
@@ -282,29 +261,27 @@ class CoopSite:
             except TimeoutError:
                 pass
             self._changed.clear()
-            if self.own is not None:
-                await self.publish(self.state_topic, self.encode_state(self.own), retain=True)
-                self._gate.last = self.own
-                await self._publish_fleet_view()
-            await self._send_curtailment()
+            try:
+                if self.own is not None:
+                    await self.publish(self.state_topic, self.encode_state(self.own), retain=True)
+                    self._gate.last = self.own
+                    await self._publish_fleet_view()
+                await self._send_curtailment()
+            except RuntimeError as err:  # the link is going down: it reconnects and starts us again
+                log.debug("coop: not published: %s", err)
             await beat(period / 10)  # "on change" at most ten times a period, at the service's beats
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            topic = str(message.topic)
-            try:
-                raw = message.payload
-                payload = (bytes(raw) if isinstance(raw, (bytes, bytearray)) else b"" if raw is None
-                           else str(raw).encode())
-                await self.handle(topic, payload)
-            except Exception as err:  # noqa: BLE001
-                # One message must never end the loop: a retained one would end it again at every connect, at
-                # every site. Its sender is not known here for sure, so the topic names it.
-                self.unreadable += 1
-                if self._last_unreadable != (topic, type(err)):  # not once per message of a chatty peer
-                    log.warning("coop: ignoring a message on %s: %s: %s", bounded_text(topic, 80),
-                                type(err).__name__, bounded_text(str(err), MAX_LOGGED))
-                self._last_unreadable = (topic, type(err))
+    async def _receive(self, topic: str, payload: bytes, _retained: bool) -> None:
+        try:
+            await self.handle(topic, payload)
+        except Exception as err:  # noqa: BLE001
+            # One message must never end the loop: a retained one would end it again at every connect, at
+            # every site. Its sender is not known here for sure, so the topic names it.
+            self.unreadable += 1
+            if self._last_unreadable != (topic, type(err)):  # not once per message of a chatty peer
+                log.warning("coop: ignoring a message on %s: %s: %s", bounded_text(topic, 80),
+                            type(err).__name__, bounded_text(str(err), MAX_LOGGED))
+            self._last_unreadable = (topic, type(err))
 
     async def handle(self, topic: str, payload: bytes) -> None:
         ha = self.settings.homeAssistant

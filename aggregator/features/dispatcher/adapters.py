@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -290,7 +291,7 @@ class MqttSetpoint(Setpoint):
 def dispatcher_link(settings: MqttSettings, availability_topic: str, clock: Clock = time.monotonic) -> MqttLink:
     """The dispatcher's link to its broker: its client id and its log lines are the dispatcher's."""
     return MqttLink(settings, availability_topic=availability_topic, clock=clock,
-                    client_id="battery-aggregator-dispatcher", log=_LOG,
+                    client_id=settings.clientId or f"battery-aggregator-dispatcher-{os.getpid()}", log=_LOG,
                     missing="the dispatcher's mqtt settings need the Python package aiomqtt (install it, or remove "
                             "'mqtt' and use D-Bus adapters)")
 
@@ -299,7 +300,7 @@ def mqtt_reading(link: MqttLink, label: str, topic: str, json_key: str | None = 
                  scale: float = 1.0) -> MqttReading:
     """A reading of a state topic; stale when the link is lost (nothing says what it holds meanwhile)."""
     reading = MqttReading(label, topic, json_key, scale)
-    link.subscribe(topic, lambda payload, retained: reading.on_message(payload, retained, link.clock()))
+    link.subscribe(topic, lambda _topic, payload, retained: reading.on_message(payload, retained, link.clock()))
     link.on_lost(reading.mark_stale)
     return reading
 

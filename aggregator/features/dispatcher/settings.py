@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
+from ...mqtt.settings import BrokerConnection
 from ...validation import format_validation_error, is_loopback
 
 DEFAULT_SERVICE_NAME = "org.batteryaggregator.dispatcher"
@@ -151,19 +152,12 @@ class BatterySettings(BaseModel):
         return out
 
 
-class MqttSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MqttSettings(BrokerConnection):
+    """The dispatcher's broker: by default one on this machine."""
+
     host: str = Field("127.0.0.1", min_length=1, description="broker host")
-    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)")
-    tls: bool = Field(False, description="connect with TLS")
-    caFile: str | None = Field(None, min_length=1, description="CA certificate that signed the broker's (TLS); "
-                               "the system's CAs when absent")
-    certFile: str | None = Field(None, min_length=1, description="TLS client certificate (PEM) we authenticate "
-                                 "with; needs keyFile and tls")
-    keyFile: str | None = Field(None, min_length=1, description="private key of certFile (PEM)")
     username: str | None = Field(None, min_length=1, description="our user name on the broker (MQTT commands "
                                  "are taken only with credentials: see acceptCommands)")
-    password: str | None = Field(None, description="its password (needs username)")
     acceptCommands: Literal["authenticated", "loopback", "never"] = Field(
         "authenticated", description="who may set the target and enabled over MQTT: authenticated: only when we "
         "log in to the broker (username and password, or a TLS client certificate), so the broker can keep "
@@ -193,15 +187,7 @@ class MqttSettings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _credentials(self) -> MqttSettings:
-        if self.password is not None and self.username is None:
-            raise ValueError("a password needs a username")
-        if self.caFile is not None and not self.tls:
-            raise ValueError('caFile is only used with "tls": true')
-        if (self.certFile is None) != (self.keyFile is None):
-            raise ValueError("certFile and keyFile go together (a client certificate and its key)")
-        if self.certFile is not None and not self.tls:
-            raise ValueError('certFile (a TLS client certificate) is only used with "tls": true')
+    def _commands_need_credentials(self) -> MqttSettings:
         if self.acceptCommands != "never" and not self.authenticated and not is_loopback(self.host):
             # Anyone who can publish to that broker could set the batteries' power (issue #14).
             raise ValueError(f"acceptCommands: the broker {self.host} is not on this machine and no credentials are "

@@ -48,7 +48,7 @@ class DispatcherTopics:
         if self.settings.homeAssistant:
             ha_status = f"{self.settings.discoveryPrefix}/{HA_STATUS_TOPIC}"
 
-            def on_ha_status(payload: bytes, _retained: bool) -> None:
+            def on_ha_status(_topic: str, payload: bytes, _retained: bool) -> None:
                 if payload.strip() == b"online":  # Home Assistant restarted: tell it again who we are
                     self._hass_range = None
                     self._published.clear()
@@ -56,7 +56,7 @@ class DispatcherTopics:
 
             self.link.subscribe(ha_status, on_ha_status)
 
-    def _on_target(self, payload: bytes, retained: bool) -> None:
+    def _on_target(self, _topic: str, payload: bytes, retained: bool) -> None:
         if retained:
             return  # a command left on the broker is not a command now
         text = payload.decode("utf-8", "replace").strip()
@@ -68,7 +68,7 @@ class DispatcherTopics:
             self.runtime.service.set_value(f"{self.runtime.prefix}/TargetPower", float(value))
         self._published.pop(self.topics.state("target_power"), None)  # echo the state
 
-    def _on_enabled(self, payload: bytes, retained: bool) -> None:
+    def _on_enabled(self, _topic: str, payload: bytes, retained: bool) -> None:
         if retained:
             return
         text = payload.decode("utf-8", "replace").strip().upper()

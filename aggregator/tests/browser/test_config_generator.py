@@ -311,6 +311,13 @@ MODEL_CASES = {
     "release < full": coop(curtail={"releasePercent": 98, "fullPercent": 97.5}),
     "dbus curtail needs service and path": coop(curtail={"adapter": "dbus",
                                                          "service": "com.victronenergy.solarcharger.ttyS1"}),
+    # BrokerConnection's credential rules, in both sections that derive from it
+    "coop broker: caFile needs tls": coop(broker={"host": "127.0.0.1", "tls": False, "caFile": "/ca.crt"}),
+    "coop broker: a client certificate needs its key": coop(broker={"host": "mqtt.example", "certFile": "/c.pem"}),
+    "coop broker: a client certificate needs tls": coop(broker={"host": "::1", "tls": False, "certFile": "/c.pem",
+                                                                "keyFile": "/k.pem"}),
+    "coop broker: the shared rule before tls on loopback": coop(broker={"host": "mqtt.example", "tls": False,
+                                                                        "caFile": "/ca.crt"}),
     # MqttSettings, DispatcherConfig (issue #14: who may command, the device's watchdog)
     "commands from a remote broker need credentials": dispatcher(mqtt={"host": "mqtt.example"}),
     "a client certificate needs its key": dispatcher(mqtt={"host": "127.0.0.1", "tls": True, "certFile": "/c.pem"}),
@@ -452,6 +459,13 @@ AGREEMENT_CASES: dict[str, Any] = {
     "a user's file": USER_CONFIG,
     "the demo's config": _demo_config(),
     "coop and dispatcher": GOOD_COOP_AND_DISPATCHER,
+    "broker connections: a coop password alone, client certificates, keep-alive": {
+        "coop": {"enabled": True, "siteId": "s1", "broker": {"host": "mqtt.example", "password": "pw",
+                                                             "certFile": "/c.pem", "keyFile": "/k.pem",
+                                                             "keepaliveSeconds": 60}},
+        "dispatcher": {"mqtt": {"host": "127.0.0.1", "keepaliveSeconds": 5}}},
+    "broker connections: keep-alive out of range": {"coop": {"broker": {"host": "x", "keepaliveSeconds": 4}},
+                                                    "dispatcher": {"mqtt": {"keepaliveSeconds": 3601}}},
     "3.0 is an integer": {"expectedBatteries": 3.0, "energy": {"httpPort": 8080.0}},
     "a number written as a string": {"reconnectTimeout": "60", "limits": {"staleAfter": "30"}},
     "a flag written as 1 or 'true'": {"coop": {"enabled": 1, "homeAssistant": {"enabled": "true"}}},

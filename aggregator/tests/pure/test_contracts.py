@@ -97,3 +97,13 @@ def test_ruff_finds_nothing() -> None:
     result = subprocess.run([_tool("ruff"), "check", "--no-cache", "aggregator", "aggregator_dev"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_the_mqtt_link_loads_no_pydantic() -> None:
+    """The link reads a feature's broker settings through a Protocol: the settings model stays with the config."""
+    code = ("import json, sys\nimport aggregator.mqtt.link, aggregator.mqtt.hass\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic' or "
+            "m in ('aggregator.mqtt.settings', 'aggregator.config'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
