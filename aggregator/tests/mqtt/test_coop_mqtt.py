@@ -493,9 +493,18 @@ async def _site_b_on_the_bus(broker: MosquittoBroker, busctl: Any, name: str, de
         await _clear(broker, "site-a")
 
 
-async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(broker: MosquittoBroker, busctl: Any) -> None:
+@pytest.fixture
+def own_broker() -> Iterator[MosquittoBroker]:
+    """A broker of the test's own: no state another test of the module retained counts as a peer."""
+    with MosquittoBroker(users=USERS, acl=(SETUP / "acl.example").read_text(), tls=True) as b:
+        yield b
+
+
+async def test_dbus_shows_the_lying_peer_ignored_and_no_delivery_to_it(own_broker: MosquittoBroker,
+                                                                       busctl: Any) -> None:
     """The whole path on the service: the liar's claim arrives over the broker, and what busctl reads on our
     /Coop/* paths is our own level as the average, no transfer, and the reason the peer does not count."""
+    broker = own_broker
     battery = {"/Soc": 60.0, "/InstalledCapacity": 1000.0, "/Dc/0/Voltage": 50.0, "/Dc/0/Power": 0.0}  # 50 kWh
     async with _site_b_on_the_bus(broker, busctl, "com.victronenergy.battery.coop_liar_test", 291, battery) as read:
         async with client(broker, "site-a", USERS["site-a"]) as liar:
