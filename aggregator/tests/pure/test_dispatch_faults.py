@@ -160,11 +160,14 @@ def _bench():  # type: ignore[no-untyped-def]
 
 
 def test_the_bench_fault_scenarios_beat_the_pi_baseline() -> None:
-    """bench/dispatch.py's issue #14 scenarios on two seeds: the learned dispatcher's steady error and swing are
-    below the PI baseline's with a frozen, an inverted and a noisy meter (before the fix: a frozen meter's RMS
-    36 W against 15 W, an inverted one's 26 W against 10 W, noise swinging 269 W against 201 W)."""
+    """bench/dispatch.py's issue #14 scenarios: the learned dispatcher holds a frozen and an inverted meter's
+    battery, and noisy meters swing it no more than the PI baseline (before the fix: a frozen meter's RMS 36 W
+    against 15 W, an inverted one's 26 W against 10 W, noise swinging 269 W against 201 W). One seed here (the
+    bench runs five: `bench/dispatch.py --scenarios frozen_meter,inverted_meter,noisy_meter`); the baseline only
+    where the acceptance compares with it."""
     bench = _bench()
-    results = bench.run_matrix(["frozen_meter", "inverted_meter", "noisy_meter"], [1, 2], ["learned", "pi+timeout"])
+    results = bench.run_matrix(["frozen_meter", "inverted_meter"], [1], ["learned"])
+    results |= bench.run_matrix(["noisy_meter"], [1], ["learned", "pi+timeout"])
     assert bench.acceptance(results) == []
 
 
@@ -188,3 +191,16 @@ def test_a_battery_tapering_while_more_is_asked_is_not_inverted() -> None:
         if flipped.check(t) is not None:
             break
     assert flipped.fault == INVERTED
+
+
+@settings(max_examples=50, deadline=None)
+@given(sent=st.lists(st.tuples(st.floats(0.0, 100.0), st.floats(-3000.0, 3000.0)), max_size=40),
+       times=st.lists(st.floats(-10.0, 140.0), max_size=40), ordered=st.booleans())
+def test_the_setpoints_in_force_at_many_times_are_those_at_each(sent: list[tuple[float, float]],
+                                                                times: list[float], ordered: bool) -> None:
+    """The meter check's one-pass lookup gives what the lookup of each time does, in or out of order."""
+    check = MeterCheck(FaultSettings(window_s=30.0, max_delay_s=6.0))
+    for t, w in sorted(sent):
+        check.request(t, w)
+    times = sorted(times) if ordered else times
+    assert check._in_force(times) == [check._at(t) for t in times]

@@ -115,6 +115,20 @@ class MeterCheck:
             value = r
         return value
 
+    def _in_force(self, times: list[float]) -> list[float]:
+        """`_at` of each of these ascending times, in one pass over the setpoints (the meter check's hot loop)."""
+        if any(later < earlier for earlier, later in zip(times, times[1:])):
+            return [self._at(t) for t in times]  # measurements that came out of order
+        requests = list(self._requests)
+        values = []
+        i, value = 0, requests[0][1]
+        for t in times:
+            while i < len(requests) and requests[i][0] <= t:
+                value = requests[i][1]
+                i += 1
+            values.append(value)
+        return values
+
     def held(self, now: float) -> str | None:
         """The fault the battery is held for now, if any; past its hold it is released (and watched afresh)."""
         if self.fault is not None and now >= self.until:
@@ -177,9 +191,10 @@ class MeterCheck:
         var_m = sum((m - mm) ** 2 for m in measured)
         best: tuple[float, float, list[float]] | None = None
         steps = int(s.max_delay_s / s.delay_step_s) + 1
+        times = [t for t, _ in self._samples]
         for k in range(steps):
             delay = k * s.delay_step_s
-            reference = [self._at(t - delay) for t, _ in self._samples]
+            reference = self._in_force([t - delay for t in times])
             if max(reference) - min(reference) < s.min_change_w:
                 continue
             mr = sum(reference) / n
