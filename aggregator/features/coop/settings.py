@@ -1,4 +1,4 @@
-"""The `coop` config section: one household's membership of a cooperative (issue #9).
+"""The `coop` config section: one household's membership of a cooperative.
 
 camelCase keys like the rest of config.json; unknown keys are errors. Example (setup/coop/README.md):
 

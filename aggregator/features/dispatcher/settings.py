@@ -189,7 +189,7 @@ class MqttSettings(BrokerConnection):
     @model_validator(mode="after")
     def _commands_need_credentials(self) -> MqttSettings:
         if self.acceptCommands != "never" and not self.authenticated and not is_loopback(self.host):
-            # Anyone who can publish to that broker could set the batteries' power (issue #14).
+            # Anyone who can publish to that broker could set the batteries' power.
             raise ValueError(f"acceptCommands: the broker {self.host} is not on this machine and no credentials are "
                              "configured, so anyone who can reach it could command the batteries; set username and "
                              'password (or certFile and keyFile with "tls": true), or "acceptCommands": "never"')

@@ -318,7 +318,7 @@ MODEL_CASES = {
                                                                 "keyFile": "/k.pem"}),
     "coop broker: the shared rule before tls on loopback": coop(broker={"host": "mqtt.example", "tls": False,
                                                                         "caFile": "/ca.crt"}),
-    # MqttSettings, DispatcherConfig (issue #14: who may command, the device's watchdog)
+    # MqttSettings, DispatcherConfig (who may command, the device's watchdog)
     "commands from a remote broker need credentials": dispatcher(mqtt={"host": "mqtt.example"}),
     "a client certificate needs its key": dispatcher(mqtt={"host": "127.0.0.1", "tls": True, "certFile": "/c.pem"}),
     "a client certificate needs tls": dispatcher(mqtt={"host": "127.0.0.1", "certFile": "/c.pem", "keyFile": "/k.pem"}),

@@ -365,7 +365,7 @@ async def _clear(broker: MosquittoBroker, site: str) -> None:
 
 
 async def test_deep_or_huge_json_never_stops_a_site(broker: MosquittoBroker) -> None:
-    """Issue #14: "[[[[..." deeper than the parser's recursion limit, retained, used to end the MQTT task of
+    """"[[[[..." deeper than the parser's recursion limit, retained, used to end the MQTT task of
     every site at every connect. Now such a message is ignored, and the site reads and publishes on."""
     deep_array, deep_object = b"[" * 4000, b'{"a":' * 800  # both within the size bound, both too deep to parse
     async with client(broker, "site-a", USERS["site-a"]) as a:
@@ -413,7 +413,7 @@ async def test_deep_or_huge_json_never_stops_a_site(broker: MosquittoBroker) -> 
 
 @pytest.mark.parametrize("registry", [False, True], ids=["bound", "registry"])
 async def test_a_lying_peer_does_not_drain_the_others(broker: MosquittoBroker, registry: bool) -> None:
-    """Issue #14: one peer claiming 1000 kWh at 0 % pulled the fleet's average to the floor, and every other
+    """One peer claiming 1000 kWh at 0 % pulled the fleet's average to the floor, and every other
     site delivered to it. Its claim is now refused (beyond the registered capacity, or beyond the bound
     without a registry), and so is a level that jumps; the honest sites balance among themselves."""
     extra: dict[str, Any] = {"curtail": {"adapter": "none"}, "peerTimeoutSeconds": 30}

@@ -1,4 +1,4 @@
-"""Issue #14, the pure part: meters that cannot be trusted (frozen but fresh, counting the other way round) are
+"""The pure part of untrusted meters: meters that cannot be trusted (frozen but fresh, counting the other way round) are
 found and their battery held at 0 with a status saying why; honest meters never are; noisy meters do not make
 the fleet swing more than the PI baseline does (bench/dispatch.py's scenarios)."""
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _bench():  # type: ignore[no-untyped-def]
 
 
 def test_the_bench_fault_scenarios_beat_the_pi_baseline() -> None:
-    """bench/dispatch.py's issue #14 scenarios: the learned dispatcher holds a frozen and an inverted meter's
+    """bench/dispatch.py's meter-fault scenarios: the learned dispatcher holds a frozen and an inverted meter's
     battery, and noisy meters swing it no more than the PI baseline (before the fix: a frozen meter's RMS 36 W
     against 15 W, an inverted one's 26 W against 10 W, noise swinging 269 W against 201 W). One seed here (the
     bench runs five: `bench/dispatch.py --scenarios frozen_meter,inverted_meter,noisy_meter`); the baseline only

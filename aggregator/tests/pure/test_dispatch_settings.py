@@ -53,7 +53,7 @@ def test_defaults_and_a_full_section() -> None:
     assert isinstance(b.maxDischargeW, AdapterSpec) and b.maxDischargeW.mqtt is not None
     assert b.measured.scale == 1000 and b.measuredSign == -1 and config.batteries[0].maxDischargeW == 1500.0
     assert set(b.adapters()) == {"setpoint", "measured", "capacity", "maxDischargeW"}
-    # the schema generator (issue #5) can describe it
+    # the schema generator can describe it
     json.dumps(DispatcherConfig.model_json_schema())
 
 
@@ -119,7 +119,7 @@ def test_every_error_is_listed() -> None:
 
 
 def test_mqtt_commands_need_credentials_off_this_machine() -> None:
-    """Issue #14: a broker elsewhere without credentials would take anyone's target; the error names the key."""
+    """A broker elsewhere without credentials would take anyone's target; the error names the key."""
     message = _error({"mqtt": {"host": "192.0.2.10"}})
     assert "mqtt: acceptCommands:" in message and "username" in message
     assert "192.0.2.10" in message
