@@ -1,4 +1,4 @@
-"""The pure part of untrusted meters: meters that cannot be trusted (frozen but fresh, counting the other way round) are
+"""Meters that cannot be trusted (frozen but fresh, counting the other way round), the pure part: they are
 found and their battery held at 0 with a status saying why; honest meters never are; noisy meters do not make
 the fleet swing more than the PI baseline does (bench/dispatch.py's scenarios)."""
 from __future__ import annotations
