@@ -196,8 +196,9 @@ async def test_a_member_forbidding_a_direction_leaves_the_sum(processes: Process
     assert await bank.read(agg, CCL) == 120.0
     b.set_value("/Io/AllowToDischarge", 1)
     await bank.value_is(agg, DCL, 240.0)
-    a.set_values({"/Dc/0/Current": 0.0, "/Io/AllowToDischarge": 0})
     b.set_value("/Dc/0/Current", -40.0)
+    await bank.barrier(agg, "b")  # b discharges when a starts forbidding with nothing: a's switch is open at once
+    a.set_values({"/Dc/0/Current": 0.0, "/Io/AllowToDischarge": 0})
     await bank.value_is(agg, DCL, 120.0)  # b's own
     assert await bank.read(agg, f"/Batteries/{row['a']}/DischargeLimit") == 0.0
     await bank.value_is(agg, CCL, 160.0)  # -40 A + (100 - 0) A / 0.5
