@@ -536,6 +536,10 @@ async def test_learned_shares_are_saved_and_used_at_once_after_a_restart(
     assert expected[bank.name("a")] == pytest.approx(learned_a, abs=1e-3)
     assert expected[bank.name("b")] == pytest.approx(learned_b, abs=1e-3)
 
+    # The bank at rest while the service is down: the restarted one has no current to learn the split from
+    # again, so a share of 0.7 can only be the saved one.
+    a.set_value("/Dc/0/Current", 0.0)
+    b.set_value("/Dc/0/Current", 0.0)
     agg, proc = run(processes, tmp_path, bank, currentRatioMethod="share", limits=FAST)
     row = await rows(bank, agg, 2)
     first: dict[str, Any] = {}
