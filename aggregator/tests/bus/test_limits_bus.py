@@ -351,7 +351,9 @@ async def test_at_the_bank_limit_the_most_loaded_pack_sits_at_90_to_100_percent_
     extrapolation the most loaded pack sat at 72% of its own limit. It must sit at 90% or more, never above.
     The CCL follows the packs in steps of a second or two (the limits follow measurements once a second and a
     rise shows at the next tick); it gets there within three, so six seconds after the sun came out it is
-    measured for six more. (The pure test_limits.py runs the same physics for 35 simulated minutes.)"""
+    measured for six more. Twelve seconds of loads teach the split on a loaded machine too (with six, a run
+    now and then learned too few complete samples and overshot). (The pure test_limits.py runs the same
+    physics for 35 simulated minutes.)"""
     packs = [Pack(dataclasses.replace(p, soc=soc), seed=1) for p, soc in zip(PHYSICS_PACKS, (60, 55, 70, 50))]
     physics = PhysicsBank(packs)
     bank = Bank()
@@ -364,12 +366,12 @@ async def test_at_the_bank_limit_the_most_loaded_pack_sits_at_90_to_100_percent_
     await bank.value_is(agg, "/System/NrOfBatteries", 4)
     loads: list[float] = []
     try:
-        for tick in range(36):
+        for tick in range(48):
             ccl = await bank.read(agg, CCL) or 0.0
-            offered = 400.0 if tick >= 12 else (60.0 if tick % 4 < 2 else 20.0)  # loads on and off, then sun
+            offered = 400.0 if tick >= 24 else (60.0 if tick % 4 < 2 else 20.0)  # loads on and off, then sun
             own = [p.limits().ccl for p in packs]
             state = physics.step(min(offered, ccl), 0.5)
-            if tick >= 24:  # six seconds after the sun came out
+            if tick >= 36:  # six seconds after the sun came out
                 assert ccl < offered
                 loads.append(max(i / limit for i, limit in zip(state.currents, own)))
             for pack in packs:
@@ -466,8 +468,9 @@ async def test_over_current_guard_raises_the_share_and_logs_once(processes: Proc
     await eventually(guarded, timeout=10)
     # a was seen carrying 60% of the bank current: its share is 0.6 now (50 A / 0.6 = 83.3 A for a rise), and the
     # 10 A it carries above its limit are taken back at its share as known (capacity: 0.5), not as raised:
-    # 100 A - 10 A / 0.5. Had it taken them back at 0.6 (83.3 A), a would carry 51.7 A with a 0.5 share.
-    assert await bank.read(agg, CCL) == pytest.approx(80.0, abs=0.05)
+    # 100 A - 10 A / 0.5. Had it taken them back at 0.6 (83.3 A), a would carry 51.7 A with a 0.5 share. (Waited
+    # for: a tick just after the start can publish the first step of the start ramp, guarded too.)
+    await bank.value_is(agg, CCL, 80.0)
     assert await bank.read(agg, f"/Batteries/{row['a']}/Share") >= 0.6 - 1e-4
     for limit in (90.0, 91.0, 92.0):  # recomputes at once, each gone out before the next: logged once
         b.set_value("/Info/MaxDischargeCurrent", limit)
@@ -712,10 +715,10 @@ async def test_the_ccl_ramps_up_from_0_after_start_and_goes_on_across_a_reload(p
     and SIGHUP reload alike; SIGHUP does it without waiting for the file check.)"""
     bank = Bank()
     await bank.add("a", Info__MaxChargeCurrent=200.0)
-    agg, proc = run(processes, tmp_path, bank, limits={"rampUpRate": 30})
+    agg, proc = run(processes, tmp_path, bank, limits={"rampUpRate": 25})
     await bank.value_is(agg, "/System/NrOfBatteries", 1)
     first = await bank.read(agg, CCL)
-    assert first is not None and first < 60.0, first  # from 0 at 30 A/s, not 200 A at once
+    assert first is not None and first < 100.0, first  # from 0 at 25 A/s, not 200 A at once
     await eventually(lambda: _above(bank, agg, 40.0), timeout=10)
     config_path = tmp_path / "agg.json"
     config = json.loads(config_path.read_text())
@@ -723,7 +726,7 @@ async def test_the_ccl_ramps_up_from_0_after_start_and_goes_on_across_a_reload(p
     config_path.write_text(json.dumps(config))
     proc.send_signal(signal.SIGHUP)
     await eventually(lambda: "configuration reloaded" in processes.output(proc), timeout=10)
-    assert await bank.read(agg, CCL) < 150.0  # still ramping: no jump to 200 A
+    assert await bank.read(agg, CCL) < 175.0  # still ramping: no jump to 200 A
     await bank.value_is(agg, CCL, 200.0, timeout=10)
     bank.close()
 
