@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -69,6 +70,14 @@ async def sample(bank: Bank, agg: str, path: str, until: Any, timeout: float, in
             break
         await asyncio.sleep(interval)
     return out
+
+
+def changes(seen: list[tuple[float, Any]]) -> list[tuple[float, Any, Any]]:
+    """(seconds between the two values first being seen, the value before, the value) of each change in a sample:
+    a ramp steps by its rate times the time since its last step, which a late tick on a loaded machine makes
+    longer than the usual second (the time between two reads is no measure of it)."""
+    first = [(t, v) for n, (t, v) in enumerate(seen) if n == 0 or v != seen[n - 1][1]]
+    return [(t1 - t0, v0, v1) for (t0, v0), (t1, v1) in zip(first, first[1:])]
 
 
 async def recomputed(bank: Bank, agg: str, member: str) -> None:
@@ -195,8 +204,9 @@ async def test_a_member_forbidding_a_direction_leaves_the_sum(processes: Process
     assert await bank.read(agg, CCL) == 120.0
     b.set_value("/Io/AllowToDischarge", 1)
     await bank.value_is(agg, DCL, 240.0)
-    a.set_values({"/Dc/0/Current": 0.0, "/Io/AllowToDischarge": 0})
     b.set_value("/Dc/0/Current", -40.0)
+    await bank.barrier(agg, "b")  # b discharges when a starts forbidding with nothing: a's switch is open at once
+    a.set_values({"/Dc/0/Current": 0.0, "/Io/AllowToDischarge": 0})
     await bank.value_is(agg, DCL, 120.0)  # b's own
     assert await bank.read(agg, f"/Batteries/{row['a']}/DischargeLimit") == 0.0
     await bank.value_is(agg, CCL, 160.0)  # -40 A + (100 - 0) A / 0.5
@@ -210,36 +220,38 @@ async def test_a_member_forbidding_a_direction_leaves_the_sum(processes: Process
 
 async def test_a_frozen_member_is_stale_and_carries_nothing_then_ramps_back(
         processes: Processes, tmp_path: Path) -> None:
-    """A member whose driver hangs (it neither signals nor answers) is stale; one that is merely quiet is not."""
+    """A member whose driver hangs (it neither signals nor answers) is stale; one that is merely quiet is not.
+    b carries 3/4 of the bank (by capacity), so the bank's own ramp from 0 at start is short next to the ramp
+    back from a's share alone."""
     bank = Bank()
-    await bank.add("a", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
-    b = await bank.add("b", Info__MaxChargeCurrent=100.0, Io__AllowToCharge=1)
+    await bank.add("a", Info__MaxChargeCurrent=25.0, Io__AllowToCharge=1, InstalledCapacity=100.0)
+    b = await bank.add("b", Info__MaxChargeCurrent=75.0, Io__AllowToCharge=1, InstalledCapacity=300.0)
     async with CallWatch(processes.address, bank.name("b")) as probes:
-        agg, _ = run(processes, tmp_path, bank, limits={"staleAfter": 2, "rampUpRate": 20, "hysteresis": 0})
-        await bank.value_is(agg, CCL, 200.0, timeout=20)
+        agg, _ = run(processes, tmp_path, bank, currentRatioMethod="capacity",
+                     limits={"staleAfter": 1, "rampUpRate": 25, "hysteresis": 0})
         row = await rows(bank, agg, 2)
-        asked = probes.count
-        await eventually(lambda: probes.count >= asked + 2, timeout=10)  # quiet, asked, answering: not stale
+        await bank.value_is(agg, CCL, 100.0, timeout=10)  # 25 A at a 1/4 share, 75 A at 3/4
+        await eventually(lambda: probes.count >= 2, timeout=10)  # quiet, asked, answering: not stale
     assert await bank.read(agg, f"/Batteries/{row['b']}/State") == "online"
-    assert await bank.read(agg, CCL) == 200.0
+    assert await bank.read(agg, CCL) == 100.0
 
     b.answering = False
     await bank.value_is(agg, f"/Batteries/{row['b']}/State", "stale", timeout=6)
-    # b counts as carrying nothing: a takes it all, so the bank limit is a's own 100 A (never "no limit").
-    await bank.value_is(agg, CCL, 100.0, timeout=3)
+    # b counts as carrying nothing: a takes it all, so the bank limit is a's own 25 A (never "no limit").
+    await bank.value_is(agg, CCL, 25.0, timeout=3)
     assert "counted as carrying nothing: Pack b" in await bank.read(agg, "/Info/ChargeLimitation")
     assert "stale" in await bank.read(agg, "/Aggregator/Status")
     assert await bank.read(agg, f"/Batteries/{row['a']}/State") == "online"
 
     b.answering = True
     await bank.value_is(agg, f"/Batteries/{row['b']}/State", "online", timeout=5)
-    seen = await sample(bank, agg, CCL, 200.0, timeout=15, interval=0.2)
+    seen = await sample(bank, agg, CCL, 100.0, timeout=10, interval=0.2)
     values = [v for _, v in seen]
-    assert values[-1] == 200.0, seen
-    assert values[0] < 200.0, seen  # not at once: ramped at 20 A/s
-    assert any(100.0 < v < 200.0 for v in values), seen
+    assert values[-1] == 100.0, seen
+    assert values[0] < 100.0, seen  # not at once: ramped at 25 A/s
+    assert any(25.0 < v < 100.0 for v in values), seen
     assert values == sorted(values), seen
-    assert seen[-1][0] - seen[0][0] >= 3.0, seen  # 100 A at 20 A/s is about 5 s
+    assert seen[-1][0] - seen[0][0] >= 1.5, seen  # 75 A at 25 A/s is about 3 s
     bank.close()
 
 
@@ -247,19 +259,19 @@ async def test_a_frozen_member_is_stale_and_carries_nothing_then_ramps_back(
 
 async def test_rises_are_ramped_and_hysteretic_drops_go_out_at_once(processes: Processes, tmp_path: Path) -> None:
     bank = Bank()
-    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1, Info__MaxDischargeCurrent=100.0)
-    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})  # hysteresis: the default 1 A
-    await bank.value_is(agg, CCL, 50.0, timeout=20)  # ramped up from 0 at start, at 5 A/s
+    a = await bank.add("a", Info__MaxChargeCurrent=10.0, Io__AllowToCharge=1, Info__MaxDischargeCurrent=100.0)
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 10})  # hysteresis: the default 1 A
+    await bank.value_is(agg, CCL, 10.0, timeout=10)  # ramped up from 0 at start, at 10 A/s
 
-    a.set_value("/Info/MaxChargeCurrent", 150.0)
-    seen = await sample(bank, agg, CCL, 150.0, timeout=30, interval=0.5)
-    assert seen[-1][1] == 150.0, seen  # all the way: the last step is not held back by the hysteresis
+    a.set_value("/Info/MaxChargeCurrent", 60.0)
+    seen = await sample(bank, agg, CCL, 60.0, timeout=15, interval=0.25)
+    assert seen[-1][1] == 60.0, seen  # all the way: the last step is not held back by the hysteresis
     values = [v for _, v in seen]
     assert values == sorted(values), seen
-    assert len(set(values)) >= 10, seen  # many intermediate steps, not a jump
-    for (t0, v0), (t1, v1) in zip(seen, seen[1:]):
-        assert v1 - v0 <= 5.0 * (t1 - t0) + 6.0, seen  # about 5 A/s (the service ticks once a second)
-    assert seen[-1][0] - seen[0][0] >= 100.0 / 5.0 - 4.0, seen
+    assert len(set(values)) >= 4, seen  # intermediate steps (one a second), not a jump
+    for dt, v0, v1 in changes(seen):
+        assert v1 - v0 <= 10.0 * (dt + 1.0) + 1.0, seen  # about 10 A/s (the service ticks once a second)
+    assert seen[-1][0] - seen[0][0] >= 50.0 / 10.0 - 2.0, seen
 
     # A rise below the hysteresis is not published.
     published = await bank.read(agg, CCL)
@@ -275,51 +287,53 @@ async def test_rises_are_ramped_and_hysteretic_drops_go_out_at_once(processes: P
 async def test_a_rise_is_ramped_even_when_members_were_quiet(processes: Processes, tmp_path: Path) -> None:
     """Against HEAD's LimitSmoother (ramp timed from the last recompute) the rise went out as 50 -> 110.1 A."""
     bank = Bank()
-    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
+    a = await bank.add("a", Info__MaxChargeCurrent=10.0, Io__AllowToCharge=1)
     agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})
-    await bank.value_is(agg, CCL, 50.0, timeout=20)  # ramped up from 0 at start, at 5 A/s
+    await bank.value_is(agg, CCL, 10.0, timeout=10)  # ramped up from 0 at start, at 5 A/s
     # A steady BMS whose values do not change: nothing is recomputed. The quiet itself is the condition under
-    # test; a ramp timed from the last recompute would jump by 5 A for each of its seconds.
-    await asyncio.sleep(4.0)
+    # test; a ramp timed from the last recompute would jump by 5 A for each of its seconds (15 A more here).
+    await asyncio.sleep(3.0)
     rose_at = time.monotonic()
     a.set_value("/Info/MaxChargeCurrent", 150.0)
-    first = await eventually(lambda: _above(bank, agg, 50.0), timeout=10)
+    first = await eventually(lambda: _above(bank, agg, 10.0), timeout=10)
     # At most ~5 A/s from the moment the target rose (and one tick's step).
-    assert first <= 50.0 + 5.0 * (time.monotonic() - rose_at) + 5.0, first
+    assert first <= 10.0 + 5.0 * (time.monotonic() - rose_at) + 5.0, first
     bank.close()
 
 
 async def test_a_ramp_reaches_its_target(processes: Processes, tmp_path: Path) -> None:
-    """Against HEAD's LimitSmoother (hysteresis applied to the rest of a ramp) it stalled below 80 A for good."""
+    """Against HEAD's LimitSmoother (hysteresis applied to the rest of a ramp) it stalled short of the target for
+    good, once the rest was below the hysteresis (here after a step or two of 10 A)."""
     bank = Bank()
-    a = await bank.add("a", Info__MaxChargeCurrent=50.0, Io__AllowToCharge=1)
-    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5, "hysteresis": 10})
-    await bank.value_is(agg, CCL, 50.0, timeout=20)  # ramped up from 0 at start, at 5 A/s
-    a.set_value("/Info/MaxChargeCurrent", 80.0)  # a rise of 30 A, well above the 10 A hysteresis
+    a = await bank.add("a", Info__MaxChargeCurrent=10.0, Io__AllowToCharge=1)
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 10, "hysteresis": 25})
+    await bank.value_is(agg, CCL, 10.0, timeout=10)  # ramped up from 0 at start, at 10 A/s
+    a.set_value("/Info/MaxChargeCurrent", 50.0)  # a rise of 40 A, above the 25 A hysteresis
     try:
-        await bank.value_is(agg, CCL, 80.0, timeout=15)  # 6 s at 5 A/s
+        await bank.value_is(agg, CCL, 50.0, timeout=10)  # 4 s at 10 A/s
     finally:
         bank.close()
 
 
 async def test_a_large_bank_ramps_up_from_0_within_the_ramp_time(processes: Processes, tmp_path: Path) -> None:
     """After a start the CCL ramps up from 0; at 2 A/s alone, a bank whose limit is 2824 A (64 packs' worth) took
-    23.5 minutes to get there. By default it takes at most 30 s (rampUpTime), whatever the bank, and still
-    rises step by step."""
+    23.5 minutes to get there. It takes at most rampUpTime (30 s by default: see the pure
+    test_limits.py::test_by_default_a_current_limit_rises_at_2_a_per_s_or_within_30_s), whatever the bank, and
+    still rises step by step. Here rampUpTime is 6 s with the default rampUpRate of 2 A/s."""
     bank = Bank()
     for k in range(8):
         await bank.add(f"p{k}", Info__MaxChargeCurrent=353.0, Io__AllowToCharge=1)
-    agg, _ = run(processes, tmp_path, bank)  # the default limits
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpTime": 6})
     await bank.value_is(agg, "/System/NrOfBatteries", 8)
-    seen = await sample(bank, agg, CCL, 2824.0, timeout=45, interval=0.5)
+    seen = await sample(bank, agg, CCL, 2824.0, timeout=20, interval=0.25)
     values = [v for _, v in seen]
     try:
         assert values[-1] == 2824.0, seen
         assert values == sorted(values), seen
-        assert values[0] < 0.2 * 2824.0 and len(set(values)) >= 10, seen  # a ramp, not a jump
-        assert seen[-1][0] - seen[0][0] <= 30.0 + 3.0, seen
-        for (t0, v0), (t1, v1) in zip(seen, seen[1:]):
-            assert v1 - v0 <= 2824.0 / 30.0 * (t1 - t0 + 1.0) + 1.0, seen  # the service steps once a second
+        assert values[0] < 0.5 * 2824.0 and len(set(values)) >= 4, seen  # a ramp, not a jump
+        assert seen[-1][0] - seen[0][0] <= 6.0 + 3.0, seen
+        for dt, v0, v1 in changes(seen):
+            assert v1 - v0 <= 2824.0 / 6.0 * (dt + 1.0) + 1.0, seen  # the service steps once a second
     finally:
         bank.close()
 
@@ -332,9 +346,14 @@ async def test_at_the_bank_limit_the_most_loaded_pack_sits_at_90_to_100_percent_
         processes: Processes, tmp_path: Path) -> None:
     """Four packs in parallel at different states of charge, served on the bus and driven by the physics from
     the CCL another client reads (the charger delivers min(offered, CCL) twice a second). First the house's
-    loads switch on and off (the bank's own changes teach the split), then the sun offers more than the bank
-    takes. The fullest pack takes less than its share; with the lower of the plain ratio and the extrapolation
-    the most loaded pack sat at 72% of its own limit. It must sit at 90% or more, never above."""
+    loads switch on and off every second (the bank's own changes teach the split), then the sun offers more than
+    the bank takes. The fullest pack takes less than its share; with the lower of the plain ratio and the
+    extrapolation the most loaded pack sat at 72% of its own limit. It must sit at 90% or more, never above.
+    The CCL follows the packs in steps of a second or two (the limits follow measurements once a second and a
+    rise shows at the next tick); it gets there within three, so six seconds after the sun came out it is
+    measured for six more. Twelve seconds of loads teach the split on a loaded machine too (with six, a run
+    now and then learned too few complete samples and overshot). (The pure test_limits.py runs the same
+    physics for 35 simulated minutes.)"""
     packs = [Pack(dataclasses.replace(p, soc=soc), seed=1) for p, soc in zip(PHYSICS_PACKS, (60, 55, 70, 50))]
     physics = PhysicsBank(packs)
     bank = Bank()
@@ -343,16 +362,16 @@ async def test_at_the_bank_limit_the_most_loaded_pack_sits_at_90_to_100_percent_
         values = pack.values()
         services[pack.service] = await bank.add(pack.service, **{path[1:].replace("/", "__"): values[path]
                                                                   for path in PHYSICS_PATHS})
-    agg, _ = run(processes, tmp_path, bank, limits={"rampUpTime": 5})
+    agg, _ = run(processes, tmp_path, bank, limits={"rampUpTime": 2})
     await bank.value_is(agg, "/System/NrOfBatteries", 4)
     loads: list[float] = []
     try:
-        for tick in range(100):
+        for tick in range(48):
             ccl = await bank.read(agg, CCL) or 0.0
-            offered = 400.0 if tick >= 40 else (60.0 if tick % 8 < 4 else 20.0)  # loads on and off, then sun
+            offered = 400.0 if tick >= 24 else (60.0 if tick % 4 < 2 else 20.0)  # loads on and off, then sun
             own = [p.limits().ccl for p in packs]
             state = physics.step(min(offered, ccl), 0.5)
-            if tick >= 60:  # ten seconds after the sun came out
+            if tick >= 36:  # six seconds after the sun came out
                 assert ccl < offered
                 loads.append(max(i / limit for i, limit in zip(state.currents, own)))
             for pack in packs:
@@ -449,8 +468,9 @@ async def test_over_current_guard_raises_the_share_and_logs_once(processes: Proc
     await eventually(guarded, timeout=10)
     # a was seen carrying 60% of the bank current: its share is 0.6 now (50 A / 0.6 = 83.3 A for a rise), and the
     # 10 A it carries above its limit are taken back at its share as known (capacity: 0.5), not as raised:
-    # 100 A - 10 A / 0.5. Had it taken them back at 0.6 (83.3 A), a would carry 51.7 A with a 0.5 share.
-    assert await bank.read(agg, CCL) == pytest.approx(80.0, abs=0.05)
+    # 100 A - 10 A / 0.5. Had it taken them back at 0.6 (83.3 A), a would carry 51.7 A with a 0.5 share. (Waited
+    # for: a tick just after the start can publish the first step of the start ramp, guarded too.)
+    await bank.value_is(agg, CCL, 80.0)
     assert await bank.read(agg, f"/Batteries/{row['a']}/Share") >= 0.6 - 1e-4
     for limit in (90.0, 91.0, 92.0):  # recomputes at once, each gone out before the next: logged once
         b.set_value("/Info/MaxDischargeCurrent", limit)
@@ -501,8 +521,9 @@ async def test_learned_shares_are_saved_and_used_at_once_after_a_restart(
     agg, proc = run(processes, tmp_path, bank, currentRatioMethod="share", limits=FAST)
     row = await rows(bank, agg, 2)
     assert await bank.read(agg, f"/Batteries/{row['a']}/Share") == 0.5  # nothing learned: capacity, equal
-    # a takes 70% of every change of the bank current, b 30%.
-    for step in range(20):
+    # a takes 70% of every change of the bank current, b 30%: a few samples tell it (0.7 / 0.3, not the 0.5 of the
+    # capacity fallback).
+    for step in range(8):
         bank_current = 20.0 + 60.0 * (step % 5) / 4  # 20, 35, 50, 65, 80, 20, ...
         a.set_values({"/Dc/0/Current": round(0.7 * bank_current, 2), "/Dc/0/Voltage": 53.0 + step / 1000})
         b.set_values({"/Dc/0/Current": round(0.3 * bank_current, 2), "/Dc/0/Voltage": 53.0 + step / 1000})
@@ -526,6 +547,10 @@ async def test_learned_shares_are_saved_and_used_at_once_after_a_restart(
     assert expected[bank.name("a")] == pytest.approx(learned_a, abs=1e-3)
     assert expected[bank.name("b")] == pytest.approx(learned_b, abs=1e-3)
 
+    # The bank at rest while the service is down: the restarted one has no current to learn the split from
+    # again, so a share of 0.7 can only be the saved one.
+    a.set_value("/Dc/0/Current", 0.0)
+    b.set_value("/Dc/0/Current", 0.0)
     agg, proc = run(processes, tmp_path, bank, currentRatioMethod="share", limits=FAST)
     row = await rows(bank, agg, 2)
     first: dict[str, Any] = {}
@@ -618,7 +643,7 @@ async def test_an_unknown_member_limit_holds_the_bank_limit(processes: Processes
     a = await bank.add("a", Info__MaxChargeCurrent=10.0, InstalledCapacity=100.0)
     b = await bank.add("b", Info__MaxChargeCurrent=100.0, InstalledCapacity=100.0, Info__MaxDischargeCurrent=100.0)
     agg, proc = run(processes, tmp_path, bank, currentRatioMethod="capacity", reconnectTimeout=2,
-                    limits={**FAST, "staleAfter": 2})
+                    limits={**FAST, "staleAfter": 1})
     await bank.value_is(agg, CCL, 20.0)  # a: 10 A at a half share
     assert await bank.read(agg, HELD) in (None, 0)
     if how == "invalid":
@@ -678,29 +703,31 @@ async def test_a_single_member_with_an_invalid_ccl_gives_0_and_ramps_back(proces
     await slow.value_is(agg, "/System/NrOfBatteries", 1)
     await slow.value_is(agg, CCL, 0.0)
     b.set_value("/Info/MaxChargeCurrent", 100.0)
-    seen = await sample(slow, agg, CCL, 100.0, timeout=6, interval=0.5)
+    seen = await sample(slow, agg, CCL, 100.0, timeout=3, interval=0.25)
     values = [v for _, v in seen]
-    assert values == sorted(values) and 0 < max(values) <= 30.0, seen  # ~4 A/s, not a jump to 100 A
+    assert values == sorted(values) and 0 < max(values) <= 20.0, seen  # ~4 A/s, not a jump to 100 A
     slow.close()
 
 
 async def test_the_ccl_ramps_up_from_0_after_start_and_goes_on_across_a_reload(processes: Processes,
                                                                                 tmp_path: Path) -> None:
-    """A restart or a config reload (even touching the file) jumped straight to the target."""
+    """A restart or a config reload (even touching the file) jumped straight to the target. (A change of the file
+    and SIGHUP reload alike; SIGHUP does it without waiting for the file check.)"""
     bank = Bank()
     await bank.add("a", Info__MaxChargeCurrent=200.0)
-    agg, proc = run(processes, tmp_path, bank, limits={"rampUpRate": 10})
+    agg, proc = run(processes, tmp_path, bank, limits={"rampUpRate": 25})
     await bank.value_is(agg, "/System/NrOfBatteries", 1)
     first = await bank.read(agg, CCL)
-    assert first is not None and first < 50.0, first  # from 0 at 10 A/s, not 200 A at once
-    await eventually(lambda: _above(bank, agg, 60.0), timeout=15)
+    assert first is not None and first < 100.0, first  # from 0 at 25 A/s, not 200 A at once
+    await eventually(lambda: _above(bank, agg, 40.0), timeout=10)
     config_path = tmp_path / "agg.json"
     config = json.loads(config_path.read_text())
     config["limits"]["hysteresis"] = 2.0  # a real change, applied in place
     config_path.write_text(json.dumps(config))
+    proc.send_signal(signal.SIGHUP)
     await eventually(lambda: "configuration reloaded" in processes.output(proc), timeout=10)
-    assert await bank.read(agg, CCL) < 150.0  # still ramping: no jump to 200 A
-    await bank.value_is(agg, CCL, 200.0, timeout=20)
+    assert await bank.read(agg, CCL) < 175.0  # still ramping: no jump to 200 A
+    await bank.value_is(agg, CCL, 200.0, timeout=10)
     bank.close()
 
 

@@ -256,6 +256,15 @@ def test_a_large_bank_ramps_up_within_the_rise_time_and_a_small_one_at_the_rise_
     assert not small.ramping
 
 
+def test_by_default_a_current_limit_rises_at_2_a_per_s_or_within_30_s() -> None:
+    """The defaults the bus tests shorten (they set limits.rampUpTime / rampUpRate to take seconds, not half a
+    minute): the CCL and DCL ramps of the controller use them."""
+    control = ChargeControl(parse_config({}))
+    for smoother in (control.ccl_smoother, control.dcl_smoother):
+        assert (smoother.rise_rate, smoother.rise_time, smoother.hysteresis) == (2.0, 30.0, 1.0)
+    assert control.ccl_smoother.from_zero and not control.dcl_smoother.from_zero
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.floats(0.05, 5.0), st.one_of(st.none(), st.floats(0.0, 5000.0))), min_size=1,
                 max_size=40),
