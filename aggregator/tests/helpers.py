@@ -24,8 +24,10 @@ def load_script(relative: str) -> ModuleType:
     return module
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until `check()` returns something truthy (or raises nothing), else fail with its last result."""
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll until `check()` returns something truthy (or raises nothing), else fail with its last result. The
+    timeout only bounds a failure: a passing test waits for the event, and a loaded machine may start a daemon
+    in more than ten seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:

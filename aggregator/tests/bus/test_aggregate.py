@@ -67,7 +67,7 @@ class Bank:
             self.reader = await connect()
         return await client.get_value(self.reader, service, path, timeout=2.0)
 
-    async def value_is(self, service: str, path: str, expected: Any, timeout: float = 10.0) -> None:
+    async def value_is(self, service: str, path: str, expected: Any, timeout: float = 20.0) -> None:
         seen: list[Any] = []
 
         async def check() -> bool:
@@ -124,7 +124,7 @@ async def watch_signals(bus_address: str, service: str) -> asyncio.subprocess.Pr
     return monitor
 
 
-async def signals_until(monitor: asyncio.subprocess.Process, text: str, timeout: float = 10.0) -> str:
+async def signals_until(monitor: asyncio.subprocess.Process, text: str, timeout: float = 20.0) -> str:
     """What the monitor printed up to and including the first line with `text`; then it is stopped. What a
     service sent before the signal with `text` is all in it: a bus delivers one sender's messages in order."""
     assert monitor.stdout is not None
