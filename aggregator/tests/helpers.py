@@ -72,6 +72,20 @@ class CallWatch:
         await self.proc.wait()
 
 
+async def retained_on(mqtt: Any, topic: str, wait: float = 1.0) -> bytes | None:
+    """The retained message of `topic` as a fresh subscriber gets it, on `mqtt` (a connected aiomqtt client);
+    None if there is none within `wait` s."""
+    await mqtt.subscribe(topic, qos=1)
+    try:
+        async with asyncio.timeout(wait):
+            async for message in mqtt.messages:
+                payload = message.payload
+                return payload if isinstance(payload, bytes) else str(payload).encode()
+    except TimeoutError:
+        return None
+    return None
+
+
 @contextlib.asynccontextmanager
 async def coop_states(broker: dict[str, Any]) -> AsyncIterator[Any]:
     """An MQTT client of a demo cooperative's broker (demo.json's "broker": host, port, caFile and its

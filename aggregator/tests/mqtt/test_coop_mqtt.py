@@ -22,7 +22,7 @@ from aggregator.features.coop.site import CoopSite
 from aggregator.features.coop.settings import BrokerSettings, CoopSettingsError, parse_coop
 from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto, free_port, make_test_certificates
 
-from ..helpers import coop_states
+from ..helpers import coop_states, retained_on
 
 REPO = Path(__file__).resolve().parents[3]
 SETUP = REPO / "setup" / "coop"
@@ -70,14 +70,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str 
 async def retained(broker: MosquittoBroker, topic: str, wait: float = 1.0) -> bytes | None:
     """The retained message of `topic` as a fresh subscriber gets it (None if there is none)."""
     async with client(broker, "coop-homeassistant", USERS["coop-homeassistant"]) as c:
-        await c.subscribe(topic, qos=1)
-        try:
-            async with asyncio.timeout(wait):
-                async for message in c.messages:
-                    return message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-        except TimeoutError:
-            return None
-    return None
+        return await retained_on(c, topic, wait)
 
 
 class Running:

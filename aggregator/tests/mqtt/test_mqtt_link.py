@@ -20,21 +20,14 @@ from aggregator.features.dispatcher.settings import parse_dispatcher_config
 from aggregator.mqtt.link import MqttLink
 from aggregator_dev.mqttbroker import MosquittoBroker, find_mosquitto, free_port
 
-from ..helpers import eventually
+from ..helpers import eventually, retained_on
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 
 async def retained(port: int, topic: str, wait: float = 1.0) -> bytes | None:
     async with aiomqtt.Client("127.0.0.1", port, timeout=5) as c:
-        await c.subscribe(topic, qos=1)
-        try:
-            async with asyncio.timeout(wait):
-                async for message in c.messages:
-                    return message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-        except TimeoutError:
-            return None
-    return None
+        return await retained_on(c, topic, wait)
 
 
 def dispatcher_mqtt(port: int, **extra: Any) -> Any:
