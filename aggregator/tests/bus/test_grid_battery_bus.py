@@ -236,18 +236,20 @@ def test_a_bad_config_exits_1_naming_the_keys(tmp_path: Path) -> None:
         assert key in result.stderr
 
 
-@pytest.mark.parametrize("resolution,scale", [(0.1, 20.0), (1.0, 300.0)])
+@pytest.mark.parametrize("resolution,scale", [(0.1, 100.0), (1.0, 1000.0)])
 async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busctl: Busctl, tmp_path: Path,
                                                       resolution: float, scale: float) -> None:
     """Issue #14: a meter showing its counters in 0.1 (or 1) kWh steps, read 20 times a (scaled) second, moved
     one step in less time than the connection's 100 kW allow for it, so every step was rejected. Now what the
-    battery counts is what the meter's export counter moved by."""
+    battery counts is what the meter's export counter moved by: a step is weighed against the time since the
+    counter last moved, plus one step (however little energy crossed it, a counter moves by a whole step)."""
     tag = str(resolution).replace(".", "")
     battery, meter = f"com.victronenergy.battery.gridq{tag}", f"com.victronenergy.grid.q{tag}"
     start = "2023-06-21T12:00"  # summer noon: ~4 kW export
+    # The export counter a Wh below its next step: its first step comes right after the battery's first sample.
     processes.start_module("aggregator_dev.simulator.grid_meter", "--name", f"q{tag}", "--time-scale", "0",
                            "--start", start, "--rate", "20", "--resolution", str(resolution),
-                           "--device-instance", "40")
+                           "--reverse", str(100 + resolution - 0.001), "--device-instance", "40")
     settings = GridBatterySettings(meter=40, capacityKwh=0, startDate=date(2023, 1, 1), startLevelKwh=0,
                                    serviceName=battery, deviceInstance=103)  # maxPowerKw: the default 100
     clock = SimClock(parse_start(start), scale)
@@ -257,12 +259,20 @@ async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busc
         await on_bus(busctl, meter)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
         first = await value(busctl, meter, "/Ac/Energy/Reverse")  # the battery's anchor
-        clock.resume()
+        assert first == 100.0
+
+        async def charged_is(kwh: float) -> bool:
+            return await value(busctl, battery, "/History/ChargedEnergy") == pytest.approx(kwh, abs=1e-6)
+
+        # The first step while the battery's clock stands still (no time at all since the anchor): only the
+        # one-step allowance can take it.
         assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(scale)) == 0
+        await eventually(lambda: charged_is(resolution), timeout=10, interval=0.1)
+        clock.resume()  # then steps at the pace of the meter
 
         async def moved() -> bool:
             return (await value(busctl, meter, "/Ac/Energy/Reverse")) >= first + 3 * resolution
-        await eventually(moved, timeout=20, interval=0.2)
+        await eventually(moved, timeout=20, interval=0.1)
         assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
         clock.pause()
         last = await value(busctl, meter, "/Ac/Energy/Reverse")
