@@ -1,6 +1,6 @@
 """The grid battery on a real bus: the grid-meter simulator as a process, the service, busctl as the reader.
 
-A simulated year runs in about 12 s: the battery empties in winter (import beyond it), fills in spring and
+A simulated year runs in about 7 s: the battery empties in winter (import beyond it), fills in spring and
 loses export in summer, forgets its level on the reset day, and does not move when the meter's counters are
 reset. A kill -9 of the service process and a restart keep the level.
 """
@@ -32,7 +32,7 @@ from ..conftest import REPO, Busctl, Processes
 from ..helpers import eventually
 
 YEAR_SECONDS = 365 * 86400
-YEAR_SCALE = YEAR_SECONDS / 12.0  # a simulated year in 12 s
+YEAR_SCALE = YEAR_SECONDS / 7.0  # a simulated year in 7 s
 
 
 class SimClock:
@@ -103,7 +103,7 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
         assert await value(busctl, battery, "/CustomName") == "Net metering"
 
         processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "house", "--time-scale", "0",
-                      "--start", "2023-01-01", "--rate", "20")
+                      "--start", "2023-01-01", "--rate", "30")
         await on_bus(busctl, meter)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
         assert await value(busctl, battery, "/GridBattery/Meter") == meter
@@ -158,7 +158,7 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
 
     rows = list(csv.DictReader(io.StringIO(history_csv(tmp_path))))
     days = {datetime.fromisoformat(r["timestamp"]).date(): r for r in rows}
-    assert len(days) > 100  # a row for the days a sample arrived on (one per ~1.5 simulated days)
+    assert len(days) > 100  # a row for the days a sample arrived on (one per ~1.7 simulated days)
     after_reset = min(d for d in days if d >= date(2023, 7, 1))
     assert float(days[after_reset]["level_kwh"]) < 60
     assert max(float(r["level_kwh"]) for r in rows) == pytest.approx(200.0)
