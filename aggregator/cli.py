@@ -113,7 +113,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from aggregator_dev.demo import main
 
     logging.basicConfig(level="WARNING", format=_LOG_FORMAT)
-    return main(args.scenario, args.duration, args.refresh, everything=args.all)
+    return main(args.scenario, args.duration, args.refresh, everything=args.all, report_every=args.report_every)
 
 
 def device_warnings(config: Any, installed: Callable[[str], bool]) -> list[str]:
@@ -394,6 +394,9 @@ def _add_development_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     demo.add_argument("--all", action="store_true", help="the side features too: energy reports arriving, the "
                       "grid battery, the dispatcher following a target, and a cooperative of three households (a "
                       "private bus each) on one mosquitto")
+    demo.add_argument("--report-every", type=float, default=5.0, metavar="S",
+                      help="with --all: seconds between the energy reports (default 5); each covers 5 s of the "
+                           "reporting batteries, so less is a time-lapse")
     demo.set_defaults(func=_cmd_demo)
 
 

@@ -247,9 +247,10 @@ def _child_env() -> dict[str, str]:
 class _Features:
     """What --all drives from the demo itself: the energy reports and the dispatcher's target."""
 
-    def __init__(self, bus: Any, coop: Cooperative) -> None:
+    def __init__(self, bus: Any, coop: Cooperative, report_every: float = REPORT_PERIOD_S) -> None:
         self.bus = bus
         self.coop = coop
+        self.report_every = report_every
         self.reporting = reporting_batteries()
         self.report_status = "no report sent yet"
         self.coop_monitors: dict[str, ServiceMonitor] = {}
@@ -282,7 +283,7 @@ class _Features:
                 except client.CallError as exc:
                     answers.append(f"{battery.id}: {str(exc).split(': ', 1)[-1]}")
             self.report_status = "; ".join(answers)
-            await asyncio.sleep(REPORT_PERIOD_S)
+            await asyncio.sleep(self.report_every)
 
     async def _steer(self) -> None:
         """The dispatcher's target steps through a schedule, as a user or an automation would set it."""
@@ -308,13 +309,13 @@ class _Features:
 
 
 async def _live(address: str, children: _Children, duration: float | None, refresh: float, workdir: Path,
-                coop: Cooperative | None = None) -> int:
+                coop: Cooperative | None = None, report_every: float = REPORT_PERIOD_S) -> int:
     bus = await connect(address)
     batteries = ServiceMonitor(bus, [BATTERY_PREFIX])
     control = ServiceMonitor(bus, [CONTROL_SERVICE], require_device_instance=False)
     await batteries.start()
     await control.start()
-    features = _Features(bus, coop) if coop is not None else None
+    features = _Features(bus, coop, report_every) if coop is not None else None
     tasks = await features.start() if features is not None else []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -375,7 +376,7 @@ def status_hint(address: str) -> list[str]:
 
 
 def main(scenario: str = "default", duration: float | None = None, refresh: float = 1.0,
-         everything: bool = False) -> int:
+         everything: bool = False, report_every: float = REPORT_PERIOD_S) -> int:
     try:
         private_bus = PrivateBus()
         address = private_bus.start()
@@ -386,6 +387,8 @@ def main(scenario: str = "default", duration: float | None = None, refresh: floa
     config = dict(DEMO_CONFIG, stateDir=str(workdir / "state"))  # never the GX's /data in a demo
     if everything:
         config.update(ALL_CONFIG)
+        if report_every < REPORT_PERIOD_S:  # a time-lapse: the reports' power bound is set out of the way
+            config["energy"] = {"members": {b.id: {"maxPowerKw": 100000} for b in reporting_batteries()}}
     (workdir / "config.json").write_text(json.dumps(config, indent=2))
     children = _Children(workdir, private_bus.env(_child_env()))
     coop = Cooperative(workdir / "coop") if everything else None
@@ -406,7 +409,7 @@ def main(scenario: str = "default", duration: float | None = None, refresh: floa
             coop.start()
             info["coop"] = coop.info()
         (workdir / "demo.json").write_text(json.dumps(info, indent=2))
-        return asyncio.run(_live(address, children, duration, refresh, workdir, coop))
+        return asyncio.run(_live(address, children, duration, refresh, workdir, coop, report_every))
     except KeyboardInterrupt:
         return 0
     except RuntimeError as exc:  # mosquitto missing or not starting

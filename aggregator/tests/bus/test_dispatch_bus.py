@@ -96,9 +96,10 @@ class Sims:
 @pytest.fixture(scope="module")
 def sims(private_bus: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sims]:
     sims = Sims(private_bus.address, tmp_path_factory.mktemp("dispatch_sims"))
-    sims.start("dispatch_a", "--gain", "1.0", "--max-discharge", "300", "--capacity", "5000")
+    quick = ("--lag", "0.4")  # devices that follow their setpoint within a second or two: less to wait for
+    sims.start("dispatch_a", "--gain", "1.0", "--max-discharge", "300", "--capacity", "5000", *quick)
     sims.start("dispatch_b", "--gain", "1.0", "--max-discharge", "3000", "--capacity", "10000",
-               "--setpoint-sign", "-1", "--measured-sign", "-1", "--device-instance", "41")
+               "--setpoint-sign", "-1", "--measured-sign", "-1", "--device-instance", "41", *quick)
     try:
         yield sims
     finally:

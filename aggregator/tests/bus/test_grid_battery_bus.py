@@ -1,6 +1,6 @@
 """The grid battery on a real bus: the grid-meter simulator as a process, the service, busctl as the reader.
 
-A simulated year runs in about 12 s: the battery empties in winter (import beyond it), fills in spring and
+A simulated year runs in about 7 s: the battery empties in winter (import beyond it), fills in spring and
 loses export in summer, forgets its level on the reset day, and does not move when the meter's counters are
 reset. A kill -9 of the service process and a restart keep the level.
 """
@@ -32,7 +32,7 @@ from ..conftest import REPO, Busctl, Processes
 from ..helpers import eventually
 
 YEAR_SECONDS = 365 * 86400
-YEAR_SCALE = YEAR_SECONDS / 12.0  # a simulated year in 12 s
+YEAR_SCALE = YEAR_SECONDS / 7.0  # a simulated year in 7 s
 
 
 class SimClock:
@@ -103,7 +103,7 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
         assert await value(busctl, battery, "/CustomName") == "Net metering"
 
         processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "house", "--time-scale", "0",
-                      "--start", "2023-01-01", "--rate", "20")
+                      "--start", "2023-01-01", "--rate", "30")
         await on_bus(busctl, meter)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
         assert await value(busctl, battery, "/GridBattery/Meter") == meter
@@ -158,7 +158,7 @@ async def test_a_simulated_year(processes: Processes, busctl: Busctl, tmp_path: 
 
     rows = list(csv.DictReader(io.StringIO(history_csv(tmp_path))))
     days = {datetime.fromisoformat(r["timestamp"]).date(): r for r in rows}
-    assert len(days) > 100  # a row for the days a sample arrived on (one per ~1.5 simulated days)
+    assert len(days) > 100  # a row for the days a sample arrived on (one per ~1.7 simulated days)
     after_reset = min(d for d in days if d >= date(2023, 7, 1))
     assert float(days[after_reset]["level_kwh"]) < 60
     assert max(float(r["level_kwh"]) for r in rows) == pytest.approx(200.0)
@@ -236,18 +236,20 @@ def test_a_bad_config_exits_1_naming_the_keys(tmp_path: Path) -> None:
         assert key in result.stderr
 
 
-@pytest.mark.parametrize("resolution,scale", [(0.1, 20.0), (1.0, 300.0)])
+@pytest.mark.parametrize("resolution,scale", [(0.1, 100.0), (1.0, 1000.0)])
 async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busctl: Busctl, tmp_path: Path,
                                                       resolution: float, scale: float) -> None:
     """Issue #14: a meter showing its counters in 0.1 (or 1) kWh steps, read 20 times a (scaled) second, moved
     one step in less time than the connection's 100 kW allow for it, so every step was rejected. Now what the
-    battery counts is what the meter's export counter moved by."""
+    battery counts is what the meter's export counter moved by: a step is weighed against the time since the
+    counter last moved, plus one step (however little energy crossed it, a counter moves by a whole step)."""
     tag = str(resolution).replace(".", "")
     battery, meter = f"com.victronenergy.battery.gridq{tag}", f"com.victronenergy.grid.q{tag}"
     start = "2023-06-21T12:00"  # summer noon: ~4 kW export
+    # The export counter a Wh below its next step: its first step comes right after the battery's first sample.
     processes.start_module("aggregator_dev.simulator.grid_meter", "--name", f"q{tag}", "--time-scale", "0",
                            "--start", start, "--rate", "20", "--resolution", str(resolution),
-                           "--device-instance", "40")
+                           "--reverse", str(100 + resolution - 0.001), "--device-instance", "40")
     settings = GridBatterySettings(meter=40, capacityKwh=0, startDate=date(2023, 1, 1), startLevelKwh=0,
                                    serviceName=battery, deviceInstance=103)  # maxPowerKw: the default 100
     clock = SimClock(parse_start(start), scale)
@@ -257,12 +259,20 @@ async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busc
         await on_bus(busctl, meter)
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/Status"), "ok"), timeout=5)
         first = await value(busctl, meter, "/Ac/Energy/Reverse")  # the battery's anchor
-        clock.resume()
+        assert first == 100.0
+
+        async def charged_is(kwh: float) -> bool:
+            return await value(busctl, battery, "/History/ChargedEnergy") == pytest.approx(kwh, abs=1e-6)
+
+        # The first step while the battery's clock stands still (no time at all since the anchor): only the
+        # one-step allowance can take it.
         assert await set_value(busctl, meter, "/Sim/TimeScale", "d", str(scale)) == 0
+        await eventually(lambda: charged_is(resolution), timeout=10, interval=0.1)
+        clock.resume()  # then steps at the pace of the meter
 
         async def moved() -> bool:
             return (await value(busctl, meter, "/Ac/Energy/Reverse")) >= first + 3 * resolution
-        await eventually(moved, timeout=20, interval=0.2)
+        await eventually(moved, timeout=20, interval=0.1)
         assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
         clock.pause()
         last = await value(busctl, meter, "/Ac/Energy/Reverse")
@@ -399,10 +409,10 @@ async def test_a_new_day_is_saved_at_once_the_one_time_reset_and_the_load_profil
         processes: Processes, busctl: Busctl, tmp_path: Path) -> None:
     """Saved on the first sample and on the change of day (not only every save interval, here an hour); the
     one-time reset date empties the battery at its midnight; the 15-minute profile is written and exported."""
-    battery, meter, start = "com.victronenergy.battery.gridday", "com.victronenergy.grid.day", "2023-06-21T23:35"
-    scale = 180.0  # three simulated minutes a second
+    battery, meter, start = "com.victronenergy.battery.gridday", "com.victronenergy.grid.day", "2023-06-21T23:50"
+    scale = 360.0  # six simulated minutes a second
     processes.start_module("aggregator_dev.simulator.grid_meter", "--name", "day", "--time-scale", "0",
-                           "--start", start, "--rate", "5", "--device-instance", "45")
+                           "--start", start, "--rate", "10", "--device-instance", "45")
     settings = GridBatterySettings(meter=45, startDate=date(2023, 6, 21), startLevelKwh=5, capacityKwh=10,
                                    resetOnce=date(2023, 6, 22), serviceName=battery)
     clock = SimClock(parse_start(start), scale)
@@ -424,15 +434,15 @@ async def test_a_new_day_is_saved_at_once_the_one_time_reset_and_the_load_profil
         assert service.battery.last_reset == date(2023, 6, 22) and service.battery.forfeited_kwh > 4
         await eventually(lambda: _is(value(busctl, battery, "/GridBattery/LevelKwh"), 0.0), timeout=5)
         await eventually(lambda: clock() > parse_start("2023-06-22T00:20"), timeout=15)
+        clock.pause()  # first: the battery's slot stays 00:15 however late the meter stops
         assert await set_value(busctl, meter, "/Sim/TimeScale", "d", "0") == 0
-        clock.pause()
     finally:
         await service.stop()
     rows = (state_dir / "load_profile.csv").read_text().splitlines()
     assert rows[0] == "start,import_kwh,export_kwh,level_kwh"
     starts = [row.split(",")[0][:16] for row in rows[1:]]
     # The finished slots; the one in progress (00:15) is in the state and goes on after a restart.
-    assert starts == ["2023-06-21T23:30", "2023-06-21T23:45", "2023-06-22T00:00"], starts
+    assert starts == ["2023-06-21T23:45", "2023-06-22T00:00"], starts
     assert json.loads((state_dir / STATE_FILE).read_text())["battery"]["slot"][0] == parse_start("2023-06-22T00:15")
     for row in rows[1:]:
         imported, exported, level = (float(x) for x in row.split(",")[1:])

@@ -70,7 +70,7 @@ def acsystem(private_bus: Any, tmp_path: Path) -> Iterator[Sims]:
     """A Multi RS system as Victron's services publish it, whose setpoint expires after TIMEOUT_S."""
     sims = Sims(private_bus.address, tmp_path)
     sims.start("fallback_a", "--layout", "acsystem", "--max-discharge", "3000", "--capacity", "5000",
-               "--setpoint-timeout", str(TIMEOUT_S))
+               "--setpoint-timeout", str(TIMEOUT_S), "--lag", "0.3")  # a quick inverter: less to wait for
     try:
         yield sims
     finally:
@@ -135,7 +135,8 @@ async def test_a_killed_dispatcher_leaves_the_device_to_its_watchdog(acsystem: S
 
         await eventually(discharging, timeout=20, interval=0.25)
         # The setpoint no longer changes, yet for longer than the device's timeout it keeps it: the heartbeat.
-        deadline = time.monotonic() + 2.5 * TIMEOUT_S
+        # (Without one it would fall back at most TIMEOUT_S after the last change, before this window ends.)
+        deadline = time.monotonic() + 1.5 * TIMEOUT_S
         while time.monotonic() < deadline:
             assert await _get(ACSYSTEM, "/Ess/InverterPowerSetpoint") < -700, dispatcher.output()[-2000:]
             await asyncio.sleep(0.2)
