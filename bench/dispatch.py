@@ -1,4 +1,4 @@
-"""Benchmark of the power dispatcher (issues #8 and #14): every scenario x seeds x (learned dispatcher + 3
+"""Benchmark of the power dispatcher: every scenario x seeds x (learned dispatcher + 3
 baselines) on the simulated batteries, meters and household demand of aggregator_dev.dispatch_simulation. The last
 three scenarios are faulty meters (frozen, sign-inverted, +-10 % noise); `swing` is the steady
 error's 1st-to-99th percentile range. `weak_gain`: a battery that gives 60 % of what it is asked must be learned

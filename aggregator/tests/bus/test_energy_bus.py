@@ -295,7 +295,7 @@ async def test_a_grid_battery_runs_in_the_service_and_is_not_a_member(processes:
             local.service.close()
 
 
-# ---- issue #14 -------------------------------------------------------------------------------------------------
+# ---- external batteries, the HTTP endpoint, the GX's time zone ------------------------------------------------
 
 def _request(port: int, path: str, data: bytes, token: str | None = None) -> tuple[int, dict[str, Any]]:
     headers = {"Content-Type": "application/json"}
@@ -321,7 +321,8 @@ async def _garage(busctl: Busctl, agg: str, charged: float) -> subprocess.Comple
 
 async def test_external_lifetime_totals_typos_and_two_batteries_under_one_id(
         processes: Processes, tmp_path: Path, busctl: Busctl, bus_address: str) -> None:
-    """Issue #14 items 2 and 3, through the CLI and busctl, read back with busctl and our client."""
+    """External batteries' lifetime totals, a typo and two batteries under one id, through the CLI and busctl,
+    read back with busctl and our client."""
     bank = Bank()
     await bank.add("a", Soc=50.0, InstalledCapacity=100.0)  # no counters, no current: 0 kWh
     agg, _ = start_aggregator(processes, tmp_path, bank, stateDir=str(tmp_path / "state"))
@@ -360,7 +361,7 @@ async def test_external_lifetime_totals_typos_and_two_batteries_under_one_id(
 
 async def test_external_rows_survive_a_restart_are_capped_and_can_be_removed(
         processes: Processes, tmp_path: Path, busctl: Busctl, bus_address: str) -> None:
-    """Issue #14 item 4: rows restored after a restart, energy.maxExternal, and Remove by CLI, D-Bus and HTTP."""
+    """rows restored after a restart, energy.maxExternal, and Remove by CLI, D-Bus and HTTP."""
     bank = Bank()
     await bank.add("a", Soc=50.0, InstalledCapacity=100.0)
     port = _free_port()
@@ -411,7 +412,7 @@ async def test_external_rows_survive_a_restart_are_capped_and_can_be_removed(
 
 async def test_deep_or_oversized_json_is_answered_and_the_endpoint_goes_on(processes: Processes, tmp_path: Path,
                                                                            busctl: Busctl) -> None:
-    """Issue #14 item 6: "[" * 10000 made json.loads raise RecursionError in the endpoint."""
+    """A body of "[" * 10000 (deeper than json.loads can parse) gets an error reply, and the endpoint goes on."""
     bank = Bank()
     await bank.add("a")
     port = _free_port()
@@ -433,7 +434,7 @@ async def test_deep_or_oversized_json_is_answered_and_the_endpoint_goes_on(proce
 
 async def test_beyond_loopback_the_http_endpoint_needs_its_token(processes: Processes, tmp_path: Path,
                                                                  busctl: Busctl) -> None:
-    """Issue #14 item 4: bound to 0.0.0.0 (with energy.httpToken, which the config then requires)."""
+    """bound to 0.0.0.0 (with energy.httpToken, which the config then requires)."""
     bank = Bank()
     await bank.add("a")
     port, token = _free_port(), "a-token-of-20-chars!"
@@ -472,7 +473,7 @@ def _zones_with_other_dates() -> tuple[str, str]:
 async def test_daily_energy_follows_the_time_zone_set_on_the_gx(processes: Processes, tmp_path: Path,
                                                                 busctl: Busctl, bus_address: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue #14 item 5: the service runs in UTC, the user's zone is in localsettings; the daily buckets take
+    """the service runs in UTC, the user's zone is in localsettings; the daily buckets take
     its dates, and follow a change of it."""
     monkeypatch.setenv("TZ", "UTC")  # the processes' own zone, as on a GX
     first_zone, second_zone = _zones_with_other_dates()
@@ -503,7 +504,7 @@ async def test_daily_energy_follows_the_time_zone_set_on_the_gx(processes: Proce
         local.service.close()
 
 
-# ---- issue 21: Homey flow cards for Sessy batteries --------------------------------------------------------
+# ---- Homey flow cards for Sessy batteries ------------------------------------------------------------------
 
 async def test_sessy_reports_typos_rollbacks_twins_decimal_commas_and_the_energy_table(
         processes: Processes, tmp_path: Path, busctl: Busctl, bus_address: str) -> None:

@@ -239,10 +239,10 @@ def test_a_bad_config_exits_1_naming_the_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize("resolution,scale", [(0.1, 100.0), (1.0, 1000.0)])
 async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busctl: Busctl, tmp_path: Path,
                                                       resolution: float, scale: float) -> None:
-    """Issue #14: a meter showing its counters in 0.1 (or 1) kWh steps, read 20 times a (scaled) second, moved
-    one step in less time than the connection's 100 kW allow for it, so every step was rejected. Now what the
-    battery counts is what the meter's export counter moved by: a step is weighed against the time since the
-    counter last moved, plus one step (however little energy crossed it, a counter moves by a whole step)."""
+    """A meter showing its counters in 0.1 (or 1) kWh steps, read many times a (scaled) second, moves one step
+    in less time than the connection's 100 kW allow for it, and the step still counts: the battery counts what
+    the meter's export counter moved by, a step weighed against the time since the counter last moved, plus one
+    step (however little energy crossed it, a counter moves by a whole step)."""
     tag = str(resolution).replace(".", "")
     battery, meter = f"com.victronenergy.battery.gridq{tag}", f"com.victronenergy.grid.q{tag}"
     start = "2023-06-21T12:00"  # summer noon: ~4 kW export
@@ -289,7 +289,7 @@ async def test_a_meter_publishing_in_steps_is_counted(processes: Processes, busc
 
 async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processes, busctl: Busctl,
                                                              tmp_path: Path) -> None:
-    """Issue #14 item 5: the service process runs in UTC (as on a GX); its daily rows take the dates of the
+    """The service process runs in UTC (as on a GX); its daily rows take the dates of the
     zone in localsettings' /Settings/System/TimeZone, follow a change of it, and the CSV shows its times."""
     from zoneinfo import ZoneInfo
 
@@ -335,7 +335,7 @@ async def test_daily_rows_follow_the_time_zone_set_on_the_gx(processes: Processe
         local.service.close()
 
 
-# ---- issue 21: smart-me's virtual battery --------------------------------------------------------------------
+# ---- smart-me's virtual battery ------------------------------------------------------------------------------
 
 async def test_a_new_grid_battery_keeps_its_level_after_a_kill_9_before_the_first_periodic_save(
         processes: Processes, busctl: Busctl, tmp_path: Path) -> None:

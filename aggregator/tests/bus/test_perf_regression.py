@@ -1,4 +1,4 @@
-"""The quick form of the daemon benchmark (issue #6): fails when the CPU per member update doubles against
+"""The quick form of the daemon benchmark: fails when the CPU per member update doubles against
 the baseline recorded in bench/baseline.json. Select or skip it with the `perf` marker."""
 from __future__ import annotations
 

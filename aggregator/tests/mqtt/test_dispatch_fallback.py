@@ -1,4 +1,4 @@
-"""Issue #14: what a dispatcher that dies leaves behind, and who may command it.
+"""What a dispatcher that dies leaves behind, and who may command it.
 
 The dispatcher runs as its own process and is killed with SIGKILL (no clean-up of any kind); the batteries are
 simulated devices in other processes (D-Bus) or MQTT clients, and the tests read what the devices themselves

@@ -88,6 +88,21 @@ def test_user_pages_hold_no_development_evidence(page: Path) -> None:
         assert not re.search(pattern, text), f"{page.name}: {pattern}"
 
 
+def test_code_comments_and_docs_name_no_issue_numbers() -> None:
+    """A comment says why a rule is, not which issue asked for it: the tracker's numbers mean nothing to a reader
+    of the code or of the docs."""
+    pattern = re.compile(r"\b[Ii]ssues? #?\d+|\(#\d+\)")
+    found = []
+    for folder in ("aggregator", "aggregator_dev", "bench", "setup", "docs", "config_generator"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix not in {".py", ".sh", ".md", ".html", ".toml"} or not path.is_file():
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)
+
+
 def test_the_feature_pages_cover_every_aggregate_path_and_config_key() -> None:
     from aggregator.config import Config
     from aggregator.battery.merge import RULES
