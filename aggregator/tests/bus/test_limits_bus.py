@@ -285,7 +285,8 @@ async def test_rises_are_ramped_and_hysteretic_drops_go_out_at_once(processes: P
 
 
 async def test_a_rise_is_ramped_even_when_members_were_quiet(processes: Processes, tmp_path: Path) -> None:
-    """Against HEAD's LimitSmoother (ramp timed from the last recompute) the rise went out as 50 -> 110.1 A."""
+    """A rise after a quiet spell is ramped from when it comes (a ramp timed from the last recompute would send
+    it out as 50 -> 110.1 A)."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=10.0, Io__AllowToCharge=1)
     agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 5})
@@ -302,8 +303,8 @@ async def test_a_rise_is_ramped_even_when_members_were_quiet(processes: Processe
 
 
 async def test_a_ramp_reaches_its_target(processes: Processes, tmp_path: Path) -> None:
-    """Against HEAD's LimitSmoother (hysteresis applied to the rest of a ramp) it stalled short of the target for
-    good, once the rest was below the hysteresis (here after a step or two of 10 A)."""
+    """A ramp goes all the way (hysteresis applied to the rest of a ramp would stall it short of the target
+    for good once the rest is below the hysteresis, here after a step or two of 10 A)."""
     bank = Bank()
     a = await bank.add("a", Info__MaxChargeCurrent=10.0, Io__AllowToCharge=1)
     agg, _ = run(processes, tmp_path, bank, limits={"rampUpRate": 10, "hysteresis": 25})

@@ -358,8 +358,8 @@ async def _clear(broker: MosquittoBroker, site: str) -> None:
 
 
 async def test_deep_or_huge_json_never_stops_a_site(broker: MosquittoBroker) -> None:
-    """"[[[[..." deeper than the parser's recursion limit, retained, used to end the MQTT task of
-    every site at every connect. Now such a message is ignored, and the site reads and publishes on."""
+    """"[[[[..." deeper than the parser's recursion limit, retained (it would end the MQTT task of every
+    site at every connect), is ignored, and the site reads and publishes on."""
     deep_array, deep_object = b"[" * 4000, b'{"a":' * 800  # both within the size bound, both too deep to parse
     async with client(broker, "site-a", USERS["site-a"]) as a:
         await a.publish("coop/site-a/state", deep_array, qos=1, retain=True)
@@ -598,7 +598,7 @@ async def test_production_runs_again_as_soon_as_the_battery_is_used() -> None:
 
 
 async def test_a_hostile_payload_is_not_logged_in_full(caplog: pytest.LogCaptureFixture) -> None:
-    """A refused message used to be quoted whole in the log (10 kB lines); the topic names no site either."""
+    """A refused message is not quoted whole in the log (10 kB lines); the topic names no site either."""
     site = _offline_site("site-b", time.time)
     hostile = dict(state("site-a", 50.0).to_wire(), level="x" * 3900)
     await site.handle("coop/site-a/state", json.dumps(hostile).encode())

@@ -161,8 +161,9 @@ def _bench():  # type: ignore[no-untyped-def]
 
 def test_the_bench_fault_scenarios_beat_the_pi_baseline() -> None:
     """bench/dispatch.py's meter-fault scenarios: the learned dispatcher holds a frozen and an inverted meter's
-    battery, and noisy meters swing it no more than the PI baseline (before the fix: a frozen meter's RMS 36 W
-    against 15 W, an inverted one's 26 W against 10 W, noise swinging 269 W against 201 W). One seed here (the
+    battery, and noisy meters swing it no more than the PI baseline (a dispatcher that trusts every meter: a
+    frozen meter's RMS 36 W against 15 W, an inverted one's 26 W against 10 W, noise swinging 269 W against
+    201 W). One seed here (the
     bench runs five: `bench/dispatch.py --scenarios frozen_meter,inverted_meter,noisy_meter`); the baseline only
     where the acceptance compares with it."""
     bench = _bench()
