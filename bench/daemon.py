@@ -1,6 +1,6 @@
 """Benchmark of the whole service: members -> `battery-aggregator run` -> a client reading the aggregate.
 
-    .venv/bin/python bench/daemon.py [--scenario a|b|c|idle|quiet|features|all] [--duration 20] [--json]
+    .venv/bin/python bench/daemon.py [--scenario a|b|c|idle|quiet|features|a+features|all] [--duration 20] [--json]
                                      [--reference DIR] [--rounds N] [--imports]
 
 Scenarios: (a) 16 members x 2 Hz x 8 changed paths per update; (b) 64 members x 1 Hz; (c) a burst: every
@@ -8,7 +8,8 @@ member changes at once, once per second, 32 members; idle: 16 members at one upd
 members that signal nothing at all, measured for at least 65 s so that the aggregate's round of liveness probes
 (GetItems to each member silent for limits.staleAfter, 60 s by default) falls in the window; features: (a) with
 every side feature running in the daemon (energy ledger with its HTTP endpoint, a grid battery on a simulated meter,
-the dispatcher over two controllable batteries, a cooperative site on a local mosquitto); all: each of these.
+the dispatcher over two controllable batteries, a cooperative site on a local mosquitto); a+features: a and features
+in one invocation, for their ratio; all: each of these.
 
 One sitting per scenario: a private dbus-daemon, a localsettings stand-in and a publisher of N battery
 services (each its own connection, one ItemsChanged per update with 8 battery paths) stay up while each
@@ -50,6 +51,7 @@ BASELINE = REPO / "bench" / "baseline.json"
 SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True), "idle": (16, 0.05, False),
              "quiet": (64, 0.0, False), "features": (16, 2.0, False)}
 ALL = ("a", "b", "c", "quiet", "features")
+GROUPS = {"all": ALL, "a+features": ("a", "features")}  # several scenarios in one invocation
 AGGREGATE = "com.victronenergy.battery.benchagg"
 REFERENCE_AGGREGATE = "com.victronenergy.battery.aggregator"  # BatteryAggregator's name is fixed
 PROBE_BASE = 100.0  # probe temperatures 100..150 degC: above every real member, inside the sanity bounds
@@ -654,7 +656,7 @@ def format_imports(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS) + ["all"], default="a")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS) + sorted(GROUPS), default="a")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--library", choices=["dbus-next", "dbus-fast"], default="dbus-next",
@@ -679,13 +681,13 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(probe(args.aggregate))
         return 0
     reference = Reference(args.reference, args.reference_python) if args.reference else None
-    if args.scenario != "all" and reference is None and args.rounds == 1:
+    if args.scenario not in GROUPS and reference is None and args.rounds == 1:
         r = run(args.scenario, args.duration, args.library, args.profile)
         if args.write_baseline:
             write_baseline(r, args.duration)
         print(json.dumps(r, indent=1) if args.json else format_single(r))
     else:
-        scenarios = ALL if args.scenario == "all" else (args.scenario,)
+        scenarios = GROUPS.get(args.scenario, (args.scenario,))
         out = compare(scenarios, args.duration, args.library, reference, max(1, args.rounds), args.profile)
         print(json.dumps(out, indent=1) if args.json else format_comparison(out))
     if args.imports:
