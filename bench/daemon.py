@@ -55,6 +55,7 @@ SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True),
 ALL = ("a", "b", "c", "quiet", "features")
 GROUPS = {"all": ALL}  # several scenarios in one invocation
 PAIRED = "a+features"
+FEATURES = ("energy", "gridBatteries", "dispatcher", "coop")  # the config keys of the side features
 AGGREGATE = "com.victronenergy.battery.benchagg"
 REFERENCE_AGGREGATE = "com.victronenergy.battery.aggregator"  # BatteryAggregator's name is fixed
 PROBE_BASE = 100.0  # probe temperatures 100..150 degC: above every real member, inside the sanity bounds
@@ -242,9 +243,11 @@ class Ours:
     label = "ours"
     aggregate = AGGREGATE
 
-    def __init__(self, library: str = "dbus-next", features: bool = False) -> None:
+    def __init__(self, library: str = "dbus-next", features: bool = False,
+                 only: tuple[str, ...] = FEATURES) -> None:
         self.library = library
         self.features = features
+        self.only = only  # which side features (the config's keys) when `features`
 
     def config(self, tmp: Path, helpers: Helpers) -> dict[str, Any]:
         config: dict[str, Any] = {"serviceName": AGGREGATE, "stateDir": str(tmp / "state"), "startupBatteryWait": 10}
@@ -255,7 +258,7 @@ class Ours:
                              "capacity": {"dbus": {"service": service, "path": "/CapacityWh"}},
                              "maxChargeW": 3000, "maxDischargeW": 3000}
                             for name, service in helpers.controllables.items()]
-            config |= {
+            every = {
                 "energy": {"httpPort": free_port()},
                 "gridBatteries": [{"meter": helpers.meter, "capacityKwh": 40, "startDate": "2020-01-01",
                                    "startLevelKwh": 0, "serviceName": "com.victronenergy.battery.benchgrid",
@@ -265,6 +268,7 @@ class Ours:
                          "peers": {"bench": {"capacityKwh": 10}, "other": {"capacityKwh": 10}},
                          "broker": {"host": "127.0.0.1", "port": helpers.broker_port, "tls": False}},
             }
+            config |= {key: section for key, section in every.items() if key in self.only}
         return config
 
     def start(self, env: dict[str, str], tmp: Path, helpers: Helpers) -> subprocess.Popen[bytes]:
@@ -531,14 +535,15 @@ def compare(scenarios: tuple[str, ...], duration: float, library: str, reference
     return out
 
 
-def features_paired(duration: float, library: str, rounds: int, profile: str | None) -> dict[str, Any]:
+def features_paired(duration: float, library: str, rounds: int, profile: str | None,
+                    only: tuple[str, ...] = FEATURES) -> dict[str, Any]:
     """The daemon alone (scenario a's config) and with every side feature, in turns on one bank in one sitting;
     the order alternates by round. The ratio is the median of the rounds' ratios."""
     alone: list[dict[str, Any]] = []
     every: list[dict[str, Any]] = []
     with Sitting("features", duration) as sitting:
         for i in range(rounds):
-            pair = [(alone, Ours(library)), (every, Ours(library, features=True))]
+            pair = [(alone, Ours(library)), (every, Ours(library, features=True, only=only))]
             for results, daemon in (pair if i % 2 == 0 else pair[::-1]):
                 results.append(sitting.measure(daemon, profile if daemon.features else None))
     for r in alone:
@@ -695,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"record this run as the regression baseline ({BASELINE.relative_to(REPO)})")
     parser.add_argument("--profile", metavar="FILE", help="sample our daemon with py-spy while it is measured; "
                         "collapsed stacks to FILE")
+    parser.add_argument("--features", metavar="KEYS", help=f"a+features: only these side features, by their config "
+                        f"keys, comma-separated (default all: {','.join(FEATURES)})")
     parser.add_argument("--role", choices=["publisher", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--aggregate", default=AGGREGATE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -707,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reference = Reference(args.reference, args.reference_python) if args.reference else None
     if args.scenario == PAIRED:
-        out = features_paired(args.duration, args.library, max(1, args.rounds), args.profile)
+        out = features_paired(args.duration, args.library, max(1, args.rounds), args.profile,
+                              tuple(args.features.split(",")) if args.features else FEATURES)
         print(json.dumps(out, indent=1) if args.json else format_comparison(out))
     elif args.scenario not in GROUPS and reference is None and args.rounds == 1:
         r = run(args.scenario, args.duration, args.library, args.profile)
