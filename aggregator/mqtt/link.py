@@ -14,6 +14,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 try:
     import aiomqtt
+
+    from .beat_client import Client
 except ImportError:  # a GX without the optional MQTT wheels: the features that need it say so
     aiomqtt = None  # type: ignore[assignment]
 
@@ -154,7 +156,7 @@ class MqttLink:
         if will is None and self.availability_topic is not None:
             will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
         identifier = (getattr(s, "clientId", None) or f"{self.client_id}-{os.getpid()}") + suffix
-        return aiomqtt.Client(
+        return Client(
             s.host, s.port, username=s.username, password=s.password, will=will, tls_context=client_tls(s),
             identifier=identifier[:64] if suffix else identifier, keepalive=self.keepalive, timeout=10,
         )

@@ -29,6 +29,7 @@ import aiomqtt
 
 from ...bounded import bounded_text
 from ...bus.beats import beat
+from ...mqtt.beat_client import Client
 from ...mqtt.link import client_tls
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)
@@ -198,7 +199,7 @@ class CoopSite:
     # --- the MQTT side ----------------------------------------------------------------------------------
 
     def _make_client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        return Client(
             self.broker.host, self.broker.port, username=self.settings.username, password=self.broker.password,
             identifier=f"coop-{self.site_id}", keepalive=self.broker.keepaliveSeconds,
             will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
