@@ -305,3 +305,39 @@ async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private
     await monitor.stop()
     for bus in (watcher_bus, pack.bus, other.bus):
         bus.disconnect()
+
+
+async def test_a_call_does_not_stop_the_reading_in_batches(private_bus: Any) -> None:
+    """A call's reply is read at once, and the batches go on at the beat already set: a return to reading message
+    by message would cost a wake-up per member signal until the next batch."""
+    prefix = unique_prefix()
+    pack = await make_battery(prefix + "a", 1)
+    other = await make_battery(prefix + "b", 2)
+    watcher_bus = await connect(coalesce=True)
+    reader = watcher_bus._expect_reply.__self__  # type: ignore[attr-defined]
+    monitor = ServiceMonitor(watcher_bus, [prefix])
+    await monitor.start()
+    stop = asyncio.Event()
+
+    async def keep_changing() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            pack.set_value("/Soc", float(i % 100))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.get_running_loop().create_task(keep_changing())
+    try:
+        polling = []
+        for _ in range(5):
+            await eventually(lambda: reader.timer is not None and not reader.awaiting_reply())  # in batches
+            assert await client.get_value(watcher_bus, prefix + "b", "/Soc") == 50.0
+            polling.append(reader.timer is not None)  # when the reply is in: still on the beat's poll
+        assert all(polling), polling
+    finally:
+        stop.set()
+        await task
+    await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
+    await monitor.stop()
+    for bus in (watcher_bus, pack.bus, other.bus):
+        bus.disconnect()
