@@ -268,6 +268,15 @@ async def test_a_burst_of_itemschanged_keeps_the_connection_and_the_order(privat
     battery.close()
 
 
+async def keep_changing(pack: Any, stop: asyncio.Event) -> None:
+    """A member changing every 20 ms: a moderated watcher stays in batch reading while this runs."""
+    i = 0
+    while not stop.is_set():
+        i += 1
+        pack.set_value("/Soc", float(i % 100))
+        await asyncio.sleep(0.02)
+
+
 async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private_bus: Any) -> None:
     """The members' watcher reads signals in batches (every wire.POLL_INTERVAL while they keep coming), but the
     reply to a call it makes is read the moment it arrives: start-up and reading a new member are sequences of
@@ -281,15 +290,7 @@ async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private
     monitor = ServiceMonitor(watcher_bus, [prefix])
     await monitor.start()
     stop = asyncio.Event()
-
-    async def keep_changing() -> None:  # the watcher stays in batch reading while this runs
-        i = 0
-        while not stop.is_set():
-            i += 1
-            pack.set_value("/Soc", float(i % 100))
-            await asyncio.sleep(0.02)
-
-    task = asyncio.get_running_loop().create_task(keep_changing())
+    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
     await asyncio.sleep(0.5)
     round_trips = []
     for _ in range(7):
@@ -318,15 +319,7 @@ async def test_a_call_does_not_stop_the_reading_in_batches(private_bus: Any) -> 
     monitor = ServiceMonitor(watcher_bus, [prefix])
     await monitor.start()
     stop = asyncio.Event()
-
-    async def keep_changing() -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            pack.set_value("/Soc", float(i % 100))
-            await asyncio.sleep(0.02)
-
-    task = asyncio.get_running_loop().create_task(keep_changing())
+    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
     try:
         polling = []
         for _ in range(5):
