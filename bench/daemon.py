@@ -1,6 +1,6 @@
 """Benchmark of the whole service: members -> `battery-aggregator run` -> a client reading the aggregate.
 
-    .venv/bin/python bench/daemon.py [--scenario a|b|c|idle|quiet|features|all] [--duration 20] [--json]
+    .venv/bin/python bench/daemon.py [--scenario a|b|c|idle|quiet|features|a+features|all] [--duration 20] [--json]
                                      [--reference DIR] [--rounds N] [--imports]
 
 Scenarios: (a) 16 members x 2 Hz x 8 changed paths per update; (b) 64 members x 1 Hz; (c) a burst: every
@@ -8,7 +8,10 @@ member changes at once, once per second, 32 members; idle: 16 members at one upd
 members that signal nothing at all, measured for at least 65 s so that the aggregate's round of liveness probes
 (GetItems to each member silent for limits.staleAfter, 60 s by default) falls in the window; features: (a) with
 every side feature running in the daemon (energy ledger with its HTTP endpoint, a grid battery on a simulated meter,
-the dispatcher over two controllable batteries, a cooperative site on a local mosquitto); all: each of these.
+the dispatcher over two controllable batteries, a cooperative site on a local mosquitto); a+features: the daemon
+alone and with every side feature in turns in one sitting (the features' helpers up for both), for their ratio:
+the median of each round's ratio (the machine's speed drifts between sittings more than the features cost);
+all: each of a, b, c, quiet and features in a sitting of its own.
 
 One sitting per scenario: a private dbus-daemon, a localsettings stand-in and a publisher of N battery
 services (each its own connection, one ItemsChanged per update with 8 battery paths) stay up while each
@@ -50,6 +53,9 @@ BASELINE = REPO / "bench" / "baseline.json"
 SCENARIOS = {"a": (16, 2.0, False), "b": (64, 1.0, False), "c": (32, 1.0, True), "idle": (16, 0.05, False),
              "quiet": (64, 0.0, False), "features": (16, 2.0, False)}
 ALL = ("a", "b", "c", "quiet", "features")
+GROUPS = {"all": ALL}  # several scenarios in one invocation
+PAIRED = "a+features"
+FEATURES = ("energy", "gridBatteries", "dispatcher", "coop")  # the config keys of the side features
 AGGREGATE = "com.victronenergy.battery.benchagg"
 REFERENCE_AGGREGATE = "com.victronenergy.battery.aggregator"  # BatteryAggregator's name is fixed
 PROBE_BASE = 100.0  # probe temperatures 100..150 degC: above every real member, inside the sanity bounds
@@ -237,9 +243,11 @@ class Ours:
     label = "ours"
     aggregate = AGGREGATE
 
-    def __init__(self, library: str = "dbus-next", features: bool = False) -> None:
+    def __init__(self, library: str = "dbus-next", features: bool = False,
+                 only: tuple[str, ...] = FEATURES) -> None:
         self.library = library
         self.features = features
+        self.only = only  # which side features (the config's keys) when `features`
 
     def config(self, tmp: Path, helpers: Helpers) -> dict[str, Any]:
         config: dict[str, Any] = {"serviceName": AGGREGATE, "stateDir": str(tmp / "state"), "startupBatteryWait": 10}
@@ -250,7 +258,7 @@ class Ours:
                              "capacity": {"dbus": {"service": service, "path": "/CapacityWh"}},
                              "maxChargeW": 3000, "maxDischargeW": 3000}
                             for name, service in helpers.controllables.items()]
-            config |= {
+            every = {
                 "energy": {"httpPort": free_port()},
                 "gridBatteries": [{"meter": helpers.meter, "capacityKwh": 40, "startDate": "2020-01-01",
                                    "startLevelKwh": 0, "serviceName": "com.victronenergy.battery.benchgrid",
@@ -260,6 +268,7 @@ class Ours:
                          "peers": {"bench": {"capacityKwh": 10}, "other": {"capacityKwh": 10}},
                          "broker": {"host": "127.0.0.1", "port": helpers.broker_port, "tls": False}},
             }
+            config |= {key: section for key, section in every.items() if key in self.only}
         return config
 
     def start(self, env: dict[str, str], tmp: Path, helpers: Helpers) -> subprocess.Popen[bytes]:
@@ -526,6 +535,27 @@ def compare(scenarios: tuple[str, ...], duration: float, library: str, reference
     return out
 
 
+def features_paired(duration: float, library: str, rounds: int, profile: str | None,
+                    only: tuple[str, ...] = FEATURES) -> dict[str, Any]:
+    """The daemon alone (scenario a's config) and with every side feature, in turns on one bank in one sitting;
+    the order alternates by round. The ratio is the median of the rounds' ratios."""
+    alone: list[dict[str, Any]] = []
+    every: list[dict[str, Any]] = []
+    with Sitting("features", duration) as sitting:
+        for i in range(rounds):
+            pair = [(alone, Ours(library)), (every, Ours(library, features=True, only=only))]
+            for results, daemon in (pair if i % 2 == 0 else pair[::-1]):
+                results.append(sitting.measure(daemon, profile if daemon.features else None))
+    for r in alone:
+        r["scenario"] = "a"
+    per_round = [round(e["cpu_s_per_1000_updates"] / a["cpu_s_per_1000_updates"], 3)
+                 for a, e in zip(alone, every) if a["cpu_s_per_1000_updates"] and e["cpu_s_per_1000_updates"]]
+    return {"machine": machine(), "scenarios": {"a": {"ours": median_result(alone)},
+                                                "features": {"ours": median_result(every)}},
+            "features_over_alone": round(statistics.median(per_round), 2) if per_round else None,
+            "features_over_alone_rounds": per_round}
+
+
 def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
     def ratio(a: Any, b: Any) -> float | None:
         return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
@@ -635,7 +665,9 @@ def format_comparison(out: dict[str, Any]) -> str:
                 lines.extend(f"     {line}" for line in r.get("log_tail", []))
     if out.get("features_over_alone") is not None:
         lines.append("")
-        lines.append(f"every side feature / the aggregate alone at 16 x 2 Hz: {out['features_over_alone']:.2f}x CPU")
+        rounds = out.get("features_over_alone_rounds")
+        lines.append(f"every side feature / the aggregate alone at 16 x 2 Hz: {out['features_over_alone']:.2f}x CPU"
+                     + (f" (median of the rounds' ratios {', '.join(f'{r:.2f}' for r in rounds)})" if rounds else ""))
     return "\n".join(lines)
 
 
@@ -654,7 +686,7 @@ def format_imports(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS) + ["all"], default="a")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS) + sorted(GROUPS) + [PAIRED], default="a")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--library", choices=["dbus-next", "dbus-fast"], default="dbus-next",
@@ -668,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"record this run as the regression baseline ({BASELINE.relative_to(REPO)})")
     parser.add_argument("--profile", metavar="FILE", help="sample our daemon with py-spy while it is measured; "
                         "collapsed stacks to FILE")
+    parser.add_argument("--features", metavar="KEYS", help=f"a+features: only these side features, by their config "
+                        f"keys, comma-separated (default all: {','.join(FEATURES)})")
     parser.add_argument("--role", choices=["publisher", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--aggregate", default=AGGREGATE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -679,13 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(probe(args.aggregate))
         return 0
     reference = Reference(args.reference, args.reference_python) if args.reference else None
-    if args.scenario != "all" and reference is None and args.rounds == 1:
+    if args.scenario == PAIRED:
+        out = features_paired(args.duration, args.library, max(1, args.rounds), args.profile,
+                              tuple(args.features.split(",")) if args.features else FEATURES)
+        print(json.dumps(out, indent=1) if args.json else format_comparison(out))
+    elif args.scenario not in GROUPS and reference is None and args.rounds == 1:
         r = run(args.scenario, args.duration, args.library, args.profile)
         if args.write_baseline:
             write_baseline(r, args.duration)
         print(json.dumps(r, indent=1) if args.json else format_single(r))
     else:
-        scenarios = ALL if args.scenario == "all" else (args.scenario,)
+        scenarios = GROUPS.get(args.scenario, (args.scenario,))
         out = compare(scenarios, args.duration, args.library, reference, max(1, args.rounds), args.profile)
         print(json.dumps(out, indent=1) if args.json else format_comparison(out))
     if args.imports:

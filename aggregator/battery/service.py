@@ -116,7 +116,7 @@ class Aggregator:
             add_battery_path(vb.service, TIME_TO_GO, None)
             self.settings.watch(custom_name_setting(vb.name), lambda _p, _v, name=vb.name: self._relabel(name))
         self.monitor = self.table.monitor = ServiceMonitor(
-            bus, [BATTERY_PREFIX], exclude={self.name, *self.virtuals}, on_added=self._on_added,
+            bus, [BATTERY_PREFIX], exclude=self._own_services(), on_added=self._on_added,
             on_removed=self._on_removed, on_changed=self._on_changed)
         self._discovering = True
         try:
@@ -147,6 +147,8 @@ class Aggregator:
         self.table.reconfigure(config)
         for feature in self.features:
             feature.reconfigure(config, self)
+        if self.monitor is not None:
+            self.monitor.exclude = self._own_services()
         self.limits.reconfigure(config)
         logging.getLogger().setLevel(config.logLevel)
         if self.service is not None and "/LogLevel" in self.service:
@@ -154,6 +156,12 @@ class Aggregator:
         self.table.reclassify()
         _LOG.info("configuration reloaded")
         return True
+
+    def _own_services(self) -> set[str]:
+        """The battery services this process publishes: the aggregate, its virtual batteries and the features'
+        services (grid batteries). Never members, so not watched: their signals would only cost reads."""
+        features = {p for feature in self.features for p in feature.publishes if not p.startswith("/")}
+        return {self.name, *self.virtuals, *features}
 
     def connections(self) -> list[tuple[str, Any]]:
         """(what it is for, connection) of every bus connection this aggregate owns."""
@@ -296,8 +304,12 @@ class Aggregator:
             vb = self.virtuals.get(table.roles.virtual_of.get(name, ""))
             if vb is not None:
                 vb.update_member(name, table.checked(name, changes))
+        else:  # no part of the aggregate (an excluded service, another process's grid battery)
+            role = None
         if "/CustomName" in changes or "/Serial" in changes or CHAIN_PATH in changes:
             table.reclassify()
+        elif role is None:
+            return
         self._schedule_flush()
 
     def _relabel(self, name: str) -> None:

@@ -23,11 +23,15 @@ Callback = Callable[[str, str, Any], None]
 
 
 class PathWatcher:
-    """`watch(service, path)` then `start()`; `on_change(service, path, value)` on every change."""
+    """`watch(service, path)` then `start()`; `on_change(service, path, value)` on every change, and
+    `on_signal(service)` before them on every BusItem signal of a watched service (a sign of life: Victron services
+    signal only changes, so a path it did not signal still holds its value)."""
 
-    def __init__(self, bus: MessageBus, on_change: Callback, timeout: float = client.DEFAULT_TIMEOUT) -> None:
+    def __init__(self, bus: MessageBus, on_change: Callback, timeout: float = client.DEFAULT_TIMEOUT,
+                 on_signal: Callable[[str], None] | None = None) -> None:
         self.bus = bus
         self.on_change = on_change
+        self.on_signal = on_signal
         self.timeout = timeout
         self.values: dict[tuple[str, str], Any] = {}
         self._paths: dict[str, set[str]] = {}
@@ -103,6 +107,11 @@ class PathWatcher:
             if owner != msg.sender:
                 continue
             paths = self._paths[service]
+            if self.on_signal is not None:
+                try:
+                    self.on_signal(service)
+                except Exception:
+                    _LOG.exception("watcher callback for %s failed", service)
             try:
                 if msg.member == "PropertiesChanged" and msg.path in paths and msg.signature == "a{sv}":
                     if "Value" in msg.body[0]:

@@ -138,10 +138,13 @@ class ConnectionReader:
         now = self.loop.time()
         if not self.coalesce or now - self.last >= POLL_INTERVAL or self.awaiting_reply():
             self.last = now
-            self.read_and_handle()  # the first message after a quiet spell: at once
+            self.read_and_handle()  # the first message after a quiet spell, or a reply: at once
+            if self.timer is not None and self.bus.connected and not self.awaiting_reply():
+                self.loop.remove_reader(self.fd)  # the reply is in: batches go on at the beat already set
         elif self.bus.connected:  # soon after the last read: the next read takes everything up to then
             self.loop.remove_reader(self.fd)
-            self.timer = self.loop.call_at(next_beat(now, POLL_INTERVAL), self.poll)
+            if self.timer is None:
+                self.timer = self.loop.call_at(next_beat(now, POLL_INTERVAL), self.poll)
 
     def poll(self) -> None:
         self.timer = None
@@ -153,15 +156,15 @@ class ConnectionReader:
             return
         if handled and not self.awaiting_reply():
             # Still busy: keep reading in batches, at the beats of the service's tick (one wake-up for both).
+            self.loop.remove_reader(self.fd)  # armed for a reply that has come since
             self.timer = self.loop.call_at(next_beat(self.last, POLL_INTERVAL), self.poll)
         else:  # quiet, or a reply is awaited: wake on the next message
             self.loop.add_reader(self.fd, self.on_readable)
 
     def expect_reply(self) -> None:
         """A method call went out: its reply is read the moment it arrives, so that a sequence of calls (start-up,
-        reading a new member) is not held up by a poll interval at each step."""
+        reading a new member) is not held up by a poll interval at each step. Reading in batches goes on at the
+        beat already set (a call must not cost the wake-ups of a return to reading message by message)."""
         self.at_once_until = self.loop.time() + REPLY_WINDOW
         if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
             self.loop.add_reader(self.fd, self.on_readable)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..battery.service import Aggregator
+from ..bus.beats import beat
 from ..bus.lib import LIBRARY
 from ..config_data import DEFAULT_CONFIG_PATH, CheckResult, with_log_level
 from ..features import standard_features
@@ -151,7 +152,7 @@ class Host:
     async def _watch_file(self) -> None:
         last = _mtime(self.config_path)
         while True:
-            await asyncio.sleep(FILE_CHECK_INTERVAL)
+            await beat(FILE_CHECK_INTERVAL)  # on the tick's beats: no wake-up of its own
             now = _mtime(self.config_path)
             if now != last:
                 last = now

@@ -16,6 +16,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 try:
     import aiomqtt
+
+    from .beat_client import Client
 except ImportError:  # a GX without the optional MQTT wheels: the features that need it say so
     aiomqtt = None  # type: ignore[assignment]
 
@@ -168,7 +170,7 @@ class MqttLink:
         if will is None and self.availability_topic is not None:
             will = aiomqtt.Will(self.availability_topic, NOT_AVAILABLE, qos=1, retain=True)
         identifier = self.client_id + suffix
-        return aiomqtt.Client(
+        return Client(
             s.host, s.port, username=s.username, password=s.password, will=will, tls_context=client_tls(s),
             identifier=identifier[:64] if suffix else identifier, keepalive=s.keepaliveSeconds, timeout=10,
         )

@@ -65,14 +65,25 @@ class DbusReading(Reading):
         super().__init__(label, scale)
         self.service = service
         self.path = path
-        self.refreshing = False
+
+
+class _Heard:
+    """When a service last showed it is alive (a signal, an answer), and whether it is being asked."""
+
+    __slots__ = ("at", "asking")
+
+    def __init__(self) -> None:
+        self.at = -math.inf
+        self.asking = False
 
 
 class DbusReadings:
     """Every D-Bus reading through one PathWatcher (one match rule per service, not per path).
 
-    Victron services signal only changes, so a value that stays put would look stale: one that has not
-    changed for `refresh_s` is read again with GetValue, and a successful read counts as a confirmation.
+    Victron services signal only changes, so a quiet value is valid for as long as its service is alive. A signal
+    from a service confirms all its readings (what it did not signal has not changed); a service silent for
+    `refresh_s` is asked for one value, and its answer confirms them too. A service that neither signals nor
+    answers (hung) leaves its readings unconfirmed, so they go stale.
     """
 
     def __init__(self, bus: MessageBus, *, refresh_s: float = 5.0, timeout: float = 2.0,
@@ -82,7 +93,9 @@ class DbusReadings:
         self.timeout = timeout
         self.clock = clock
         self._readings: dict[tuple[str, str], list[DbusReading]] = {}
-        self._watcher = PathWatcher(bus, self._on_change, timeout=timeout)
+        self._by_service: dict[str, list[DbusReading]] = {}
+        self._heard: dict[str, _Heard] = {}
+        self._watcher = PathWatcher(bus, self._on_change, timeout=timeout, on_signal=self._on_signal)
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
 
@@ -92,6 +105,8 @@ class DbusReadings:
             raise RuntimeError("declare every D-Bus reading before start()")
         reading = DbusReading(label, service, path, scale)
         self._readings.setdefault((service, path), []).append(reading)
+        self._by_service.setdefault(service, []).append(reading)
+        self._heard.setdefault(service, _Heard())
         self._watcher.watch(service, path)
         return reading
 
@@ -106,35 +121,59 @@ class DbusReadings:
         if self._readings and self.bus.connected:
             await self._watcher.stop()
 
+    def _on_signal(self, service: str) -> None:
+        self._confirm(service, self.clock())
+
+    def _confirm(self, service: str, now: float) -> None:
+        """The service is alive: its readings with a value still hold it."""
+        self._heard[service].at = now
+        for reading in self._by_service[service]:
+            if reading.updated_at is not None:
+                reading.updated_at = now
+
     def _on_change(self, service: str, path: str, value: Any) -> None:
         now = self.clock()
+        if value is not None:
+            self._heard[service].at = now
         for reading in self._readings.get((service, path), ()):
             # A service that left the bus: invalid and unconfirmed.
             reading.accept(value, now if value is not None else None)
 
     def refresh(self) -> None:
-        """Start a GetValue for every reading not confirmed for refresh_s (at most one at a time each)."""
+        """Ask every service silent for refresh_s whether it is alive (at most one question at a time each)."""
         now = self.clock()
-        for (service, path), readings in self._readings.items():
-            first = readings[0]
-            if first.refreshing or first.age(now) < self.refresh_s:
+        for service, heard in self._heard.items():
+            if heard.asking or now - heard.at < self.refresh_s:
                 continue
-            first.refreshing = True
-            task = asyncio.get_running_loop().create_task(self._refresh(service, path, readings))
+            heard.asking = True
+            task = asyncio.get_running_loop().create_task(self._ask(service, heard))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _refresh(self, service: str, path: str, readings: list[DbusReading]) -> None:
+    async def _ask(self, service: str, heard: _Heard) -> None:
+        """One value the service has (its answer is the sign of life), then those of the readings without a
+        confirmed value (a path that was missing may be there now)."""
+        readings = self._by_service[service]
+        known = next((r.path for r in readings if r.value is not None), readings[0].path)
+        paths = [known] + sorted({r.path for r in readings if r.updated_at is None} - {known})
+        answered = False
         try:
-            value = await client.get_value(self.bus, service, path, self.timeout)
-        except CallError as exc:
-            _LOG.debug("cannot re-read %s %s: %s", service, path, exc)
-            return
+            for path in paths:
+                try:
+                    value = await client.get_value(self.bus, service, path, self.timeout)
+                except CallError as exc:
+                    _LOG.debug("cannot re-read %s %s: %s", service, path, exc)
+                    if exc.timed_out or exc.error_name == "connection":
+                        return  # no answer: its readings age
+                    continue  # an error answer (no such path, say): the next one may answer
+                now = self.clock()
+                if not answered:
+                    answered = True
+                    self._confirm(service, now)
+                for reading in self._readings[(service, path)]:
+                    reading.accept(value, now if value is not None else None)
         finally:
-            readings[0].refreshing = False
-        now = self.clock()
-        for reading in readings:
-            reading.accept(value, now if value is not None else None)
+            heard.asking = False
 
 
 class MqttReading(Reading):
@@ -198,12 +237,16 @@ class Setpoint:
             return 0.0
         return float(round(setpoint_w))
 
+    def due(self, setpoint_w: float, now: float) -> bool:
+        """Whether `write` sends: the value changed, or the keep-alive is due."""
+        return self.command(setpoint_w) != self.last_w or (self.keepalive_s > 0
+                                                           and now - self.last_at >= self.keepalive_s)
+
     async def write(self, setpoint_w: float, now: float, *, force: bool = False) -> bool:
         """Send when the value changed, when the keep-alive is due, or when forced. True when sent and accepted."""
-        value = self.command(setpoint_w)
-        due = self.keepalive_s > 0 and now - self.last_at >= self.keepalive_s
-        if not force and value == self.last_w and not due:
+        if not force and not self.due(setpoint_w, now):
             return False
+        value = self.command(setpoint_w)
         device_value = value * self.sign / self.scale
         if device_value == 0:
             device_value = 0.0  # not -0.0

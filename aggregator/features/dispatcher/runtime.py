@@ -282,8 +282,9 @@ class DispatcherRuntime:
         started: list[asyncio.Task[bool]] = []
         for b in self.batteries:
             command = result.commands.get(b.name)
-            if command is None or (b.write_task is not None and not b.write_task.done()):
-                continue
+            if command is None or (b.write_task is not None and not b.write_task.done()) \
+                    or not b.setpoint.due(command.setpoint_w, now):
+                continue  # no task for a write that would send nothing: most cycles change no setpoint
             b.write_task = asyncio.get_running_loop().create_task(b.setpoint.write(command.setpoint_w, now))
             started.append(b.write_task)
         if started:

@@ -237,8 +237,9 @@ class DispatcherConfig(BaseModel):
         "(energy), or equally")
     setpointKeepAliveS: float = Field(30.0, ge=0, le=3600, description="an unchanged setpoint is written again "
                                       "after this many seconds (0: only when it changes)")
-    readRefreshS: float = Field(5.0, gt=0, le=3600, description="a D-Bus value without a change for this long is "
-                                "read again, so an unchanging value is not taken for a stale one")
+    readRefreshS: float = Field(5.0, gt=0, le=3600, description="a D-Bus service that signalled nothing for this "
+                                "long is asked for one value, so its unchanging values are not taken for stale ones "
+                                "(any signal of the service confirms them all)")
     stateSaveS: float = Field(300.0, gt=0, le=86400, description="seconds between two saves of the learned state")
     mqtt: MqttSettings | None = Field(None, description="the MQTT broker (for MQTT adapters, MQTT control, Home "
                                       "Assistant)")

@@ -1,6 +1,6 @@
 """The grid batteries: the config's `gridBatteries`, one GridBatteryService each, services of their own (not paths on
-the aggregate's), each on a connection of its own. Mounted like every feature; a reload applies the new list in
-place (what it still asks for keeps running)."""
+the aggregate's), each on a connection of its own (their meters are followed on the members' connection). Mounted
+like every feature; a reload applies the new list in place (what it still asks for keeps running)."""
 from __future__ import annotations
 
 import asyncio
@@ -31,12 +31,14 @@ class GridBatteryFeature(Feature):
         self.running: list[GridBatteryService] = []
         self.settings: tuple[list[GridBatterySettings], str] = ([], "")
         self._local_settings: LocalSettings | None = None
+        self._members_bus: Any = None
         self._applying: asyncio.Task[None] | None = None
 
     async def mount(self, service: VeService, bus: Any, bank: Bank) -> None:
         # The aggregate's localsettings client reserves their device instances and keeps their /CustomName like
-        # the aggregate's own.
+        # the aggregate's own; their meters are read with the members (one wake-up for both, moderated).
         self._local_settings = bank.settings
+        self._members_bus = bus
 
     async def start(self) -> None:
         await self.apply(self.config)
@@ -82,7 +84,7 @@ class GridBatteryFeature(Feature):
             try:
                 service = GridBatteryService(await connect(self.bus_address), grid_settings,
                                              grid_state_dir(config.stateDir, grid_settings),
-                                             local_settings=self._local_settings)
+                                             local_settings=self._local_settings, meter_bus=self._members_bus)
                 await service.start()
             except Exception as exc:  # the name is taken, say: the aggregate goes on without it
                 _LOG.error("cannot start the grid battery %s: %s", grid_settings.serviceName, exc)

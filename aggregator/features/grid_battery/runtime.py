@@ -157,11 +157,14 @@ class TimeZoneFollower:
 class GridBatteryService:
     def __init__(self, bus: MessageBus, settings: GridBatterySettings, state_dir: str | Path,
                  clock: Clock = time.time, *, save_interval: float = DEFAULT_SAVE_INTERVAL,
-                 local_settings: LocalSettings | None = None) -> None:
+                 local_settings: LocalSettings | None = None, meter_bus: MessageBus | None = None) -> None:
         """`local_settings`: localsettings' client, which assigns the device instance (so the GX's device list
         resolves collisions) and keeps /CustomName; without it, deviceInstance (or one derived from the
-        name) and a /CustomName that is not kept."""
+        name) and a /CustomName that is not kept. `meter_bus`: the connection the meter is followed on (default
+        `bus`): in the service, the one that reads the members, so that the meter's signals are read in the
+        same wake-ups as theirs."""
         self.bus = bus
+        self.meter_bus = meter_bus or bus
         self.local_settings = local_settings
         self._unbind_name: Callable[[], None] | None = None
         self.settings = settings
@@ -212,7 +215,7 @@ class GridBatteryService:
         self.zone = TimeZoneFollower(self.bus, self._set_zone)
         await self.zone.start()  # before the meter: its first sample is dated in the user's zone
         self._publish()
-        self.monitor = ServiceMonitor(self.bus, [GRID_PREFIX], on_added=self._on_added,
+        self.monitor = ServiceMonitor(self.meter_bus, [GRID_PREFIX], on_added=self._on_added,
                                       on_removed=self._on_removed, on_changed=self._on_changed)
         await self.monitor.start()
         self._choose_meter()

@@ -213,3 +213,21 @@ async def test_the_connection_watch_stays_asleep_after_reloads_and_rechecks(
     assert used / elapsed < 0.2, f"{used:.2f} CPU-s in {elapsed:.1f} s: the watch spins"
     assert proc.poll() is None  # type: ignore[attr-defined]
     bank.close()
+
+
+async def test_the_config_file_is_looked_at_on_the_ticks_beats(tmp_path: Path, monkeypatch: Any) -> None:
+    """The look for a changed config file falls on whole seconds of the loop clock, with the service's tick, not
+    on a timer of its own (a wake-up of the process every few seconds)."""
+    from aggregator.host import daemon
+
+    looks: list[float] = []
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(daemon, "FILE_CHECK_INTERVAL", 1.0)
+    monkeypatch.setattr(daemon, "_mtime", lambda _path: looks.append(loop.time()))
+    await asyncio.sleep(0.5 - loop.time() % 1.0 if loop.time() % 1.0 < 0.5 else 1.5 - loop.time() % 1.0)
+    watch = loop.create_task(daemon.Host(str(tmp_path / "config.json"), None)._watch_file())  # half-way
+    try:
+        await eventually(lambda: len(looks) >= 3, timeout=5)
+    finally:
+        watch.cancel()
+    assert all(abs(t - round(t)) < 0.05 for t in looks[1:]), looks  # the first is at the start

@@ -279,3 +279,109 @@ def test_runtime_runs_alone_and_refuses_a_bad_config(tmp_path: Path, bus_address
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
+
+
+class Device:
+    """A controllable battery in the test (the generic layout) that records every call it gets: (member, path,
+    loop time). Its values change only when the test sets them, like a Victron service."""
+
+    NAME = "com.batteryaggregator.controllable.dispatch_calls"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []
+
+    async def start(self) -> None:
+        bus = await connect()
+        bus.add_message_handler(self._seen)  # before the service's own handler, which answers
+        self.service = VeService(bus, self.NAME)
+        self.service.add_path("/Setpoint", 0.0, writeable=True, value_types=(int, float))
+        for path, value in (("/Dc/0/Power", 0.0), ("/Soc", 50.0), ("/CapacityWh", 5000.0)):
+            self.service.add_path(path, value)
+        await self.service.register()
+
+    def _seen(self, msg: Any) -> None:
+        if msg.member in ("GetValue", "SetValue"):
+            self.calls.append((msg.member, msg.path, asyncio.get_running_loop().time()))
+        return None
+
+    def count(self, member: str, path: str | None = None, since: float = 0.0) -> int:
+        return sum(1 for m, p, t in self.calls if m == member and (path is None or p == path) and t >= since)
+
+    def close(self) -> None:
+        self.service.close()
+
+
+def _device_config(**overrides: Any) -> dict[str, Any]:
+    battery = _battery("Pack C", Device.NAME, 1, 2000)
+    battery.update(overrides.pop("battery", {}))
+    return _config(batteries=[battery], **overrides)
+
+
+async def _cycles(runtime: DispatcherRuntime, n: int) -> None:
+    start = runtime.cycles
+    await eventually(lambda: runtime.cycles >= start + n, timeout=10)
+
+
+async def test_a_quiet_device_is_asked_one_value_per_refresh_and_its_signals_confirm_every_reading(
+        bus_address: str) -> None:
+    """Victron services signal only changes: a device that is silent is asked for one value every readRefreshS
+    (its answer confirms all its readings), and one that signals is not asked at all; its quiet values stay fresh."""
+    device = Device()
+    await device.start()
+    runtime, service = await _runtime(_device_config(enabled=False, serviceName="org.batteryaggregator.dcalls"))
+    try:
+        battery = runtime.batteries[0]
+        await _cycles(runtime, 2)
+        # Silent: some 2.5 s, about 6 refresh periods of 0.4 s.
+        since = asyncio.get_running_loop().time()
+        await _cycles(runtime, 10)
+        asked = device.count("GetValue", since=since)
+        assert 2 <= asked <= 8, device.calls
+        assert device.count("GetValue", "/Soc", since) == device.count("GetValue", "/CapacityWh", since) == 0
+        now = runtime.clock()
+        assert max(r.age(now) for r in (battery.measured, battery.soc, battery.capacity)) < 1.5  # fresh
+        assert service["/Dispatcher/Batteries/0/Status"] != "stale"
+
+        # Signalling (its power moves): nothing is asked, and its quiet SoC and capacity stay confirmed.
+        async def moving() -> None:
+            watts = 0.0
+            while True:
+                watts += 1.0
+                device.service["/Dc/0/Power"] = watts
+                await asyncio.sleep(0.1)
+
+        mover = asyncio.get_running_loop().create_task(moving())
+        try:
+            await _cycles(runtime, 2)
+            since = asyncio.get_running_loop().time()
+            await _cycles(runtime, 10)
+            assert device.count("GetValue", since=since) == 0, device.calls
+            now = runtime.clock()
+            assert battery.soc is not None and battery.soc.age(now) < 0.5
+            assert battery.soc.value == 50.0
+        finally:
+            mover.cancel()
+    finally:
+        await _close(runtime, service)
+        device.close()
+
+
+async def test_an_unchanged_setpoint_is_written_again_before_the_devices_timeout_not_every_cycle(
+        bus_address: str) -> None:
+    device = Device()
+    await device.start()
+    # setpointTimeoutS 1.5: written again within a third of it; the cycle is 0.25 s.
+    runtime, service = await _runtime(_device_config(serviceName="org.batteryaggregator.dwrites",
+                                                     battery={"setpointTimeoutS": 1.5}))
+    try:
+        await _cycles(runtime, 2)
+        since = asyncio.get_running_loop().time()
+        await _cycles(runtime, 16)  # some 4 s at target 0: the setpoint stays 0
+        writes = [t for m, p, t in device.calls if m == "SetValue" and p == "/Setpoint" and t >= since]
+        assert 4 <= len(writes) <= 10, writes  # every 0.5 s or so, not every cycle (16)
+        gaps = [b - a for a, b in zip([since, *writes], writes)]
+        assert max(gaps) < 1.0, gaps  # well inside the device's 1.5 s
+        assert device.service["/Setpoint"] == 0.0
+    finally:
+        await _close(runtime, service)
+        device.close()

@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -528,3 +529,81 @@ async def test_a_reload_applies_the_grid_batteries_in_place_and_their_connection
     finally:
         serving.cancel()
         await aggregator.stop()
+
+
+async def test_the_aggregate_does_not_follow_its_own_grid_battery_nor_recompute_for_excluded_services(
+        busctl: Busctl, tmp_path: Path) -> None:
+    """A grid battery signals at each change of its meter; it is never a member of the aggregate next to it, so
+    the aggregate does not follow it (the grid battery follows its meter on the aggregate's connection to the
+    members). An excluded service is followed but its changes make the aggregate compute nothing."""
+    from aggregator.bus.service import VeService
+    from aggregator.host.daemon import Host, first_config
+
+    grid, meter_name = "com.victronenergy.battery.gridown", "com.victronenergy.grid.ownmeter"
+    excluded = "com.victronenergy.battery.ownexcluded"
+    meter = VeService(await connect(), meter_name)
+    other = VeService(await connect(), excluded)
+    for instance, service in enumerate((meter, other), start=71):
+        service.add_mandatory_paths(process_name="test", process_version="1", connection="test",
+                                    device_instance=instance, product_id=0xB0F0, product_name="test")
+    for path, start in (("/Ac/Energy/Forward", 100.0), ("/Ac/Energy/Reverse", 50.0), ("/Ac/Power", 300.0)):
+        meter.add_path(path, start)
+    await meter.register()
+    other.add_path("/Soc", 50.0)
+    other.add_path("/Dc/0/Voltage", 52.0)
+    await other.register()
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({
+        "serviceName": "com.victronenergy.battery.aggown", "stateDir": str(tmp_path / "state"),
+        "startupBatteryWait": 1, "excludedServices": [excluded],
+        "gridBatteries": [{"meter": meter_name, "startDate": "2023-01-01", "serviceName": grid}]}))
+    level = logging.getLogger().level  # the config's is set next; the tests after this one expect theirs
+    config = first_config(str(config_path), None)
+    assert config is not None
+    host = Host(str(config_path), os.environ["DBUS_SESSION_BUS_ADDRESS"])
+    assert await host.start(config)
+    aggregator = host.aggregator
+    assert aggregator is not None and aggregator.monitor is not None
+    monitor = aggregator.monitor
+    try:
+        await on_bus(busctl, grid)
+        await eventually(lambda: excluded in monitor.services)
+        changes: dict[str, int] = {}
+        flushes: dict[str, int] = {}
+        inside: list[str] = []
+        on_changed, schedule = monitor.on_changed, aggregator._schedule_flush
+        assert on_changed is not None
+
+        def followed(service: Any, values: dict[str, Any]) -> None:
+            changes[service.name] = changes.get(service.name, 0) + 1
+            inside.append(service.name)
+            try:
+                on_changed(service, values)
+            finally:
+                inside.pop()
+
+        def scheduled() -> None:
+            if inside:
+                flushes[inside[-1]] = flushes.get(inside[-1], 0) + 1
+            schedule()
+
+        monitor.on_changed = followed
+        aggregator._schedule_flush = scheduled  # type: ignore[method-assign]
+        for step in range(1, 6):
+            meter["/Ac/Power"] = 300.0 + step
+            other["/Soc"] = 50.0 + step
+        grid_battery = next(f for f in aggregator.features if f.name == "grid_battery")
+        running = grid_battery.running[0]  # type: ignore[attr-defined]
+        assert running.monitor.bus is monitor.bus  # its meter is read with the members, in the same wake-ups
+        await meter_barrier(running, meter_name)
+        # Calls on the aggregate's connection: answered after the signals each service sent before.
+        await client.get_value(monitor.bus, grid, "/Dc/0/Power")
+        await client.get_value(monitor.bus, excluded, "/Soc")
+        assert changes.get(excluded, 0) >= 1 and monitor.services[excluded].values["/Soc"] == 55.0
+        assert grid not in monitor.services and changes.get(grid, 0) == 0, changes
+        assert flushes == {}, flushes
+    finally:
+        await aggregator.stop()
+        meter.close()
+        other.close()
+        logging.getLogger().setLevel(level)

@@ -268,6 +268,15 @@ async def test_a_burst_of_itemschanged_keeps_the_connection_and_the_order(privat
     battery.close()
 
 
+async def keep_changing(pack: Any, stop: asyncio.Event) -> None:
+    """A member changing every 20 ms: a moderated watcher stays in batch reading while this runs."""
+    i = 0
+    while not stop.is_set():
+        i += 1
+        pack.set_value("/Soc", float(i % 100))
+        await asyncio.sleep(0.02)
+
+
 async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private_bus: Any) -> None:
     """The members' watcher reads signals in batches (every wire.POLL_INTERVAL while they keep coming), but the
     reply to a call it makes is read the moment it arrives: start-up and reading a new member are sequences of
@@ -281,15 +290,7 @@ async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private
     monitor = ServiceMonitor(watcher_bus, [prefix])
     await monitor.start()
     stop = asyncio.Event()
-
-    async def keep_changing() -> None:  # the watcher stays in batch reading while this runs
-        i = 0
-        while not stop.is_set():
-            i += 1
-            pack.set_value("/Soc", float(i % 100))
-            await asyncio.sleep(0.02)
-
-    task = asyncio.get_running_loop().create_task(keep_changing())
+    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
     await asyncio.sleep(0.5)
     round_trips = []
     for _ in range(7):
@@ -302,6 +303,34 @@ async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private
     await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
     # Waiting for the next poll would take half an interval on average.
     assert sorted(round_trips)[3] < wire.POLL_INTERVAL / 4, f"round trips {round_trips}"
+    await monitor.stop()
+    for bus in (watcher_bus, pack.bus, other.bus):
+        bus.disconnect()
+
+
+async def test_a_call_does_not_stop_the_reading_in_batches(private_bus: Any) -> None:
+    """A call's reply is read at once, and the batches go on at the beat already set: a return to reading message
+    by message would cost a wake-up per member signal until the next batch."""
+    prefix = unique_prefix()
+    pack = await make_battery(prefix + "a", 1)
+    other = await make_battery(prefix + "b", 2)
+    watcher_bus = await connect(coalesce=True)
+    reader = watcher_bus._expect_reply.__self__  # type: ignore[attr-defined]
+    monitor = ServiceMonitor(watcher_bus, [prefix])
+    await monitor.start()
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
+    try:
+        polling = []
+        for _ in range(5):
+            await eventually(lambda: reader.timer is not None and not reader.awaiting_reply())  # in batches
+            assert await client.get_value(watcher_bus, prefix + "b", "/Soc") == 50.0
+            polling.append(reader.timer is not None)  # when the reply is in: still on the beat's poll
+        assert all(polling), polling
+    finally:
+        stop.set()
+        await task
+    await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
     await monitor.stop()
     for bus in (watcher_bus, pack.bus, other.bus):
         bus.disconnect()
