@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -599,6 +600,7 @@ async def test_production_runs_again_as_soon_as_the_battery_is_used() -> None:
 
 async def test_a_hostile_payload_is_not_logged_in_full(caplog: pytest.LogCaptureFixture) -> None:
     """A refused message is not quoted whole in the log (10 kB lines); the topic names no site either."""
+    caplog.set_level(logging.WARNING)  # the warnings alone, whatever level an earlier test left the root logger at
     site = _offline_site("site-b", time.time)
     hostile = dict(state("site-a", 50.0).to_wire(), level="x" * 3900)
     await site.handle("coop/site-a/state", json.dumps(hostile).encode())
