@@ -106,8 +106,6 @@ class CoopSite:
         self.broker = settings.broker
         self.clock = clock
         self.time_scale = time_scale
-        self.reconnect_min_s = reconnect_min_s
-        self.reconnect_max_s = reconnect_max_s
         self.announce_offline_on_stop = announce_offline_on_stop
         self.site_settings = settings.site_settings()
         self.peer_policy = settings.peer_policy()
