@@ -56,13 +56,16 @@ def write_row(service: VeService, slot: int, name: str, label: str, state: str, 
                                  digits=_ROW_DIGITS.get(key, resolution(_BREAKDOWN_TEXT.get(key, ""))))
 
 
+@functools.lru_cache(maxsize=256)
+def _measurement_paths(slot: int) -> tuple[tuple[str, str], ...]:
+    """(path, member path) of the keys of a member row that show the member's own values."""
+    return tuple((path, source) for path, _key, source in _row_paths(slot) if source is not None)
+
+
 def write_measurement_keys(service: VeService, slot: int, values: Mapping[str, Any]) -> bool:
     """The keys of a member row that show the member's own values, after new measurements (its identity, state and
     limit keys change by other events, which refresh them). False when the row is not published yet."""
-    for path, _key, source in _row_paths(slot):
-        if source is not None and not service.set_value_if_present(path, values.get(source)):
-            return False
-    return True
+    return not service.update_values({path: values.get(source) for path, source in _measurement_paths(slot)})
 
 
 def write_limit_keys(service: VeService, slot: int, limit_row: Mapping[str, Any]) -> None:

@@ -43,7 +43,10 @@ AGGREGATE_PRODUCT_ID = 0xBA01  # ours; outside the ids DVCC applies vendor quirk
 VIRTUAL_PRODUCT_ID = 0xBA02
 AGGREGATE_PRODUCT_NAME = "Battery Aggregator"
 STATE_SAVE_INTERVAL = 60.0
-ROW_INTERVAL = 2.0  # seconds: how often a member's new measurements alone republish its /Batteries/<n> row
+# Seconds: how often a member's new measurements alone republish its /Batteries/<n> row (informational; on a GX
+# each changed path is also a message of the MQTT bridge).
+ROW_INTERVAL = 5.0
+TASKS_INTERVAL = 2.0  # seconds: how often /Aggregator/Tasks is counted
 # Seconds start-up waits for the members' first reads before publishing; one that answers later joins then.
 START_READ_WAIT = 1.0
 
@@ -73,7 +76,7 @@ class Aggregator:
         # ROW_INTERVAL instead of doubling the size of every signal on the hot path.
         self._lazy_rows: set[str] = set()
         self._rows_at = -ROW_INTERVAL
-        self._tasks_at = -ROW_INTERVAL
+        self._tasks_at = -TASKS_INTERVAL
         self._have_voltage = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.table = Members(config, self.merge, self.virtuals, clock, self._schedule_flush,
@@ -379,7 +382,7 @@ class Aggregator:
                 measured, self._lazy_rows = self._lazy_rows - dirty_rows, set()
         with service.batch():  # one ItemsChanged for the aggregate paths and the member rows together
             now = self.clock()
-            if now - self._tasks_at >= ROW_INTERVAL:
+            if now - self._tasks_at >= TASKS_INTERVAL:
                 # A diagnostic riding along (never a signal of its own): a leak of tasks shows as growth.
                 self._tasks_at = now
                 service.set_value("/Aggregator/Tasks", len(asyncio.all_tasks()))

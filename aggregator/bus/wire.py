@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from dbus_next import Message
 
-from .beats import next_beat
+from .beats import READ_BEAT, next_beat
 from .decode import BusItemSignal, decode_message, message_length
 
 _LOG = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def _dispatch_signal(bus: Any, message: Message) -> None:
 
 # Read moderation, as a network card moderates its interrupts: a message that arrives at least POLL_INTERVAL
 # after the last read is handled the moment it arrives; one that arrives sooner waits for the next beat of
-# POLL_INTERVAL (beats.py: the service's tick falls on them too), and everything that arrived by then is handled in
-# one wake-up with one flush of the aggregate (on a GX a wake-up of the process costs more than the work of one
-# update). While messages keep coming the connection is read at every beat; a read that finds nothing waits for
+# POLL_INTERVAL (beats.READ_BEAT: the service's tick falls on them too), and everything that arrived by then is
+# handled in one wake-up with one flush of the aggregate (on a GX a wake-up of the process costs more than the work
+# of one update). While messages keep coming the connection is read at every beat; a read that finds nothing waits for
 # the next message again, so a quiet bank costs nothing and a lone change is published at once. Our own method
 # calls are not moderated (expect_reply below): their replies are read at once. Victron's system calculator reads
 # the battery once a second, so POLL_INTERVAL bounds the extra latency well inside what it can see.
-POLL_INTERVAL = 0.2
+POLL_INTERVAL = READ_BEAT
 REPLY_WINDOW = 0.5  # seconds after a method call is sent during which, until its reply, messages are read at once
 
 

@@ -32,6 +32,12 @@ LIMIT_INPUTS = frozenset({
 })
 
 
+_Views = tuple[tuple[dict[str, float], frozenset[str]], tuple[dict[str, float], frozenset[str]]]
+# MemberLimits.settled by (charge settled, discharge settled): four frozensets, not one per member and second.
+_SETTLED = {(c, d): frozenset(x for x, on in ((CHARGE, c), (DISCHARGE, d)) if on)
+            for c in (False, True) for d in (False, True)}
+
+
 @dataclass(slots=True)
 class MemberInput:
     name: str
@@ -251,31 +257,44 @@ class ChargeControl:
 
     # ---- limits ------------------------------------------------------------------------------------
 
-    def member_limits(self, m: MemberInput) -> MemberLimits:
+    def member_limits(self, m: MemberInput, views: _Views | None = None) -> MemberLimits:
+        """What the limits need of member `m`; `views`: the learner's shares, read once for every member."""
         v = m.values
+        name = m.name
         resistance = None
-        estimator = self.ir.get(m.name)
+        estimator = self.ir.get(name)
         if estimator is not None:
             estimate = estimator.estimate()
             if estimate is not None and estimate.usable:
                 resistance = estimate.resistance
+        (charge_shares, charge_settled), (discharge_shares, discharge_settled) = views or self._views()
+        learned: dict[str, float] = {}
+        if (share := charge_shares.get(name)) is not None and share > 0:
+            learned[CHARGE] = share
+        if (share := discharge_shares.get(name)) is not None and share > 0:
+            learned[DISCHARGE] = share
+        settled = _SETTLED[name in charge_settled, name in discharge_settled]
+        drift: dict[str, float] = {}
+        if lead := self.drift[CHARGE].get(name):
+            drift[CHARGE] = lead
+        if lead := self.drift[DISCHARGE].get(name):
+            drift[DISCHARGE] = lead
         return MemberLimits(
-            m.name, m.label, ccl=v.get("/Info/MaxChargeCurrent"), dcl=v.get("/Info/MaxDischargeCurrent"),
+            name, m.label, ccl=v.get("/Info/MaxChargeCurrent"), dcl=v.get("/Info/MaxDischargeCurrent"),
             cvl=v.get("/Info/MaxChargeVoltage"), allow_charge=v.get("/Io/AllowToCharge"),
             allow_discharge=v.get("/Io/AllowToDischarge"), charge_mode=v.get("/Info/ChargeMode"),
             balancing=v.get("/Balancing"), capacity=v.get("/InstalledCapacity"), resistance=resistance,
-            learned_share={d: s for d in (CHARGE, DISCHARGE)
-                           if (s := self.learner.share(m.name, d)) is not None and s > 0},
-            settled=frozenset(d for d in (CHARGE, DISCHARGE)
-                              if self.learner.settled(d) and self.learner.marginal_share(m.name, d) is not None),
-            fresh=m.fresh, current=v.get("/Dc/0/Current"),
-            drift={d: lead for d in (CHARGE, DISCHARGE) if (lead := self.drift[d].get(m.name))})
+            learned_share=learned, settled=settled, fresh=m.fresh, current=v.get("/Dc/0/Current"), drift=drift)
+
+    def _views(self) -> _Views:
+        return self.learner.view(CHARGE), self.learner.view(DISCHARGE)
 
     def update(self, members: list[MemberInput], dvcc: DvccLimits, now: float,
                charge_wait: str | None = None) -> LimitOutputs:
         """The limits to publish now (smoothed), with the reason and the per-member figures. `charge_wait`: why
         charging must wait (batteries whose limits are not known yet at start): the CCL is 0 meanwhile."""
-        limits = [self.member_limits(m) for m in members]
+        views = self._views()
+        limits = [self.member_limits(m, views) for m in members]
         notes: list[Note] = []
         if self.inverted:
             names = sorted(self.inverted.items())
@@ -335,7 +354,8 @@ class ChargeControl:
         return self.ramping or self.forbidding.ticking
 
     def bank_limit(self, members: list[MemberInput], direction: Direction) -> BankLimit:
-        return self._shares_limit([self.member_limits(m) for m in members], direction)
+        views = self._views()
+        return self._shares_limit([self.member_limits(m, views) for m in members], direction)
 
     def _shares_limit(self, limits: list[MemberLimits], direction: Direction) -> BankLimit:
         """The limit the members' values and shares give (before any hold); with a current not trusted, by the

@@ -84,6 +84,15 @@ class ShareLearner:
             return self._marginal.share(name, direction)
         return self._ratio.share(name, direction)
 
+    def view(self, direction: Direction) -> tuple[dict[str, float], frozenset[str]]:
+        """What share() gives every member in `direction`, and the members whose marginal share is settled
+        (settled() and a marginal_share()): the limits read all of them at once, every second."""
+        marginal = self._marginal.weight(direction) >= self.enough_change
+        table = self._marginal if marginal else self._ratio
+        shares = table.shares_of(direction)
+        settled = frozenset(table.raw_shares_of(direction)) if marginal and self.settled(direction) else frozenset()
+        return shares, settled
+
     def shares(self, direction: Direction) -> dict[str, float]:
         names = self._marginal.names(direction) | self._ratio.names(direction)
         return {n: s for n in names if (s := self.share(n, direction)) is not None}
@@ -156,6 +165,17 @@ class _WeightedShares:
         if not den or num is None:
             return None
         return num / den
+
+    def raw_shares_of(self, direction: str) -> dict[str, float]:
+        """raw_share() of every member known in `direction`."""
+        den = self.den.get(direction)
+        if not den:
+            return {}
+        return {n: v / den for (n, d), v in self.num.items() if d == direction}
+
+    def shares_of(self, direction: str) -> dict[str, float]:
+        """share() of every member known in `direction`."""
+        return {n: max(0.0, v) for n, v in self.raw_shares_of(direction).items()}
 
     def names(self, direction: str) -> set[str]:
         return {n for (n, d) in self.num if d == direction}

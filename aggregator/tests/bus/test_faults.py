@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from aggregator.battery.service import ROW_INTERVAL
+from aggregator.battery.service import TASKS_INTERVAL
 from aggregator.bus import client
 from aggregator.bus.lib import connect
 from aggregator.bus.settings import SETTINGS_SERVICE
@@ -85,8 +85,8 @@ async def cycles_leak_nothing(bank: Bank, agg: str, proc: Any, cycle: Callable[[
     steady = bank.members["steady"]
 
     async def task_count() -> Any:
-        # The count rides along with the aggregate's changes at most every ROW_INTERVAL: make one after a pause.
-        await asyncio.sleep(ROW_INTERVAL + 0.2)
+        # The count rides along with the aggregate's changes at most every TASKS_INTERVAL: make one after a pause.
+        await asyncio.sleep(TASKS_INTERVAL + 0.2)
         soc = steady["/Soc"] + 0.5  # a change the cycles do not look at
         steady.set_value("/Soc", soc)
         await bank.value_is(agg, "/Batteries/0/Soc", soc)

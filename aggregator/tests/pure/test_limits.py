@@ -388,6 +388,26 @@ def test_the_split_settles_on_the_banks_own_changes_not_on_those_of_a_limit_that
     assert restored.settled(CHARGE) and not restored.settled(DISCHARGE)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(-200, 200, allow_nan=False), min_size=3, max_size=3), min_size=1, max_size=30),
+       st.lists(st.sampled_from(["a", "b", "c"]), max_size=3), st.floats(0.0, 1.0))
+def test_the_learners_view_is_what_it_says_member_by_member(samples: list[list[float]], raised: list[str],
+                                                            share: float) -> None:
+    """The limits read every member's share at once (view()): the same as asking share(), settled() and
+    marginal_share() member by member, whichever table (ratio or marginal) stands and whatever was raised."""
+    learner = ShareLearner(tau=30.0, enough_change=40.0)
+    for t, currents in enumerate(samples):
+        learner.update(dict(zip("abc", currents)), float(t), at_limit=t % 5 == 0)
+        for name in raised:
+            learner.raise_share(name, CHARGE if t % 2 else DISCHARGE, share)
+    for direction in (CHARGE, DISCHARGE):
+        shares, settled = learner.view(direction)
+        for name in "abcd":
+            assert shares.get(name) == learner.share(name, direction)
+            assert (name in settled) == (learner.settled(direction)
+                                         and learner.marginal_share(name, direction) is not None)
+
+
 def test_a_member_carrying_more_than_the_bank_counts_as_carrying_it_all() -> None:
     """Near 0 A bank current a pack behind the others takes their circulating current: 60 A of a 1 A bank is
     not a share of 60 (as a floor, it held the CCL near 0 for an hour while it faded)."""

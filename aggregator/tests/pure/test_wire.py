@@ -143,13 +143,20 @@ def test_direct_items_changed_matches_the_library(values: dict[str, tuple[Any, s
     assert encode.ItemsChangedEncoder("com.victronenergy.BusItem").encode(serial, items) == expected
 
 
-@given(st.floats(0.0, 1e7), st.sampled_from([0.2, 0.5, 1.0, 10.0]))
+@given(st.floats(0.0, 1e7), st.sampled_from([0.1, 0.2, 0.225, 0.5, 1.0, 5.0, 10.0]))
 def test_a_beat_is_the_next_multiple_of_its_period_and_the_ticks_fall_on_the_polls(now, period) -> None:
-    from aggregator.bus.beats import next_beat
+    from aggregator.bus.beats import READ_BEAT, next_beat
 
     beat = next_beat(now, period)
-    assert now < beat + 1e-6 * period and beat - now <= period * (1 + 1e-6)
-    assert abs(beat - round(beat / period) * period) <= 1e-6
-    # A tick's beat (1 s) is also a poll's (0.2 s), the same float: their timers fall due in one wake-up.
+    assert now < beat + 1e-6 * period
+    if period <= READ_BEAT:  # a multiple of its period
+        assert beat - now <= period * (1 + 1e-6)
+        assert abs(beat - round(beat / period) * period) <= 1e-6
+    else:  # a longer period's beat is the first read beat from its multiple: one wake-up for both
+        assert beat - now <= (period + READ_BEAT) * (1 + 1e-6)
+        assert next_beat(beat - 0.01, READ_BEAT) == beat
+        after = next_beat(beat, period)  # and the next one comes a period later, give or take a read beat
+        assert period - READ_BEAT < after - beat < period + READ_BEAT
+    # A tick's beat (1 s) is also a poll's, the same float: their timers fall due in one wake-up.
     tick = next_beat(now, 1.0)
-    assert next_beat(tick - 0.1, 0.2) == tick
+    assert next_beat(tick - 0.1, READ_BEAT) == tick
