@@ -88,7 +88,13 @@ def check_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
     """All of a member's changed values checked: (clean values, {path: reason} for the refused ones)."""
     clean: dict[str, Any] = {}
     refused: dict[str, str] = {}
+    bounds_of = NUMERIC_BOUNDS.get
     for path, value in values.items():
+        if type(value) is float:  # a measurement: most of every update, decided here (NaN fails the comparison)
+            bounds = bounds_of(path)
+            if bounds is not None and bounds[0] <= value <= bounds[1]:
+                clean[path] = value
+                continue
         good, reason = check_value(path, value)
         clean[path] = good
         if reason is not None:

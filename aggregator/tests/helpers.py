@@ -24,6 +24,14 @@ def load_script(relative: str) -> ModuleType:
     return module
 
 
+def on_tick_beat(moment: float, late: float = 0.05) -> bool:
+    """Whether a moment of the loop clock is one of the service's 1-second beats (beats.next_beat), up to `late`:
+    a timer that falls on them runs in the wake-up of the tick."""
+    from aggregator.bus.beats import READ_BEAT, next_beat
+
+    return 0 <= moment - next_beat(moment - READ_BEAT - late, 1.0) < late
+
+
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
     """Poll until `check()` returns something truthy (or raises nothing), else fail with its last result. The
     timeout only bounds a failure: a passing test waits for the event, and a loaded machine may start a daemon

@@ -236,6 +236,19 @@ def test_check_values_keeps_good_values_and_reports_bad_ones():
     assert out["/Dc/0/Voltage"] == 52.0 and out["/Soc"] == 40
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["/Soc", "/Dc/0/Voltage", "/Dc/0/Current", "/Io/AllowToCharge",
+                                        "/Alarms/LowVoltage", "/Serial", "/Custom", "/System/MinCellVoltage"]),
+                       st.one_of(st.floats(), st.integers(-20000, 20000), st.booleans(), st.none(), st.text(max_size=3)),
+                       max_size=8))
+def test_check_values_decides_every_path_as_check_value_does(values: dict[str, Any]) -> None:
+    clean, refused = check_values(values)
+    for path, value in values.items():
+        good, reason = check_value(path, value)
+        assert clean[path] is good or clean[path] == good, path
+        assert refused.get(path) == reason, path
+
+
 # ---- dirty tracking ------------------------------------------------------------------------------------
 
 def two_member_merge() -> Merge:
