@@ -239,7 +239,8 @@ def test_check_values_keeps_good_values_and_reports_bad_ones():
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["/Soc", "/Dc/0/Voltage", "/Dc/0/Current", "/Io/AllowToCharge",
                                         "/Alarms/LowVoltage", "/Serial", "/Custom", "/System/MinCellVoltage"]),
-                       st.one_of(st.floats(), st.integers(-20000, 20000), st.booleans(), st.none(), st.text(max_size=3)),
+                       st.one_of(st.floats(), st.integers(-20000, 20000), st.booleans(), st.none(),
+                                 st.text(max_size=3)),
                        max_size=8))
 def test_check_values_decides_every_path_as_check_value_does(values: dict[str, Any]) -> None:
     clean, refused = check_values(values)
