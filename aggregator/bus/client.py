@@ -37,12 +37,17 @@ async def call(
     interface: str | None = BUSITEM,
     timeout: float = DEFAULT_TIMEOUT,
     serial: int = 0,
+    patient: bool = False,
 ) -> Message:
-    """Send one method call and return the reply; CallError on an error reply or after `timeout` seconds."""
+    """Send one method call and return the reply; CallError on an error reply or after `timeout` seconds.
+    `patient`: on a connection read in batches, the reply may wait for the next batch (a side feature's periodic
+    read: a fraction of a second later, with no wake-up of its own); otherwise it is read the moment it arrives."""
     msg = Message(
         destination=service, path=path, interface=interface, member=member,
         signature=signature, body=body or [], serial=serial,
     )
+    if patient:
+        msg.patient = True  # type: ignore[attr-defined]  # read by lib's writer
     try:
         reply = await asyncio.wait_for(bus.call(msg), timeout)
     except asyncio.TimeoutError:
@@ -55,9 +60,10 @@ async def call(
     return reply
 
 
-async def get_value(bus: MessageBus, service: str, path: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
-    """The value at `path` (None when invalid)."""
-    reply = await call(bus, service, path, "GetValue", timeout=timeout)
+async def get_value(bus: MessageBus, service: str, path: str, timeout: float = DEFAULT_TIMEOUT,
+                    patient: bool = False) -> Any:
+    """The value at `path` (None when invalid); `patient` as for call()."""
+    reply = await call(bus, service, path, "GetValue", timeout=timeout, patient=patient)
     return unwrap(reply.body[0])
 
 
@@ -66,9 +72,11 @@ async def get_text(bus: MessageBus, service: str, path: str, timeout: float = DE
     return unwrap(reply.body[0])
 
 
-async def set_value(bus: MessageBus, service: str, path: str, value: Any, timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Write a value (None writes invalid); returns the service's code: 0 ok, 1 not writeable, 2 rejected."""
-    reply = await call(bus, service, path, "SetValue", "v", [wrap(value)], timeout=timeout)
+async def set_value(bus: MessageBus, service: str, path: str, value: Any, timeout: float = DEFAULT_TIMEOUT,
+                    patient: bool = False) -> int:
+    """Write a value (None writes invalid); returns the service's code: 0 ok, 1 not writeable, 2 rejected.
+    `patient` as for call()."""
+    reply = await call(bus, service, path, "SetValue", "v", [wrap(value)], timeout=timeout, patient=patient)
     return int(reply.body[0])
 
 

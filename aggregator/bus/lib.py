@@ -114,7 +114,8 @@ def _write_at_once(bus: Any) -> None:
     def schedule_write(msg: Any = None, future: Any = None) -> None:
         if msg is not None:
             writer.buffer_message(msg, future)
-            if msg.message_type is MessageType.METHOD_CALL and not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            if msg.message_type is MessageType.METHOD_CALL and not msg.flags & MessageFlag.NO_REPLY_EXPECTED \
+                    and not getattr(msg, "patient", False):
                 expect_reply = getattr(bus, "_expect_reply", None)
                 if expect_reply is not None:
                     expect_reply()  # a moderated connection reads the reply at once

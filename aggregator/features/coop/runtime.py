@@ -136,7 +136,7 @@ class CoopRuntime:
     async def read_system(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
         try:
-            reply = await client.call(self.bus, SYSTEM, "/", "GetItems", timeout=2.0)
+            reply = await client.call(self.bus, SYSTEM, "/", "GetItems", timeout=2.0, patient=True)
             values = client.parse_items(reply.body[0] if reply.body else None)
         except client.CallError:
             pass  # no system calculator (a PC, a test): production, consumption and grid count as 0

@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Any, Callable, Protocol
 
 from ...bounded import bounded_text
-from ...bus.beats import beat
+from ...bus.beats import beat, next_beat
 from ...mqtt.link import MqttLink
 from .core import (MAX_JSON_DEPTH, Curtailment, Fleet, FleetView, PeerState, PublishGate, Rejected, SiteTarget,
                    is_site_id, json_depth, site_target)
@@ -253,8 +253,10 @@ class CoopSite:
     async def _publisher(self) -> None:
         period = self.settings.publishSeconds / self.time_scale
         while True:
-            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (run() hangs)
-                async with asyncio.timeout(period):
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (run() hangs). Until the
+            # period's next beat, so that the periodic publish wakes the process with the service's reads.
+            try:
+                async with asyncio.timeout_at(next_beat(asyncio.get_running_loop().time(), period)):
                     await self._changed.wait()
             except TimeoutError:
                 pass

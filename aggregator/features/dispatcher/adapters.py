@@ -160,7 +160,7 @@ class DbusReadings:
         try:
             for path in paths:
                 try:
-                    value = await client.get_value(self.bus, service, path, self.timeout)
+                    value = await client.get_value(self.bus, service, path, self.timeout, patient=True)
                 except CallError as exc:
                     _LOG.debug("cannot re-read %s %s: %s", service, path, exc)
                     if exc.timed_out or exc.error_name == "connection":
@@ -290,10 +290,11 @@ class DbusSetpoint(Setpoint):
     async def _send(self, device_value: float) -> bool:
         try:
             value: float | int = round(device_value) if self._integer else device_value
-            code = await client.set_value(self.bus, self.service, self.path, value, self.timeout)
+            code = await client.set_value(self.bus, self.service, self.path, value, self.timeout, patient=True)
             if code == SET_NOT_WRITEABLE and not self._integer:
                 self._integer = True
-                code = await client.set_value(self.bus, self.service, self.path, round(device_value), self.timeout)
+                code = await client.set_value(self.bus, self.service, self.path, round(device_value), self.timeout,
+                                              patient=True)
         except CallError as exc:
             self._report(False, False, str(exc))
             return False

@@ -277,6 +277,38 @@ async def keep_changing(pack: Any, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.02)
 
 
+async def test_a_patient_call_is_answered_with_the_next_batch_of_a_moderated_connection(private_bus: Any) -> None:
+    """A side feature's periodic read (client.call(..., patient=True)) does not cost a wake-up of its own while
+    the members' watcher reads in batches: its reply is read with the next batch, at a read beat."""
+    from aggregator.bus import wire
+    from aggregator.bus.beats import next_beat
+
+    prefix = unique_prefix()
+    pack = await make_battery(prefix + "a", 1)
+    other = await make_battery(prefix + "b", 2)
+    watcher_bus = await connect(coalesce=True)
+    monitor = ServiceMonitor(watcher_bus, [prefix])
+    await monitor.start()
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
+    await asyncio.sleep(0.7)  # past the start-up calls' reply window: batch reading
+    loop = asyncio.get_running_loop()
+    answered = []
+    for _ in range(5):
+        started = loop.time()
+        assert await client.get_value(watcher_bus, prefix + "b", "/Soc", patient=True) == 50.0
+        answered.append((started, loop.time()))
+        await asyncio.sleep(0.13)
+    stop.set()
+    await task
+    for started, at in answered:
+        beat = next_beat(at - wire.POLL_INTERVAL, wire.POLL_INTERVAL)  # the last read beat up to `at`
+        assert 0 <= at - beat < 0.03 and at - started < wire.POLL_INTERVAL + 0.05, (answered, started, at)
+    await monitor.stop()
+    for bus in (watcher_bus, pack.bus, other.bus):
+        bus.disconnect()
+
+
 async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private_bus: Any) -> None:
     """The members' watcher reads signals in batches (every wire.POLL_INTERVAL while they keep coming), but the
     reply to a call it makes is read the moment it arrives: start-up and reading a new member are sequences of
