@@ -136,6 +136,7 @@ class CoopSite:
         self._changed = asyncio.Event()
         self._gate = PublishGate()
         self._curtail_sent: bool | None = None
+        self._fleet_sent: dict[str, str] = {}  # the fleet view's values last published on this connection
         self._publishing: asyncio.Task[None] | None = None
         self.link = self._make_link(settings, (reconnect_min_s, reconnect_max_s))
 
@@ -222,6 +223,7 @@ class CoopSite:
 
     async def _on_connect(self) -> None:
         self._curtail_sent = None  # the command topic is ours: state it again on every connection
+        self._fleet_sent = {}  # and so are the fleet view's
         self._changed.set()
         self._on_lost()
         self._publishing = asyncio.get_running_loop().create_task(self._publisher())
@@ -374,4 +376,7 @@ class CoopSite:
                   "average_level": f"{fleet.level:.1f}" if fleet else "",
                   "own_target": f"{self.last_target.battery_w:.0f}" if self.last_target else ""}
         for obj, value in values.items():
+            if self._fleet_sent.get(obj) == value:
+                continue  # retained on the broker already: Home Assistant has it
             await self.publish(self.fleet_topic(obj), value, retain=True)
+            self._fleet_sent[obj] = value

@@ -91,6 +91,33 @@ class Running:
             await asyncio.wait(self.tasks, timeout=5.0)
 
 
+async def test_the_fleet_view_is_published_when_it_changes_and_the_state_every_period(broker: MosquittoBroker) -> None:
+    """The state goes out every publishSeconds (peers time out without it); the fleet view's retained topics for
+    Home Assistant only when their value changes: the broker keeps the last one."""
+    running = Running()
+    site = running.start(CoopSite(settings_for(broker, "site-b")))
+    seen: dict[str, int] = {}
+    try:
+        async with client(broker, "coop-homeassistant", USERS["coop-homeassistant"]) as watcher:
+            await watcher.subscribe("coop/site-b/#")
+
+            async def count() -> None:
+                async for message in watcher.messages:
+                    topic = str(message.topic)
+                    seen[topic] = seen.get(topic, 0) + 1
+
+            counting = asyncio.create_task(count())
+            await until(site.connected.is_set, what="connected")
+            await site.step(state("site-b", 50.0), 0.0)
+            await until(lambda: seen.get("coop/site-b/state", 0) >= 8, what="eight periods of the state")
+            counting.cancel()
+    finally:
+        await running.stop()
+    fleet = {topic: n for topic, n in seen.items() if "/fleet/" in topic}
+    assert set(fleet) == {f"coop/site-b/fleet/{obj}" for obj in ("peers_online", "average_level", "own_target")}
+    assert all(n <= 3 for n in fleet.values()), seen  # the retained one, the first and at most one change
+
+
 async def test_sites_see_each_other_and_agree_on_the_average(broker: MosquittoBroker) -> None:
     running = Running()
     levels = {"site-a": 20.0, "site-b": 50.0, "site-c": 80.0}
