@@ -154,11 +154,14 @@ class ConnectionReader:
         handled = self.read_and_handle()
         if not self.bus.connected:
             return
-        if handled and not self.awaiting_reply():
+        if handled:
             # Still busy: keep reading in batches, at the beats of the service's tick (one wake-up for both).
-            self.loop.remove_reader(self.fd)  # armed for a reply that has come since
             self.timer = self.loop.call_at(next_beat(self.last, POLL_INTERVAL), self.poll)
-        else:  # quiet, or a reply is awaited: wake on the next message
+            if self.awaiting_reply():
+                self.loop.add_reader(self.fd, self.on_readable)  # the reply at once; the batches go on
+            else:
+                self.loop.remove_reader(self.fd)  # armed for a reply that has come since
+        else:  # quiet: wake on the next message
             self.loop.add_reader(self.fd, self.on_readable)
 
     def expect_reply(self) -> None:
