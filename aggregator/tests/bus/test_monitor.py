@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 from dbus_next.service import ServiceInterface, method
 
@@ -277,12 +278,10 @@ async def keep_changing(pack: Any, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_patient_call_is_answered_with_the_next_batch_of_a_moderated_connection(private_bus: Any) -> None:
-    """A side feature's periodic read (client.call(..., patient=True)) does not cost a wake-up of its own while
-    the members' watcher reads in batches: its reply is read with the next batch, at a read beat."""
-    from aggregator.bus import wire
-    from aggregator.bus.beats import next_beat
-
+@contextlib.asynccontextmanager
+async def moderated_watcher() -> AsyncIterator[tuple[Any, str]]:
+    """A moderated watcher (the members' connection) of two batteries, `prefix + "a"` changing every 20 ms so
+    that it reads in batches, and `prefix + "b"` to call; on leaving, every change of "a" was seen."""
     prefix = unique_prefix()
     pack = await make_battery(prefix + "a", 1)
     other = await make_battery(prefix + "b", 2)
@@ -291,22 +290,35 @@ async def test_a_patient_call_is_answered_with_the_next_batch_of_a_moderated_con
     await monitor.start()
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
-    await asyncio.sleep(0.7)  # past the start-up calls' reply window: batch reading
-    loop = asyncio.get_running_loop()
-    answered = []
-    for _ in range(5):
-        started = loop.time()
-        assert await client.get_value(watcher_bus, prefix + "b", "/Soc", patient=True) == 50.0
-        answered.append((started, loop.time()))
-        await asyncio.sleep(0.13)
-    stop.set()
-    await task
-    for started, at in answered:
-        beat = next_beat(at - wire.POLL_INTERVAL, wire.POLL_INTERVAL)  # the last read beat up to `at`
-        assert 0 <= at - beat < 0.03 and at - started < wire.POLL_INTERVAL + 0.05, (answered, started, at)
+    try:
+        yield watcher_bus, prefix
+    finally:
+        stop.set()
+        await task
+    await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
     await monitor.stop()
     for bus in (watcher_bus, pack.bus, other.bus):
         bus.disconnect()
+
+
+async def test_a_patient_call_is_answered_with_the_next_batch_of_a_moderated_connection(private_bus: Any) -> None:
+    """A side feature's periodic read (client.call(..., patient=True)) does not cost a wake-up of its own while
+    the members' watcher reads in batches: its reply is read with the next batch, at a read beat."""
+    from aggregator.bus import wire
+    from aggregator.bus.beats import next_beat
+
+    loop = asyncio.get_running_loop()
+    answered = []
+    async with moderated_watcher() as (watcher_bus, prefix):
+        await asyncio.sleep(0.7)  # past the start-up calls' reply window: batch reading
+        for _ in range(5):
+            started = loop.time()
+            assert await client.get_value(watcher_bus, prefix + "b", "/Soc", patient=True) == 50.0
+            answered.append((started, loop.time()))
+            await asyncio.sleep(0.13)
+    for started, at in answered:
+        beat = next_beat(at - wire.POLL_INTERVAL, wire.POLL_INTERVAL)  # the last read beat up to `at`
+        assert 0 <= at - beat < 0.03 and at - started < wire.POLL_INTERVAL + 0.05, (answered, started, at)
 
 
 async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private_bus: Any) -> None:
@@ -315,54 +327,26 @@ async def test_a_moderated_connection_reads_replies_to_its_calls_at_once(private
     calls, and each would otherwise wait for the next poll."""
     from aggregator.bus import wire
 
-    prefix = unique_prefix()
-    pack = await make_battery(prefix + "a", 1)
-    other = await make_battery(prefix + "b", 2)
-    watcher_bus = await connect(coalesce=True)
-    monitor = ServiceMonitor(watcher_bus, [prefix])
-    await monitor.start()
-    stop = asyncio.Event()
-    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
-    await asyncio.sleep(0.5)
     round_trips = []
-    for _ in range(7):
-        started = time.monotonic()
-        assert await client.get_value(watcher_bus, prefix + "b", "/Soc") == 50.0
-        round_trips.append(time.monotonic() - started)
-        await asyncio.sleep(0.7)  # past the reply window: batch reading again
-    stop.set()
-    await task
-    await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
+    async with moderated_watcher() as (watcher_bus, prefix):
+        await asyncio.sleep(0.5)
+        for _ in range(7):
+            started = time.monotonic()
+            assert await client.get_value(watcher_bus, prefix + "b", "/Soc") == 50.0
+            round_trips.append(time.monotonic() - started)
+            await asyncio.sleep(0.7)  # past the reply window: batch reading again
     # Waiting for the next poll would take half an interval on average.
     assert sorted(round_trips)[3] < wire.POLL_INTERVAL / 4, f"round trips {round_trips}"
-    await monitor.stop()
-    for bus in (watcher_bus, pack.bus, other.bus):
-        bus.disconnect()
 
 
 async def test_a_call_does_not_stop_the_reading_in_batches(private_bus: Any) -> None:
     """A call's reply is read at once, and the batches go on at the beat already set: a return to reading message
     by message would cost a wake-up per member signal until the next batch."""
-    prefix = unique_prefix()
-    pack = await make_battery(prefix + "a", 1)
-    other = await make_battery(prefix + "b", 2)
-    watcher_bus = await connect(coalesce=True)
-    reader = watcher_bus._expect_reply.__self__  # type: ignore[attr-defined]
-    monitor = ServiceMonitor(watcher_bus, [prefix])
-    await monitor.start()
-    stop = asyncio.Event()
-    task = asyncio.get_running_loop().create_task(keep_changing(pack, stop))
-    try:
-        polling = []
+    polling = []
+    async with moderated_watcher() as (watcher_bus, prefix):
+        reader = watcher_bus._expect_reply.__self__
         for _ in range(5):
             await eventually(lambda: reader.timer is not None and not reader.awaiting_reply())  # in batches
             assert await client.get_value(watcher_bus, prefix + "b", "/Soc") == 50.0
             polling.append(reader.timer is not None)  # when the reply is in: still on the beat's poll
-        assert all(polling), polling
-    finally:
-        stop.set()
-        await task
-    await eventually(lambda: monitor.services[prefix + "a"].values["/Soc"] == pack["/Soc"])  # nothing lost
-    await monitor.stop()
-    for bus in (watcher_bus, pack.bus, other.bus):
-        bus.disconnect()
+    assert all(polling), polling
