@@ -47,7 +47,10 @@ async def call(
         signature=signature, body=body or [], serial=serial,
     )
     if patient:
-        msg.patient = True  # type: ignore[attr-defined]  # read by lib's writer
+        try:
+            msg.patient = True  # type: ignore[attr-defined]  # read by lib's writer
+        except AttributeError:  # dbus-fast's compiled Message: its connections are not read in batches anyway
+            pass
     try:
         reply = await asyncio.wait_for(bus.call(msg), timeout)
     except asyncio.TimeoutError:

@@ -6,6 +6,9 @@ dbus-next read them, so both libraries interoperate through the bus.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from aggregator.bus.lib import connect
@@ -44,6 +47,13 @@ async def test_simulator_and_watcher_run_on_dbus_fast(processes: Processes, busc
         return reply["data"][0] == {"type": "i", "data": 3}
 
     await eventually(aggregated, timeout=20, interval=0.2)
+    # The side features' patient calls (a flag dbus-next's messages carry) work on dbus-fast's messages too.
+    patient = subprocess.run(
+        [sys.executable, "-c", "import asyncio; from aggregator.bus import client; from aggregator.bus.lib import "
+         "connect\nasync def main():\n    bus = await connect()\n    print(await client.get_value(bus, "
+         f"{name!r}, '/DeviceInstance', patient=True))\nasyncio.run(main())"],
+        env={**os.environ, **FAST}, capture_output=True, text=True, timeout=30)
+    assert patient.stdout.strip() == str(monitor.services[name].device_instance), patient.stderr[-2000:]
     assert "on dbus-fast" in processes.output(sim)
     assert "(dbus-fast)" in processes.output(daemon)
     assert sim.poll() is None and daemon.poll() is None
