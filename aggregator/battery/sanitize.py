@@ -57,6 +57,10 @@ def check_value(path: str, value: Any) -> tuple[Any, str | None]:
     if value is None:
         return None, None
     kind = type(value)
+    if kind is float:  # a measurement, most of every update: in its range, decided here (NaN fails the comparison)
+        bounds = NUMERIC_BOUNDS.get(path)
+        if bounds is not None and bounds[0] <= value <= bounds[1]:
+            return value, None
     if kind is not float and kind is not int:  # numbers, the common case, have no size to check
         too_large = oversize(value)
         if too_large is not None:
@@ -88,13 +92,7 @@ def check_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
     """All of a member's changed values checked: (clean values, {path: reason} for the refused ones)."""
     clean: dict[str, Any] = {}
     refused: dict[str, str] = {}
-    bounds_of = NUMERIC_BOUNDS.get
     for path, value in values.items():
-        if type(value) is float:  # a measurement: most of every update, decided here (NaN fails the comparison)
-            bounds = bounds_of(path)
-            if bounds is not None and bounds[0] <= value <= bounds[1]:
-                clean[path] = value
-                continue
         good, reason = check_value(path, value)
         clean[path] = good
         if reason is not None:

@@ -172,10 +172,21 @@ def _plain_value(buf: bytes, offset: int) -> tuple[Any, int]:
     return _unwrap(variant), offset
 
 
+# Entries that start with their Value as a double or an int32 (as Victron's services send them): the key, the
+# variant's signature and the padding are the same bytes every time, and the number sits 16 bytes after the
+# entries' (8-aligned) start.
+_VALUE_DOUBLE = b"\x05\0\0\0Value\0\x01d\0"
+_VALUE_INT32 = b"\x05\0\0\0Value\0\x01i\0"
+
+
 def _plain_entry_value(buf: bytes, offset: int) -> tuple[Any, int]:
     """The "Value" of an `a{sv}` BusItem entry, or _MISSING, and the end of the array. Other keys ("Text")
-    are stepped over, not decoded into objects."""
+    are stepped over, not decoded into objects; a double or int32 Value given first is read in one step."""
     offset, end = _array_bounds(buf, offset, 8)
+    if end - offset >= 24 and buf.startswith(_VALUE_DOUBLE, offset):
+        return DOUBLE.unpack_from(buf, offset + 16)[0], end
+    if end - offset >= 20 and buf.startswith(_VALUE_INT32, offset):
+        return INT32.unpack_from(buf, offset + 16)[0], end
     while offset < end:
         offset += -offset & 7
         length = U32_LE.unpack_from(buf, offset)[0]
@@ -187,34 +198,9 @@ def _plain_entry_value(buf: bytes, offset: int) -> tuple[Any, int]:
     return _MISSING, end
 
 
-# An item's entries that start with its Value as a double or an int32: the key, the variant's signature and the
-# padding are the same bytes every time, and the number sits 16 bytes after the entries' (8-aligned) start.
-_VALUE_DOUBLE = b"\x05\0\0\0Value\0\x01d\0"
-_VALUE_INT32 = b"\x05\0\0\0Value\0\x01i\0"
-
-
 def _plain_items(buf: bytes, offset: int) -> dict[str, Any]:
-    """`a{sa{sv}}` -> {path: value}; entries without a Value are left out (as client.parse_items does). A value
-    that is a double or an int32 given first (as Victron's services send them) is read in one step."""
-    offset, end = _array_bounds(buf, offset, 8)
-    unpack_u32 = U32_LE.unpack_from
-    result: dict[str, Any] = {}
-    while offset < end:
-        offset += -offset & 7
-        length = unpack_u32(buf, offset)[0]
-        path = str(buf[offset + 4:offset + 4 + length], "utf-8")
-        offset += 5 + length
-        entries, entries_end = _array_bounds(buf, offset, 8)
-        if entries_end - entries >= 24 and buf.startswith(_VALUE_DOUBLE, entries):
-            result[path] = DOUBLE.unpack_from(buf, entries + 16)[0]
-        elif entries_end - entries >= 20 and buf.startswith(_VALUE_INT32, entries):
-            result[path] = INT32.unpack_from(buf, entries + 16)[0]
-        else:
-            value, _end = _plain_entry_value(buf, offset)
-            if value is not _MISSING:
-                result[path] = value
-        offset = entries_end
-    return result
+    """`a{sa{sv}}` -> {path: value}; entries without a Value are left out (as client.parse_items does)."""
+    return _items_by_path(buf, offset, _plain_entry_value)[0]
 
 
 class BusItemSignal(Message):

@@ -88,10 +88,9 @@ class ShareLearner:
         """What share() gives every member in `direction`, and the members whose marginal share is settled
         (settled() and a marginal_share()): the limits read all of them at once, every second."""
         marginal = self._marginal.weight(direction) >= self.enough_change
-        table = self._marginal if marginal else self._ratio
-        shares = table.shares_of(direction)
-        settled = frozenset(table.raw_shares_of(direction)) if marginal and self.settled(direction) else frozenset()
-        return shares, settled
+        raw = (self._marginal if marginal else self._ratio).raw_shares_of(direction)
+        settled = frozenset(raw) if marginal and self.settled(direction) else frozenset()
+        return {n: max(0.0, v) for n, v in raw.items()}, settled
 
     def shares(self, direction: Direction) -> dict[str, float]:
         names = self._marginal.names(direction) | self._ratio.names(direction)
@@ -172,10 +171,6 @@ class _WeightedShares:
         if not den:
             return {}
         return {n: v / den for (n, d), v in self.num.items() if d == direction}
-
-    def shares_of(self, direction: str) -> dict[str, float]:
-        """share() of every member known in `direction`."""
-        return {n: max(0.0, v) for n, v in self.raw_shares_of(direction).items()}
 
     def names(self, direction: str) -> set[str]:
         return {n for (n, d) in self.num if d == direction}

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from aggregator.battery.merge import (IDENTITY_PATHS, LIMIT_PATHS, MODULES_OFFLINE, MODULES_ONLINE, RULES, Merge,
                                       MergeOptions, first_valid)
-from aggregator.battery.sanitize import check_value, check_values
+from aggregator.battery.sanitize import NUMERIC_BOUNDS, check_value, check_values
 
 
 def merged(*members: dict[str, Any], capacity: float | None = None) -> dict[str, Any]:
@@ -248,6 +248,18 @@ def test_check_values_decides_every_path_as_check_value_does(values: dict[str, A
         good, reason = check_value(path, value)
         assert clean[path] is good or clean[path] == good, path
         assert refused.get(path) == reason, path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(NUMERIC_BOUNDS)), st.floats())
+def test_a_measurement_is_taken_exactly_when_it_is_finite_and_in_its_range(path: str, value: float) -> None:
+    """Floats are most of every update and are decided first: in range kept as they are, else refused."""
+    lo, hi = NUMERIC_BOUNDS[path]
+    good, reason = check_value(path, value)
+    if math.isfinite(value) and lo <= value <= hi:
+        assert good is value and reason is None
+    else:
+        assert good is None and reason
 
 
 # ---- dirty tracking ------------------------------------------------------------------------------------
